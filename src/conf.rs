@@ -1,0 +1,345 @@
+//! The stream configuration: nixpkgs' `streamLayeredImage` conf JSON, read as is.
+
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{Map, Value};
+use std::path::{Path, PathBuf};
+
+/// A point in time as the conf gives it: what the image config prints (Python's
+/// `datetime.isoformat()` of the parsed value) and the Unix time used for file mtimes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Timestamp {
+    pub iso: String,
+    pub unix: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StreamConf {
+    pub store_layers: Vec<Vec<String>>,
+    pub customisation_layer: Option<PathBuf>,
+    pub from_image: Option<PathBuf>,
+    pub config: Value,
+    pub architecture: String,
+    pub os: String,
+    pub created: Timestamp,
+    pub mtime: i64,
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: String,
+    pub gname: String,
+    pub store_dir: String,
+    pub repo_tag: String,
+}
+
+/// Fields nixpkgs writes (or has written) that we understand; anything else earns a warning.
+const KNOWN_FIELDS: &[&str] = &[
+    "store_layers",
+    "customisation_layer",
+    "from_image",
+    "config",
+    "architecture",
+    "os",
+    "created",
+    "mtime",
+    "uid",
+    "gid",
+    "uname",
+    "gname",
+    "store_dir",
+    "repo_tag",
+];
+
+impl StreamConf {
+    pub fn load(path: &Path, now: &Timestamp) -> Result<Self> {
+        let text = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+        let value: Value = serde_json::from_slice(&text)
+            .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        Self::from_value(value, now).map_err(|e| anyhow!("{}: {e:#}", path.display()))
+    }
+
+    pub fn from_value(value: Value, now: &Timestamp) -> Result<Self> {
+        let Value::Object(mut map) = value else {
+            bail!("the conf must be a JSON object");
+        };
+        for key in map.keys() {
+            if !KNOWN_FIELDS.contains(&key.as_str()) {
+                eprintln!("warning: ignoring unknown conf field '{key}'");
+            }
+        }
+        let created_text = req_str(&map, "created")?;
+        let created = parse_time(&created_text, now).map_err(|e| anyhow!("field 'created': {e}"))?;
+        let mtime = match opt_str(&map, "mtime")? {
+            Some(s) => parse_time(&s, now).map_err(|e| anyhow!("field 'mtime': {e}"))?.unix,
+            None => created.unix,
+        };
+        let store_layers = match map.get("store_layers") {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::Array(layers)) => layers
+                .iter()
+                .enumerate()
+                .map(|(i, layer)| match layer {
+                    Value::Array(paths) => paths
+                        .iter()
+                        .map(|p| {
+                            p.as_str().map(str::to_owned).ok_or_else(|| {
+                                anyhow!("field 'store_layers'[{i}]: expected store path strings, got {p}")
+                            })
+                        })
+                        .collect(),
+                    other => Err(anyhow!("field 'store_layers'[{i}]: expected a list of store paths, got {}", kind(other))),
+                })
+                .collect::<Result<_>>()?,
+            Some(other) => bail!("field 'store_layers': expected a list of layers, got {}", kind(other)),
+        };
+        let config = map.remove("config").unwrap_or(Value::Object(Map::new()));
+        if !matches!(config, Value::Object(_) | Value::Null) {
+            bail!("field 'config': expected an object, got {}", kind(&config));
+        }
+        Ok(StreamConf {
+            store_layers,
+            customisation_layer: opt_str(&map, "customisation_layer")?.map(PathBuf::from),
+            from_image: opt_str(&map, "from_image")?.map(PathBuf::from),
+            config,
+            architecture: req_str(&map, "architecture")?,
+            os: opt_str(&map, "os")?.unwrap_or_else(|| "linux".into()),
+            created,
+            mtime,
+            uid: req_id(&map, "uid")?,
+            gid: req_id(&map, "gid")?,
+            uname: req_str(&map, "uname")?,
+            gname: req_str(&map, "gname")?,
+            store_dir: req_str(&map, "store_dir")?,
+            repo_tag: req_str(&map, "repo_tag")?,
+        })
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn req_str(map: &Map<String, Value>, key: &str) -> Result<String> {
+    opt_str(map, key)?.ok_or_else(|| anyhow!("field '{key}' is missing"))
+}
+
+fn opt_str(map: &Map<String, Value>, key: &str) -> Result<Option<String>> {
+    match map.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(other) => bail!("field '{key}': expected a string, got {}", kind(other)),
+    }
+}
+
+/// uid/gid: Python runs `int()` on them, so numeric strings are accepted too.
+fn req_id(map: &Map<String, Value>, key: &str) -> Result<u64> {
+    match map.get(key) {
+        None => bail!("field '{key}' is missing"),
+        Some(Value::Number(n)) => n.as_u64().ok_or_else(|| anyhow!("field '{key}': expected a non-negative integer, got {n}")),
+        Some(Value::String(s)) => s
+            .trim()
+            .parse()
+            .map_err(|_| anyhow!("field '{key}': expected a non-negative integer, got {s:?}")),
+        Some(other) => bail!("field '{key}': expected an integer, got {}", kind(other)),
+    }
+}
+
+/// The current time, as Python's `datetime.now(tz=timezone.utc).isoformat()` prints it.
+pub fn now() -> Timestamp {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let unix = d.as_secs() as i64;
+    let micros = d.subsec_micros();
+    let (date, time) = civil_from_unix(unix);
+    let frac = if micros == 0 { String::new() } else { format!(".{micros:06}") };
+    Timestamp { iso: format!("{date}T{time}{frac}+00:00"), unix }
+}
+
+/// Parses what Python's `datetime.fromisoformat` accepts in practice (`YYYY-MM-DD`, then
+/// optionally `T` or a space, `HH[:MM[:SS[.fff…]]]` and `Z` or `±HH:MM[:SS]`) or `"now"`.
+/// Times without an offset are taken as UTC, so the result never depends on the machine's zone.
+pub fn parse_time(s: &str, now: &Timestamp) -> Result<Timestamp> {
+    if s == "now" {
+        return Ok(now.clone());
+    }
+    let bad = || anyhow!("{s:?} is not an ISO-8601 date/time or \"now\"");
+    let b = s.as_bytes();
+    let num = |range: std::ops::Range<usize>| -> Result<i64> {
+        let part = s.get(range).ok_or_else(bad)?;
+        if part.is_empty() || !part.bytes().all(|c| c.is_ascii_digit()) {
+            return Err(bad());
+        }
+        part.parse().map_err(|_| bad())
+    };
+    if b.len() < 10 || b[4] != b'-' || b[7] != b'-' {
+        return Err(bad());
+    }
+    let (year, month, day) = (num(0..4)?, num(5..7)?, num(8..10)?);
+    if !(1..=12).contains(&month) || day < 1 || day > days_in_month(year, month) {
+        return Err(bad());
+    }
+    let (mut hour, mut minute, mut second, mut micros) = (0, 0, 0, 0i64);
+    let mut offset: Option<i64> = None;
+    let mut rest = &s[10..];
+    if !rest.is_empty() {
+        if !(rest.starts_with('T') || rest.starts_with(' ')) {
+            return Err(bad());
+        }
+        rest = &rest[1..];
+        let tz_at = rest.find(['Z', 'z', '+', '-']).unwrap_or(rest.len());
+        let (time, tz) = rest.split_at(tz_at);
+        let (hms, frac) = match time.split_once(['.', ',']) {
+            Some((hms, frac)) => (hms, Some(frac)),
+            None => (time, None),
+        };
+        let fields: Vec<&str> = hms.split(':').collect();
+        let field = |i: usize| -> Result<i64> {
+            match fields.get(i) {
+                Some(f) if f.len() == 2 && f.bytes().all(|c| c.is_ascii_digit()) => Ok(f.parse().unwrap()),
+                Some(_) => Err(bad()),
+                None => Ok(0),
+            }
+        };
+        if fields.len() > 3 || fields[0].is_empty() {
+            return Err(bad());
+        }
+        hour = field(0)?;
+        minute = field(1)?;
+        second = field(2)?;
+        if let Some(frac) = frac {
+            if frac.is_empty() || frac.len() > 9 || !frac.bytes().all(|c| c.is_ascii_digit()) {
+                return Err(bad());
+            }
+            let padded = format!("{frac:0<6}");
+            micros = padded[..6].parse().unwrap();
+        }
+        if hour > 23 || minute > 59 || second > 59 {
+            return Err(bad());
+        }
+        if !tz.is_empty() {
+            offset = Some(if tz.eq_ignore_ascii_case("z") {
+                0
+            } else {
+                let sign = if tz.starts_with('-') { -1 } else { 1 };
+                let parts: Vec<&str> = tz[1..].split(':').collect();
+                let p = |i: usize| -> Result<i64> {
+                    match parts.get(i) {
+                        Some(f) if f.len() == 2 && f.bytes().all(|c| c.is_ascii_digit()) => Ok(f.parse().unwrap()),
+                        Some(_) => Err(bad()),
+                        None => Ok(0),
+                    }
+                };
+                if parts.len() > 3 {
+                    return Err(bad());
+                }
+                let (oh, om, os) = (p(0)?, p(1)?, p(2)?);
+                if oh > 23 || om > 59 || os > 59 {
+                    return Err(bad());
+                }
+                sign * (oh * 3600 + om * 60 + os)
+            });
+        }
+    }
+    let days = days_from_civil(year, month, day);
+    let local = days * 86400 + hour * 3600 + minute * 60 + second;
+    let unix = local - offset.unwrap_or(0);
+    let frac = if micros == 0 { String::new() } else { format!(".{micros:06}") };
+    let tz = match offset {
+        None => String::new(),
+        Some(o) => {
+            let sign = if o < 0 { '-' } else { '+' };
+            let o = o.abs();
+            let secs = if o % 60 != 0 { format!(":{:02}", o % 60) } else { String::new() };
+            format!("{sign}{:02}:{:02}{secs}", o / 3600, (o / 60) % 60)
+        }
+    };
+    let iso = format!("{year:04}-{month:02}-{day:02}T{hour:02}:{minute:02}:{second:02}{frac}{tz}");
+    Ok(Timestamp { iso, unix })
+}
+
+fn is_leap(y: i64) -> bool {
+    (y % 4 == 0 && y % 100 != 0) || y % 400 == 0
+}
+
+fn days_in_month(y: i64, m: i64) -> i64 {
+    match m {
+        2 if is_leap(y) => 29,
+        2 => 28,
+        4 | 6 | 9 | 11 => 30,
+        _ => 31,
+    }
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146097 + doe - 719468
+}
+
+/// `(YYYY-MM-DD, HH:MM:SS)` of a Unix time in UTC.
+pub fn civil_from_unix(t: i64) -> (String, String) {
+    let days = t.div_euclid(86400);
+    let secs = t.rem_euclid(86400);
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}:{:02}:{:02}", secs / 3600, (secs / 60) % 60, secs % 60),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(s: &str) -> Timestamp {
+        parse_time(s, &Timestamp { iso: "NOW".into(), unix: 42 }).unwrap()
+    }
+
+    #[test]
+    fn parses_like_fromisoformat() {
+        assert_eq!(t("1970-01-01T00:00:01Z"), Timestamp { iso: "1970-01-01T00:00:01+00:00".into(), unix: 1 });
+        assert_eq!(t("2024-05-01T12:00:00+02:00").unix, 1714557600);
+        assert_eq!(t("2024-05-01T12:00:00+02:00").iso, "2024-05-01T12:00:00+02:00");
+        assert_eq!(t("2024-05-01").iso, "2024-05-01T00:00:00");
+        assert_eq!(t("2024-05-01 10:20").iso, "2024-05-01T10:20:00");
+        assert_eq!(t("2024-02-29T23:59:59.5Z").iso, "2024-02-29T23:59:59.500000+00:00");
+        assert_eq!(t("2001-09-09T01:46:40").unix, 1_000_000_000);
+        assert_eq!(t("1969-12-31T23:59:59Z").unix, -1);
+        assert_eq!(t("now").unix, 42);
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        let now = Timestamp { iso: String::new(), unix: 0 };
+        for s in ["", "yesterday", "2024-13-01", "2023-02-29", "2024-01-01T25:00", "2024-01-01X", "2024-01-01T1:00"] {
+            assert!(parse_time(s, &now).is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn civil_round_trip() {
+        for t in [0i64, 1, 86399, 951782400, 1714557600, -86400] {
+            let (d, h) = civil_from_unix(t);
+            assert_eq!(parse_time(&format!("{d}T{h}Z"), &Timestamp { iso: String::new(), unix: 0 }).unwrap().unix, t);
+        }
+    }
+}

@@ -1,0 +1,354 @@
+//! A store layer: the tar of a list of store paths, planned from metadata, then written once.
+//!
+//! The member order and headers are those of nixpkgs' `stream_layered_image.py`: `/nix` and
+//! `/nix/store` first, then each store path and everything below it, sorted as Python sorts
+//! `pathlib.Path` objects. Sorting paths component by component is the same as a pre-order walk
+//! that visits each directory's children in name order, which is what we do.
+//!
+//! Planning only reads metadata (directory listings and `lstat`), so the layer's exact size is
+//! known before any content is read; writing then reads every file once.
+
+use crate::tar::{self, Header, HeaderEncoder};
+use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
+use std::cmp::Ordering;
+use std::ffi::OsStr;
+use std::fs::{self, File};
+use std::io::{self, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+
+/// Who owns every member, and when it was modified.
+#[derive(Debug, Clone)]
+pub struct Owner {
+    pub uid: u64,
+    pub gid: u64,
+    pub uname: String,
+    pub gname: String,
+    pub mtime: i64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Entry {
+    /// Member name (absolute, directories ending in `/`) in the plan's arena.
+    name: (u32, u32),
+    /// Symlink target in the arena.
+    link: (u32, u32),
+    kind: u8,
+    mode: u32,
+    size: u64,
+    rdev: (u32, u32),
+}
+
+/// Everything needed to write a layer, and its size in bytes.
+pub struct LayerPlan {
+    arena: Vec<u8>,
+    entries: Vec<Entry>,
+    /// Size of the layer's tar, trailer included.
+    pub tar_size: u64,
+    /// Bytes of file contents in the layer.
+    pub content_size: u64,
+    pub files: u64,
+}
+
+impl LayerPlan {
+    pub fn entry_count(&self) -> usize {
+        self.entries.len()
+    }
+
+    fn name(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.name.0 as usize..(e.name.0 + e.name.1) as usize]
+    }
+
+    fn link(&self, e: &Entry) -> &[u8] {
+        &self.arena[e.link.0 as usize..(e.link.0 + e.link.1) as usize]
+    }
+
+    fn header<'a>(&'a self, e: &Entry, owner: &'a Owner) -> Header<'a> {
+        Header {
+            name: self.name(e),
+            mode: e.mode,
+            uid: owner.uid,
+            gid: owner.gid,
+            size: if e.kind == tar::REGTYPE { e.size } else { 0 },
+            mtime: owner.mtime,
+            kind: e.kind,
+            linkname: self.link(e),
+            uname: &owner.uname,
+            gname: &owner.gname,
+            devmajor: e.rdev.0,
+            devminor: e.rdev.1,
+        }
+    }
+}
+
+/// Compares two file names as Python compares the `str`s it decodes them to (UTF-8 with
+/// surrogateescape): by code point. For valid UTF-8 that is plain byte order.
+pub fn py_name_cmp(a: &[u8], b: &[u8]) -> Ordering {
+    if a.is_ascii() && b.is_ascii() {
+        return a.cmp(b);
+    }
+    fn code_points(s: &[u8]) -> impl Iterator<Item = u32> + '_ {
+        s.utf8_chunks().flat_map(|chunk| {
+            chunk
+                .valid()
+                .chars()
+                .map(|c| c as u32)
+                .chain(chunk.invalid().iter().map(|&b| 0xdc00 + b as u32))
+        })
+    }
+    code_points(a).cmp(code_points(b))
+}
+
+/// Normalizes a store path as `pathlib.Path` would (repeated slashes and `.` components
+/// dropped) and checks that it lies inside `store_dir`.
+pub fn check_store_path(path: &str, store_dir: &str) -> Result<PathBuf> {
+    let norm = |s: &str| -> Vec<String> {
+        s.split('/').filter(|c| !c.is_empty() && *c != ".").map(str::to_owned).collect()
+    };
+    if !path.starts_with('/') {
+        bail!("store path {path:?} is not absolute");
+    }
+    let parts = norm(path);
+    let store = norm(store_dir);
+    if parts.iter().any(|c| c == "..") || parts.len() <= store.len() || parts[..store.len()] != store[..] {
+        bail!("path {path:?} is not inside the store directory {store_dir:?}");
+    }
+    Ok(PathBuf::from(format!("/{}", parts.join("/"))))
+}
+
+struct Planner<'o> {
+    plan: LayerPlan,
+    enc: HeaderEncoder,
+    owner: &'o Owner,
+    offset: u64,
+}
+
+impl Planner<'_> {
+    fn push(&mut self, name: &[u8], kind: u8, mode: u32, size: u64, link: &[u8], rdev: (u32, u32)) -> Result<()> {
+        let arena = &mut self.plan.arena;
+        let name_at = (arena.len() as u32, name.len() as u32);
+        arena.extend_from_slice(name);
+        let link_at = (arena.len() as u32, link.len() as u32);
+        arena.extend_from_slice(link);
+        if arena.len() > u32::MAX as usize {
+            bail!("too many or too long file names in one layer");
+        }
+        let e = Entry { name: name_at, link: link_at, kind, mode, size, rdev };
+        let h = self.plan.header(&e, self.owner);
+        self.offset += self.enc.encoded_len(&h);
+        if kind == tar::REGTYPE {
+            self.offset += size + tar::padding(size);
+            self.plan.content_size += size;
+            self.plan.files += 1;
+        }
+        self.plan.entries.push(e);
+        Ok(())
+    }
+
+    /// Adds `path` (whose metadata is `meta`) and, for a directory, everything below it.
+    fn add_tree(&mut self, path: &mut PathBuf, meta: &fs::Metadata) -> Result<()> {
+        let ft = meta.file_type();
+        let mode = meta.mode() & 0o7777;
+        let bytes = path.as_os_str().as_bytes();
+        // Member names are absolute, as nixpkgs writes them.
+        let mut name = Vec::with_capacity(bytes.len() + 1);
+        name.extend_from_slice(bytes);
+        if ft.is_dir() {
+            name.push(b'/');
+            self.push(&name, tar::DIRTYPE, mode, 0, b"", (0, 0))?;
+            let mut children: Vec<(Vec<u8>, fs::Metadata)> = Vec::new();
+            let listing = fs::read_dir(&*path).with_context(|| format!("cannot list directory {}", path.display()))?;
+            for child in listing {
+                let child = child.with_context(|| format!("cannot list directory {}", path.display()))?;
+                let meta = child
+                    .metadata()
+                    .with_context(|| format!("cannot stat {}", child.path().display()))?;
+                children.push((child.file_name().as_bytes().to_vec(), meta));
+            }
+            children.sort_by(|a, b| py_name_cmp(&a.0, &b.0));
+            for (child, meta) in children {
+                path.push(OsStr::from_bytes(&child));
+                self.add_tree(path, &meta)?;
+                path.pop();
+            }
+        } else if ft.is_file() {
+            if unsafe { libc::geteuid() } != 0 {
+                let c = std::ffi::CString::new(bytes).map_err(|_| anyhow!("NUL in path"))?;
+                if unsafe { libc::access(c.as_ptr(), libc::R_OK) } != 0 {
+                    let err = io::Error::last_os_error();
+                    bail!("cannot read {}: {err}", path.display());
+                }
+            }
+            self.push(&name, tar::REGTYPE, mode, meta.len(), b"", (0, 0))?;
+        } else if ft.is_symlink() {
+            let target = fs::read_link(&*path).with_context(|| format!("cannot read link {}", path.display()))?;
+            self.push(&name, tar::SYMTYPE, mode, 0, target.as_os_str().as_bytes(), (0, 0))?;
+        } else if ft.is_fifo() {
+            self.push(&name, tar::FIFOTYPE, mode, 0, b"", (0, 0))?;
+        } else if ft.is_char_device() || ft.is_block_device() {
+            let kind = if ft.is_char_device() { tar::CHRTYPE } else { tar::BLKTYPE };
+            let rdev = meta.rdev();
+            let dev = (libc::major(rdev), libc::minor(rdev));
+            self.push(&name, kind, mode, 0, b"", dev)?;
+        } else {
+            bail!("{} is a socket, which a tar layer cannot hold", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Plans the layer holding `paths` (already checked with [`check_store_path`]).
+pub fn plan_layer(paths: &[PathBuf], owner: &Owner) -> Result<LayerPlan> {
+    let mut p = Planner {
+        plan: LayerPlan { arena: Vec::new(), entries: Vec::new(), tar_size: 0, content_size: 0, files: 0 },
+        enc: HeaderEncoder::new(),
+        owner,
+        offset: 0,
+    };
+    for root in [&b"/nix/"[..], b"/nix/store/"] {
+        p.push(root, tar::DIRTYPE, 0o755, 0, b"", (0, 0))?;
+    }
+    for path in paths {
+        let meta = fs::symlink_metadata(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => anyhow!("store path {} does not exist", path.display()),
+            _ => anyhow!("cannot stat store path {}: {e}", path.display()),
+        })?;
+        p.add_tree(&mut path.clone(), &meta)?;
+    }
+    p.plan.tar_size = p.offset + tar::trailer_len(p.offset);
+    Ok(p.plan)
+}
+
+/// A writer that hashes and counts what passes through it.
+pub struct HashingWriter<W> {
+    pub inner: W,
+    pub hasher: Sha256,
+    pub count: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    pub fn new(inner: W) -> Self {
+        HashingWriter { inner, hasher: Sha256::new(), count: 0 }
+    }
+
+    pub fn finish(self) -> (W, [u8; 32], u64) {
+        (self.inner, self.hasher.finalize().into(), self.count)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.count += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Errors writing to the output, kept apart from errors reading the store, so the caller can
+/// tell a closed pipe from a broken input.
+#[derive(Debug)]
+pub struct OutputError(pub io::Error);
+
+impl std::fmt::Display for OutputError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "cannot write the output: {}", self.0)
+    }
+}
+
+impl std::error::Error for OutputError {}
+
+pub fn out_err(e: io::Error) -> anyhow::Error {
+    anyhow::Error::new(OutputError(e))
+}
+
+/// Writes the planned layer to `w`; returns the bytes written, which equal `plan.tar_size`.
+pub fn write_layer<W: Write>(plan: &LayerPlan, owner: &Owner, w: &mut W, buf: &mut Vec<u8>) -> Result<u64> {
+    if buf.len() < 1 << 16 {
+        buf.resize(1 << 20, 0);
+    }
+    let mut enc = HeaderEncoder::new();
+    let mut offset = 0u64;
+    let mut hdr = Vec::with_capacity(2048);
+    for e in &plan.entries {
+        let h = plan.header(e, owner);
+        hdr.clear();
+        enc.encode(&h, &mut hdr);
+        w.write_all(&hdr).map_err(out_err)?;
+        offset += hdr.len() as u64;
+        if e.kind == tar::REGTYPE {
+            let name = plan.name(e);
+            let path = Path::new(OsStr::from_bytes(name));
+            copy_exact(path, e.size, w, buf)?;
+            let pad = tar::padding(e.size);
+            w.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
+            offset += e.size + pad;
+        }
+    }
+    let trailer = tar::trailer_len(offset);
+    write_zeros(w, trailer)?;
+    offset += trailer;
+    debug_assert_eq!(offset, plan.tar_size);
+    Ok(offset)
+}
+
+pub fn write_zeros<W: Write>(w: &mut W, mut n: u64) -> Result<()> {
+    let zeros = [0u8; 4096];
+    while n > 0 {
+        let k = n.min(zeros.len() as u64) as usize;
+        w.write_all(&zeros[..k]).map_err(out_err)?;
+        n -= k as u64;
+    }
+    Ok(())
+}
+
+/// Copies exactly `size` bytes of the file at `path`; a file that changed size since it was
+/// planned is an error, since the member's header has already been written.
+fn copy_exact<W: Write>(path: &Path, size: u64, w: &mut W, buf: &mut [u8]) -> Result<()> {
+    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut left = size;
+    while left > 0 {
+        let want = left.min(buf.len() as u64) as usize;
+        let n = match f.read(&mut buf[..want]) {
+            Ok(0) => bail!("{} shrank while it was being archived", path.display()),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
+        };
+        w.write_all(&buf[..n]).map_err(out_err)?;
+        left -= n as u64;
+    }
+    let mut probe = [0u8; 1];
+    if f.read(&mut probe).with_context(|| format!("cannot read {}", path.display()))? != 0 {
+        bail!("{} grew while it was being archived", path.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn python_order_is_code_point_order() {
+        assert_eq!(py_name_cmp(b"a", b"b"), Ordering::Less);
+        assert_eq!(py_name_cmp("é".as_bytes(), b"z"), Ordering::Greater);
+        // U+FFFD (valid, EF BF BD) sorts after a surrogate-escaped byte (U+DCFF).
+        assert_eq!(py_name_cmp(b"\xff", "\u{fffd}".as_bytes()), Ordering::Less);
+        assert_eq!(py_name_cmp(b"\xff", "\u{d7ff}".as_bytes()), Ordering::Greater);
+    }
+
+    #[test]
+    fn store_paths_must_be_inside_the_store() {
+        assert_eq!(check_store_path("/nix/store//abc-x/", "/nix/store").unwrap(), PathBuf::from("/nix/store/abc-x"));
+        assert!(check_store_path("/nix/store", "/nix/store").is_err());
+        assert!(check_store_path("/nix/store-evil/x", "/nix/store").is_err());
+        assert!(check_store_path("/nix/store/../etc", "/nix/store").is_err());
+        assert!(check_store_path("nix/store/abc", "/nix/store").is_err());
+    }
+}

@@ -1,0 +1,12 @@
+//! stevedore: container images from Nix closures.
+//!
+//! The binary's subcommands are thin wrappers over these modules; the Nix library in `nix/`
+//! runs the binary as the builder of its derivations.
+
+pub mod base;
+pub mod compress;
+pub mod conf;
+pub mod image;
+pub mod layer;
+pub mod pyjson;
+pub mod tar;
