@@ -8,5 +8,7 @@ pub mod compress;
 pub mod conf;
 pub mod image;
 pub mod layer;
+pub mod layering;
 pub mod pyjson;
+pub mod store;
 pub mod tar;

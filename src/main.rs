@@ -41,6 +41,8 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Plan layers from a closure graph (see `stevedore layers --help`).
+    Layers(stevedore::layering::LayersArgs),
 }
 
 fn stdout_file() -> ManuallyDrop<File> {
@@ -82,6 +84,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Command::Layers(args) => stevedore::layering::run(&args),
     }
 }
 
