@@ -9,6 +9,7 @@ pub mod conf;
 pub mod image;
 pub mod layer;
 pub mod layering;
+pub mod nixbuild;
 pub mod pyjson;
 pub mod store;
 pub mod tar;

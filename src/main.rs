@@ -43,6 +43,9 @@ enum Command {
     },
     /// Plan layers from a closure graph (see `stevedore layers --help`).
     Layers(stevedore::layering::LayersArgs),
+    /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
+    #[command(hide = true)]
+    Nix(stevedore::nixbuild::NixArgs),
 }
 
 fn stdout_file() -> ManuallyDrop<File> {
@@ -85,6 +88,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Layers(args) => stevedore::layering::run(&args),
+        Command::Nix(args) => stevedore::nixbuild::run(&args),
     }
 }
 
