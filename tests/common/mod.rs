@@ -1,0 +1,147 @@
+//! Shared helpers for the integration tests: fixture store closures and running the binary.
+#![allow(dead_code)]
+
+use serde_json::{json, Value};
+use std::fs::{self, File};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+pub const MKSTORE: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/bench/mkstore.py");
+
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_stevedore"))
+}
+
+/// A mkstore closure at a fixed path, so that member names (and so digests) are the same on
+/// every run. Made once and shared by concurrently running tests under a lock.
+pub fn fixture(name: &str, paths: u32, files: u32, big_mib: f64) -> PathBuf {
+    let root = PathBuf::from("/tmp/stevedore-test-fixtures");
+    fs::create_dir_all(&root).unwrap();
+    let lock = File::create(root.join(".lock")).unwrap();
+    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let dir = root.join(format!("{name}-{paths}-{files}-{big_mib}"));
+    if !dir.join("closure.json").exists() {
+        if dir.exists() {
+            make_writable(&dir);
+            fs::remove_dir_all(&dir).unwrap();
+        }
+        let status = Command::new("python3")
+            .arg(MKSTORE)
+            .arg(&dir)
+            .args(["--paths", &paths.to_string(), "--files-per-path", &files.to_string()])
+            .args(["--big-mib", &big_mib.to_string(), "--seed", "7"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("python3 runs mkstore.py");
+        assert!(status.success(), "mkstore.py failed");
+    }
+    dir
+}
+
+pub fn make_writable(dir: &Path) {
+    let _ = Command::new("chmod").args(["-R", "u+w"]).arg(dir).status();
+}
+
+/// The store paths of a fixture, in closure.json order.
+pub fn store_paths(fixture: &Path) -> Vec<String> {
+    let closure: Value = serde_json::from_slice(&fs::read(fixture.join("closure.json")).unwrap()).unwrap();
+    closure.as_array().unwrap().iter().map(|p| p["path"].as_str().unwrap().to_string()).collect()
+}
+
+pub fn base_conf(fixture: &Path, layers: Vec<Vec<String>>) -> Value {
+    json!({
+        "store_layers": layers,
+        "customisation_layer": null,
+        "from_image": null,
+        "config": {"Cmd": ["/bin/sh"], "Env": ["PATH=/bin", "LANG=C.UTF-8"]},
+        "architecture": "amd64",
+        "created": "1970-01-01T00:00:01Z",
+        "mtime": "1970-01-01T00:00:01Z",
+        "uid": 0,
+        "gid": 0,
+        "uname": "root",
+        "gname": "root",
+        "store_dir": fixture.join("store").to_str().unwrap(),
+        "repo_tag": "fixture:latest",
+    })
+}
+
+pub fn write_json(dir: &Path, name: &str, v: &Value) -> PathBuf {
+    let p = dir.join(name);
+    fs::write(&p, serde_json::to_vec_pretty(v).unwrap()).unwrap();
+    p
+}
+
+pub fn stream(conf: &Path, extra: &[&str]) -> Output {
+    Command::new(bin()).arg("stream").arg(conf).args(extra).output().expect("stevedore runs")
+}
+
+pub fn stream_ok(conf: &Path) -> Vec<u8> {
+    let out = stream(conf, &[]);
+    assert!(out.status.success(), "stream failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// An archive's members as (name, bytes).
+pub fn members(archive: &[u8]) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let mut a = tar::Archive::new(archive);
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = String::from_utf8(e.path_bytes().to_vec()).unwrap();
+            let mut data = Vec::new();
+            e.read_to_end(&mut data).unwrap();
+            (name, data)
+        })
+        .collect()
+}
+
+pub fn member<'a>(members: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
+    &members.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no member {name}")).1
+}
+
+pub struct Image {
+    pub members: Vec<(String, Vec<u8>)>,
+    pub manifest: Value,
+    pub config: Value,
+    pub config_bytes: Vec<u8>,
+}
+
+impl Image {
+    pub fn parse(archive: &[u8]) -> Image {
+        let members = members(archive);
+        let manifest: Value = serde_json::from_slice(member(&members, "manifest.json")).unwrap();
+        let config_bytes = member(&members, manifest[0]["Config"].as_str().unwrap()).to_vec();
+        let config = serde_json::from_slice(&config_bytes).unwrap();
+        Image { members, manifest, config, config_bytes }
+    }
+
+    pub fn layer(&self, i: usize) -> &[u8] {
+        member(&self.members, self.manifest[0]["Layers"][i].as_str().unwrap())
+    }
+
+    pub fn layer_count(&self) -> usize {
+        self.manifest[0]["Layers"].as_array().unwrap().len()
+    }
+}
+
+pub fn sha256_hex(data: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    stevedore::image::hex(&Sha256::digest(data))
+}
+
+/// The oracle's bytes for a store layer (tests/oracle/layer.py, CPython's tarfile).
+pub fn oracle_layer(paths: &[String], uid: u64, gid: u64, uname: &str, gname: &str, mtime: i64) -> Vec<u8> {
+    let owner = json!({"uid": uid, "gid": gid, "uname": uname, "gname": gname, "mtime": mtime});
+    let out = Command::new("python3")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/oracle/layer.py"))
+        .arg(owner.to_string())
+        .args(paths)
+        .output()
+        .expect("python3 runs the oracle");
+    assert!(out.status.success(), "oracle failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
