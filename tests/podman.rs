@@ -1,0 +1,152 @@
+//! End to end: stream an image into `podman load`, run it, inspect it with skopeo and umoci.
+//!
+//! Needs podman, runc, skopeo, umoci and busybox-static (`.ci/run` installs them). Outside CI a
+//! machine without them skips these tests with a message; in CI (CI=true) that is a failure.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::fs;
+use std::path::Path;
+use std::process::{Command, Stdio};
+
+fn have_tools() -> bool {
+    let ok = ["podman", "skopeo", "umoci"].iter().all(|t| Command::new(t).arg("--version").output().is_ok())
+        && Path::new("/bin/busybox").exists();
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "CI must have podman, skopeo, umoci and busybox-static");
+        eprintln!("podman/skopeo/umoci/busybox-static missing; end-to-end test skipped");
+    }
+    ok
+}
+
+fn podman() -> Command {
+    let mut c = Command::new("podman");
+    c.args(["--cgroup-manager=cgroupfs", "--runtime", "/usr/sbin/runc"]);
+    c
+}
+
+fn run_ok(c: &mut Command) -> String {
+    let out = c.output().unwrap();
+    assert!(out.status.success(), "{c:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// A store path holding a static busybox, and a customisation layer linking /bin/sh to it.
+fn busybox_image(dir: &Path, tag: &str) -> std::path::PathBuf {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let bb = dir.join("store").join("4bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox");
+    fs::create_dir_all(bb.join("bin")).unwrap();
+    fs::copy("/bin/busybox", bb.join("bin/busybox")).unwrap();
+    // One store dir per image: copy a few fixture paths next to busybox.
+    let mut layers = vec![vec![bb.to_str().unwrap().to_string()]];
+    let ours = dir.join("store");
+    for p in store_paths(&fx).iter().take(3) {
+        let name = Path::new(p).file_name().unwrap();
+        let status = Command::new("cp").arg("-a").arg(p).arg(ours.join(name)).status().unwrap();
+        assert!(status.success());
+        layers.push(vec![ours.join(name).to_str().unwrap().to_string()]);
+    }
+    // Customisation layer: /bin/sh -> busybox, /etc/motd owned by 1000:100.
+    let custom = dir.join("custom");
+    fs::create_dir_all(&custom).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_mode(0o755);
+    h.set_size(0);
+    h.set_cksum();
+    b.append_data(&mut h.clone(), "bin/", std::io::empty()).unwrap();
+    b.append_data(&mut h, "etc/", std::io::empty()).unwrap();
+    let mut l = tar::Header::new_ustar();
+    l.set_entry_type(tar::EntryType::Symlink);
+    l.set_size(0);
+    l.set_mode(0o777);
+    b.append_link(&mut l, "bin/sh", bb.join("bin/busybox")).unwrap();
+    let mut f = tar::Header::new_ustar();
+    f.set_size(6);
+    f.set_mode(0o640);
+    f.set_uid(1000);
+    f.set_gid(100);
+    f.set_cksum();
+    b.append_data(&mut f, "etc/motd", &b"hello\n"[..]).unwrap();
+    let data = b.into_inner().unwrap();
+    fs::write(custom.join("layer.tar"), &data).unwrap();
+    fs::write(custom.join("checksum"), sha256_hex(&data)).unwrap();
+
+    let mut conf = base_conf(dir, layers);
+    conf["store_dir"] = json!(ours);
+    conf["customisation_layer"] = json!(custom);
+    conf["repo_tag"] = json!(tag);
+    conf["config"] = json!({"Cmd": ["/bin/sh", "-c", "echo from-cmd"], "Env": ["GREETING=hi", "PATH=/bin"], "WorkingDir": "/etc"});
+    conf["architecture"] = json!("amd64");
+    write_json(dir, "conf.json", &conf)
+}
+
+#[test]
+fn podman_loads_and_runs_the_streamed_image() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let tag = format!("localhost/stevedore-e2e:{}", std::process::id());
+    let conf = busybox_image(tmp.path(), &tag);
+
+    // Stream straight into `podman load`, as a NixOS host does with imageStream.
+    let mut streamer = Command::new(bin()).arg("stream").arg(&conf).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
+    let load = podman().args(["load"]).stdin(streamer.stdout.take().unwrap()).output().unwrap();
+    assert!(streamer.wait().unwrap().success());
+    assert!(load.status.success(), "podman load: {}", String::from_utf8_lossy(&load.stderr));
+
+    let run = |args: &[&str]| -> String {
+        run_ok(
+            podman()
+                .args(["run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", &tag])
+                .args(args),
+        )
+    };
+    assert_eq!(run(&[]), "from-cmd\n");
+    assert_eq!(run(&["/bin/sh", "-c", "echo $GREETING; pwd; cat motd"]), "hi\n/etc\nhello\n");
+    assert_eq!(run(&["/bin/sh", "-c", "stat -c '%u:%g %a' /etc/motd"]), "1000:100 640\n");
+    let bb = tmp.path().join("store/4bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox/bin/busybox");
+    assert_eq!(run(&["/bin/sh", "-c", &format!("stat -c '%u:%g %a' {}", bb.display())]), "0:0 755\n");
+
+    let inspect: Value = serde_json::from_str(&run_ok(podman().args(["image", "inspect", &tag]))).unwrap();
+    assert_eq!(inspect[0]["RootFS"]["Layers"].as_array().unwrap().len(), 5);
+    let _ = podman().args(["rmi", "-f", &tag]).output();
+}
+
+#[test]
+fn skopeo_and_umoci_read_the_archive() {
+    if !have_tools() {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = busybox_image(tmp.path(), "example.org/team/app:v2");
+    let archive = tmp.path().join("image.tar");
+    let out = Command::new(bin()).arg("stream").arg(&conf).arg("-o").arg(&archive).output().unwrap();
+    assert!(out.status.success());
+
+    let inspect: Value = serde_json::from_str(&run_ok(Command::new("skopeo").args(["inspect", &format!("docker-archive:{}", archive.display())]))).unwrap();
+    assert_eq!(inspect["Architecture"], "amd64");
+    assert_eq!(inspect["Os"], "linux");
+    assert_eq!(inspect["Layers"].as_array().unwrap().len(), 5);
+    assert_eq!(inspect["Env"], json!(["GREETING=hi", "PATH=/bin"]));
+    assert_eq!(inspect["RepoTags"], json!([]), "skopeo lists tags of a registry repo only");
+    let cfg: Value = serde_json::from_str(&run_ok(Command::new("skopeo").args(["inspect", "--config", &format!("docker-archive:{}", archive.display())]))).unwrap();
+    assert_eq!(cfg["config"]["Cmd"], json!(["/bin/sh", "-c", "echo from-cmd"]));
+
+    // Into an OCI layout and unpacked by umoci: the files are where the layers put them.
+    let oci = tmp.path().join("oci");
+    run_ok(Command::new("skopeo").args(["copy", "-q", &format!("docker-archive:{}", archive.display()), &format!("oci:{}:v2", oci.display())]));
+    let bundle = tmp.path().join("bundle");
+    run_ok(Command::new("umoci").args(["unpack", "--rootless", "--image", &format!("{}:v2", oci.display())]).arg(&bundle));
+    let rootfs = bundle.join("rootfs");
+    assert_eq!(fs::read(rootfs.join("etc/motd")).unwrap(), b"hello\n");
+    assert!(fs::symlink_metadata(rootfs.join("bin/sh")).unwrap().file_type().is_symlink());
+    let bb = tmp.path().join("store/4bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox/bin/busybox");
+    let inside = rootfs.join(bb.strip_prefix("/").unwrap());
+    assert_eq!(fs::read(&inside).unwrap(), fs::read("/bin/busybox").unwrap());
+    make_writable(tmp.path());
+}
