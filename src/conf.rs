@@ -248,7 +248,8 @@ pub fn parse_time(s: &str, now: &Timestamp) -> Result<Timestamp> {
     }
     let days = days_from_civil(year, month, day);
     let local = days * 86400 + hour * 3600 + minute * 60 + second;
-    let unix = local - offset.unwrap_or(0);
+    // Python takes int() of a float timestamp: fractions truncate toward zero.
+    let unix = local - offset.unwrap_or(0) + i64::from(local - offset.unwrap_or(0) < 0 && micros > 0);
     let frac = if micros == 0 { String::new() } else { format!(".{micros:06}") };
     let tz = match offset {
         None => String::new(),
@@ -324,6 +325,8 @@ mod tests {
         assert_eq!(t("2024-02-29T23:59:59.5Z").iso, "2024-02-29T23:59:59.500000+00:00");
         assert_eq!(t("2001-09-09T01:46:40").unix, 1_000_000_000);
         assert_eq!(t("1969-12-31T23:59:59Z").unix, -1);
+        assert_eq!(t("1969-12-31T23:59:59.5Z").unix, 0);
+        assert_eq!(t("1970-01-01T00:00:01.9Z").unix, 1);
         assert_eq!(t("now").unix, 42);
     }
 

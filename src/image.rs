@@ -186,10 +186,7 @@ pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progr
         let plan = plan_layer(paths, &owner).with_context(|| format!("layer {num}"))?;
         let name = format!("{num}/layer.tar");
         outer.begin_member(&name, plan.tar_size)?;
-        let mut hw = HashingWriter::new(&mut outer.w);
-        let written = layer::write_layer(&plan, &owner, &mut hw, &mut buf).with_context(|| format!("layer {num}"))?;
-        let (_, digest, _) = hw.finish();
-        debug_assert_eq!(written, plan.tar_size);
+        let digest = layer::write_layer(&plan, &owner, &mut outer.w).with_context(|| format!("layer {num}"))?;
         outer.end_member(plan.tar_size)?;
         progress.done(&format!("layer {num}, {} files", plan.files), plan.tar_size, layer_started);
         layers.push(LayerInfo { path: name, diff_id: hex(&digest), size: plan.tar_size, paths: given.clone() });

@@ -267,34 +267,152 @@ pub fn out_err(e: io::Error) -> anyhow::Error {
     anyhow::Error::new(OutputError(e))
 }
 
-/// Writes the planned layer to `w`; returns the bytes written, which equal `plan.tar_size`.
-pub fn write_layer<W: Write>(plan: &LayerPlan, owner: &Owner, w: &mut W, buf: &mut Vec<u8>) -> Result<u64> {
-    if buf.len() < 1 << 16 {
-        buf.resize(1 << 20, 0);
+/// Chunks of layer bytes travel from the reading thread to the hashing/writing thread in
+/// buffers of this size; a few are in flight at once, so memory stays flat.
+const CHUNK: usize = 1 << 20;
+const CHUNKS_IN_FLIGHT: usize = 4;
+
+/// The reading side of the pipeline: fills chunks with headers and file contents (read straight
+/// into the chunk, no extra copy) and hands full ones over.
+struct ChunkSender {
+    chunk: Vec<u8>,
+    filled: usize,
+    tx: std::sync::mpsc::SyncSender<(Vec<u8>, usize)>,
+    pool: std::sync::mpsc::Receiver<Vec<u8>>,
+}
+
+/// The writing side went away (it failed, e.g. on a closed pipe, and will report why).
+#[derive(Debug)]
+struct ConsumerGone;
+
+impl std::fmt::Display for ConsumerGone {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the output side stopped")
     }
+}
+
+impl std::error::Error for ConsumerGone {}
+
+impl ChunkSender {
+    fn flush(&mut self) -> Result<()> {
+        if self.filled == 0 {
+            return Ok(());
+        }
+        let next = self.pool.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+        let full = std::mem::replace(&mut self.chunk, next);
+        self.tx.send((full, self.filled)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
+        self.filled = 0;
+        Ok(())
+    }
+
+    fn put(&mut self, mut data: &[u8]) -> Result<()> {
+        while !data.is_empty() {
+            if self.filled == CHUNK {
+                self.flush()?;
+            }
+            let n = data.len().min(CHUNK - self.filled);
+            self.chunk[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+            self.filled += n;
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn zeros(&mut self, mut n: u64) -> Result<()> {
+        while n > 0 {
+            if self.filled == CHUNK {
+                self.flush()?;
+            }
+            let k = n.min((CHUNK - self.filled) as u64) as usize;
+            self.chunk[self.filled..self.filled + k].fill(0);
+            self.filled += k;
+            n -= k as u64;
+        }
+        Ok(())
+    }
+
+    /// Copies exactly `size` bytes of the file at `path`. A file that changed size since it was
+    /// planned is an error, since its header is already out.
+    fn put_file(&mut self, path: &Path, size: u64) -> Result<()> {
+        let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let mut left = size;
+        while left > 0 {
+            if self.filled == CHUNK {
+                self.flush()?;
+            }
+            let want = left.min((CHUNK - self.filled) as u64) as usize;
+            let n = match f.read(&mut self.chunk[self.filled..self.filled + want]) {
+                Ok(0) => bail!("{} shrank while it was being archived", path.display()),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => bail!("cannot read {}: {e}", path.display()),
+            };
+            self.filled += n;
+            left -= n as u64;
+        }
+        let mut probe = [0u8; 1];
+        if f.read(&mut probe).with_context(|| format!("cannot read {}", path.display()))? != 0 {
+            bail!("{} grew while it was being archived", path.display());
+        }
+        Ok(())
+    }
+}
+
+/// Produces the layer's bytes into `out`.
+fn produce(plan: &LayerPlan, owner: &Owner, out: &mut ChunkSender) -> Result<u64> {
     let mut enc = HeaderEncoder::new();
     let mut offset = 0u64;
     let mut hdr = Vec::with_capacity(2048);
     for e in &plan.entries {
-        let h = plan.header(e, owner);
         hdr.clear();
-        enc.encode(&h, &mut hdr);
-        w.write_all(&hdr).map_err(out_err)?;
+        enc.encode(&plan.header(e, owner), &mut hdr);
+        out.put(&hdr)?;
         offset += hdr.len() as u64;
         if e.kind == tar::REGTYPE {
-            let name = plan.name(e);
-            let path = Path::new(OsStr::from_bytes(name));
-            copy_exact(path, e.size, w, buf)?;
+            out.put_file(Path::new(OsStr::from_bytes(plan.name(e))), e.size)?;
             let pad = tar::padding(e.size);
-            w.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
+            out.zeros(pad)?;
             offset += e.size + pad;
         }
     }
     let trailer = tar::trailer_len(offset);
-    write_zeros(w, trailer)?;
-    offset += trailer;
-    debug_assert_eq!(offset, plan.tar_size);
-    Ok(offset)
+    out.zeros(trailer)?;
+    out.flush()?;
+    Ok(offset + trailer)
+}
+
+/// Writes the planned layer to `w` and returns its sha256. One thread reads the store while
+/// the calling thread hashes and writes, so reading overlaps hashing.
+pub fn write_layer<W: Write>(plan: &LayerPlan, owner: &Owner, w: &mut W) -> Result<[u8; 32]> {
+    use std::sync::mpsc::sync_channel;
+    let (tx, rx) = sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
+    let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    std::thread::scope(|scope| {
+        let producer = scope.spawn(move || {
+            let mut sender = ChunkSender { chunk: vec![0u8; CHUNK], filled: 0, tx, pool: pool_rx };
+            produce(plan, owner, &mut sender)
+        });
+        let mut hasher = Sha256::new();
+        let mut written = 0u64;
+        let mut out_result = Ok(());
+        for (chunk, len) in rx.iter() {
+            hasher.update(&chunk[..len]);
+            if let Err(e) = w.write_all(&chunk[..len]) {
+                out_result = Err(out_err(e));
+                break;
+            }
+            written += len as u64;
+            let _ = pool_tx.try_send(chunk);
+        }
+        drop(rx);
+        let produced = producer.join().map_err(|_| anyhow!("the layer reader thread panicked"))?;
+        out_result?;
+        let produced = produced?;
+        if produced != plan.tar_size || written != produced {
+            bail!("internal error: planned {} bytes, wrote {written}", plan.tar_size);
+        }
+        Ok(hasher.finalize().into())
+    })
 }
 
 pub fn write_zeros<W: Write>(w: &mut W, mut n: u64) -> Result<()> {
@@ -303,29 +421,6 @@ pub fn write_zeros<W: Write>(w: &mut W, mut n: u64) -> Result<()> {
         let k = n.min(zeros.len() as u64) as usize;
         w.write_all(&zeros[..k]).map_err(out_err)?;
         n -= k as u64;
-    }
-    Ok(())
-}
-
-/// Copies exactly `size` bytes of the file at `path`; a file that changed size since it was
-/// planned is an error, since the member's header has already been written.
-fn copy_exact<W: Write>(path: &Path, size: u64, w: &mut W, buf: &mut [u8]) -> Result<()> {
-    let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut left = size;
-    while left > 0 {
-        let want = left.min(buf.len() as u64) as usize;
-        let n = match f.read(&mut buf[..want]) {
-            Ok(0) => bail!("{} shrank while it was being archived", path.display()),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
-        };
-        w.write_all(&buf[..n]).map_err(out_err)?;
-        left -= n as u64;
-    }
-    let mut probe = [0u8; 1];
-    if f.read(&mut probe).with_context(|| format!("cannot read {}", path.display()))? != 0 {
-        bail!("{} grew while it was being archived", path.display());
     }
     Ok(())
 }
