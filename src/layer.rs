@@ -438,6 +438,45 @@ mod tests {
         assert_eq!(py_name_cmp(b"\xff", "\u{d7ff}".as_bytes()), Ordering::Greater);
     }
 
+    /// A sparse file over 8 GiB needs a PAX `size` record; planning and writing agree on sizes.
+    /// Reading 8 GiB of holes takes ~15 s, so it runs with `--include-ignored` (as CI does).
+    #[test]
+    #[ignore]
+    fn huge_sparse_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sp = tmp.path().join("0hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-huge");
+        fs::create_dir(&sp).unwrap();
+        let size = (8u64 << 30) + 1;
+        File::create(sp.join("sparse")).unwrap().set_len(size).unwrap();
+        let owner = Owner { uid: 0, gid: 0, uname: "root".into(), gname: "root".into(), mtime: 1 };
+        let plan = plan_layer(&[sp.clone()], &owner).unwrap();
+        assert_eq!(plan.content_size, size);
+        let name_len = sp.join("sparse").as_os_str().len() as u64;
+        let pax = if name_len > 100 { 2 } else { 1 };
+        // /nix/, /nix/store/, the dir: 3 blocks; the file: its PAX header (1 block of records +
+        // 1 header block) + its own header + contents.
+        let members = 3 * 512 + (pax + 1) * 512 + 512 + size + tar::padding(size);
+        assert_eq!(plan.tar_size, members + tar::trailer_len(members));
+        struct Count(u64, Vec<u8>);
+        impl Write for Count {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                if self.1.len() < 8192 {
+                    self.1.extend_from_slice(&b[..b.len().min(8192)]);
+                }
+                self.0 += b.len() as u64;
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut out = Count(0, Vec::new());
+        write_layer(&plan, &owner, &mut out).unwrap();
+        assert_eq!(out.0, plan.tar_size);
+        let head = &out.1[3 * 512..];
+        assert!(head[512..].windows(16).any(|w| w == b"size=8589934593\n"));
+    }
+
     #[test]
     fn store_paths_must_be_inside_the_store() {
         assert_eq!(check_store_path("/nix/store//abc-x/", "/nix/store").unwrap(), PathBuf::from("/nix/store/abc-x"));

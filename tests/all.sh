@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 bash tests/setup.sh
 export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes'
 status=0
-cargo test --no-fail-fast 2>&1 || status=1
+cargo test --no-fail-fast -- --include-ignored 2>&1 || status=1
 if [ -f tests/nix/run.sh ]; then
   bash tests/nix/run.sh || status=1
 fi
