@@ -110,113 +110,177 @@ fn customisation_checksum(dir: &Path) -> Result<(PathBuf, String, u64)> {
     Ok((layer_path, checksum.to_ascii_lowercase(), size))
 }
 
-/// Streams the whole image to `out`.
-pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progress: &Progress) -> Result<W> {
-    let started = Instant::now();
-    let owner = Owner {
-        uid: conf.uid,
-        gid: conf.gid,
-        uname: conf.uname.clone(),
-        gname: conf.gname.clone(),
-        mtime: conf.mtime,
-    };
-    // Check everything that can be checked before the first byte goes out, so that bad input
-    // gives an error and no output rather than a truncated archive.
-    let store_layers: Vec<Vec<PathBuf>> = conf
-        .store_layers
-        .iter()
-        .enumerate()
-        .map(|(i, paths)| {
-            paths
-                .iter()
-                .map(|p| {
-                    let path = check_store_path(p, &conf.store_dir).map_err(|e| anyhow!("layer {}: {e}", i + 1))?;
-                    fs::symlink_metadata(&path).map_err(|e| match e.kind() {
-                        io::ErrorKind::NotFound => anyhow!("store path {p} does not exist"),
-                        _ => anyhow!("cannot stat store path {p}: {e}"),
-                    })?;
-                    Ok(path)
-                })
-                .collect::<Result<Vec<_>>>()
-        })
-        .collect::<Result<_>>()?;
-    let custom = conf.customisation_layer.as_deref().map(customisation_checksum).transpose()?;
-    let base = conf.from_image.as_deref().map(BaseImage::load).transpose()?;
+/// Receives an image's layers, one after another, as uncompressed tar bytes.
+pub trait LayerSink {
+    /// A layer of `size` bytes begins; `name` is its member name in a Docker archive.
+    fn begin(&mut self, name: &str, size: u64) -> Result<()>;
+    /// Where the layer's bytes go.
+    fn out(&mut self) -> &mut dyn Write;
+    /// The layer is complete; its uncompressed sha256 is `diff_id` (hex).
+    fn end(&mut self, size: u64, diff_id: &str) -> Result<()>;
+}
 
-    let mut outer = Outer { w: out, enc: HeaderEncoder::new(), offset: 0, mtime: conf.mtime };
-    let mut layers: Vec<LayerInfo> = Vec::new();
+struct Custom {
+    dir: PathBuf,
+    tar: PathBuf,
+    checksum: String,
+    size: u64,
+}
 
-    match &base {
-        None => progress.say("No 'fromImage' provided"),
-        Some(base) => {
-            let mut num = 0;
-            base.copy_layers(|layer, reader| {
-                num += 1;
-                progress.say(format!("Adding base layer {num} from {}", layer.manifest_path));
-                let name = format!("{}/layer.tar", &layer.diff_id["sha256:".len()..]);
-                outer.begin_member(&name, layer.size)?;
-                let copied = io::copy(&mut reader.take(layer.size), &mut outer.w).map_err(|e| {
-                    if e.kind() == io::ErrorKind::BrokenPipe {
-                        out_err(e)
-                    } else {
-                        anyhow!("base image {}: cannot read {}: {e}", base.path.display(), layer.member)
+/// An image ready to be written: the conf with every input checked, so that bad input gives
+/// an error before the first byte goes out rather than a truncated archive.
+pub struct ImageSpec<'c> {
+    pub conf: &'c StreamConf,
+    owner: Owner,
+    store_layers: Vec<Vec<PathBuf>>,
+    custom: Option<Custom>,
+    pub base: Option<BaseImage>,
+}
+
+impl<'c> ImageSpec<'c> {
+    pub fn new(conf: &'c StreamConf) -> Result<Self> {
+        let owner = Owner {
+            uid: conf.uid,
+            gid: conf.gid,
+            uname: conf.uname.clone(),
+            gname: conf.gname.clone(),
+            mtime: conf.mtime,
+        };
+        let store_layers = conf
+            .store_layers
+            .iter()
+            .enumerate()
+            .map(|(i, paths)| {
+                paths
+                    .iter()
+                    .map(|p| {
+                        let path = check_store_path(p, &conf.store_dir).map_err(|e| anyhow!("layer {}: {e}", i + 1))?;
+                        fs::symlink_metadata(&path).map_err(|e| match e.kind() {
+                            io::ErrorKind::NotFound => anyhow!("store path {p} does not exist"),
+                            _ => anyhow!("cannot stat store path {p}: {e}"),
+                        })?;
+                        Ok(path)
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<_>>()?;
+        let custom = conf
+            .customisation_layer
+            .as_deref()
+            .map(|dir| {
+                customisation_checksum(dir).map(|(tar, checksum, size)| Custom { dir: dir.to_owned(), tar, checksum, size })
+            })
+            .transpose()?;
+        let base = conf.from_image.as_deref().map(BaseImage::load).transpose()?;
+        Ok(ImageSpec { conf, owner, store_layers, custom, base })
+    }
+
+    /// How many layers the image has.
+    pub fn layer_count(&self) -> usize {
+        self.base.as_ref().map_or(0, |b| b.layers.len()) + self.store_layers.len() + usize::from(self.custom.is_some())
+    }
+
+    /// Writes every layer into `sink`: the base image's (in the order they sit in its archive),
+    /// then the store layers, then the customisation layer. Returns them in image order.
+    pub fn emit_layers(&self, sink: &mut dyn LayerSink, progress: &Progress) -> Result<Vec<LayerInfo>> {
+        let mut layers: Vec<LayerInfo> = Vec::new();
+        match &self.base {
+            None => progress.say("No 'fromImage' provided"),
+            Some(base) => {
+                let mut num = 0;
+                let mut buf = vec![0u8; 1 << 20];
+                base.copy_layers(|layer, reader| {
+                    num += 1;
+                    progress.say(format!("Adding base layer {num} from {}", layer.manifest_path));
+                    sink.begin(&base_layer_name(&layer.diff_id), layer.size)?;
+                    let what = || format!("base image {}: member {}", base.path.display(), layer.member);
+                    let copied = copy_reading(&mut reader.take(layer.size), sink.out(), &mut buf, what)?;
+                    if copied != layer.size {
+                        bail!("{} is truncated", what());
                     }
+                    sink.end(layer.size, &layer.diff_id["sha256:".len()..])
                 })?;
-                if copied != layer.size {
-                    bail!("base image {}: {} is truncated", base.path.display(), layer.member);
+                for layer in &base.layers {
+                    layers.push(LayerInfo {
+                        path: base_layer_name(&layer.diff_id),
+                        diff_id: layer.diff_id["sha256:".len()..].to_string(),
+                        size: layer.size,
+                        paths: vec![layer.manifest_path.clone()],
+                    });
                 }
-                outer.end_member(layer.size)
-            })?;
-            for layer in &base.layers {
-                layers.push(LayerInfo {
-                    path: format!("{}/layer.tar", &layer.diff_id["sha256:".len()..]),
-                    diff_id: layer.diff_id["sha256:".len()..].to_string(),
-                    size: layer.size,
-                    paths: vec![layer.manifest_path.clone()],
-                });
             }
         }
-    }
 
-    let mut buf = vec![0u8; 1 << 20];
-    for (paths, given) in store_layers.iter().zip(&conf.store_layers) {
-        let num = layers.len() + 1;
-        progress.say(format!("Creating layer {num} from paths: {}", list_repr(given)));
-        let layer_started = Instant::now();
-        let plan = plan_layer(paths, &owner).with_context(|| format!("layer {num}"))?;
-        let name = format!("{num}/layer.tar");
-        outer.begin_member(&name, plan.tar_size)?;
-        let digest = layer::write_layer(&plan, &owner, &mut outer.w).with_context(|| format!("layer {num}"))?;
-        outer.end_member(plan.tar_size)?;
-        progress.done(&format!("layer {num}, {} files", plan.files), plan.tar_size, layer_started);
-        layers.push(LayerInfo { path: name, diff_id: hex(&digest), size: plan.tar_size, paths: given.clone() });
-    }
-
-    if let (Some((layer_path, checksum, size)), Some(dir)) = (&custom, &conf.customisation_layer) {
-        progress.say(format!("Creating layer {} with customisation...", layers.len() + 1));
-        let name = format!("{checksum}/layer.tar");
-        outer.begin_member(&name, *size)?;
-        let mut file = File::open(layer_path).with_context(|| format!("cannot open {}", layer_path.display()))?;
-        let mut hw = HashingWriter::new(&mut outer.w);
-        let copied = copy_reading(&mut file, &mut hw, &mut buf, layer_path)?;
-        let (_, digest, _) = hw.finish();
-        if copied != *size {
-            bail!("{} changed size while it was being read", layer_path.display());
+        for (paths, given) in self.store_layers.iter().zip(&self.conf.store_layers) {
+            let num = layers.len() + 1;
+            progress.say(format!("Creating layer {num} from paths: {}", list_repr(given)));
+            let layer_started = Instant::now();
+            let plan = plan_layer(paths, &self.owner).with_context(|| format!("layer {num}"))?;
+            let name = format!("{num}/layer.tar");
+            sink.begin(&name, plan.tar_size)?;
+            let digest = layer::write_layer(&plan, &self.owner, sink.out()).with_context(|| format!("layer {num}"))?;
+            let diff_id = hex(&digest);
+            sink.end(plan.tar_size, &diff_id)?;
+            progress.done(&format!("layer {num}, {} files", plan.files), plan.tar_size, layer_started);
+            layers.push(LayerInfo { path: name, diff_id, size: plan.tar_size, paths: given.clone() });
         }
-        if hex(&digest) != *checksum {
-            bail!("{}: checksum file says {checksum} but layer.tar hashes to {}", dir.display(), hex(&digest));
+
+        if let Some(c) = &self.custom {
+            progress.say(format!("Creating layer {} with customisation...", layers.len() + 1));
+            let name = format!("{}/layer.tar", c.checksum);
+            sink.begin(&name, c.size)?;
+            let mut file = File::open(&c.tar).with_context(|| format!("cannot open {}", c.tar.display()))?;
+            let mut hw = HashingWriter::new(sink.out());
+            let mut buf = vec![0u8; 1 << 20];
+            let copied = copy_reading(&mut file, &mut hw, &mut buf, || c.tar.display().to_string())?;
+            let (_, digest, _) = hw.finish();
+            if copied != c.size {
+                bail!("{} changed size while it was being read", c.tar.display());
+            }
+            if hex(&digest) != c.checksum {
+                bail!("{}: checksum file says {} but layer.tar hashes to {}", c.dir.display(), c.checksum, hex(&digest));
+            }
+            sink.end(c.size, &c.checksum)?;
+            layers.push(LayerInfo {
+                path: name,
+                diff_id: c.checksum.clone(),
+                size: c.size,
+                paths: vec![c.dir.to_string_lossy().into_owned()],
+            });
         }
-        outer.end_member(*size)?;
-        layers.push(LayerInfo {
-            path: name,
-            diff_id: checksum.clone(),
-            size: *size,
-            paths: vec![dir.to_string_lossy().into_owned()],
-        });
+        Ok(layers)
     }
 
+    /// The image config JSON, as nixpkgs writes it.
+    pub fn config_json(&self, layers: &[LayerInfo]) -> String {
+        image_config(self.conf, self.base.as_ref(), layers)
+    }
+}
+
+fn base_layer_name(diff_id: &str) -> String {
+    format!("{}/layer.tar", &diff_id["sha256:".len()..])
+}
+
+impl<W: Write> LayerSink for Outer<W> {
+    fn begin(&mut self, name: &str, size: u64) -> Result<()> {
+        self.begin_member(name, size)
+    }
+    fn out(&mut self) -> &mut dyn Write {
+        &mut self.w
+    }
+    fn end(&mut self, size: u64, _diff_id: &str) -> Result<()> {
+        self.end_member(size)
+    }
+}
+
+/// Streams the whole image to `out` as a Docker archive.
+pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progress: &Progress) -> Result<W> {
+    let started = Instant::now();
+    let spec = ImageSpec::new(conf)?;
+    let mut outer = Outer { w: out, enc: HeaderEncoder::new(), offset: 0, mtime: conf.mtime };
+    let layers = spec.emit_layers(&mut outer, progress)?;
     progress.say("Adding manifests...");
-    let config_json = image_config(conf, base.as_ref(), &layers);
+    let config_json = spec.config_json(&layers);
     let config_digest = hex(&Sha256::digest(config_json.as_bytes()));
     let config_name = format!("{config_digest}.json");
     outer.add_bytes(&config_name, config_json.as_bytes())?;
@@ -233,14 +297,15 @@ pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progr
     Ok(out)
 }
 
-fn copy_reading<W: Write>(r: &mut impl Read, w: &mut W, buf: &mut [u8], path: &Path) -> Result<u64> {
+/// Copies until the end of `r`, telling read errors (named by `what`) from output errors.
+pub fn copy_reading<W: Write + ?Sized>(r: &mut impl Read, w: &mut W, buf: &mut [u8], what: impl Fn() -> String) -> Result<u64> {
     let mut n = 0u64;
     loop {
         let k = match r.read(buf) {
             Ok(0) => return Ok(n),
             Ok(k) => k,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow!("cannot read {}: {e}", path.display())),
+            Err(e) => return Err(anyhow!("cannot read {}: {e}", what())),
         };
         w.write_all(&buf[..k]).map_err(out_err)?;
         n += k as u64;

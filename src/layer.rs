@@ -383,7 +383,7 @@ fn produce(plan: &LayerPlan, owner: &Owner, out: &mut ChunkSender) -> Result<u64
 
 /// Writes the planned layer to `w` and returns its sha256. One thread reads the store while
 /// the calling thread hashes and writes, so reading overlaps hashing.
-pub fn write_layer<W: Write>(plan: &LayerPlan, owner: &Owner, w: &mut W) -> Result<[u8; 32]> {
+pub fn write_layer<W: Write + ?Sized>(plan: &LayerPlan, owner: &Owner, w: &mut W) -> Result<[u8; 32]> {
     use std::sync::mpsc::sync_channel;
     let (tx, rx) = sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
     let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
