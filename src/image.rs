@@ -84,7 +84,7 @@ pub struct Progress {
 }
 
 impl Progress {
-    fn say(&self, line: impl AsRef<str>) {
+    pub fn say(&self, line: impl AsRef<str>) {
         if !self.quiet {
             eprintln!("{}", line.as_ref());
         }

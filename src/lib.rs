@@ -10,6 +10,7 @@ pub mod image;
 pub mod layer;
 pub mod layering;
 pub mod nixbuild;
+pub mod oci;
 pub mod pyjson;
 pub mod store;
 pub mod tar;

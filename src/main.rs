@@ -4,8 +4,9 @@ use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
 use std::mem::ManuallyDrop;
 use std::os::fd::FromRawFd;
-use std::path::PathBuf;
-use stevedore::{conf, image, layer::OutputError};
+use std::path::{Path, PathBuf};
+use stevedore::compress::Compressor;
+use stevedore::{conf, image, layer::OutputError, oci};
 
 #[derive(Parser)]
 #[command(name = "stevedore", version, about = "Container images from Nix closures", max_term_width = 100)]
@@ -40,6 +41,14 @@ enum Command {
         /// Print nothing on stderr but errors.
         #[arg(short, long)]
         quiet: bool,
+        /// The output format: a Docker archive (`docker save` format), an OCI image layout
+        /// directory (needs --output), or that layout as a tar.
+        #[arg(long, value_enum, default_value_t = Format::DockerArchive)]
+        format: Format,
+        /// How OCI layers are compressed, each on its own: none, gz or zstd (default gz).
+        /// Docker archives keep uncompressed layers, as nixpkgs writes them.
+        #[arg(long, value_name = "none|gz|zstd")]
+        compressor: Option<String>,
     },
     /// Plan layers from a closure graph (see `stevedore layers --help`).
     Layers(stevedore::layering::LayersArgs),
@@ -48,44 +57,84 @@ enum Command {
     Nix(stevedore::nixbuild::NixArgs),
 }
 
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Format {
+    DockerArchive,
+    Oci,
+    OciArchive,
+}
+
 fn stdout_file() -> ManuallyDrop<File> {
     // Write to fd 1 directly: std's stdout is line-buffered, and we write megabytes at a time.
     ManuallyDrop::new(unsafe { File::from_raw_fd(1) })
 }
 
+/// Runs `write` on the output file (written whole or not at all) or on stdout.
+fn with_output(output: Option<&Path>, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
+    match output {
+        Some(path) => {
+            let mut tmp_name = path.as_os_str().to_owned();
+            tmp_name.push(".partial");
+            let tmp = PathBuf::from(tmp_name);
+            let file = File::create(&tmp).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let result = write(&mut w).and_then(|()| {
+                let file = w.into_inner().map_err(|e| anyhow::Error::new(OutputError(e.into_error())))?;
+                file.sync_all().map_err(|e| anyhow::Error::new(OutputError(e)))?;
+                std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
+            });
+            if result.is_err() {
+                let _ = std::fs::remove_file(&tmp);
+            }
+            result
+        }
+        None => {
+            let out = stdout_file();
+            if out.is_terminal() {
+                bail!("refusing to write an image archive to a terminal; pipe it into `podman load` or use --output");
+            }
+            let mut w = BufWriter::with_capacity(1 << 20, &*out);
+            write(&mut w)?;
+            w.flush().map_err(|e| anyhow::Error::new(OutputError(e)))
+        }
+    }
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
-        Command::Stream { conf: conf_path, repo_tag, output, quiet } => {
+        Command::Stream { conf: conf_path, repo_tag, output, quiet, format, compressor } => {
             let now = conf::now();
             let conf = conf::StreamConf::load(&conf_path, &now)?;
             let progress = image::Progress { quiet };
-            match output {
-                Some(path) => {
-                    let tmp = path.with_extension("partial");
-                    let file = File::create(&tmp).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
-                    let result = image::stream(&conf, repo_tag.as_deref(), BufWriter::with_capacity(1 << 20, file), &progress);
-                    match result {
-                        Ok(w) => {
-                            w.into_inner().map_err(|e| e.into_error())?.sync_all().ok();
-                            std::fs::rename(&tmp, &path)?;
-                        }
-                        Err(e) => {
-                            let _ = std::fs::remove_file(&tmp);
-                            return Err(e);
-                        }
-                    }
+            let compressor = match (format, compressor.as_deref()) {
+                (Format::DockerArchive, None | Some("none")) => Compressor::None,
+                (Format::DockerArchive, Some(_)) => bail!("--compressor applies to OCI formats; Docker archives keep uncompressed layers"),
+                (_, None) => Compressor::Gzip,
+                (_, Some(c)) => Compressor::parse(c)?,
+            };
+            let tag = repo_tag.as_deref().unwrap_or(&conf.repo_tag).to_string();
+            match format {
+                Format::Oci => {
+                    let Some(dir) = output else { bail!("--format oci writes a directory: give it with --output") };
+                    let spec = image::ImageSpec::new(&conf)?;
+                    let written = oci::write_layout(&spec, &dir, compressor, &tag, &progress)?;
+                    progress.say(format!("Done: {} in {}", written.manifest.digest, dir.display()));
+                    Ok(())
                 }
-                None => {
-                    let out = stdout_file();
-                    if out.is_terminal() {
-                        bail!("refusing to write an image archive to a terminal; pipe it into `podman load` or use --output");
+                Format::DockerArchive | Format::OciArchive => with_output(output.as_deref(), |w| {
+                    if format == Format::DockerArchive {
+                        return image::stream(&conf, repo_tag.as_deref(), w, &progress).map(drop);
                     }
-                    let w = BufWriter::with_capacity(1 << 20, &*out);
-                    let mut w = image::stream(&conf, repo_tag.as_deref(), w, &progress)?;
-                    w.flush().map_err(|e| anyhow::Error::new(OutputError(e)))?;
-                }
+                    let spec = image::ImageSpec::new(&conf)?;
+                    let scratch_parent = output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
+                    let scratch = oci::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
+                    let written = oci::write_layout(&spec, &scratch.0, compressor, &tag, &progress)?;
+                    let mut w = w;
+                    oci::tar_layout(&scratch.0, &mut w, conf.mtime)?;
+                    progress.say(format!("Done: {}", written.manifest.digest));
+                    Ok(())
+                }),
             }
-            Ok(())
         }
         Command::Layers(args) => stevedore::layering::run(&args),
         Command::Nix(args) => stevedore::nixbuild::run(&args),

@@ -114,6 +114,17 @@ fn podman_loads_and_runs_the_streamed_image() {
 
     let inspect: Value = serde_json::from_str(&run_ok(podman().args(["image", "inspect", &tag]))).unwrap();
     assert_eq!(inspect[0]["RootFS"]["Layers"].as_array().unwrap().len(), 5);
+    let docker_id = inspect[0]["Id"].as_str().unwrap().to_string();
+    let _ = podman().args(["rmi", "-f", &tag]).output();
+
+    // The same image as a zstd oci-archive: same image ID, same behaviour.
+    let archive = tmp.path().join("image.oci.tar");
+    let out = Command::new(bin()).arg("stream").arg(&conf).args(["--format", "oci-archive", "--compressor", "zstd", "-o"]).arg(&archive).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    run_ok(podman().args(["load", "-i"]).arg(&archive));
+    assert_eq!(run(&["/bin/sh", "-c", "cat /etc/motd"]), "hello\n");
+    let inspect: Value = serde_json::from_str(&run_ok(podman().args(["image", "inspect", &tag]))).unwrap();
+    assert_eq!(inspect[0]["Id"], docker_id);
     let _ = podman().args(["rmi", "-f", &tag]).output();
 }
 

@@ -1,0 +1,223 @@
+//! OCI image layouts (a directory, or that directory as a tar: `oci-archive`), with each layer
+//! compressed on its own (none, gzip or zstd), deterministically.
+
+use crate::compress::{Compressor, ParallelEncoder};
+use crate::image::{hex, ImageSpec, LayerInfo, LayerSink, Progress};
+use crate::layer::{out_err, HashingWriter};
+use crate::tar::{Header, HeaderEncoder};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
+pub const CONFIG_TYPE: &str = "application/vnd.oci.image.config.v1+json";
+
+/// What the blob of a layer, config or manifest is: the OCI descriptor fields.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Descriptor {
+    pub media_type: String,
+    /// `sha256:<hex>`
+    pub digest: String,
+    pub size: u64,
+}
+
+impl Descriptor {
+    pub fn to_json(&self) -> Value {
+        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
+    }
+}
+
+pub fn layer_media_type(c: Compressor) -> String {
+    format!("application/vnd.oci.image.layer.v1.tar{}", c.media_suffix())
+}
+
+type BlobWriter = ParallelEncoder<HashingWriter<BufWriter<File>>>;
+
+/// Writes each layer, compressed, into `blobs/sha256/` of a layout directory.
+struct BlobSink {
+    blobs: PathBuf,
+    compressor: Compressor,
+    current: Option<(PathBuf, BlobWriter)>,
+    /// Compressed descriptors by diff_id.
+    by_diff_id: HashMap<String, Descriptor>,
+}
+
+impl BlobSink {
+    fn tmp_path(&self) -> PathBuf {
+        self.blobs.join(format!(".partial-{}", self.by_diff_id.len()))
+    }
+}
+
+impl LayerSink for BlobSink {
+    fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
+        let tmp = self.tmp_path();
+        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+        let w = ParallelEncoder::new(HashingWriter::new(BufWriter::with_capacity(1 << 20, file)), self.compressor);
+        self.current = Some((tmp, w));
+        Ok(())
+    }
+
+    fn out(&mut self) -> &mut dyn Write {
+        &mut self.current.as_mut().expect("begin comes before out").1
+    }
+
+    fn end(&mut self, _size: u64, diff_id: &str) -> Result<()> {
+        let (tmp, w) = self.current.take().expect("begin comes before end");
+        let hw = w.finish().map_err(out_err)?;
+        let (buf, digest, size) = hw.finish();
+        buf.into_inner().map_err(|e| out_err(e.into_error()))?;
+        let digest = hex(&digest);
+        fs::rename(&tmp, self.blobs.join(&digest)).map_err(out_err)?;
+        let d = Descriptor { media_type: layer_media_type(self.compressor), digest: format!("sha256:{digest}"), size };
+        self.by_diff_id.insert(diff_id.to_string(), d);
+        Ok(())
+    }
+}
+
+/// Stores `data` as a blob of the layout and returns its descriptor.
+pub fn put_blob(layout: &Path, media_type: &str, data: &[u8]) -> Result<Descriptor> {
+    let digest = hex(&Sha256::digest(data));
+    let path = layout.join("blobs/sha256").join(&digest);
+    fs::write(&path, data).with_context(|| format!("cannot write {}", path.display()))?;
+    Ok(Descriptor { media_type: media_type.into(), digest: format!("sha256:{digest}"), size: data.len() as u64 })
+}
+
+/// The image written into a layout: its manifest and what went into it.
+#[derive(Debug, Clone)]
+pub struct WrittenImage {
+    pub manifest: Descriptor,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+    pub diff_ids: Vec<String>,
+}
+
+/// The OCI manifest JSON for a config and layers.
+pub fn manifest_json(config: &Descriptor, layers: &[Descriptor]) -> String {
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "config": config.to_json(),
+        "layers": layers.iter().map(Descriptor::to_json).collect::<Vec<_>>(),
+    });
+    serde_json::to_string(&manifest).expect("JSON values always serialize")
+}
+
+/// Writes the image into the OCI layout at `dir` (created if needed; other images already in
+/// its index are kept, one with the same name is replaced) and tags it `repo_tag`.
+pub fn write_layout(spec: &ImageSpec, dir: &Path, compressor: Compressor, repo_tag: &str, progress: &Progress) -> Result<WrittenImage> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
+    let mut sink = BlobSink { blobs, compressor, current: None, by_diff_id: HashMap::new() };
+    let layers: Vec<LayerInfo> = match spec.emit_layers(&mut sink, progress) {
+        Ok(layers) => layers,
+        Err(e) => {
+            if let Some((tmp, _)) = sink.current.take() {
+                let _ = fs::remove_file(tmp);
+            }
+            return Err(e);
+        }
+    };
+    progress.say("Adding manifests...");
+    let layer_descs: Vec<Descriptor> = layers
+        .iter()
+        .map(|l| sink.by_diff_id.get(&l.diff_id).cloned().ok_or_else(|| anyhow!("internal error: layer {} was not written", l.path)))
+        .collect::<Result<_>>()?;
+    let config = put_blob(dir, CONFIG_TYPE, spec.config_json(&layers).as_bytes())?;
+    let manifest = put_blob(dir, MANIFEST_TYPE, manifest_json(&config, &layer_descs).as_bytes())?;
+    add_to_index(dir, &manifest, Some(repo_tag))?;
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(WrittenImage {
+        manifest,
+        config,
+        layers: layer_descs,
+        diff_ids: layers.iter().map(|l| format!("sha256:{}", l.diff_id)).collect(),
+    })
+}
+
+/// Adds a manifest (or index) to the layout's `index.json`, replacing one of the same name.
+pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Result<()> {
+    let index_path = dir.join("index.json");
+    let mut manifests: Vec<Value> = match fs::read(&index_path) {
+        Ok(bytes) => {
+            let index: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not valid JSON: {e}", index_path.display()))?;
+            index["manifests"].as_array().cloned().unwrap_or_default()
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => bail!("cannot read {}: {e}", index_path.display()),
+    };
+    let mut entry = manifest.to_json();
+    if let Some(name) = name {
+        // podman and skopeo name loaded images by this annotation; containerd by the other.
+        manifests.retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) != Some(name));
+        entry["annotations"] = json!({"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name});
+    }
+    manifests.push(entry);
+    let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests});
+    fs::write(&index_path, serde_json::to_vec(&index)?).with_context(|| format!("cannot write {}", index_path.display()))?;
+    Ok(())
+}
+
+/// Writes the layout directory `dir` as a tar (an `oci-archive`) to `out`: fixed member order,
+/// owner and mtime, so the same layout gives the same bytes.
+pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
+    let mut names: Vec<(String, bool)> = vec![("oci-layout".into(), false), ("index.json".into(), false), ("blobs/".into(), true), ("blobs/sha256/".into(), true)];
+    let mut blobs: Vec<String> = fs::read_dir(dir.join("blobs/sha256"))?
+        .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
+        .collect::<std::io::Result<_>>()?;
+    blobs.retain(|b| !b.starts_with('.'));
+    blobs.sort();
+    names.extend(blobs.into_iter().map(|b| (format!("blobs/sha256/{b}"), false)));
+    let mut enc = HeaderEncoder::new();
+    let mut offset = 0u64;
+    let mut hdr = Vec::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for (name, is_dir) in names {
+        let path = dir.join(name.trim_end_matches('/'));
+        let size = if is_dir { 0 } else { fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?.len() };
+        let mut h = Header::plain_file(name.as_bytes(), size, mtime);
+        if is_dir {
+            h.kind = crate::tar::DIRTYPE;
+            h.mode = 0o755;
+        }
+        hdr.clear();
+        enc.encode(&h, &mut hdr);
+        out.write_all(&hdr).map_err(out_err)?;
+        offset += hdr.len() as u64;
+        if !is_dir {
+            let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+            let n = crate::image::copy_reading(&mut f, out, &mut buf, || path.display().to_string())?;
+            if n != size {
+                bail!("{} changed size while it was being read", path.display());
+            }
+            let pad = crate::tar::padding(size);
+            out.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
+            offset += size + pad;
+        }
+    }
+    crate::layer::write_zeros(out, crate::tar::trailer_len(offset))?;
+    out.flush().map_err(out_err)?;
+    Ok(())
+}
+
+/// A scratch directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new_in(parent: &Path) -> Result<TempDir> {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let path = parent.join(format!(".stevedore-{}-{nanos}", std::process::id()));
+        fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
+        Ok(TempDir(path))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}

@@ -1,0 +1,130 @@
+//! OCI output: layouts and oci-archives with per-layer gzip/zstd compression.
+
+mod common;
+
+use common::*;
+use serde_json::Value;
+use std::fs;
+use std::io::Read;
+use std::path::Path;
+use std::process::Command;
+
+fn blob(layout: &Path, digest: &str) -> Vec<u8> {
+    fs::read(layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap())).unwrap()
+}
+
+fn json_blob(layout: &Path, digest: &str) -> Value {
+    serde_json::from_slice(&blob(layout, digest)).unwrap()
+}
+
+fn decompress(data: &[u8], media_type: &str) -> Vec<u8> {
+    let mut out = Vec::new();
+    if media_type.ends_with("+gzip") {
+        flate2::read::GzDecoder::new(data).read_to_end(&mut out).unwrap();
+    } else if media_type.ends_with("+zstd") {
+        zstd::stream::read::Decoder::new(data).unwrap().read_to_end(&mut out).unwrap();
+    } else {
+        out = data.to_vec();
+    }
+    out
+}
+
+#[test]
+fn layouts_hold_compressed_layers_that_decompress_to_the_diff_ids() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = store_paths(&fx);
+    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, vec![p[..4].to_vec(), p[4..].to_vec()]));
+    let docker = Image::parse(&stream_ok(&conf));
+    for (compressor, suffix) in [("none", ""), ("gz", "+gzip"), ("zstd", "+zstd")] {
+        let layout = tmp.path().join(format!("layout-{compressor}"));
+        let out = stream(&conf, &["--format", "oci", "--compressor", compressor, "-o", layout.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+        assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "fixture:latest");
+        let manifest = json_blob(&layout, index["manifests"][0]["digest"].as_str().unwrap());
+        assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+        // The config is the Docker archive's, byte for byte: same image ID.
+        assert_eq!(blob(&layout, manifest["config"]["digest"].as_str().unwrap()), docker.config_bytes);
+        let layers = manifest["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 2);
+        for (i, l) in layers.iter().enumerate() {
+            assert_eq!(l["mediaType"], format!("application/vnd.oci.image.layer.v1.tar{suffix}"));
+            let data = blob(&layout, l["digest"].as_str().unwrap());
+            assert_eq!(data.len() as u64, l["size"].as_u64().unwrap());
+            assert_eq!(format!("sha256:{}", sha256_hex(&data)), l["digest"]);
+            let plain = decompress(&data, l["mediaType"].as_str().unwrap());
+            assert!(plain == docker.layer(i), "{compressor} layer {i} does not decompress to the docker layer");
+            if compressor != "none" {
+                assert!(data.len() < plain.len());
+            }
+        }
+        let inspect: Value = serde_json::from_slice(
+            &Command::new("skopeo").args(["inspect", &format!("oci:{}:fixture:latest", layout.display())]).output().unwrap().stdout,
+        )
+        .unwrap_or(Value::Null);
+        if inspect != Value::Null {
+            assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2);
+        }
+    }
+}
+
+#[test]
+fn oci_archives_are_the_same_bytes_on_one_core_or_all() {
+    let fx = fixture("compat", 8, 30, 2.5);
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, vec![store_paths(&fx)]));
+    for compressor in ["gz", "zstd"] {
+        let all = stream(&conf, &["--format", "oci-archive", "--compressor", compressor]);
+        assert!(all.status.success(), "{}", String::from_utf8_lossy(&all.stderr));
+        let one = Command::new("taskset")
+            .args(["-c", "0"])
+            .arg(bin())
+            .args(["stream", "--format", "oci-archive", "--compressor", compressor])
+            .arg(&conf)
+            .output()
+            .unwrap();
+        assert!(one.status.success());
+        assert!(all.stdout == one.stdout, "{compressor}: output depends on the number of cores");
+        // An oci-archive is the layout as a tar: index.json first among the JSON files.
+        let names: Vec<String> = members(&all.stdout).into_iter().map(|(n, _)| n).collect();
+        assert_eq!(&names[..4], ["oci-layout", "index.json", "blobs/", "blobs/sha256/"]);
+    }
+}
+
+#[test]
+fn a_layout_collects_several_images() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = store_paths(&fx);
+    let layout = tmp.path().join("layout");
+    for (tag, layers) in [("a:1", vec![p[..2].to_vec()]), ("b:1", vec![p[..2].to_vec(), p[2..3].to_vec()]), ("a:1", vec![p[3..4].to_vec()])] {
+        let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, layers));
+        let out = stream(&conf, &["--format", "oci", "-t", tag, "-o", layout.to_str().unwrap()]);
+        assert!(out.status.success());
+    }
+    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let names: Vec<&str> = index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["b:1", "a:1"], "re-tagging replaces the old entry");
+    // The shared first layer is stored once; the replaced manifest stays as a blob.
+    let blobs = fs::read_dir(layout.join("blobs/sha256")).unwrap().count();
+    assert_eq!(blobs, 3 + 3 + 3, "3 layers, 3 configs, 3 manifests; got {blobs}");
+}
+
+#[test]
+fn format_errors() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, vec![store_paths(&fx)]));
+    let out = stream(&conf, &["--format", "oci"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--output"));
+    let out = stream(&conf, &["--compressor", "gz"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("OCI formats"));
+    let out = stream(&conf, &["--format", "oci-archive", "--compressor", "xz"]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown compressor"));
+}
