@@ -112,6 +112,11 @@ fn customisation_checksum(dir: &Path) -> Result<(PathBuf, String, u64)> {
 
 /// Receives an image's layers, one after another, as uncompressed tar bytes.
 pub trait LayerSink {
+    /// Whether the layer at `index` (in image order) is wanted at all; a sink that answers no
+    /// gets no calls for it and the layer is not produced (pushes skip blobs a registry has).
+    fn wants(&mut self, _index: usize) -> bool {
+        true
+    }
     /// A layer of `size` bytes begins; `name` is its member name in a Docker archive.
     fn begin(&mut self, name: &str, size: u64) -> Result<()>;
     /// Where the layer's bytes go.
@@ -181,7 +186,8 @@ impl<'c> ImageSpec<'c> {
     }
 
     /// Writes every layer into `sink`: the base image's (in the order they sit in its archive),
-    /// then the store layers, then the customisation layer. Returns them in image order.
+    /// then the store layers, then the customisation layer. Returns them in image order; a
+    /// store layer the sink did not want has an empty `diff_id` (it was never produced).
     pub fn emit_layers(&self, sink: &mut dyn LayerSink, progress: &Progress) -> Result<Vec<LayerInfo>> {
         let mut layers: Vec<LayerInfo> = Vec::new();
         match &self.base {
@@ -191,6 +197,10 @@ impl<'c> ImageSpec<'c> {
                 let mut buf = vec![0u8; 1 << 20];
                 base.copy_layers(|layer, reader| {
                     num += 1;
+                    let index = base.layers.iter().position(|l| l.member == layer.member).unwrap_or(0);
+                    if !sink.wants(index) {
+                        return Ok(());
+                    }
                     progress.say(format!("Adding base layer {num} from {}", layer.manifest_path));
                     sink.begin(&base_layer_name(&layer.diff_id), layer.size)?;
                     let what = || format!("base image {}: member {}", base.path.display(), layer.member);
@@ -213,6 +223,10 @@ impl<'c> ImageSpec<'c> {
 
         for (paths, given) in self.store_layers.iter().zip(&self.conf.store_layers) {
             let num = layers.len() + 1;
+            if !sink.wants(num - 1) {
+                layers.push(LayerInfo { path: format!("{num}/layer.tar"), diff_id: String::new(), size: 0, paths: given.clone() });
+                continue;
+            }
             progress.say(format!("Creating layer {num} from paths: {}", list_repr(given)));
             let layer_started = Instant::now();
             let plan = plan_layer(paths, &self.owner).with_context(|| format!("layer {num}"))?;
@@ -226,21 +240,23 @@ impl<'c> ImageSpec<'c> {
         }
 
         if let Some(c) = &self.custom {
-            progress.say(format!("Creating layer {} with customisation...", layers.len() + 1));
             let name = format!("{}/layer.tar", c.checksum);
-            sink.begin(&name, c.size)?;
-            let mut file = File::open(&c.tar).with_context(|| format!("cannot open {}", c.tar.display()))?;
-            let mut hw = HashingWriter::new(sink.out());
-            let mut buf = vec![0u8; 1 << 20];
-            let copied = copy_reading(&mut file, &mut hw, &mut buf, || c.tar.display().to_string())?;
-            let (_, digest, _) = hw.finish();
-            if copied != c.size {
-                bail!("{} changed size while it was being read", c.tar.display());
+            if sink.wants(layers.len()) {
+                progress.say(format!("Creating layer {} with customisation...", layers.len() + 1));
+                sink.begin(&name, c.size)?;
+                let mut file = File::open(&c.tar).with_context(|| format!("cannot open {}", c.tar.display()))?;
+                let mut hw = HashingWriter::new(sink.out());
+                let mut buf = vec![0u8; 1 << 20];
+                let copied = copy_reading(&mut file, &mut hw, &mut buf, || c.tar.display().to_string())?;
+                let (_, digest, _) = hw.finish();
+                if copied != c.size {
+                    bail!("{} changed size while it was being read", c.tar.display());
+                }
+                if hex(&digest) != c.checksum {
+                    bail!("{}: checksum file says {} but layer.tar hashes to {}", c.dir.display(), c.checksum, hex(&digest));
+                }
+                sink.end(c.size, &c.checksum)?;
             }
-            if hex(&digest) != c.checksum {
-                bail!("{}: checksum file says {} but layer.tar hashes to {}", c.dir.display(), c.checksum, hex(&digest));
-            }
-            sink.end(c.size, &c.checksum)?;
             layers.push(LayerInfo {
                 path: name,
                 diff_id: c.checksum.clone(),
