@@ -12,5 +12,6 @@ pub mod layering;
 pub mod nixbuild;
 pub mod oci;
 pub mod pyjson;
+pub mod registry;
 pub mod store;
 pub mod tar;

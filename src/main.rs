@@ -52,6 +52,18 @@ enum Command {
     },
     /// Plan layers from a closure graph (see `stevedore layers --help`).
     Layers(stevedore::layering::LayersArgs),
+    /// Push an image (a conf, OCI layout, oci-archive or Docker archive) to a registry.
+    ///
+    /// Only blobs the registry lacks are uploaded (streamed, never staged); the manifest
+    /// digest goes to stdout.
+    Push(stevedore::registry::PushArgs),
+    /// Pull an image from a registry into a Docker archive or an OCI layout.
+    Pull(stevedore::registry::PullArgs),
+    /// Print the pullImage arguments (with the output's hash) for an image, like
+    /// nix-prefetch-docker.
+    Prefetch(stevedore::registry::PrefetchArgs),
+    /// Combine per-platform images into one multi-platform index and push it.
+    Index(stevedore::registry::IndexArgs),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix(stevedore::nixbuild::NixArgs),
@@ -138,6 +150,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Layers(args) => stevedore::layering::run(&args),
         Command::Nix(args) => stevedore::nixbuild::run(&args),
+        Command::Push(args) => stevedore::registry::run_push(&args),
+        Command::Pull(args) => stevedore::registry::run_pull(&args),
+        Command::Prefetch(args) => stevedore::registry::run_prefetch(&args),
+        Command::Index(args) => stevedore::registry::run_index(&args),
     }
 }
 

@@ -1,0 +1,356 @@
+//! Image references (`docker://REGISTRY/REPO[:TAG|@DIGEST]`), credentials from the usual auth
+//! files, and the registry's auth challenges (Basic, Bearer).
+//!
+//! Secrets live only in `Creds` and in request headers: `Creds` prints as its source, and no
+//! error message is built from a header or a token.
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::Value;
+use std::path::PathBuf;
+
+/// Docker Hub's names: what users write, and where its API lives.
+const DOCKER_HUB: &str = "docker.io";
+const DOCKER_HUB_API: &str = "registry-1.docker.io";
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reference {
+    /// `host[:port]` as written (Docker Hub normalized to `docker.io`).
+    pub registry: String,
+    /// Repository path, e.g. `library/alpine` or `team/app`.
+    pub repo: String,
+    pub tag: Option<String>,
+    /// `sha256:<hex>`
+    pub digest: Option<String>,
+}
+
+impl Reference {
+    /// Parses `[docker://]NAME[:TAG][@DIGEST]` with Docker's rules: a first component with a
+    /// dot or a colon, or `localhost`, is a registry; otherwise the image is on Docker Hub.
+    pub fn parse(s: &str) -> Result<Reference> {
+        let name = s.strip_prefix("docker://").unwrap_or(s);
+        if name.is_empty() || name.contains("://") {
+            bail!("bad image reference {s:?}: expected docker://REGISTRY/REPO[:TAG|@DIGEST]");
+        }
+        let (name, digest) = match name.split_once('@') {
+            Some((n, d)) => {
+                check_digest(d).map_err(|e| anyhow!("bad image reference {s:?}: {e}"))?;
+                (n, Some(d.to_string()))
+            }
+            None => (name, None),
+        };
+        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
+        let (name, tag) = match name[last_slash..].rfind(':') {
+            Some(i) => (&name[..last_slash + i], Some(name[last_slash + i + 1..].to_string())),
+            None => (name, None),
+        };
+        if let Some(t) = &tag {
+            let ok = !t.is_empty()
+                && t.len() <= 128
+                && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
+                && !t.starts_with(['.', '-']);
+            if !ok {
+                bail!("bad tag {t:?} in image reference {s:?}");
+            }
+        }
+        let (registry, repo) = match name.split_once('/') {
+            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => (first.to_string(), rest.to_string()),
+            _ => (DOCKER_HUB.to_string(), name.to_string()),
+        };
+        let registry = if registry == "index.docker.io" || registry == DOCKER_HUB_API { DOCKER_HUB.to_string() } else { registry };
+        let repo = if registry == DOCKER_HUB && !repo.contains('/') { format!("library/{repo}") } else { repo };
+        let repo_ok = !repo.is_empty()
+            && repo.split('/').all(|c| {
+                !c.is_empty()
+                    && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
+                    && c.as_bytes()[0].is_ascii_alphanumeric()
+            });
+        if !repo_ok {
+            bail!("bad repository name {repo:?} in image reference {s:?} (lowercase letters, digits, '.', '_', '-' and '/')");
+        }
+        Ok(Reference { registry, repo, tag, digest })
+    }
+
+    /// Where the API is: Docker Hub's differs from its name.
+    pub fn api_host(&self) -> &str {
+        if self.registry == DOCKER_HUB {
+            DOCKER_HUB_API
+        } else {
+            &self.registry
+        }
+    }
+
+    /// The tag, digest or `latest`, as used in manifest URLs.
+    pub fn reference(&self) -> &str {
+        self.digest.as_deref().or(self.tag.as_deref()).unwrap_or("latest")
+    }
+
+    /// `registry/repo`
+    pub fn name(&self) -> String {
+        format!("{}/{}", self.registry, self.repo)
+    }
+}
+
+impl std::fmt::Display for Reference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.registry, self.repo)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+pub fn check_digest(d: &str) -> Result<()> {
+    match d.strip_prefix("sha256:") {
+        Some(h) if h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) => Ok(()),
+        _ => bail!("not a sha256 digest: {d:?}"),
+    }
+}
+
+/// A user name and password, and where they came from (which is all that is ever printed).
+#[derive(Clone)]
+pub struct Creds {
+    pub user: String,
+    pub pass: String,
+    pub source: String,
+}
+
+impl std::fmt::Debug for Creds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Creds(from {})", self.source)
+    }
+}
+
+impl Creds {
+    pub fn basic_header(&self) -> String {
+        format!("Basic {}", base64_encode(format!("{}:{}", self.user, self.pass).as_bytes()))
+    }
+}
+
+/// `--creds USER[:PASS]` (PASS may be empty; a bare USER means no password).
+pub fn parse_creds(s: &str) -> Result<Creds> {
+    let (user, pass) = s.split_once(':').unwrap_or((s, ""));
+    if user.is_empty() {
+        bail!("--creds needs USER:PASSWORD");
+    }
+    Ok(Creds { user: user.into(), pass: pass.into(), source: "--creds".into() })
+}
+
+/// The auth files, in the order skopeo and podman read them.
+fn auth_files() -> Vec<PathBuf> {
+    let mut files = Vec::new();
+    let var = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(f) = var("REGISTRY_AUTH_FILE") {
+        files.push(f);
+    }
+    if let Some(d) = var("XDG_RUNTIME_DIR") {
+        files.push(d.join("containers/auth.json"));
+    }
+    let home = var("HOME");
+    if let Some(d) = var("XDG_CONFIG_HOME").or_else(|| home.as_ref().map(|h| h.join(".config"))) {
+        files.push(d.join("containers/auth.json"));
+    }
+    if let Some(d) = var("DOCKER_CONFIG").or_else(|| home.as_ref().map(|h| h.join(".docker"))) {
+        files.push(d.join("config.json"));
+    }
+    files
+}
+
+/// Keys an `auths` entry may use for a registry: `host`, `https://host`, `host/v1/` forms,
+/// and for Docker Hub its historical index URL.
+fn normalize_key(key: &str) -> String {
+    let k = key.trim_start_matches("https://").trim_start_matches("http://");
+    let k = k.trim_end_matches('/');
+    let k = k.strip_suffix("/v1").or_else(|| k.strip_suffix("/v2")).unwrap_or(k);
+    match k {
+        "index.docker.io" | "registry-1.docker.io" => DOCKER_HUB.into(),
+        _ => k.to_string(),
+    }
+}
+
+/// Credentials for `registry/repo` from the auth files: the longest matching namespace
+/// (`host/team` beats `host`), first file that has one.
+pub fn find_creds(reference: &Reference) -> Result<Option<Creds>> {
+    let full = reference.name();
+    for file in auth_files() {
+        let text = match std::fs::read(&file) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => bail!("cannot read auth file {}: {e}", file.display()),
+        };
+        let json: Value = serde_json::from_slice(&text).map_err(|_| anyhow!("auth file {} is not valid JSON", file.display()))?;
+        let Some(auths) = json.get("auths").and_then(Value::as_object) else { continue };
+        let mut best: Option<(usize, &Value)> = None;
+        for (key, entry) in auths {
+            let k = normalize_key(key);
+            let matches = k == reference.registry || (full.starts_with(&k) && full[k.len()..].starts_with('/'));
+            if matches && best.is_none_or(|(len, _)| k.len() > len) {
+                best = Some((k.len(), entry));
+            }
+        }
+        if let Some((_, entry)) = best {
+            let source = format!("auth file {}", file.display());
+            if let Some(auth) = entry.get("auth").and_then(Value::as_str).filter(|a| !a.is_empty()) {
+                let decoded = base64_decode(auth).ok_or_else(|| anyhow!("{source}: the entry for {} is not valid base64", reference.registry))?;
+                let decoded = String::from_utf8(decoded).map_err(|_| anyhow!("{source}: the entry for {} is not UTF-8", reference.registry))?;
+                let (user, pass) = decoded
+                    .split_once(':')
+                    .ok_or_else(|| anyhow!("{source}: the entry for {} is not USER:PASSWORD", reference.registry))?;
+                return Ok(Some(Creds { user: user.into(), pass: pass.into(), source }));
+            }
+            if let (Some(u), Some(p)) = (entry.get("username").and_then(Value::as_str), entry.get("password").and_then(Value::as_str)) {
+                return Ok(Some(Creds { user: u.into(), pass: p.into(), source }));
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// One challenge from `WWW-Authenticate`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Challenge {
+    Basic,
+    Bearer { realm: String, service: Option<String>, scope: Option<String> },
+}
+
+/// Parses `Bearer realm="...",service="...",scope="..."` or `Basic realm="..."`.
+pub fn parse_challenge(header: &str) -> Option<Challenge> {
+    let header = header.trim();
+    let (scheme, rest) = header.split_once(' ').unwrap_or((header, ""));
+    if scheme.eq_ignore_ascii_case("basic") {
+        return Some(Challenge::Basic);
+    }
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return None;
+    }
+    let mut params = std::collections::HashMap::new();
+    let mut s = rest.trim();
+    while !s.is_empty() {
+        let Some(eq) = s.find('=') else { break };
+        let key = s[..eq].trim().trim_start_matches(',').trim().to_ascii_lowercase();
+        s = s[eq + 1..].trim_start();
+        let value;
+        if let Some(r) = s.strip_prefix('"') {
+            let mut v = String::new();
+            let mut chars = r.char_indices();
+            let mut end = r.len();
+            while let Some((i, c)) = chars.next() {
+                match c {
+                    '\\' => {
+                        if let Some((_, n)) = chars.next() {
+                            v.push(n)
+                        }
+                    }
+                    '"' => {
+                        end = i + 1;
+                        break;
+                    }
+                    c => v.push(c),
+                }
+            }
+            value = v;
+            s = &r[end..];
+        } else {
+            let end = s.find(',').unwrap_or(s.len());
+            value = s[..end].trim().to_string();
+            s = &s[end..];
+        }
+        s = s.trim_start().trim_start_matches(',').trim_start();
+        params.insert(key, value);
+    }
+    Some(Challenge::Bearer { realm: params.remove("realm")?, service: params.remove("service"), scope: params.remove("scope") })
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+pub fn base64_encode(data: &[u8]) -> String {
+    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (b[0] as u32) << 16 | (b[1] as u32) << 8 | b[2] as u32;
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(B64[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+pub fn base64_decode(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() / 4 * 3);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in s.trim().bytes() {
+        if c == b'=' {
+            break;
+        }
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'+' | b'-' => 62,
+            b'/' | b'_' => 63,
+            b'\n' | b'\r' => continue,
+            _ => return None,
+        };
+        acc = acc << 6 | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references() {
+        let r = Reference::parse("docker://127.0.0.1:5000/team/app:v1").unwrap();
+        assert_eq!((r.registry.as_str(), r.repo.as_str(), r.tag.as_deref()), ("127.0.0.1:5000", "team/app", Some("v1")));
+        let r = Reference::parse("alpine").unwrap();
+        assert_eq!((r.registry.as_str(), r.repo.as_str(), r.api_host()), ("docker.io", "library/alpine", "registry-1.docker.io"));
+        let d = format!("sha256:{}", "a".repeat(64));
+        let r = Reference::parse(&format!("localhost/x@{d}")).unwrap();
+        assert_eq!((r.registry.as_str(), r.reference()), ("localhost", d.as_str()));
+        assert!(Reference::parse("docker://host:5000/Bad").is_err());
+        assert!(Reference::parse("docker://host:5000/x@sha256:12").is_err());
+        assert_eq!(Reference::parse("ghcr.io/o/r").unwrap().reference(), "latest");
+    }
+
+    #[test]
+    fn challenges() {
+        assert_eq!(
+            parse_challenge(r#"Bearer realm="https://auth.docker.io/token",service="registry.docker.io",scope="repository:a/b:pull""#),
+            Some(Challenge::Bearer {
+                realm: "https://auth.docker.io/token".into(),
+                service: Some("registry.docker.io".into()),
+                scope: Some("repository:a/b:pull".into())
+            })
+        );
+        assert_eq!(parse_challenge(r#"Basic realm="Registry Realm""#), Some(Challenge::Basic));
+    }
+
+    #[test]
+    fn base64_round_trip() {
+        for s in ["", "a", "ab", "abc", "user:pass word"] {
+            assert_eq!(base64_decode(&base64_encode(s.as_bytes())).unwrap(), s.as_bytes());
+        }
+        assert_eq!(base64_encode(b"user:pass"), "dXNlcjpwYXNz");
+    }
+
+    #[test]
+    fn creds_do_not_print() {
+        let c = parse_creds("me:secret").unwrap();
+        assert!(!format!("{c:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,520 @@
+//! A session with one registry: scheme detection, authentication, retries, and the API calls
+//! push, pull and index need.
+
+use super::auth::{find_creds, parse_challenge, Challenge, Creds, Reference};
+use super::http::{BodyWriter, Client, NetError, Response, Url};
+use anyhow::{anyhow, bail, Result};
+use serde_json::Value;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Manifest media types we read (and ask for), newest first.
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/vnd.oci.image.manifest.v1+json, \
+application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
+
+/// Largest manifest or config we accept (the distribution spec suggests 4 MiB for manifests).
+pub const JSON_LIMIT: u64 = 16 << 20;
+
+/// Connection options shared by the subcommands.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ConnectArgs {
+    /// USER:PASSWORD for the registry (else the auth files: $REGISTRY_AUTH_FILE,
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, ~/.docker/config.json).
+    #[arg(long, value_name = "USER:PASS")]
+    pub creds: Option<String>,
+    /// Allow plain HTTP and unverified TLS (like skopeo's --tls-verify=false).
+    #[arg(long)]
+    pub insecure: bool,
+    /// How many times to retry a request that failed with a connection error, 5xx or 429.
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub retries: u32,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+enum Auth {
+    None,
+    Basic(String),
+    Bearer { realm: String, service: Option<String>, token: Option<String> },
+}
+
+pub struct Registry {
+    pub http: Client,
+    /// `scheme://host[:port]`
+    pub base: Url,
+    /// The registry as the user named it, for messages.
+    pub host: String,
+    verify: bool,
+    creds: Option<Creds>,
+    auth: Mutex<Auth>,
+    /// Scopes asked for when a token is needed, e.g. `repository:team/app:pull,push`.
+    scopes: Mutex<Vec<String>>,
+    pub retries: u32,
+}
+
+/// An HTTP status the registry answered with, kept so callers can tell 404 from the rest.
+#[derive(Debug)]
+pub struct StatusError {
+    pub status: u16,
+    pub message: String,
+}
+
+impl std::fmt::Display for StatusError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+impl std::error::Error for StatusError {}
+
+/// Whether a failure is worth another try: connection trouble, 5xx, 429.
+pub fn retriable(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<NetError>().is_some() || c.downcast_ref::<StatusError>().is_some_and(|s| s.status >= 500 || s.status == 429)
+    })
+}
+
+/// Backoff before try `attempt` (1-based): 0.5 s, 1 s, 2 s, 4 s, ... capped at 15 s.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis((500u64 << attempt.saturating_sub(1).min(5)).min(15_000))
+}
+
+/// One line from a registry's error body (`{"errors":[{"code","message"}]}`), if any.
+fn error_detail(body: &[u8]) -> String {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        if let Some(errs) = v.get("errors").and_then(Value::as_array) {
+            let parts: Vec<String> = errs
+                .iter()
+                .map(|e| {
+                    let code = e.get("code").and_then(Value::as_str).unwrap_or("");
+                    let msg = e.get("message").and_then(Value::as_str).unwrap_or("");
+                    format!("{code}: {msg}")
+                })
+                .collect();
+            if !parts.is_empty() {
+                return one_line(&parts.join("; "));
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    if text.trim_start().starts_with('<') {
+        return String::new(); // an HTML error page says nothing useful on one line
+    }
+    one_line(&text)
+}
+
+fn one_line(s: &str) -> String {
+    let s: String = s.split_whitespace().collect::<Vec<_>>().join(" ");
+    if s.chars().count() > 200 {
+        format!("{}...", s.chars().take(200).collect::<String>())
+    } else {
+        s
+    }
+}
+
+impl Registry {
+    /// Opens a session with `reference`'s registry for `scopes`. With `insecure`, HTTPS without
+    /// verification is tried first and plain HTTP after, as skopeo does.
+    pub fn connect(reference: &Reference, args: &ConnectArgs, scopes: Vec<String>) -> Result<Registry> {
+        let creds = match &args.creds {
+            Some(c) => Some(super::auth::parse_creds(c)?),
+            None => find_creds(reference)?,
+        };
+        let http = Client::new()?;
+        let host = reference.api_host().to_string();
+        let mut reg = Registry {
+            http,
+            base: Url::parse(&format!("https://{host}"))?,
+            host: reference.registry.clone(),
+            verify: !args.insecure,
+            creds,
+            auth: Mutex::new(Auth::None),
+            scopes: Mutex::new(scopes),
+            retries: args.retries,
+        };
+        let ping = reg.ping();
+        let ping = match ping {
+            Err(e) if args.insecure && e.downcast_ref::<NetError>().is_some() => {
+                reg.base = Url::parse(&format!("http://{host}"))?;
+                reg.ping()
+            }
+            other => other,
+        };
+        let resp = ping.map_err(|e| anyhow!("cannot reach registry {}: {e:#}", reg.host))?;
+        let status = resp.status;
+        let challenge = resp.header("www-authenticate").and_then(parse_challenge);
+        resp.discard();
+        match status {
+            200..=299 => {}
+            401 => reg.set_challenge(challenge)?,
+            404 => bail!("{} does not serve the registry API (GET /v2/ gave 404)", reg.host),
+            s => bail!("registry {}: GET /v2/ gave HTTP {s}", reg.host),
+        }
+        Ok(reg)
+    }
+
+    fn ping(&self) -> Result<Response> {
+        let url = self.url("/v2/")?;
+        let mut attempt = 0;
+        loop {
+            match self.http.send("GET", &url, &[], &[], self.verify) {
+                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => r.discard(),
+                Ok(r) => return Ok(r),
+                // A TLS handshake with a plain-HTTP server fails for good: no retry.
+                Err(e) if attempt < self.retries && !e.to_string().contains("TLS") => {
+                    let _ = e;
+                }
+                Err(e) => return Err(e),
+            }
+            attempt += 1;
+            std::thread::sleep(backoff(attempt));
+        }
+    }
+
+    fn set_challenge(&self, challenge: Option<Challenge>) -> Result<()> {
+        let mut auth = self.auth.lock().unwrap();
+        match challenge {
+            Some(Challenge::Basic) => {
+                let creds = self
+                    .creds
+                    .as_ref()
+                    .ok_or_else(|| anyhow!("registry {} needs credentials: give --creds or log in (auth file)", self.host))?;
+                *auth = Auth::Basic(creds.basic_header());
+            }
+            Some(Challenge::Bearer { realm, service, .. }) => {
+                *auth = Auth::Bearer { realm, service, token: None };
+            }
+            None => bail!("registry {} asks for authentication of an unknown kind", self.host),
+        }
+        Ok(())
+    }
+
+    /// Asks for more scopes (e.g. pull on a repository to mount from); the next token covers them.
+    pub fn add_scope(&self, scope: String) {
+        let mut scopes = self.scopes.lock().unwrap();
+        if !scopes.contains(&scope) {
+            scopes.push(scope);
+            if let Auth::Bearer { token, .. } = &mut *self.auth.lock().unwrap() {
+                *token = None;
+            }
+        }
+    }
+
+    pub fn url(&self, path: &str) -> Result<Url> {
+        self.base.join(path)
+    }
+
+    /// The Authorization header, fetching a bearer token first if needed.
+    fn auth_header(&self) -> Result<Option<String>> {
+        let mut auth = self.auth.lock().unwrap();
+        match &mut *auth {
+            Auth::None => Ok(None),
+            Auth::Basic(h) => Ok(Some(h.clone())),
+            Auth::Bearer { realm, service, token } => {
+                if token.is_none() {
+                    *token = Some(self.fetch_token(realm, service.as_deref())?);
+                }
+                Ok(token.as_ref().map(|t| format!("Bearer {t}")))
+            }
+        }
+    }
+
+    fn fetch_token(&self, realm: &str, service: Option<&str>) -> Result<String> {
+        let mut url = Url::parse(realm).map_err(|e| anyhow!("registry {}: bad token realm: {e}", self.host))?;
+        if url.tls && !self.verify {
+            // keep as is: --insecure already relaxes verification below
+        }
+        let mut query = Vec::new();
+        if let Some(s) = service {
+            query.push(format!("service={}", urlencode(s)));
+        }
+        for s in self.scopes.lock().unwrap().iter() {
+            query.push(format!("scope={}", urlencode(s)));
+        }
+        if !query.is_empty() {
+            url.path.push(if url.path.contains('?') { '&' } else { '?' });
+            url.path.push_str(&query.join("&"));
+        }
+        let mut headers = Vec::new();
+        if let Some(c) = &self.creds {
+            headers.push(("Authorization".to_string(), c.basic_header()));
+        }
+        let mut attempt = 0;
+        let resp = loop {
+            let r = self.http.send("GET", &url, &headers, &[], self.verify);
+            match r {
+                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => r.discard(),
+                Err(e) if attempt < self.retries && e.downcast_ref::<NetError>().is_some() => {
+                    let _ = e;
+                }
+                other => break other.map_err(|e| anyhow!("registry {}: cannot get a token: {e:#}", self.host))?,
+            }
+            attempt += 1;
+            std::thread::sleep(backoff(attempt));
+        };
+        match resp.status {
+            200 => {}
+            401 | 403 => {
+                resp.discard();
+                return Err(match &self.creds {
+                    Some(c) => anyhow!("registry {} rejected the credentials from {} (HTTP 401)", self.host, c.source),
+                    None => anyhow!("registry {} refused an anonymous token: give --creds or log in (auth file)", self.host),
+                });
+            }
+            s => {
+                resp.discard();
+                bail!("registry {}: token request gave HTTP {s}", self.host);
+            }
+        }
+        let body = resp.bytes(1 << 20)?;
+        let json: Value = serde_json::from_slice(&body).map_err(|_| anyhow!("registry {}: the token response is not JSON", self.host))?;
+        json.get("token")
+            .or_else(|| json.get("access_token"))
+            .and_then(Value::as_str)
+            .filter(|t| !t.is_empty())
+            .map(str::to_owned)
+            .ok_or_else(|| anyhow!("registry {}: the token response has no token", self.host))
+    }
+
+    /// What a 401 on an authenticated request means, as an error.
+    fn unauthorized(&self) -> anyhow::Error {
+        match &self.creds {
+            Some(c) => anyhow!("registry {} rejected the credentials from {} (HTTP 401)", self.host, c.source),
+            None => anyhow!("registry {} needs credentials: give --creds or log in (auth file)", self.host),
+        }
+    }
+
+    fn headers_with_auth(&self, headers: &[(&str, &str)]) -> Result<Vec<(String, String)>> {
+        let mut h: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if let Some(a) = self.auth_header()? {
+            h.push(("Authorization".into(), a));
+        }
+        Ok(h)
+    }
+
+    /// A request with an in-memory body, retried on connection errors, 5xx and 429, with a
+    /// token refreshed once on 401. Returns any other response, error statuses included.
+    pub fn request(&self, method: &str, url: &Url, headers: &[(&str, &str)], body: &[u8]) -> Result<Response> {
+        let mut attempt = 0;
+        let mut reauthed = false;
+        loop {
+            let same_origin = url.origin() == self.base.origin();
+            let h = if same_origin {
+                self.headers_with_auth(headers)?
+            } else {
+                headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+            };
+            let result = self.http.send(method, url, &h, body, self.verify);
+            let wait = match result {
+                Ok(r) if r.status == 401 && same_origin => {
+                    let challenge = r.header("www-authenticate").and_then(parse_challenge);
+                    r.discard();
+                    if reauthed {
+                        return Err(self.unauthorized());
+                    }
+                    reauthed = true;
+                    // A new challenge (first auth, an expired token, or a scope we lacked).
+                    if let Some(Challenge::Bearer { scope: Some(s), .. }) = &challenge {
+                        for s in s.split(' ') {
+                            self.add_scope(s.to_string());
+                        }
+                    }
+                    match (&challenge, &*self.auth.lock().unwrap()) {
+                        (Some(Challenge::Basic), Auth::Basic(_)) => return Err(self.unauthorized()),
+                        _ => {}
+                    }
+                    self.set_challenge(challenge)?;
+                    continue;
+                }
+                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
+                    let after = r.header("retry-after").and_then(|v| v.parse::<u64>().ok()).map(|s| Duration::from_secs(s.min(30)));
+                    r.discard();
+                    after
+                }
+                Ok(r) => return Ok(r),
+                Err(e) if attempt < self.retries && retriable(&e) => None,
+                Err(e) => return Err(e),
+            };
+            attempt += 1;
+            std::thread::sleep(wait.unwrap_or_else(|| backoff(attempt)));
+        }
+    }
+
+    /// Starts a request whose body (`len` bytes) the caller streams. Not retried here: the
+    /// caller re-produces the body.
+    pub fn start_stream(&self, method: &str, url: &Url, headers: &[(&str, &str)], len: u64) -> Result<BodyWriter> {
+        let h = self.headers_with_auth(headers)?;
+        self.http.start(method, url, &h, len, self.verify)
+    }
+
+    /// Turns an unexpected response into an error naming what failed.
+    pub fn fail(&self, what: &str, resp: Response) -> anyhow::Error {
+        let status = resp.status;
+        if status == 401 {
+            resp.discard();
+            return self.unauthorized();
+        }
+        let reason = resp.reason.clone();
+        let detail = resp.bytes(64 * 1024).map(|b| error_detail(&b)).unwrap_or_default();
+        let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
+        anyhow::Error::new(StatusError { status, message: format!("{what}: HTTP {status} {reason}{detail}") })
+    }
+
+    /// HEAD a blob: its size if present.
+    pub fn blob_exists(&self, repo: &str, digest: &str) -> Result<Option<u64>> {
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        let resp = self.request("HEAD", &url, &[], &[])?;
+        match resp.status {
+            200 => Ok(Some(resp.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0))),
+            404 => Ok(None),
+            _ => Err(self.fail(&format!("checking blob {digest} in {}/{repo}", self.host), resp)),
+        }
+    }
+
+    /// Tries a cross-repository mount; true if the blob is now in `repo`.
+    pub fn mount(&self, repo: &str, digest: &str, from: &str) -> Result<bool> {
+        let url = self.url(&format!("/v2/{repo}/blobs/uploads/?mount={digest}&from={from}"))?;
+        let resp = self.request("POST", &url, &[], &[])?;
+        match resp.status {
+            201 => {
+                resp.discard();
+                Ok(true)
+            }
+            202 => {
+                // Not mountable: the registry opened an upload instead; cancel it.
+                let location = resp.header("location").map(str::to_owned);
+                resp.discard();
+                if let Some(loc) = location {
+                    if let Ok(u) = self.url(&loc).or_else(|_| self.base.join(&loc)) {
+                        if let Ok(r) = self.request("DELETE", &u, &[], &[]) {
+                            r.discard();
+                        }
+                    }
+                }
+                Ok(false)
+            }
+            // Some registries answer an unmountable blob with an error rather than 202.
+            400..=499 => {
+                resp.discard();
+                Ok(false)
+            }
+            _ => Err(self.fail(&format!("mounting blob {digest} from {from}"), resp)),
+        }
+    }
+
+    /// Opens an upload session; returns its URL.
+    pub fn start_upload(&self, repo: &str) -> Result<Url> {
+        let url = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
+        let resp = self.request("POST", &url, &[], &[])?;
+        if resp.status != 202 {
+            return Err(self.fail(&format!("starting an upload to {}/{repo}", self.host), resp));
+        }
+        let loc = resp.header("location").map(str::to_owned);
+        resp.discard();
+        let loc = loc.ok_or_else(|| anyhow!("registry {}: upload started without a Location", self.host))?;
+        self.base.join(&loc)
+    }
+
+    /// Uploads a blob held in memory (configs, manifests' blobs): POST, then one PUT.
+    pub fn upload_bytes(&self, repo: &str, digest: &str, data: &[u8]) -> Result<()> {
+        let mut attempt = 0;
+        loop {
+            let result = (|| {
+                let url = with_digest(self.start_upload(repo)?, digest);
+                let resp = self.request("PUT", &url, &[("Content-Type", "application/octet-stream")], data)?;
+                if resp.status != 201 {
+                    return Err(self.fail(&format!("uploading blob {digest}"), resp));
+                }
+                resp.discard();
+                Ok(())
+            })();
+            match result {
+                Err(e) if attempt < self.retries && retriable(&e) => {
+                    attempt += 1;
+                    std::thread::sleep(backoff(attempt));
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// GET a manifest: (bytes, media type, digest of the bytes).
+    pub fn get_manifest(&self, repo: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
+        let resp = self.request("GET", &url, &[("Accept", ACCEPT)], &[])?;
+        if resp.status != 200 {
+            let what = format!("getting manifest {}/{repo}:{reference}", self.host);
+            if resp.status == 404 {
+                resp.discard();
+                bail!("{what}: not found");
+            }
+            return Err(self.fail(&what, resp));
+        }
+        let media = resp.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_string();
+        let body = resp.bytes(JSON_LIMIT)?;
+        let digest = format!("sha256:{}", crate::image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&body)));
+        if reference.starts_with("sha256:") && digest != reference {
+            bail!("manifest {}/{repo}@{reference} has digest {digest}: the registry sent the wrong bytes", self.host);
+        }
+        let media = if media.is_empty() || media == "application/json" || media == "text/plain" {
+            serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v.get("mediaType").and_then(Value::as_str).map(str::to_owned))
+                .unwrap_or_default()
+        } else {
+            media
+        };
+        Ok((body, media, digest))
+    }
+
+    /// PUT a manifest under `reference` (a digest or a tag).
+    pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Result<()> {
+        let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
+        let resp = self.request("PUT", &url, &[("Content-Type", media_type)], body)?;
+        if resp.status != 201 && resp.status != 200 {
+            return Err(self.fail(&format!("putting manifest {}/{repo}:{reference}", self.host), resp));
+        }
+        resp.discard();
+        Ok(())
+    }
+
+    /// GET a blob, following redirects (to a storage backend: without our Authorization).
+    pub fn get_blob(&self, repo: &str, digest: &str) -> Result<Response> {
+        let mut url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        for _ in 0..5 {
+            let resp = self.request("GET", &url, &[], &[])?;
+            match resp.status {
+                200 => return Ok(resp),
+                301 | 302 | 303 | 307 | 308 => {
+                    let loc = resp.header("location").map(str::to_owned);
+                    resp.discard();
+                    url = url.join(&loc.ok_or_else(|| anyhow!("registry {}: redirect without Location", self.host))?)?;
+                }
+                _ => return Err(self.fail(&format!("getting blob {digest} from {}/{repo}", self.host), resp)),
+            }
+        }
+        bail!("registry {}: too many redirects for blob {digest}", self.host)
+    }
+}
+
+/// Adds `digest=` to an upload URL (which may already have a query, e.g. `_state=`).
+pub fn with_digest(mut url: Url, digest: &str) -> Url {
+    url.path.push(if url.path.contains('?') { '&' } else { '?' });
+    url.path.push_str("digest=");
+    url.path.push_str(&urlencode(digest));
+    url
+}
+
+pub fn urlencode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

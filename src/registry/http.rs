@@ -1,0 +1,643 @@
+//! A small blocking HTTP/1.1 client: plain TCP or rustls, kept-alive connections, and request
+//! bodies written through `Write` so a layer can be compressed straight into the socket.
+//!
+//! It does only what the registry API needs: Content-Length or chunked responses, no
+//! redirects (the caller follows them), no proxies, no compression.
+
+use anyhow::{anyhow, bail, Context, Result};
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
+use std::collections::HashMap;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+const IO_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// A failure to talk to the server at all (connect, TLS, reset, timeout, truncated response):
+/// worth retrying, unlike an HTTP error status.
+#[derive(Debug)]
+pub struct NetError(pub String);
+
+impl std::fmt::Display for NetError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for NetError {}
+
+fn net(what: impl std::fmt::Display, e: impl std::fmt::Display) -> anyhow::Error {
+    anyhow::Error::new(NetError(format!("{what}: {e}")))
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    /// Host as written (a name, an IPv4 address or a bracketed IPv6 address).
+    pub host: String,
+    pub port: u16,
+    /// Path and query, starting with `/`.
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(s: &str) -> Result<Url> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else {
+            bail!("not an http(s) URL: {s:?}");
+        };
+        let (authority, path) = match rest.find(['/', '?']) {
+            Some(i) if rest[i..].starts_with('/') => (&rest[..i], rest[i..].to_string()),
+            Some(i) => (&rest[..i], format!("/{}", &rest[i..])),
+            None => (rest, "/".to_string()),
+        };
+        if authority.contains('@') {
+            bail!("URLs with user info are not supported");
+        }
+        let (host, port) = split_host_port(authority, if tls { 443 } else { 80 })?;
+        Ok(Url { tls, host, port, path })
+    }
+
+    /// `scheme://host[:port]`
+    pub fn origin(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        let scheme = if self.tls { "https" } else { "http" };
+        if self.port == default {
+            format!("{scheme}://{}", self.host)
+        } else {
+            format!("{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+
+    /// Resolves a `Location` header (absolute, or a path) against this URL.
+    pub fn join(&self, location: &str) -> Result<Url> {
+        if location.starts_with("http://") || location.starts_with("https://") {
+            Url::parse(location)
+        } else if location.starts_with("//") {
+            Url::parse(&format!("{}:{location}", if self.tls { "https" } else { "http" }))
+        } else if location.starts_with('/') {
+            Ok(Url { path: location.to_string(), ..self.clone() })
+        } else {
+            bail!("unsupported relative location {location:?}")
+        }
+    }
+
+    fn host_header(&self) -> String {
+        let default = if self.tls { 443 } else { 80 };
+        if self.port == default {
+            self.host.clone()
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl std::fmt::Display for Url {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}{}", self.origin(), self.path)
+    }
+}
+
+/// Splits `host[:port]` (with `[v6]` brackets allowed).
+pub fn split_host_port(authority: &str, default: u16) -> Result<(String, u16)> {
+    let (host, port) = if authority.starts_with('[') {
+        let end = authority.find(']').ok_or_else(|| anyhow!("bad host {authority:?}"))?;
+        let port = authority[end + 1..].strip_prefix(':');
+        (&authority[..=end], port)
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().map_err(|_| anyhow!("bad port in {authority:?}"))?,
+        None => default,
+    };
+    if host.is_empty() {
+        bail!("empty host in {authority:?}");
+    }
+    Ok((host.to_string(), port))
+}
+
+enum Stream {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            Stream::Tls(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(s) => s.flush(),
+        }
+    }
+}
+
+/// An open connection: a buffered reader over the stream (writes go to `get_mut()`).
+type Conn = BufReader<Stream>;
+type PoolKey = (bool, String, u16);
+
+/// Counters shared by every request of a client.
+#[derive(Default, Debug)]
+pub struct Stats {
+    pub requests: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+}
+
+pub struct Client {
+    tls: Arc<ClientConfig>,
+    /// Used instead of `tls` with --insecure: any certificate is accepted.
+    tls_unverified: Arc<ClientConfig>,
+    pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+impl Client {
+    pub fn new() -> Result<Client> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+        // Extra CAs (a private registry's, or a test's) from the variables Nix builds and
+        // OpenSSL-based tools honour.
+        for var in ["SSL_CERT_FILE", "NIX_SSL_CERT_FILE"] {
+            if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
+                use rustls::pki_types::pem::PemObject;
+                let certs = CertificateDer::pem_file_iter(&path)
+                    .map_err(|e| anyhow!("cannot read {var}={}: {e}", path.to_string_lossy()))?;
+                for cert in certs {
+                    let cert = cert.map_err(|e| anyhow!("{var}={}: bad PEM: {e}", path.to_string_lossy()))?;
+                    let _ = roots.add(cert);
+                }
+            }
+        }
+        let tls = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS setup")?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let tls_unverified = ClientConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .context("TLS setup")?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(NoVerify(provider)))
+            .with_no_client_auth();
+        Ok(Client {
+            tls: Arc::new(tls),
+            tls_unverified: Arc::new(tls_unverified),
+            pool: Default::default(),
+            stats: Default::default(),
+        })
+    }
+
+    fn connect(&self, url: &Url, verify: bool) -> Result<Conn> {
+        let host = url.host.trim_start_matches('[').trim_end_matches(']');
+        let addrs: Vec<_> = (host, url.port)
+            .to_socket_addrs()
+            .map_err(|e| net(format!("cannot resolve {}", url.host), e))?
+            .collect();
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs {
+            match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp = tcp.ok_or_else(|| {
+            net(format!("cannot connect to {}", url.host_header()), last.map_or("no address".into(), |e| e.to_string()))
+        })?;
+        tcp.set_read_timeout(Some(IO_TIMEOUT)).ok();
+        tcp.set_write_timeout(Some(IO_TIMEOUT)).ok();
+        tcp.set_nodelay(true).ok();
+        let stream = if url.tls {
+            let name = ServerName::try_from(host.to_string()).map_err(|_| anyhow!("bad TLS server name {host:?}"))?;
+            let config = if verify { self.tls.clone() } else { self.tls_unverified.clone() };
+            let conn = ClientConnection::new(config, name).context("TLS setup")?;
+            let mut s = StreamOwned::new(conn, tcp);
+            // Handshake now, so certificate problems are reported as such.
+            while s.conn.is_handshaking() {
+                s.conn.complete_io(&mut s.sock).map_err(|e| net(format!("TLS handshake with {}", url.host_header()), e))?;
+            }
+            Stream::Tls(Box::new(s))
+        } else {
+            Stream::Plain(tcp)
+        };
+        Ok(BufReader::with_capacity(64 * 1024, stream))
+    }
+
+    fn take_pooled(&self, url: &Url) -> Option<Conn> {
+        self.pool.lock().ok()?.get_mut(&(url.tls, url.host.clone(), url.port))?.pop()
+    }
+
+    /// Sends a request with a body in memory. A kept-alive connection that turns out to be
+    /// closed is replaced once, transparently.
+    pub fn send(&self, method: &str, url: &Url, headers: &[(String, String)], body: &[u8], verify: bool) -> Result<Response> {
+        if let Some(conn) = self.take_pooled(url) {
+            match self.exchange(conn, method, url, headers, body) {
+                Ok(r) => return Ok(r),
+                Err(e) if e.downcast_ref::<NetError>().is_some() => {} // stale: try a new connection
+                Err(e) => return Err(e),
+            }
+        }
+        let conn = self.connect(url, verify)?;
+        self.exchange(conn, method, url, headers, body)
+    }
+
+    fn exchange(&self, conn: Conn, method: &str, url: &Url, headers: &[(String, String)], body: &[u8]) -> Result<Response> {
+        let mut w = self.start_on(conn, method, url, headers, body.len() as u64)?;
+        w.write_all(body).map_err(|e| net(format!("sending {method} {url}"), e))?;
+        w.finish()
+    }
+
+    /// Starts a request whose body (exactly `len` bytes) the caller writes, on a new connection.
+    pub fn start(&self, method: &str, url: &Url, headers: &[(String, String)], len: u64, verify: bool) -> Result<BodyWriter> {
+        let conn = self.connect(url, verify)?;
+        self.start_on(conn, method, url, headers, len)
+    }
+
+    fn start_on(&self, mut conn: Conn, method: &str, url: &Url, headers: &[(String, String)], len: u64) -> Result<BodyWriter> {
+        let mut head = format!("{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: stevedore/{}\r\n", url.path, url.host_header(), env!("CARGO_PKG_VERSION"));
+        for (k, v) in headers {
+            head.push_str(k);
+            head.push_str(": ");
+            head.push_str(v);
+            head.push_str("\r\n");
+        }
+        if len > 0 || !matches!(method, "GET" | "HEAD") {
+            head.push_str(&format!("Content-Length: {len}\r\n"));
+        }
+        head.push_str("\r\n");
+        conn.get_mut().write_all(head.as_bytes()).map_err(|e| net(format!("sending {method} {url}"), e))?;
+        if let Ok(mut s) = self.stats.lock() {
+            s.requests += 1;
+            s.bytes_sent += head.len() as u64;
+        }
+        Ok(BodyWriter {
+            conn: Some(conn),
+            remaining: len,
+            method: method.to_string(),
+            url: url.clone(),
+            buf: Vec::with_capacity(64 * 1024),
+            client_pool: self.pool.clone(),
+            stats: self.stats.clone(),
+        })
+    }
+}
+
+/// The body of a request being sent; `finish` reads the response.
+pub struct BodyWriter {
+    conn: Option<Conn>,
+    remaining: u64,
+    method: String,
+    url: Url,
+    buf: Vec<u8>,
+    client_pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
+    stats: Arc<Mutex<Stats>>,
+}
+
+impl BodyWriter {
+    fn flush_buf(&mut self) -> io::Result<()> {
+        if !self.buf.is_empty() {
+            let conn = self.conn.as_mut().ok_or_else(|| io::Error::other("request already failed"))?;
+            let r = conn.get_mut().write_all(&self.buf);
+            if r.is_err() {
+                self.conn = None;
+            }
+            r?;
+            if let Ok(mut s) = self.stats.lock() {
+                s.bytes_sent += self.buf.len() as u64;
+            }
+            self.buf.clear();
+        }
+        Ok(())
+    }
+
+    /// Sends what is buffered and reads the response head.
+    pub fn finish(mut self) -> Result<Response> {
+        if self.remaining != 0 {
+            bail!("request body for {} {} is {} bytes short of its length", self.method, self.url, self.remaining);
+        }
+        let (method, url) = (self.method.clone(), self.url.clone());
+        self.flush_buf().map_err(|e| net(format!("sending {method} {url}"), e))?;
+        let mut conn = self.conn.take().ok_or_else(|| net(format!("{method} {url}"), "connection lost"))?;
+        conn.get_mut().flush().map_err(|e| net(format!("sending {method} {url}"), e))?;
+        Response::read(conn, &method, &url, self.client_pool.clone(), self.stats.clone())
+    }
+}
+
+impl Write for BodyWriter {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if data.len() as u64 > self.remaining {
+            return Err(io::Error::other(format!(
+                "request body for {} {} is longer than the {} bytes announced",
+                self.method, self.url, self.remaining
+            )));
+        }
+        self.remaining -= data.len() as u64;
+        if self.buf.len() + data.len() > self.buf.capacity() {
+            self.flush_buf()?;
+        }
+        if data.len() >= self.buf.capacity() {
+            let conn = self.conn.as_mut().ok_or_else(|| io::Error::other("request already failed"))?;
+            let r = conn.get_mut().write_all(data);
+            if r.is_err() {
+                self.conn = None;
+            }
+            r?;
+            if let Ok(mut s) = self.stats.lock() {
+                s.bytes_sent += data.len() as u64;
+            }
+        } else {
+            self.buf.extend_from_slice(data);
+        }
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum BodyKind {
+    None,
+    Length(u64),
+    Chunked { left_in_chunk: u64, done: bool },
+    UntilClose,
+}
+
+pub struct Response {
+    pub status: u16,
+    pub reason: String,
+    headers: Vec<(String, String)>,
+    conn: Option<Conn>,
+    body: BodyKind,
+    keep_alive: bool,
+    what: String,
+    pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
+    key: PoolKey,
+    stats: Arc<Mutex<Stats>>,
+}
+
+fn read_line(conn: &mut Conn, what: &str) -> Result<String> {
+    let mut line = Vec::new();
+    let n = conn.by_ref().take(64 * 1024).read_until(b'\n', &mut line).map_err(|e| net(what, e))?;
+    if n == 0 {
+        return Err(net(what, "the server closed the connection"));
+    }
+    if line.last() != Some(&b'\n') {
+        return Err(net(what, "truncated or oversized response line"));
+    }
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    Ok(String::from_utf8_lossy(&line).into_owned())
+}
+
+impl Response {
+    fn read(mut conn: Conn, method: &str, url: &Url, pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>, stats: Arc<Mutex<Stats>>) -> Result<Response> {
+        let what = format!("{method} {url}");
+        let (status, reason, headers) = loop {
+            let line = read_line(&mut conn, &what)?;
+            let mut parts = line.splitn(3, ' ');
+            let version = parts.next().unwrap_or("");
+            if !version.starts_with("HTTP/1.") {
+                return Err(net(&what, format!("not an HTTP/1.x response: {:?}", line.chars().take(40).collect::<String>())));
+            }
+            let status: u16 = parts.next().and_then(|s| s.parse().ok()).ok_or_else(|| net(&what, "bad status line"))?;
+            let reason = parts.next().unwrap_or("").to_string();
+            let mut headers = Vec::new();
+            loop {
+                let h = read_line(&mut conn, &what)?;
+                if h.is_empty() {
+                    break;
+                }
+                if let Some((k, v)) = h.split_once(':') {
+                    headers.push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
+                if headers.len() > 200 {
+                    return Err(net(&what, "too many response headers"));
+                }
+            }
+            if (100..200).contains(&status) {
+                continue; // 100 Continue and friends: the real response follows
+            }
+            break (status, reason, headers);
+        };
+        let get = |name: &str| headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+        let keep_alive = !get("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let body = if method == "HEAD" || status == 204 || status == 304 {
+            BodyKind::None
+        } else if get("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+            BodyKind::Chunked { left_in_chunk: 0, done: false }
+        } else if let Some(len) = get("content-length") {
+            BodyKind::Length(len.parse().map_err(|_| net(&what, "bad Content-Length"))?)
+        } else {
+            BodyKind::UntilClose
+        };
+        let key = (url.tls, url.host.clone(), url.port);
+        let mut r = Response { status, reason, headers, conn: Some(conn), body, keep_alive, what, pool, key, stats };
+        r.maybe_recycle();
+        Ok(r)
+    }
+
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let name = name.to_ascii_lowercase();
+        self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// `GET`/`HEAD` target for errors: `METHOD URL`.
+    pub fn what(&self) -> &str {
+        &self.what
+    }
+
+    /// Once the body is consumed, the connection goes back to the pool.
+    fn maybe_recycle(&mut self) {
+        let done = match self.body {
+            BodyKind::None | BodyKind::Length(0) => true,
+            BodyKind::Chunked { done, .. } => done,
+            _ => false,
+        };
+        if done {
+            if let Some(conn) = self.conn.take() {
+                if self.keep_alive && conn.buffer().is_empty() {
+                    if let Ok(mut pool) = self.pool.lock() {
+                        let list = pool.entry(self.key.clone()).or_default();
+                        if list.len() < 4 {
+                            list.push(conn);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads the whole body, refusing more than `limit` bytes.
+    pub fn bytes(mut self, limit: u64) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let n = self.by_ref().take(limit + 1).read_to_end(&mut out).map_err(|e| net(&self.what, e))?;
+        if n as u64 > limit {
+            bail!("{}: response larger than {limit} bytes", self.what);
+        }
+        Ok(out)
+    }
+
+    /// Reads and drops the body (so the connection can be reused), ignoring errors.
+    pub fn discard(mut self) {
+        let _ = io::copy(&mut self.by_ref().take(1 << 20), &mut io::sink());
+    }
+}
+
+impl Read for Response {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some(conn) = self.conn.as_mut() else { return Ok(0) };
+        let n = match &mut self.body {
+            BodyKind::None => 0,
+            BodyKind::Length(left) => {
+                if *left == 0 {
+                    0
+                } else {
+                    let k = (buf.len() as u64).min(*left) as usize;
+                    let n = conn.read(&mut buf[..k])?;
+                    if n == 0 {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection mid-body"));
+                    }
+                    *left -= n as u64;
+                    n
+                }
+            }
+            BodyKind::Chunked { left_in_chunk, done } => {
+                if *done {
+                    0
+                } else {
+                    if *left_in_chunk == 0 {
+                        let mut line = String::new();
+                        conn.by_ref().take(4096).read_line(&mut line)?;
+                        let size = line.trim().split(';').next().unwrap_or("");
+                        let size = u64::from_str_radix(size.trim(), 16)
+                            .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
+                        if size == 0 {
+                            // Trailers, then the blank line.
+                            loop {
+                                let mut t = String::new();
+                                if conn.by_ref().take(4096).read_line(&mut t)? == 0 || t.trim().is_empty() {
+                                    break;
+                                }
+                            }
+                            *done = true;
+                        }
+                        *left_in_chunk = size;
+                    }
+                    if *done {
+                        0
+                    } else {
+                        let k = (buf.len() as u64).min(*left_in_chunk) as usize;
+                        let n = conn.read(&mut buf[..k])?;
+                        if n == 0 {
+                            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the server closed the connection mid-body"));
+                        }
+                        *left_in_chunk -= n as u64;
+                        if *left_in_chunk == 0 {
+                            let mut crlf = [0u8; 2];
+                            conn.read_exact(&mut crlf)?;
+                        }
+                        n
+                    }
+                }
+            }
+            BodyKind::UntilClose => {
+                let n = conn.read(buf)?;
+                self.keep_alive = false;
+                n
+            }
+        };
+        if n == 0 {
+            match &mut self.body {
+                BodyKind::Length(_) => self.body = BodyKind::Length(0),
+                BodyKind::UntilClose => {
+                    self.conn = None;
+                    return Ok(0);
+                }
+                _ => {}
+            }
+            self.maybe_recycle();
+        } else if let Ok(mut s) = self.stats.lock() {
+            s.bytes_received += n as u64;
+        }
+        Ok(n)
+    }
+}
+
+/// Accepts any server certificate (--insecure), still checking the handshake signatures.
+#[derive(Debug)]
+struct NoVerify(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for NoVerify {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> std::result::Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> std::result::Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        let u = Url::parse("https://auth.example/token?service=x").unwrap();
+        assert_eq!((u.tls, u.host.as_str(), u.port, u.path.as_str()), (true, "auth.example", 443, "/token?service=x"));
+        let u = Url::parse("http://127.0.0.1:5000").unwrap();
+        assert_eq!((u.port, u.path.as_str()), (5000, "/"));
+        assert_eq!(u.join("/v2/x/blobs/uploads/abc?_state=1").unwrap().to_string(), "http://127.0.0.1:5000/v2/x/blobs/uploads/abc?_state=1");
+        assert_eq!(split_host_port("[::1]:5000", 443).unwrap(), ("[::1]".to_string(), 5000));
+        assert!(Url::parse("http://user:pw@host/").is_err());
+    }
+}

@@ -1,0 +1,406 @@
+//! Registries without Docker: `push`, `pull`, `prefetch` and `index` over the Registry HTTP
+//! API v2 (the OCI distribution spec).
+//!
+//! - `http`: a small blocking HTTP/1.1 client (rustls for https).
+//! - `auth`: references, credentials from auth files, Basic and Bearer challenges.
+//! - `client`: one registry session: retries, tokens, the API calls.
+//! - `source`: what can be pushed (conf, OCI layout, oci-archive, Docker archive) as a plan.
+//! - `push`, `pull`: moving blobs and manifests.
+
+pub mod auth;
+pub mod client;
+pub mod http;
+pub mod pull;
+pub mod push;
+pub mod source;
+
+use crate::compress::Compressor;
+use crate::image::{ImageSpec, Progress};
+use crate::oci::INDEX_TYPE;
+use anyhow::{anyhow, bail, Result};
+use auth::Reference;
+use client::{ConnectArgs, Registry};
+use pull::Platform;
+use serde_json::{json, Value};
+use source::{BlobData, ConfPass, DockerArchivePass, Plan, Source};
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct PushArgs {
+    /// What to push: a stream conf JSON file, an OCI layout (`oci:DIR[:REF]` or a directory),
+    /// an oci-archive (`oci-archive:FILE[:REF]`) or a Docker archive (`docker-archive:FILE`);
+    /// a plain file is recognized by its contents.
+    pub source: String,
+    /// Where: `docker://REGISTRY/REPO[:TAG]` (tag `latest` if none).
+    pub dest: String,
+    #[command(flatten)]
+    pub push: PushOptionsArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PushOptionsArgs {
+    /// Try to mount missing blobs from this repository of the same registry (repeatable).
+    #[arg(long = "mount-from", value_name = "REPO")]
+    pub mount_from: Vec<String>,
+    /// How layers made from a conf or a Docker archive are compressed: none, gz or zstd.
+    #[arg(long, default_value = "gz", value_name = "none|gz|zstd")]
+    pub compressor: String,
+    /// Blobs larger than this many bytes are uploaded in PATCH chunks of this size (suffixes
+    /// K, M, G); smaller ones in one PUT.
+    #[arg(long, default_value = "64M", value_name = "BYTES")]
+    pub chunk_size: String,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct PlatformArgs {
+    /// Operating system to pick from a multi-platform image.
+    #[arg(long, default_value = "linux")]
+    pub os: String,
+    /// Architecture to pick (default: this machine's, in Go's names: amd64, arm64, ...).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// CPU variant to pick (e.g. v7 for arm, v8 for arm64).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+impl PlatformArgs {
+    fn platform(&self) -> Platform {
+        Platform {
+            os: self.os.clone(),
+            arch: self.arch.clone().unwrap_or_else(|| pull::host_arch().to_string()),
+            variant: self.variant.clone().filter(|v| !v.is_empty()),
+        }
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+pub enum PullFormat {
+    DockerArchive,
+    Oci,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PullArgs {
+    /// `docker://REGISTRY/REPO[:TAG|@DIGEST]`
+    pub image: String,
+    #[command(flatten)]
+    pub platform: PlatformArgs,
+    /// Output format: a Docker archive (layers decompressed) or an OCI layout directory.
+    #[arg(long, value_enum, default_value_t = PullFormat::DockerArchive)]
+    pub format: PullFormat,
+    /// Output file (docker-archive) or directory (oci).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Image name recorded in the output (default: the reference's, as written).
+    #[arg(long, value_name = "NAME")]
+    pub image_name: Option<String>,
+    /// Tag recorded in the output (default: the reference's tag, or `latest`).
+    #[arg(long, value_name = "TAG")]
+    pub image_tag: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PrefetchArgs {
+    /// `docker://REGISTRY/REPO[:TAG|@DIGEST]`
+    pub image: String,
+    #[command(flatten)]
+    pub platform: PlatformArgs,
+    /// finalImageName for pullImage (default: the image name).
+    #[arg(long, value_name = "NAME")]
+    pub final_image_name: Option<String>,
+    /// finalImageTag for pullImage (default: the reference's tag, or `latest`).
+    #[arg(long, value_name = "TAG")]
+    pub final_image_tag: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct IndexArgs {
+    /// Where to push the index: `docker://REGISTRY/REPO[:TAG]`.
+    pub dest: String,
+    /// Per-platform images: `docker://` references on the same registry (already pushed), or
+    /// sources (as for push), which are pushed to the destination repository first.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+    #[command(flatten)]
+    pub push: PushOptionsArgs,
+    #[command(flatten)]
+    pub connect: ConnectArgs,
+}
+
+fn parse_size(s: &str) -> Result<u64> {
+    let s = s.trim();
+    let (num, mult) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| anyhow!("bad size {s:?}: use a number of bytes, with K, M or G"))?;
+    if n == 0 {
+        bail!("bad size {s:?}: must be positive");
+    }
+    Ok(n * mult)
+}
+
+fn dest_reference(s: &str) -> Result<Reference> {
+    if !s.starts_with("docker://") {
+        bail!("destination {s:?} must be docker://REGISTRY/REPO[:TAG]");
+    }
+    let r = Reference::parse(s)?;
+    if r.digest.is_some() {
+        bail!("destination {s:?}: push to a tag, not a digest");
+    }
+    Ok(r)
+}
+
+fn push_scopes(dest: &Reference, opts: &PushOptionsArgs) -> Vec<String> {
+    let mut scopes = vec![format!("repository:{}:pull,push", dest.repo)];
+    scopes.extend(opts.mount_from.iter().map(|r| format!("repository:{r}:pull")));
+    scopes
+}
+
+fn push_options(opts: &PushOptionsArgs) -> Result<push::PushOptions> {
+    Ok(push::PushOptions { mount_from: opts.mount_from.clone(), chunk_size: parse_size(&opts.chunk_size)? })
+}
+
+/// Builds the plan for `source` and hands it to `f`; plans borrow from the loaded inputs.
+fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
+    match Source::parse(source)? {
+        Source::Conf(path) => {
+            let conf = crate::conf::StreamConf::load(&path, &crate::conf::now())?;
+            let pass = ConfPass { spec: ImageSpec::new(&conf)?, compressor };
+            let plan = source::plan_conf(&pass, progress)?;
+            f(&plan)
+        }
+        Source::DockerArchive(path) => {
+            let pass = DockerArchivePass { base: crate::base::BaseImage::load(&path)?, compressor };
+            let plan = source::plan_docker_archive(&pass, progress)?;
+            f(&plan)
+        }
+        Source::OciDir(dir, r) => f(&source::plan_oci_dir(&dir, r.as_deref())?),
+        Source::OciArchive(path, r) => {
+            let (mut plan, pass) = source::plan_oci_archive(&path, r.as_deref())?;
+            plan.pass = Some(&pass);
+            f(&plan)
+        }
+    }
+}
+
+pub fn run_push(args: &PushArgs) -> Result<()> {
+    let progress = Progress { quiet: args.connect.quiet };
+    let dest = dest_reference(&args.dest)?;
+    let compressor = Compressor::parse(&args.push.compressor)?;
+    let opts = push_options(&args.push)?;
+    let reg = Registry::connect(&dest, &args.connect, push_scopes(&dest, &args.push))?;
+    let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
+    let digest = with_plan(&args.source, compressor, &progress, |plan| {
+        push::push_plan(&reg, &dest.repo, Some(&tag), plan, &opts, &progress)?;
+        Ok(plan.top().digest.clone())
+    })?;
+    progress.say(format!("pushed {}:{tag}@{digest}", dest.name()));
+    println!("{digest}");
+    Ok(())
+}
+
+fn output_name(reference: &Reference, given: &str) -> String {
+    // The name as the user wrote it, without scheme, tag or digest.
+    let s = given.strip_prefix("docker://").unwrap_or(given);
+    let s = s.split('@').next().unwrap_or(s);
+    let last_slash = s.rfind('/').map_or(0, |i| i + 1);
+    match s[last_slash..].rfind(':') {
+        Some(i) => s[..last_slash + i].to_string(),
+        None if s.is_empty() => reference.name(),
+        None => s.to_string(),
+    }
+}
+
+pub fn run_pull(args: &PullArgs) -> Result<()> {
+    let progress = Progress { quiet: args.connect.quiet };
+    let reference = Reference::parse(&args.image)?;
+    let reg = Registry::connect(&reference, &args.connect, vec![format!("repository:{}:pull", reference.repo)])?;
+    let img = pull::resolve(&reg, &reference, &args.platform.platform())?;
+    let name = args.image_name.clone().unwrap_or_else(|| output_name(&reference, &args.image));
+    let tag = args.image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
+    let repo_tag = format!("{name}:{tag}");
+    match args.format {
+        PullFormat::DockerArchive => pull::write_docker_archive(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
+        PullFormat::Oci => pull::write_oci_layout(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
+    }
+    progress.say(format!("pulled {}@{} into {}", reference.name(), img.manifest_digest, args.output.display()));
+    println!("{}", img.manifest_digest);
+    Ok(())
+}
+
+pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
+    let progress = Progress { quiet: args.connect.quiet };
+    let reference = Reference::parse(&args.image)?;
+    let reg = Registry::connect(&reference, &args.connect, vec![format!("repository:{}:pull", reference.repo)])?;
+    let img = pull::resolve(&reg, &reference, &args.platform.platform())?;
+    let image_name = output_name(&reference, &args.image);
+    let final_name = args.final_image_name.clone().unwrap_or_else(|| image_name.clone());
+    let final_tag = args.final_image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
+    let tmp = crate::oci::TempDir::new_in(&std::env::temp_dir())?;
+    let out = tmp.0.join("image.tar");
+    pull::write_docker_archive(&reg, &reference.repo, &img, &format!("{final_name}:{final_tag}"), &out, &progress)?;
+    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
+    let mut f = std::fs::File::open(&out)?;
+    std::io::copy(&mut f, &mut hasher)?;
+    let hash = auth::base64_encode(&sha2::Digest::finalize(hasher));
+    let q = |s: &str| serde_json::to_string(s).unwrap_or_default().replace("${", "\\${");
+    let mut text = String::from("{\n");
+    text.push_str(&format!("  imageName = {};\n", q(&image_name)));
+    text.push_str(&format!("  imageDigest = {};\n", q(&img.top_digest)));
+    text.push_str(&format!("  hash = {};\n", q(&format!("sha256-{hash}"))));
+    text.push_str(&format!("  finalImageName = {};\n", q(&final_name)));
+    text.push_str(&format!("  finalImageTag = {};\n", q(&final_tag)));
+    let p = args.platform.platform();
+    if p.os != "linux" || args.platform.arch.is_some() {
+        text.push_str(&format!("  os = {};\n  arch = {};\n", q(&p.os), q(&p.arch)));
+    }
+    text.push_str("}\n");
+    std::io::stdout().write_all(text.as_bytes())?;
+    Ok(())
+}
+
+/// Platform of an image from its config JSON.
+fn platform_of(config: &[u8], what: &str) -> Result<Value> {
+    let c: Value = serde_json::from_slice(config).map_err(|e| anyhow!("{what}: config is not JSON: {e}"))?;
+    let arch = c.get("architecture").and_then(Value::as_str).filter(|a| !a.is_empty()).ok_or_else(|| anyhow!("{what}: config has no architecture"))?;
+    let os = c.get("os").and_then(Value::as_str).filter(|a| !a.is_empty()).unwrap_or("linux");
+    let mut p = json!({"architecture": arch, "os": os});
+    if let Some(v) = c.get("variant").and_then(Value::as_str).filter(|v| !v.is_empty()) {
+        p["variant"] = json!(v);
+    }
+    Ok(p)
+}
+
+fn plan_config(plan: &Plan) -> Result<Vec<u8>> {
+    let top: Value = serde_json::from_slice(&plan.top().bytes)?;
+    if top.get("manifests").is_some() {
+        bail!("is already a multi-platform index; list its images instead");
+    }
+    let digest = top.pointer("/config/digest").and_then(Value::as_str).ok_or_else(|| anyhow!("manifest has no config"))?;
+    let blob = plan.blobs.iter().find(|b| b.digest == digest).ok_or_else(|| anyhow!("config blob missing"))?;
+    match &blob.data {
+        BlobData::Bytes(b) => Ok(b.clone()),
+        BlobData::File(p) => std::fs::read(p).map_err(|e| anyhow!("cannot read {}: {e}", p.display())),
+        BlobData::Pass(_) => bail!("config is not readable before the push"),
+    }
+}
+
+pub fn run_index(args: &IndexArgs) -> Result<()> {
+    let progress = Progress { quiet: args.connect.quiet };
+    let dest = dest_reference(&args.dest)?;
+    let compressor = Compressor::parse(&args.push.compressor)?;
+    let opts = push_options(&args.push)?;
+    let mut scopes = push_scopes(&dest, &args.push);
+    let mut refs = Vec::new();
+    for image in &args.images {
+        if image.starts_with("docker://") {
+            let r = Reference::parse(image)?;
+            if r.registry != dest.registry {
+                bail!("{image}: index images must be on the destination's registry {}", dest.registry);
+            }
+            if r.repo != dest.repo {
+                scopes.push(format!("repository:{}:pull", r.repo));
+            }
+            refs.push(Some(r));
+        } else {
+            refs.push(None);
+        }
+    }
+    let reg = Registry::connect(&dest, &args.connect, scopes)?;
+    let mut entries: Vec<Value> = Vec::new();
+    for (image, r) in args.images.iter().zip(refs) {
+        let (digest, media_type, size, platform) = match r {
+            None => {
+                progress.say(format!("pushing {image}"));
+                with_plan(image, compressor, &progress, |plan| {
+                    let platform = platform_of(&plan_config(plan).map_err(|e| anyhow!("{image}: {e}"))?, image)?;
+                    push::push_plan(&reg, &dest.repo, None, plan, &opts, &progress)?;
+                    let top = plan.top();
+                    Ok((top.digest.clone(), top.media_type.clone(), top.bytes.len() as u64, platform))
+                })?
+            }
+            Some(r) => {
+                let (bytes, media_type, digest) = reg.get_manifest(&r.repo, r.reference())?;
+                let json: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{image}: manifest is not JSON: {e}"))?;
+                if json.get("manifests").is_some() {
+                    bail!("{image} is already a multi-platform index; list its images instead");
+                }
+                let config = pull::resolve(&reg, &r, &Platform { os: String::new(), arch: String::new(), variant: None })?.config;
+                let config_bytes = pull::get_json_blob(&reg, &r.repo, &config)?;
+                let platform = platform_of(&config_bytes, image)?;
+                if r.repo != dest.repo {
+                    // Copy the image into the destination repository: mount its blobs.
+                    let mut blobs: Vec<String> = json
+                        .get("layers")
+                        .and_then(Value::as_array)
+                        .map(|ls| ls.iter().filter_map(|l| l.get("digest").and_then(Value::as_str).map(str::to_owned)).collect())
+                        .unwrap_or_default();
+                    blobs.push(config.digest.clone());
+                    for b in &blobs {
+                        if reg.blob_exists(&dest.repo, b)?.is_none() && !reg.mount(&dest.repo, b, &r.repo)? {
+                            bail!("{image}: blob {b} could not be mounted into {}", dest.repo);
+                        }
+                    }
+                    reg.put_manifest(&dest.repo, &digest, &media_type, &bytes)?;
+                    progress.say(format!("{image}: mounted into {}", dest.repo));
+                }
+                (digest, media_type, bytes.len() as u64, platform)
+            }
+        };
+        if entries.iter().any(|e| e["platform"] == platform) {
+            bail!("{image}: another image already has platform {platform}");
+        }
+        progress.say(format!("{image}: {digest} for {}", platform_string(&platform)));
+        entries.push(json!({"mediaType": media_type, "digest": digest, "size": size, "platform": platform}));
+    }
+    let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": entries});
+    let bytes = serde_json::to_vec(&index)?;
+    let digest = source::sha256_digest(&bytes);
+    let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
+    reg.put_manifest(&dest.repo, &digest, INDEX_TYPE, &bytes)?;
+    reg.put_manifest(&dest.repo, &tag, INDEX_TYPE, &bytes)?;
+    progress.say(format!("pushed index {}:{tag}@{digest}", dest.name()));
+    println!("{digest}");
+    Ok(())
+}
+
+fn platform_string(p: &Value) -> String {
+    let mut s = format!("{}/{}", p["os"].as_str().unwrap_or(""), p["architecture"].as_str().unwrap_or(""));
+    if let Some(v) = p["variant"].as_str() {
+        s.push('/');
+        s.push_str(v);
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("64M").unwrap(), 64 << 20);
+        assert_eq!(parse_size("1000").unwrap(), 1000);
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("x").is_err());
+    }
+
+    #[test]
+    fn output_names() {
+        let r = Reference::parse("docker://127.0.0.1:5000/a/b:v1").unwrap();
+        assert_eq!(output_name(&r, "docker://127.0.0.1:5000/a/b:v1"), "127.0.0.1:5000/a/b");
+        let r = Reference::parse("nixos/nix").unwrap();
+        assert_eq!(output_name(&r, "nixos/nix"), "nixos/nix");
+    }
+}

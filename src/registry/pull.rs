@@ -1,0 +1,391 @@
+//! Pulling: resolve a tag or digest (picking a platform from an index), verify every blob, and
+//! write a Docker archive (layers decompressed to their diff_ids) or an OCI layout.
+//!
+//! The Docker archive is a pure function of the image: fixed member order, names, owner and
+//! mtime. `prefetch` hashes it and pullImage's fixed-output derivation must produce it again.
+
+use super::auth::Reference;
+use super::client::{backoff, Registry, DOCKER_LIST, JSON_LIMIT};
+use super::http::NetError;
+use super::source::sha256_digest;
+use crate::compress::{detect, Compression};
+use crate::image::{hex, Progress};
+use crate::oci::{self, Descriptor, INDEX_TYPE};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::cell::RefCell;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+#[derive(Debug, Clone)]
+pub struct Platform {
+    pub os: String,
+    pub arch: String,
+    pub variant: Option<String>,
+}
+
+/// The host's architecture in Go's (and so OCI's) names.
+pub fn host_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        "x86" => "386",
+        "powerpc64" => "ppc64le",
+        "loongarch64" => "loong64",
+        other => other,
+    }
+}
+
+/// The image a reference resolves to for a platform.
+pub struct Resolved {
+    /// Digest of what the reference names (an index's, for a multi-arch image).
+    pub top_digest: String,
+    pub manifest: Vec<u8>,
+    pub manifest_digest: String,
+    pub media_type: String,
+    pub config: Descriptor,
+    pub layers: Vec<Descriptor>,
+}
+
+fn is_index(media_type: &str, json: &Value) -> bool {
+    media_type == INDEX_TYPE || media_type == DOCKER_LIST || (media_type.is_empty() && json.get("manifests").is_some())
+}
+
+fn descriptor(v: &Value, what: &str) -> Result<Descriptor> {
+    let digest = v.get("digest").and_then(Value::as_str).ok_or_else(|| anyhow!("{what}: a descriptor has no digest"))?;
+    super::auth::check_digest(digest).map_err(|e| anyhow!("{what}: {e}"))?;
+    Ok(Descriptor {
+        media_type: v.get("mediaType").and_then(Value::as_str).unwrap_or("").to_string(),
+        digest: digest.to_string(),
+        size: v.get("size").and_then(Value::as_u64).ok_or_else(|| anyhow!("{what}: descriptor {digest} has no size"))?,
+    })
+}
+
+/// Picks the manifest for `want` from an index's entries.
+fn pick_platform(index: &Value, want: &Platform, what: &str) -> Result<Value> {
+    let entries = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index has no manifests"))?;
+    let norm_variant = |arch: &str, v: Option<&str>| -> Option<String> {
+        match (arch, v) {
+            ("arm64", None | Some("")) => Some("v8".into()),
+            (_, None | Some("")) => None,
+            (_, Some(v)) => Some(v.to_string()),
+        }
+    };
+    let mut candidates = Vec::new();
+    let mut available = Vec::new();
+    for e in entries {
+        let p = e.get("platform");
+        let os = p.and_then(|p| p.get("os")).and_then(Value::as_str).unwrap_or("");
+        let arch = p.and_then(|p| p.get("architecture")).and_then(Value::as_str).unwrap_or("");
+        let variant = p.and_then(|p| p.get("variant")).and_then(Value::as_str);
+        available.push(format!("{os}/{arch}{}", variant.map(|v| format!("/{v}")).unwrap_or_default()));
+        if os != want.os || arch != want.arch {
+            continue;
+        }
+        match &want.variant {
+            Some(v) if norm_variant(arch, Some(v)) != norm_variant(arch, variant) => continue,
+            _ => candidates.push((norm_variant(arch, variant), e)),
+        }
+    }
+    // Without --variant, prefer the entry with the default (or no) variant, then the first.
+    let chosen = candidates
+        .iter()
+        .find(|(v, _)| v.is_none() || v.as_deref() == Some("v8"))
+        .or(candidates.first())
+        .map(|(_, e)| (*e).clone());
+    chosen.ok_or_else(|| {
+        let wanted = format!("{}/{}{}", want.os, want.arch, want.variant.as_ref().map(|v| format!("/{v}")).unwrap_or_default());
+        anyhow!("{what} has no image for {wanted} (it has: {})", available.join(", "))
+    })
+}
+
+pub fn resolve(reg: &Registry, reference: &Reference, platform: &Platform) -> Result<Resolved> {
+    let (bytes, media_type, top_digest) = reg.get_manifest(&reference.repo, reference.reference())?;
+    let what = reference.to_string();
+    let json: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{what}: manifest is not JSON: {e}"))?;
+    let (bytes, media_type, digest, json) = if is_index(&media_type, &json) {
+        let entry = pick_platform(&json, platform, &what)?;
+        let d = descriptor(&entry, &what)?;
+        let (b, m, dg) = reg.get_manifest(&reference.repo, &d.digest)?;
+        let j: Value = serde_json::from_slice(&b).map_err(|e| anyhow!("{what}: manifest {} is not JSON: {e}", d.digest))?;
+        if is_index(&m, &j) {
+            bail!("{what}: nested indexes are not supported");
+        }
+        (b, m, dg, j)
+    } else {
+        (bytes, media_type, top_digest.clone(), json)
+    };
+    if json.get("schemaVersion").and_then(Value::as_u64) == Some(1) || media_type.contains("distribution.manifest.v1") {
+        bail!("{what}: Docker schema 1 manifests are not supported");
+    }
+    let config = descriptor(json.get("config").ok_or_else(|| anyhow!("{what}: manifest has no config"))?, &what)?;
+    let layers = json
+        .get("layers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("{what}: manifest has no layers"))?
+        .iter()
+        .map(|l| descriptor(l, &what))
+        .collect::<Result<Vec<_>>>()?;
+    for l in &layers {
+        if l.media_type.contains("nondistributable") || l.media_type.contains("foreign") {
+            bail!("{what}: layer {} is non-distributable ({}); it cannot be pulled from the registry", l.digest, l.media_type);
+        }
+    }
+    let media_type = if media_type.is_empty() { oci::MANIFEST_TYPE.to_string() } else { media_type };
+    Ok(Resolved { top_digest, manifest: bytes, manifest_digest: digest, media_type, config, layers })
+}
+
+/// Reads a small blob (a config) whole, verifying it.
+pub fn get_json_blob(reg: &Registry, repo: &str, d: &Descriptor) -> Result<Vec<u8>> {
+    if d.size > JSON_LIMIT {
+        bail!("config {} is too large ({} bytes)", d.digest, d.size);
+    }
+    let mut attempt = 0;
+    loop {
+        let result = reg.get_blob(repo, &d.digest).and_then(|r| r.bytes(JSON_LIMIT));
+        match result {
+            Ok(b) => {
+                if sha256_digest(&b) != d.digest {
+                    bail!("blob {} from {}/{repo} does not match its digest", d.digest, reg.host);
+                }
+                return Ok(b);
+            }
+            Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
+                attempt += 1;
+                std::thread::sleep(backoff(attempt));
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Hashes what passes through, and remembers whether the source (the network) failed.
+struct Tee<R> {
+    inner: R,
+    state: Rc<RefCell<(Sha256, u64, bool)>>,
+}
+
+impl<R: Read> Read for Tee<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self.inner.read(buf) {
+            Ok(n) => {
+                let mut s = self.state.borrow_mut();
+                s.0.update(&buf[..n]);
+                s.1 += n as u64;
+                Ok(n)
+            }
+            Err(e) => {
+                self.state.borrow_mut().2 = true;
+                Err(e)
+            }
+        }
+    }
+}
+
+/// Downloads blob `d` into `out`, decompressed if `decompress`, verifying its digest and size.
+/// Returns (bytes written, sha256 hex of what was written).
+fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out: &mut dyn Write) -> Result<(u64, String)> {
+    let resp = reg.get_blob(repo, &d.digest)?;
+    let state = Rc::new(RefCell::new((Sha256::new(), 0u64, false)));
+    let mut reader = BufReader::with_capacity(1 << 20, Tee { inner: resp, state: state.clone() });
+    let mut hw = crate::layer::HashingWriter::new(out);
+    let what = format!("blob {}", d.digest);
+    let head = reader.fill_buf().map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    let kind = if decompress { detect(head) } else { Compression::None };
+    let copy_result: io::Result<BufReader<Tee<_>>> = (|| {
+        Ok(match kind {
+            Compression::None => {
+                io::copy(&mut reader, &mut hw)?;
+                reader
+            }
+            Compression::Gzip => {
+                let mut dec = flate2::bufread::MultiGzDecoder::new(reader);
+                io::copy(&mut dec, &mut hw)?;
+                dec.into_inner()
+            }
+            Compression::Zstd => {
+                let mut dec = zstd::stream::read::Decoder::with_buffer(reader)?;
+                io::copy(&mut dec, &mut hw)?;
+                dec.finish()
+            }
+        })
+    })();
+    let mut rest = match copy_result {
+        Ok(r) => r,
+        Err(e) if state.borrow().2 => return Err(anyhow::Error::new(NetError(format!("reading {what}: {e}")))),
+        Err(e) => return Err(anyhow!("{what}: {e}")),
+    };
+    // Whatever follows the compressed stream still counts toward the digest.
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    let (_, digest, n) = hw.finish();
+    let (hasher, size, _) = state.borrow().clone();
+    let got = format!("sha256:{}", hex(&hasher.finalize()));
+    if got != d.digest || size != d.size {
+        bail!("{what} from {}/{repo} does not match its descriptor (got {got}, {size} bytes)", reg.host);
+    }
+    Ok((n, hex(&digest)))
+}
+
+/// A ustar header for a regular file; sizes of 8 GiB and more use the base-256 form, so the
+/// header is always 512 bytes and can be rewritten in place.
+fn tar_header(name: &str, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    if size < 8u64.pow(11) {
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+    } else {
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h
+}
+
+fn pad(size: u64) -> usize {
+    ((512 - size % 512) % 512) as usize
+}
+
+/// Writes the Docker archive of `img` to `path` (via a `.partial` file).
+pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag: &str, path: &Path, progress: &Progress) -> Result<()> {
+    let config_bytes = get_json_blob(reg, repo, &img.config)?;
+    let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| anyhow!("config {} is not JSON: {e}", img.config.digest))?;
+    let diff_ids: Vec<String> = config
+        .pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .ok_or_else(|| anyhow!("config {} has no rootfs.diff_ids", img.config.digest))?
+        .iter()
+        .map(|d| d.as_str().map(str::to_owned).ok_or_else(|| anyhow!("config {}: bad diff_id", img.config.digest)))
+        .collect::<Result<_>>()?;
+    if diff_ids.len() != img.layers.len() {
+        bail!("image has {} layers but its config lists {} diff_ids", img.layers.len(), diff_ids.len());
+    }
+    for d in &diff_ids {
+        super::auth::check_digest(d).map_err(|e| anyhow!("config {}: {e}", img.config.digest))?;
+    }
+    let tmp = partial(path);
+    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = (|| -> Result<()> {
+        let mut f = file;
+        let mut names = Vec::new();
+        let mut written = std::collections::HashSet::new();
+        let mut buf = Vec::new();
+        for (layer, diff_id) in img.layers.iter().zip(&diff_ids) {
+            let name = format!("{}/layer.tar", &diff_id["sha256:".len()..]);
+            names.push(name.clone());
+            if !written.insert(diff_id.clone()) {
+                continue;
+            }
+            let start = f.stream_position()?;
+            let mut attempt = 0;
+            let (size, got) = loop {
+                f.seek(SeekFrom::Start(start))?;
+                f.set_len(start)?;
+                f.write_all(&[0u8; 512])?;
+                let mut w = BufWriter::with_capacity(1 << 20, &mut f);
+                let r = fetch_blob(reg, repo, layer, true, &mut w);
+                let r = r.and_then(|x| w.flush().map(|()| x).map_err(|e| anyhow!("cannot write {}: {e}", tmp.display())));
+                drop(w);
+                match r {
+                    Ok(x) => break x,
+                    Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
+                        attempt += 1;
+                        progress.say(format!("{}: download failed ({e:#}); retrying", layer.digest));
+                        std::thread::sleep(backoff(attempt));
+                    }
+                    Err(e) => return Err(e),
+                }
+            };
+            if format!("sha256:{got}") != *diff_id {
+                bail!("layer {} decompresses to sha256:{got}, but the config says {diff_id}", layer.digest);
+            }
+            f.write_all(&[0u8; 512][..pad(size)])?;
+            let end = f.stream_position()?;
+            f.seek(SeekFrom::Start(start))?;
+            f.write_all(&tar_header(&name, size))?;
+            f.seek(SeekFrom::Start(end))?;
+            progress.say(format!("{}: {} bytes, {size} uncompressed", layer.digest, layer.size));
+        }
+        let mut add = |f: &mut File, name: &str, data: &[u8]| -> io::Result<()> {
+            buf.clear();
+            buf.extend_from_slice(&tar_header(name, data.len() as u64));
+            buf.extend_from_slice(data);
+            buf.extend_from_slice(&[0u8; 512][..pad(data.len() as u64)]);
+            f.write_all(&buf)
+        };
+        let config_name = format!("{}.json", &img.config.digest["sha256:".len()..]);
+        add(&mut f, &config_name, &config_bytes)?;
+        let manifest = json!([{"Config": config_name, "RepoTags": [repo_tag], "Layers": names}]);
+        add(&mut f, "manifest.json", &serde_json::to_vec(&manifest)?)?;
+        f.write_all(&[0u8; 1024])?;
+        f.sync_all()?;
+        Ok(())
+    })();
+    finish_partial(result, &tmp, path)
+}
+
+fn partial(path: &Path) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(".partial");
+    PathBuf::from(s)
+}
+
+fn finish_partial(result: Result<()>, tmp: &Path, path: &Path) -> Result<()> {
+    match result {
+        Ok(()) => fs::rename(tmp, path).map_err(|e| anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())),
+        Err(e) => {
+            let _ = fs::remove_file(tmp);
+            Err(e)
+        }
+    }
+}
+
+/// Writes the image into the OCI layout at `dir` (blobs as the registry has them).
+pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, dir: &Path, progress: &Progress) -> Result<()> {
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
+    let mut all = img.layers.clone();
+    all.push(img.config.clone());
+    for d in &all {
+        let path = blobs.join(&d.digest["sha256:".len()..]);
+        if fs::metadata(&path).is_ok_and(|m| m.len() == d.size) {
+            continue;
+        }
+        let tmp = partial(&path);
+        let mut attempt = 0;
+        loop {
+            let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let r = fetch_blob(reg, repo, d, false, &mut w).and_then(|_| w.flush().map_err(|e| anyhow!("cannot write {}: {e}", tmp.display())));
+            drop(w);
+            match r {
+                Ok(()) => break,
+                Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
+                    attempt += 1;
+                    std::thread::sleep(backoff(attempt));
+                }
+                Err(e) => {
+                    let _ = fs::remove_file(&tmp);
+                    return Err(e);
+                }
+            }
+        }
+        finish_partial(Ok(()), &tmp, &path)?;
+        progress.say(format!("{}: {} bytes", d.digest, d.size));
+    }
+    let manifest = oci::put_blob(dir, &img.media_type, &img.manifest)?;
+    oci::add_to_index(dir, &manifest, Some(name))?;
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    Ok(())
+}

@@ -1,0 +1,423 @@
+//! Pushing a plan: HEAD every blob, mount what another repository has, upload the rest
+//! (streamed from the pass, or from files), then the manifests and the tag.
+
+use super::client::{backoff, retriable, with_digest, Registry};
+use super::http::{BodyWriter, Url};
+use super::source::{Blob, BlobData, Plan};
+use crate::compress::{Compressor, ParallelEncoder};
+use crate::image::{hex, LayerSink, Progress};
+use crate::layer::HashingWriter;
+use anyhow::{anyhow, bail, Result};
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::io::{self, Read, Write};
+use std::rc::Rc;
+use std::time::Instant;
+
+pub struct PushOptions {
+    pub mount_from: Vec<String>,
+    /// Blobs up to this size go in one PUT; larger ones in PATCH chunks of this size.
+    pub chunk_size: u64,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct Summary {
+    pub blobs: usize,
+    pub existed: usize,
+    pub mounted: usize,
+    pub uploaded: usize,
+    pub uploaded_bytes: u64,
+}
+
+fn short(digest: &str) -> &str {
+    &digest[..digest.len().min(7 + 12)]
+}
+
+fn mib(n: u64) -> String {
+    format!("{:.1} MiB", n as f64 / (1024.0 * 1024.0))
+}
+
+/// Where the bytes of one upload go: the current request body, opening PATCH requests one
+/// chunk at a time (or one PUT for the whole blob), and failing with the real cause kept aside.
+struct UploadBody<'r> {
+    reg: &'r Registry,
+    url: Url,
+    digest: String,
+    total: u64,
+    sent: u64,
+    chunk: u64,
+    monolithic: bool,
+    body: Option<(BodyWriter, u64)>,
+    error: Rc<RefCell<Option<anyhow::Error>>>,
+}
+
+impl<'r> UploadBody<'r> {
+    fn fail(&self, e: anyhow::Error) -> io::Error {
+        let msg = format!("{e:#}");
+        *self.error.borrow_mut() = Some(e);
+        io::Error::other(msg)
+    }
+
+    /// Ends the current PATCH and moves on to the URL it returns.
+    fn end_chunk(&mut self) -> Result<()> {
+        if let Some((body, _)) = self.body.take() {
+            let resp = body.finish()?;
+            if resp.status != 202 {
+                return Err(self.reg.fail(&format!("uploading blob {}", self.digest), resp));
+            }
+            let loc = resp.header("location").map(str::to_owned);
+            resp.discard();
+            if let Some(loc) = loc {
+                self.url = self.url.join(&loc)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn open(&mut self) -> Result<()> {
+        if self.monolithic {
+            let url = with_digest(self.url.clone(), &self.digest);
+            let w = self.reg.start_stream("PUT", &url, &[("Content-Type", "application/octet-stream")], self.total)?;
+            self.body = Some((w, self.total));
+        } else {
+            let len = self.chunk.min(self.total - self.sent);
+            let range = format!("{}-{}", self.sent, self.sent + len - 1);
+            let w = self.reg.start_stream(
+                "PATCH",
+                &self.url,
+                &[("Content-Type", "application/octet-stream"), ("Content-Range", &range)],
+                len,
+            )?;
+            self.body = Some((w, len));
+        }
+        Ok(())
+    }
+
+    fn write_inner(&mut self, mut data: &[u8]) -> Result<()> {
+        if self.sent + data.len() as u64 > self.total {
+            bail!("blob {} is longer than the {} bytes the first pass gave: its input changed", self.digest, self.total);
+        }
+        while !data.is_empty() {
+            if self.body.is_none() {
+                self.open()?;
+            }
+            let (w, left) = self.body.as_mut().expect("opened");
+            let k = (data.len() as u64).min(*left) as usize;
+            w.write_all(&data[..k]).map_err(|e| anyhow::Error::new(super::http::NetError(format!("uploading blob {}: {e}", self.digest))))?;
+            *left -= k as u64;
+            self.sent += k as u64;
+            data = &data[k..];
+            if *left == 0 && !self.monolithic {
+                self.end_chunk()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Completes the upload: the last request, then (chunked) the PUT with the digest.
+    fn complete(mut self) -> Result<()> {
+        if self.sent != self.total {
+            bail!("blob {} came out {} bytes long, the first pass gave {}: its input changed", self.digest, self.sent, self.total);
+        }
+        if self.monolithic {
+            if self.body.is_none() {
+                self.open()?; // an empty blob
+            }
+            let (body, _) = self.body.take().expect("opened");
+            let resp = body.finish()?;
+            if resp.status != 201 {
+                return Err(self.reg.fail(&format!("uploading blob {}", self.digest), resp));
+            }
+            resp.discard();
+            return Ok(());
+        }
+        self.end_chunk()?;
+        let url = with_digest(self.url.clone(), &self.digest);
+        let resp = self.reg.start_stream("PUT", &url, &[("Content-Type", "application/octet-stream")], 0)?.finish()?;
+        if resp.status != 201 {
+            return Err(self.reg.fail(&format!("completing blob {}", self.digest), resp));
+        }
+        resp.discard();
+        Ok(())
+    }
+}
+
+impl Write for UploadBody<'_> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.error.borrow().is_some() {
+            return Err(io::Error::other("upload already failed"));
+        }
+        match self.write_inner(data) {
+            Ok(()) => Ok(data.len()),
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+enum Out<'r> {
+    Raw(HashingWriter<UploadBody<'r>>),
+    Enc(ParallelEncoder<HashingWriter<UploadBody<'r>>>),
+}
+
+/// Opens an upload for `digest` (`size` bytes).
+fn start_upload<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts: &PushOptions, error: Rc<RefCell<Option<anyhow::Error>>>) -> Result<UploadBody<'r>> {
+    let url = reg.start_upload(repo)?;
+    Ok(UploadBody {
+        reg,
+        url,
+        digest: digest.to_string(),
+        total: size,
+        sent: 0,
+        chunk: opts.chunk_size.max(1),
+        monolithic: size <= opts.chunk_size,
+        body: None,
+        error,
+    })
+}
+
+/// Pass 2: uploads the wanted items as the pass produces them.
+struct UploadSink<'r, 'o> {
+    reg: &'r Registry,
+    repo: &'o str,
+    opts: &'o PushOptions,
+    /// Item -> (digest, size) still to upload.
+    wanted: HashMap<usize, (String, u64)>,
+    compressor: Option<Compressor>,
+    index: usize,
+    current: Option<(usize, Out<'r>)>,
+    error: Rc<RefCell<Option<anyhow::Error>>>,
+    /// The item that failed and why, for the retry decision.
+    failure: Option<(usize, anyhow::Error)>,
+    done: Vec<(usize, u64)>,
+    progress: &'o Progress,
+}
+
+impl<'r> UploadSink<'r, '_> {
+    fn begin_inner(&mut self) -> Result<()> {
+        let (digest, size) = self.wanted.get(&self.index).cloned().ok_or_else(|| anyhow!("internal error: unexpected item"))?;
+        let body = start_upload(self.reg, self.repo, &digest, size, self.opts, self.error.clone())?;
+        let hw = HashingWriter::new(body);
+        let out = match self.compressor {
+            Some(c) => Out::Enc(ParallelEncoder::new(hw, c)),
+            None => Out::Raw(hw),
+        };
+        self.current = Some((self.index, out));
+        Ok(())
+    }
+
+    fn end_inner(&mut self) -> Result<()> {
+        let (index, out) = self.current.take().ok_or_else(|| anyhow!("internal error: end without begin"))?;
+        let hw = match out {
+            Out::Raw(hw) => hw,
+            Out::Enc(enc) => enc.finish().map_err(|e| self.error.borrow_mut().take().unwrap_or_else(|| anyhow!("compressing: {e}")))?,
+        };
+        let (body, digest, _) = hw.finish();
+        let (want, size) = self.wanted[&index].clone();
+        let got = format!("sha256:{}", hex(&digest));
+        if got != want {
+            bail!("blob {want} came out as {got} on the second pass: its input changed during the push");
+        }
+        body.complete()?;
+        self.progress.say(format!("{}: uploaded {size} bytes", short(&want)));
+        self.wanted.remove(&index);
+        self.done.push((index, size));
+        Ok(())
+    }
+
+    fn record(&mut self, e: anyhow::Error) -> anyhow::Error {
+        let e = self.error.borrow_mut().take().unwrap_or(e);
+        let msg = anyhow!("{e:#}");
+        self.failure = Some((self.index, e));
+        self.current = None;
+        msg
+    }
+}
+
+impl LayerSink for UploadSink<'_, '_> {
+    fn wants(&mut self, index: usize) -> bool {
+        self.index = index;
+        self.wanted.contains_key(&index)
+    }
+    fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
+        self.begin_inner().map_err(|e| self.record(e))
+    }
+    fn out(&mut self) -> &mut dyn Write {
+        match &mut self.current.as_mut().expect("begin before out").1 {
+            Out::Raw(w) => w,
+            Out::Enc(w) => w,
+        }
+    }
+    fn end(&mut self, _size: u64, _diff_id: &str) -> Result<()> {
+        self.end_inner().map_err(|e| self.record(e))
+    }
+}
+
+/// Uploads a blob whose bytes can be read again from the start (memory or a file).
+fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) -> Result<()> {
+    let mut attempt = 0;
+    loop {
+        let error = Rc::new(RefCell::new(None));
+        let result = (|| -> Result<()> {
+            let mut body = start_upload(reg, repo, &blob.digest, blob.size, opts, error.clone())?;
+            let mut hw = HashingWriter::new(&mut body);
+            match &blob.data {
+                BlobData::Bytes(b) => hw.write_all(b)?,
+                BlobData::File(p) => {
+                    let mut f = std::fs::File::open(p).map_err(|e| anyhow!("cannot open {}: {e}", p.display()))?;
+                    let mut buf = vec![0u8; 1 << 20];
+                    loop {
+                        let n = f.read(&mut buf).map_err(|e| anyhow!("cannot read {}: {e}", p.display()))?;
+                        if n == 0 {
+                            break;
+                        }
+                        hw.write_all(&buf[..n])?;
+                    }
+                }
+                BlobData::Pass(_) => bail!("internal error: pass blob uploaded directly"),
+            }
+            let (_, digest, _) = hw.finish();
+            let got = format!("sha256:{}", hex(&digest));
+            if got != blob.digest {
+                bail!("blob {} has digest {got}: the file changed or is corrupt", blob.digest);
+            }
+            body.complete()
+        })();
+        match result {
+            Ok(()) => return Ok(()),
+            Err(e) => {
+                let e = error.borrow_mut().take().unwrap_or(e);
+                if attempt < reg.retries && retriable(&e) {
+                    attempt += 1;
+                    std::thread::sleep(backoff(attempt));
+                    continue;
+                }
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// Pushes everything in `plan` to `repo`, then puts its manifests (children by digest, the
+/// top one by digest and then by `tag`, if any).
+pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opts: &PushOptions, progress: &Progress) -> Result<Summary> {
+    let started = Instant::now();
+    let mut summary = Summary::default();
+    let mut seen = HashSet::new();
+    let mut missing: Vec<&Blob> = Vec::new();
+    for blob in &plan.blobs {
+        if !seen.insert(blob.digest.clone()) {
+            continue;
+        }
+        summary.blobs += 1;
+        if reg.blob_exists(repo, &blob.digest)?.is_some() {
+            progress.say(format!("{}: exists ({}, {})", short(&blob.digest), blob.what, mib(blob.size)));
+            summary.existed += 1;
+            continue;
+        }
+        let mut mounted = false;
+        for from in &opts.mount_from {
+            if from != repo && reg.mount(repo, &blob.digest, from)? {
+                progress.say(format!("{}: mounted from {from} ({}, {})", short(&blob.digest), blob.what, mib(blob.size)));
+                mounted = true;
+                break;
+            }
+        }
+        if mounted {
+            summary.mounted += 1;
+        } else {
+            missing.push(blob);
+        }
+    }
+
+    // Files and bytes first (nothing to produce), then one pass for the made-on-the-fly blobs.
+    let mut pass_items: HashMap<usize, (String, u64)> = HashMap::new();
+    for blob in &missing {
+        match blob.data {
+            BlobData::Pass(i) => {
+                pass_items.insert(i, (blob.digest.clone(), blob.size));
+            }
+            _ if blob.what == "config" => {}
+            _ => {
+                upload_direct(reg, repo, blob, opts)?;
+                progress.say(format!("{}: uploaded {} bytes", short(&blob.digest), blob.size));
+                summary.uploaded += 1;
+                summary.uploaded_bytes += blob.size;
+            }
+        }
+    }
+    if !pass_items.is_empty() {
+        let pass = plan.pass.ok_or_else(|| anyhow!("internal error: plan has pass blobs but no pass"))?;
+        let mut attempts: HashMap<usize, u32> = HashMap::new();
+        let quiet = Progress { quiet: true };
+        loop {
+            let mut sink = UploadSink {
+                reg,
+                repo,
+                opts,
+                wanted: pass_items.clone(),
+                compressor: pass.compressor(),
+                index: 0,
+                current: None,
+                error: Rc::new(RefCell::new(None)),
+                failure: None,
+                done: Vec::new(),
+                progress,
+            };
+            let result = pass.run(&mut sink, &quiet);
+            for (i, size) in &sink.done {
+                pass_items.remove(i);
+                summary.uploaded += 1;
+                summary.uploaded_bytes += size;
+            }
+            match result {
+                Ok(()) if pass_items.is_empty() => break,
+                Ok(()) => bail!("internal error: {} blobs were not produced by the pass", pass_items.len()),
+                Err(e) => {
+                    let Some((index, cause)) = sink.failure else { return Err(e) };
+                    let n = attempts.entry(index).or_default();
+                    if *n < reg.retries && retriable(&cause) {
+                        *n += 1;
+                        let digest = pass_items.get(&index).map(|(d, _)| d.clone()).unwrap_or_default();
+                        progress.say(format!("{}: upload failed ({cause:#}); retrying from its start", short(&digest)));
+                        std::thread::sleep(backoff(*n));
+                        continue;
+                    }
+                    return Err(cause);
+                }
+            }
+        }
+    }
+    // Configs last among blobs: a registry may check a manifest's blobs, never the reverse.
+    for blob in &missing {
+        if blob.what == "config" && !matches!(blob.data, BlobData::Pass(_)) {
+            upload_direct(reg, repo, blob, opts)?;
+            progress.say(format!("{}: uploaded {} bytes (config)", short(&blob.digest), blob.size));
+            summary.uploaded += 1;
+            summary.uploaded_bytes += blob.size;
+        }
+    }
+
+    for m in &plan.manifests {
+        reg.put_manifest(repo, &m.digest, &m.media_type, &m.bytes)?;
+    }
+    if let Some(tag) = tag {
+        let top = plan.top();
+        reg.put_manifest(repo, tag, &top.media_type, &top.bytes)?;
+    }
+    let stats = reg.http.stats.lock().map(|s| (s.requests, s.bytes_sent)).unwrap_or_default();
+    progress.say(format!(
+        "summary: {} blobs: {} uploaded ({} bytes), {} mounted, {} existed; {} requests, {} bytes sent in {:.2} s",
+        summary.blobs,
+        summary.uploaded,
+        summary.uploaded_bytes,
+        summary.mounted,
+        summary.existed,
+        stats.0,
+        stats.1,
+        started.elapsed().as_secs_f64()
+    ));
+    Ok(summary)
+}

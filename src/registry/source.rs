@@ -1,0 +1,487 @@
+//! What `push` and `index` can push: a stream conf, an OCI layout directory, an oci-archive or
+//! a Docker archive, each turned into a `Plan` (blobs and manifests with their digests).
+//!
+//! Layers that are made on the fly (a conf's store layers, a Docker archive's uncompressed
+//! layers) are produced twice: once to learn their compressed digests, once, for the blobs
+//! the registry lacks, straight into the upload. Nothing is staged on disk.
+
+use crate::base::BaseImage;
+use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
+use crate::image::{hex, ImageSpec, LayerSink, Progress};
+use crate::layer::{out_err, HashingWriter};
+use crate::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+
+/// Where a blob's bytes come from.
+pub enum BlobData {
+    Bytes(Vec<u8>),
+    File(PathBuf),
+    /// Item `n` of the plan's pass.
+    Pass(usize),
+}
+
+pub struct Blob {
+    pub digest: String,
+    pub size: u64,
+    pub data: BlobData,
+    /// For progress lines, e.g. `layer 3`.
+    pub what: String,
+}
+
+pub struct ManifestPut {
+    pub bytes: Vec<u8>,
+    pub media_type: String,
+    pub digest: String,
+}
+
+/// Produces blobs in one sequential pass (re-runnable: the bytes are the same every time).
+pub trait LayerPass {
+    /// Writes the raw bytes of every item `sink.wants(n)` accepts.
+    fn run(&self, sink: &mut dyn LayerSink, progress: &Progress) -> Result<()>;
+    /// How raw bytes become the blob; `None`: they are the blob already.
+    fn compressor(&self) -> Option<Compressor>;
+}
+
+pub struct Plan<'a> {
+    /// Layers first, then configs: what the manifests need to be present.
+    pub blobs: Vec<Blob>,
+    /// Children before the index listing them; the last is what the tag names.
+    pub manifests: Vec<ManifestPut>,
+    pub pass: Option<&'a dyn LayerPass>,
+}
+
+impl Plan<'_> {
+    pub fn top(&self) -> &ManifestPut {
+        self.manifests.last().expect("a plan has a manifest")
+    }
+}
+
+pub fn sha256_digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+/// A source as given on the command line.
+pub enum Source {
+    Conf(PathBuf),
+    OciDir(PathBuf, Option<String>),
+    OciArchive(PathBuf, Option<String>),
+    DockerArchive(PathBuf),
+}
+
+fn split_ref(s: &str) -> (PathBuf, Option<String>) {
+    // `DIR:REF`: only split when the part before the last colon exists, so paths with colons
+    // still work when they name an existing file.
+    if let Some((p, r)) = s.rsplit_once(':') {
+        if !Path::new(s).exists() && Path::new(p).exists() && !r.contains('/') {
+            return (PathBuf::from(p), Some(r.to_string()));
+        }
+    }
+    (PathBuf::from(s), None)
+}
+
+impl Source {
+    /// `oci:DIR[:REF]`, `oci-archive:FILE[:REF]`, `docker-archive:FILE`, or a path: a
+    /// directory is an OCI layout, a JSON file a conf, a tar is told by its members.
+    pub fn parse(s: &str) -> Result<Source> {
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (p, r) = split_ref(rest);
+            return Ok(Source::OciDir(p, r));
+        }
+        if let Some(rest) = s.strip_prefix("oci-archive:") {
+            let (p, r) = split_ref(rest);
+            return Ok(Source::OciArchive(p, r));
+        }
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            return Ok(Source::DockerArchive(rest.into()));
+        }
+        if let Some(rest) = s.strip_prefix("conf:") {
+            return Ok(Source::Conf(rest.into()));
+        }
+        let path = PathBuf::from(s);
+        let meta = fs::metadata(&path).map_err(|e| anyhow!("cannot read source {s}: {e}"))?;
+        if meta.is_dir() {
+            return Ok(Source::OciDir(path, None));
+        }
+        let mut head = [0u8; 512];
+        let n = File::open(&path).and_then(|mut f| f.read(&mut head)).map_err(|e| anyhow!("cannot read source {s}: {e}"))?;
+        if head[..n].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+            return Ok(Source::Conf(path));
+        }
+        // A tar: a Docker archive has manifest.json (newer ones have index.json too).
+        let mut has_manifest = false;
+        let mut has_index = false;
+        for_each_member(&path, |name, _| {
+            has_manifest |= name == "manifest.json";
+            has_index |= name == "index.json";
+            Ok(!has_manifest)
+        })
+        .with_context(|| format!("source {s}: not a conf, a Docker archive or an oci-archive"))?;
+        match (has_manifest, has_index) {
+            (true, _) => Ok(Source::DockerArchive(path)),
+            (false, true) => Ok(Source::OciArchive(path, None)),
+            _ => bail!("source {s}: a tar with neither manifest.json (Docker archive) nor index.json (oci-archive)"),
+        }
+    }
+}
+
+fn normalize(name: &str) -> String {
+    name.split('/').filter(|c| !c.is_empty() && *c != ".").collect::<Vec<_>>().join("/")
+}
+
+/// Runs `f(name, entry)` on each regular file of a (possibly compressed) tar until it says stop.
+fn for_each_member(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> Result<bool>) -> Result<()> {
+    let reader = crate::compress::open_decompressed(path)?;
+    let mut archive = tar::Archive::new(reader);
+    for entry in archive.entries().map_err(|e| anyhow!("{}: not a tar archive: {e}", path.display()))? {
+        let mut entry = entry.map_err(|e| anyhow!("{}: not a valid tar archive: {e}", path.display()))?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
+        if !f(&name, &mut entry)? {
+            break;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Layers made on the fly: pass 1 learns their compressed digests.
+
+/// Compresses and hashes each layer, keeping nothing.
+struct DigestSink {
+    compressor: Compressor,
+    index: usize,
+    current: Option<(usize, ParallelEncoder<HashingWriter<io::Sink>>)>,
+    /// By item: (compressed descriptor, diff_id hex).
+    results: HashMap<usize, (String, u64, String)>,
+}
+
+impl LayerSink for DigestSink {
+    fn wants(&mut self, index: usize) -> bool {
+        self.index = index;
+        true
+    }
+    fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
+        self.current = Some((self.index, ParallelEncoder::new(HashingWriter::new(io::sink()), self.compressor)));
+        Ok(())
+    }
+    fn out(&mut self) -> &mut dyn Write {
+        &mut self.current.as_mut().expect("begin before out").1
+    }
+    fn end(&mut self, _size: u64, diff_id: &str) -> Result<()> {
+        let (index, enc) = self.current.take().expect("begin before end");
+        let (_, digest, size) = enc.finish().map_err(out_err)?.finish();
+        self.results.insert(index, (format!("sha256:{}", hex(&digest)), size, diff_id.to_string()));
+        Ok(())
+    }
+}
+
+fn digest_pass(pass: &dyn LayerPass, compressor: Compressor, progress: &Progress) -> Result<HashMap<usize, (String, u64, String)>> {
+    let mut sink = DigestSink { compressor, index: 0, current: None, results: HashMap::new() };
+    pass.run(&mut sink, progress)?;
+    Ok(sink.results)
+}
+
+/// A stream conf's layers (base image, store layers, customisation layer).
+pub struct ConfPass<'c> {
+    pub spec: ImageSpec<'c>,
+    pub compressor: Compressor,
+}
+
+impl LayerPass for ConfPass<'_> {
+    fn run(&self, sink: &mut dyn LayerSink, progress: &Progress) -> Result<()> {
+        self.spec.emit_layers(sink, progress).map(drop)
+    }
+    fn compressor(&self) -> Option<Compressor> {
+        Some(self.compressor)
+    }
+}
+
+/// Plans a conf's image: one digest pass, then the OCI config and manifest.
+pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, progress: &Progress) -> Result<Plan<'a>> {
+    let quiet = Progress { quiet: true };
+    progress.say(format!("Computing layer digests ({} layers)...", pass.spec.layer_count()));
+    let mut hashing = DigestSink { compressor: pass.compressor, index: 0, current: None, results: HashMap::new() };
+    let layers = pass.spec.emit_layers(&mut hashing, &quiet)?;
+    let mut blobs = Vec::new();
+    let mut descs = Vec::new();
+    for (i, layer) in layers.iter().enumerate() {
+        let (digest, size, diff_id) = hashing.results.get(&i).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        if *diff_id != layer.diff_id {
+            bail!("internal error: layer {} diff_id mismatch", i + 1);
+        }
+        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size: *size });
+        blobs.push(Blob { digest: digest.clone(), size: *size, data: BlobData::Pass(i), what: format!("layer {}", i + 1) });
+    }
+    let config = pass.spec.config_json(&layers).into_bytes();
+    let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
+    blobs.push(Blob { digest: config_desc.digest.clone(), size: config_desc.size, data: BlobData::Bytes(config), what: "config".into() });
+    let manifest = oci::manifest_json(&config_desc, &descs).into_bytes();
+    let digest = sha256_digest(&manifest);
+    Ok(Plan { blobs, manifests: vec![ManifestPut { bytes: manifest, media_type: MANIFEST_TYPE.into(), digest }], pass: Some(pass) })
+}
+
+/// A Docker archive's layers, read from the archive (decompressed if they were compressed).
+pub struct DockerArchivePass {
+    pub base: BaseImage,
+    pub compressor: Compressor,
+}
+
+impl LayerPass for DockerArchivePass {
+    fn run(&self, sink: &mut dyn LayerSink, _progress: &Progress) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        self.base.copy_layers(|layer, reader| {
+            let index = self.base.layers.iter().position(|l| l.member == layer.member).unwrap_or(0);
+            if !sink.wants(index) {
+                return Ok(());
+            }
+            sink.begin(&layer.member, layer.size)?;
+            let mut r = BufReader::with_capacity(1 << 20, reader.take(layer.size));
+            let head = r.fill_buf().with_context(|| format!("reading {}", layer.member))?;
+            let mut r: Box<dyn Read> = match detect(head) {
+                Compression::None => Box::new(r),
+                Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
+                Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
+            };
+            let mut hw = HashingWriter::new(sink.out());
+            crate::image::copy_reading(&mut r, &mut hw, &mut buf, || format!("{}: member {}", self.base.path.display(), layer.member))?;
+            let (_, digest, size) = hw.finish();
+            let diff_id = hex(&digest);
+            if format!("sha256:{diff_id}") != layer.diff_id {
+                bail!("{}: layer {} does not match its diff_id {}", self.base.path.display(), layer.member, layer.diff_id);
+            }
+            sink.end(size, &diff_id)
+        })
+    }
+    fn compressor(&self) -> Option<Compressor> {
+        Some(self.compressor)
+    }
+}
+
+/// The config member of a Docker archive, byte for byte (so the image ID is kept).
+fn docker_config_bytes(path: &Path) -> Result<Vec<u8>> {
+    let mut manifest: Option<Vec<u8>> = None;
+    let mut jsons: HashMap<String, Vec<u8>> = HashMap::new();
+    for_each_member(path, |name, r| {
+        if name.ends_with(".json") {
+            let mut data = Vec::new();
+            r.take(16 << 20).read_to_end(&mut data)?;
+            if name == "manifest.json" {
+                manifest = Some(data);
+            } else {
+                jsons.insert(name.to_string(), data);
+            }
+        }
+        Ok(true)
+    })?;
+    let manifest: Value = serde_json::from_slice(&manifest.ok_or_else(|| anyhow!("{}: no manifest.json", path.display()))?)
+        .map_err(|e| anyhow!("{}: manifest.json: {e}", path.display()))?;
+    let name = manifest.pointer("/0/Config").and_then(Value::as_str).ok_or_else(|| anyhow!("{}: manifest.json has no Config", path.display()))?;
+    jsons
+        .remove(&normalize(name))
+        .ok_or_else(|| anyhow!("{}: config {name} is not a plain .json member", path.display()))
+}
+
+pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress) -> Result<Plan<'a>> {
+    progress.say(format!("Computing layer digests ({} layers)...", pass.base.layers.len()));
+    let results = digest_pass(pass, pass.compressor, progress)?;
+    let config = docker_config_bytes(&pass.base.path)?;
+    let mut blobs = Vec::new();
+    let mut descs = Vec::new();
+    for (i, layer) in pass.base.layers.iter().enumerate() {
+        // Layers sharing a member were produced once, under the first index.
+        let first = pass.base.layers.iter().position(|l| l.member == layer.member).unwrap_or(i);
+        let (digest, size, _) = results.get(&first).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size: *size });
+        blobs.push(Blob { digest: digest.clone(), size: *size, data: BlobData::Pass(first), what: format!("layer {}", i + 1) });
+    }
+    let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
+    blobs.push(Blob { digest: config_desc.digest.clone(), size: config_desc.size, data: BlobData::Bytes(config), what: "config".into() });
+    let manifest = oci::manifest_json(&config_desc, &descs).into_bytes();
+    let digest = sha256_digest(&manifest);
+    Ok(Plan { blobs, manifests: vec![ManifestPut { bytes: manifest, media_type: MANIFEST_TYPE.into(), digest }], pass: Some(pass) })
+}
+
+// ---------------------------------------------------------------------------------------------
+// OCI layouts: blobs are ready; walk index -> manifests -> blobs.
+
+/// Picks the entry of `index.json` to push: the one named `reference`, or the only one.
+fn pick_entry(index: &Value, reference: Option<&str>, what: &str) -> Result<Value> {
+    let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index.json has no manifests"))?;
+    let name_of = |m: &Value| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).map(str::to_owned);
+    match reference {
+        Some(r) => manifests
+            .iter()
+            .find(|m| name_of(m).as_deref() == Some(r) || name_of(m).is_some_and(|n| n.rsplit_once(':').is_some_and(|(_, t)| t == r)))
+            .cloned()
+            .ok_or_else(|| anyhow!("{what}: no image named {r:?} in index.json")),
+        None if manifests.len() == 1 => Ok(manifests[0].clone()),
+        None => {
+            let names: Vec<String> = manifests.iter().filter_map(name_of).collect();
+            bail!("{what}: index.json lists {} images; name one with :REF (names: {})", manifests.len(), names.join(", "))
+        }
+    }
+}
+
+/// Walks from a descriptor down to blobs. `json_blob(digest)` returns a manifest's bytes.
+fn walk(
+    desc: &Value,
+    json_blob: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    blobs: &mut Vec<(String, u64, String)>,
+    manifests: &mut Vec<ManifestPut>,
+    what: &str,
+    depth: u32,
+) -> Result<()> {
+    if depth > 4 {
+        bail!("{what}: indexes nested too deeply");
+    }
+    let digest = desc.get("digest").and_then(Value::as_str).ok_or_else(|| anyhow!("{what}: a descriptor has no digest"))?.to_string();
+    super::auth::check_digest(&digest).map_err(|e| anyhow!("{what}: {e}"))?;
+    let bytes = json_blob(&digest)?;
+    if sha256_digest(&bytes) != digest {
+        bail!("{what}: blob {digest} does not match its digest");
+    }
+    let json: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{what}: manifest {digest} is not JSON: {e}"))?;
+    let media_type = json
+        .get("mediaType")
+        .and_then(Value::as_str)
+        .or_else(|| desc.get("mediaType").and_then(Value::as_str))
+        .unwrap_or(if json.get("manifests").is_some() { INDEX_TYPE } else { MANIFEST_TYPE })
+        .to_string();
+    if let Some(children) = json.get("manifests").and_then(Value::as_array) {
+        for child in children {
+            walk(child, json_blob, blobs, manifests, what, depth + 1)?;
+        }
+    } else {
+        let mut add = |d: &Value, kind: &str| -> Result<()> {
+            let digest = d.get("digest").and_then(Value::as_str).ok_or_else(|| anyhow!("{what}: a descriptor has no digest"))?;
+            super::auth::check_digest(digest).map_err(|e| anyhow!("{what}: {e}"))?;
+            let size = d.get("size").and_then(Value::as_u64).ok_or_else(|| anyhow!("{what}: descriptor {digest} has no size"))?;
+            if !blobs.iter().any(|(b, _, _)| b == digest) {
+                blobs.push((digest.to_string(), size, kind.to_string()));
+            }
+            Ok(())
+        };
+        let layers = json.get("layers").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: manifest {digest} has no layers"))?;
+        for (i, l) in layers.iter().enumerate() {
+            add(l, &format!("layer {}", i + 1))?;
+        }
+        add(json.get("config").ok_or_else(|| anyhow!("{what}: manifest {digest} has no config"))?, "config")?;
+    }
+    if !manifests.iter().any(|m| m.digest == digest) {
+        manifests.push(ManifestPut { bytes, media_type, digest });
+    }
+    Ok(())
+}
+
+pub fn plan_oci_dir(dir: &Path, reference: Option<&str>) -> Result<Plan<'static>> {
+    let what = format!("OCI layout {}", dir.display());
+    let index_path = dir.join("index.json");
+    let index: Value = serde_json::from_slice(&fs::read(&index_path).map_err(|e| anyhow!("{what}: cannot read index.json: {e}"))?)
+        .map_err(|e| anyhow!("{what}: index.json is not JSON: {e}"))?;
+    let entry = pick_entry(&index, reference, &what)?;
+    let blob_path = |d: &str| dir.join("blobs/sha256").join(&d["sha256:".len()..]);
+    let mut json_blob = |d: &str| -> Result<Vec<u8>> {
+        let p = blob_path(d);
+        let meta = fs::metadata(&p).map_err(|e| anyhow!("{what}: blob {d}: {e}"))?;
+        if meta.len() > super::client::JSON_LIMIT {
+            bail!("{what}: manifest {d} is too large");
+        }
+        fs::read(&p).map_err(|e| anyhow!("{what}: blob {d}: {e}"))
+    };
+    let (mut found, mut manifests) = (Vec::new(), Vec::new());
+    walk(&entry, &mut json_blob, &mut found, &mut manifests, &what, 0)?;
+    let mut blobs = Vec::new();
+    for (digest, size, kind) in found {
+        let path = blob_path(&digest);
+        let actual = fs::metadata(&path).map_err(|e| anyhow!("{what}: blob {digest}: {e}"))?.len();
+        if actual != size {
+            bail!("{what}: blob {digest} is {actual} bytes, its descriptor says {size}");
+        }
+        blobs.push(Blob { digest, size, data: BlobData::File(path), what: kind });
+    }
+    Ok(Plan { blobs, manifests, pass: None })
+}
+
+/// An oci-archive's big blobs, read from the tar in one pass.
+pub struct OciArchivePass {
+    pub path: PathBuf,
+    /// Pass items: member name (`blobs/sha256/<hex>`) by item number.
+    pub members: Vec<String>,
+}
+
+impl LayerPass for OciArchivePass {
+    fn run(&self, sink: &mut dyn LayerSink, _progress: &Progress) -> Result<()> {
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = self.members.len();
+        for_each_member(&self.path, |name, r| {
+            if let Some(i) = self.members.iter().position(|m| m == name) {
+                left -= 1;
+                if sink.wants(i) {
+                    sink.begin(name, 0)?;
+                    let n = crate::image::copy_reading(&mut &mut *r, sink.out(), &mut buf, || format!("{}: member {name}", self.path.display()))?;
+                    sink.end(n, "")?;
+                }
+            }
+            Ok(left > 0)
+        })
+    }
+    fn compressor(&self) -> Option<Compressor> {
+        None
+    }
+}
+
+/// Plans an oci-archive: one pass keeps the small JSON members (index, manifests, configs);
+/// the other blobs go into a pass.
+pub fn plan_oci_archive(path: &Path, reference: Option<&str>) -> Result<(Plan<'static>, OciArchivePass)> {
+    let what = format!("oci-archive {}", path.display());
+    let mut small: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    for_each_member(path, |name, r| {
+        let mut head = Vec::new();
+        r.take(1).read_to_end(&mut head)?;
+        let mut rest = Vec::new();
+        if head.first() == Some(&b'{') {
+            r.take(super::client::JSON_LIMIT).read_to_end(&mut rest)?;
+            let mut data = head;
+            data.extend(rest);
+            sizes.insert(name.to_string(), data.len() as u64 + io::copy(r, &mut io::sink())?);
+            small.insert(name.to_string(), data);
+        } else {
+            sizes.insert(name.to_string(), head.len() as u64 + io::copy(r, &mut io::sink())?);
+        }
+        Ok(true)
+    })?;
+    let index: Value = serde_json::from_slice(small.get("index.json").ok_or_else(|| anyhow!("{what}: no index.json"))?)
+        .map_err(|e| anyhow!("{what}: index.json is not JSON: {e}"))?;
+    let entry = pick_entry(&index, reference, &what)?;
+    let member = |d: &str| format!("blobs/sha256/{}", &d["sha256:".len()..]);
+    let mut json_blob = |d: &str| -> Result<Vec<u8>> { small.get(&member(d)).cloned().ok_or_else(|| anyhow!("{what}: no JSON blob {d}")) };
+    let (mut found, mut manifests) = (Vec::new(), Vec::new());
+    walk(&entry, &mut json_blob, &mut found, &mut manifests, &what, 0)?;
+    let mut pass = OciArchivePass { path: path.to_owned(), members: Vec::new() };
+    let mut blobs = Vec::new();
+    for (digest, size, kind) in found {
+        let m = member(&digest);
+        let actual = *sizes.get(&m).ok_or_else(|| anyhow!("{what}: no blob {digest}"))?;
+        if actual != size {
+            bail!("{what}: blob {digest} is {actual} bytes, its descriptor says {size}");
+        }
+        let data = match small.get(&m) {
+            Some(bytes) if kind == "config" => BlobData::Bytes(bytes.clone()),
+            _ => {
+                pass.members.push(m);
+                BlobData::Pass(pass.members.len() - 1)
+            }
+        };
+        blobs.push(Blob { digest, size, data, what: kind });
+    }
+    Ok((Plan { blobs, manifests, pass: None }, pass))
+}
