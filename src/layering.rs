@@ -1,15 +1,1158 @@
 //! Layering: from a closure graph to a list of layers (`stevedore layers`).
-//! (Being written: issue 3.)
+//!
+//! Which store paths share a layer decides how well images cache. nixpkgs offers three ways to
+//! decide, and each is here with the same results on the same graph:
+//!
+//! - `popularity`: `referencesByPopularity`'s contest (now the `popularity_contest` step of
+//!   `flatten-references-graph`) followed by `limit_layers`, the pipeline nixpkgs'
+//!   `streamLayeredImage` used by default until `auto` replaced it;
+//! - `auto`: nixpkgs' `auto-layer.py`, the current default: the largest paths head layers of their
+//!   own, and everything else is grouped by the set of heads that use it;
+//! - `pipeline`: a `layeringPipeline`, the list of steps `flatten-references-graph` applies.
+//!
+//! `dominator` is our own strategy (see [`dominator_layers`]).
 
-use anyhow::{bail, Result};
+use crate::store::{ClosureGraph, GraphFormat, StorePath};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::cmp::Ordering;
+use std::collections::{HashMap, HashSet};
+use std::io::Write;
+use std::path::PathBuf;
 
 /// Arguments of `stevedore layers`.
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Debug, Clone)]
+#[command(
+    about = "Plan layers from a closure graph",
+    long_about = "Plan layers from a closure graph.\n\n\
+GRAPH is a closure graph as Nix writes it: exportReferencesGraph under __structuredAttrs (a JSON \
+list of {path, narHash, narSize, closureSize, references}, or a .attrs.json holding it as \
+`graph`), exportReferencesGraph's text format, or closureInfo's `registration` or `store-paths`. \
+`-` reads stdin.\n\n\
+The plan, a JSON list of layers (bottom first), each a list of store paths, goes to stdout; it is \
+what a streamLayeredImage conf holds as `store_layers`. With --explain a table goes there instead.\n\n\
+maxLayers counts as nixpkgs counts it: base image layers (--base-layers) and one customisation \
+layer come off it, and the store paths get the rest."
+)]
 pub struct LayersArgs {
-    /// The closure graph JSON.
-    pub graph: std::path::PathBuf,
+    /// The closure graph (`-` for stdin).
+    pub graph: PathBuf,
+    /// How to group paths into layers (default: auto, nixpkgs' current default).
+    #[arg(long, value_enum)]
+    pub strategy: Option<StrategyName>,
+    /// A layeringPipeline as JSON (the list nixpkgs' Nix list turns into), or a file holding it.
+    /// Implies --strategy pipeline.
+    #[arg(long, value_name = "FILE_OR_JSON")]
+    pub pipeline: Option<String>,
+    /// The image's layer budget, as nixpkgs' maxLayers.
+    #[arg(long, default_value_t = 100, value_name = "N")]
+    pub max_layers: usize,
+    /// Layers of the base image (fromImage), which come off the budget.
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub base_layers: usize,
+    /// Plan only the closure of these paths (repeatable). Without it, the whole graph.
+    #[arg(long = "root", value_name = "PATH")]
+    pub roots: Vec<String>,
+    /// Leave this path out of every layer (repeatable), as nixpkgs' excludePaths.
+    #[arg(long = "exclude", value_name = "PATH")]
+    pub exclude: Vec<String>,
+    /// The graph's format.
+    #[arg(long, value_enum, default_value_t = GraphFormat::Auto)]
+    pub format: GraphFormat,
+    /// Print a table (layer, paths, bytes) instead of the JSON plan.
+    #[arg(long)]
+    pub explain: bool,
+    /// Plan this other closure graph the same way and report the bytes both plans share
+    /// (layers identical in both).
+    #[arg(long, value_name = "OTHER_GRAPH")]
+    pub against: Option<PathBuf>,
+    /// Print nothing on stderr but errors and warnings.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
-pub fn run(_args: &LayersArgs) -> Result<()> {
-    bail!("stevedore layers is not written yet")
+/// Strategy names for the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyName {
+    Popularity,
+    Auto,
+    Pipeline,
+    Dominator,
+}
+
+/// How to group store paths into layers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Strategy {
+    /// nixpkgs' popularity contest, then `limit_layers` to the budget.
+    Popularity,
+    /// nixpkgs' auto-layer.
+    Auto,
+    /// A nixpkgs layeringPipeline (which sets its own limits).
+    Pipeline(Pipeline),
+    /// Dominator-tree grouping (ours).
+    Dominator,
+}
+
+/// What [`plan_layers`] needs besides the graph.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PlanOptions {
+    pub strategy: Strategy,
+    /// nixpkgs' maxLayers: the whole image's budget.
+    pub max_layers: usize,
+    /// Layers of the base image (fromImage).
+    pub base_layers: usize,
+    /// Plan only the closure of these paths; empty means the whole graph.
+    pub roots: Vec<String>,
+    /// Paths left out of every layer (nixpkgs' excludePaths); unknown ones are ignored.
+    pub exclude: Vec<String>,
+}
+
+impl Default for PlanOptions {
+    fn default() -> Self {
+        PlanOptions { strategy: Strategy::Auto, max_layers: 100, base_layers: 0, roots: vec![], exclude: vec![] }
+    }
+}
+
+impl PlanOptions {
+    /// Layers left for store paths: nixpkgs takes the base image's layers and one customisation
+    /// layer off maxLayers, and needs at least one left.
+    pub fn store_layer_budget(&self) -> Result<usize> {
+        let used = self.base_layers.saturating_add(1);
+        if self.max_layers <= used {
+            let base = if self.base_layers > 0 { format!("the base image has {} layers, ", self.base_layers) } else { String::new() };
+            bail!(
+                "maxLayers {} is too low: at least {} are needed ({base}1 is kept for the customisation layer and at least 1 is needed for the store paths)",
+                self.max_layers,
+                used.saturating_add(1)
+            );
+        }
+        Ok(self.max_layers - used)
+    }
+}
+
+/// Plans the store layers of an image: a list of layers, bottom first, each a list of store
+/// paths. The same graph and options always give the same plan, whatever order the graph was
+/// read in.
+pub fn plan_layers(graph: &ClosureGraph, opts: &PlanOptions) -> Result<Vec<Vec<String>>> {
+    let budget = opts.store_layer_budget()?;
+    let restricted;
+    let graph = if opts.roots.is_empty() {
+        graph
+    } else {
+        restricted = graph.closure_of(&opts.roots)?;
+        &restricted
+    };
+    let mut excluded = vec![false; graph.len()];
+    for p in &opts.exclude {
+        if let Some(i) = graph.index_of(p) {
+            excluded[i as usize] = true;
+        }
+    }
+    let layers = match &opts.strategy {
+        Strategy::Popularity => {
+            let pipeline = Pipeline(vec![Step::PopularityContest, Step::LimitLayers(budget)]);
+            pipeline.run(graph, &excluded)?
+        }
+        Strategy::Pipeline(p) => p.run(graph, &excluded)?,
+        Strategy::Auto => auto_layers(graph, budget, &excluded),
+        Strategy::Dominator => dominator_layers(graph, budget, &excluded),
+    };
+    Ok(layers.into_iter().map(|l| l.into_iter().map(|i| graph.path(i).to_string()).collect()).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Popularity
+
+/// nixpkgs' popularity contest on a DAG given as children lists: paths ordered by popularity,
+/// most popular first, equal ones by [`package_name`].
+///
+/// nixpkgs expands the graph into a tree from the paths nobody references and adds up counters
+/// level by level. That works out to: the popularity of `s` is the sum, over every `x` that is
+/// `s` or reaches `s`, of the number of distinct walks from a root to `x`. Walk counts grow
+/// exponentially with depth, so the sums are exact big integers (Python's ints), computed with
+/// ancestor bitsets and per-byte lookup tables instead of nixpkgs' per-path dictionaries.
+fn popularity_order(children: &[Vec<u32>], names: &[&str]) -> Vec<u32> {
+    let n = children.len();
+    let mut parents = vec![Vec::new(); n];
+    for (s, cs) in children.iter().enumerate() {
+        for &c in cs {
+            parents[c as usize].push(s as u32);
+        }
+    }
+    // Roots first.
+    let mut pending: Vec<usize> = parents.iter().map(Vec::len).collect();
+    let mut topo: Vec<u32> = (0..n as u32).filter(|&i| pending[i as usize] == 0).collect();
+    let mut head = 0;
+    while head < topo.len() {
+        let s = topo[head] as usize;
+        head += 1;
+        for &c in &children[s] {
+            pending[c as usize] -= 1;
+            if pending[c as usize] == 0 {
+                topo.push(c);
+            }
+        }
+    }
+    // Closure graphs are acyclic; should a cycle get here anyway, its paths go last, as the
+    // paths nixpkgs finds "missing" from the contest do.
+    let reachable = topo.len();
+    let mut missing: Vec<u32> = (0..n as u32).filter(|&i| pending[i as usize] != 0).collect();
+    missing.sort_by(|&a, &b| names[a as usize].cmp(names[b as usize]));
+
+    // Walks from the roots to each path.
+    let mut walks: Vec<Vec<u32>> = vec![Vec::new(); n];
+    for &s in &topo[..reachable] {
+        let s = s as usize;
+        if parents[s].is_empty() {
+            walks[s] = vec![1];
+        } else {
+            let mut acc = Vec::new();
+            for &p in &parents[s] {
+                big_add(&mut acc, &walks[p as usize]);
+            }
+            walks[s] = acc;
+        }
+    }
+    let limbs = walks.iter().map(Vec::len).max().unwrap_or(0).max(1);
+
+    // sums[s * limbs + j]: the sum of limb j of walks over the ancestors of s (and s). Limbs
+    // are 32 bits, so even n of them fit a u64 and carries wait until the end.
+    let mut sums = vec![0u64; n * limbs];
+    let mut pos = vec![usize::MAX; n];
+    for (i, &s) in topo.iter().enumerate() {
+        pos[s as usize] = i;
+    }
+    const CHUNK: usize = 4096;
+    let width = reachable.min(CHUNK).div_ceil(64).max(1);
+    let mut bits = vec![0u64; reachable * width];
+    let mut table = vec![0u64; width * 8 * 256];
+    for start in (0..reachable).step_by(CHUNK) {
+        let end = (start + CHUNK).min(reachable);
+        // Row r: which of topo[start..end] are ancestors of topo[r] (or it). Parents come
+        // earlier in topo order, so rows before `start` are empty and skipped.
+        for r in start..reachable {
+            let (done, rest) = bits.split_at_mut(r * width);
+            let row = &mut rest[..width];
+            row.fill(0);
+            if r < end {
+                let k = r - start;
+                row[k / 64] |= 1 << (k % 64);
+            }
+            for &p in &parents[topo[r] as usize] {
+                let pr = pos[p as usize];
+                if pr >= start {
+                    for (w, &v) in row.iter_mut().zip(&done[pr * width..pr * width + width]) {
+                        *w |= v;
+                    }
+                }
+            }
+        }
+        let blocks = (end - start).div_ceil(8);
+        for j in 0..limbs {
+            for b in 0..blocks {
+                let t = &mut table[b * 256..b * 256 + 256];
+                for mask in 1..256usize {
+                    let k = start + b * 8 + mask.trailing_zeros() as usize;
+                    let v = if k < end { walks[topo[k] as usize].get(j).copied().unwrap_or(0) as u64 } else { 0 };
+                    t[mask] = t[mask & (mask - 1)] + v;
+                }
+            }
+            for r in start..reachable {
+                let row = &bits[r * width..r * width + width];
+                let mut sum = 0u64;
+                for b in 0..blocks {
+                    let byte = (row[b / 8] >> ((b % 8) * 8)) & 0xff;
+                    sum += table[b * 256 + byte as usize];
+                }
+                sums[topo[r] as usize * limbs + j] += sum;
+            }
+        }
+    }
+    let popularity: Vec<Vec<u32>> = (0..n).map(|s| big_from_limb_sums(&sums[s * limbs..(s + 1) * limbs])).collect();
+    let keys: Vec<String> = names.iter().map(|p| package_name(p)).collect();
+    let mut order: Vec<u32> = topo[..reachable].to_vec();
+    order.sort_by(|&a, &b| big_cmp(&popularity[b as usize], &popularity[a as usize]).then_with(|| keys[a as usize].cmp(&keys[b as usize])));
+    order.extend(missing);
+    order
+}
+
+/// nixpkgs' tie-break key: the path with its first dash-separated part (store dir and hash)
+/// moved to the end, so equally popular paths sort by name.
+pub fn package_name(path: &str) -> String {
+    match path.split_once('-') {
+        Some((first, rest)) => format!("{rest}-{first}"),
+        None => path.to_string(),
+    }
+}
+
+fn big_add(acc: &mut Vec<u32>, x: &[u32]) {
+    if acc.len() < x.len() {
+        acc.resize(x.len(), 0);
+    }
+    let mut carry = 0u64;
+    for (i, a) in acc.iter_mut().enumerate() {
+        let s = *a as u64 + x.get(i).copied().unwrap_or(0) as u64 + carry;
+        *a = s as u32;
+        carry = s >> 32;
+        if i >= x.len() && carry == 0 {
+            break;
+        }
+    }
+    if carry > 0 {
+        acc.push(carry as u32);
+    }
+}
+
+fn big_from_limb_sums(sums: &[u64]) -> Vec<u32> {
+    let mut out = Vec::with_capacity(sums.len() + 2);
+    let mut carry = 0u128;
+    for &s in sums {
+        let t = s as u128 + carry;
+        out.push(t as u32);
+        carry = t >> 32;
+    }
+    while carry > 0 {
+        out.push(carry as u32);
+        carry >>= 32;
+    }
+    while out.last() == Some(&0) {
+        out.pop();
+    }
+    out
+}
+
+fn big_cmp(a: &[u32], b: &[u32]) -> Ordering {
+    a.len().cmp(&b.len()).then_with(|| a.iter().rev().cmp(b.iter().rev()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelines
+
+/// A nixpkgs layeringPipeline: steps applied in turn, each to the previous result, starting
+/// from the whole graph; nested lists and dicts of graphs are flattened into layers at the end.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Pipeline(Vec<Step>);
+
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    PopularityContest,
+    SubcomponentIn(Vec<String>),
+    SubcomponentOut(Vec<String>),
+    SplitPaths(Vec<SplitSpec>),
+    SplitEvery(usize),
+    LimitLayers(usize),
+    RemovePaths(Vec<String>),
+    Reverse,
+    Flatten,
+    Over(String, Box<Step>),
+    Map(Box<Step>),
+    Pipe(Pipeline),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum SplitSpec {
+    Path(String),
+    ChildrenOf(Vec<String>),
+}
+
+impl Pipeline {
+    /// Parses the JSON form of a layeringPipeline, e.g.
+    /// `[["split_paths", ["/nix/store/…-app"]], ["over", "rest", ["popularity_contest"]]]`.
+    pub fn from_json(value: &Value) -> Result<Pipeline> {
+        parse_steps(value, "pipeline")
+    }
+
+    /// Parses `--pipeline`: JSON text, or the name of a file holding it.
+    pub fn from_arg(arg: &str) -> Result<Pipeline> {
+        let text = if arg.trim_start().starts_with('[') {
+            arg.to_string()
+        } else {
+            std::fs::read_to_string(arg).with_context(|| format!("{arg}: cannot read the pipeline"))?
+        };
+        let value: Value = serde_json::from_str(&text).map_err(|e| anyhow!("pipeline: not valid JSON: {e}"))?;
+        Self::from_json(&value)
+    }
+
+    fn run(&self, graph: &ClosureGraph, excluded: &[bool]) -> Result<Vec<Vec<u32>>> {
+        let base = base_graph(graph, excluded);
+        let result = eval_pipeline(self, Val::Graph(base), graph)?;
+        let mut graphs = Vec::new();
+        match result {
+            // nixpkgs cannot flatten a lone graph; one layer holding it is what was meant.
+            Val::Graph(g) => graphs.push(g),
+            v => flatten_into(v, &mut graphs),
+        }
+        Ok(graphs.into_iter().filter(|g| !g.nodes.is_empty()).map(|g| g.nodes).collect())
+    }
+}
+
+fn parse_steps(value: &Value, at: &str) -> Result<Pipeline> {
+    let Value::Array(steps) = value else { bail!("{at}: expected a list of steps, got {}", kind(value)) };
+    let steps = steps.iter().enumerate().map(|(i, s)| parse_step(s, &format!("{at} step {}", i + 1))).collect::<Result<_>>()?;
+    Ok(Pipeline(steps))
+}
+
+fn parse_step(value: &Value, at: &str) -> Result<Step> {
+    let Value::Array(items) = value else { bail!("{at}: expected [\"name\", args...], got {}", kind(value)) };
+    let Some(Value::String(name)) = items.first() else { bail!("{at}: expected [\"name\", args...]: the first item must be the step's name") };
+    let args = &items[1..];
+    let at = format!("{at} ({name})");
+    let want = |n: usize, what: &str| -> Result<()> {
+        if args.len() != n {
+            bail!("{at}: takes {what}, got {} argument{}", args.len(), if args.len() == 1 { "" } else { "s" });
+        }
+        Ok(())
+    };
+    let paths = |v: &Value, single_ok: bool| -> Result<Vec<String>> {
+        match v {
+            Value::String(s) if single_ok => Ok(vec![s.clone()]),
+            Value::Array(a) => a.iter().map(|x| x.as_str().map(String::from).ok_or_else(|| anyhow!("{at}: expected store paths, got {}", kind(x)))).collect(),
+            v => bail!("{at}: expected a list of store paths, got {}", kind(v)),
+        }
+    };
+    let count = |v: &Value| -> Result<usize> {
+        v.as_u64().filter(|&n| n > 0).map(|n| n as usize).ok_or_else(|| anyhow!("{at}: expected a whole number of at least 1, got {v}"))
+    };
+    Ok(match name.as_str() {
+        "popularity_contest" => {
+            want(0, "no arguments")?;
+            Step::PopularityContest
+        }
+        "reverse" => {
+            want(0, "no arguments")?;
+            Step::Reverse
+        }
+        "flatten" => {
+            want(0, "no arguments")?;
+            Step::Flatten
+        }
+        "subcomponent_in" | "subcomponent_out" => {
+            want(1, "one argument, a list of store paths")?;
+            let p = paths(&args[0], false)?;
+            if name == "subcomponent_in" {
+                Step::SubcomponentIn(p)
+            } else {
+                Step::SubcomponentOut(p)
+            }
+        }
+        "remove_paths" => {
+            want(1, "one argument, a store path or a list of them")?;
+            Step::RemovePaths(paths(&args[0], true)?)
+        }
+        "split_paths" => {
+            want(1, "one argument, a list of store paths or {\"children_of\": paths}")?;
+            let Value::Array(specs) = &args[0] else { bail!("{at}: expected a list, got {}", kind(&args[0])) };
+            let specs = specs
+                .iter()
+                .map(|s| match s {
+                    Value::String(p) => Ok(SplitSpec::Path(p.clone())),
+                    Value::Object(o) if o.len() == 1 && o.contains_key("children_of") => Ok(SplitSpec::ChildrenOf(paths(&o["children_of"], true)?)),
+                    v => bail!("{at}: expected a store path or {{\"children_of\": paths}}, got {v}"),
+                })
+                .collect::<Result<_>>()?;
+            Step::SplitPaths(specs)
+        }
+        "split_every" => {
+            want(1, "one argument, a count")?;
+            Step::SplitEvery(count(&args[0])?)
+        }
+        "limit_layers" => {
+            want(1, "one argument, the most layers to keep")?;
+            Step::LimitLayers(count(&args[0])?)
+        }
+        "over" => {
+            want(2, "two arguments, a key and a step")?;
+            let Value::String(key) = &args[0] else { bail!("{at}: the key must be a string, got {}", kind(&args[0])) };
+            Step::Over(key.clone(), Box::new(parse_step(&args[1], &format!("{at} > step"))?))
+        }
+        "map" => {
+            want(1, "one argument, a step")?;
+            Step::Map(Box::new(parse_step(&args[0], &format!("{at} > step"))?))
+        }
+        "pipe" => {
+            want(1, "one argument, a list of steps")?;
+            Step::Pipe(parse_steps(&args[0], &at)?)
+        }
+        other => bail!(
+            "{at}: unknown step {other:?} (known: popularity_contest, subcomponent_in, subcomponent_out, split_paths, split_every, limit_layers, remove_paths, reverse, flatten, over, map, pipe)"
+        ),
+    })
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A graph as flatten-references-graph's igraph graphs: vertices in order (graph node ids) and
+/// edges between vertex positions. Vertex order matters: it is the order of paths in a layer.
+#[derive(Debug, Clone, Default, PartialEq)]
+struct Graph {
+    nodes: Vec<u32>,
+    edges: Vec<(u32, u32)>,
+}
+
+impl Graph {
+    /// Successors of each vertex, ascending (igraph returns neighbours by vertex id).
+    fn children(&self) -> Vec<Vec<u32>> {
+        let mut c = vec![Vec::new(); self.nodes.len()];
+        for &(s, t) in &self.edges {
+            c[s as usize].push(t);
+        }
+        for l in &mut c {
+            l.sort_unstable();
+            l.dedup();
+        }
+        c
+    }
+
+    fn parents(&self) -> Vec<Vec<u32>> {
+        let mut p = vec![Vec::new(); self.nodes.len()];
+        for &(s, t) in &self.edges {
+            p[t as usize].push(s);
+        }
+        for l in &mut p {
+            l.sort_unstable();
+            l.dedup();
+        }
+        p
+    }
+
+    /// The vertices kept, in their order, and the edges between them (igraph's
+    /// induced_subgraph keeps vertex order).
+    fn induced(&self, keep: &[bool]) -> Graph {
+        let mut at = vec![u32::MAX; self.nodes.len()];
+        let mut nodes = Vec::new();
+        for (i, &n) in self.nodes.iter().enumerate() {
+            if keep[i] {
+                at[i] = nodes.len() as u32;
+                nodes.push(n);
+            }
+        }
+        let edges = self.edges.iter().filter(|&&(s, t)| keep[s as usize] && keep[t as usize]).map(|&(s, t)| (at[s as usize], at[t as usize])).collect();
+        Graph { nodes, edges }
+    }
+
+    /// Looks paths up as igraph's find by name does (the first vertex with that name).
+    fn locator<'a>(&self, graph: &'a ClosureGraph) -> impl Fn(&str) -> Option<usize> + 'a {
+        let ids: HashMap<u32, usize> = self.nodes.iter().enumerate().rev().map(|(i, &n)| (n, i)).collect();
+        move |p| ids.get(&graph.index_of(p)?).copied()
+    }
+
+    fn find_all(&self, graph: &ClosureGraph, paths: &[String]) -> Vec<usize> {
+        let find = self.locator(graph);
+        paths.iter().filter_map(|p| find(p)).collect()
+    }
+
+    /// igraph's `a + b` for two graphs: the disjoint union, a's vertices then b's.
+    fn append(&mut self, other: Graph) {
+        let off = self.nodes.len() as u32;
+        self.nodes.extend(other.nodes);
+        self.edges.extend(other.edges.into_iter().map(|(s, t)| (s + off, t + off)));
+    }
+}
+
+/// Marks everything reachable from `from` along `adj` (the starting vertices included).
+fn reach(adj: &[Vec<u32>], from: impl IntoIterator<Item = usize>) -> Vec<bool> {
+    let mut seen = vec![false; adj.len()];
+    let mut todo: Vec<usize> = from.into_iter().collect();
+    while let Some(v) = todo.pop() {
+        if !std::mem::replace(&mut seen[v], true) {
+            todo.extend(adj[v].iter().map(|&c| c as usize));
+        }
+    }
+    seen
+}
+
+/// The graph flatten-references-graph starts from: excluded paths and references to them
+/// dropped, self-references dropped, vertices in Nix's order (by path) stably sorted by
+/// narSize.
+fn base_graph(graph: &ClosureGraph, excluded: &[bool]) -> Graph {
+    let mut nodes: Vec<u32> = (0..graph.len() as u32).filter(|&i| !excluded[i as usize]).collect();
+    nodes.sort_by_key(|&i| graph.node(i).nar_size);
+    let mut at = vec![u32::MAX; graph.len()];
+    for (v, &i) in nodes.iter().enumerate() {
+        at[i as usize] = v as u32;
+    }
+    let mut edges = Vec::new();
+    for (v, &i) in nodes.iter().enumerate() {
+        for &r in &graph.node(i).references {
+            if !excluded[r as usize] {
+                edges.push((v as u32, at[r as usize]));
+            }
+        }
+    }
+    Graph { nodes, edges }
+}
+
+/// Intermediate results: graphs, lists of them and dicts (`main`/`common`/`rest`) of them.
+#[derive(Debug, Clone)]
+enum Val {
+    Graph(Graph),
+    List(Vec<Val>),
+    Dict(Vec<(String, Val)>),
+}
+
+impl Val {
+    fn kind(&self) -> &'static str {
+        match self {
+            Val::Graph(_) => "a graph",
+            Val::List(_) => "a list",
+            Val::Dict(_) => "a dict",
+        }
+    }
+}
+
+fn eval_pipeline(p: &Pipeline, mut v: Val, graph: &ClosureGraph) -> Result<Val> {
+    for step in &p.0 {
+        v = eval_step(step, v, graph)?;
+    }
+    Ok(v)
+}
+
+fn step_name(step: &Step) -> &'static str {
+    match step {
+        Step::PopularityContest => "popularity_contest",
+        Step::SubcomponentIn(_) => "subcomponent_in",
+        Step::SubcomponentOut(_) => "subcomponent_out",
+        Step::SplitPaths(_) => "split_paths",
+        Step::SplitEvery(_) => "split_every",
+        Step::LimitLayers(_) => "limit_layers",
+        Step::RemovePaths(_) => "remove_paths",
+        Step::Reverse => "reverse",
+        Step::Flatten => "flatten",
+        Step::Over(..) => "over",
+        Step::Map(_) => "map",
+        Step::Pipe(_) => "pipe",
+    }
+}
+
+fn eval_step(step: &Step, v: Val, graph: &ClosureGraph) -> Result<Val> {
+    let name = step_name(step);
+    let wrong = |v: &Val, want: &str| anyhow!("pipeline: {name} needs {want}, but the previous step gave {}", v.kind());
+    let as_graph = |v: Val| match v {
+        Val::Graph(g) => Ok(g),
+        v => Err(wrong(&v, "a graph")),
+    };
+    let as_list = |v: Val| match v {
+        Val::List(l) => Ok(l),
+        v => Err(wrong(&v, "a list")),
+    };
+    Ok(match step {
+        Step::PopularityContest => {
+            let g = as_graph(v)?;
+            let names: Vec<&str> = g.nodes.iter().map(|&i| graph.path(i)).collect();
+            let order = popularity_order(&g.children(), &names);
+            Val::List(order.into_iter().map(|i| Val::Graph(Graph { nodes: vec![g.nodes[i as usize]], edges: vec![] })).collect())
+        }
+        Step::SubcomponentIn(paths) | Step::SubcomponentOut(paths) => {
+            let g = as_graph(v)?;
+            let adj = if matches!(step, Step::SubcomponentIn(_)) { g.parents() } else { g.children() };
+            let main = reach(&adj, g.find_all(graph, paths));
+            let rest: Vec<bool> = main.iter().map(|m| !m).collect();
+            Val::Dict(vec![("main".into(), Val::Graph(g.induced(&main))), ("rest".into(), Val::Graph(g.induced(&rest)))])
+        }
+        Step::SplitPaths(specs) => split_paths(as_graph(v)?, specs, graph),
+        Step::SplitEvery(count) => {
+            let g = as_graph(v)?;
+            let mut parts: Vec<Graph> = g.nodes.chunks(*count).map(|c| Graph { nodes: c.to_vec(), edges: vec![] }).collect();
+            for &(s, t) in &g.edges {
+                let (cs, ct) = (s as usize / count, t as usize / count);
+                if cs == ct {
+                    let off = (cs * count) as u32;
+                    parts[cs].edges.push((s - off, t - off));
+                }
+            }
+            Val::List(parts.into_iter().map(Val::Graph).collect())
+        }
+        Step::LimitLayers(max) => {
+            let mut list = as_list(v)?;
+            let rest = list.split_off((max - 1).min(list.len()));
+            // nixpkgs merges the rest onto an empty graph, so there is always a last
+            // (possibly empty) graph; empty layers are dropped at the end.
+            let mut merged = Graph::default();
+            for item in rest {
+                match item {
+                    Val::Graph(g) => merged.append(g),
+                    v => bail!("pipeline: limit_layers can only merge graphs, but the list holds {}", v.kind()),
+                }
+            }
+            list.push(Val::Graph(merged));
+            Val::List(list)
+        }
+        Step::RemovePaths(paths) => {
+            let g = as_graph(v)?;
+            let mut keep = vec![true; g.nodes.len()];
+            for i in g.find_all(graph, paths) {
+                keep[i] = false;
+            }
+            Val::Graph(g.induced(&keep))
+        }
+        Step::Reverse => {
+            let mut l = as_list(v)?;
+            l.reverse();
+            Val::List(l)
+        }
+        Step::Flatten => {
+            if let Val::Graph(_) = v {
+                return Err(wrong(&v, "a list or a dict"));
+            }
+            let mut graphs = Vec::new();
+            flatten_into(v, &mut graphs);
+            Val::List(graphs.into_iter().map(Val::Graph).collect())
+        }
+        Step::Over(key, inner) => {
+            let Val::Dict(mut entries) = v else { return Err(wrong(&v, "a dict")) };
+            let keys: Vec<&str> = entries.iter().map(|(k, _)| k.as_str()).collect();
+            let Some(at) = entries.iter().position(|(k, _)| k == key) else {
+                bail!("pipeline: over {key:?}: the previous step gave no {key:?} (it gave: {})", keys.join(", "))
+            };
+            let old = std::mem::replace(&mut entries[at].1, Val::List(vec![]));
+            entries[at].1 = eval_step(inner, old, graph)?;
+            Val::Dict(entries)
+        }
+        Step::Map(inner) => Val::List(as_list(v)?.into_iter().map(|x| eval_step(inner, x, graph)).collect::<Result<_>>()?),
+        Step::Pipe(p) => eval_pipeline(p, v, graph)?,
+    })
+}
+
+fn flatten_into(v: Val, out: &mut Vec<Graph>) {
+    match v {
+        Val::Graph(g) => out.push(g),
+        Val::List(l) => l.into_iter().for_each(|x| flatten_into(x, out)),
+        Val::Dict(d) => d.into_iter().for_each(|(_, x)| flatten_into(x, out)),
+    }
+}
+
+/// nixpkgs' split_paths: the given paths and what only they reach (`main`), what they share
+/// with the rest of the graph (`common`), and the rest (`rest`); edges into the split paths are
+/// cut in all three, and empty parts are left out.
+fn split_paths(g: Graph, specs: &[SplitSpec], graph: &ClosureGraph) -> Val {
+    let children = g.children();
+    let find = g.locator(graph);
+    let mut split = Vec::new();
+    for spec in specs {
+        match spec {
+            SplitSpec::Path(p) => split.extend(find(p)),
+            SplitSpec::ChildrenOf(ps) => {
+                for p in ps {
+                    if let Some(v) = find(p) {
+                        split.extend(children[v].iter().map(|&c| c as usize));
+                    }
+                }
+            }
+        }
+    }
+    if split.is_empty() {
+        return Val::Dict(vec![("rest".into(), Val::Graph(g))]);
+    }
+    let n = g.nodes.len();
+    let mut is_split = vec![false; n];
+    for &s in &split {
+        is_split[s] = true;
+    }
+    let parents = g.parents();
+    let roots: Vec<usize> = (0..n).filter(|&v| parents[v].is_empty()).collect();
+    if let [root] = roots[..] {
+        if is_split[root] {
+            return Val::Dict(vec![("main".into(), Val::Graph(g))]);
+        }
+    }
+    let split_off = reach(&children, split.iter().copied());
+    let cut = Graph { nodes: g.nodes.clone(), edges: g.edges.iter().copied().filter(|&(_, t)| !is_split[t as usize]).collect() };
+    // With several roots nixpkgs links them from a made-up root, whose edges into split paths
+    // are cut like any other.
+    let starts = roots.into_iter().filter(|&r| !is_split[r]);
+    let rest_with_common = reach(&cut.children(), starts);
+    let common: Vec<bool> = (0..n).map(|v| split_off[v] && rest_with_common[v]).collect();
+    let main: Vec<bool> = (0..n).map(|v| split_off[v] && !common[v]).collect();
+    let rest: Vec<bool> = (0..n).map(|v| rest_with_common[v] && !common[v]).collect();
+    let parts = [("main", main), ("common", common), ("rest", rest)];
+    Val::Dict(parts.into_iter().map(|(k, keep)| (k.to_string(), Val::Graph(cut.induced(&keep)))).filter(|(_, v)| matches!(v, Val::Graph(g) if !g.nodes.is_empty())).collect())
+}
+
+// ---------------------------------------------------------------------------------------------
+// auto-layer
+
+/// nixpkgs' auto-layer: take paths largest first (ties: the later path in Nix's order); each
+/// becomes a "primary" heading a layer, and every path is grouped by the set of primaries it
+/// belongs to: its own, or, for a dependency of a primary, those primaries whose dependency it
+/// is and that nothing else reaches it around. Stops before the number of distinct groups would
+/// exceed `limit`. Layers are ordered by the size of their closure, paths within a layer by
+/// name then hash. Excluded paths take part, and are left out of the layers at the end.
+fn auto_layers(graph: &ClosureGraph, limit: usize, excluded: &[bool]) -> Vec<Vec<u32>> {
+    let n = graph.len();
+    if n == 0 {
+        return vec![];
+    }
+    let mut by_size: Vec<u32> = (0..n as u32).collect();
+    by_size.sort_by(|&a, &b| graph.node(b).nar_size.cmp(&graph.node(a).nar_size).then(b.cmp(&a)));
+
+    // Groups are sets of primaries (by rank, ascending), interned; every path starts in the
+    // empty group.
+    let mut sets: Vec<Vec<u32>> = vec![vec![]];
+    let mut set_ids: HashMap<Vec<u32>, u32> = HashMap::from([(vec![], 0)]);
+    let mut group = vec![0u32; n];
+    let mut members = vec![n];
+    let mut distinct = 1usize;
+    let mut primaries: Vec<u32> = Vec::new();
+    let (mut dep_mark, mut user_mark) = (vec![u32::MAX; n], vec![u32::MAX; n]);
+    let mut intern = |s: Vec<u32>, sets: &mut Vec<Vec<u32>>, members: &mut Vec<usize>| -> u32 {
+        *set_ids.entry(s.clone()).or_insert_with(|| {
+            sets.push(s);
+            members.push(0);
+            (sets.len() - 1) as u32
+        })
+    };
+    for (rank, &new) in by_size.iter().enumerate() {
+        let rank = rank as u32;
+        let deps = mark_reachable(new, rank, &mut dep_mark, |v| &graph.node(v).references);
+        mark_reachable(new, rank, &mut user_mark, |v| graph.users(v));
+        let mut changes: Vec<(u32, u32)> = Vec::with_capacity(deps.len() + 1);
+        let own = intern(vec![rank], &mut sets, &mut members);
+        changes.push((new, own));
+        let mut moved: HashMap<u32, u32> = HashMap::new();
+        for &d in &deps {
+            let old = group[d as usize];
+            let to = match moved.get(&old) {
+                Some(&to) => to,
+                None => {
+                    let mut s: Vec<u32> = sets[old as usize].iter().copied().filter(|&p| user_mark[primaries[p as usize] as usize] != rank).collect();
+                    if !s.iter().any(|&p| dep_mark[primaries[p as usize] as usize] == rank) {
+                        s.push(rank);
+                    }
+                    let to = intern(s, &mut sets, &mut members);
+                    moved.insert(old, to);
+                    to
+                }
+            };
+            changes.push((d, to));
+        }
+        // Apply, and undo if the groups now outnumber the limit.
+        let mut apply = |changes: &[(u32, u32)], group: &mut Vec<u32>, members: &mut Vec<usize>| {
+            for &(v, to) in changes {
+                let from = std::mem::replace(&mut group[v as usize], to);
+                members[from as usize] -= 1;
+                distinct -= (members[from as usize] == 0) as usize;
+                distinct += (members[to as usize] == 0) as usize;
+                members[to as usize] += 1;
+            }
+            distinct
+        };
+        let previous: Vec<(u32, u32)> = changes.iter().rev().map(|&(v, _)| (v, group[v as usize])).collect();
+        if apply(&changes, &mut group, &mut members) > limit {
+            apply(&previous, &mut group, &mut members);
+            break;
+        }
+        primaries.push(new);
+    }
+
+    let mut layers: HashMap<u32, Vec<u32>> = HashMap::new();
+    for v in 0..n as u32 {
+        layers.entry(group[v as usize]).or_default().push(v);
+    }
+    let mut layers: Vec<(u64, Vec<u32>)> = layers
+        .into_values()
+        .map(|mut paths| {
+            paths.sort_by(|&a, &b| path_key(graph.path(a)).cmp(&path_key(graph.path(b))));
+            let closure = graph.closure_mask(paths.iter().copied());
+            let size = (0..n).filter(|&i| closure[i]).map(|i| graph.node(i as u32).nar_size).sum();
+            (size, paths)
+        })
+        .collect();
+    // nixpkgs leaves equal closure sizes in hash-set order; we order them by their paths.
+    layers.sort_by(|(sa, pa), (sb, pb)| {
+        sa.cmp(sb).then_with(|| pa.iter().map(|&i| path_key(graph.path(i))).cmp(pb.iter().map(|&i| path_key(graph.path(i)))))
+    });
+    layers.into_iter().map(|(_, paths)| paths.into_iter().filter(|&i| !excluded[i as usize]).collect::<Vec<_>>()).filter(|l| !l.is_empty()).collect()
+}
+
+/// auto-layer's sort key: the name after the first dash, then what precedes it.
+fn path_key(path: &str) -> (&str, &str) {
+    match path.split_once('-') {
+        Some((hash, name)) => (name, hash),
+        None => ("", path),
+    }
+}
+
+/// Marks (with `stamp`) what `from` reaches along `next`, itself excluded, and lists it.
+fn mark_reachable<'a>(from: u32, stamp: u32, mark: &mut [u32], next: impl Fn(u32) -> &'a [u32]) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo: Vec<u32> = next(from).to_vec();
+    while let Some(v) = todo.pop() {
+        if v != from && mark[v as usize] != stamp {
+            mark[v as usize] = stamp;
+            out.push(v);
+            todo.extend_from_slice(next(v));
+        }
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Dominator (ours)
+
+/// How much a group of small paths must outweigh the smallest path with a layer of its own
+/// before it takes that layer: groups are less likely than single paths to be identical in
+/// another image, and 1/5 did best on the sharing benchmark (bench/layers.sh).
+const GROUP_WEIGHT: u64 = 5;
+
+/// Our strategy, for sharing between related images at a fixed budget.
+///
+/// A layer is shared only if another image has exactly the same paths in it. A path alone is
+/// such a layer wherever the path appears, and narSize, unlike popularity or what uses a path,
+/// is the same in every image, so the largest paths get layers of their own and are picked the
+/// same way in every image. What is left, the many small paths, is grouped along the dominator
+/// tree of the graph (from a virtual root above the paths nobody references, as nixery does):
+/// each small path joins the nearest dominator that heads a group, so a group is a path and what
+/// only it pulls in, and a change to one small path breaks one group instead of one big rest
+/// layer. A group takes the place of the smallest single path when its bytes are over
+/// [`GROUP_WEIGHT`] times that path's; what no group takes forms the last layer.
+fn dominator_layers(graph: &ClosureGraph, budget: usize, excluded: &[bool]) -> Vec<Vec<u32>> {
+    let n = graph.len();
+    if n == 0 {
+        return vec![];
+    }
+    let size = |v: usize| if excluded[v] { 0 } else { graph.node(v as u32).nar_size };
+    let (idom, users_first) = dominator_tree(graph);
+    let mut by_size: Vec<u32> = (0..n as u32).filter(|&v| !excluded[v as usize]).collect();
+    by_size.sort_by(|&a, &b| size(b as usize).cmp(&size(a as usize)).then(a.cmp(&b)));
+    let slots = budget.saturating_sub(1).max(1);
+    let mut singles = slots.min(by_size.len());
+    let mut is_single = vec![false; n];
+    for &v in &by_size[..singles] {
+        is_single[v as usize] = true;
+    }
+    // weight[v]: bytes of the non-single paths v dominates (itself included).
+    let mut weight = vec![0u64; n];
+    let heads = loop {
+        weight.iter_mut().for_each(|w| *w = 0);
+        for &v in users_first.iter().rev() {
+            let v = v as usize;
+            if !is_single[v] {
+                weight[v] += size(v);
+            }
+            if let Some(d) = idom[v] {
+                weight[d as usize] += weight[v];
+            }
+        }
+        let groups = slots - singles;
+        let mut candidates: Vec<u32> = (0..n as u32).filter(|&v| !is_single[v as usize] && weight[v as usize] > 0).collect();
+        candidates.sort_by(|&a, &b| weight[b as usize].cmp(&weight[a as usize]).then(a.cmp(&b)));
+        let trade = singles > 0
+            && candidates.get(groups).is_some_and(|&next| weight[next as usize] > GROUP_WEIGHT.saturating_mul(size(by_size[singles - 1] as usize)));
+        if !trade {
+            candidates.truncate(groups);
+            break candidates;
+        }
+        singles -= 1;
+        is_single[by_size[singles] as usize] = false;
+    };
+    let mut is_head = vec![false; n];
+    for &h in &heads {
+        is_head[h as usize] = true;
+    }
+    // Dominators come before what they dominate in users-first order.
+    let mut group_of = vec![u32::MAX; n];
+    for &v in &users_first {
+        let v = v as usize;
+        group_of[v] = if is_head[v] { v as u32 } else { idom[v].map_or(u32::MAX, |d| group_of[d as usize]) };
+    }
+    let mut members: HashMap<u32, Vec<u32>> = HashMap::new();
+    for v in 0..n {
+        if !is_single[v] && !excluded[v] {
+            members.entry(group_of[v]).or_default().push(v as u32);
+        }
+    }
+    // Bottom first: layers whose head comes later in users-first order hold dependencies.
+    let mut rank = vec![0usize; n];
+    for (i, &v) in users_first.iter().enumerate() {
+        rank[v as usize] = i;
+    }
+    let mut layers: Vec<(usize, Vec<u32>)> = by_size[..singles].iter().map(|&v| (rank[v as usize], vec![v])).collect();
+    let rest = members.remove(&u32::MAX);
+    layers.extend(members.into_iter().map(|(h, m)| (rank[h as usize], m)));
+    layers.sort_by(|a, b| b.0.cmp(&a.0));
+    let mut layers: Vec<Vec<u32>> = layers.into_iter().map(|(_, m)| m).collect();
+    layers.extend(rest);
+    layers
+}
+
+/// Immediate dominators from a virtual root above the paths nobody references (`None`: the
+/// virtual root), and the order they were found in (users before what they use). On a DAG one
+/// pass in that order suffices: a path's dominator is the common dominator of all its users.
+fn dominator_tree(graph: &ClosureGraph) -> (Vec<Option<u32>>, Vec<u32>) {
+    let n = graph.len();
+    let mut users_first = graph.topological_order();
+    users_first.reverse();
+    let mut idom: Vec<Option<u32>> = vec![None; n];
+    let mut depth = vec![0u32; n];
+    for &v in &users_first {
+        let mut users = graph.users(v).iter().copied();
+        let d = match users.next() {
+            None => None,
+            Some(first) => {
+                let mut d = Some(first);
+                for u in users {
+                    d = common_dominator(&idom, &depth, d, Some(u));
+                }
+                d
+            }
+        };
+        idom[v as usize] = d;
+        depth[v as usize] = d.map_or(1, |d| depth[d as usize] + 1);
+    }
+    (idom, users_first)
+}
+
+fn common_dominator(idom: &[Option<u32>], depth: &[u32], mut a: Option<u32>, mut b: Option<u32>) -> Option<u32> {
+    let depth_of = |x: Option<u32>| x.map_or(0, |x| depth[x as usize]);
+    while a != b {
+        if depth_of(a) >= depth_of(b) {
+            a = a.and_then(|x| idom[x as usize]);
+        } else {
+            b = b.and_then(|x| idom[x as usize]);
+        }
+    }
+    a
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sharing report
+
+/// Bytes of a layer: the sum of its paths' narSize.
+pub fn layer_bytes(graph: &ClosureGraph, layer: &[String]) -> u64 {
+    layer.iter().filter_map(|p| graph.index_of(p)).map(|i| graph.node(i).nar_size).sum()
+}
+
+/// What two plans share: layers identical in both (same paths in the same order) are stored and
+/// pulled once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Sharing {
+    pub shared_layers: usize,
+    pub shared_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// Compares `plan` (of `graph`) with `other`: which of `plan`'s layers also appear in `other`.
+pub fn sharing(graph: &ClosureGraph, plan: &[Vec<String>], other: &[Vec<String>]) -> Sharing {
+    let theirs: HashSet<&Vec<String>> = other.iter().collect();
+    let mut s = Sharing::default();
+    for layer in plan {
+        let bytes = layer_bytes(graph, layer);
+        s.total_bytes += bytes;
+        if theirs.contains(layer) {
+            s.shared_layers += 1;
+            s.shared_bytes += bytes;
+        }
+    }
+    s
+}
+
+// ---------------------------------------------------------------------------------------------
+// The command
+
+impl LayersArgs {
+    /// The plan options these arguments ask for.
+    pub fn plan_options(&self) -> Result<PlanOptions> {
+        let strategy = match (self.strategy, &self.pipeline) {
+            (None | Some(StrategyName::Pipeline), Some(p)) => Strategy::Pipeline(Pipeline::from_arg(p)?),
+            (Some(StrategyName::Pipeline), None) => bail!("--strategy pipeline needs --pipeline"),
+            (Some(s), Some(_)) => bail!("--pipeline goes with --strategy pipeline, not {s:?}"),
+            (None | Some(StrategyName::Auto), None) => Strategy::Auto,
+            (Some(StrategyName::Popularity), None) => Strategy::Popularity,
+            (Some(StrategyName::Dominator), None) => Strategy::Dominator,
+        };
+        Ok(PlanOptions { strategy, max_layers: self.max_layers, base_layers: self.base_layers, roots: self.roots.clone(), exclude: self.exclude.clone() })
+    }
+}
+
+pub fn run(args: &LayersArgs) -> Result<()> {
+    let opts = args.plan_options()?;
+    opts.store_layer_budget()?;
+    let graph = ClosureGraph::load(&args.graph, args.format)?;
+    for p in &opts.exclude {
+        if graph.index_of(p).is_none() && !args.quiet {
+            eprintln!("stevedore: warning: --exclude {p} is not in the graph");
+        }
+    }
+    let started = std::time::Instant::now();
+    let plan = plan_layers(&graph, &opts).map_err(|e| anyhow!("{}: {e:#}", args.graph.display()))?;
+    let elapsed = started.elapsed();
+    let against = match &args.against {
+        None => None,
+        Some(other) => {
+            let other_graph = ClosureGraph::load(other, args.format)?;
+            let other_opts = PlanOptions { roots: vec![], ..opts.clone() };
+            let other_plan = plan_layers(&other_graph, &other_opts).map_err(|e| anyhow!("{}: {e:#}", other.display()))?;
+            Some((other.display().to_string(), sharing(&graph, &plan, &other_plan)))
+        }
+    };
+    if !args.quiet {
+        let paths: usize = plan.iter().map(Vec::len).sum();
+        eprintln!("stevedore: {} layers for {paths} store paths in {:.1} ms", plan.len(), elapsed.as_secs_f64() * 1e3);
+        if let Some((name, s)) = &against {
+            eprintln!("stevedore: {}", sharing_line(name, s, plan.len()));
+        }
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    if args.explain {
+        write_explain(&mut out, &graph, &plan, against.as_ref())?;
+    } else {
+        serde_json::to_writer_pretty(&mut out, &plan)?;
+        writeln!(out)?;
+    }
+    out.flush()?;
+    Ok(())
+}
+
+fn sharing_line(name: &str, s: &Sharing, layers: usize) -> String {
+    let pct = if s.total_bytes > 0 { 100.0 * s.shared_bytes as f64 / s.total_bytes as f64 } else { 0.0 };
+    format!(
+        "against {name}: {} of {layers} layers identical, {} of {} shared ({pct:.1}%)",
+        s.shared_layers,
+        human_bytes(s.shared_bytes),
+        human_bytes(s.total_bytes)
+    )
+}
+
+fn write_explain(out: &mut impl Write, graph: &ClosureGraph, plan: &[Vec<String>], against: Option<&(String, Sharing)>) -> Result<()> {
+    let total: u64 = plan.iter().map(|l| layer_bytes(graph, l)).sum();
+    writeln!(out, "{:>5}  {:>6}  {:>14}  {:>6}  contents", "layer", "paths", "bytes", "share")?;
+    for (i, layer) in plan.iter().enumerate() {
+        let bytes = layer_bytes(graph, layer);
+        let pct = if total > 0 { 100.0 * bytes as f64 / total as f64 } else { 0.0 };
+        let first = layer.first().map(|p| StorePath::parse(p).map(|s| s.name).unwrap_or_else(|_| p.clone())).unwrap_or_default();
+        let more = if layer.len() > 1 { format!(" (+{} more)", layer.len() - 1) } else { String::new() };
+        writeln!(out, "{i:>5}  {:>6}  {bytes:>14}  {pct:>5.1}%  {first}{more}", layer.len())?;
+    }
+    let paths: usize = plan.iter().map(Vec::len).sum();
+    writeln!(out, "total: {} layers, {paths} store paths, {} ({total} bytes)", plan.len(), human_bytes(total))?;
+    if let Some((name, s)) = against {
+        writeln!(out, "{}", sharing_line(name, s, plan.len()))?;
+    }
+    Ok(())
+}
+
+/// Bytes in binary units, one decimal.
+pub fn human_bytes(b: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{b} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
 }
