@@ -1,5 +1,7 @@
 //! The stream configuration: nixpkgs' `streamLayeredImage` conf JSON, read as is.
 
+use crate::layering::{Pipeline, PlanOptions, Strategy};
+use crate::store::{ClosureGraph, GraphFormat};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -12,9 +14,37 @@ pub struct Timestamp {
     pub unix: i64,
 }
 
+/// Our extension of the conf: a closure graph to plan the store layers from, when the conf
+/// has no `store_layers`. Planned with the same code as `stevedore layers`.
+#[derive(Debug, Clone)]
+pub struct LayeringConf {
+    /// `closure_graph`: the graph itself (exportReferencesGraph's JSON list) or a file.
+    pub graph: GraphSource,
+    /// `layering` (strategy name, or a layeringPipeline list), `max_layers`, `roots`,
+    /// `exclude_paths`; `base_layers` is filled in from the base image.
+    pub options: PlanOptions,
+}
+
+#[derive(Debug, Clone)]
+pub enum GraphSource {
+    Inline(Value),
+    File(PathBuf),
+}
+
+impl LayeringConf {
+    pub fn load_graph(&self) -> Result<ClosureGraph> {
+        match &self.graph {
+            GraphSource::Inline(v) => ClosureGraph::from_json_value(v).map_err(|e| anyhow!("field 'closure_graph': {e:#}")),
+            GraphSource::File(p) => ClosureGraph::load(p, GraphFormat::Auto),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct StreamConf {
     pub store_layers: Vec<Vec<String>>,
+    /// Set when the conf carries a closure graph instead of `store_layers`.
+    pub layering: Option<LayeringConf>,
     pub customisation_layer: Option<PathBuf>,
     pub from_image: Option<PathBuf>,
     pub config: Value,
@@ -33,6 +63,11 @@ pub struct StreamConf {
 /// Fields nixpkgs writes (or has written) that we understand; anything else earns a warning.
 const KNOWN_FIELDS: &[&str] = &[
     "store_layers",
+    "closure_graph",
+    "layering",
+    "max_layers",
+    "roots",
+    "exclude_paths",
     "customisation_layer",
     "from_image",
     "config",
@@ -90,12 +125,20 @@ impl StreamConf {
                 .collect::<Result<_>>()?,
             Some(other) => bail!("field 'store_layers': expected a list of layers, got {}", kind(other)),
         };
+        let layering = match map.remove("closure_graph") {
+            None | Some(Value::Null) => None,
+            Some(graph) => Some(layering_conf(graph, &map)?),
+        };
+        if layering.is_some() && !store_layers.is_empty() {
+            bail!("give either 'store_layers' or 'closure_graph', not both");
+        }
         let config = map.remove("config").unwrap_or(Value::Object(Map::new()));
         if !matches!(config, Value::Object(_) | Value::Null) {
             bail!("field 'config': expected an object, got {}", kind(&config));
         }
         Ok(StreamConf {
             store_layers,
+            layering,
             customisation_layer: opt_str(&map, "customisation_layer")?.map(PathBuf::from),
             from_image: opt_str(&map, "from_image")?.map(PathBuf::from),
             config,
@@ -111,6 +154,47 @@ impl StreamConf {
             repo_tag: req_str(&map, "repo_tag")?,
         })
     }
+}
+
+fn layering_conf(graph: Value, map: &Map<String, Value>) -> Result<LayeringConf> {
+    let graph = match graph {
+        Value::String(file) => GraphSource::File(PathBuf::from(file)),
+        v @ (Value::Array(_) | Value::Object(_)) => GraphSource::Inline(v),
+        other => bail!("field 'closure_graph': expected a graph or a file name, got {}", kind(&other)),
+    };
+    let strategy = match map.get("layering") {
+        None | Some(Value::Null) => Strategy::Auto,
+        Some(Value::String(name)) => match name.as_str() {
+            "auto" => Strategy::Auto,
+            "popularity" => Strategy::Popularity,
+            "dominator" => Strategy::Dominator,
+            other => bail!("field 'layering': unknown strategy {other:?} (auto, popularity, dominator, or a pipeline list)"),
+        },
+        Some(v @ Value::Array(_)) => Strategy::Pipeline(Pipeline::from_json(v).map_err(|e| anyhow!("field 'layering': {e:#}"))?),
+        Some(other) => bail!("field 'layering': expected a strategy name or a pipeline list, got {}", kind(other)),
+    };
+    let max_layers = match map.get("max_layers") {
+        None | Some(Value::Null) => 100,
+        Some(Value::Number(n)) => n
+            .as_u64()
+            .map(|n| n as usize)
+            .ok_or_else(|| anyhow!("field 'max_layers': expected a positive integer, got {n}"))?,
+        Some(other) => bail!("field 'max_layers': expected an integer, got {}", kind(other)),
+    };
+    let strings = |key: &str| -> Result<Vec<String>> {
+        match map.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| anyhow!("field '{key}': expected store path strings, got {v}")))
+                .collect(),
+            Some(other) => bail!("field '{key}': expected a list of store paths, got {}", kind(other)),
+        }
+    };
+    Ok(LayeringConf {
+        graph,
+        options: PlanOptions { strategy, max_layers, base_layers: 0, roots: strings("roots")?, exclude: strings("exclude_paths")? },
+    })
 }
 
 fn kind(v: &Value) -> &'static str {

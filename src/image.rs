@@ -137,6 +137,8 @@ struct Custom {
 pub struct ImageSpec<'c> {
     pub conf: &'c StreamConf,
     owner: Owner,
+    /// The store layers as the conf gives them (or as planned from its closure graph).
+    given: Vec<Vec<String>>,
     store_layers: Vec<Vec<PathBuf>>,
     custom: Option<Custom>,
     pub base: Option<BaseImage>,
@@ -151,8 +153,17 @@ impl<'c> ImageSpec<'c> {
             gname: conf.gname.clone(),
             mtime: conf.mtime,
         };
-        let store_layers = conf
-            .store_layers
+        let base = conf.from_image.as_deref().map(BaseImage::load).transpose()?;
+        let given = match &conf.layering {
+            None => conf.store_layers.clone(),
+            Some(layering) => {
+                let graph = layering.load_graph()?;
+                let mut options = layering.options.clone();
+                options.base_layers = base.as_ref().map_or(0, |b| b.layers.len());
+                crate::layering::plan_layers(&graph, &options).context("planning layers from 'closure_graph'")?
+            }
+        };
+        let store_layers = given
             .iter()
             .enumerate()
             .map(|(i, paths)| {
@@ -176,8 +187,7 @@ impl<'c> ImageSpec<'c> {
                 customisation_checksum(dir).map(|(tar, checksum, size)| Custom { dir: dir.to_owned(), tar, checksum, size })
             })
             .transpose()?;
-        let base = conf.from_image.as_deref().map(BaseImage::load).transpose()?;
-        Ok(ImageSpec { conf, owner, store_layers, custom, base })
+        Ok(ImageSpec { conf, owner, given, store_layers, custom, base })
     }
 
     /// How many layers the image has.
@@ -221,7 +231,7 @@ impl<'c> ImageSpec<'c> {
             }
         }
 
-        for (paths, given) in self.store_layers.iter().zip(&self.conf.store_layers) {
+        for (paths, given) in self.store_layers.iter().zip(&self.given) {
             let num = layers.len() + 1;
             if !sink.wants(num - 1) {
                 layers.push(LayerInfo { path: format!("{num}/layer.tar"), diff_id: String::new(), size: 0, paths: given.clone() });

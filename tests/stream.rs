@@ -430,3 +430,49 @@ fn created_now_leaves_layers_alone() {
     let created = now.config["created"].as_str().unwrap();
     assert!(created.starts_with("20") && created.ends_with("+00:00"), "{created}");
 }
+
+#[test]
+fn a_closure_graph_is_planned_like_stevedore_layers() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let graph_file = fx.join("closure.json");
+    for (strategy, max_layers) in [("popularity", 4), ("auto", 5), ("dominator", 3)] {
+        let planned = Command::new(bin())
+            .args(["layers", "-q", "--strategy", strategy, "--max-layers", &max_layers.to_string()])
+            .arg(&graph_file)
+            .output()
+            .unwrap();
+        assert!(planned.status.success(), "{}", String::from_utf8_lossy(&planned.stderr));
+        let planned: Value = serde_json::from_slice(&planned.stdout).unwrap();
+        // The graph by file name, and inline.
+        for graph in [json!(graph_file), serde_json::from_slice(&fs::read(&graph_file).unwrap()).unwrap()] {
+            let mut conf = base_conf(&fx, vec![]);
+            conf.as_object_mut().unwrap().remove("store_layers");
+            conf["closure_graph"] = graph;
+            conf["layering"] = json!(strategy);
+            conf["max_layers"] = json!(max_layers);
+            let img = Image::parse(&stream_ok(&write_json(tmp.path(), "conf.json", &conf)));
+            let comments: Vec<String> = img.config["history"].as_array().unwrap().iter().map(|h| h["comment"].as_str().unwrap().to_string()).collect();
+            let expected: Vec<String> = planned
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| {
+                    let paths: Vec<String> = l.as_array().unwrap().iter().map(|p| format!("'{}'", p.as_str().unwrap())).collect();
+                    format!("store paths: [{}]", paths.join(", "))
+                })
+                .collect();
+            assert_eq!(comments, expected, "{strategy}");
+            assert!(img.layer_count() < max_layers);
+        }
+    }
+    // Both at once is an error, and so is a budget with no room for store paths.
+    let mut conf = base_conf(&fx, vec![store_paths(&fx)]);
+    conf["closure_graph"] = json!(graph_file);
+    expect_error(&conf, tmp.path(), "either 'store_layers' or 'closure_graph'");
+    let mut conf = base_conf(&fx, vec![]);
+    conf.as_object_mut().unwrap().remove("store_layers");
+    conf["closure_graph"] = json!(graph_file);
+    conf["max_layers"] = json!(1);
+    expect_error(&conf, tmp.path(), "maxLayers 1 is too low");
+}
