@@ -1,0 +1,585 @@
+//! push, pull, prefetch and index against a real registry (docker-registry, distribution v2.8)
+//! on 127.0.0.1, one per test, with skopeo and podman as independent checks. A small proxy in
+//! the test injects failures (503s, dropped connections) and plays a bearer-token server.
+//!
+//! Needs docker-registry and skopeo (`tests/setup.sh` installs them). Outside CI a machine
+//! without them skips these tests with a message; in CI (CI=true) that is a failure.
+
+mod common;
+
+use common::*;
+use serde_json::{json, Value};
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+fn have_tools() -> bool {
+    let ok = ["docker-registry", "skopeo"].iter().all(|t| Command::new(t).arg("--version").output().is_ok());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "CI must have docker-registry and skopeo");
+        eprintln!("docker-registry/skopeo missing; registry tests skipped");
+    }
+    ok
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A docker-registry serving a temporary directory on 127.0.0.1; killed when dropped.
+struct Registry {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, pass)) = htpasswd {
+            let hash = bcrypt::hash(pass, 4).unwrap();
+            let file = dir.path().join("htpasswd");
+            fs::write(&file, format!("{user}:{hash}\n")).unwrap();
+            config.push_str(&format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", file.display()));
+        }
+        let config_path = dir.path().join("config.yml");
+        fs::write(&config_path, config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .expect("docker-registry runs");
+        let reg = Registry { child, port, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "docker-registry did not start on port {port}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reg
+    }
+
+    fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fault {
+    /// Answer the first `n` blob-upload PATCH/PUT requests with 503.
+    Fail503(usize),
+    /// Close the connection halfway through the body of the first `n` blob uploads.
+    Drop(usize),
+    /// Require a bearer token, issued by `/token` for basic credentials user:pw.
+    Bearer,
+}
+
+/// An HTTP proxy on 127.0.0.1 in front of a registry, one request per connection.
+struct Proxy {
+    port: u16,
+    log: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+const TOKEN: &str = "t0k3n-for-tests";
+
+fn read_head(r: &mut BufReader<TcpStream>) -> Option<(String, String, Vec<(String, String)>)> {
+    let mut line = String::new();
+    if r.read_line(&mut line).ok()? == 0 {
+        return None;
+    }
+    let mut parts = line.split_whitespace();
+    let method = parts.next()?.to_string();
+    let path = parts.next()?.to_string();
+    let mut headers = Vec::new();
+    loop {
+        let mut h = String::new();
+        r.read_line(&mut h).ok()?;
+        let h = h.trim_end();
+        if h.is_empty() {
+            break;
+        }
+        let (k, v) = h.split_once(':')?;
+        headers.push((k.trim().to_string(), v.trim().to_string()));
+    }
+    Some((method, path, headers))
+}
+
+fn respond(mut s: &TcpStream, status: &str, headers: &str, body: &str) {
+    let _ = write!(s, "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+}
+
+fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let faults = Arc::new(AtomicUsize::new(0));
+    let (log2, stop2) = (log.clone(), stop.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(conn) = conn else { continue };
+            let (log, faults) = (log2.clone(), faults.clone());
+            std::thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let Some((method, path, headers)) = read_head(&mut r) else { return };
+                let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+                let len: u64 = get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                log.lock().unwrap().push(format!("{method} {path}"));
+                let upload = (method == "PATCH" || method == "PUT") && path.contains("/blobs/uploads/");
+                let mut drain = |r: &mut BufReader<TcpStream>, n: u64| {
+                    let _ = std::io::copy(&mut r.take(n), &mut std::io::sink());
+                };
+                match fault {
+                    Fault::Fail503(n) if upload && faults.fetch_add(1, Ordering::SeqCst) < n => {
+                        drain(&mut r, len);
+                        log.lock().unwrap().push("-> 503".into());
+                        respond(&conn, "503 Service Unavailable", "", "");
+                        return;
+                    }
+                    Fault::Drop(n) if upload && len > 2 && faults.fetch_add(1, Ordering::SeqCst) < n => {
+                        drain(&mut r, len / 2);
+                        log.lock().unwrap().push("-> dropped".into());
+                        let _ = conn.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    Fault::Bearer if path.starts_with("/token") => {
+                        let want = format!("Basic {}", stevedore::registry::auth::base64_encode(b"user:pw"));
+                        if get("authorization").as_deref() == Some(want.as_str()) {
+                            respond(&conn, "200 OK", "Content-Type: application/json\r\n", &format!("{{\"token\":\"{TOKEN}\"}}"));
+                        } else {
+                            respond(&conn, "401 Unauthorized", "", "{\"details\":\"bad credentials\"}");
+                        }
+                        return;
+                    }
+                    Fault::Bearer if get("authorization").as_deref() != Some(&format!("Bearer {TOKEN}")) => {
+                        drain(&mut r, len);
+                        let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test\"\r\n");
+                        respond(&conn, "401 Unauthorized", &challenge, "");
+                        return;
+                    }
+                    _ => {}
+                }
+                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+                let mut head = format!("{method} {path} HTTP/1.1\r\n");
+                for (k, v) in &headers {
+                    if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("authorization") {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                }
+                head.push_str("Connection: close\r\n\r\n");
+                if up.write_all(head.as_bytes()).is_err() || std::io::copy(&mut (&mut r).take(len), &mut up).is_err() {
+                    return;
+                }
+                let mut conn = conn;
+                let _ = std::io::copy(&mut up, &mut conn);
+            });
+        }
+    });
+    Proxy { port, log, stop }
+}
+
+/// Runs stevedore with no auth files but the ones a test gives.
+fn stevedore(args: &[&str], env: &[(&str, &Path)]) -> Output {
+    let home = std::env::temp_dir().join("stevedore-registry-test-home");
+    fs::create_dir_all(&home).unwrap();
+    let mut c = Command::new(bin());
+    c.args(args).env("HOME", &home).env_remove("XDG_RUNTIME_DIR").env_remove("XDG_CONFIG_HOME").env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE");
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.stdin(Stdio::null()).output().expect("stevedore runs")
+}
+
+fn ok(out: Output, what: &str) -> (String, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{what} failed: {stderr}");
+    (String::from_utf8(out.stdout).unwrap().trim().to_string(), stderr)
+}
+
+fn push(conf: &Path, dest: &str, extra: &[&str]) -> (String, String) {
+    let mut args = vec!["push", conf.to_str().unwrap(), dest, "--insecure"];
+    args.extend_from_slice(extra);
+    ok(stevedore(&args, &[]), &format!("push to {dest}"))
+}
+
+fn skopeo(args: &[&str]) -> Vec<u8> {
+    let out = Command::new("skopeo").args(args).stdin(Stdio::null()).output().unwrap();
+    assert!(out.status.success(), "skopeo {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// A conf over the shared fixture: one layer per store path.
+fn fixture_conf(dir: &Path, arch: &str) -> PathBuf {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let layers: Vec<Vec<String>> = store_paths(&fx).into_iter().map(|p| vec![p]).collect();
+    let mut conf = base_conf(&fx, layers);
+    conf["architecture"] = json!(arch);
+    write_json(dir, &format!("conf-{arch}.json"), &conf)
+}
+
+fn summary(stderr: &str) -> &str {
+    stderr.lines().find(|l| l.starts_with("summary:")).unwrap_or_else(|| panic!("no summary line in: {stderr}"))
+}
+
+fn sha256_file(p: &Path) -> String {
+    sha256_hex(&fs::read(p).unwrap())
+}
+
+fn podman_load(archive: &Path) {
+    if Command::new("podman").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have podman");
+        return;
+    }
+    let out = Command::new("podman")
+        .args(["--cgroup-manager=cgroupfs", "--runtime", "/usr/sbin/runc", "load", "-i"])
+        .arg(archive)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "podman load failed: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn push_conf_then_pull_it_back() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let dest = format!("docker://{}/team/app:v1", reg.addr());
+    let (digest, stderr) = push(&conf, &dest, &[]);
+    assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+    assert!(stderr.lines().filter(|l| l.contains(": uploaded ")).count() == 9, "{stderr}");
+
+    // skopeo sees the manifest we printed, and the image stream writes for the same conf.
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
+    assert_eq!(format!("sha256:{}", sha256_hex(&raw)), digest);
+    let manifest: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert!(manifest["layers"].as_array().unwrap().iter().all(|l| l["mediaType"] == "application/vnd.oci.image.layer.v1.tar+gzip"));
+    let streamed = Image::parse(&stream_ok(&conf));
+    let via_skopeo = dir.path().join("skopeo.tar");
+    skopeo(&["copy", "--src-tls-verify=false", &dest, &format!("docker-archive:{}:x/y:z", via_skopeo.display())]);
+    let image = Image::parse(&fs::read(&via_skopeo).unwrap());
+    assert_eq!(image.config_bytes, streamed.config_bytes, "the pushed config differs from stream's");
+    for i in 0..image.layer_count() {
+        assert!(image.layer(i) == streamed.layer(i), "layer {i} differs");
+    }
+
+    // A second push of the unchanged image uploads nothing.
+    let (again, stderr) = push(&conf, &dest, &[]);
+    assert_eq!(again, digest);
+    assert!(summary(&stderr).starts_with("summary: 9 blobs: 0 uploaded (0 bytes), 0 mounted, 9 existed"), "{stderr}");
+
+    // Pull round trip: a Docker archive equal to stream's in content, loadable, usable as a base.
+    let pulled = dir.path().join("pulled.tar");
+    let (pulled_digest, _) = ok(stevedore(&["pull", &dest, "--insecure", "-o", pulled.to_str().unwrap()], &[]), "pull");
+    assert_eq!(pulled_digest, digest);
+    let image = Image::parse(&fs::read(&pulled).unwrap());
+    assert_eq!(image.config_bytes, streamed.config_bytes);
+    assert_eq!(image.manifest[0]["RepoTags"], json!([format!("{}/team/app:v1", reg.addr())]));
+    for i in 0..image.layer_count() {
+        assert!(image.layer(i) == streamed.layer(i), "pulled layer {i} differs");
+    }
+    let again = dir.path().join("again.tar");
+    ok(stevedore(&["pull", &dest, "--insecure", "-q", "-o", again.to_str().unwrap()], &[]), "pull");
+    assert_eq!(sha256_file(&again), sha256_file(&pulled), "pull output is not deterministic");
+    podman_load(&pulled);
+    let mut derived: Value = serde_json::from_slice(&fs::read(&conf).unwrap()).unwrap();
+    derived["from_image"] = json!(pulled);
+    derived["store_layers"] = json!([]);
+    let derived_conf = write_json(dir.path(), "derived.json", &derived);
+    let derived_image = Image::parse(&stream_ok(&derived_conf));
+    assert_eq!(derived_image.layer_count(), 8);
+
+    // OCI layout output.
+    let layout = dir.path().join("layout");
+    ok(stevedore(&["pull", &dest, "--insecure", "-q", "--format", "oci", "-o", layout.to_str().unwrap()], &[]), "pull --format oci");
+    let raw = skopeo(&["inspect", "--raw", &format!("oci:{}:{}/team/app:v1", layout.display(), reg.addr())]);
+    assert_eq!(format!("sha256:{}", sha256_hex(&raw)), digest);
+}
+
+#[test]
+fn push_archives_and_layouts_with_mounts() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let base = format!("docker://{}/base:v1", reg.addr());
+    let (digest, _) = push(&conf, &base, &["-q"]);
+
+    // A Docker archive of the same image pushes to the same manifest, its blobs mounted.
+    let archive = dir.path().join("image.tar");
+    fs::write(&archive, stream_ok(&conf)).unwrap();
+    let (d, stderr) = push(&archive, &format!("docker://{}/from-archive:v1", reg.addr()), &["--mount-from", "base"]);
+    assert_eq!(d, digest);
+    assert!(summary(&stderr).starts_with("summary: 9 blobs: 0 uploaded (0 bytes), 9 mounted"), "{stderr}");
+
+    // An OCI layout (stream --format oci, gzip): same manifest again, uploaded this time.
+    let layout = dir.path().join("layout");
+    assert!(stream(&conf, &["--format", "oci", "-o", layout.to_str().unwrap(), "-q"]).status.success());
+    let (d, stderr) = push(Path::new(&format!("oci:{}", layout.display())), &format!("docker://{}/from-layout:v1", reg.addr()), &[]);
+    assert_eq!(d, digest);
+    assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+
+    // An oci-archive with zstd layers keeps its own (zstd) manifest.
+    let oci_archive = dir.path().join("oci.tar");
+    assert!(stream(&conf, &["--format", "oci-archive", "--compressor", "zstd", "-o", oci_archive.to_str().unwrap(), "-q"]).status.success());
+    let dest = format!("docker://{}/from-oci-archive:v1", reg.addr());
+    let (d, _) = push(&oci_archive, &dest, &["-q"]);
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
+    assert_eq!(format!("sha256:{}", sha256_hex(&raw)), d);
+    let m: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(m["layers"][0]["mediaType"], "application/vnd.oci.image.layer.v1.tar+zstd");
+    // ...and equals what a push of the conf with --compressor zstd makes.
+    let (z, _) = push(&conf, &format!("docker://{}/zstd:v1", reg.addr()), &["--compressor", "zstd", "-q"]);
+    assert_eq!(z, d);
+}
+
+#[test]
+fn failed_uploads_are_retried() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let (expected, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
+
+    for (fault, chunk) in [(Fault::Fail503(3), "64K"), (Fault::Drop(2), "64M"), (Fault::Drop(2), "200K")] {
+        let proxy = start_proxy(reg.port, fault);
+        let repo = format!("flaky{}", proxy.port);
+        let dest = format!("docker://127.0.0.1:{}/{repo}:v1", proxy.port);
+        let (digest, stderr) = push(&conf, &dest, &["--chunk-size", chunk]);
+        assert_eq!(digest, expected);
+        assert!(stderr.contains("retrying from its start"), "{stderr}");
+        assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+        let log = proxy.log.lock().unwrap().clone();
+        let injected = log.iter().filter(|l| l.starts_with("->")).count();
+        assert!(injected >= 2, "faults were not injected: {log:?}");
+        if chunk == "64K" {
+            assert!(log.iter().any(|l| l.starts_with("PATCH ")), "no chunked upload: {log:?}");
+        }
+        // What landed is whole: skopeo copies it out and the layers hash to their diff_ids.
+        let out = dir.path().join(format!("{repo}.tar"));
+        skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{}/{repo}:v1", reg.addr()), &format!("docker-archive:{}", out.display())]);
+        let image = Image::parse(&fs::read(&out).unwrap());
+        for i in 0..image.layer_count() {
+            assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
+        }
+    }
+
+    // A registry that never recovers gives up with one line.
+    let proxy = start_proxy(reg.port, Fault::Fail503(1000));
+    let out = stevedore(&["push", conf.to_str().unwrap(), &format!("docker://127.0.0.1:{}/down:v1", proxy.port), "--insecure", "--retries", "1", "-q"], &[]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("503"), "{stderr}");
+}
+
+#[test]
+fn basic_and_bearer_auth() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(Some(("user", "s3cret-pw")));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let auth_file = |name: &str, userpass: &str| {
+        let auth = stevedore::registry::auth::base64_encode(userpass.as_bytes());
+        write_json(dir.path(), name, &json!({"auths": {reg.addr(): {"auth": auth}}}))
+    };
+    let good = auth_file("good.json", "user:s3cret-pw");
+    let bad = auth_file("bad.json", "user:wr0ng-pw");
+    let dest = format!("docker://{}/private:v1", reg.addr());
+    let args = ["push", conf.to_str().unwrap(), &dest, "--insecure", "-q"];
+
+    let (digest, _) = ok(stevedore(&args, &[("REGISTRY_AUTH_FILE", &good)]), "push with an auth file");
+    assert!(digest.starts_with("sha256:"));
+    let out = stevedore(&args, &[("REGISTRY_AUTH_FILE", &bad)]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("rejected the credentials") && stderr.contains("bad.json"), "{stderr}");
+    assert!(!stderr.contains("wr0ng") && !stderr.contains(&stevedore::registry::auth::base64_encode(b"user:wr0ng-pw")), "{stderr}");
+    let out = stevedore(&args, &[]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs credentials"));
+    let mut with_creds = args.to_vec();
+    with_creds.extend(["--creds", "user:s3cret-pw"]);
+    let pulled = dir.path().join("p.tar");
+    ok(stevedore(&with_creds, &[]), "push with --creds");
+    ok(
+        stevedore(&["pull", &dest, "--insecure", "-q", "-o", pulled.to_str().unwrap()], &[("REGISTRY_AUTH_FILE", &good)]),
+        "pull with an auth file",
+    );
+
+    // Bearer tokens: the proxy asks for one and its /token endpoint checks user:pw.
+    let open = Registry::start(None);
+    let proxy = start_proxy(open.port, Fault::Bearer);
+    let dest = format!("docker://127.0.0.1:{}/tokens:v1", proxy.port);
+    let (d, _) = ok(stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure", "-q", "--creds", "user:pw"], &[]), "push with a token");
+    assert_eq!(d, digest);
+    assert!(proxy.log.lock().unwrap().iter().any(|l| l.starts_with("GET /token?service=test&scope=repository%3Atokens%3Apull%2Cpush")));
+    let out = stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure", "-q", "--creds", "user:nope"], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("rejected"), "{stderr}");
+    assert!(!stderr.contains("nope"), "{stderr}");
+}
+
+/// GET from the registry on 127.0.0.1 (a blob: distribution's filesystem driver serves it).
+fn http_get(port: u16, path: &str) -> Vec<u8> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&all[..end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "GET {path}: chunked");
+    all[end + 4..].to_vec()
+}
+
+#[test]
+fn compressed_layers_decompress_to_diff_ids() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    for (compressor, suffix) in [("gz", "+gzip"), ("zstd", "+zstd"), ("none", "")] {
+        let dest = format!("docker://{}/c-{compressor}:v1", reg.addr());
+        push(&conf, &dest, &["--compressor", compressor, "-q"]);
+        // Straight from the registry's API: skopeo would recompress uncompressed layers.
+        let manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &dest])).unwrap();
+        let blob = |d: &str| http_get(reg.port, &format!("/v2/c-{compressor}/blobs/{d}"));
+        let config: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
+        for (i, layer) in manifest["layers"].as_array().unwrap().iter().enumerate() {
+            assert_eq!(layer["mediaType"], format!("application/vnd.oci.image.layer.v1.tar{suffix}"));
+            let data = blob(layer["digest"].as_str().unwrap());
+            let mut tar = Vec::new();
+            match compressor {
+                "gz" => flate2::read::GzDecoder::new(&data[..]).read_to_end(&mut tar).unwrap(),
+                "zstd" => zstd::stream::read::Decoder::new(&data[..]).unwrap().read_to_end(&mut tar).unwrap(),
+                _ => std::io::copy(&mut &data[..], &mut tar).unwrap() as usize,
+            };
+            assert_eq!(format!("sha256:{}", sha256_hex(&tar)), config["rootfs"]["diff_ids"][i], "{compressor} layer {i}");
+        }
+    }
+}
+
+#[test]
+fn index_pull_platform_and_prefetch() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let amd = fixture_conf(dir.path(), "amd64");
+    let arm = fixture_conf(dir.path(), "arm64");
+    let (amd_digest, _) = push(&amd, &format!("docker://{}/amd:v1", reg.addr()), &["-q"]);
+    let dest = format!("docker://{}/multi:v1", reg.addr());
+    // One image already pushed (in another repository: mounted over), one pushed from its conf.
+    let (index_digest, stderr) = ok(
+        stevedore(&["index", &dest, &format!("docker://{}/amd:v1", reg.addr()), arm.to_str().unwrap(), "--insecure"], &[]),
+        "index",
+    );
+    let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
+    assert_eq!(format!("sha256:{}", sha256_hex(&raw)), index_digest, "{stderr}");
+    let index: Value = serde_json::from_slice(&raw).unwrap();
+    assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
+    assert_eq!(index["manifests"][0]["digest"], amd_digest.as_str());
+    assert_eq!(index["manifests"][0]["platform"], json!({"architecture": "amd64", "os": "linux"}));
+    assert_eq!(index["manifests"][1]["platform"], json!({"architecture": "arm64", "os": "linux"}));
+
+    // Pull picks the platform asked for; skopeo agrees on which manifest that is.
+    for arch in ["amd64", "arm64"] {
+        let out = dir.path().join(format!("{arch}.tar"));
+        let (d, _) = ok(stevedore(&["pull", &dest, "--arch", arch, "--insecure", "-q", "-o", out.to_str().unwrap()], &[]), "pull");
+        let image = Image::parse(&fs::read(&out).unwrap());
+        assert_eq!(image.config["architecture"], arch);
+        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", "--override-arch", arch, &format!("{dest}")]);
+        let _ = raw;
+        let by_skopeo = skopeo(&["inspect", "--tls-verify=false", "--override-arch", arch, &dest]);
+        let by_skopeo: Value = serde_json::from_slice(&by_skopeo).unwrap();
+        assert_eq!(by_skopeo["Digest"].as_str(), Some(index_digest.as_str()));
+        assert!(d.starts_with("sha256:") && d != index_digest);
+        if arch == "amd64" {
+            assert_eq!(d, amd_digest);
+        }
+    }
+    let out = stevedore(&["pull", &dest, "--arch", "s390x", "--insecure", "-q", "-o", dir.path().join("x.tar").to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("no image for linux/s390x") && stderr.contains("linux/arm64"), "{stderr}");
+    assert!(!dir.path().join("x.tar").exists() && !dir.path().join("x.tar.partial").exists());
+
+    // prefetch's hash is the sha256 of what pullImage's builder (pull NAME@DIGEST) writes.
+    let (text, _) = ok(stevedore(&["prefetch", &dest, "--arch", "arm64", "--insecure", "-q"], &[]), "prefetch");
+    let field = |name: &str| -> String {
+        let line = text.lines().find(|l| l.trim_start().starts_with(&format!("{name} = "))).unwrap_or_else(|| panic!("no {name} in {text}"));
+        line.split('"').nth(1).unwrap().to_string()
+    };
+    assert_eq!(field("imageName"), format!("{}/multi", reg.addr()));
+    assert_eq!(field("imageDigest"), index_digest);
+    assert_eq!(field("finalImageTag"), "v1");
+    let fod = dir.path().join("fod.tar");
+    ok(
+        stevedore(
+            &[
+                "pull",
+                &format!("docker://{}@{}", field("imageName"), field("imageDigest")),
+                "--arch",
+                "arm64",
+                "--image-name",
+                &field("finalImageName"),
+                "--image-tag",
+                &field("finalImageTag"),
+                "--insecure",
+                "-q",
+                "-o",
+                fod.to_str().unwrap(),
+            ],
+            &[],
+        ),
+        "pull by digest",
+    );
+    use sha2::Digest;
+    let sri = format!("sha256-{}", stevedore::registry::auth::base64_encode(&sha2::Sha256::digest(fs::read(&fod).unwrap())));
+    assert_eq!(field("hash"), sri);
+    podman_load(&fod);
+}
