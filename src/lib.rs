@@ -6,6 +6,7 @@
 pub mod base;
 pub mod compress;
 pub mod conf;
+pub mod flatten;
 pub mod image;
 pub mod layer;
 pub mod layering;

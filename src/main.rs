@@ -64,6 +64,12 @@ enum Command {
     Prefetch(stevedore::registry::PrefetchArgs),
     /// Combine per-platform images into one multi-platform index and push it.
     Index(stevedore::registry::IndexArgs),
+    /// Write an image's flattened filesystem as one tarball (nixpkgs' exportImage).
+    ///
+    /// Layers are applied in memory (whiteouts and opaque directories honoured, hard links
+    /// stored as full files), then written as `tar --sort=name --mtime=@MTIME --numeric-owner`
+    /// would write `./`: no extraction, so owners and devices survive without root.
+    Export(stevedore::flatten::ExportArgs),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix(stevedore::nixbuild::NixArgs),
@@ -150,6 +156,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Layers(args) => stevedore::layering::run(&args),
         Command::Nix(args) => stevedore::nixbuild::run(&args),
+        Command::Export(args) => stevedore::flatten::export(&args),
         Command::Push(args) => stevedore::registry::run_push(&args),
         Command::Pull(args) => stevedore::registry::run_pull(&args),
         Command::Prefetch(args) => stevedore::registry::run_prefetch(&args),

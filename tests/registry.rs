@@ -156,7 +156,7 @@ fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
                 let len: u64 = get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
                 log.lock().unwrap().push(format!("{method} {path}"));
                 let upload = (method == "PATCH" || method == "PUT") && path.contains("/blobs/uploads/");
-                let mut drain = |r: &mut BufReader<TcpStream>, n: u64| {
+                let drain = |r: &mut BufReader<TcpStream>, n: u64| {
                     let _ = std::io::copy(&mut r.take(n), &mut std::io::sink());
                 };
                 match fault {
@@ -582,4 +582,60 @@ fn index_pull_platform_and_prefetch() {
     let sri = format!("sha256-{}", stevedore::registry::auth::base64_encode(&sha2::Sha256::digest(fs::read(&fod).unwrap())));
     assert_eq!(field("hash"), sri);
     podman_load(&fod);
+}
+
+#[test]
+fn pull_image_nix_fixed_output_derivation() {
+    if !have_tools() {
+        return;
+    }
+    if Command::new("nix-build").arg("--version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have nix-build");
+        eprintln!("nix-build missing; pullImage test skipped");
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "arm64");
+    let dest = format!("docker://{}/nixpull:v2", reg.addr());
+    push(&conf, &dest, &["-q"]);
+    let (text, _) = ok(stevedore(&["prefetch", &dest, "--arch", "arm64", "--insecure", "-q"], &[]), "prefetch");
+    let field = |name: &str| -> String {
+        let line = text.lines().find(|l| l.trim_start().starts_with(&format!("{name} = "))).unwrap();
+        line.split('"').nth(1).unwrap().to_string()
+    };
+
+    // The binary as a package in the store, as nix/default.nix receives it.
+    let pkg = dir.path().join("stevedore");
+    fs::create_dir_all(pkg.join("bin")).unwrap();
+    fs::copy(bin(), pkg.join("bin/stevedore")).unwrap();
+    let added = Command::new("nix-store").arg("--add").arg(&pkg).output().unwrap();
+    assert!(added.status.success(), "nix-store --add: {}", String::from_utf8_lossy(&added.stderr));
+    let store_path = String::from_utf8(added.stdout).unwrap().trim().to_string();
+    let nix_file = concat!(env!("CARGO_MANIFEST_DIR"), "/nix/pull-image.nix");
+    let build = |hash: &str| {
+        let expr = format!(
+            r#"let pullImage = import {nix_file} {{ stevedore = builtins.storePath "{store_path}"; }};
+               in pullImage {{ imageName = "{}"; imageDigest = "{}"; hash = "{hash}"; finalImageTag = "v2"; arch = "arm64"; tlsVerify = false; }}"#,
+            field("imageName"),
+            field("imageDigest")
+        );
+        Command::new("nix-build")
+            .args(["--no-out-link", "-E", &expr])
+            .env("NIX_CONFIG", "sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = build(&field("hash"));
+    assert!(out.status.success(), "nix-build failed: {}", String::from_utf8_lossy(&out.stderr));
+    let path = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+    let image = Image::parse(&fs::read(&path).unwrap());
+    assert_eq!(image.config["architecture"], "arm64");
+    assert_eq!(image.manifest[0]["RepoTags"], json!([format!("{}/nixpull:v2", reg.addr())]));
+    // A wrong hash fails the build (the fixed-output check), naming the real one.
+    let wrong = format!("sha256-{}", stevedore::registry::auth::base64_encode(&[7u8; 32]));
+    let out = build(&wrong);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("hash mismatch"), "{}", String::from_utf8_lossy(&out.stderr));
 }

@@ -1,0 +1,1129 @@
+//! Flattening images: the merged filesystem of an image's layers (`stevedore export`, nixpkgs'
+//! `exportImage`), computed in memory.
+//!
+//! Every layer tar is indexed (member metadata and the offset of its data), whiteouts and opaque
+//! directories are applied to an in-memory tree, and the result is written sorted, reading file
+//! data by offset. Nothing is extracted, so owners and device nodes survive even for an
+//! unprivileged builder. Compressed layers (and layers inside a compressed archive) are first
+//! decompressed to scratch files, since the tree is written in name order, not layer order.
+//!
+//! `run-as-root` builds the same tree to lay out the image's root filesystem.
+
+use crate::compress::{detect, open_decompressed, Compression, Compressor, ParallelEncoder};
+use crate::layer::{out_err, OutputError};
+use crate::oci::TempDir;
+use crate::tar::{self as t, Header, HeaderEncoder};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// One layer's uncompressed tar: `len` bytes at `offset` in `path` (a layer member inside a
+/// plain archive is read in place).
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// How the image names it (member path or digest), for messages.
+    pub what: String,
+}
+
+/// An image's layers, bottom first, with the scratch directory holding decompressed ones.
+pub struct OpenedImage {
+    pub layers: Vec<LayerBlob>,
+    _scratch: TempDir,
+}
+
+/// Which image of a multi-image archive or layout to take.
+#[derive(Debug, Clone, Default)]
+pub struct Selector {
+    pub name: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl Selector {
+    /// `name:tag` (the tag defaults to `latest`), if a name was given.
+    fn wanted(&self) -> Option<String> {
+        self.name.as_ref().map(|n| format!("{n}:{}", self.tag.as_deref().unwrap_or("latest")))
+    }
+}
+
+/// A region of a file, readable and seekable as a file of its own.
+struct Region {
+    file: File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Read for Region {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let k = self.file.read_at(&mut buf[..n], self.start + self.pos)?;
+        self.pos += k as u64;
+        Ok(k)
+    }
+}
+
+impl Seek for Region {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            SeekFrom::End(d) => self.len as i128 + d as i128,
+        };
+        if new < 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"));
+        }
+        self.pos = new as u64;
+        Ok(self.pos)
+    }
+}
+
+/// Reads `len` bytes at `offset` of `file` (an [`io::Read`] over a shared file).
+pub struct At<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl<'a> At<'a> {
+    pub fn new(file: &'a File, offset: u64, len: u64) -> Self {
+        At { file, pos: offset, end: offset + len }
+    }
+}
+
+impl Read for At<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = (buf.len() as u64).min(self.end - self.pos) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let k = self.file.read_at(&mut buf[..n], self.pos)?;
+        if k == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "file ends early"));
+        }
+        self.pos += k as u64;
+        Ok(k)
+    }
+}
+
+/// Members of a tar archive (the outer image archive) by normalized name.
+#[derive(Debug, Clone)]
+enum Member {
+    File { offset: u64, size: u64 },
+    Link(String),
+}
+
+/// Normalizes an archive member name: no `.`, no empty components, `..` resolved.
+fn normalize_name(name: &str) -> String {
+    let mut parts: Vec<&str> = Vec::new();
+    for c in name.split('/') {
+        match c {
+            "" | "." => {}
+            ".." => {
+                parts.pop();
+            }
+            c => parts.push(c),
+        }
+    }
+    parts.join("/")
+}
+
+/// Members up to this size are kept from the indexing pass: manifests, configs, indexes.
+const SMALL_MEMBER: u64 = 4 << 20;
+
+struct ArchiveIndex {
+    path: PathBuf,
+    compressed: bool,
+    members: HashMap<String, Member>,
+    small: HashMap<String, Vec<u8>>,
+}
+
+impl ArchiveIndex {
+    fn load(path: &Path) -> Result<Self> {
+        let mut head = [0u8; 8];
+        let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let n = f.read(&mut head).with_context(|| format!("cannot read {}", path.display()))?;
+        let compressed = detect(&head[..n]) != Compression::None;
+        let mut idx = ArchiveIndex { path: path.to_owned(), compressed, members: HashMap::new(), small: HashMap::new() };
+        let bad = |e: io::Error| anyhow!("{}: not a valid tar archive: {e}", path.display());
+        if compressed {
+            let mut ar = tar::Archive::new(open_decompressed(path)?);
+            for entry in ar.entries().map_err(bad)? {
+                idx.record(&mut entry.map_err(bad)?)?;
+            }
+        } else {
+            f.seek(SeekFrom::Start(0))?;
+            let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, f));
+            for entry in ar.entries_with_seek().map_err(bad)? {
+                idx.record(&mut entry.map_err(bad)?)?;
+            }
+        }
+        Ok(idx)
+    }
+
+    fn record<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<()> {
+        let name = normalize_name(&String::from_utf8_lossy(&entry.path_bytes()));
+        let kind = entry.header().entry_type();
+        if kind.is_symlink() || kind.is_hard_link() {
+            let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+            let target = if kind.is_symlink() && !target.starts_with('/') {
+                let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+                normalize_name(&format!("{dir}/{target}"))
+            } else {
+                normalize_name(&target)
+            };
+            self.members.insert(name, Member::Link(target));
+        } else if kind.is_file() {
+            let size = entry.size();
+            if size <= SMALL_MEMBER {
+                let mut data = Vec::with_capacity(size as usize);
+                entry
+                    .read_to_end(&mut data)
+                    .with_context(|| format!("{}: cannot read member {name}", self.path.display()))?;
+                self.small.insert(name.clone(), data);
+            }
+            self.members.insert(name, Member::File { offset: entry.raw_file_position(), size });
+        }
+        Ok(())
+    }
+
+    /// Follows links to the member holding the bytes.
+    fn resolve(&self, name: &str) -> Result<(String, u64, u64)> {
+        let mut name = normalize_name(name);
+        for _ in 0..32 {
+            match self.members.get(&name) {
+                Some(Member::File { offset, size }) => return Ok((name, *offset, *size)),
+                Some(Member::Link(target)) => name = target.clone(),
+                None => bail!("{}: it has no member {name:?}", self.path.display()),
+            }
+        }
+        bail!("{}: too many links resolving {name:?}", self.path.display())
+    }
+
+    fn json(&self, name: &str) -> Result<Value> {
+        let (member, _, _) = self.resolve(name)?;
+        let data = self
+            .small
+            .get(&member)
+            .ok_or_else(|| anyhow!("{}: {name} is too large to be JSON metadata", self.path.display()))?;
+        serde_json::from_slice(data).map_err(|e| anyhow!("{}: {name} is not valid JSON: {e}", self.path.display()))
+    }
+}
+
+/// Where an image's JSON and blobs come from: an OCI layout directory or an archive.
+enum Source<'a> {
+    Dir(&'a Path),
+    Archive(&'a ArchiveIndex),
+}
+
+impl Source<'_> {
+    fn json(&self, name: &str) -> Result<Value> {
+        match self {
+            Source::Dir(dir) => {
+                let p = dir.join(name);
+                let data = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                serde_json::from_slice(&data).map_err(|e| anyhow!("{}: not valid JSON: {e}", p.display()))
+            }
+            Source::Archive(idx) => idx.json(name),
+        }
+    }
+}
+
+fn blob_name(digest: &str) -> Result<String> {
+    let hex = digest.strip_prefix("sha256:").ok_or_else(|| anyhow!("unsupported digest {digest:?} (only sha256)"))?;
+    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
+        bail!("malformed digest {digest:?}");
+    }
+    Ok(format!("blobs/sha256/{hex}"))
+}
+
+const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+
+fn go_arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    }
+}
+
+/// The layer blob names of the image an OCI index (`index.json`) points to.
+fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> {
+    let index = src.json("index.json")?;
+    let manifests = index["manifests"].as_array().ok_or_else(|| anyhow!("{}: index.json lists no manifests", what.display()))?;
+    let chosen = match sel.wanted() {
+        Some(wanted) => {
+            // Layouts name images by tag alone (`oci:DIR:TAG`) or by `name:tag`.
+            let short = sel.tag.as_deref().or(sel.name.as_deref());
+            manifests
+                .iter()
+                .find(|m| {
+                    let ann = |k: &str| m.get("annotations").and_then(|a| a.get(k)).and_then(Value::as_str);
+                    let r = ann("org.opencontainers.image.ref.name");
+                    r == short || r == Some(&wanted) || ann("io.containerd.image.name") == Some(&wanted)
+                })
+                .ok_or_else(|| anyhow!("{}: no image named {wanted}", what.display()))?
+        }
+        None => manifests.first().ok_or_else(|| anyhow!("{}: index.json lists no manifests", what.display()))?,
+    };
+    let mut desc = chosen.clone();
+    for _ in 0..4 {
+        let media = desc["mediaType"].as_str().unwrap_or("");
+        let digest = desc["digest"].as_str().ok_or_else(|| anyhow!("{}: a descriptor has no digest", what.display()))?;
+        let doc = src.json(&blob_name(digest)?)?;
+        let is_index = INDEX_TYPES.contains(&media) || (media.is_empty() && doc.get("manifests").is_some());
+        if !is_index {
+            let layers = doc["layers"].as_array().ok_or_else(|| anyhow!("{}: manifest {digest} has no layers", what.display()))?;
+            return layers
+                .iter()
+                .map(|l| blob_name(l["digest"].as_str().ok_or_else(|| anyhow!("{}: a layer has no digest", what.display()))?))
+                .collect();
+        }
+        // A multi-platform index: take this machine's platform, else the first.
+        let list = doc["manifests"].as_array().ok_or_else(|| anyhow!("{}: index {digest} lists no manifests", what.display()))?;
+        let native = list.iter().find(|m| m.pointer("/platform/os").and_then(Value::as_str) == Some("linux") && m.pointer("/platform/architecture").and_then(Value::as_str) == Some(go_arch()));
+        desc = native.or(list.first()).cloned().ok_or_else(|| anyhow!("{}: index {digest} is empty", what.display()))?;
+    }
+    bail!("{}: indexes nested too deeply", what.display())
+}
+
+/// The layer member names of the image a Docker archive's `manifest.json` lists.
+fn docker_layers(idx: &ArchiveIndex, sel: &Selector) -> Result<Vec<String>> {
+    let manifest = idx.json("manifest.json")?;
+    let images = manifest.as_array().ok_or_else(|| anyhow!("{}: manifest.json is not a list", idx.path.display()))?;
+    let image = match sel.wanted() {
+        Some(wanted) => images
+            .iter()
+            .find(|i| i["RepoTags"].as_array().is_some_and(|t| t.iter().any(|t| t.as_str() == Some(&wanted))))
+            .ok_or_else(|| {
+                let tags: Vec<&str> = images.iter().filter_map(|i| i["RepoTags"].as_array()).flatten().filter_map(Value::as_str).collect();
+                anyhow!("{}: no image tagged {wanted} (it has: {})", idx.path.display(), tags.join(", "))
+            })?,
+        None => images.first().ok_or_else(|| anyhow!("{}: manifest.json lists no image", idx.path.display()))?,
+    };
+    image["Layers"]
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: manifest.json has no \"Layers\"", idx.path.display()))?
+        .iter()
+        .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{}: a layer path is not a string", idx.path.display())))
+        .collect()
+}
+
+/// Copies `r` (decompressing it if it is gzip or zstd) into a new scratch file.
+fn decompress_to(mut r: impl Read, dest: &Path, what: &str) -> Result<u64> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut head[got..]).with_context(|| format!("cannot read {what}"))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let chained = (&head[..got]).chain(r);
+    let mut reader: Box<dyn Read> = match detect(&head[..got]) {
+        Compression::None => Box::new(chained),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(chained))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(chained).with_context(|| format!("{what}: cannot start zstd decoding"))?),
+    };
+    let mut out = BufWriter::new(File::create(dest).with_context(|| format!("cannot create {}", dest.display()))?);
+    let n = io::copy(&mut reader, &mut out).with_context(|| format!("cannot decompress {what}"))?;
+    out.flush().with_context(|| format!("cannot write {}", dest.display()))?;
+    Ok(n)
+}
+
+/// Opens a base image: a Docker archive (plain, gzip or zstd), an OCI archive, or an OCI
+/// layout directory. Compressed layers are decompressed into a scratch directory under
+/// `scratch`, which lives as long as the returned value.
+pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> Result<OpenedImage> {
+    let tmp = TempDir::new_in(scratch)?;
+    let say = |s: String| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    let mut layers = Vec::new();
+    if meta.is_dir() {
+        let names = oci_layers(&Source::Dir(path), sel, path)?;
+        for (i, name) in names.iter().enumerate() {
+            let file = path.join(name);
+            let mut f = File::open(&file).with_context(|| format!("cannot open layer {}", file.display()))?;
+            let mut head = [0u8; 4];
+            let n = f.read(&mut head).with_context(|| format!("cannot read {}", file.display()))?;
+            if detect(&head[..n]) == Compression::None {
+                let len = f.metadata()?.len();
+                layers.push(LayerBlob { path: file, offset: 0, len, what: name.clone() });
+            } else {
+                say(format!("Decompressing layer {} ({name})...", i + 1));
+                let dest = tmp.0.join(format!("layer-{i}.tar"));
+                f.seek(SeekFrom::Start(0))?;
+                let len = decompress_to(f, &dest, name)?;
+                layers.push(LayerBlob { path: dest, offset: 0, len, what: name.clone() });
+            }
+        }
+        return Ok(OpenedImage { layers, _scratch: tmp });
+    }
+
+    let idx = ArchiveIndex::load(path)?;
+    let names = if idx.members.contains_key("manifest.json") {
+        docker_layers(&idx, sel)?
+    } else if idx.members.contains_key("index.json") {
+        oci_layers(&Source::Archive(&idx), sel, path)?
+    } else {
+        bail!("{}: neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)", path.display());
+    };
+    let resolved: Vec<(String, u64, u64)> = names.iter().map(|n| idx.resolve(n)).collect::<Result<_>>()?;
+    // A member may serve several layers; each is read or decompressed once.
+    let mut done: HashMap<String, LayerBlob> = HashMap::new();
+    if idx.compressed {
+        let wanted: HashSet<&str> = resolved.iter().map(|r| r.0.as_str()).collect();
+        say(format!("Decompressing {} layers of {}...", wanted.len(), path.display()));
+        let mut ar = tar::Archive::new(open_decompressed(path)?);
+        let bad = |e: io::Error| anyhow!("{}: not a valid tar archive: {e}", path.display());
+        for entry in ar.entries().map_err(bad)? {
+            let entry = entry.map_err(bad)?;
+            let name = normalize_name(&String::from_utf8_lossy(&entry.path_bytes()));
+            if !entry.header().entry_type().is_file() || !wanted.contains(name.as_str()) || done.contains_key(&name) {
+                continue;
+            }
+            let dest = tmp.0.join(format!("layer-{}.tar", done.len()));
+            let len = decompress_to(entry, &dest, &name)?;
+            done.insert(name.clone(), LayerBlob { path: dest, offset: 0, len, what: name });
+        }
+    } else {
+        let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        for (name, offset, size) in &resolved {
+            if done.contains_key(name) {
+                continue;
+            }
+            let mut head = [0u8; 4];
+            let n = f.read_at(&mut head[..(*size).min(4) as usize], *offset)?;
+            let blob = if detect(&head[..n]) == Compression::None {
+                LayerBlob { path: path.to_owned(), offset: *offset, len: *size, what: name.clone() }
+            } else {
+                say(format!("Decompressing layer {name}..."));
+                let dest = tmp.0.join(format!("layer-{}.tar", done.len()));
+                let region = Region { file: f.try_clone()?, start: *offset, len: *size, pos: 0 };
+                let len = decompress_to(region, &dest, name)?;
+                LayerBlob { path: dest, offset: 0, len, what: name.clone() }
+            };
+            done.insert(name.clone(), blob);
+        }
+    }
+    for (name, _, _) in &resolved {
+        let blob = done.get(name).ok_or_else(|| anyhow!("{}: layer member {name} vanished between reads", path.display()))?;
+        layers.push(blob.clone());
+    }
+    Ok(OpenedImage { layers, _scratch: tmp })
+}
+
+/// What a path in the merged tree is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    Dir,
+    /// Data: `size` bytes at `offset` of layer `layer`'s tar. Hard links share `inode`.
+    File { layer: u32, offset: u64, size: u64, inode: u64 },
+    Symlink(Vec<u8>),
+    Fifo,
+    Char(u32, u32),
+    Block(u32, u32),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Node {
+    pub kind: Kind,
+    /// Permission bits (`0o7777`).
+    pub mode: u32,
+    pub uid: u64,
+    pub gid: u64,
+}
+
+impl Node {
+    fn implicit_dir() -> Node {
+        Node { kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0 }
+    }
+}
+
+/// Keys of the tree are paths relative to the root with components joined by NUL: NUL sorts
+/// before every byte a name can hold, so key order is the order of a walk that visits each
+/// directory's entries sorted by name (tar's `--sort=name`), and a directory's descendants
+/// are one contiguous key range.
+pub const SEP: u8 = 0;
+
+pub fn key_of(components: &[&[u8]]) -> Vec<u8> {
+    components.join(&SEP)
+}
+
+/// The member name of a key: `./a/b`, with a trailing `/` for directories.
+pub fn member_name(key: &[u8], dir: bool) -> Vec<u8> {
+    let mut name = Vec::with_capacity(key.len() + 3);
+    name.extend_from_slice(b"./");
+    name.extend(key.iter().map(|&b| if b == SEP { b'/' } else { b }));
+    if dir && !key.is_empty() {
+        name.push(b'/');
+    }
+    name
+}
+
+fn display_key(key: &[u8]) -> String {
+    String::from_utf8_lossy(&member_name(key, false)[2..]).into_owned()
+}
+
+/// The merged filesystem of a stack of layers.
+#[derive(Debug, Clone)]
+pub struct Tree {
+    pub root: Node,
+    pub nodes: BTreeMap<Vec<u8>, Node>,
+    next_inode: u64,
+}
+
+impl Default for Tree {
+    fn default() -> Self {
+        Tree { root: Node::implicit_dir(), nodes: BTreeMap::new(), next_inode: 0 }
+    }
+}
+
+/// Splits a member name into its components (`.` and empty ones dropped, `..` resolved
+/// without ever going above the root).
+pub fn components(name: &[u8]) -> Vec<Vec<u8>> {
+    let mut out: Vec<Vec<u8>> = Vec::new();
+    for c in name.split(|&b| b == b'/') {
+        match c {
+            b"" | b"." => {}
+            b".." => {
+                out.pop();
+            }
+            c => out.push(c.to_vec()),
+        }
+    }
+    out
+}
+
+fn descendants_range(key: &[u8]) -> (std::ops::Bound<Vec<u8>>, std::ops::Bound<Vec<u8>>) {
+    use std::ops::Bound::*;
+    if key.is_empty() {
+        return (Unbounded, Unbounded);
+    }
+    let mut lo = key.to_vec();
+    lo.push(SEP);
+    let mut hi = key.to_vec();
+    hi.push(SEP + 1);
+    (Included(lo), Excluded(hi))
+}
+
+const OPAQUE: &[u8] = b".wh..wh..opq";
+const WH_PREFIX: &[u8] = b".wh.";
+
+impl Tree {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Removes `key` and everything below it.
+    pub fn remove_subtree(&mut self, key: &[u8]) {
+        if key.is_empty() {
+            self.nodes.clear();
+            return;
+        }
+        self.nodes.remove(key);
+        let doomed: Vec<Vec<u8>> = self.nodes.range(descendants_range(key)).map(|(k, _)| k.clone()).collect();
+        for k in doomed {
+            self.nodes.remove(&k);
+        }
+    }
+
+    /// The keys directly below `dir`, in order.
+    pub fn children<'a>(&'a self, dir: &'a [u8]) -> impl Iterator<Item = (&'a Vec<u8>, &'a Node)> + 'a {
+        let skip = if dir.is_empty() { 0 } else { dir.len() + 1 };
+        self.nodes.range(descendants_range(dir)).filter(move |(k, _)| !k[skip..].contains(&SEP))
+    }
+
+    /// Resolves a directory path through the tree's symlinks (kept inside the root, as
+    /// container runtimes do when they apply a layer). With `create`, missing directories are
+    /// made (0755, root-owned); without, a missing or non-directory path gives `None`.
+    fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool, added: &mut HashSet<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        let mut queue: VecDeque<Vec<u8>> = comps.iter().cloned().collect();
+        let mut hops = 0;
+        while let Some(c) = queue.pop_front() {
+            match &c[..] {
+                b"" | b"." => continue,
+                b".." => {
+                    out.pop();
+                    continue;
+                }
+                _ => {}
+            }
+            out.push(c);
+            let key = out.join(&SEP);
+            match self.nodes.get(&key).map(|n| &n.kind) {
+                Some(Kind::Dir) => {}
+                Some(Kind::Symlink(target)) => {
+                    hops += 1;
+                    if hops > 40 {
+                        bail!("{}: too many levels of symbolic links", display_key(&key));
+                    }
+                    let target = target.clone();
+                    out.pop();
+                    if target.starts_with(b"/") {
+                        out.clear();
+                    }
+                    for part in target.split(|&b| b == b'/').rev() {
+                        queue.push_front(part.to_vec());
+                    }
+                }
+                Some(_) if create => bail!("{} is not a directory", display_key(&key)),
+                Some(_) => return Ok(None),
+                None if create => {
+                    self.nodes.insert(key.clone(), Node::implicit_dir());
+                    added.insert(key);
+                }
+                None => return Ok(None),
+            }
+        }
+        Ok(Some(out.join(&SEP)))
+    }
+
+    fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+        if parent.is_empty() {
+            return name.to_vec();
+        }
+        let mut k = Vec::with_capacity(parent.len() + 1 + name.len());
+        k.extend_from_slice(parent);
+        k.push(SEP);
+        k.extend_from_slice(name);
+        k
+    }
+
+    fn mark_added(added: &mut HashSet<Vec<u8>>, key: &[u8]) {
+        let mut end = key.len();
+        loop {
+            if !added.insert(key[..end].to_vec()) {
+                return;
+            }
+            match key[..end].iter().rposition(|&b| b == SEP) {
+                Some(i) => end = i,
+                None => return,
+            }
+        }
+    }
+
+    /// Removes the entries below `dir` that this layer did not add (an opaque directory).
+    fn make_opaque(&mut self, dir: &[u8], added: &HashSet<Vec<u8>>) {
+        let doomed: Vec<Vec<u8>> = self.nodes.range(descendants_range(dir)).filter(|(k, _)| !added.contains(*k)).map(|(k, _)| k.clone()).collect();
+        for k in doomed {
+            self.nodes.remove(&k);
+        }
+    }
+
+    fn insert(&mut self, key: Vec<u8>, node: Node, added: &mut HashSet<Vec<u8>>) {
+        let replaced_dir = matches!(self.nodes.get(&key), Some(Node { kind: Kind::Dir, .. }));
+        if replaced_dir && node.kind != Kind::Dir {
+            self.remove_subtree(&key);
+        }
+        Self::mark_added(added, &key);
+        self.nodes.insert(key, node);
+    }
+
+    /// Applies layer number `index` (its uncompressed tar in `blob`) on top of the tree.
+    pub fn apply_layer(&mut self, index: u32, blob: &LayerBlob) -> Result<()> {
+        let ctx = || format!("layer {} ({})", index + 1, blob.what);
+        let file = File::open(&blob.path).with_context(|| format!("cannot open {}", blob.path.display()))?;
+        let region = Region { file, start: blob.offset, len: blob.len, pos: 0 };
+        let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, region));
+        // What this layer put in place (with ancestors): whiteouts and opaque markers only
+        // hide what lower layers had.
+        let mut added: HashSet<Vec<u8>> = HashSet::new();
+        for entry in ar.entries_with_seek().with_context(ctx)? {
+            let mut entry = entry.map_err(|e| anyhow!("{}: not a valid tar: {e}", ctx()))?;
+            self.apply_entry(index, &mut entry, &mut added).with_context(ctx)?;
+        }
+        Ok(())
+    }
+
+    fn apply_entry<R: Read>(&mut self, index: u32, entry: &mut tar::Entry<R>, added: &mut HashSet<Vec<u8>>) -> Result<()> {
+        use tar::EntryType as E;
+        let path = entry.path_bytes().into_owned();
+        let etype = entry.header().entry_type();
+        if matches!(etype, E::XGlobalHeader | E::XHeader | E::GNULongName | E::GNULongLink) {
+            return Ok(());
+        }
+        let mut comps = components(&path);
+        let mode = entry.header().mode().map_err(|e| anyhow!("{}: bad mode: {e}", String::from_utf8_lossy(&path)))? & 0o7777;
+        let mut uid = entry.header().uid().unwrap_or(0);
+        let mut gid = entry.header().gid().unwrap_or(0);
+        if let Some(pax) = entry.pax_extensions()? {
+            for ext in pax.flatten() {
+                let value = ext.value_bytes();
+                let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
+                match ext.key_bytes() {
+                    b"uid" => uid = num().unwrap_or(uid),
+                    b"gid" => gid = num().unwrap_or(gid),
+                    _ => {}
+                }
+            }
+        }
+        let Some(name) = comps.pop() else {
+            // The root itself ("./" or "/"): only its metadata can change.
+            if etype == E::Directory {
+                self.root = Node { kind: Kind::Dir, mode, uid, gid };
+            }
+            return Ok(());
+        };
+        if name.starts_with(WH_PREFIX) {
+            let Some(dir) = self.resolve_dir(&comps, false, added)? else { return Ok(()) };
+            if name == OPAQUE {
+                self.make_opaque(&dir, added);
+            } else if !name.starts_with(b".wh..wh.") {
+                let target = Self::join(&dir, &name[WH_PREFIX.len()..]);
+                if added.contains(&target) {
+                    // This layer re-created what it hides: keep its own entries only.
+                    self.make_opaque(&target, added);
+                } else {
+                    self.remove_subtree(&target);
+                }
+            }
+            // Other `.wh..wh.` names are aufs bookkeeping (hard link directories).
+            return Ok(());
+        }
+        let kind = match etype {
+            E::Regular | E::Continuous => {
+                self.next_inode += 1;
+                Kind::File { layer: index, offset: entry.raw_file_position(), size: entry.size(), inode: self.next_inode }
+            }
+            E::Directory => Kind::Dir,
+            E::Symlink => Kind::Symlink(entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default()),
+            E::Fifo => Kind::Fifo,
+            E::Char | E::Block => {
+                let major = entry.header().device_major().ok().flatten().unwrap_or(0);
+                let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
+                if etype == E::Char {
+                    Kind::Char(major, minor)
+                } else {
+                    Kind::Block(major, minor)
+                }
+            }
+            E::Link => {
+                let target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
+                let mut tcomps = components(&target);
+                let tname = tcomps.pop().ok_or_else(|| anyhow!("{}: hard link to the root", String::from_utf8_lossy(&path)))?;
+                let tdir = self.resolve_dir(&tcomps, false, added)?;
+                let found = tdir.and_then(|d| self.nodes.get(&Self::join(&d, &tname)).cloned());
+                match found {
+                    Some(n @ Node { kind: Kind::File { .. } | Kind::Symlink(_), .. }) => {
+                        let parent = self.resolve_dir(&comps, true, added)?.unwrap_or_default();
+                        self.insert(Self::join(&parent, &name), n, added);
+                        return Ok(());
+                    }
+                    _ => bail!(
+                        "{}: hard link to {}, which is not a file of this or a lower layer",
+                        String::from_utf8_lossy(&path),
+                        String::from_utf8_lossy(&target)
+                    ),
+                }
+            }
+            E::GNUSparse => bail!("{}: GNU sparse members are not supported", String::from_utf8_lossy(&path)),
+            other => {
+                eprintln!("stevedore: warning: skipping {} of unknown type {:?}", String::from_utf8_lossy(&path), other.as_byte() as char);
+                return Ok(());
+            }
+        };
+        let parent = self.resolve_dir(&comps, true, added)?.unwrap_or_default();
+        self.insert(Self::join(&parent, &name), Node { kind, mode, uid, gid }, added);
+        Ok(())
+    }
+
+    /// The merged tree of `layers`, bottom first.
+    pub fn from_layers(layers: &[LayerBlob]) -> Result<Tree> {
+        let mut tree = Tree::new();
+        for (i, blob) in layers.iter().enumerate() {
+            tree.apply_layer(i as u32, blob)?;
+        }
+        Ok(tree)
+    }
+}
+
+/// Open files of each layer, to read file data by offset.
+pub struct LayerData<'a> {
+    blobs: &'a [LayerBlob],
+    files: Vec<Option<File>>,
+}
+
+impl<'a> LayerData<'a> {
+    pub fn new(blobs: &'a [LayerBlob]) -> Self {
+        LayerData { blobs, files: blobs.iter().map(|_| None).collect() }
+    }
+
+    /// A reader of `size` bytes at `offset` of layer `layer`'s tar.
+    pub fn reader(&mut self, layer: u32, offset: u64, size: u64) -> Result<At<'_>> {
+        let blob = self.blobs.get(layer as usize).ok_or_else(|| anyhow!("internal error: no layer {layer}"))?;
+        if offset + size > blob.len {
+            bail!("layer {} ({}): a member runs past the end of the layer", layer + 1, blob.what);
+        }
+        let slot = &mut self.files[layer as usize];
+        if slot.is_none() {
+            *slot = Some(File::open(&blob.path).with_context(|| format!("cannot open {}", blob.path.display()))?);
+        }
+        Ok(At::new(slot.as_ref().unwrap(), blob.offset + offset, size))
+    }
+}
+
+/// A tar being written: headers as CPython writes them (PAX when needed), a running offset for
+/// the trailer.
+pub struct TarOut<W: Write> {
+    pub w: W,
+    enc: HeaderEncoder,
+    offset: u64,
+    hdr: Vec<u8>,
+    buf: Vec<u8>,
+    pub entries: u64,
+}
+
+impl<W: Write> TarOut<W> {
+    pub fn new(w: W) -> Self {
+        TarOut { w, enc: HeaderEncoder::new(), offset: 0, hdr: Vec::new(), buf: vec![0u8; 1 << 16], entries: 0 }
+    }
+
+    /// Writes a member; regular files copy exactly `h.size` bytes from `data`.
+    pub fn add(&mut self, h: &Header, data: Option<(&mut dyn Read, &dyn Fn() -> String)>) -> Result<()> {
+        self.hdr.clear();
+        self.enc.encode(h, &mut self.hdr);
+        self.w.write_all(&self.hdr).map_err(out_err)?;
+        self.offset += self.hdr.len() as u64;
+        self.entries += 1;
+        if h.kind != t::REGTYPE {
+            return Ok(());
+        }
+        let mut left = h.size;
+        if let Some((r, what)) = data {
+            while left > 0 {
+                let want = left.min(self.buf.len() as u64) as usize;
+                let n = match r.read(&mut self.buf[..want]) {
+                    Ok(0) => bail!("{} is shorter than its size, {} bytes", what(), h.size),
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => bail!("cannot read {}: {e}", what()),
+                };
+                self.w.write_all(&self.buf[..n]).map_err(out_err)?;
+                left -= n as u64;
+            }
+        } else if left > 0 {
+            bail!("internal error: no data for a {left}-byte member");
+        }
+        let pad = t::padding(h.size);
+        self.w.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
+        self.offset += h.size + pad;
+        Ok(())
+    }
+
+    pub fn finish(mut self) -> Result<W> {
+        crate::layer::write_zeros(&mut self.w, t::trailer_len(self.offset))?;
+        self.w.flush().map_err(out_err)?;
+        Ok(self.w)
+    }
+}
+
+/// The header of a tree node, with numeric owners and a fixed mtime.
+pub fn node_header<'a>(name: &'a [u8], node: &'a Node, mtime: i64) -> Header<'a> {
+    let (kind, size, link, dev) = match &node.kind {
+        Kind::Dir => (t::DIRTYPE, 0, &b""[..], (0, 0)),
+        Kind::File { size, .. } => (t::REGTYPE, *size, &b""[..], (0, 0)),
+        Kind::Symlink(target) => (t::SYMTYPE, 0, &target[..], (0, 0)),
+        Kind::Fifo => (t::FIFOTYPE, 0, &b""[..], (0, 0)),
+        Kind::Char(a, b) => (t::CHRTYPE, 0, &b""[..], (*a, *b)),
+        Kind::Block(a, b) => (t::BLKTYPE, 0, &b""[..], (*a, *b)),
+    };
+    Header {
+        name,
+        mode: node.mode,
+        uid: node.uid,
+        gid: node.gid,
+        size,
+        mtime,
+        kind,
+        linkname: link,
+        uname: "",
+        gname: "",
+        devmajor: dev.0,
+        devminor: dev.1,
+    }
+}
+
+/// Writes the tree as one tar, as `tar -C root --hard-dereference --sort=name --mtime=@MTIME
+/// --numeric-owner -cf - .` would: `./` first, then every path in name order, hard links as
+/// regular files.
+pub fn write_tree<W: Write>(tree: &Tree, layers: &[LayerBlob], w: W, mtime: i64) -> Result<(W, u64)> {
+    let mut data = LayerData::new(layers);
+    let mut out = TarOut::new(w);
+    out.add(&node_header(b"./", &tree.root, mtime), None)?;
+    for (key, node) in &tree.nodes {
+        let name = member_name(key, node.kind == Kind::Dir);
+        let h = node_header(&name, node, mtime);
+        if let Kind::File { layer, offset, size, .. } = node.kind {
+            let mut r = data.reader(layer, offset, size)?;
+            let what = || format!("{} in layer {}", display_key(key), layer + 1);
+            out.add(&h, Some((&mut r, &what)))?;
+        } else {
+            out.add(&h, None)?;
+        }
+    }
+    let entries = out.entries;
+    Ok((out.finish()?, entries))
+}
+
+/// Writes a file whole or not at all: into `NAME.partial` beside it, renamed when complete.
+pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>) -> Result<T> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+    let result = write(BufWriter::with_capacity(1 << 20, file)).and_then(|(w, value)| {
+        let file = w.into_inner().map_err(|e| anyhow::Error::new(OutputError(e.into_error())))?;
+        file.sync_all().map_err(|e| anyhow::Error::new(OutputError(e)))?;
+        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
+        Ok(value)
+    });
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// `SOURCE_DATE_EPOCH` if set (as in a Nix build), else 1.
+pub fn default_mtime() -> Result<i64> {
+    match std::env::var("SOURCE_DATE_EPOCH") {
+        Ok(v) => v.trim().parse().map_err(|_| anyhow!("SOURCE_DATE_EPOCH is not a number: {v:?}")),
+        Err(_) => Ok(1),
+    }
+}
+
+/// The scratch directory: `--scratch`, else `$TMPDIR`, else `/tmp`.
+pub fn scratch_dir(given: Option<&Path>) -> PathBuf {
+    given.map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
+}
+
+/// Arguments of `stevedore export`.
+#[derive(clap::Args, Debug)]
+pub struct ExportArgs {
+    /// The image: a Docker archive (plain, gzip or zstd), an OCI archive or an OCI layout
+    /// directory.
+    #[arg(long, value_name = "IMAGE")]
+    pub from_image: PathBuf,
+    /// Take the image tagged NAME:TAG (default: the first image).
+    #[arg(long, value_name = "NAME")]
+    pub from_image_name: Option<String>,
+    /// The tag to go with --from-image-name (default `latest`).
+    #[arg(long, value_name = "TAG", requires = "from_image_name")]
+    pub from_image_tag: Option<String>,
+    /// The tarball to write (replaced only once complete).
+    #[arg(short, long, value_name = "FILE")]
+    pub output: PathBuf,
+    /// How to compress it: none, gz or zstd.
+    #[arg(long, value_name = "none|gz|zstd", default_value = "gz")]
+    pub compressor: String,
+    /// Modification time of every member, in seconds since the epoch (default:
+    /// $SOURCE_DATE_EPOCH, else 1).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    pub mtime: Option<i64>,
+    /// Where to decompress compressed layers (default: $TMPDIR, else /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+/// `stevedore export`: the flattened filesystem of an image as one tarball.
+pub fn export(args: &ExportArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let compressor = Compressor::parse(&args.compressor)?;
+    let mtime = match args.mtime {
+        Some(m) => m,
+        None => default_mtime()?,
+    };
+    let sel = Selector { name: args.from_image_name.clone(), tag: args.from_image_tag.clone() };
+    let scratch = scratch_dir(args.scratch.as_deref());
+    let image = open_image(&args.from_image, &sel, &scratch, args.quiet)?;
+    let tree = Tree::from_layers(&image.layers)?;
+    let entries = write_atomically(&args.output, |w| match compressor {
+        Compressor::None => write_tree(&tree, &image.layers, w, mtime),
+        c => {
+            let (enc, n) = write_tree(&tree, &image.layers, ParallelEncoder::new(w, c), mtime)?;
+            Ok((enc.finish().map_err(out_err)?, n))
+        }
+    })?;
+    if !args.quiet {
+        eprintln!(
+            "Exported {} layers as {} entries to {} in {:.2} s",
+            image.layers.len(),
+            entries,
+            args.output.display(),
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A layer tar from (name, kind, data/link) triples, in the given order.
+    fn layer(entries: &[(&str, char, &str)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, kind, data) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(if *kind == 'd' { 0o755 } else { 0o644 });
+            h.set_uid(if name.contains("owned") { 1234 } else { 0 });
+            h.set_mtime(0);
+            match kind {
+                'd' => {
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_size(0);
+                    b.append_data(&mut h, name, &[][..]).unwrap();
+                }
+                'f' => {
+                    h.set_entry_type(tar::EntryType::Regular);
+                    h.set_size(data.len() as u64);
+                    b.append_data(&mut h, name, data.as_bytes()).unwrap();
+                }
+                'l' => {
+                    h.set_entry_type(tar::EntryType::Symlink);
+                    h.set_size(0);
+                    b.append_link(&mut h, name, data).unwrap();
+                }
+                'h' => {
+                    h.set_entry_type(tar::EntryType::Link);
+                    h.set_size(0);
+                    b.append_link(&mut h, name, data).unwrap();
+                }
+                _ => unreachable!(),
+            }
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn tree_of(layers: &[Vec<u8>]) -> (Tree, Vec<LayerBlob>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let blobs: Vec<LayerBlob> = layers
+            .iter()
+            .enumerate()
+            .map(|(i, data)| {
+                let path = dir.path().join(format!("{i}.tar"));
+                std::fs::write(&path, data).unwrap();
+                LayerBlob { path, offset: 0, len: data.len() as u64, what: format!("test {i}") }
+            })
+            .collect();
+        (Tree::from_layers(&blobs).unwrap(), blobs, dir)
+    }
+
+    fn paths(tree: &Tree) -> Vec<String> {
+        tree.nodes.keys().map(|k| display_key(k)).collect()
+    }
+
+    fn content(tree: &Tree, blobs: &[LayerBlob], path: &str) -> String {
+        let comps: Vec<&[u8]> = path.split('/').map(str::as_bytes).collect();
+        let node = &tree.nodes[&key_of(&comps)];
+        let Kind::File { layer, offset, size, .. } = node.kind else { panic!("{path} is not a file") };
+        let mut s = String::new();
+        LayerData::new(blobs).reader(layer, offset, size).unwrap().read_to_string(&mut s).unwrap();
+        s
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_directories() {
+        let base = layer(&[
+            ("etc/", 'd', ""),
+            ("etc/passwd", 'f', "root"),
+            ("gone/", 'd', ""),
+            ("gone/deep/", 'd', ""),
+            ("gone/deep/file", 'f', "x"),
+            ("opq/", 'd', ""),
+            ("opq/old", 'f', "old"),
+            ("opq/sub/", 'd', ""),
+            ("opq/sub/older", 'f', "older"),
+            ("keep/", 'd', ""),
+            ("keep/a", 'f', "a"),
+            ("keep/b", 'f', "b"),
+        ]);
+        let top = layer(&[
+            ("./gone/.wh.deep", 'f', ""),
+            ("./keep/.wh.a", 'f', ""),
+            ("./opq/", 'd', ""),
+            // A same-layer entry sorted before the marker must survive it.
+            ("./opq/+new", 'f', "new"),
+            ("./opq/.wh..wh..opq", 'f', ""),
+            ("./opq/z", 'f', "z"),
+            ("./etc/passwd", 'f', "root\napp"),
+            ("./.wh.nothing", 'f', ""),
+        ]);
+        let (tree, blobs, _d) = tree_of(&[base, top]);
+        assert_eq!(paths(&tree), ["etc", "etc/passwd", "gone", "keep", "keep/b", "opq", "opq/+new", "opq/z"]);
+        assert_eq!(content(&tree, &blobs, "etc/passwd"), "root\napp");
+        assert_eq!(content(&tree, &blobs, "opq/+new"), "new");
+    }
+
+    #[test]
+    fn replacing_kinds_and_symlinked_parents() {
+        let base = layer(&[
+            ("usr/", 'd', ""),
+            ("usr/bin/", 'd', ""),
+            ("usr/bin/sh", 'f', "sh"),
+            ("bin", 'l', "usr/bin"),
+            ("lib", 'l', "/usr/lib"),
+            ("d/", 'd', ""),
+            ("d/x", 'f', "x"),
+            ("f", 'f', "file"),
+        ]);
+        let top = layer(&[
+            // Through a relative symlink: lands in usr/bin.
+            ("bin/ls", 'f', "ls"),
+            // Through an absolute one to a missing directory: created.
+            ("lib/libc.so", 'f', "libc"),
+            // A file replaces a directory and everything below it; a directory a file.
+            ("d", 'f', "now a file"),
+            ("f/", 'd', ""),
+            ("f/inner", 'f', "in"),
+            // A hard link to a lower layer's file shares its data.
+            ("usr/bin/sh2", 'h', "usr/bin/sh"),
+        ]);
+        let (tree, blobs, _d) = tree_of(&[base, top]);
+        assert_eq!(
+            paths(&tree),
+            ["bin", "d", "f", "f/inner", "lib", "usr", "usr/bin", "usr/bin/ls", "usr/bin/sh", "usr/bin/sh2", "usr/lib", "usr/lib/libc.so"]
+        );
+        assert_eq!(content(&tree, &blobs, "usr/bin/sh2"), "sh");
+        assert_eq!(content(&tree, &blobs, "d"), "now a file");
+    }
+
+    #[test]
+    fn a_whiteout_hides_lower_layers_only() {
+        let base = layer(&[("a/", 'd', ""), ("a/lower", 'f', "l")]);
+        // `.wh.a` with `a/` in the same layer: the layer's own `a` stays, the lower one goes.
+        let top = layer(&[("a/", 'd', ""), ("a/upper", 'f', "u"), (".wh.a", 'f', "")]);
+        let (tree, _b, _d) = tree_of(&[base, top]);
+        assert_eq!(paths(&tree), ["a", "a/upper"]);
+    }
+
+    #[test]
+    fn export_order_is_tar_sort_name() {
+        let base = layer(&[("a-b/", 'd', ""), ("a/", 'd', ""), ("a/z", 'f', "z"), ("a.c", 'f', "")]);
+        let (tree, blobs, _d) = tree_of(&[base]);
+        let (out, n) = write_tree(&tree, &blobs, Vec::new(), 7).unwrap();
+        assert_eq!(n, 5);
+        let mut ar = tar::Archive::new(&out[..]);
+        let names: Vec<String> = ar.entries().unwrap().map(|e| String::from_utf8(e.unwrap().path_bytes().to_vec()).unwrap()).collect();
+        // Component order: "a" and its contents before "a-b" and "a.c".
+        assert_eq!(names, ["./", "./a/", "./a/z", "./a-b/", "./a.c"]);
+    }
+}
