@@ -14,5 +14,6 @@ pub mod nixbuild;
 pub mod oci;
 pub mod pyjson;
 pub mod registry;
+pub mod rootfs;
 pub mod store;
 pub mod tar;

@@ -1,15 +1,529 @@
-//! Builder mode: stevedore as the builder of the Nix library's derivations (`stevedore nix ...`).
-//! (Being written: issue 4.)
+//! Builder mode: stevedore as the builder of the Nix library's derivations (`stevedore nix ACTION`).
+//!
+//! Every derivation in `nix/default.nix` that does real work has `builder = stevedore` and
+//! `__structuredAttrs = true`, so it needs no shell, coreutils, jq or Python. Nix then gives the
+//! builder no `$out` and no `PATH`: its inputs are in `NIX_ATTRS_JSON_FILE` (or `.attrs.json` in
+//! the build directory), where `outputs.out` is the output path and each
+//! `exportReferencesGraph.NAME = [ paths ]` became a list under `NAME` of
+//! `{ path, narHash, narSize, closureSize, references }`.
+//!
+//! The actions and the attributes each reads (names follow nixpkgs' arguments, so errors name
+//! the argument at fault):
+//!
+//! - `text`: `text` → `$out` (a file; what `writeText` does).
+//! - `symlinks`: `links = { "rel/path" = "target"; }` → `$out`, a directory of symlinks.
+//! - `customisation-layer`: `contents` (store paths, joined like `symlinkJoin`), `extraCommands`,
+//!   `fakeRootCommands`, `enableFakechroot`, `mtime`, and when commands run: `shell`, `path`
+//!   (their `PATH`), `fakeroot`, `proot` (executables) and `storeDir` → `$out/layer.tar`,
+//!   `$out/checksum`.
+//! - `conf`: `baseJson` (file with `config`, `architecture`, `os`), `closure` (the graph of
+//!   `[ baseJson customisationLayer ]`, empty when `includeStorePaths` is false), `excludePaths`,
+//!   `customisationLayer`, `fromImage`, `maxLayers`, `layeringPipeline` (null, a list, or a
+//!   JSON file), `created`, `mtime`, `uid`, `gid`, `uname`, `gname`, `imageName`, `tag` (null:
+//!   the hash of `$out`), `storeDir`, `debug` → `$out`, the conf JSON `stevedore stream` reads.
+//! - `stream-script`: `shell`, `stevedore`, `conf` → `$out`, an executable that runs
+//!   `stevedore stream CONF "$@"`.
+//! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`) → `$out`, the image archive.
+//!
+//! `stevedore nix pack ROOT DIR` packs a directory the way the customisation layer is packed.
 
-use anyhow::{bail, Result};
+use crate::base::BaseImage;
+use crate::compress::Compressor;
+use crate::conf::{self, StreamConf, Timestamp};
+use crate::image;
+use crate::layering::{plan_layers, Pipeline, PlanOptions, Strategy};
+use crate::rootfs::{self, Owners, PackOptions};
+use crate::store::ClosureGraph;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{Map, Value};
+use std::fs::{self, File};
+use std::io::{BufWriter, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
 
 /// Arguments of `stevedore nix`.
 #[derive(clap::Args, Debug)]
 pub struct NixArgs {
-    /// What to build.
-    pub action: String,
+    #[command(subcommand)]
+    pub action: Action,
 }
 
-pub fn run(_args: &NixArgs) -> Result<()> {
-    bail!("stevedore nix is not written yet")
+/// What to build (see the module documentation for the attributes each reads).
+#[derive(clap::Subcommand, Debug)]
+pub enum Action {
+    /// Write the attribute `text` to $out.
+    Text,
+    /// Make $out a directory of symlinks (attribute `links`).
+    Symlinks,
+    /// Build the customisation layer ($out/layer.tar and $out/checksum).
+    CustomisationLayer {
+        /// Second stage, run by the first inside `fakeroot`: run fakeRootCommands, then pack.
+        #[arg(long, hide = true)]
+        inside_fakeroot: bool,
+    },
+    /// Plan the store layers and write the stream conf JSON.
+    Conf,
+    /// Write the executable that streams the image.
+    StreamScript,
+    /// Write the image archive, compressed.
+    Archive,
+    /// Pack the directory ROOT into DIR/layer.tar and DIR/checksum (as the customisation layer).
+    Pack {
+        root: PathBuf,
+        dir: PathBuf,
+        /// Modification time of every member (Unix seconds).
+        #[arg(long, default_value_t = 1)]
+        mtime: i64,
+        /// Owners: `root` (0:0 for all) or `fs` (what lstat says, faked inside fakeroot).
+        #[arg(long, default_value = "root", value_parser = ["root", "fs"])]
+        owners: String,
+    },
+}
+
+pub fn run(args: &NixArgs) -> Result<()> {
+    match &args.action {
+        Action::Text => text(&Attrs::load()?),
+        Action::Symlinks => symlinks(&Attrs::load()?),
+        Action::CustomisationLayer { inside_fakeroot } => customisation_layer(&Attrs::load()?, *inside_fakeroot),
+        Action::Conf => {
+            let attrs = Attrs::load()?;
+            let out = attrs.out()?;
+            let conf = build_conf(&attrs, &out, &conf::now())?;
+            write_new(&out, serde_json::to_string_pretty(&conf)?.as_bytes(), 0o444)
+        }
+        Action::StreamScript => stream_script(&Attrs::load()?),
+        Action::Archive => archive(&Attrs::load()?),
+        Action::Pack { root, dir, mtime, owners } => {
+            let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
+            let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners })?;
+            eprintln!("packed {} members, {} bytes, sha256 {}", packed.members, packed.size, image::hex(&packed.digest));
+            Ok(())
+        }
+    }
+}
+
+/// A derivation's structured attributes.
+pub struct Attrs {
+    map: Map<String, Value>,
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an attribute set",
+    }
+}
+
+impl Attrs {
+    /// Reads `NIX_ATTRS_JSON_FILE`, or `.attrs.json` in the working directory (older Nix).
+    pub fn load() -> Result<Attrs> {
+        let path = match std::env::var_os("NIX_ATTRS_JSON_FILE") {
+            Some(p) => PathBuf::from(p),
+            None => PathBuf::from(".attrs.json"),
+        };
+        let text = fs::read(&path).map_err(|e| {
+            anyhow!(
+                "cannot read {}: {e}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true",
+                path.display()
+            )
+        })?;
+        let value: Value = serde_json::from_slice(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        Attrs::from_value(value)
+    }
+
+    pub fn from_value(value: Value) -> Result<Attrs> {
+        match value {
+            Value::Object(map) => Ok(Attrs { map }),
+            other => bail!("the structured attributes must be an object, not {}", kind(&other)),
+        }
+    }
+
+    fn get(&self, key: &str) -> Option<&Value> {
+        self.map.get(key).filter(|v| !v.is_null())
+    }
+
+    fn opt_str(&self, key: &str) -> Result<Option<String>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s.clone())),
+            Some(other) => bail!("{key}: expected a string, got {}", kind(other)),
+        }
+    }
+
+    fn str(&self, key: &str) -> Result<String> {
+        self.opt_str(key)?.ok_or_else(|| anyhow!("{key}: missing"))
+    }
+
+    fn bool(&self, key: &str) -> Result<bool> {
+        match self.get(key) {
+            None => Ok(false),
+            Some(Value::Bool(b)) => Ok(*b),
+            Some(other) => bail!("{key}: expected a boolean, got {}", kind(other)),
+        }
+    }
+
+    /// A non-negative integer; numeric strings are accepted too, as nixpkgs passes some
+    /// numbers through the environment.
+    fn u64(&self, key: &str) -> Result<u64> {
+        match self.get(key) {
+            None => bail!("{key}: missing"),
+            Some(Value::Number(n)) => n.as_u64().ok_or_else(|| anyhow!("{key}: expected a non-negative integer, got {n}")),
+            Some(Value::String(s)) => s.trim().parse().map_err(|_| anyhow!("{key}: expected a non-negative integer, got {s:?}")),
+            Some(other) => bail!("{key}: expected an integer, got {}", kind(other)),
+        }
+    }
+
+    fn str_list(&self, key: &str) -> Result<Vec<String>> {
+        match self.get(key) {
+            None => Ok(Vec::new()),
+            Some(Value::Array(items)) => items
+                .iter()
+                .map(|v| v.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{key}: expected strings, got {}", kind(v))))
+                .collect(),
+            Some(other) => bail!("{key}: expected a list, got {}", kind(other)),
+        }
+    }
+
+    /// The output path (`outputs.out`).
+    pub fn out(&self) -> Result<PathBuf> {
+        self.get("outputs")
+            .and_then(|o| o.get("out"))
+            .and_then(Value::as_str)
+            .map(PathBuf::from)
+            .ok_or_else(|| anyhow!("the structured attributes have no outputs.out"))
+    }
+}
+
+/// Writes a new file whole, with the given mode.
+fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+    fs::write(path, data).with_context(|| format!("cannot write {}", path.display()))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("cannot chmod {}", path.display()))
+}
+
+fn text(attrs: &Attrs) -> Result<()> {
+    write_new(&attrs.out()?, attrs.str("text")?.as_bytes(), 0o444)
+}
+
+fn symlinks(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let Some(Value::Object(links)) = attrs.get("links") else {
+        bail!("links: expected an attribute set of relative path = target");
+    };
+    fs::create_dir(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (rel, target) in links {
+        let target = target.as_str().ok_or_else(|| anyhow!("links.{rel}: expected a string, got {}", kind(target)))?;
+        if rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            bail!("links: {rel:?} is not a clean relative path");
+        }
+        let link = out.join(rel);
+        if let Some(parent) = link.parent() {
+            fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
+        }
+        std::os::unix::fs::symlink(target, &link).with_context(|| format!("cannot create symlink {}", link.display()))?;
+    }
+    Ok(())
+}
+
+/// Parses `created`/`mtime` as the conf does (ISO-8601 or "now").
+fn parse_time(field: &str, value: &str, now: &Timestamp) -> Result<Timestamp> {
+    conf::parse_time(value, now).map_err(|e| anyhow!("{field}: {e}"))
+}
+
+/// What nixpkgs writes into the conf for `created`/`mtime`: `"now"` as is, anything else as
+/// `date -Iseconds -d` prints it in the build's time zone (UTC): whole seconds, `+00:00`.
+fn conf_time(field: &str, value: &str, now: &Timestamp) -> Result<String> {
+    if value == "now" {
+        return Ok("now".into());
+    }
+    let t = parse_time(field, value, now)?;
+    // date drops fractions of a second, rounding toward the past; parse_time rounds toward 0.
+    let fraction = t.iso.get(19..).is_some_and(|rest| rest.starts_with('.'));
+    let secs = if fraction && t.unix < 0 { t.unix - 1 } else { t.unix };
+    let (date, time) = conf::civil_from_unix(secs);
+    Ok(format!("{date}T{time}+00:00"))
+}
+
+/// The build directory: commands run and trees are built under it.
+fn build_top() -> Result<PathBuf> {
+    match std::env::var_os("NIX_BUILD_TOP") {
+        Some(p) => Ok(PathBuf::from(p)),
+        None => std::env::current_dir().context("cannot find the working directory"),
+    }
+}
+
+/// Runs `script` with the image's shell, in `dir`, with the tools on `PATH`. `-e` stops at the
+/// first failing command, as nixpkgs' builders do.
+fn run_commands(attrs: &Attrs, field: &str, script: &str, dir: &Path, proot: Option<&[String]>) -> Result<()> {
+    let shell = attrs.str("shell").map_err(|_| anyhow!("{field}: no shell to run it with (the derivation has no `shell`)"))?;
+    let mut cmd = match proot {
+        None => {
+            let mut c = Command::new(&shell);
+            c.current_dir(dir);
+            c
+        }
+        Some(prefix) => {
+            let mut c = Command::new(&prefix[0]);
+            c.args(&prefix[1..]).arg(&shell);
+            c
+        }
+    };
+    cmd.args(["-e", "-c", script]);
+    command_env(attrs, &mut cmd)?;
+    let status = cmd.status().with_context(|| format!("{field}: cannot run {}", cmd.get_program().to_string_lossy()))?;
+    if !status.success() {
+        bail!("{field} failed ({status})");
+    }
+    Ok(())
+}
+
+/// The environment commands see: the build's, plus `PATH`, `out` and stdenv's
+/// `SOURCE_DATE_EPOCH`, which scripts written for nixpkgs may use.
+fn command_env(attrs: &Attrs, cmd: &mut Command) -> Result<()> {
+    cmd.env("PATH", attrs.opt_str("path")?.unwrap_or_default());
+    cmd.env("out", attrs.out()?);
+    cmd.env("SOURCE_DATE_EPOCH", "315532800");
+    Ok(())
+}
+
+fn customisation_layer(attrs: &Attrs, inside_fakeroot: bool) -> Result<()> {
+    let out = attrs.out()?;
+    let root = build_top()?.join("root");
+    let now = conf::now();
+    let mtime = parse_time("mtime", &attrs.str("mtime")?, &now)?.unix;
+    let fakeroot_commands = attrs.opt_str("fakeRootCommands")?.unwrap_or_default();
+    let fakechroot = attrs.bool("enableFakechroot")?;
+
+    if inside_fakeroot {
+        if fakechroot {
+            // As nixpkgs does, the commands see the image's root as `/`, with the store, the
+            // kernel file systems and the build directory bound in. proot leaves no trace of
+            // the bindings in the tree, so packing happens outside it, still under fakeroot.
+            let proot = attrs.str("proot").map_err(|_| anyhow!("enableFakechroot: the derivation has no `proot`"))?;
+            let store_dir = attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into());
+            let top = build_top()?;
+            let mut prefix = vec![proot, "-r".into(), root.display().to_string()];
+            for p in ["/dev/".to_string(), "/proc/".into(), "/sys/".into(), format!("{store_dir}/"), top.display().to_string()] {
+                prefix.push(format!("--bind={p}:{p}!"));
+            }
+            prefix.extend(["-w".into(), "/".into()]);
+            run_commands(attrs, "fakeRootCommands", &fakeroot_commands, &root, Some(&prefix))?;
+        } else if !fakeroot_commands.is_empty() {
+            run_commands(attrs, "fakeRootCommands", &fakeroot_commands, &root, None)?;
+        }
+        let packed = rootfs::pack_to_dir(&root, &out, &PackOptions { mtime, owners: Owners::FromFs })?;
+        eprintln!("customisation layer: {} members, {} bytes", packed.members, packed.size);
+        return Ok(());
+    }
+
+    let contents: Vec<PathBuf> = attrs.str_list("contents")?.into_iter().map(PathBuf::from).collect();
+    fs::create_dir(&root).with_context(|| format!("cannot create {}", root.display()))?;
+    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {}", root.display()))?;
+    rootfs::join(&contents, &root)?;
+
+    let extra = attrs.opt_str("extraCommands")?.unwrap_or_default();
+    if !extra.is_empty() {
+        run_commands(attrs, "extraCommands", &extra, &root, None)?;
+    }
+
+    if fakeroot_commands.is_empty() && !fakechroot {
+        // Without fakeroot every file would show the build user as owner; under fakeroot they
+        // would all be root, which is what nixpkgs' layers have.
+        let packed = rootfs::pack_to_dir(&root, &out, &PackOptions { mtime, owners: Owners::Root })?;
+        eprintln!("customisation layer: {} members, {} bytes", packed.members, packed.size);
+        return Ok(());
+    }
+
+    // Second stage under fakeroot: its LD_PRELOAD library fakes chown & co. for the commands,
+    // and fakes what lstat tells our own (dynamically linked) packer, so the owners set by the
+    // commands end up in the layer.
+    let fakeroot = attrs.str("fakeroot").map_err(|_| anyhow!("fakeRootCommands: the derivation has no `fakeroot`"))?;
+    let me = std::env::current_exe().context("cannot find the stevedore executable")?;
+    let mut cmd = Command::new(&fakeroot);
+    cmd.arg("--").arg(&me).args(["nix", "customisation-layer", "--inside-fakeroot"]);
+    command_env(attrs, &mut cmd)?;
+    let status = cmd.status().with_context(|| format!("cannot run {fakeroot}"))?;
+    if !status.success() {
+        bail!("the fakeroot stage failed ({status})");
+    }
+    if !out.join("checksum").exists() {
+        bail!("fakeRootCommands: the layer was not written (did the commands `exit`?)");
+    }
+    Ok(())
+}
+
+/// Plans the store layers as nixpkgs does: `auto` (its auto-layer) unless a layeringPipeline
+/// is given, which then sets its own limits (nixpkgs ignores maxLayers with a pipeline).
+fn plan_store_layers(graph: &ClosureGraph, exclude: &[String], max_layers: u64, base_layers: usize, pipeline: Option<&Value>) -> Result<Vec<Vec<String>>> {
+    let (strategy, max_layers) = match pipeline {
+        Some(p) => (Strategy::Pipeline(Pipeline::from_json(p).context("layeringPipeline")?), usize::MAX),
+        None => (Strategy::Auto, usize::try_from(max_layers).unwrap_or(usize::MAX)),
+    };
+    let opts = PlanOptions { strategy, max_layers, base_layers, roots: Vec::new(), exclude: exclude.to_vec() };
+    plan_layers(graph, &opts)
+}
+
+/// The stream conf, as nixpkgs' `conf` derivation writes it: the base JSON (`config`,
+/// `architecture`, `os`) plus the layering and image fields.
+pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
+    let base_path = attrs.str("baseJson")?;
+    let base_text = fs::read(&base_path).with_context(|| format!("cannot read {base_path}"))?;
+    let mut conf = match serde_json::from_slice(&base_text) {
+        Ok(Value::Object(m)) => m,
+        Ok(other) => bail!("{base_path}: expected an object, got {}", kind(&other)),
+        Err(e) => bail!("{base_path}: not valid JSON: {e}"),
+    };
+
+    let graph = match attrs.get("closure") {
+        None => ClosureGraph::default(),
+        Some(v) => ClosureGraph::from_json_value(v).context("the closure graph (exportReferencesGraph)")?,
+    };
+    let from_image = attrs.opt_str("fromImage")?;
+    let base_layers = match &from_image {
+        None => 0,
+        Some(p) => BaseImage::load(Path::new(p)).context("fromImage")?.layers.len(),
+    };
+    let pipeline = match attrs.get("layeringPipeline") {
+        None => None,
+        Some(Value::String(file)) => {
+            let text = fs::read(file).with_context(|| format!("layeringPipeline: cannot read {file}"))?;
+            Some(serde_json::from_slice(&text).map_err(|e| anyhow!("layeringPipeline: {file} is not valid JSON: {e}"))?)
+        }
+        Some(v @ Value::Array(_)) => Some(v.clone()),
+        Some(other) => bail!("layeringPipeline: expected a list or a JSON file, got {}", kind(other)),
+    };
+    let exclude = attrs.str_list("excludePaths")?;
+    let max_layers = attrs.u64("maxLayers")?;
+    let store_layers = plan_store_layers(&graph, &exclude, max_layers, base_layers, pipeline.as_ref())?;
+    if attrs.bool("debug")? {
+        eprintln!("store layers: {}", serde_json::to_string_pretty(&store_layers)?);
+    }
+
+    let tag = match attrs.opt_str("tag")? {
+        Some(t) => t,
+        None => {
+            // nixpkgs tags with the hash part of the conf's own output path.
+            let base = out.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            base.split('-').next().unwrap_or_default().to_string()
+        }
+    };
+    let image_name = attrs.str("imageName")?;
+    let uid = attrs.u64("uid")?;
+    let gid = attrs.u64("gid")?;
+    conf.insert("store_dir".into(), attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into()).into());
+    conf.insert("from_image".into(), from_image.map_or(Value::Null, Value::from));
+    conf.insert("store_layers".into(), serde_json::to_value(&store_layers)?);
+    conf.insert("customisation_layer".into(), attrs.str("customisationLayer")?.into());
+    conf.insert("repo_tag".into(), format!("{image_name}:{tag}").into());
+    conf.insert("created".into(), conf_time("created", &attrs.str("created")?, now)?.into());
+    conf.insert("mtime".into(), conf_time("mtime", &attrs.str("mtime")?, now)?.into());
+    conf.insert("uid".into(), uid.into());
+    conf.insert("gid".into(), gid.into());
+    conf.insert("uname".into(), attrs.str("uname")?.into());
+    conf.insert("gname".into(), attrs.str("gname")?.into());
+    let conf = Value::Object(conf);
+    // Fail the build, not the first `docker load`, on a conf the streamer would reject.
+    StreamConf::from_value(conf.clone(), now)?;
+    Ok(conf)
+}
+
+/// Single-quotes a word for the shell.
+fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+fn stream_script(attrs: &Attrs) -> Result<()> {
+    let shell = attrs.str("shell")?;
+    if !shell.starts_with('/') {
+        bail!("shell: {shell:?} is not an absolute path");
+    }
+    let script = format!(
+        "#!{shell}\n# Streams the image as a Docker archive to stdout; try --help.\nexec {} stream {} \"$@\"\n",
+        shell_quote(&attrs.str("stevedore")?),
+        shell_quote(&attrs.str("conf")?)
+    );
+    write_new(&attrs.out()?, script.as_bytes(), 0o555)
+}
+
+fn archive(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let compressor = attrs.str("compressor")?;
+    let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
+    let now = conf::now();
+    let conf = StreamConf::load(Path::new(&attrs.str("conf")?), &now)?;
+    let progress = image::Progress { quiet: false };
+    let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let w = BufWriter::with_capacity(1 << 20, file);
+    let mut w = match compressor {
+        Compressor::None => image::stream(&conf, None, w, &progress)?,
+        kind => {
+            let enc = image::stream(&conf, None, crate::compress::ParallelEncoder::new(w, kind), &progress)?;
+            enc.finish().with_context(|| format!("cannot write {}", out.display()))?
+        }
+    };
+    w.flush().with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn now() -> Timestamp {
+        Timestamp { iso: "2030-01-01T00:00:00+00:00".into(), unix: 1893456000 }
+    }
+
+    #[test]
+    fn conf_times_are_whole_utc_seconds() {
+        let n = now();
+        assert_eq!(conf_time("created", "1970-01-01T00:00:01Z", &n).unwrap(), "1970-01-01T00:00:01+00:00");
+        assert_eq!(conf_time("created", "2024-05-01T12:00:00.75+02:00", &n).unwrap(), "2024-05-01T10:00:00+00:00");
+        assert_eq!(conf_time("created", "2024-05-01", &n).unwrap(), "2024-05-01T00:00:00+00:00");
+        assert_eq!(conf_time("created", "now", &n).unwrap(), "now");
+        let e = conf_time("mtime", "yesterday", &n).unwrap_err().to_string();
+        assert!(e.starts_with("mtime: "), "{e}");
+    }
+
+    #[test]
+    fn attrs_errors_name_the_field() {
+        let a = Attrs::from_value(json!({"maxLayers": "x", "uid": -1, "tag": 3, "outputs": {"out": "/nix/store/abc-x"}})).unwrap();
+        assert!(a.u64("maxLayers").unwrap_err().to_string().starts_with("maxLayers: "));
+        assert!(a.u64("uid").unwrap_err().to_string().starts_with("uid: "));
+        assert!(a.opt_str("tag").unwrap_err().to_string().starts_with("tag: "));
+        assert_eq!(a.out().unwrap(), PathBuf::from("/nix/store/abc-x"));
+        assert!(!a.bool("enableFakechroot").unwrap());
+    }
+
+    #[test]
+    fn plan_respects_the_budget_and_excludes() {
+        let graph = ClosureGraph::from_json_value(&json!([
+            {"path": "/nix/store/00000000000000000000000000000000-a", "narSize": 1, "references": []},
+            {"path": "/nix/store/11111111111111111111111111111111-b", "narSize": 2, "references": ["/nix/store/00000000000000000000000000000000-a"]},
+            {"path": "/nix/store/22222222222222222222222222222222-c", "narSize": 3, "references": ["/nix/store/11111111111111111111111111111111-b"]},
+            {"path": "/nix/store/33333333333333333333333333333333-d", "narSize": 4, "references": ["/nix/store/22222222222222222222222222222222-c"]}
+        ]))
+        .unwrap();
+        let layers = plan_store_layers(&graph, &[], 3, 0, None).unwrap();
+        assert!(layers.len() <= 2, "{layers:?}");
+        assert_eq!(layers.iter().map(Vec::len).sum::<usize>(), 4);
+        let excl = vec!["/nix/store/33333333333333333333333333333333-d".to_string()];
+        let layers = plan_store_layers(&graph, &excl, 100, 0, None).unwrap();
+        assert!(layers.iter().flatten().all(|p| !p.ends_with("-d")));
+        let e = plan_store_layers(&graph, &[], 2, 1, None).unwrap_err().to_string();
+        assert!(e.starts_with("maxLayers 2 is too low"), "{e}");
+        // A pipeline ignores maxLayers, as in nixpkgs.
+        let layers = plan_store_layers(&graph, &[], 1, 0, Some(&json!([["popularity_contest"]]))).unwrap();
+        assert_eq!(layers.iter().map(Vec::len).sum::<usize>(), 4);
+    }
+
+    #[test]
+    fn stream_script_quotes() {
+        assert_eq!(shell_quote("/nix/store/x-a?b"), "'/nix/store/x-a?b'");
+        assert_eq!(shell_quote("it's"), "'it'\\''s'");
+    }
 }

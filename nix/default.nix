@@ -1,0 +1,408 @@
+# stevedore's dockerTools: nixpkgs' `pkgs.dockerTools` API (same argument names, defaults and
+# meaning) with the heavy steps done by the stevedore binary.
+#
+#   import ./nix { inherit pkgs; stevedore = <the stevedore package>; }
+#
+# The core path (streamLayeredImage / buildLayeredImage without commands) uses builtins only:
+# each step is a derivation whose builder is stevedore itself, reading structured attrs, so it
+# needs neither nixpkgs' lib nor stdenv. `pkgs` supplies what only some features need
+# (runtimeShell, coreutils, fakeroot, proot, and the packages behind the helpers), looked up
+# lazily. Functions stevedore does not implement come from `fallback` (nixpkgs' own dockerTools).
+{
+  pkgs ? { },
+  stevedore,
+  fallback ? (pkgs.dockerTools or { }),
+}:
+let
+  inherit (builtins)
+    all
+    attrNames
+    baseNameOf
+    concatStringsSep
+    filter
+    isAttrs
+    isBool
+    isFunction
+    isInt
+    isList
+    isString
+    map
+    removeAttrs
+    substring
+    toJSON
+    ;
+
+  stevedoreBin = "${stevedore}/bin/stevedore";
+
+  # Derivations run stevedore, so they are for the platform stevedore was built for.
+  buildSystem =
+    if isAttrs stevedore && stevedore ? system then
+      stevedore.system
+    else
+      pkgs.stdenv.buildPlatform.system or pkgs.system or builtins.currentSystem;
+
+  hostSystem = pkgs.stdenv.hostPlatform.system or pkgs.system or buildSystem;
+
+  # GOARCH names, which the OCI image spec asks for, of the platforms nixpkgs builds for.
+  goArch = {
+    x86_64-linux = "amd64";
+    aarch64-linux = "arm64";
+    i686-linux = "386";
+    armv5tel-linux = "arm";
+    armv6l-linux = "arm";
+    armv7l-linux = "arm";
+    riscv64-linux = "riscv64";
+    powerpc64le-linux = "ppc64le";
+    s390x-linux = "s390x";
+    mips64el-linux = "mips64le";
+    loongarch64-linux = "loong64";
+    x86_64-darwin = "amd64";
+    aarch64-darwin = "arm64";
+  };
+  defaultArchitecture =
+    goArch.${hostSystem} or pkgs.go.GOARCH
+      or (throw "dockerTools: no default architecture for ${hostSystem}; pass `architecture`");
+
+  # A derivation built by `stevedore nix ACTION` from its structured attrs.
+  stevedoreDrv =
+    action: attrs:
+    builtins.derivation (
+      {
+        system = buildSystem;
+        builder = stevedoreBin;
+        args = [
+          "nix"
+          action
+        ];
+        __structuredAttrs = true;
+      }
+      // attrs
+    );
+
+  # Small steps: not worth a binary cache round trip.
+  local = {
+    preferLocalBuild = true;
+    allowSubstitutes = false;
+  };
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+  toLower = builtins.replaceStrings upper lower;
+
+  # Like lib.makeOverridable: `.override` re-applies the function to changed arguments.
+  makeOverridable =
+    f: args:
+    f args
+    // {
+      override =
+        changes: makeOverridable f (args // (if isFunction changes then changes args else changes));
+    };
+
+  # Attaches passthru attributes and meta to a derivation, as mkDerivation does.
+  withPassthru =
+    drv: passthru: extra:
+    drv // passthru // extra // { inherit passthru; };
+
+  # Tools on PATH for extraCommands / fakeRootCommands: stdenv's usual ones, those pkgs has.
+  commandTools = filter (n: pkgs ? ${n}) [
+    "coreutils"
+    "findutils"
+    "diffutils"
+    "gnused"
+    "gnugrep"
+    "gawk"
+    "gnutar"
+    "gzip"
+    "bzip2"
+    "xz"
+    "getopt"
+  ];
+
+  compressorExt = {
+    none = "";
+    gz = ".gz";
+    zstd = ".zst";
+  };
+
+  streamLayeredImage = makeOverridable (
+    {
+      name,
+      tag ? null,
+      fromImage ? null,
+      contents ? [ ],
+      config ? { },
+      architecture ? defaultArchitecture,
+      created ? "1970-01-01T00:00:01Z",
+      mtime ? "1970-01-01T00:00:01Z",
+      uid ? 0,
+      gid ? 0,
+      uname ? "root",
+      gname ? "root",
+      maxLayers ? 100,
+      extraCommands ? "",
+      fakeRootCommands ? "",
+      enableFakechroot ? false,
+      includeStorePaths ? true,
+      includeNixDB ? false,
+      layeringPipeline ? null,
+      debug ? false,
+      meta ? { },
+      passthru ? { },
+    }:
+    let
+      fail = msg: throw "dockerTools.streamLayeredImage: image ${toJSON name}: ${msg}";
+      isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
+      checks = [
+        (isString name && name != "" || fail "name must be a non-empty string")
+        (tag == null || isString tag && tag != "" || fail "tag must be null or a non-empty string")
+        (isAttrs config || config == null || fail "config must be an attribute set")
+        (isString architecture || fail "architecture must be a string")
+        (isString created || fail "created must be a string (ISO-8601 or \"now\")")
+        (isString mtime || fail "mtime must be a string (ISO-8601 or \"now\")")
+        (isId uid || fail "uid must be a non-negative integer")
+        (isId gid || fail "gid must be a non-negative integer")
+        (isString uname || fail "uname must be a string")
+        (isString gname || fail "gname must be a string")
+        (isInt maxLayers || fail "maxLayers must be an integer")
+        (
+          layeringPipeline != null || maxLayers > 1
+          || fail "maxLayers must be greater than 1 (got ${toString maxLayers})"
+        )
+        (isString extraCommands || fail "extraCommands must be a string")
+        (isString fakeRootCommands || fail "fakeRootCommands must be a string")
+        (isBool enableFakechroot || fail "enableFakechroot must be a boolean")
+        (isBool includeStorePaths || fail "includeStorePaths must be a boolean")
+        (
+          includeNixDB == false
+          || fail "includeNixDB = true is not supported by stevedore yet (the Nix database in the image is planned); leave it false"
+        )
+        (
+          layeringPipeline == null || isList layeringPipeline || isString layeringPipeline
+          || builtins.isPath layeringPipeline || isAttrs layeringPipeline
+          || fail "layeringPipeline must be null, a list, or a JSON file"
+        )
+      ];
+
+      baseName = baseNameOf name;
+      contentsList = if isList contents then contents else [ contents ];
+
+      runCommands = extraCommands != "" || fakeRootCommands != "" || enableFakechroot;
+      useFakeroot = fakeRootCommands != "" || enableFakechroot;
+      need = attr: why: pkgs.${attr} or (fail "${why} needs pkgs.${attr}");
+      shell = need "runtimeShell" "the stream executable";
+      fakeroot = need "fakeroot" "fakeRootCommands";
+      proot = need "proot" "enableFakechroot";
+      toolDirs =
+        map (n: "${pkgs.${n}}/bin") commandTools
+        ++ (if useFakeroot then [ "${fakeroot}/bin" ] else [ ])
+        ++ (if enableFakechroot then [ "${proot}/bin" ] else [ ]);
+
+      # What nixpkgs writes with writeText: its references are the closure of `config`.
+      baseJson = stevedoreDrv "text" (
+        local
+        // {
+          name = "${baseName}-base.json";
+          text = toJSON {
+            inherit config architecture;
+            os = "linux";
+          };
+        }
+      );
+
+      # contents joined into one tree (symlinkJoin), extraCommands run in it, then
+      # fakeRootCommands under fakeroot, and the tree packed into layer.tar.
+      customisationLayer = stevedoreDrv "customisation-layer" (
+        {
+          name = "${baseName}-customisation-layer";
+          contents = map (c: "${c}") contentsList;
+          inherit
+            extraCommands
+            fakeRootCommands
+            enableFakechroot
+            mtime
+            ;
+          storeDir = builtins.storeDir;
+        }
+        // (
+          if runCommands then
+            {
+              shell = need "runtimeShell" "extraCommands / fakeRootCommands";
+              path = concatStringsSep ":" toolDirs;
+            }
+          else
+            { }
+        )
+        // (if useFakeroot then { fakeroot = "${fakeroot}/bin/fakeroot"; } else { })
+        // (if enableFakechroot then { proot = "${proot}/bin/proot"; } else { })
+      );
+
+      conf = stevedoreDrv "conf" (
+        local
+        // {
+          name = "${baseName}-conf.json";
+          baseJson = "${baseJson}";
+          customisationLayer = "${customisationLayer}";
+          # The closure of the config and of the contents; both roots stay out of the layers.
+          exportReferencesGraph.closure =
+            if includeStorePaths then
+              [
+                baseJson
+                customisationLayer
+              ]
+            else
+              [ ];
+          excludePaths = [
+            "${baseJson}"
+            "${customisationLayer}"
+          ];
+          fromImage = if fromImage == null then null else "${fromImage}";
+          layeringPipeline =
+            if layeringPipeline == null || isList layeringPipeline then
+              layeringPipeline
+            else
+              "${layeringPipeline}";
+          imageName = toLower name;
+          storeDir = builtins.storeDir;
+          inherit
+            tag
+            maxLayers
+            created
+            mtime
+            uid
+            gid
+            uname
+            gname
+            debug
+            ;
+        }
+      );
+
+      imageTag =
+        if tag != null then
+          tag
+        else
+          substring 0 32 (baseNameOf (builtins.unsafeDiscardStringContext conf.outPath));
+
+      stream = stevedoreDrv "stream-script" (
+        local
+        // {
+          name = "stream-${baseName}";
+          inherit shell;
+          stevedore = stevedoreBin;
+          conf = "${conf}";
+        }
+      );
+
+      allPassthru = passthru // {
+        inherit imageTag conf;
+        # Lets functions that take images tell executables from archives.
+        isExe = true;
+      };
+    in
+    assert all (c: c) checks;
+    withPassthru stream allPassthru {
+      imageName = toLower name;
+      inherit meta;
+    }
+  );
+
+  buildLayeredImage = makeOverridable (
+    {
+      name,
+      compressor ? "gz",
+      meta ? { },
+      ...
+    }@args:
+    let
+      ext =
+        if isString compressor && compressorExt ? ${compressor} then
+          compressorExt.${compressor}
+        else
+          throw "dockerTools.buildLayeredImage: image ${toJSON name}: compressor must be one of ${concatStringsSep ", " (attrNames compressorExt)} (got ${toJSON compressor})";
+      stream = streamLayeredImage (
+        removeAttrs args [
+          "compressor"
+          "meta"
+        ]
+      );
+      archive = stevedoreDrv "archive" {
+        name = "${baseNameOf name}.tar${ext}";
+        conf = "${stream.conf}";
+        inherit compressor;
+        inherit (stream) imageName;
+      };
+      # Not an executable: the archive itself.
+      allPassthru = removeAttrs stream.passthru [ "isExe" ] // {
+        inherit (stream) imageTag;
+        inherit stream;
+      };
+    in
+    withPassthru archive allPassthru {
+      inherit (stream) imageName;
+      inherit meta;
+    }
+  );
+
+  # A derivation that is only symlinks: { "rel/path" = target; }.
+  symlinkTree =
+    name: links:
+    stevedoreDrv "symlinks" (
+      local
+      // {
+        inherit name links;
+      }
+    );
+
+  caBundle = "${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt";
+
+  ours = {
+    inherit streamLayeredImage buildLayeredImage;
+
+    pullImage = import ./pull-image.nix { inherit stevedore pkgs; };
+
+    buildLayeredImageWithNixDb = args: buildLayeredImage (args // { includeNixDB = true; });
+
+    # /etc/passwd, /etc/group and /etc/nsswitch.conf with root and nobody (nixpkgs' fakeNss).
+    fakeNss = pkgs.fakeNss or (throw "dockerTools.fakeNss needs pkgs.fakeNss");
+
+    # /usr/bin/env, for `#!/usr/bin/env` scripts.
+    usrBinEnv = symlinkTree "usr-bin-env" { "usr/bin/env" = "${pkgs.coreutils}/bin/env"; };
+
+    # /bin/sh: an interactive bash, so that `docker run -it IMAGE` is usable.
+    binSh = symlinkTree "bin-sh" { "bin/sh" = "${pkgs.bashInteractive or pkgs.bash}/bin/bash"; };
+
+    # The CA bundle where the common distributions look for it.
+    caCertificates = symlinkTree "ca-certificates" {
+      "etc/ssl/certs/ca-bundle.crt" = caBundle;
+      "etc/ssl/certs/ca-certificates.crt" = caBundle;
+      "etc/pki/tls/certs/ca-bundle.crt" = caBundle;
+    };
+
+    # Shell code for a root script (nixpkgs' buildImage runAsRoot): puts shadow's tools on PATH
+    # and creates the account files useradd/groupadd need, unless they exist already.
+    shadowSetup = ''
+      export PATH=${pkgs.shadow}/bin:$PATH
+      mkdir -p /etc/pam.d
+      if [[ ! -f /etc/passwd ]]; then
+        echo "root:x:0:0::/root:${pkgs.runtimeShell}" > /etc/passwd
+        echo "root:!x:::::::" > /etc/shadow
+      fi
+      if [[ ! -f /etc/group ]]; then
+        echo "root:x:0:" > /etc/group
+        echo "root:x::" > /etc/gshadow
+      fi
+      if [[ ! -f /etc/pam.d/other ]]; then
+        {
+          echo "account sufficient pam_unix.so"
+          echo "auth sufficient pam_rootok.so"
+          echo "password requisite pam_unix.so nullok yescrypt"
+          echo "session required pam_unix.so"
+        } > /etc/pam.d/other
+      fi
+      if [[ ! -f /etc/login.defs ]]; then
+        touch /etc/login.defs
+      fi
+    '';
+  };
+in
+fallback // ours

@@ -1,0 +1,357 @@
+//! The customisation layer's file tree: `contents` joined into one root as nixpkgs'
+//! `symlinkJoin` does (with `lndir`), then packed into a layer tar.
+//!
+//! The tar has relative `./` names (as `tar -C root -c .` writes them), members sorted by name
+//! directory by directory, numeric owners, one fixed mtime, and hard links stored as full files,
+//! so the same tree always gives the same bytes. Owners come either from `lstat` (when packing
+//! inside a fakeroot session, which fakes what `lstat` returns, so `chown` in
+//! `fakeRootCommands` shows) or are all root, as they would be seen under fakeroot anyway.
+
+use crate::layer::{py_name_cmp, HashingWriter};
+use crate::tar::{self, Header, HeaderEncoder};
+use anyhow::{anyhow, bail, Context, Result};
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Directory names `lndir` skips (source control metadata), and so does symlinkJoin.
+const LNDIR_SKIPPED_DIRS: &[&str] = &["BitKeeper", "RCS", "SCCS", "CVS", "CVS.adm", ".svn", ".git", ".hg"];
+
+/// Joins the trees `paths` into `root` (which must exist): directories become real
+/// directories, merged across paths; everything else becomes a symlink, to the original file,
+/// or with the same target as the original symlink. The first path to provide a name wins, as
+/// with `lndir`, and names ending in `~` are skipped, as `lndir` does.
+pub fn join(paths: &[PathBuf], root: &Path) -> Result<()> {
+    for p in paths {
+        let meta = fs::metadata(p).with_context(|| format!("contents: cannot stat {}", p.display()))?;
+        if !meta.is_dir() {
+            bail!("contents: {} is not a directory (symlinkJoin needs directories)", p.display());
+        }
+        join_dir(p, root)?;
+    }
+    Ok(())
+}
+
+fn sorted_entries(dir: &Path) -> Result<Vec<(Vec<u8>, fs::FileType)>> {
+    let mut out = Vec::new();
+    for e in fs::read_dir(dir).with_context(|| format!("cannot list directory {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot list directory {}", dir.display()))?;
+        let ft = e.file_type().with_context(|| format!("cannot stat {}", e.path().display()))?;
+        out.push((e.file_name().as_bytes().to_vec(), ft));
+    }
+    // lndir takes readdir's order; sorting only changes which conflict warning comes first.
+    out.sort_by(|a, b| py_name_cmp(&a.0, &b.0));
+    Ok(out)
+}
+
+fn join_dir(from: &Path, to: &Path) -> Result<()> {
+    for (name, ft) in sorted_entries(from)? {
+        if name.ends_with(b"~") {
+            continue;
+        }
+        let name = OsStr::from_bytes(&name);
+        let src = from.join(name);
+        let dst = to.join(name);
+        let existing = fs::symlink_metadata(&dst).ok();
+        if ft.is_dir() {
+            if LNDIR_SKIPPED_DIRS.iter().any(|d| OsStr::new(d) == name) {
+                continue;
+            }
+            match existing {
+                None => {
+                    fs::create_dir(&dst).with_context(|| format!("cannot create directory {}", dst.display()))?;
+                    set_mode(&dst, 0o755)?;
+                }
+                Some(m) if m.is_dir() => {}
+                Some(_) => {
+                    eprintln!("warning: contents: {} exists and is not a directory; not merging {} into it", dst.display(), src.display());
+                    continue;
+                }
+            }
+            join_dir(&src, &dst)?;
+        } else {
+            let target = if ft.is_symlink() {
+                fs::read_link(&src).with_context(|| format!("cannot read link {}", src.display()))?
+            } else {
+                src.clone()
+            };
+            if let Some(m) = existing {
+                let same = m.file_type().is_symlink() && fs::read_link(&dst).map(|t| t == target).unwrap_or(false);
+                if !same {
+                    eprintln!("warning: contents: {} exists already; keeping it rather than {}", dst.display(), src.display());
+                }
+                continue;
+            }
+            std::os::unix::fs::symlink(&target, &dst).with_context(|| format!("cannot create symlink {}", dst.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("cannot chmod {}", path.display()))
+}
+
+/// Who owns the packed files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Owners {
+    /// 0:0 for everything: what a fakeroot session shows for files nobody chowned.
+    Root,
+    /// What `lstat` says (inside fakeroot: the faked owners).
+    FromFs,
+}
+
+/// What `lstat` says about a file, read through libc so that fakeroot's LD_PRELOAD wrapper
+/// answers (it fakes owners, and modes and device numbers of nodes made with `mknod`).
+struct Stat {
+    mode: u32,
+    uid: u64,
+    gid: u64,
+    size: u64,
+    rdev: (u32, u32),
+}
+
+fn lstat(path: &Path) -> io::Result<Stat> {
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    if unsafe { libc::lstat(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Stat {
+        mode: st.st_mode,
+        uid: st.st_uid as u64,
+        gid: st.st_gid as u64,
+        size: st.st_size as u64,
+        rdev: (libc::major(st.st_rdev), libc::minor(st.st_rdev)),
+    })
+}
+
+/// Options for [`pack`].
+#[derive(Debug, Clone)]
+pub struct PackOptions {
+    pub mtime: i64,
+    pub owners: Owners,
+}
+
+/// The written layer: its size and sha256.
+pub struct Packed {
+    pub size: u64,
+    pub digest: [u8; 32],
+    pub members: u64,
+}
+
+struct Packer<'a, W: Write> {
+    w: HashingWriter<W>,
+    enc: HeaderEncoder,
+    hdr: Vec<u8>,
+    buf: Vec<u8>,
+    opts: &'a PackOptions,
+    members: u64,
+}
+
+impl<W: Write> Packer<'_, W> {
+    fn member(&mut self, name: &[u8], st: &Stat, kind: u8, size: u64, link: &[u8]) -> Result<()> {
+        let (uid, gid) = match self.opts.owners {
+            Owners::Root => (0, 0),
+            Owners::FromFs => (st.uid, st.gid),
+        };
+        let h = Header {
+            name,
+            mode: st.mode & 0o7777,
+            uid,
+            gid,
+            size,
+            mtime: self.opts.mtime,
+            kind,
+            linkname: link,
+            uname: "",
+            gname: "",
+            devmajor: st.rdev.0,
+            devminor: st.rdev.1,
+        };
+        self.hdr.clear();
+        self.enc.encode(&h, &mut self.hdr);
+        self.w.write_all(&self.hdr).context("cannot write the layer")?;
+        self.members += 1;
+        Ok(())
+    }
+
+    /// Adds `path` (named `name` in the tar) and everything below it.
+    fn add(&mut self, path: &mut PathBuf, name: &mut Vec<u8>) -> Result<()> {
+        let st = lstat(path).with_context(|| format!("cannot stat {}", path.display()))?;
+        match st.mode & libc::S_IFMT {
+            libc::S_IFDIR => {
+                if !name.ends_with(b"/") {
+                    name.push(b'/');
+                }
+                self.member(name, &st, tar::DIRTYPE, 0, b"")?;
+                let mut children: Vec<Vec<u8>> = Vec::new();
+                for e in fs::read_dir(&*path).with_context(|| format!("cannot list directory {}", path.display()))? {
+                    let e = e.with_context(|| format!("cannot list directory {}", path.display()))?;
+                    children.push(e.file_name().as_bytes().to_vec());
+                }
+                children.sort_by(|a, b| py_name_cmp(a, b));
+                let base = name.len();
+                for child in children {
+                    name.truncate(base);
+                    name.extend_from_slice(&child);
+                    path.push(OsStr::from_bytes(&child));
+                    let r = self.add(path, name);
+                    path.pop();
+                    r?;
+                }
+                name.truncate(base);
+            }
+            libc::S_IFREG => {
+                self.member(name, &st, tar::REGTYPE, st.size, b"")?;
+                let mut f = File::open(&*path).with_context(|| format!("cannot open {}", path.display()))?;
+                let mut left = st.size;
+                while left > 0 {
+                    let want = left.min(self.buf.len() as u64) as usize;
+                    let n = match f.read(&mut self.buf[..want]) {
+                        Ok(0) => bail!("{} shrank while it was being packed", path.display()),
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => bail!("cannot read {}: {e}", path.display()),
+                    };
+                    self.w.write_all(&self.buf[..n]).context("cannot write the layer")?;
+                    left -= n as u64;
+                }
+                let pad = tar::padding(st.size) as usize;
+                self.w.write_all(&[0u8; 512][..pad]).context("cannot write the layer")?;
+            }
+            libc::S_IFLNK => {
+                let target = fs::read_link(&*path).with_context(|| format!("cannot read link {}", path.display()))?;
+                self.member(name, &st, tar::SYMTYPE, 0, target.as_os_str().as_bytes())?;
+            }
+            libc::S_IFCHR => self.member(name, &st, tar::CHRTYPE, 0, b"")?,
+            libc::S_IFBLK => self.member(name, &st, tar::BLKTYPE, 0, b"")?,
+            libc::S_IFIFO => self.member(name, &st, tar::FIFOTYPE, 0, b"")?,
+            // GNU tar skips sockets too: a tar member cannot hold one.
+            libc::S_IFSOCK => eprintln!("warning: {}: skipping a socket", path.display()),
+            other => bail!("{}: unknown file type {other:o}", path.display()),
+        }
+        Ok(())
+    }
+}
+
+/// Packs the tree at `root` into `out` as a layer tar: `./`, then everything below it.
+pub fn pack<W: Write>(root: &Path, out: W, opts: &PackOptions) -> Result<(W, Packed)> {
+    let mut p = Packer {
+        w: HashingWriter::new(out),
+        enc: HeaderEncoder::new(),
+        hdr: Vec::with_capacity(2048),
+        buf: vec![0u8; 1 << 20],
+        opts,
+        members: 0,
+    };
+    let mut path = root.to_path_buf();
+    let mut name = b"./".to_vec();
+    p.add(&mut path, &mut name)?;
+    let trailer = tar::trailer_len(p.w.count);
+    crate::layer::write_zeros(&mut p.w, trailer)?;
+    let members = p.members;
+    let (w, digest, size) = p.w.finish();
+    Ok((w, Packed { size, digest, members }))
+}
+
+/// Packs `root` into `dir/layer.tar` and writes its sha256 (hex) to `dir/checksum`, the layout
+/// `stevedore stream` reads a customisation layer from.
+pub fn pack_to_dir(root: &Path, dir: &Path, opts: &PackOptions) -> Result<Packed> {
+    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tar_path = dir.join("layer.tar");
+    let file = File::create(&tar_path).with_context(|| format!("cannot create {}", tar_path.display()))?;
+    let (w, packed) = pack(root, BufWriter::with_capacity(1 << 20, file), opts)?;
+    w.into_inner()
+        .map_err(|e| anyhow!("cannot write {}: {}", tar_path.display(), e.error()))?
+        .sync_all()
+        .with_context(|| format!("cannot write {}", tar_path.display()))?;
+    let checksum = dir.join("checksum");
+    fs::write(&checksum, format!("{}\n", crate::image::hex(&packed.digest)))
+        .with_context(|| format!("cannot write {}", checksum.display()))?;
+    Ok(packed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{symlink, PermissionsExt};
+
+    fn members(tar_bytes: &[u8]) -> Vec<(String, u8, u64, u64, u64, String)> {
+        let mut a = ::tar::Archive::new(tar_bytes);
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                let h = e.header();
+                let link = e.link_name().unwrap().map(|l| l.to_string_lossy().into_owned()).unwrap_or_default();
+                (
+                    String::from_utf8_lossy(&e.path_bytes()).into_owned(),
+                    h.entry_type().as_byte(),
+                    h.mode().unwrap() as u64,
+                    h.uid().unwrap(),
+                    h.mtime().unwrap(),
+                    link,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn join_merges_directories_and_links_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let b = tmp.path().join("b");
+        fs::create_dir_all(a.join("bin")).unwrap();
+        fs::create_dir_all(b.join("bin")).unwrap();
+        fs::create_dir_all(b.join(".git")).unwrap();
+        fs::write(a.join("bin/x"), "x").unwrap();
+        fs::write(b.join("bin/x"), "other").unwrap();
+        fs::write(b.join("bin/y~"), "backup").unwrap();
+        symlink("x", b.join("bin/z")).unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir(&root).unwrap();
+        join(&[a.clone(), b.clone()], &root).unwrap();
+        assert!(fs::symlink_metadata(root.join("bin")).unwrap().is_dir());
+        assert_eq!(fs::read_link(root.join("bin/x")).unwrap(), a.join("bin/x"));
+        assert_eq!(fs::read_link(root.join("bin/z")).unwrap(), PathBuf::from("x"));
+        assert!(!root.join("bin/y~").exists());
+        assert!(!root.join(".git").exists());
+        let file = tmp.path().join("file");
+        fs::write(&file, "").unwrap();
+        assert!(join(&[file], &root).unwrap_err().to_string().contains("not a directory"));
+    }
+
+    #[test]
+    fn pack_is_sorted_relative_and_deterministic() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("root");
+        fs::create_dir_all(root.join("b/c")).unwrap();
+        fs::write(root.join("a"), "hello").unwrap();
+        fs::hard_link(root.join("a"), root.join("b/hard")).unwrap();
+        symlink("/nix/store/x", root.join("b/link")).unwrap();
+        fs::set_permissions(root.join("a"), fs::Permissions::from_mode(0o4755)).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        let opts = PackOptions { mtime: 42, owners: Owners::Root };
+        let (bytes, packed) = pack(&root, Vec::new(), &opts).unwrap();
+        assert_eq!(bytes.len() as u64, packed.size);
+        assert_eq!(bytes.len() % tar::RECORD as usize, 0);
+        let m = members(&bytes);
+        let names: Vec<&str> = m.iter().map(|e| e.0.as_str()).collect();
+        assert_eq!(names, ["./", "./a", "./b/", "./b/c/", "./b/hard", "./b/link"]);
+        assert_eq!(m[1].2, 0o4755);
+        assert!(m.iter().all(|e| e.3 == 0 && e.4 == 42));
+        // Hard links are stored as files, with their contents.
+        assert_eq!(m[4].1, b'0');
+        assert_eq!(m[5].5, "/nix/store/x");
+        let (again, _) = pack(&root, Vec::new(), &opts).unwrap();
+        assert_eq!(bytes, again);
+        let out = tmp.path().join("out");
+        let p = pack_to_dir(&root, &out, &opts).unwrap();
+        assert_eq!(fs::read(out.join("layer.tar")).unwrap(), bytes);
+        assert_eq!(fs::read_to_string(out.join("checksum")).unwrap().trim(), crate::image::hex(&p.digest));
+    }
+}

@@ -1,0 +1,201 @@
+# The images tests/nix/run.sh builds with the real nix-build and checks.
+{
+  # The stevedore package: a store path holding bin/stevedore (run.sh adds it to the store).
+  stevedorePath,
+  system ? "x86_64-linux",
+}:
+let
+  pkgs = import ./pkgs.nix { inherit system; };
+  stevedore = builtins.storePath stevedorePath;
+  dockerTools = import ../../nix { inherit pkgs stevedore; };
+  chrootTools = import ../../nix {
+    pkgs = pkgs // {
+      runtimeShell = "${pkgs.busybox}/bin/sh";
+    };
+    inherit stevedore;
+  };
+  inherit (pkgs) busybox hello chain;
+
+  helloArgs = {
+    name = "registry.example/team/hello";
+    tag = "v1";
+    contents = [ busybox ];
+    config = {
+      Cmd = [ "${hello}/bin/hello" ];
+      Env = [ "FOO=bar" ];
+      WorkingDir = "/";
+    };
+  };
+
+  base = dockerTools.buildLayeredImage {
+    name = "base";
+    tag = "latest";
+    contents = [ busybox ];
+    config.Env = [
+      "BASE=1"
+      "FOO=base"
+    ];
+  };
+in
+{
+  inherit dockerTools;
+
+  hello = dockerTools.streamLayeredImage helloArgs;
+  helloGz = dockerTools.buildLayeredImage helloArgs;
+  helloZstd = dockerTools.buildLayeredImage (helloArgs // { compressor = "zstd"; });
+  helloNone = dockerTools.buildLayeredImage (helloArgs // { compressor = "none"; });
+  # .override re-applies the function, as with nixpkgs' makeOverridable.
+  helloOverridden = (dockerTools.streamLayeredImage helloArgs).override { tag = "v2"; };
+
+  owners = dockerTools.buildLayeredImage {
+    name = "owners";
+    tag = "latest";
+    contents = [ busybox ];
+    extraCommands = ''
+      mkdir -p tmp
+      chmod 1777 tmp
+      echo extra > extra.txt
+    '';
+    fakeRootCommands = ''
+      mkdir -p data
+      echo secret > data/f
+      chown 1234:5678 data
+      chown 42:43 data/f
+      chmod 4750 data/f
+    '';
+  };
+
+  noStore = dockerTools.buildLayeredImage {
+    name = "nostore";
+    tag = "latest";
+    contents = [ busybox ];
+    config.Cmd = [ "${hello}/bin/hello" ];
+    includeStorePaths = false;
+  };
+
+  chainAll = dockerTools.streamLayeredImage {
+    name = "chain";
+    tag = "all";
+    contents = [ chain ];
+  };
+  chainMax4 = dockerTools.streamLayeredImage {
+    name = "chain";
+    tag = "max4";
+    contents = [ chain ];
+    maxLayers = 4;
+  };
+  chainPipeline = dockerTools.streamLayeredImage {
+    name = "chain";
+    tag = "pipeline";
+    contents = [ chain ];
+    layeringPipeline = [
+      [ "popularity_contest" ]
+      [
+        "limit_layers"
+        3
+      ]
+    ];
+  };
+
+  inherit base;
+  app = dockerTools.streamLayeredImage {
+    name = "app";
+    tag = "latest";
+    fromImage = base;
+    config = {
+      Cmd = [ "${hello}/bin/hello" ];
+      Env = [ "FOO=bar" ];
+    };
+  };
+  # base has at least 2 layers, so 2 leaves none for store paths.
+  appTooManyLayers = dockerTools.streamLayeredImage {
+    name = "app";
+    fromImage = base;
+    contents = [ hello ];
+    maxLayers = 2;
+  };
+
+  createdNow = dockerTools.buildLayeredImage {
+    name = "dates";
+    tag = "now";
+    contents = [ busybox ];
+    created = "now";
+    compressor = "none";
+  };
+  createdDefault = dockerTools.buildLayeredImage {
+    name = "dates";
+    tag = "default";
+    contents = [ busybox ];
+    compressor = "none";
+  };
+  mtime2000 = dockerTools.buildLayeredImage {
+    name = "dates";
+    tag = "mtime2000";
+    contents = [ busybox ];
+    created = "2024-05-01T12:00:00+02:00";
+    mtime = "2000-01-01T00:00:00Z";
+    compressor = "none";
+  };
+
+  untagged = dockerTools.streamLayeredImage {
+    name = "Registry.Example/Untagged";
+    contents = [ busybox ];
+  };
+
+  helpers = dockerTools.buildLayeredImage {
+    name = "helpers";
+    tag = "latest";
+    contents = with dockerTools; [
+      usrBinEnv
+      binSh
+      caCertificates
+      fakeNss
+    ];
+    compressor = "none";
+  };
+
+  # Under proot the image's root is `/`, where only the store is bound: the shell must be
+  # one that needs no host libraries, so this one uses the static busybox.
+  chroot = chrootTools.buildLayeredImage {
+    name = "chroot";
+    tag = "latest";
+    contents = [ busybox ];
+    enableFakechroot = true;
+    fakeRootCommands = ''
+      test -x /bin/sh
+      test -d ${builtins.storeDir}
+      mkdir /made-in-chroot
+      echo ok > /made-in-chroot/f
+    '';
+    compressor = "none";
+  };
+
+  # Each of these must fail with the message run.sh looks for.
+  bad = {
+    maxLayers1 = dockerTools.streamLayeredImage {
+      name = "bad";
+      maxLayers = 1;
+    };
+    compressor = dockerTools.buildLayeredImage {
+      name = "bad";
+      compressor = "xz";
+    };
+    nixDb = dockerTools.streamLayeredImage {
+      name = "bad";
+      includeNixDB = true;
+    };
+    emptyName = dockerTools.streamLayeredImage { name = ""; };
+    created = dockerTools.streamLayeredImage {
+      name = "bad";
+      created = "yesterday";
+    };
+    notDir = dockerTools.streamLayeredImage {
+      name = "bad";
+      contents = [ "${hello}/bin/hello" ];
+    };
+    failingCommands = dockerTools.streamLayeredImage {
+      name = "bad";
+      extraCommands = "false";
+    };
+  };
+}

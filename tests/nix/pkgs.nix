@@ -1,0 +1,139 @@
+# A tiny stand-in for nixpkgs, built from the host's tools (no nixpkgs can be fetched here):
+# what nix/default.nix takes from `pkgs`, plus fixture packages for the images under test.
+# Fixtures are builtins.derivation with /bin/sh and absolute host paths, so they only build
+# without the sandbox, as the test machines run Nix.
+{
+  system ? "x86_64-linux",
+  # A prebuilt stevedore (a directory with bin/stevedore), for the flake test's
+  # rustPlatform.buildRustPackage stand-in.
+  stevedorePrebuilt ? null,
+}:
+let
+  sh =
+    name: script:
+    builtins.derivation {
+      inherit name system;
+      builder = "/bin/sh";
+      args = [
+        "-e"
+        "-c"
+        script
+      ];
+      PATH = "/usr/bin:/bin";
+    };
+
+  # The host's static busybox, copied into the store so images can run it.
+  busybox = sh "busybox" ''
+    mkdir -p $out/bin
+    cp /usr/bin/busybox $out/bin/busybox
+    for a in sh ash cat chmod chown echo env id ls mkdir rm sleep stat test touch true; do
+      ln -s busybox $out/bin/$a
+    done
+  '';
+
+  # Host coreutils, by absolute path: dynamically linked, so fakeroot's LD_PRELOAD works on them.
+  coreutils = sh "coreutils" ''
+    mkdir -p $out/bin
+    for t in basename cat chgrp chmod chown cp dirname echo env false head id install ln ls \
+             mkdir mknod mv readlink realpath rm rmdir sha256sum sort stat tail test touch true wc; do
+      ln -s /usr/bin/$t $out/bin/$t
+    done
+  '';
+
+  wrapper =
+    name: target:
+    sh name ''
+      mkdir -p $out/bin
+      printf '#!/bin/sh\nPATH="$PATH:/usr/bin:/bin" exec ${target} "$@"\n' > $out/bin/${name}
+      chmod +x $out/bin/${name}
+    '';
+
+  self = {
+    inherit system busybox coreutils;
+    stdenv.hostPlatform.system = system;
+    stdenv.buildPlatform.system = system;
+    # The host's dash: dynamically linked, and it looks commands up on PATH, so under fakeroot
+    # `chown` & co. are the (faked) coreutils ones. busybox's sh would run its own static
+    # applets instead, which fakeroot cannot see.
+    dash = sh "dash" ''
+      mkdir -p $out/bin
+      cp /usr/bin/dash $out/bin/dash
+    '';
+    runtimeShell = "${self.dash}/bin/dash";
+    fakeroot = wrapper "fakeroot" "/usr/bin/fakeroot";
+    proot = wrapper "proot" "/usr/bin/proot";
+
+    # A program whose closure is more than itself: hello -> greeting -> busybox.
+    greeting = sh "greeting" ''
+      mkdir -p $out/share
+      echo "hello from stevedore" > $out/share/greeting
+      ln -s ${busybox} $out/share/shell
+    '';
+    hello = sh "hello" ''
+      mkdir -p $out/bin
+      printf '#!${busybox}/bin/sh\nread -r line < ${self.greeting}/share/greeting\necho "$line"\n' > $out/bin/hello
+      chmod +x $out/bin/hello
+    '';
+
+    # chain-12 -> chain-11 -> ... -> chain-1: a closure of 12 paths, for maxLayers.
+    chain =
+      let
+        link =
+          n:
+          sh "chain-${toString n}" (
+            ''
+              mkdir -p $out
+              echo ${toString n} > $out/n
+            ''
+            + (if n > 1 then "echo ${link (n - 1)} > $out/prev\n" else "")
+          );
+      in
+      link 12;
+
+    # What the dockerTools helpers link to.
+    bashInteractive = sh "bash-interactive" ''
+      mkdir -p $out/bin
+      ln -s ${busybox}/bin/busybox $out/bin/bash
+    '';
+    cacert = sh "cacert" ''
+      mkdir -p $out/etc/ssl/certs
+      echo "not a real bundle" > $out/etc/ssl/certs/ca-bundle.crt
+    '';
+    fakeNss = sh "fake-nss" ''
+      mkdir -p $out/etc
+      printf 'root:x:0:0:root user:/var/empty:/bin/sh\nnobody:x:65534:65534:nobody:/var/empty:/bin/sh\n' > $out/etc/passwd
+      printf 'root:x:0:\nnobody:x:65534:\n' > $out/etc/group
+      printf 'hosts: files dns\n' > $out/etc/nsswitch.conf
+    '';
+    shadow = sh "shadow" "mkdir -p $out/bin";
+
+    # Enough of nixpkgs for flake.nix: callPackage, lib.licenses and a buildRustPackage that
+    # hands back the prebuilt binary.
+    buildPackages = self;
+    callPackage =
+      f: overrides:
+      let
+        fn = if builtins.isFunction f then f else import f;
+      in
+      fn (builtins.intersectAttrs (builtins.functionArgs fn) self // overrides);
+    lib.licenses.mit = {
+      spdxId = "MIT";
+      free = true;
+    };
+    rustPlatform.buildRustPackage =
+      args:
+      if stevedorePrebuilt == null then
+        throw "tests/nix/pkgs.nix: no stevedorePrebuilt to stand in for buildRustPackage"
+      else
+        sh "${args.pname}-${args.version}" ''
+          mkdir -p $out/bin
+          cp ${stevedorePrebuilt}/bin/stevedore $out/bin/stevedore
+        ''
+        // {
+          inherit (args) pname version;
+          meta = args.meta or { };
+        };
+    nixfmt-tree = wrapper "treefmt" "/bin/false";
+  };
+in
+self

@@ -1,0 +1,407 @@
+#!/usr/bin/env bash
+# End-to-end tests of the Nix library (nix/) with the real nix-build, offline: images are built
+# from tests/nix/cases.nix with host tools standing in for nixpkgs (tests/nix/pkgs.nix), then
+# loaded and run with podman and inspected with skopeo. Run from anywhere:
+#
+#   bash tests/nix/run.sh            # builds the binary with cargo build --release
+#   STEVEDORE_BIN=path/to/stevedore bash tests/nix/run.sh
+#   bash tests/nix/run.sh owners app # only the tests whose names contain these words
+#   KEEP=1 bash tests/nix/run.sh     # keep the scratch directory (logs, archives)
+#
+# The last line is "N passed, N failed"; the exit status is non-zero if any failed.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+repo=$PWD
+export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nsubstituters =\nexperimental-features = nix-command flakes'
+
+work=$(mktemp -d /tmp/stevedore-nix-tests.XXXXXX)
+chmod 755 "$work"
+loaded=()
+cleanup() {
+  for i in "${loaded[@]}"; do pod rmi -f "$i" >/dev/null 2>&1; done
+  if [ -n "${KEEP:-}" ]; then echo "kept $work"; else rm -rf "$work"; fi
+}
+trap cleanup EXIT
+
+passed=0
+failed=0
+failures=()
+started=$SECONDS
+
+pod() { podman --cgroup-manager=cgroupfs --runtime /usr/sbin/runc "$@"; }
+podrun() {
+  pod run --rm --network=none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "$@"
+}
+
+if [ -n "${STEVEDORE_BIN:-}" ]; then
+  bin=$STEVEDORE_BIN
+else
+  echo "building stevedore (cargo build --release)..."
+  cargo build --release --quiet || { echo "0 passed, 1 failed"; exit 1; }
+  bin=$repo/target/release/stevedore
+fi
+mkdir -p "$work/stevedore/bin"
+cp "$bin" "$work/stevedore/bin/stevedore"
+stevedore_path=$(nix-store --add "$work/stevedore") || { echo "0 passed, 1 failed"; exit 1; }
+echo "stevedore: $stevedore_path"
+
+cases=$repo/tests/nix/cases.nix
+nargs=(--argstr stevedorePath "$stevedore_path")
+
+# build ATTR: nix-build it, print the output path; the log goes to $work/ATTR.log.
+build() {
+  nix-build "$cases" -A "$1" "${nargs[@]}" --no-out-link "${@:2}" 2>"$work/$1.log"
+}
+# nixeval EXPR: evaluates EXPR with `c` bound to the cases set, prints the JSON result.
+nixeval() {
+  nix-instantiate --eval --strict --json -E "let c = import $cases { stevedorePath = \"$stevedore_path\"; }; in $1" 2>"$work/eval.log"
+}
+# summary ARCHIVE: tests/nix/inspect.py's JSON of an archive, in $work/NAME.json.
+summary() {
+  python3 "$repo/tests/nix/inspect.py" "$1" >"$work/$2.json"
+}
+# q NAME EXPR: a Python expression over the summary `d` of $work/NAME.json.
+q() {
+  python3 -c "import json,sys; d=json.load(open(sys.argv[1])); print($2)" "$work/$1.json"
+}
+# plain ARCHIVE: the archive uncompressed (skopeo 1.9 and podman 4.3 only read plain ones).
+plain() {
+  case "$1" in
+    *.gz) zcat "$1" >"$work/$(basename "$1" .gz)"; echo "$work/$(basename "$1" .gz)" ;;
+    *.zst) zstd -q -dc "$1" >"$work/$(basename "$1" .zst)"; echo "$work/$(basename "$1" .zst)" ;;
+    *) echo "$1" ;;
+  esac
+}
+# load ARCHIVE: podman load, remembering the image for cleanup.
+load() {
+  local out
+  out=$(pod load -i "$1" 2>&1) || { echo "$out" >&2; return 1; }
+  loaded+=("$(echo "$out" | sed -n 's/^Loaded image: //p' | tail -1)")
+}
+
+fail() { echo "    $*" >&2; return 1; }
+expect_eq() { [ "$1" = "$2" ] || fail "expected [$2], got [$1]${3:+ ($3)}"; }
+
+selected() {
+  [ ${#filters[@]} -eq 0 ] && return 0
+  for w in "${filters[@]}"; do [[ "$1" == *"$w"* ]] && return 0; done
+  return 1
+}
+filters=("$@")
+
+# t NAME FUNCTION: runs a test, prints its result and time.
+t() {
+  selected "$1" || return 0
+  local t0=$SECONDS rc
+  # Not inside `if`: there, bash would ignore the subshell's `set -e`.
+  ( set -e; "$2" ) >"$work/test-$1.out" 2>&1
+  rc=$?
+  if [ $rc -eq 0 ]; then
+    passed=$((passed + 1))
+    echo "ok   $1 ($((SECONDS - t0)) s)"
+  else
+    failed=$((failed + 1))
+    failures+=("$1")
+    echo "FAIL $1 ($((SECONDS - t0)) s)"
+    sed 's/^/     | /' "$work/test-$1.out" | tail -25
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+
+# fakeroot fakes what our (dynamically linked) packer sees through lstat: as an unprivileged
+# user, a chown inside fakeroot shows in the packed layer.
+test_fakeroot_lstat() {
+  local d=$work/fakeroot
+  mkdir -p "$d"
+  chmod 777 "$d"
+  setpriv --reuid=65534 --regid=65534 --clear-groups env -i PATH=/usr/bin:/bin \
+    fakeroot -- sh -c "mkdir $d/r && mkdir $d/r/x && echo hi > $d/r/x/f && chown 7:8 $d/r/x/f && mknod $d/r/null c 1 3 && $stevedore_path/bin/stevedore nix pack --owners fs $d/r $d/o"
+  python3 - "$d/o/layer.tar" <<'EOF'
+import sys, tarfile
+m = {e.name: e for e in tarfile.open(sys.argv[1])}
+assert m["./x/f"].uid == 7 and m["./x/f"].gid == 8, (m["./x/f"].uid, m["./x/f"].gid)
+assert m["./x"].uid == 0 and m["."].uid == 0
+assert m["./null"].ischr() and (m["./null"].devmajor, m["./null"].devminor) == (1, 3)
+EOF
+}
+
+test_stream() {
+  local out
+  out=$(build hello)
+  [[ "$out" == */*-stream-hello ]] || fail "derivation name: $out"
+  head -c 2 "$out" | grep -q '#!' || fail "not a script"
+  "$out" --help | grep -q -- --repo_tag || fail "--help does not mention --repo_tag"
+  "$out" >"$work/hello.tar" 2>"$work/hello.stream.log"
+  skopeo inspect "docker-archive:$work/hello.tar" >"$work/hello.inspect"
+  python3 - "$work/hello.inspect" <<'EOF'
+import json, sys
+i = json.load(open(sys.argv[1]))
+assert i["Architecture"] == "amd64", i["Architecture"]
+assert i["Os"] == "linux"
+assert "FOO=bar" in i["Env"], i["Env"]
+assert i["Created"] == "1970-01-01T00:00:01Z", i["Created"]
+assert len(i["Layers"]) >= 3, i["Layers"]  # busybox, greeting/hello, customisation
+EOF
+  summary "$work/hello.tar" hello
+  expect_eq "$(q hello 'd["repo_tags"]')" "['registry.example/team/hello:v1']"
+  expect_eq "$(q hello 'd["config"]["config"]["Cmd"][0].endswith("-hello/bin/hello")')" True
+  # Every closure path is in a store layer, none of the implementation paths are.
+  expect_eq "$(q hello 'any(e[0].endswith("-greeting/share/greeting") for l in d["layers"] for e in l["entries"])')" True
+  expect_eq "$(q hello 'any(("-base.json" in e[0] or "-customisation-layer" in e[0]) for l in d["layers"] for e in l["entries"])')" False
+  # The customisation layer: ./ names, busybox's tree joined as symlinks.
+  expect_eq "$(q hello '[e[0] for e in d["layers"][-1]["entries"]][:3]')" "['./', './bin/', './bin/ash']"
+  load "$work/hello.tar"
+  expect_eq "$(podrun registry.example/team/hello:v1)" "hello from stevedore"
+  # -t renames, as nixpkgs' stream script's --repo_tag does.
+  "$out" -t localhost/renamed:x 2>/dev/null | pod load >/dev/null
+  loaded+=(localhost/renamed:x)
+  pod image exists localhost/renamed:x
+}
+
+test_passthru() {
+  expect_eq "$(nixeval 'c.hello.imageTag')" '"v1"'
+  expect_eq "$(nixeval 'c.hello.isExe')" true
+  expect_eq "$(nixeval 'c.hello.imageName')" '"registry.example/team/hello"'
+  expect_eq "$(nixeval 'c.hello.passthru.imageTag')" '"v1"'
+  expect_eq "$(nixeval 'c.helloGz.imageTag')" '"v1"'
+  expect_eq "$(nixeval 'c.helloGz.stream.isExe')" true
+  expect_eq "$(nixeval 'c.helloGz.isExe or false')" false
+  expect_eq "$(nixeval 'c.helloOverridden.imageTag')" '"v2"'
+  expect_eq "$(nixeval 'builtins.isString c.dockerTools.shadowSetup && builtins.match ".*-shadow/bin.*" c.dockerTools.shadowSetup != null')" true
+}
+
+test_archives() {
+  local gz zst none
+  gz=$(build helloGz)
+  zst=$(build helloZstd)
+  none=$(build helloNone)
+  [[ "$gz" == *-hello.tar.gz && "$zst" == *-hello.tar.zst && "$none" == *-hello.tar ]] || fail "names: $gz $zst $none"
+  expect_eq "$(head -c 2 "$gz" | od -An -tx1 | tr -d ' ')" 1f8b
+  expect_eq "$(head -c 4 "$zst" | od -An -tx1 | tr -d ' ')" 28b52ffd
+  # Same conf, so the same image (config digest) whatever the compression, and as streamed.
+  "$(build hello)" >"$work/hello-streamed.tar" 2>/dev/null
+  local ids=()
+  local gz_plain zst_plain
+  gz_plain=$(plain "$gz")
+  zst_plain=$(plain "$zst")
+  for f in "$work/hello-streamed.tar" "$gz_plain" "$zst_plain" "$none"; do
+    ids+=("$(skopeo inspect --config "docker-archive:$f" | sha256sum | cut -c1-64)")
+  done
+  expect_eq "${ids[1]}" "${ids[0]}" gz
+  expect_eq "${ids[2]}" "${ids[0]}" zstd
+  expect_eq "${ids[3]}" "${ids[0]}" none
+  cmp -s "$none" "$work/hello-streamed.tar" || fail "the uncompressed archive differs from the stream"
+  load "$zst_plain"
+  expect_eq "$(podrun registry.example/team/hello:v1)" "hello from stevedore"
+}
+
+test_owners() {
+  local out
+  out=$(build owners)
+  summary "$out" owners
+  python3 - "$work/owners.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = {e[0]: e for e in d["layers"][-1]["entries"]}
+assert (m["./data/"][3], m["./data/"][4]) == (1234, 5678), m["./data/"]
+assert (m["./data/f"][3], m["./data/f"][4], m["./data/f"][2]) == (42, 43, "0o4750"), m["./data/f"]
+assert m["./tmp/"][2] == "0o1777", m["./tmp/"]
+assert (m["./extra.txt"][3], m["./extra.txt"][4]) == (0, 0)
+assert all(e[6] == "" or e[1] == "2" for e in m.values())
+EOF
+  load "$(plain "$out")"
+  expect_eq "$(podrun owners:latest stat -c '%u:%g %a %n' /data /data/f /tmp | tr '\n' ';')" \
+    "1234:5678 755 /data;42:43 4750 /data/f;0:0 1777 /tmp;"
+}
+
+test_reproducible() {
+  # --check rebuilds and fails if the bytes differ.
+  build helloGz --check >/dev/null || fail "helloGz: $(tail -3 "$work/helloGz.log")"
+  build owners --check >/dev/null || fail "owners: $(tail -3 "$work/owners.log")"
+  local conf layer
+  conf=$(nix-instantiate "$cases" -A owners.stream.conf "${nargs[@]}" 2>/dev/null)
+  layer=$(nix-store -q --references "$conf" | grep -- '-owners-customisation-layer.drv$')
+  nix-build "$layer" --check --no-out-link >/dev/null 2>"$work/layer-check.log" || fail "customisation layer: $(tail -3 "$work/layer-check.log")"
+}
+
+test_no_store_paths() {
+  local out
+  out=$(build noStore)
+  summary "$out" nostore
+  expect_eq "$(q nostore 'len(d["layers"])')" 1
+  expect_eq "$(q nostore 'any(e[0].startswith("./nix") or e[0].startswith("/nix") for e in d["layers"][0]["entries"])')" False
+  expect_eq "$(q nostore '[e[0] for e in d["layers"][0]["entries"]][:2]')" "['./', './bin/']"
+}
+
+test_max_layers() {
+  local all max4 pipe
+  all=$(build chainAll)
+  max4=$(build chainMax4)
+  pipe=$(build chainPipeline)
+  "$all" >"$work/all.tar" 2>/dev/null
+  "$max4" >"$work/max4.tar" 2>/dev/null
+  "$pipe" >"$work/pipe.tar" 2>/dev/null
+  summary "$work/all.tar" all
+  summary "$work/max4.tar" max4
+  summary "$work/pipe.tar" pipe
+  local paths='len({e[0].split("/")[3] for l in d["layers"][:-1] for e in l["entries"] if len(e[0].split("/")) > 3 and e[0].split("/")[3]})'
+  expect_eq "$(q all "$paths")" 12
+  expect_eq "$(q max4 "$paths")" 12
+  expect_eq "$(q pipe "$paths")" 12
+  [ "$(q all 'len(d["layers"])')" -gt 4 ] || fail "chainAll has only $(q all 'len(d["layers"])') layers"
+  # auto-layer may use fewer layers than allowed, never more.
+  [ "$(q max4 'len(d["layers"])')" -le 4 ] || fail "chainMax4 has $(q max4 'len(d["layers"])') layers"
+  expect_eq "$(q pipe 'len(d["layers"])')" 4
+}
+
+test_from_image() {
+  local base app
+  base=$(build base)
+  app=$(build app)
+  "$app" >"$work/app.tar" 2>"$work/app.stream.log"
+  summary "$base" base
+  summary "$work/app.tar" app
+  local nbase
+  nbase=$(q base 'len(d["layers"])')
+  [ "$nbase" -ge 2 ] || fail "base has $nbase layers"
+  expect_eq "$(q app '[l["diff_id"] for l in d["layers"]][:'"$nbase"']')" "$(q base '[l["diff_id"] for l in d["layers"]]')"
+  expect_eq "$(q app 'd["config"]["config"]["Env"]')" "['BASE=1', 'FOO=bar']"
+  load "$work/app.tar"
+  expect_eq "$(podrun app:latest)" "hello from stevedore"
+  expect_eq "$(podrun app:latest sh -c 'echo $BASE $FOO')" "1 bar"
+  # base's layers plus one customisation layer leave nothing for store paths.
+  if build appTooManyLayers >/dev/null; then fail "maxLayers = 2 with a base image built"; fi
+  grep -q "maxLayers 2 is too low" "$work/appTooManyLayers.log" || fail "$(tail -3 "$work/appTooManyLayers.log")"
+}
+
+test_dates() {
+  local now def m2000
+  now=$(build createdNow)
+  def=$(build createdDefault)
+  m2000=$(build mtime2000)
+  summary "$now" now
+  summary "$def" def
+  summary "$m2000" m2000
+  expect_eq "$(q def 'd["config"]["created"]')" "1970-01-01T00:00:01+00:00"
+  [ "$(q now 'd["config"]["created"][:4]')" -ge 2025 ] || fail "created now: $(q now 'd["config"]["created"]')"
+  # created = "now" leaves file times alone, so the store layers are the same.
+  expect_eq "$(q now '[l["diff_id"] for l in d["layers"]][:-1]')" "$(q def '[l["diff_id"] for l in d["layers"]][:-1]')"
+  expect_eq "$(q def '{e[5] for l in d["layers"] for e in l["entries"]}')" "{1}"
+  expect_eq "$(q m2000 '{e[5] for l in d["layers"] for e in l["entries"]}')" "{946684800}"
+  expect_eq "$(q m2000 'd["config"]["created"]')" "2024-05-01T10:00:00+00:00"
+}
+
+test_untagged() {
+  local out tag conf
+  out=$(build untagged)
+  "$out" >"$work/untagged.tar" 2>/dev/null
+  summary "$work/untagged.tar" untagged
+  tag=$(nixeval 'c.untagged.imageTag' | tr -d '"')
+  conf=$(nix-build "$cases" -A untagged.conf "${nargs[@]}" --no-out-link 2>/dev/null)
+  expect_eq "${#tag}" 32
+  expect_eq "$tag" "$(basename "$conf" | cut -c1-32)"
+  expect_eq "$(q untagged 'd["repo_tags"]')" "['registry.example/untagged:$tag']"
+}
+
+test_helpers() {
+  local out
+  out=$(build helpers)
+  summary "$out" helpers
+  python3 - "$work/helpers.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = {e[0]: e for e in d["layers"][-1]["entries"]}
+assert m["./usr/bin/env"][6].endswith("-coreutils/bin/env"), m["./usr/bin/env"]
+assert m["./bin/sh"][6].endswith("-bash-interactive/bin/bash"), m["./bin/sh"]
+for p in ["./etc/ssl/certs/ca-bundle.crt", "./etc/ssl/certs/ca-certificates.crt", "./etc/pki/tls/certs/ca-bundle.crt"]:
+    assert m[p][6].endswith("-cacert/etc/ssl/certs/ca-bundle.crt"), m[p]
+assert m["./etc/passwd"][6].endswith("-fake-nss/etc/passwd")
+EOF
+}
+
+test_fakechroot() {
+  local out
+  out=$(build chroot) || fail "$(tail -5 "$work/chroot.log")"
+  summary "$out" chroot
+  expect_eq "$(q chroot '[e[0] for e in d["layers"][-1]["entries"] if "made" in e[0]]')" "['./made-in-chroot/', './made-in-chroot/f']"
+  # proot's bindings (the store, /dev, /proc, ...) leave nothing in the tree.
+  expect_eq "$(q chroot '[e[0] for e in d["layers"][-1]["entries"] if e[0].split("/")[1] in ("nix", "dev", "proc", "sys", "tmp")]')" "[]"
+}
+
+test_errors() {
+  check_error() { # ATTR MESSAGE
+    if build "bad.$1" >/dev/null; then fail "bad.$1 built"; fi
+    grep -qF -- "$2" "$work/bad.$1.log" || fail "bad.$1: no [$2] in: $(grep -i error "$work/bad.$1.log" | tail -3)"
+  }
+  check_error maxLayers1 'maxLayers must be greater than 1 (got 1)'
+  check_error compressor 'compressor must be one of gz, none, zstd (got "xz")'
+  check_error nixDb 'includeNixDB = true is not supported by stevedore yet'
+  check_error emptyName 'name must be a non-empty string'
+  check_error created 'created: "yesterday" is not an ISO-8601 date/time or "now"'
+  check_error notDir 'is not a directory (symlinkJoin needs directories)'
+  check_error failingCommands 'extraCommands failed'
+}
+
+# The flake, against a stand-in nixpkgs flake made of tests/nix/pkgs.nix and the binary.
+test_flake() {
+  local fake=$work/fake-nixpkgs flake=$work/flake
+  mkdir -p "$fake" "$flake"
+  cp "$repo/tests/nix/fake-nixpkgs/flake.nix" "$repo/tests/nix/pkgs.nix" "$fake/"
+  cp -r "$work/stevedore" "$fake/stevedore"
+  cp -r "$repo/flake.nix" "$repo/flake.lock" "$repo/nix" "$repo/Cargo.toml" "$repo/Cargo.lock" "$flake/"
+  local over=(--override-input nixpkgs "path:$fake" --no-write-lock-file)
+  nix flake show "path:$flake" "${over[@]}" >"$work/flake-show.txt" 2>"$work/flake.log" || fail "flake show: $(tail -3 "$work/flake.log")"
+  grep -q "overlays" "$work/flake-show.txt" || fail "no overlays in: $(cat "$work/flake-show.txt")"
+  local img
+  nix build "path:$flake#checks.x86_64-linux.hello-image" "${over[@]}" -o "$work/flake-image" 2>>"$work/flake.log" || fail "build: $(tail -5 "$work/flake.log")"
+  img=$(readlink "$work/flake-image")
+  skopeo inspect "docker-archive:$(plain "$img")" | grep -q '"amd64"'
+  local stream
+  nix build "path:$flake#checks.x86_64-linux.hello-stream" "${over[@]}" -o "$work/flake-stream" 2>>"$work/flake.log" || fail "build stream: $(tail -5 "$work/flake.log")"
+  stream=$(readlink "$work/flake-stream")
+  "$stream" | pod load >/dev/null
+  loaded+=(stevedore-hello:latest)
+  expect_eq "$(podrun stevedore-hello:latest)" "hello from stevedore"
+  # lib.dockerTools and the overlay give the same functions.
+  expect_eq "$(nix eval --json "path:$flake#lib" "${over[@]}" --apply 'l: builtins.isFunction l.dockerTools' 2>>"$work/flake.log")" true
+  # The overlay replaces pkgs.dockerTools; its functions build with the overlaid stevedore.
+  nix eval --impure --json "${over[@]}" --expr "
+    let
+      flake = builtins.getFlake \"path:$flake\";
+      fake = builtins.getFlake \"path:$fake\";
+      prev = fake.legacyPackages.x86_64-linux;
+      final = prev // flake.overlays.default final prev // { buildPackages = final; };
+    in {
+      names = builtins.attrNames (builtins.intersectAttrs { streamLayeredImage = 1; buildLayeredImage = 1; fakeNss = 1; } final.dockerTools);
+      drv = (final.dockerTools.streamLayeredImage { name = \"overlay\"; contents = [ final.busybox ]; }).drvPath;
+    }
+  " >"$work/overlay.json" 2>>"$work/flake.log" || fail "overlay: $(tail -3 "$work/flake.log")"
+  python3 - "$work/overlay.json" <<'EOF2'
+import json, sys
+d = json.load(open(sys.argv[1]))
+assert d["names"] == ["buildLayeredImage", "fakeNss", "streamLayeredImage"], d
+assert d["drv"].endswith("-stream-overlay.drv"), d
+EOF2
+}
+
+t fakeroot-lstat test_fakeroot_lstat
+t stream test_stream
+t passthru test_passthru
+t archives test_archives
+t owners test_owners
+t reproducible test_reproducible
+t no-store-paths test_no_store_paths
+t max-layers test_max_layers
+t from-image test_from_image
+t dates test_dates
+t untagged test_untagged
+t helpers test_helpers
+t fakechroot test_fakechroot
+t errors test_errors
+t flake test_flake
+
+echo "nix tests took $((SECONDS - started)) s"
+[ "$failed" -eq 0 ] || echo "failed: ${failures[*]}"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]
