@@ -1405,7 +1405,7 @@ mod tests {
         let mut main = got[0].clone();
         main.sort();
         assert_eq!(main, ["B", "D", "E", "F"]);
-        let single = graph(&[("top", 0, &["x"]), ("x", 0, &[])]);
+        let single = graph(&[("top", 5, &["x"]), ("x", 1, &[])]);
         assert_eq!(pipeline(&single, &format!(r#"[["split_paths", ["{}"]]]"#, by_name(&single, "top"))), layers(&[&["x", "top"]]));
         assert_eq!(pipeline(&single, r#"[["split_paths", ["/nix/store/00000000000000000000000000000000-none"]]]"#), layers(&[&["x", "top"]]));
     }
