@@ -927,7 +927,8 @@ fn dominator_layers(graph: &ClosureGraph, budget: usize, excluded: &[bool]) -> V
     let (idom, users_first) = dominator_tree(graph);
     let mut by_size: Vec<u32> = (0..n as u32).filter(|&v| !excluded[v as usize]).collect();
     by_size.sort_by(|&a, &b| size(b as usize).cmp(&size(a as usize)).then(a.cmp(&b)));
-    let slots = budget.saturating_sub(1).max(1);
+    // One layer is kept for whatever no single path or group takes.
+    let slots = budget.saturating_sub(1);
     let mut singles = slots.min(by_size.len());
     let mut is_single = vec![false; n];
     for &v in &by_size[..singles] {
