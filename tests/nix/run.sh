@@ -16,9 +16,10 @@ export NIX_CONFIG=$'sandbox = false\nbuild-users-group =\nsubstituters =\nexperi
 
 work=$(mktemp -d /tmp/stevedore-nix-tests.XXXXXX)
 chmod 755 "$work"
-loaded=()
+# Images podman loaded, one a line (tests run in subshells, so not a shell array).
+touch "$work/loaded"
 cleanup() {
-  for i in "${loaded[@]}"; do pod rmi -f "$i" >/dev/null 2>&1; done
+  while read -r i; do [ -n "$i" ] && pod rmi -f "$i" >/dev/null 2>&1; done <"$work/loaded"
   if [ -n "${KEEP:-}" ]; then echo "kept $work"; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -76,7 +77,7 @@ plain() {
 load() {
   local out
   out=$(pod load -i "$1" 2>&1) || { echo "$out" >&2; return 1; }
-  loaded+=("$(echo "$out" | sed -n 's/^Loaded image: //p' | tail -1)")
+  echo "$out" | sed -nE 's/^Loaded image(\(s\))?: //p' >>"$work/loaded"
 }
 
 fail() { echo "    $*" >&2; return 1; }
@@ -155,7 +156,7 @@ EOF
   expect_eq "$(podrun registry.example/team/hello:v1)" "hello from stevedore"
   # -t renames, as nixpkgs' stream script's --repo_tag does.
   "$out" -t localhost/renamed:x 2>/dev/null | pod load >/dev/null
-  loaded+=(localhost/renamed:x)
+  echo localhost/renamed:x >>"$work/loaded"
   pod image exists localhost/renamed:x
 }
 
@@ -361,7 +362,7 @@ test_flake() {
   nix build "path:$flake#checks.x86_64-linux.hello-stream" "${over[@]}" -o "$work/flake-stream" 2>>"$work/flake.log" || fail "build stream: $(tail -5 "$work/flake.log")"
   stream=$(readlink "$work/flake-stream")
   "$stream" | pod load >/dev/null
-  loaded+=(stevedore-hello:latest)
+  echo stevedore-hello:latest >>"$work/loaded"
   expect_eq "$(podrun stevedore-hello:latest)" "hello from stevedore"
   # lib.dockerTools and the overlay give the same functions.
   expect_eq "$(nix eval --json "path:$flake#lib" "${over[@]}" --apply 'l: builtins.isFunction l.dockerTools' 2>>"$work/flake.log")" true
