@@ -170,6 +170,16 @@ in
     compressor = "none";
   };
 
+  # The core path needs nothing from pkgs: an archive with no commands builds with pkgs = { }
+  # (the stream executable alone needs pkgs.runtimeShell).
+  minimal = (import ../../nix { inherit stevedore; }).buildLayeredImage {
+    name = "minimal";
+    tag = "latest";
+    contents = [ busybox ];
+    config.Cmd = [ "${hello}/bin/hello" ];
+    compressor = "none";
+  };
+
   # Each of these must fail with the message run.sh looks for.
   bad = {
     maxLayers1 = dockerTools.streamLayeredImage {
@@ -196,6 +206,11 @@ in
     failingCommands = dockerTools.streamLayeredImage {
       name = "bad";
       extraCommands = "false";
+    };
+    noShell = (import ../../nix { inherit stevedore; }).streamLayeredImage { name = "bad"; };
+    unknownArgument = dockerTools.streamLayeredImage {
+      name = "bad";
+      copyToRoot = [ ];
     };
   };
 }

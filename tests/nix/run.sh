@@ -330,6 +330,13 @@ test_fakechroot() {
   expect_eq "$(q chroot '[e[0] for e in d["layers"][-1]["entries"] if e[0].split("/")[1] in ("nix", "dev", "proc", "sys", "tmp")]')" "[]"
 }
 
+test_minimal_pkgs() {
+  local out
+  out=$(build minimal) || fail "$(tail -5 "$work/minimal.log")"
+  load "$out"
+  expect_eq "$(podrun minimal:latest)" "hello from stevedore"
+}
+
 test_errors() {
   check_error() { # ATTR MESSAGE
     if build "bad.$1" >/dev/null; then fail "bad.$1 built"; fi
@@ -342,6 +349,8 @@ test_errors() {
   check_error created 'created: "yesterday" is not an ISO-8601 date/time or "now"'
   check_error notDir 'is not a directory (symlinkJoin needs directories)'
   check_error failingCommands 'extraCommands failed'
+  check_error noShell 'the stream executable needs pkgs.runtimeShell'
+  check_error unknownArgument "unexpected argument 'copyToRoot'"
 }
 
 # The flake, against a stand-in nixpkgs flake made of tests/nix/pkgs.nix and the binary.
@@ -399,6 +408,7 @@ t dates test_dates
 t untagged test_untagged
 t helpers test_helpers
 t fakechroot test_fakechroot
+t minimal-pkgs test_minimal_pkgs
 t errors test_errors
 t flake test_flake
 
