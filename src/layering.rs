@@ -983,7 +983,7 @@ fn dominator_layers(graph: &ClosureGraph, budget: usize, excluded: &[bool]) -> V
     let mut layers: Vec<(usize, Vec<u32>)> = by_size[..singles].iter().map(|&v| (rank[v as usize], vec![v])).collect();
     let rest = members.remove(&u32::MAX);
     layers.extend(members.into_iter().map(|(h, m)| (rank[h as usize], m)));
-    layers.sort_by(|a, b| b.0.cmp(&a.0));
+    layers.sort_by_key(|l| std::cmp::Reverse(l.0));
     let mut layers: Vec<Vec<u32>> = layers.into_iter().map(|(_, m)| m).collect();
     layers.extend(rest);
     layers
@@ -1090,6 +1090,12 @@ pub fn run(args: &LayersArgs) -> Result<()> {
     let started = std::time::Instant::now();
     let plan = plan_layers(&graph, &opts).map_err(|e| anyhow!("{}: {e:#}", args.graph.display()))?;
     let elapsed = started.elapsed();
+    // A pipeline sets its own limits, as in nixpkgs; say so when it goes past the budget.
+    if let (Strategy::Pipeline(_), Ok(budget)) = (&opts.strategy, opts.store_layer_budget()) {
+        if plan.len() > budget && !args.quiet {
+            eprintln!("stevedore: warning: the pipeline made {} layers, more than the {budget} maxLayers leaves for store paths", plan.len());
+        }
+    }
     let against = match &args.against {
         None => None,
         Some(other) => {

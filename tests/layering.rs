@@ -164,6 +164,10 @@ fn pipelines_inline_and_from_a_file() {
     // The default popularity pipeline, spelled out, is the popularity strategy.
     let spelled = ok_json(layers(&[f.to_str().unwrap(), "--pipeline", r#"[["popularity_contest"], ["limit_layers", 99]]"#, "-q"]));
     assert_eq!(spelled, ok_json(layers(&[f.to_str().unwrap(), "--strategy", "popularity", "-q"])));
+    // Past the budget is allowed, with a warning.
+    let out = layers(&[f.to_str().unwrap(), "--pipeline", r#"[["popularity_contest"]]"#, "--max-layers", "10"]);
+    assert_eq!(ok_json(out.clone()).len(), 80);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more than the 9 maxLayers leaves"));
 }
 
 #[test]
