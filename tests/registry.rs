@@ -277,7 +277,13 @@ fn push_conf_then_pull_it_back() {
     let dir = tempfile::tempdir().unwrap();
     let conf = fixture_conf(dir.path(), "amd64");
     let dest = format!("docker://{}/team/app:v1", reg.addr());
-    let (digest, stderr) = push(&conf, &dest, &[]);
+    // A fresh digest cache: the first push compresses every layer to learn its digest.
+    let cache = dir.path().join("cache");
+    let push_cached = |conf: &Path, dest: &str| {
+        ok(stevedore(&["push", conf.to_str().unwrap(), dest, "--insecure"], &[("XDG_CACHE_HOME", &cache)]), "push")
+    };
+    let (digest, stderr) = push_cached(&conf, &dest);
+    assert!(stderr.contains("Compressing 8 layers to learn their digests"), "{stderr}");
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
     assert!(stderr.lines().filter(|l| l.contains(": uploaded ")).count() == 9, "{stderr}");
 
@@ -296,10 +302,21 @@ fn push_conf_then_pull_it_back() {
         assert!(image.layer(i) == streamed.layer(i), "layer {i} differs");
     }
 
-    // A second push of the unchanged image uploads nothing.
-    let (again, stderr) = push(&conf, &dest, &[]);
+    // A second push of the unchanged image uploads nothing, and with digests cached it only
+    // hashes the layers (no compression).
+    let (again, stderr) = push_cached(&conf, &dest);
     assert_eq!(again, digest);
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 0 uploaded (0 bytes), 0 mounted, 9 existed"), "{stderr}");
+    assert!(stderr.contains("Hashing 8 layers") && !stderr.contains("Compressing"), "{stderr}");
+    // Two store paths moved into one layer: that layer and the config are all that go up.
+    let mut changed: Value = serde_json::from_slice(&fs::read(&conf).unwrap()).unwrap();
+    let layers = changed["store_layers"].as_array_mut().unwrap();
+    let last = layers.pop().unwrap();
+    layers.last_mut().unwrap().as_array_mut().unwrap().extend(last.as_array().unwrap().iter().cloned());
+    let changed_conf = write_json(dir.path(), "changed.json", &changed);
+    let (_, stderr) = push_cached(&changed_conf, &format!("docker://{}/team/app:v2", reg.addr()));
+    assert!(stderr.contains("Compressing 1 of 7 layers"), "{stderr}");
+    assert!(summary(&stderr).starts_with("summary: 8 blobs: 2 uploaded"), "{stderr}");
 
     // Pull round trip: a Docker archive equal to stream's in content, loadable, usable as a base.
     let pulled = dir.path().join("pulled.tar");
@@ -321,6 +338,19 @@ fn push_conf_then_pull_it_back() {
     let derived_conf = write_json(dir.path(), "derived.json", &derived);
     let derived_image = Image::parse(&stream_ok(&derived_conf));
     assert_eq!(derived_image.layer_count(), 8);
+
+    // Docker schema 2 manifests (skopeo --format v2s2) pull the same way.
+    let v2s2 = format!("docker://{}/team/v2s2:v1", reg.addr());
+    skopeo(&["copy", "--format", "v2s2", "--dest-tls-verify=false", &format!("docker-archive:{}", via_skopeo.display()), &v2s2]);
+    let raw: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &v2s2])).unwrap();
+    assert_eq!(raw["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    let from_v2s2 = dir.path().join("v2s2.tar");
+    ok(stevedore(&["pull", &v2s2, "--insecure", "-q", "-o", from_v2s2.to_str().unwrap()], &[]), "pull v2s2");
+    let image = Image::parse(&fs::read(&from_v2s2).unwrap());
+    assert_eq!(image.config["rootfs"], streamed.config["rootfs"]);
+    for i in 0..image.layer_count() {
+        assert!(image.layer(i) == streamed.layer(i), "v2s2 layer {i} differs");
+    }
 
     // OCI layout output.
     let layout = dir.path().join("layout");

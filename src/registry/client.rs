@@ -142,13 +142,20 @@ impl Registry {
             }
             other => other,
         };
-        let resp = ping.map_err(|e| anyhow!("cannot reach registry {}: {e:#}", reg.host))?;
+        let resp = ping.map_err(|e| {
+            let hint = if !args.insecure && format!("{e:#}").contains("TLS handshake") { " (for plain HTTP, add --insecure)" } else { "" };
+            anyhow!("cannot reach registry {}: {e:#}{hint}", reg.host)
+        })?;
         let status = resp.status;
         let challenge = resp.header("www-authenticate").and_then(parse_challenge);
         resp.discard();
         match status {
             200..=299 => {}
-            401 => reg.set_challenge(challenge)?,
+            401 => {
+                reg.set_challenge(challenge)?;
+                // Get the token now: bad credentials fail before any work is done.
+                reg.auth_header()?;
+            }
             404 => bail!("{} does not serve the registry API (GET /v2/ gave 404)", reg.host),
             s => bail!("registry {}: GET /v2/ gave HTTP {s}", reg.host),
         }

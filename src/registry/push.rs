@@ -376,7 +376,12 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
                 Ok(()) if pass_items.is_empty() => break,
                 Ok(()) => bail!("internal error: {} blobs were not produced by the pass", pass_items.len()),
                 Err(e) => {
-                    let Some((index, cause)) = sink.failure else { return Err(e) };
+                    // A failed write surfaces as an I/O error from the pass; its cause is
+                    // kept aside by the upload body, for the item being written.
+                    let written = sink.current.as_ref().map(|(i, _)| *i);
+                    let pending = sink.error.borrow_mut().take();
+                    let failure = sink.failure.take().or_else(|| written.zip(pending));
+                    let Some((index, cause)) = failure else { return Err(e) };
                     let n = attempts.entry(index).or_default();
                     if *n < reg.retries && retriable(&cause) {
                         *n += 1;

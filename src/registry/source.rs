@@ -157,6 +157,8 @@ fn for_each_member(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> Result
 /// Compresses and hashes each layer, keeping nothing.
 struct DigestSink {
     compressor: Compressor,
+    /// Only these items (None: all).
+    only: Option<std::collections::HashSet<usize>>,
     index: usize,
     current: Option<(usize, ParallelEncoder<HashingWriter<io::Sink>>)>,
     /// By item: (compressed descriptor, diff_id hex).
@@ -166,7 +168,7 @@ struct DigestSink {
 impl LayerSink for DigestSink {
     fn wants(&mut self, index: usize) -> bool {
         self.index = index;
-        true
+        self.only.as_ref().is_none_or(|o| o.contains(&index))
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
         self.current = Some((self.index, ParallelEncoder::new(HashingWriter::new(io::sink()), self.compressor)));
@@ -183,10 +185,110 @@ impl LayerSink for DigestSink {
     }
 }
 
-fn digest_pass(pass: &dyn LayerPass, compressor: Compressor, progress: &Progress) -> Result<HashMap<usize, (String, u64, String)>> {
-    let mut sink = DigestSink { compressor, index: 0, current: None, results: HashMap::new() };
-    pass.run(&mut sink, progress)?;
-    Ok(sink.results)
+/// Compressed digests of layers compressed before, by encoder and diff_id, so a push of a
+/// mostly unchanged image compresses only what changed. The encoder is deterministic, so the
+/// mapping never changes; the key names the encoder's output format (bump `v1` if it changes).
+/// Kept in `$XDG_CACHE_HOME/stevedore/layer-digests` (or `~/.cache/...`); a missing or
+/// unreadable cache only costs time.
+pub struct DigestCache {
+    path: Option<PathBuf>,
+    map: HashMap<String, (String, u64)>,
+}
+
+impl DigestCache {
+    pub fn open() -> DigestCache {
+        let var = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
+        let dir = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")));
+        let path = dir.map(|d| d.join("stevedore/layer-digests"));
+        let mut map = HashMap::new();
+        if let Some(text) = path.as_ref().and_then(|p| fs::read_to_string(p).ok()) {
+            for line in text.lines() {
+                let f: Vec<&str> = line.split(' ').collect();
+                if let [key, digest, size] = f[..] {
+                    if let (Ok(size), Ok(())) = (size.parse(), super::auth::check_digest(digest)) {
+                        map.insert(key.to_string(), (digest.to_string(), size));
+                    }
+                }
+            }
+        }
+        DigestCache { path, map }
+    }
+
+    fn key(c: Compressor, diff_id: &str) -> String {
+        format!("{c:?}-v1:{}", diff_id.trim_start_matches("sha256:"))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    pub fn get(&self, c: Compressor, diff_id: &str) -> Option<(String, u64)> {
+        self.map.get(&Self::key(c, diff_id)).cloned()
+    }
+
+    pub fn put(&mut self, c: Compressor, diff_id: &str, digest: &str, size: u64) {
+        let key = Self::key(c, diff_id);
+        if self.map.insert(key.clone(), (digest.to_string(), size)).is_some() {
+            return;
+        }
+        if let Some(path) = &self.path {
+            use std::io::Write as _;
+            let _ = path.parent().map(fs::create_dir_all);
+            // One short append per line: concurrent pushes interleave whole lines.
+            if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
+                let _ = f.write_all(format!("{key} {digest} {size}\n").as_bytes());
+            }
+        }
+    }
+}
+
+/// Learns the compressed digest of every item of `pass` whose diff_id (`diff_ids`, by item;
+/// None: not known before producing it) is not cached. Returns (digest, size) by item.
+fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Option<String>], progress: &Progress) -> Result<HashMap<usize, (String, u64)>> {
+    let mut cache = DigestCache::open();
+    let mut out = HashMap::new();
+    let mut misses = std::collections::HashSet::new();
+    for (i, d) in diff_ids.iter().enumerate() {
+        match d.as_deref().and_then(|d| cache.get(compressor, d)) {
+            Some(hit) => {
+                out.insert(i, hit);
+            }
+            None => {
+                misses.insert(i);
+            }
+        }
+    }
+    if misses.is_empty() {
+        return Ok(out);
+    }
+    progress.say(format!("Compressing {} of {} layers to learn their digests...", misses.len(), diff_ids.len()));
+    let mut sink = DigestSink { compressor, only: Some(misses), index: 0, current: None, results: HashMap::new() };
+    pass.run(&mut sink, &Progress { quiet: true })?;
+    for (i, (digest, size, diff_id)) in sink.results {
+        if let Some(Some(known)) = diff_ids.get(i) {
+            if known.trim_start_matches("sha256:") != diff_id {
+                bail!("layer {} hashes to sha256:{diff_id}, not {known}", i + 1);
+            }
+        }
+        cache.put(compressor, &diff_id, &digest, size);
+        out.insert(i, (digest, size));
+    }
+    Ok(out)
+}
+
+/// Produces nothing: lets a pass compute diff_ids (reading and hashing only).
+struct NullSink(io::Sink);
+
+impl LayerSink for NullSink {
+    fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
+        Ok(())
+    }
+    fn out(&mut self) -> &mut dyn Write {
+        &mut self.0
+    }
+    fn end(&mut self, _size: u64, _diff_id: &str) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// A stream conf's layers (base image, store layers, customisation layer).
@@ -207,18 +309,34 @@ impl LayerPass for ConfPass<'_> {
 /// Plans a conf's image: one digest pass, then the OCI config and manifest.
 pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, progress: &Progress) -> Result<Plan<'a>> {
     let quiet = Progress { quiet: true };
-    progress.say(format!("Computing layer digests ({} layers)...", pass.spec.layer_count()));
-    let mut hashing = DigestSink { compressor: pass.compressor, index: 0, current: None, results: HashMap::new() };
-    let layers = pass.spec.emit_layers(&mut hashing, &quiet)?;
+    let n = pass.spec.layer_count();
+    let mut cache = DigestCache::open();
+    let (layers, digests) = if cache.is_empty() {
+        // Nothing cached: compress every layer once, learning diff_ids on the way.
+        progress.say(format!("Compressing {n} layers to learn their digests..."));
+        let mut sink = DigestSink { compressor: pass.compressor, only: None, index: 0, current: None, results: HashMap::new() };
+        let layers = pass.spec.emit_layers(&mut sink, &quiet)?;
+        let mut digests = HashMap::new();
+        for (i, (digest, size, diff_id)) in sink.results {
+            cache.put(pass.compressor, &diff_id, &digest, size);
+            digests.insert(i, (digest, size));
+        }
+        (layers, digests)
+    } else {
+        // A cheap pass (tar + sha256, no compression) gives the diff_ids that find cached
+        // digests; only the other layers are compressed.
+        progress.say(format!("Hashing {n} layers..."));
+        let layers = pass.spec.emit_layers(&mut NullSink(io::sink()), &quiet)?;
+        let diff_ids: Vec<Option<String>> = layers.iter().map(|l| Some(l.diff_id.clone())).collect();
+        let digests = layer_digests(pass, pass.compressor, &diff_ids, progress)?;
+        (layers, digests)
+    };
     let mut blobs = Vec::new();
     let mut descs = Vec::new();
-    for (i, layer) in layers.iter().enumerate() {
-        let (digest, size, diff_id) = hashing.results.get(&i).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
-        if *diff_id != layer.diff_id {
-            bail!("internal error: layer {} diff_id mismatch", i + 1);
-        }
-        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size: *size });
-        blobs.push(Blob { digest: digest.clone(), size: *size, data: BlobData::Pass(i), what: format!("layer {}", i + 1) });
+    for i in 0..layers.len() {
+        let (digest, size) = digests.get(&i).cloned().ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size });
+        blobs.push(Blob { digest, size, data: BlobData::Pass(i), what: format!("layer {}", i + 1) });
     }
     let config = pass.spec.config_json(&layers).into_bytes();
     let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
@@ -290,15 +408,22 @@ fn docker_config_bytes(path: &Path) -> Result<Vec<u8>> {
 }
 
 pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress) -> Result<Plan<'a>> {
-    progress.say(format!("Computing layer digests ({} layers)...", pass.base.layers.len()));
-    let results = digest_pass(pass, pass.compressor, progress)?;
+    // The config lists diff_ids, so cached digests are found without reading any layer.
+    let diff_ids: Vec<Option<String>> = pass
+        .base
+        .layers
+        .iter()
+        .enumerate()
+        .map(|(i, l)| (pass.base.layers.iter().position(|m| m.member == l.member) == Some(i)).then(|| l.diff_id.clone()))
+        .collect();
+    let results = layer_digests(pass, pass.compressor, &diff_ids, progress)?;
     let config = docker_config_bytes(&pass.base.path)?;
     let mut blobs = Vec::new();
     let mut descs = Vec::new();
     for (i, layer) in pass.base.layers.iter().enumerate() {
         // Layers sharing a member were produced once, under the first index.
         let first = pass.base.layers.iter().position(|l| l.member == layer.member).unwrap_or(i);
-        let (digest, size, _) = results.get(&first).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        let (digest, size) = results.get(&first).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
         descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size: *size });
         blobs.push(Blob { digest: digest.clone(), size: *size, data: BlobData::Pass(first), what: format!("layer {}", i + 1) });
     }
