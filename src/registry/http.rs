@@ -640,4 +640,40 @@ mod tests {
         assert_eq!(split_host_port("[::1]:5000", 443).unwrap(), ("[::1]".to_string(), 5000));
         assert!(Url::parse("http://user:pw@host/").is_err());
     }
+
+    /// Chunked and sized bodies on one kept-alive connection, from a scripted server.
+    #[test]
+    fn chunked_and_keep_alive() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut w = s;
+            for reply in [
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;x=y\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: 1\r\n\r\n",
+                "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 201 Created\r\nContent-Length: 3\r\nLocation: /x\r\n\r\nabc",
+            ] {
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    r.read_line(&mut line).unwrap();
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                w.write_all(reply.as_bytes()).unwrap();
+            }
+        });
+        let client = Client::new().unwrap();
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/a")).unwrap();
+        let r = client.send("GET", &url, &[], &[], true).unwrap();
+        assert_eq!(r.status, 200);
+        assert_eq!(r.bytes(100).unwrap(), b"hello world");
+        let r = client.send("GET", &url, &[], &[], true).unwrap();
+        assert_eq!((r.status, r.header("LOCATION")), (201, Some("/x")));
+        assert_eq!(r.bytes(100).unwrap(), b"abc");
+        server.join().unwrap();
+        assert_eq!(client.stats.lock().unwrap().requests, 2);
+    }
 }
