@@ -397,7 +397,8 @@ pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
         Some(other) => bail!("layeringPipeline: expected a list or a JSON file, got {}", kind(other)),
     };
     let exclude = attrs.str_list("excludePaths")?;
-    let max_layers = attrs.u64("maxLayers")?;
+    // nixpkgs ignores maxLayers when a pipeline is given.
+    let max_layers = if pipeline.is_some() { u64::MAX } else { attrs.u64("maxLayers")? };
     let store_layers = plan_store_layers(&graph, &exclude, max_layers, base_layers, pipeline.as_ref())?;
     if attrs.bool("debug")? {
         eprintln!("store layers: {}", serde_json::to_string_pretty(&store_layers)?);
