@@ -11,6 +11,7 @@ pub mod image;
 pub mod layer;
 pub mod layering;
 pub mod nixbuild;
+pub mod nixdb;
 pub mod oci;
 pub mod pyjson;
 pub mod registry;

@@ -70,6 +70,12 @@ enum Command {
     /// stored as full files), then written as `tar --sort=name --mtime=@MTIME --numeric-owner`
     /// would write `./`: no extraction, so owners and devices survive without root.
     Export(stevedore::flatten::ExportArgs),
+    /// Write the Nix database for a closure (nix-store --load-db plus nixpkgs' mkDbExtraCommand).
+    ///
+    /// Under --root: nix/var/nix/db/db.sqlite (schema 10, rows in Nix's order, fixed
+    /// registration time, so the bytes are reproducible), nix/var/nix/db/schema, and
+    /// nix/var/nix/gcroots/docker/<basename> links to the --roots.
+    Nixdb(stevedore::nixdb::NixDbArgs),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix(stevedore::nixbuild::NixArgs),
@@ -157,6 +163,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Layers(args) => stevedore::layering::run(&args),
         Command::Nix(args) => stevedore::nixbuild::run(&args),
         Command::Export(args) => stevedore::flatten::export(&args),
+        Command::Nixdb(args) => stevedore::nixdb::run(&args),
         Command::Push(args) => stevedore::registry::run_push(&args),
         Command::Pull(args) => stevedore::registry::run_pull(&args),
         Command::Prefetch(args) => stevedore::registry::run_prefetch(&args),

@@ -1,0 +1,398 @@
+//! The Nix database of an image's store paths (`stevedore nixdb`): what nixpkgs gets from
+//! `nix-store --load-db < registration` followed by `mkDbExtraCommand`'s fix-ups, without
+//! running Nix.
+//!
+//! Under `--root`, it writes `nix/var/nix/db/db.sqlite` (schema version 10, created with the
+//! exact text of Nix's `schema.sql`, rows inserted in the order `registerValidPaths` uses: paths
+//! sorted, then each path's references sorted), `nix/var/nix/db/schema` (`10`), and
+//! `nix/var/nix/gcroots/docker/<basename>` links to the roots. Registration times are fixed, so
+//! the same closure gives the same bytes.
+
+use crate::image::hex;
+use crate::store::{parse_nar_hash, ClosureGraph, GraphFormat};
+use anyhow::{anyhow, bail, Context, Result};
+use rusqlite::{params, Connection};
+use std::fs;
+use std::path::{Path, PathBuf};
+
+/// Nix's `nixSchemaVersion` since Nix 1.12 (still current).
+pub const SCHEMA_VERSION: u32 = 10;
+
+/// `src/libstore/schema.sql` of Nix 2.x, verbatim: SQLite keeps each statement's text in
+/// `sqlite_master`, so even the comments are part of the bytes Nix would write.
+pub const SCHEMA: &str = r#"create table if not exists ValidPaths (
+    id               integer primary key autoincrement not null,
+    path             text unique not null,
+    hash             text not null,
+    registrationTime integer not null,
+    deriver          text,
+    narSize          integer,
+    ultimate         integer, -- null implies "false"
+    sigs             text, -- space-separated
+    ca               text -- if not null, an assertion that the path is content-addressed; see ValidPathInfo
+);
+
+create table if not exists Refs (
+    referrer  integer not null,
+    reference integer not null,
+    primary key (referrer, reference),
+    foreign key (referrer) references ValidPaths(id) on delete cascade,
+    foreign key (reference) references ValidPaths(id) on delete restrict
+);
+
+create index if not exists IndexReferrer on Refs(referrer);
+create index if not exists IndexReference on Refs(reference);
+
+-- Paths can refer to themselves, causing a tuple (N, N) in the Refs
+-- table.  This causes a deletion of the corresponding row in
+-- ValidPaths to cause a foreign key constraint violation (due to `on
+-- delete restrict' on the `reference' column).  Therefore, explicitly
+-- get rid of self-references.
+create trigger if not exists DeleteSelfRefs before delete on ValidPaths
+  begin
+    delete from Refs where referrer = old.id and reference = old.id;
+  end;
+
+create table if not exists DerivationOutputs (
+    drv  integer not null,
+    id   text not null, -- symbolic output id, usually "out"
+    path text not null,
+    primary key (drv, id),
+    foreign key (drv) references ValidPaths(id) on delete cascade
+);
+
+create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
+"#;
+
+/// Arguments of `stevedore nixdb`.
+#[derive(clap::Args, Debug)]
+pub struct NixDbArgs {
+    /// Write `nix/var/nix/db` and `nix/var/nix/gcroots/docker` under this directory (the
+    /// customisation layer's root).
+    #[arg(long, value_name = "DIR")]
+    pub root: PathBuf,
+    /// The closure: `exportReferencesGraph` JSON (with `__structuredAttrs`: a list of `{ path,
+    /// narHash, narSize, references }`) or closureInfo's `registration`.
+    #[arg(long, value_name = "FILE")]
+    pub closure: PathBuf,
+    /// The closure file's format (default: guessed from its content).
+    #[arg(long, value_enum, default_value_t = GraphFormat::Auto)]
+    pub format: GraphFormat,
+    /// For a JSON object such as `.attrs.json`: the key holding the closure list.
+    #[arg(long, value_name = "NAME")]
+    pub key: Option<String>,
+    /// Paths to register as GC roots (`nix/var/nix/gcroots/docker/<basename>`); each must be in
+    /// the closure.
+    #[arg(long, value_name = "PATH", num_args = 1.., action = clap::ArgAction::Append)]
+    pub roots: Vec<String>,
+    /// `registrationTime` of every path (nixpkgs sets $SOURCE_DATE_EPOCH).
+    #[arg(long, value_name = "SECONDS", default_value_t = 1, allow_negative_numbers = true)]
+    pub registration_time: i64,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn load_graph(args: &NixDbArgs) -> Result<ClosureGraph> {
+    let Some(key) = &args.key else {
+        return ClosureGraph::load(&args.closure, args.format);
+    };
+    let name = args.closure.display();
+    let bytes = fs::read(&args.closure).with_context(|| format!("{name}: cannot read"))?;
+    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{name}: not valid JSON: {e}"))?;
+    let list = value.get(key).ok_or_else(|| anyhow!("{name}: no key {key:?}"))?;
+    ClosureGraph::from_json_value(list).map_err(|e| anyhow!("{name}: {e:#}"))
+}
+
+/// The outputs a derivation file names (`Derive([("out","/nix/store/...","",""),...],...`),
+/// sorted by name as Nix's `std::map` holds them; floating outputs (no path) are left out, as
+/// Nix leaves them out of `DerivationOutputs`.
+pub fn drv_outputs(text: &str) -> Result<Vec<(String, String)>> {
+    let mut s = text.strip_prefix("Derive([").ok_or_else(|| anyhow!("not a derivation (no Derive([ prefix)"))?;
+    fn string(s: &mut &str) -> Result<String> {
+        let rest = s.strip_prefix('"').ok_or_else(|| anyhow!("expected a string"))?;
+        let mut out = String::new();
+        let mut chars = rest.char_indices();
+        while let Some((i, c)) = chars.next() {
+            match c {
+                '"' => {
+                    *s = &rest[i + 1..];
+                    return Ok(out);
+                }
+                '\\' => match chars.next() {
+                    Some((_, 'n')) => out.push('\n'),
+                    Some((_, 'r')) => out.push('\r'),
+                    Some((_, 't')) => out.push('\t'),
+                    Some((_, c)) => out.push(c),
+                    None => break,
+                },
+                c => out.push(c),
+            }
+        }
+        bail!("unterminated string")
+    }
+    fn expect(s: &mut &str, what: char) -> Result<()> {
+        *s = s.strip_prefix(what).ok_or_else(|| anyhow!("expected {what:?}"))?;
+        Ok(())
+    }
+    let mut outputs = Vec::new();
+    while !s.starts_with(']') {
+        if !outputs.is_empty() {
+            expect(&mut s, ',')?;
+        }
+        expect(&mut s, '(')?;
+        let name = string(&mut s)?;
+        expect(&mut s, ',')?;
+        let path = string(&mut s)?;
+        for _ in 0..2 {
+            expect(&mut s, ',')?;
+            string(&mut s)?;
+        }
+        expect(&mut s, ')')?;
+        outputs.push((name, path));
+    }
+    outputs.retain(|(_, p)| !p.is_empty());
+    outputs.sort();
+    Ok(outputs)
+}
+
+/// Removes a file, ignoring that it does not exist.
+fn remove_if_exists(p: &Path) -> Result<()> {
+    match fs::remove_file(p) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(anyhow!("cannot remove {}: {e}", p.display())),
+        _ => Ok(()),
+    }
+}
+
+fn sqlite_leftovers(db: &Path) -> Vec<PathBuf> {
+    ["-wal", "-shm", "-journal"]
+        .iter()
+        .map(|s| {
+            let mut n = db.as_os_str().to_owned();
+            n.push(s);
+            PathBuf::from(n)
+        })
+        .collect()
+}
+
+/// Writes the database for `graph` to `db` (through a temporary name; nothing else is left).
+pub fn write_db(graph: &ClosureGraph, registration_time: i64, db: &Path) -> Result<()> {
+    let dir = db.parent().ok_or_else(|| anyhow!("{} has no parent directory", db.display()))?;
+    let tmp = dir.join(".db.sqlite.partial");
+    for p in std::iter::once(tmp.clone()).chain(sqlite_leftovers(&tmp)) {
+        remove_if_exists(&p)?;
+    }
+    let result = (|| -> Result<()> {
+        let sql = |e: rusqlite::Error| anyhow!("{}: {e}", tmp.display());
+        let mut conn = Connection::open(&tmp).map_err(sql)?;
+        // What Nix's LocalStore::openDB sets before creating the schema.
+        conn.execute_batch("pragma foreign_keys = 1; pragma synchronous = normal;").map_err(sql)?;
+        let mode: String = conn.query_row("pragma main.journal_mode = wal", [], |r| r.get(0)).map_err(sql)?;
+        if mode != "wal" {
+            bail!("{}: SQLite would not switch to WAL mode (got {mode})", tmp.display());
+        }
+        conn.execute_batch(SCHEMA).map_err(sql)?;
+        let tx = conn.transaction().map_err(sql)?;
+        {
+            let mut add_path = tx
+                .prepare("insert into ValidPaths (path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca) values (?, ?, ?, ?, ?, ?, ?, ?);")
+                .map_err(sql)?;
+            let mut add_output = tx.prepare("insert or replace into DerivationOutputs (drv, id, path) values (?, ?, ?);").map_err(sql)?;
+            for (i, node) in graph.nodes().iter().enumerate() {
+                let hash = node
+                    .nar_hash
+                    .as_deref()
+                    .ok_or_else(|| anyhow!("{} has no narHash; the Nix database needs one for every path (use exportReferencesGraph with __structuredAttrs, or closureInfo's registration)", node.path))?;
+                let digest = parse_nar_hash(hash).with_context(|| format!("path {}", node.path))?;
+                let nar_size = (node.nar_size != 0).then_some(node.nar_size as i64);
+                let no_text: Option<&str> = None;
+                let no_int: Option<i64> = None;
+                add_path
+                    .execute(params![node.path, format!("sha256:{}", hex(&digest)), registration_time, no_text, nar_size, no_int, no_text, no_text])
+                    .map_err(sql)?;
+                // ids are assigned in insertion order: id = index + 1.
+                debug_assert_eq!(tx.last_insert_rowid(), i as i64 + 1);
+                if node.path.ends_with(".drv") {
+                    let text = fs::read_to_string(&node.path).with_context(|| format!("cannot read derivation {} (its outputs go in the database)", node.path))?;
+                    for (name, out) in drv_outputs(&text).with_context(|| format!("derivation {}", node.path))? {
+                        add_output.execute(params![i as i64 + 1, name, out]).map_err(sql)?;
+                    }
+                }
+            }
+            let mut add_ref = tx.prepare("insert or replace into Refs (referrer, reference) values (?, ?);").map_err(sql)?;
+            for (i, node) in graph.nodes().iter().enumerate() {
+                let mut refs: Vec<u32> = node.references.clone();
+                if node.self_reference {
+                    refs.push(i as u32);
+                    refs.sort_unstable();
+                }
+                for r in refs {
+                    add_ref.execute(params![i as i64 + 1, r as i64 + 1]).map_err(sql)?;
+                }
+            }
+        }
+        tx.commit().map_err(sql)?;
+        // Closing the last connection checkpoints the WAL into the database and deletes it.
+        conn.close().map_err(|(_, e)| sql(e))?;
+        if let Some(left) = sqlite_leftovers(&tmp).into_iter().find(|p| p.exists()) {
+            bail!("SQLite left {} behind", left.display());
+        }
+        let f = fs::File::open(&tmp)?;
+        f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+        fs::rename(&tmp, db).with_context(|| format!("cannot rename {} to {}", tmp.display(), db.display()))
+    })();
+    if result.is_err() {
+        for p in std::iter::once(tmp.clone()).chain(sqlite_leftovers(&tmp)) {
+            let _ = fs::remove_file(p);
+        }
+    }
+    result
+}
+
+/// Replaces `path` with `data`, through a temporary name.
+fn write_file(path: &Path, data: &[u8]) -> Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
+    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+}
+
+/// Replaces `link` with a symlink to `target`, through a temporary name.
+fn write_symlink(target: &str, link: &Path) -> Result<()> {
+    let mut tmp = link.as_os_str().to_owned();
+    tmp.push(".partial");
+    let tmp = PathBuf::from(tmp);
+    remove_if_exists(&tmp)?;
+    std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("cannot create symlink {}", tmp.display()))?;
+    fs::rename(&tmp, link).with_context(|| format!("cannot rename {} to {}", tmp.display(), link.display()))
+}
+
+/// `stevedore nixdb`.
+pub fn run(args: &NixDbArgs) -> Result<()> {
+    let graph = load_graph(args)?;
+    if graph.is_empty() {
+        bail!("{}: the closure is empty", args.closure.display());
+    }
+    let mut roots = Vec::new();
+    for r in &args.roots {
+        if graph.index_of(r).is_none() {
+            bail!("root {r} is not in the closure {}", args.closure.display());
+        }
+        let base = Path::new(r).file_name().and_then(|b| b.to_str()).ok_or_else(|| anyhow!("root {r} has no base name"))?;
+        roots.push((r.as_str(), base));
+    }
+    let db_dir = args.root.join("nix/var/nix/db");
+    fs::create_dir_all(&db_dir).with_context(|| format!("cannot create {}", db_dir.display()))?;
+    let gc_dir = args.root.join("nix/var/nix/gcroots/docker");
+    fs::create_dir_all(&gc_dir).with_context(|| format!("cannot create {}", gc_dir.display()))?;
+    for (path, base) in &roots {
+        write_symlink(path, &gc_dir.join(base))?;
+    }
+    write_file(&db_dir.join("schema"), SCHEMA_VERSION.to_string().as_bytes())?;
+    // The database goes last: once it is there, everything else is too.
+    let db = db_dir.join("db.sqlite");
+    write_db(&graph, args.registration_time, &db)?;
+    if !args.quiet {
+        eprintln!("Registered {} paths and {} GC roots in {}", graph.len(), roots.len(), db.display());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const A: &str = "/nix/store/0c7a4hbz5ylhypwpjfhcfh1mrnmpr1dq-a";
+    const B: &str = "/nix/store/1lc9g5s3s8i1pl4gpkmnmn4sxvkqj3sw-b";
+    const C: &str = "/nix/store/2lc9g5s3s8i1pl4gpkmnmn4sxvkqj3sw-c";
+
+    fn graph() -> ClosureGraph {
+        // Out of order on purpose: rows must come out sorted whatever the input order.
+        let v = json!([
+            {"path": C, "narHash": "sha256:0mdqa9w1p6cmli6976v4wi0sw9r4p5prkj7lzfd1877wk11c9c73", "narSize": 120, "closureSize": 1, "references": [A, C]},
+            {"path": A, "narHash": "sha256:1b8m03r63zqhnjf7l5wnldhh7c134ap5vpj0850ymkq1iyzicy5s", "narSize": 0, "closureSize": 1, "references": []},
+            {"path": B, "narHash": "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=", "narSize": 7, "closureSize": 1, "references": [C, A]},
+        ]);
+        ClosureGraph::from_json_value(&v).unwrap()
+    }
+
+    #[test]
+    fn database_bytes_are_reproducible() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (p1, p2) = (d1.path().join("db.sqlite"), d2.path().join("db.sqlite"));
+        write_db(&graph(), 1, &p1).unwrap();
+        write_db(&graph(), 1, &p2).unwrap();
+        assert!(fs::read(&p1).unwrap() == fs::read(&p2).unwrap(), "two runs gave different bytes");
+        let mut left: Vec<String> = fs::read_dir(d1.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["db.sqlite"], "journal or temporary files left behind");
+        // A different registration time changes the bytes (it is really stored).
+        let d3 = tempfile::tempdir().unwrap();
+        write_db(&graph(), 2, &d3.path().join("db.sqlite")).unwrap();
+        assert!(fs::read(&p1).unwrap() != fs::read(d3.path().join("db.sqlite")).unwrap());
+    }
+
+    #[test]
+    fn rows_are_what_nix_inserts() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("db.sqlite");
+        write_db(&graph(), 1, &p).unwrap();
+        let conn = Connection::open(&p).unwrap();
+        let rows: Vec<(i64, String, String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, Option<String>)> = conn
+            .prepare("select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths order by id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        let empty = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855".to_string();
+        assert_eq!(rows.len(), 3);
+        assert_eq!((rows[0].0, rows[0].1.as_str(), rows[0].5), (1, A, None), "narSize 0 is stored as NULL, as Nix does");
+        assert_eq!((rows[1].1.as_str(), &rows[1].2, rows[1].5), (B, &empty, Some(7)));
+        assert_eq!((rows[2].1.as_str(), &rows[2].2, rows[2].3), (C, &empty, 1));
+        assert!(rows.iter().all(|r| r.4.is_none() && r.6.is_none() && r.7.is_none() && r.8.is_none()));
+        let refs: Vec<(i64, i64)> =
+            conn.prepare("select referrer, reference from Refs order by rowid").unwrap().query_map([], |r| Ok((r.get(0)?, r.get(1)?))).unwrap().map(Result::unwrap).collect();
+        assert_eq!(refs, [(2, 1), (2, 3), (3, 1), (3, 3)]);
+        let mode: String = conn.query_row("pragma journal_mode", [], |r| r.get(0)).unwrap();
+        assert_eq!(mode, "wal");
+        let objects: Vec<String> =
+            conn.prepare("select name from sqlite_master order by rowid").unwrap().query_map([], |r| r.get(0)).unwrap().map(Result::unwrap).collect();
+        assert_eq!(
+            objects,
+            [
+                "ValidPaths",
+                "sqlite_autoindex_ValidPaths_1",
+                "sqlite_sequence",
+                "Refs",
+                "sqlite_autoindex_Refs_1",
+                "IndexReferrer",
+                "IndexReference",
+                "DeleteSelfRefs",
+                "DerivationOutputs",
+                "sqlite_autoindex_DerivationOutputs_1",
+                "IndexDerivationOutputs"
+            ]
+        );
+        // The trigger works: deleting a self-referencing path is allowed.
+        conn.execute_batch("pragma foreign_keys = 1; delete from Refs where referrer = 2; delete from ValidPaths where id = 2;").unwrap();
+    }
+
+    #[test]
+    fn paths_without_hashes_are_refused() {
+        let g = ClosureGraph::parse(format!("{A}\n").as_bytes(), GraphFormat::StorePaths).unwrap();
+        let d = tempfile::tempdir().unwrap();
+        let e = write_db(&g, 1, &d.path().join("db.sqlite")).unwrap_err().to_string();
+        assert!(e.contains("has no narHash"), "{e}");
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0, "a failed run left files");
+    }
+
+    #[test]
+    fn derivation_outputs() {
+        let drv = r#"Derive([("dev","/nix/store/x-dev","",""),("out","/nix/store/x","",""),("float","","r:sha256","")],[],["/a\"b"],"x86_64-linux","/bin/sh",[],[])"#;
+        assert_eq!(drv_outputs(drv).unwrap(), [("dev".to_string(), "/nix/store/x-dev".to_string()), ("out".into(), "/nix/store/x".into())]);
+        assert!(drv_outputs("garbage").is_err());
+    }
+}
