@@ -108,7 +108,9 @@ impl Drop for Proxy {
 
 const TOKEN: &str = "t0k3n-for-tests";
 
-fn read_head(r: &mut BufReader<TcpStream>) -> Option<(String, String, Vec<(String, String)>)> {
+type Head = (String, String, Vec<(String, String)>);
+
+fn read_head(r: &mut BufReader<TcpStream>) -> Option<Head> {
     let mut line = String::new();
     if r.read_line(&mut line).ok()? == 0 {
         return None;
@@ -563,8 +565,6 @@ fn index_pull_platform_and_prefetch() {
         let (d, _) = ok(stevedore(&["pull", &dest, "--arch", arch, "--insecure", "-q", "-o", out.to_str().unwrap()], &[]), "pull");
         let image = Image::parse(&fs::read(&out).unwrap());
         assert_eq!(image.config["architecture"], arch);
-        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", "--override-arch", arch, &format!("{dest}")]);
-        let _ = raw;
         let by_skopeo = skopeo(&["inspect", "--tls-verify=false", "--override-arch", arch, &dest]);
         let by_skopeo: Value = serde_json::from_slice(&by_skopeo).unwrap();
         assert_eq!(by_skopeo["Digest"].as_str(), Some(index_digest.as_str()));

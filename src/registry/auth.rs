@@ -187,7 +187,7 @@ pub fn find_creds(reference: &Reference) -> Result<Option<Creds>> {
         for (key, entry) in auths {
             let k = normalize_key(key);
             let matches = k == reference.registry || (full.starts_with(&k) && full[k.len()..].starts_with('/'));
-            if matches && best.is_none_or(|(len, _)| k.len() > len) {
+            if matches && best.map_or(true, |(len, _)| k.len() > len) {
                 best = Some((k.len(), entry));
             }
         }

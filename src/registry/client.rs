@@ -328,9 +328,8 @@ impl Registry {
                             self.add_scope(s.to_string());
                         }
                     }
-                    match (&challenge, &*self.auth.lock().unwrap()) {
-                        (Some(Challenge::Basic), Auth::Basic(_)) => return Err(self.unauthorized()),
-                        _ => {}
+                    if let (Some(Challenge::Basic), Auth::Basic(_)) = (&challenge, &*self.auth.lock().unwrap()) {
+                        return Err(self.unauthorized());
                     }
                     self.set_challenge(challenge)?;
                     continue;

@@ -168,7 +168,7 @@ struct DigestSink {
 impl LayerSink for DigestSink {
     fn wants(&mut self, index: usize) -> bool {
         self.index = index;
-        self.only.as_ref().is_none_or(|o| o.contains(&index))
+        self.only.as_ref().map_or(true, |o| o.contains(&index))
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
         self.current = Some((self.index, ParallelEncoder::new(HashingWriter::new(io::sink()), self.compressor)));
