@@ -40,10 +40,15 @@ struct Registry {
 
 impl Registry {
     fn start(htpasswd: Option<(&str, &str)>) -> Registry {
+        Self::start_with(htpasswd, None)
+    }
+
+    /// With `tls`: (certificate, key) PEM files to serve HTTPS with.
+    fn start_with(htpasswd: Option<(&str, &str)>, tls: Option<(&Path, &Path)>) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n",
             dir.path().join("data").display()
         );
         if let Some((user, pass)) = htpasswd {
@@ -51,6 +56,10 @@ impl Registry {
             let file = dir.path().join("htpasswd");
             fs::write(&file, format!("{user}:{hash}\n")).unwrap();
             config.push_str(&format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", file.display()));
+        }
+        config.push_str(&format!("http:\n  addr: 127.0.0.1:{port}\n"));
+        if let Some((cert, key)) = tls {
+            config.push_str(&format!("  tls:\n    certificate: {}\n    key: {}\n", cert.display(), key.display()));
         }
         let config_path = dir.path().join("config.yml");
         fs::write(&config_path, config).unwrap();
@@ -668,4 +677,45 @@ fn pull_image_nix_fixed_output_derivation() {
     let out = build(&wrong);
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("hash mismatch"), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn https_with_a_private_ca() {
+    if !have_tools() {
+        return;
+    }
+    if Command::new("openssl").arg("version").output().is_err() {
+        assert!(std::env::var_os("CI").is_none(), "CI must have openssl");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // A CA, and a server certificate for 127.0.0.1 signed by it (webpki refuses a CA
+    // certificate as the server's own).
+    let (ca, cert, key) = (dir.path().join("ca.pem"), dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let script = r#"set -e
+        ec="-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+        openssl req -x509 $ec -days 2 -subj /CN=test-ca -keyout ca-key.pem -out ca.pem 2>/dev/null
+        openssl req $ec -subj /CN=127.0.0.1 -keyout key.pem -out req.pem 2>/dev/null
+        printf 'subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n' > ext.cnf
+        openssl x509 -req -in req.pem -CA ca.pem -CAkey ca-key.pem -CAcreateserial -days 2 -extfile ext.cnf -out cert.pem 2>/dev/null"#;
+    let out = Command::new("sh").args(["-c", script]).current_dir(dir.path()).output().unwrap();
+    assert!(out.status.success(), "openssl: {}", String::from_utf8_lossy(&out.stderr));
+    let reg = Registry::start_with(None, Some((&cert, &key)));
+    let conf = fixture_conf(dir.path(), "amd64");
+    let dest = format!("docker://{}/tls:v1", reg.addr());
+    let args = ["push", conf.to_str().unwrap(), &dest, "-q"];
+    // Unknown CA: refused, in one line.
+    let out = stevedore(&args, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("TLS handshake"), "{stderr}");
+    // The CA given by SSL_CERT_FILE: verified HTTPS.
+    let (digest, _) = ok(stevedore(&args, &[("SSL_CERT_FILE", &ca)]), "push over verified TLS");
+    // --insecure: HTTPS without verification.
+    let mut insecure = args.to_vec();
+    insecure.push("--insecure");
+    let (again, _) = ok(stevedore(&insecure, &[]), "push over unverified TLS");
+    assert_eq!(again, digest);
+    let pulled = dir.path().join("p.tar");
+    ok(stevedore(&["pull", &dest, "-q", "-o", pulled.to_str().unwrap()], &[("SSL_CERT_FILE", &ca)]), "pull over TLS");
+    assert_eq!(Image::parse(&fs::read(&pulled).unwrap()).layer_count(), 8);
 }

@@ -143,7 +143,12 @@ impl Registry {
             other => other,
         };
         let resp = ping.map_err(|e| {
-            let hint = if !args.insecure && format!("{e:#}").contains("TLS handshake") { " (for plain HTTP, add --insecure)" } else { "" };
+            let msg = format!("{e:#}");
+            let hint = match () {
+                _ if args.insecure || !msg.contains("TLS handshake") => "",
+                _ if msg.contains("certificate") => " (trust its CA with SSL_CERT_FILE, or use --insecure)",
+                _ => " (for plain HTTP, add --insecure)",
+            };
             anyhow!("cannot reach registry {}: {e:#}{hint}", reg.host)
         })?;
         let status = resp.status;
