@@ -136,7 +136,8 @@ impl Registry {
         };
         let ping = reg.ping();
         let ping = match ping {
-            Err(e) if args.insecure && e.downcast_ref::<NetError>().is_some() => {
+            // Only a failed handshake says "maybe plain HTTP"; a refused connection stays refused.
+            Err(e) if args.insecure && format!("{e:#}").contains("TLS handshake") => {
                 reg.base = Url::parse(&format!("http://{host}"))?;
                 reg.ping()
             }
