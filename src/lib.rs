@@ -16,5 +16,6 @@ pub mod oci;
 pub mod pyjson;
 pub mod registry;
 pub mod rootfs;
+pub mod rootless;
 pub mod store;
 pub mod tar;

@@ -76,6 +76,14 @@ enum Command {
     /// registration time, so the bytes are reproducible), nix/var/nix/db/schema, and
     /// nix/var/nix/gcroots/docker/<basename> links to the --roots.
     Nixdb(stevedore::nixdb::NixDbArgs),
+    /// Run a script as root over an image's filesystem and write what it changed as a layer
+    /// (nixpkgs' runAsRoot, without a VM: user namespaces, no privileges needed).
+    ///
+    /// The base image's layers and the --layer trees are laid out in a scratch directory, the
+    /// store paths bind-mounted read-only, /proc and /dev set up, and the script run as uid 0
+    /// in new user, mount and pid namespaces. The change (new and changed files with their
+    /// owners, whiteouts, opaque directories) goes to --out-layer; its sha256 to stdout.
+    RunAsRoot(stevedore::rootless::RunAsRootArgs),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix(stevedore::nixbuild::NixArgs),
@@ -164,6 +172,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Nix(args) => stevedore::nixbuild::run(&args),
         Command::Export(args) => stevedore::flatten::export(&args),
         Command::Nixdb(args) => stevedore::nixdb::run(&args),
+        Command::RunAsRoot(args) => stevedore::rootless::run(&args),
         Command::Push(args) => stevedore::registry::run_push(&args),
         Command::Pull(args) => stevedore::registry::run_pull(&args),
         Command::Prefetch(args) => stevedore::registry::run_prefetch(&args),

@@ -1,0 +1,1663 @@
+//! `run-as-root`: nixpkgs' `runAsRoot` without a VM. A script runs as (namespaced) root over the
+//! image's filesystem and what it changed becomes a new layer.
+//!
+//! Processes, from the caller down:
+//!
+//! - **P** (the caller) reads the base image into a merged tree ([`crate::flatten::Tree`]),
+//!   forks C and writes C's uid/gid maps from outside, as only the parent namespace can.
+//! - **C** enters new user, mount, pid, network, IPC and UTS namespaces. As root there it lays
+//!   out the root filesystem in a scratch directory (every layer applied, owners set), takes a
+//!   snapshot of it, copies the `--layer` trees on top, runs the script through S, then diffs
+//!   the tree against the snapshot and writes the change as a layer tar.
+//! - **S**, pid 1 of the new pid namespace, mounts the store paths (read-only), a fresh /proc
+//!   and a small /dev in a mount namespace of its own, pivots into the root, and forks T.
+//! - **T** runs `SHELL SCRIPT` as uid 0.
+//!
+//! Id mapping. As root (or with `newuidmap` and a subordinate id range) every id the image uses
+//! is mapped, so `chown` is real and the diff reads owners from `lstat`. Otherwise only our own
+//! uid and gid can be mapped, to 0: then owners other than root are kept in a table by
+//! (device, inode): the base image's owners as it is laid out, and the script's `chown` calls,
+//! which a seccomp filter hands to S (`SECCOMP_RET_USER_NOTIF`, so static binaries are covered
+//! too); S records the requested owner and reports success without touching the file. The
+//! script then sees root-owned files, but the layer carries the owners it asked for.
+//!
+//! The diff needs no overlayfs: a file changed if its inode or ctime changed, and before the
+//! script starts we wait until the clock has moved past every ctime in the snapshot, so even a
+//! same-size rewrite with the old mtime restored is caught.
+
+use crate::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
+use crate::image::hex;
+use crate::layer::HashingWriter;
+use crate::tar::{self as t, Header};
+use anyhow::{anyhow, bail, Context, Result};
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::{fork, ForkResult, Pid};
+use std::collections::{BTreeMap, HashMap};
+use std::ffi::{CString, OsStr};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+/// How container ids are mapped to ours.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdMapping {
+    /// Every id if we can (as root, or with newuidmap/newgidmap and /etc/subuid and
+    /// /etc/subgid ranges), else our own uid and gid only, with owners recorded.
+    Auto,
+    /// Every id, or fail.
+    Full,
+    /// Our own uid and gid as 0, other owners recorded (what an unprivileged build gets).
+    Single,
+}
+
+/// Arguments of `stevedore run-as-root`.
+#[derive(clap::Args, Debug)]
+pub struct RunAsRootArgs {
+    /// The base image (a Docker archive, plain, gzip or zstd, an OCI archive or layout);
+    /// without it the script starts from an empty root.
+    #[arg(long, value_name = "IMAGE")]
+    pub from_image: Option<PathBuf>,
+    /// Take the image tagged NAME:TAG from it (default: the first image).
+    #[arg(long, value_name = "NAME", requires = "from_image")]
+    pub from_image_name: Option<String>,
+    /// The tag to go with --from-image-name (default `latest`).
+    #[arg(long, value_name = "TAG", requires = "from_image_name")]
+    pub from_image_tag: Option<String>,
+    /// A directory tree copied onto the root before the script runs (copyToRoot), as
+    /// `rsync -ak --chown=0:0 DIR/ ROOT/` would: symlinks to directories become directories,
+    /// owners are root. Repeatable; later ones win. Its contents end up in the new layer.
+    #[arg(long = "layer", value_name = "DIR")]
+    pub layers: Vec<PathBuf>,
+    /// A store path to bind-mount read-only at the same place (repeatable).
+    #[arg(long = "store-path", value_name = "PATH")]
+    pub store_paths: Vec<PathBuf>,
+    /// Bind-mount this whole store directory read-only instead (e.g. /nix/store).
+    #[arg(long, value_name = "DIR")]
+    pub store_dir: Option<PathBuf>,
+    /// The script to run.
+    #[arg(long, value_name = "FILE")]
+    pub script: PathBuf,
+    /// The shell that runs it, as a path inside the root (a store path's shell, usually).
+    #[arg(long, value_name = "PATH", default_value = "/bin/sh")]
+    pub shell: String,
+    /// An environment variable for the script (repeatable). The environment is only these,
+    /// plus PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin if not given.
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Where to write the new layer (a tar; replaced only once complete).
+    #[arg(long, value_name = "FILE")]
+    pub out_layer: PathBuf,
+    /// Also write the layer's sha256 (hex) to this file. It always goes to stdout.
+    #[arg(long, value_name = "FILE")]
+    pub out_checksum: Option<PathBuf>,
+    /// Modification time of every member (default: $SOURCE_DATE_EPOCH, else 1).
+    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
+    pub mtime: Option<i64>,
+    /// How ids are mapped in the user namespace.
+    #[arg(long, value_enum, default_value_t = IdMapping::Auto)]
+    pub id_mapping: IdMapping,
+    /// Where to lay out the root filesystem (default: $TMPDIR, else /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub scratch: Option<PathBuf>,
+    /// Print nothing on stderr but errors (the script's output still goes there).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+fn say(quiet: bool, s: impl AsRef<str>) {
+    if !quiet {
+        eprintln!("{}", s.as_ref());
+    }
+}
+
+fn errno() -> io::Error {
+    io::Error::last_os_error()
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(errno())
+    } else {
+        Ok(r)
+    }
+}
+
+fn cpath(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("{} has a NUL byte", p.display()))
+}
+
+fn key_path(root: &Path, key: &[u8]) -> PathBuf {
+    let rel: Vec<u8> = key.iter().map(|&b| if b == SEP { b'/' } else { b }).collect();
+    if rel.is_empty() {
+        root.to_owned()
+    } else {
+        root.join(OsStr::from_bytes(&rel))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Owners the disk cannot hold.
+
+/// Owners that are not on disk, by (device, inode): ids the namespace does not map, and, with a
+/// single mapping, every owner but root, including the script's recorded `chown`s.
+#[derive(Default, Debug)]
+struct Owners {
+    single: bool,
+    fake: HashMap<(u64, u64), (u64, u64)>,
+}
+
+impl Owners {
+    /// Sets the owner of `path` (not following symlinks), on disk when the ids are mapped.
+    fn set(&mut self, path: &Path, uid: u64, gid: u64) -> Result<()> {
+        let meta = fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+        let id = (meta.dev(), meta.ino());
+        if self.single {
+            // Everything on disk is ours, which is root here.
+            if (uid, gid) == (0, 0) {
+                self.fake.remove(&id);
+            } else {
+                self.fake.insert(id, (uid, gid));
+            }
+            return Ok(());
+        }
+        if uid < u32::MAX as u64 && gid < u32::MAX as u64 {
+            let c = cpath(path)?;
+            if unsafe { libc::lchown(c.as_ptr(), uid as u32, gid as u32) } == 0 {
+                self.fake.remove(&id);
+                return Ok(());
+            }
+            let e = errno();
+            if e.raw_os_error() != Some(libc::EINVAL) {
+                bail!("cannot chown {} to {uid}:{gid}: {e}", path.display());
+            }
+        }
+        // An id outside the mapping.
+        self.fake.insert(id, (uid, gid));
+        Ok(())
+    }
+
+    /// A `chown` the script asked for (`u32::MAX` keeps that id).
+    fn record(&mut self, dev: u64, ino: u64, uid: u32, gid: u32) {
+        let cur = self.fake.get(&(dev, ino)).copied().unwrap_or((0, 0));
+        let new = (if uid == u32::MAX { cur.0 } else { uid as u64 }, if gid == u32::MAX { cur.1 } else { gid as u64 });
+        self.fake.insert((dev, ino), new);
+    }
+
+    fn of(&self, meta: &fs::Metadata) -> (u64, u64) {
+        self.fake.get(&(meta.dev(), meta.ino())).copied().unwrap_or((meta.uid() as u64, meta.gid() as u64))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Laying out the root filesystem.
+
+/// Creates the tree on disk under `root` (which exists): data read from the layers by offset,
+/// hard links kept, owners set (or recorded), directory modes set last so read-only ones can
+/// be filled first.
+fn materialize(tree: &Tree, blobs: &[LayerBlob], root: &Path, owners: &mut Owners) -> Result<()> {
+    let mut data = LayerData::new(blobs);
+    let mut first_of_inode: HashMap<u64, PathBuf> = HashMap::new();
+    let mut dirs: Vec<(PathBuf, u32, u64, u64)> = vec![(root.to_owned(), tree.root.mode, tree.root.uid, tree.root.gid)];
+    let mut stand_ins = 0;
+    for (key, node) in &tree.nodes {
+        let path = key_path(root, key);
+        let fail = |what: &str, e: io::Error| anyhow!("cannot {what} {}: {e}", path.display());
+        match &node.kind {
+            Kind::Dir => {
+                fs::create_dir(&path).map_err(|e| fail("create directory", e))?;
+                dirs.push((path, node.mode, node.uid, node.gid));
+                continue;
+            }
+            Kind::File { layer, offset, size, inode } => {
+                if let Some(first) = first_of_inode.get(inode) {
+                    fs::hard_link(first, &path).map_err(|e| fail("hard-link", e))?;
+                    continue;
+                }
+                let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| fail("create", e))?;
+                let mut r = data.reader(*layer, *offset, *size)?;
+                io::copy(&mut r, &mut f).map_err(|e| fail("write", e))?;
+                first_of_inode.insert(*inode, path.clone());
+            }
+            Kind::Symlink(target) => {
+                std::os::unix::fs::symlink(OsStr::from_bytes(target), &path).map_err(|e| fail("create symlink", e))?;
+                owners.set(&path, node.uid, node.gid)?;
+                continue;
+            }
+            Kind::Fifo => {
+                let c = cpath(&path)?;
+                cvt(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }).map_err(|e| fail("create fifo", e))?;
+            }
+            Kind::Char(major, minor) | Kind::Block(major, minor) => {
+                let c = cpath(&path)?;
+                let kind = if matches!(node.kind, Kind::Char(..)) { libc::S_IFCHR } else { libc::S_IFBLK };
+                let dev = libc::makedev(*major, *minor);
+                if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev) } != 0 {
+                    // No user namespace may create device nodes. An empty file stands in; it is
+                    // left out of the layer unless the script replaces it.
+                    File::create(&path).map_err(|e| fail("create", e))?;
+                    stand_ins += 1;
+                }
+            }
+        }
+        owners.set(&path, node.uid, node.gid)?;
+        // After chown, which clears set-id bits.
+        fs::set_permissions(&path, fs::Permissions::from_mode(node.mode)).map_err(|e| fail("chmod", e))?;
+    }
+    for (path, mode, uid, gid) in dirs.iter().rev() {
+        owners.set(path, *uid, *gid)?;
+        fs::set_permissions(path, fs::Permissions::from_mode(*mode)).with_context(|| format!("cannot chmod {}", path.display()))?;
+    }
+    if stand_ins > 0 {
+        eprintln!("stevedore: warning: the image has {stand_ins} device nodes, which a user namespace cannot create; the script sees empty files in their place");
+    }
+    Ok(())
+}
+
+/// Copies `src` onto `dst` as `rsync -a --copy-dirlinks --chown=0:0 SRC/ DST/` does: existing
+/// directories are merged (taking the source's mode and root ownership), anything else is
+/// replaced, symlinks to directories are copied as the directories they point to.
+fn copy_onto(src: &Path, dst: &Path, owners: &mut Owners, depth: u32) -> Result<()> {
+    if depth > 64 {
+        bail!("{}: directories nested too deeply (a symlink loop?)", src.display());
+    }
+    let mut names: Vec<_> = fs::read_dir(src)
+        .with_context(|| format!("cannot list {}", src.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .with_context(|| format!("cannot list {}", src.display()))?;
+    names.sort();
+    for name in names {
+        let s = src.join(&name);
+        let d = dst.join(&name);
+        let mut meta = fs::symlink_metadata(&s).with_context(|| format!("cannot stat {}", s.display()))?;
+        if meta.file_type().is_symlink() {
+            if let Ok(target) = fs::metadata(&s) {
+                if target.is_dir() {
+                    meta = target;
+                }
+            }
+        }
+        let existing = fs::symlink_metadata(&d).ok();
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            match existing {
+                Some(m) if m.is_dir() => {}
+                Some(_) => {
+                    fs::remove_file(&d).with_context(|| format!("cannot replace {}", d.display()))?;
+                    fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
+                }
+                None => fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?,
+            }
+            copy_onto(&s, &d, owners, depth + 1)?;
+            owners.set(&d, 0, 0)?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(meta.mode() & 0o7777)).with_context(|| format!("cannot chmod {}", d.display()))?;
+            continue;
+        }
+        if !(ft.is_file() || ft.is_symlink()) {
+            eprintln!("stevedore: warning: {} is neither a file, a directory nor a symlink; not copied", s.display());
+            continue;
+        }
+        match existing {
+            Some(m) if m.is_dir() => fs::remove_dir_all(&d),
+            Some(_) => fs::remove_file(&d),
+            None => Ok(()),
+        }
+        .with_context(|| format!("cannot replace {}", d.display()))?;
+        if ft.is_symlink() {
+            let target = fs::read_link(&s).with_context(|| format!("cannot read link {}", s.display()))?;
+            std::os::unix::fs::symlink(&target, &d).with_context(|| format!("cannot create symlink {}", d.display()))?;
+            owners.set(&d, 0, 0)?;
+        } else {
+            let mut from = File::open(&s).with_context(|| format!("cannot open {}", s.display()))?;
+            let mut to = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&d).with_context(|| format!("cannot create {}", d.display()))?;
+            io::copy(&mut from, &mut to).with_context(|| format!("cannot copy {} to {}", s.display(), d.display()))?;
+            owners.set(&d, 0, 0)?;
+            fs::set_permissions(&d, fs::Permissions::from_mode(meta.mode() & 0o7777)).with_context(|| format!("cannot chmod {}", d.display()))?;
+        }
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Snapshots and the diff.
+
+/// What the diff compares of one path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub ino: u64,
+    /// `st_mode`: type and permission bits.
+    pub mode: u32,
+    /// Owner as the image sees it (recorded owners applied).
+    pub uid: u64,
+    pub gid: u64,
+    pub ctime: (i64, i64),
+    /// Birth time where the file system keeps one: file systems reuse a freed inode at once
+    /// (ext4 does), so a directory removed and made again is told apart by this.
+    pub birth: Option<(u64, u32)>,
+}
+
+impl Stat {
+    fn is_dir(&self) -> bool {
+        self.mode & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    fn of(meta: &fs::Metadata, owners: &Owners) -> Stat {
+        let (uid, gid) = owners.of(meta);
+        let birth = meta.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| (d.as_secs(), d.subsec_nanos()));
+        Stat { ino: meta.ino(), mode: meta.mode(), uid, gid, ctime: (meta.ctime(), meta.ctime_nsec()), birth }
+    }
+}
+
+/// Every path under `root` (not following symlinks), keyed as the tree keys them.
+fn scan(root: &Path, owners: &Owners) -> Result<(Stat, BTreeMap<Vec<u8>, Stat>)> {
+    fn walk(dir: &Path, key: &[u8], owners: &Owners, out: &mut BTreeMap<Vec<u8>, Stat>) -> Result<()> {
+        for entry in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+            let entry = entry.with_context(|| format!("cannot list {}", dir.display()))?;
+            let path = entry.path();
+            let meta = fs::symlink_metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+            let name = entry.file_name();
+            let k = if key.is_empty() { name.as_bytes().to_vec() } else { [key, &[SEP], name.as_bytes()].concat() };
+            if meta.is_dir() {
+                walk(&path, &k, owners, out)?;
+            }
+            out.insert(k, Stat::of(&meta, owners));
+        }
+        Ok(())
+    }
+    let meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
+    let mut out = BTreeMap::new();
+    walk(root, b"", owners, &mut out)?;
+    Ok((Stat::of(&meta, owners), out))
+}
+
+/// Waits until a file changed now gets a ctime later than every ctime in `snap`, so that any
+/// change the script makes shows in the ctime (file systems keep coarse timestamps).
+fn wait_for_clock(scratch: &Path, snap: &BTreeMap<Vec<u8>, Stat>) -> Result<()> {
+    let newest = snap.values().map(|s| s.ctime).max().unwrap_or((0, 0));
+    let probe = scratch.join(".clock");
+    let started = std::time::Instant::now();
+    loop {
+        fs::write(&probe, b"x").with_context(|| format!("cannot write {}", probe.display()))?;
+        let m = fs::metadata(&probe)?;
+        if (m.ctime(), m.ctime_nsec()) > newest {
+            let _ = fs::remove_file(&probe);
+            return Ok(());
+        }
+        if started.elapsed() > std::time::Duration::from_secs(5) {
+            bail!("the clock of {} does not advance past the snapshot's timestamps", scratch.display());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// One member of the new layer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    /// The path as it is now (new, changed, or a parent directory of a change).
+    Entry(Vec<u8>),
+    /// `.wh.NAME`: the path was deleted.
+    Whiteout(Vec<u8>),
+    /// `DIR/.wh..wh..opq`: the directory was replaced; lower contents are hidden.
+    Opaque(Vec<u8>),
+}
+
+fn is_below(key: &[u8], dir: &[u8]) -> bool {
+    key.len() > dir.len() && key.starts_with(dir) && key[dir.len()] == SEP
+}
+
+fn split_key(key: &[u8]) -> (&[u8], &[u8]) {
+    match key.iter().rposition(|&b| b == SEP) {
+        Some(i) => (&key[..i], &key[i + 1..]),
+        None => (&b""[..], key),
+    }
+}
+
+/// The changes from `lower` to `upper`, in member order (a directory before what is in it;
+/// an opaque marker right after its directory). A path changed if it is new, its kind,
+/// inode (and birth time), permissions or owner changed, or (not a directory) its ctime did. A deleted path
+/// gives one whiteout, whatever was below it; a directory replaced by a new one (another inode)
+/// is emitted whole, marked opaque. Parent directories of every change are included.
+pub fn diff(lower: &BTreeMap<Vec<u8>, Stat>, upper: &BTreeMap<Vec<u8>, Stat>) -> Vec<Change> {
+    let mut out: BTreeMap<Vec<u8>, Change> = BTreeMap::new();
+    let mut hidden: Option<Vec<u8>> = None; // lower entries below this are gone with it
+    let mut all_new: Option<Vec<u8>> = None; // upper entries below this are all new
+    let mut keys: Vec<&Vec<u8>> = lower.keys().chain(upper.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    for key in keys {
+        let u = upper.get(key);
+        if all_new.as_deref().is_some_and(|d| is_below(key, d)) {
+            if u.is_some() {
+                out.insert(key.clone(), Change::Entry(key.clone()));
+            }
+            continue;
+        }
+        let l = if hidden.as_deref().is_some_and(|d| is_below(key, d)) { None } else { lower.get(key) };
+        match (l, u) {
+            (None, None) => {}
+            (Some(l), None) => {
+                let (parent, name) = split_key(key);
+                let wh = [&b".wh."[..], name].concat();
+                let sort = if parent.is_empty() { wh } else { [parent, &[SEP], &wh].concat() };
+                out.insert(sort, Change::Whiteout(key.clone()));
+                if l.is_dir() {
+                    hidden = Some(key.clone());
+                }
+            }
+            (None, Some(u)) => {
+                out.insert(key.clone(), Change::Entry(key.clone()));
+                if u.is_dir() {
+                    all_new = Some(key.clone());
+                }
+            }
+            (Some(l), Some(u)) => match (l.is_dir(), u.is_dir()) {
+                (true, true) if (l.ino, l.birth) != (u.ino, u.birth) => {
+                    out.insert(key.clone(), Change::Entry(key.clone()));
+                    out.insert([&key[..], &[SEP]].concat(), Change::Opaque(key.clone()));
+                    all_new = Some(key.clone());
+                }
+                (true, true) => {
+                    if (l.mode, l.uid, l.gid) != (u.mode, u.uid, u.gid) {
+                        out.insert(key.clone(), Change::Entry(key.clone()));
+                    }
+                }
+                (true, false) => {
+                    out.insert(key.clone(), Change::Entry(key.clone()));
+                    hidden = Some(key.clone());
+                }
+                (false, true) => {
+                    out.insert(key.clone(), Change::Entry(key.clone()));
+                    all_new = Some(key.clone());
+                }
+                (false, false) => {
+                    if l != u {
+                        out.insert(key.clone(), Change::Entry(key.clone()));
+                    }
+                }
+            },
+        }
+    }
+    // Parents of every change, so the layer is complete on its own.
+    let mut parents = Vec::new();
+    for change in out.values() {
+        let key = match change {
+            Change::Entry(k) | Change::Whiteout(k) | Change::Opaque(k) => k,
+        };
+        let mut k = &key[..];
+        loop {
+            let (parent, _) = split_key(k);
+            if parent.is_empty() {
+                break;
+            }
+            parents.push(parent.to_vec());
+            k = parent;
+        }
+    }
+    for p in parents {
+        out.entry(p.clone()).or_insert(Change::Entry(p));
+    }
+    out.into_values().collect()
+}
+
+/// Counts of what a layer holds.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct LayerCounts {
+    pub entries: u64,
+    pub whiteouts: u64,
+    pub opaques: u64,
+}
+
+/// Writes the changes under `root` as a layer tar to `out` and returns its sha256.
+fn write_changes(root: &Path, changes: &[Change], owners: &Owners, out: &Path, mtime: i64) -> Result<([u8; 32], LayerCounts)> {
+    flatten::write_atomically(out, |w| {
+        let mut tar = TarOut::new(HashingWriter::new(w));
+        let mut counts = LayerCounts::default();
+        let root_meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
+        let (uid, gid) = owners.of(&root_meta);
+        let mut h = Header { uid, gid, mode: root_meta.mode() & 0o7777, kind: t::DIRTYPE, ..Header::plain_file(b"./", 0, mtime) };
+        tar.add(&h, None)?;
+        for change in changes {
+            match change {
+                Change::Whiteout(key) | Change::Opaque(key) => {
+                    let (parent, name) = split_key(key);
+                    let leaf: Vec<u8> = match change {
+                        Change::Whiteout(_) => [&b".wh."[..], name].concat(),
+                        _ => b".wh..wh..opq".to_vec(),
+                    };
+                    let dir = if matches!(change, Change::Opaque(_)) { &key[..] } else { parent };
+                    let full = if dir.is_empty() { leaf } else { [dir, &[SEP], &leaf].concat() };
+                    let name = member_name(&full, false);
+                    h = Header { mode: 0, ..Header::plain_file(&name, 0, mtime) };
+                    tar.add(&h, None)?;
+                    if matches!(change, Change::Whiteout(_)) {
+                        counts.whiteouts += 1;
+                    } else {
+                        counts.opaques += 1;
+                    }
+                }
+                Change::Entry(key) => {
+                    let path = key_path(root, key);
+                    let meta = fs::symlink_metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+                    let ft = meta.file_type();
+                    let (uid, gid) = owners.of(&meta);
+                    let name = member_name(key, ft.is_dir());
+                    let mut link = Vec::new();
+                    let (kind, size) = if ft.is_dir() {
+                        (t::DIRTYPE, 0)
+                    } else if ft.is_file() {
+                        (t::REGTYPE, meta.len())
+                    } else if ft.is_symlink() {
+                        link = fs::read_link(&path).with_context(|| format!("cannot read link {}", path.display()))?.into_os_string().into_vec();
+                        (t::SYMTYPE, 0)
+                    } else if ft.is_fifo() {
+                        (t::FIFOTYPE, 0)
+                    } else if ft.is_char_device() {
+                        (t::CHRTYPE, 0)
+                    } else if ft.is_block_device() {
+                        (t::BLKTYPE, 0)
+                    } else {
+                        eprintln!("stevedore: warning: {} is a socket, which a layer cannot hold; left out", path.display());
+                        continue;
+                    };
+                    let rdev = meta.rdev();
+                    let h = Header {
+                        name: &name,
+                        mode: meta.mode() & 0o7777,
+                        uid,
+                        gid,
+                        size,
+                        mtime,
+                        kind,
+                        linkname: &link,
+                        uname: "",
+                        gname: "",
+                        devmajor: libc::major(rdev),
+                        devminor: libc::minor(rdev),
+                    };
+                    if kind == t::REGTYPE {
+                        let mut f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                        let what = || path.display().to_string();
+                        tar.add(&h, Some((&mut f, &what)))?;
+                    } else {
+                        tar.add(&h, None)?;
+                    }
+                    counts.entries += 1;
+                }
+            }
+        }
+        let (w, digest, _) = tar.finish()?.finish();
+        Ok((w, (digest, counts)))
+    })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Mount points.
+
+/// A path we created in the root to mount something on; removed afterwards if still empty.
+struct MountPoint {
+    created: Vec<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PointKind {
+    Dir,
+    File,
+}
+
+/// Makes `root/rel` (and missing parents) exist as a mount point of `kind`, refusing to go
+/// through symlinks in the image.
+fn mount_point(root: &Path, rel: &Path, kind: PointKind) -> Result<MountPoint> {
+    let mut created = Vec::new();
+    let mut path = root.to_owned();
+    let comps: Vec<_> = rel.components().filter(|c| matches!(c, std::path::Component::Normal(_))).collect();
+    for (i, c) in comps.iter().enumerate() {
+        path.push(c);
+        let last = i + 1 == comps.len();
+        match fs::symlink_metadata(&path) {
+            Ok(m) if m.is_dir() && (!last || kind == PointKind::Dir) => {}
+            Ok(m) if last && kind == PointKind::File && m.is_file() => {}
+            Ok(_) => bail!("cannot mount on /{}: the image has something else there", rel.display()),
+            Err(_) => {
+                if last && kind == PointKind::File {
+                    File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+                } else {
+                    fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
+                }
+                created.push(path.clone());
+            }
+        }
+    }
+    Ok(MountPoint { created })
+}
+
+/// Removes what [`mount_point`] created, deepest first, where still empty.
+fn remove_mount_points(points: &[MountPoint]) {
+    for p in points.iter().rev() {
+        for c in p.created.iter().rev() {
+            match fs::symlink_metadata(c) {
+                Ok(m) if m.is_dir() => {
+                    let _ = fs::remove_dir(c);
+                }
+                Ok(m) if m.is_file() && m.len() == 0 => {
+                    let _ = fs::remove_file(c);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// What S mounts: (source, target inside the root, kind).
+struct Mounts {
+    store: Vec<(PathBuf, PathBuf, PointKind)>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Messages from S (and T) to C: framed, each written with one write(2), so atomic.
+
+const FRAME_OWNER: u8 = b'R';
+const FRAME_ERROR: u8 = b'E';
+
+fn send_frame(fd: RawFd, tag: u8, payload: &[u8]) {
+    let payload = &payload[..payload.len().min(4000)];
+    let mut buf = Vec::with_capacity(5 + payload.len());
+    buf.push(tag);
+    buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf.extend_from_slice(payload);
+    unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+}
+
+/// Reads frames until every writer has closed the pipe.
+fn read_frames(fd: OwnedFd, owners: &mut Owners) -> Result<Option<String>> {
+    let mut r = File::from(fd);
+    let mut error = None;
+    loop {
+        let mut head = [0u8; 5];
+        match r.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(error),
+            Err(e) => bail!("cannot read from the namespace's init process: {e}"),
+        }
+        let len = u32::from_le_bytes(head[1..5].try_into().unwrap()) as usize;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).context("the namespace's init process sent a truncated message")?;
+        match head[0] {
+            FRAME_OWNER if len == 24 => {
+                let dev = u64::from_le_bytes(payload[0..8].try_into().unwrap());
+                let ino = u64::from_le_bytes(payload[8..16].try_into().unwrap());
+                let uid = u32::from_le_bytes(payload[16..20].try_into().unwrap());
+                let gid = u32::from_le_bytes(payload[20..24].try_into().unwrap());
+                owners.record(dev, ino, uid, gid);
+            }
+            FRAME_ERROR => error = Some(String::from_utf8_lossy(&payload).into_owned()),
+            _ => bail!("the namespace's init process sent a malformed message"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The chown supervisor (single mapping).
+
+const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+const AUDIT_ARCH_AARCH64: u32 = 0xc000_00b7;
+
+#[cfg(target_arch = "x86_64")]
+const ARCH: u32 = AUDIT_ARCH_X86_64;
+#[cfg(target_arch = "aarch64")]
+const ARCH: u32 = AUDIT_ARCH_AARCH64;
+
+#[cfg(target_arch = "x86_64")]
+const CHOWN_CALLS: &[libc::c_long] = &[libc::SYS_chown, libc::SYS_lchown, libc::SYS_fchown, libc::SYS_fchownat];
+#[cfg(target_arch = "aarch64")]
+const CHOWN_CALLS: &[libc::c_long] = &[libc::SYS_fchown, libc::SYS_fchownat];
+
+/// Installs a filter that hands every chown family call to a supervisor; returns the
+/// listener fd.
+fn install_chown_filter() -> io::Result<RawFd> {
+    let _ = (AUDIT_ARCH_X86_64, AUDIT_ARCH_AARCH64);
+    let n = CHOWN_CALLS.len();
+    let stmt = |code: u16, k: u32| libc::sock_filter { code, jt: 0, jf: 0, k };
+    let jeq = |k: u32, jt: u8, jf: u8| libc::sock_filter { code: 0x15, jt, jf, k };
+    let mut prog = vec![
+        stmt(0x20, 4), // ld arch
+        jeq(ARCH, 0, (n + 1) as u8),
+        stmt(0x20, 0), // ld nr
+    ];
+    for (i, &nr) in CHOWN_CALLS.iter().enumerate() {
+        prog.push(jeq(nr as u32, (n - i) as u8, 0));
+    }
+    prog.push(stmt(0x06, libc::SECCOMP_RET_ALLOW));
+    prog.push(stmt(0x06, libc::SECCOMP_RET_USER_NOTIF));
+    let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    let fd = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog as *const libc::sock_fprog) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    Ok(fd as RawFd)
+}
+
+/// Reads a NUL-terminated string at `addr` in process `pid`.
+fn read_remote_path(pid: u32, addr: u64) -> Result<Vec<u8>, i32> {
+    let mem = File::open(format!("/proc/{pid}/mem")).map_err(|_| libc::ESRCH)?;
+    let mut out = Vec::new();
+    let mut at = addr;
+    let mut buf = [0u8; 256];
+    while out.len() < libc::PATH_MAX as usize {
+        // Stay inside the page: the next one may be unmapped.
+        let room = (4096 - (at % 4096)).min(buf.len() as u64) as usize;
+        let n = std::os::unix::fs::FileExt::read_at(&mem, &mut buf[..room], at).map_err(|_| libc::EFAULT)?;
+        if n == 0 {
+            return Err(libc::EFAULT);
+        }
+        if let Some(z) = buf[..n].iter().position(|&b| b == 0) {
+            out.extend_from_slice(&buf[..z]);
+            return Ok(out);
+        }
+        out.extend_from_slice(&buf[..n]);
+        at += n as u64;
+    }
+    Err(libc::ENAMETOOLONG)
+}
+
+enum Verdict {
+    /// Let the kernel run the call (not our file system).
+    Continue,
+    /// Answer with this errno (0: success).
+    Return(i32),
+}
+
+/// Handles one chown call: resolves its target as the caller would (S shares its root and
+/// mount namespace), records the requested owner, and clears set-id bits as chown does.
+fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frames: RawFd) -> Verdict {
+    let pid = req.pid;
+    let a = req.data.args;
+    let nr = req.data.nr as libc::c_long;
+    let path_of = |addr: u64| read_remote_path(pid, addr);
+    let resolve = |dirfd: i32, p: &[u8]| -> Vec<u8> {
+        if p.starts_with(b"/") {
+            p.to_vec()
+        } else if dirfd == libc::AT_FDCWD {
+            [format!("/proc/{pid}/cwd/").as_bytes(), p].concat()
+        } else {
+            [format!("/proc/{pid}/fd/{dirfd}/").as_bytes(), p].concat()
+        }
+    };
+    let (target, follow, uid, gid) = match nr {
+        n if n == libc::SYS_fchown => (format!("/proc/{pid}/fd/{}", a[0] as i32).into_bytes(), true, a[1] as u32, a[2] as u32),
+        n if n == libc::SYS_fchownat => {
+            let dirfd = a[0] as i32;
+            let flags = a[4] as i32;
+            let p = match path_of(a[1]) {
+                Ok(p) => p,
+                Err(e) => return Verdict::Return(e),
+            };
+            if p.is_empty() {
+                if flags & libc::AT_EMPTY_PATH == 0 {
+                    return Verdict::Return(libc::ENOENT);
+                }
+                let t = if dirfd == libc::AT_FDCWD { format!("/proc/{pid}/cwd") } else { format!("/proc/{pid}/fd/{dirfd}") };
+                (t.into_bytes(), true, a[2] as u32, a[3] as u32)
+            } else {
+                (resolve(dirfd, &p), flags & libc::AT_SYMLINK_NOFOLLOW == 0, a[2] as u32, a[3] as u32)
+            }
+        }
+        _ => {
+            #[cfg(target_arch = "x86_64")]
+            {
+                let p = match path_of(a[0]) {
+                    Ok(p) => p,
+                    Err(e) => return Verdict::Return(e),
+                };
+                (resolve(libc::AT_FDCWD, &p), nr == libc::SYS_chown, a[1] as u32, a[2] as u32)
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            return Verdict::Continue;
+        }
+    };
+    // The memory we read belonged to the caller only if the call is still pending.
+    if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _, &req.id) } != 0 {
+        return Verdict::Return(libc::ESRCH);
+    }
+    let Ok(c) = CString::new(target) else { return Verdict::Return(libc::EINVAL) };
+    let flags = libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW };
+    let fd = unsafe { libc::open(c.as_ptr(), flags) };
+    if fd < 0 {
+        return Verdict::Return(errno().raw_os_error().unwrap_or(libc::EIO));
+    }
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 || unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut vfs) } != 0 {
+        return Verdict::Return(libc::EIO);
+    }
+    if st.st_dev != root_dev {
+        return Verdict::Continue;
+    }
+    if vfs.f_flag & libc::ST_RDONLY != 0 {
+        return Verdict::Return(libc::EROFS);
+    }
+    let mut rec = Vec::with_capacity(24);
+    rec.extend_from_slice(&st.st_dev.to_le_bytes());
+    rec.extend_from_slice(&st.st_ino.to_le_bytes());
+    rec.extend_from_slice(&uid.to_le_bytes());
+    rec.extend_from_slice(&gid.to_le_bytes());
+    send_frame(frames, FRAME_OWNER, &rec);
+    let mode = st.st_mode & 0o7777;
+    if st.st_mode & libc::S_IFMT == libc::S_IFREG && (uid != u32::MAX || gid != u32::MAX) {
+        let mut new = mode & !libc::S_ISUID;
+        if mode & libc::S_IXGRP != 0 {
+            new &= !libc::S_ISGID;
+        }
+        if new != mode {
+            if let Ok(p) = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+                unsafe { libc::chmod(p.as_ptr(), new) };
+            }
+        }
+    }
+    Verdict::Return(0)
+}
+
+fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd) {
+    let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut req) } != 0 {
+        return; // the caller died meanwhile
+    }
+    let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
+    resp.id = req.id;
+    match handle_chown(listener, &req, root_dev, frames) {
+        Verdict::Continue => resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
+        Verdict::Return(0) => {}
+        Verdict::Return(e) => resp.error = -e,
+    }
+    unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND as _, &resp) };
+}
+
+// ---------------------------------------------------------------------------------------------
+// S: pid 1 of the namespace.
+
+struct ScriptSpec {
+    shell: CString,
+    argv: Vec<CString>,
+    env: Vec<CString>,
+    script_fd: RawFd,
+}
+
+fn bind_read_only(src: &Path, target: &Path) -> Result<()> {
+    mount(Some(src), target, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(|e| anyhow!("cannot bind-mount {} into the root: {e}", src.display()))?;
+    // A remount may not drop flags the source mount has locked (nosuid, nodev, ...).
+    let vfs = nix::sys::statvfs::statvfs(target).map_err(|e| anyhow!("cannot statvfs {}: {e}", target.display()))?;
+    let f = vfs.flags();
+    use nix::sys::statvfs::FsFlags;
+    let mut flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+    for (from, to) in [
+        (FsFlags::ST_NOSUID, MsFlags::MS_NOSUID),
+        (FsFlags::ST_NODEV, MsFlags::MS_NODEV),
+        (FsFlags::ST_NOEXEC, MsFlags::MS_NOEXEC),
+        (FsFlags::ST_NOATIME, MsFlags::MS_NOATIME),
+        (FsFlags::ST_NODIRATIME, MsFlags::MS_NODIRATIME),
+        (FsFlags::ST_RELATIME, MsFlags::MS_RELATIME),
+    ] {
+        if f.contains(from) {
+            flags |= to;
+        }
+    }
+    mount(None::<&str>, target, None::<&str>, flags, None::<&str>).map_err(|e| anyhow!("cannot make {} read-only: {e}", target.display()))
+}
+
+fn setup_dev(dev: &Path) -> Result<()> {
+    mount(Some("tmpfs"), dev, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("mode=755,size=65536k"))
+        .map_err(|e| anyhow!("cannot mount a tmpfs on /dev: {e}"))?;
+    for name in ["null", "zero", "full", "random", "urandom", "tty"] {
+        let target = dev.join(name);
+        File::create(&target).with_context(|| format!("cannot create {}", target.display()))?;
+        let src = Path::new("/dev").join(name);
+        if let Err(e) = mount(Some(&src), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>) {
+            if name != "tty" {
+                bail!("cannot bind-mount {}: {e}", src.display());
+            }
+            let _ = fs::remove_file(&target);
+        }
+    }
+    for (name, target) in [("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2"), ("ptmx", "pts/ptmx")] {
+        std::os::unix::fs::symlink(target, dev.join(name)).with_context(|| format!("cannot create /dev/{name}"))?;
+    }
+    let shm = dev.join("shm");
+    fs::create_dir(&shm)?;
+    fs::set_permissions(&shm, fs::Permissions::from_mode(0o1777))?;
+    let _ = mount(Some("shm"), &shm, Some("tmpfs"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV, Some("mode=1777,size=65536k"));
+    let pts = dev.join("pts");
+    fs::create_dir(&pts)?;
+    let _ = mount(Some("devpts"), &pts, Some("devpts"), MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC, Some("newinstance,ptmxmode=0666,mode=0620"));
+    Ok(())
+}
+
+fn loopback_up() {
+    #[repr(C)]
+    struct IfReq {
+        name: [u8; 16],
+        flags: libc::c_short,
+        pad: [u8; 22],
+    }
+    let mut req = IfReq { name: [0; 16], flags: 0, pad: [0; 22] };
+    req.name[..2].copy_from_slice(b"lo");
+    unsafe {
+        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if s < 0 {
+            return;
+        }
+        if libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
+            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+            libc::ioctl(s, libc::SIOCSIFFLAGS as _, &req);
+        }
+        libc::close(s);
+    }
+}
+
+/// S: mounts, pivots into the root, runs T and supervises it. Returns T's exit code (or
+/// 128 + signal).
+fn init_main(root: &Path, mounts: &Mounts, spec: &ScriptSpec, single: bool, frames: RawFd) -> Result<i32> {
+    nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+    // A mount namespace of our own: pivot_root moves every process sharing it, C included.
+    unshare(CloneFlags::CLONE_NEWNS).map_err(|e| anyhow!("cannot create a mount namespace: {e}"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).map_err(|e| anyhow!("cannot make mounts private: {e}"))?;
+    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(|e| anyhow!("cannot bind-mount the root: {e}"))?;
+    for (src, rel, _) in &mounts.store {
+        bind_read_only(src, &root.join(rel.strip_prefix("/").unwrap_or(rel)))?;
+    }
+    let proc_dir = root.join("proc");
+    if mount(Some("proc"), &proc_dir, Some("proc"), MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, None::<&str>).is_err() {
+        // Some kernels refuse a fresh proc where parts of /proc are masked: use the outer one.
+        mount(Some("/proc"), &proc_dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(|e| anyhow!("cannot mount /proc: {e}"))?;
+    }
+    setup_dev(&root.join("dev"))?;
+    loopback_up();
+    let _ = nix::unistd::sethostname("localhost");
+    nix::unistd::chdir(root)?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| anyhow!("pivot_root failed: {e}"))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| anyhow!("cannot detach the old root: {e}"))?;
+    nix::unistd::chdir("/")?;
+    let root_dev = fs::metadata("/")?.dev();
+
+    let (sock_s, sock_t) = nix::sys::socket::socketpair(
+        nix::sys::socket::AddressFamily::Unix,
+        nix::sys::socket::SockType::Stream,
+        None,
+        nix::sys::socket::SockFlag::SOCK_CLOEXEC,
+    )?;
+    let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
+        ForkResult::Child => {
+            drop(sock_s);
+            let e = exec_script(spec, single, sock_t.as_raw_fd());
+            send_frame(frames, FRAME_ERROR, e.as_bytes());
+            unsafe { libc::_exit(127) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop(sock_t);
+    let listener = if single { Some(recv_fd(sock_s.as_raw_fd()).context("the script process did not send its seccomp listener")?) } else { None };
+    supervise(child, listener, root_dev, frames)
+}
+
+fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut byte = [0u8; 1];
+    let mut iov = [io::IoSliceMut::new(&mut byte)];
+    let mut space = nix::cmsg_space!([RawFd; 1]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            if let Some(&fd) = fds.first() {
+                return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    bail!("no file descriptor received")
+}
+
+/// T: drops into the script. Returns only on failure, with the message to report.
+fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> String {
+    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    unsafe {
+        // The script's output is progress, not product: stdout goes to stderr.
+        libc::dup2(2, 1);
+        let flags = libc::fcntl(spec.script_fd, libc::F_GETFD);
+        libc::fcntl(spec.script_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+    }
+    if single {
+        match install_chown_filter() {
+            Ok(listener) => {
+                use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+                let fds = [listener];
+                let iov = [io::IoSlice::new(b"L")];
+                if let Err(e) = sendmsg::<()>(sock, &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None) {
+                    return format!("cannot hand the seccomp listener over: {e}");
+                }
+                unsafe { libc::close(listener) };
+            }
+            Err(e) => return format!("cannot install the seccomp filter that records chown: {e}"),
+        }
+    }
+    let e = nix::unistd::execve(&spec.shell, &spec.argv, &spec.env).unwrap_err();
+    format!("cannot run the shell {} inside the image: {e} (it must be in the image, a --layer or a --store-path)", spec.shell.to_string_lossy())
+}
+
+fn supervise(child: Pid, listener: Option<OwnedFd>, root_dev: u64, frames: RawFd) -> Result<i32> {
+    let mut listener = listener;
+    loop {
+        match &listener {
+            Some(l) => {
+                let mut fds = [nix::poll::PollFd::new(l.as_fd(), nix::poll::PollFlags::POLLIN)];
+                match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(100u16)) {
+                    Ok(n) if n > 0 => {
+                        let ev = fds[0].revents().unwrap_or(nix::poll::PollFlags::empty());
+                        if ev.contains(nix::poll::PollFlags::POLLIN) {
+                            serve_one(l.as_raw_fd(), root_dev, frames);
+                        } else if ev.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR) {
+                            // Every filtered process is gone.
+                            listener = None;
+                        }
+                    }
+                    _ => {}
+                }
+                // Reap without blocking: orphans are ours too, as pid 1.
+                loop {
+                    match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+                        Ok(WaitStatus::Exited(pid, code)) if pid == child => return Ok(code),
+                        Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => return Ok(128 + sig as i32),
+                        Ok(WaitStatus::StillAlive) | Err(_) => break,
+                        Ok(_) => continue,
+                    }
+                }
+            }
+            None => match waitpid(None, None) {
+                Ok(WaitStatus::Exited(pid, code)) if pid == child => return Ok(code),
+                Ok(WaitStatus::Signaled(pid, sig, _)) if pid == child => return Ok(128 + sig as i32),
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => {}
+                Err(e) => bail!("waiting for the script failed: {e}"),
+            },
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// C: the namespace's root.
+
+/// What C needs, prepared by P before forking.
+struct Job<'a> {
+    args: &'a RunAsRootArgs,
+    tree: &'a Tree,
+    blobs: &'a [LayerBlob],
+    scratch: &'a Path,
+    mounts: Mounts,
+    spec: ScriptSpec,
+    mtime: i64,
+}
+
+/// Runs the script through S; returns its exit code.
+fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Result<i32> {
+    let (frames_r, frames_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
+        ForkResult::Child => {
+            drop(frames_r);
+            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_main(root, &job.mounts, &job.spec, single, frames_w.as_raw_fd()))) {
+                Ok(Ok(code)) => code,
+                Ok(Err(e)) => {
+                    send_frame(frames_w.as_raw_fd(), FRAME_ERROR, format!("{e:#}").as_bytes());
+                    125
+                }
+                Err(_) => 125,
+            };
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => {
+            drop(frames_w);
+            let error = read_frames(frames_r, owners)?;
+            let status = loop {
+                match waitpid(child, None) {
+                    Err(nix::errno::Errno::EINTR) => continue,
+                    other => break other.map_err(|e| anyhow!("waiting for the namespace's init failed: {e}"))?,
+                }
+            };
+            if let Some(e) = error {
+                bail!("{e}");
+            }
+            match status {
+                WaitStatus::Exited(_, code) => Ok(code),
+                WaitStatus::Signaled(_, sig, _) => Ok(128 + sig as i32),
+                other => bail!("the namespace's init ended oddly: {other:?}"),
+            }
+        }
+    }
+}
+
+/// Everything C does as root in the namespace; returns the layer's digest.
+fn in_namespace(job: &Job, root: &Path, single: bool) -> Result<(String, LayerCounts)> {
+    let quiet = job.args.quiet;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>).map_err(|e| anyhow!("cannot make mounts private: {e}"))?;
+    let mut owners = Owners { single, fake: HashMap::new() };
+    fs::create_dir(root).with_context(|| format!("cannot create {}", root.display()))?;
+    say(quiet, format!("Laying out the root filesystem ({} paths)...", job.tree.nodes.len()));
+    materialize(job.tree, job.blobs, root, &mut owners)?;
+    let (_, lower) = scan(root, &owners)?;
+    wait_for_clock(job.scratch, &lower)?;
+    for dir in &job.args.layers {
+        say(quiet, format!("Adding {}...", dir.display()));
+        copy_onto(dir, root, &mut owners, 0)?;
+    }
+    // /tmp stays, as with nixpkgs (its VM makes it too); the mount points go afterwards.
+    if fs::symlink_metadata(root.join("tmp")).is_err() {
+        fs::create_dir(root.join("tmp"))?;
+        fs::set_permissions(root.join("tmp"), fs::Permissions::from_mode(0o1777))?;
+    }
+    let mut points = Vec::new();
+    let made = (|| -> Result<()> {
+        points.push(mount_point(root, Path::new("proc"), PointKind::Dir)?);
+        points.push(mount_point(root, Path::new("dev"), PointKind::Dir)?);
+        for (_, rel, kind) in &job.mounts.store {
+            points.push(mount_point(root, rel, *kind)?);
+        }
+        Ok(())
+    })();
+    let status = made.and_then(|()| {
+        say(quiet, format!("Running {} as root...", job.args.script.display()));
+        run_script(job, root, single, &mut owners)
+    });
+    remove_mount_points(&points);
+    let status = status?;
+    if status != 0 {
+        if status > 128 {
+            bail!("the script {} was killed by signal {}", job.args.script.display(), status - 128);
+        }
+        bail!("the script {} failed with exit code {status}", job.args.script.display());
+    }
+    let (_, upper) = scan(root, &owners)?;
+    let changes = diff(&lower, &upper);
+    let (digest, counts) = write_changes(root, &changes, &owners, &job.args.out_layer, job.mtime)?;
+    Ok((hex(&digest), counts))
+}
+
+/// Removes a tree whatever its modes (we are root in the namespace that owns it).
+fn remove_tree(root: &Path) {
+    if fs::symlink_metadata(root).is_ok() {
+        if let Err(e) = fs::remove_dir_all(root) {
+            eprintln!("stevedore: warning: cannot remove {}: {e}", root.display());
+        }
+    }
+}
+
+/// C's whole life: enter the namespaces, wait for the maps, work, report one line.
+fn child_main(job: &Job, ready: OwnedFd, go: OwnedFd, result: OwnedFd) -> i32 {
+    let root = job.scratch.join("rootfs");
+    let outcome = (|| -> Result<(String, LayerCounts)> {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+        let flags = CloneFlags::CLONE_NEWUSER
+            | CloneFlags::CLONE_NEWNS
+            | CloneFlags::CLONE_NEWPID
+            | CloneFlags::CLONE_NEWNET
+            | CloneFlags::CLONE_NEWIPC
+            | CloneFlags::CLONE_NEWUTS;
+        unshare(flags).map_err(|e| anyhow!("cannot create a user namespace: {e}{}", userns_hint()))?;
+        nix::unistd::write(&ready, b"u")?;
+        drop(ready);
+        let mut mode = [0u8; 1];
+        let n = nix::unistd::read(&go, &mut mode)?;
+        if n != 1 {
+            bail!("the id mapping could not be set up");
+        }
+        let single = mode[0] == b's';
+        let zero_u = nix::unistd::Uid::from_raw(0);
+        let zero_g = nix::unistd::Gid::from_raw(0);
+        nix::unistd::setresgid(zero_g, zero_g, zero_g).map_err(|e| anyhow!("cannot become gid 0 in the namespace: {e}"))?;
+        if !single {
+            nix::unistd::setgroups(&[]).map_err(|e| anyhow!("cannot drop supplementary groups: {e}"))?;
+        }
+        nix::unistd::setresuid(zero_u, zero_u, zero_u).map_err(|e| anyhow!("cannot become uid 0 in the namespace: {e}"))?;
+        let r = in_namespace(job, &root, single);
+        remove_tree(&root);
+        r
+    })();
+    let (line, code) = match outcome {
+        Ok((digest, c)) => (format!("ok {digest} {} {} {}", c.entries, c.whiteouts, c.opaques), 0),
+        Err(e) => (format!("err {}", format!("{e:#}").replace('\n', " ")), 1),
+    };
+    let _ = nix::unistd::write(&result, line.as_bytes());
+    code
+}
+
+fn userns_hint() -> String {
+    let max = fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    let clone = fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or_default();
+    let apparmor = fs::read_to_string("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").unwrap_or_default();
+    if max.trim() == "0" {
+        " (user.max_user_namespaces is 0)".into()
+    } else if clone.trim() == "0" {
+        " (kernel.unprivileged_userns_clone is 0)".into()
+    } else if apparmor.trim() == "1" {
+        " (kernel.apparmor_restrict_unprivileged_userns is 1)".into()
+    } else {
+        String::new()
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// P: id maps, from outside.
+
+#[derive(Debug, Clone)]
+enum MapPlan {
+    /// As root: every id we have, mapped to itself.
+    Identity { uid_map: String, gid_map: String },
+    /// newuidmap/newgidmap: our ids to 0, a subordinate range to 1..
+    Helper { uid: u32, gid: u32, subuid: (u64, u64), subgid: (u64, u64) },
+    /// Our uid and gid to 0.
+    Single { uid: u32, gid: u32 },
+}
+
+impl MapPlan {
+    fn describe(&self) -> String {
+        match self {
+            MapPlan::Identity { .. } => "every id mapped to itself (we are root)".into(),
+            MapPlan::Helper { subuid, .. } => format!("root is us, ids 1-{} are subordinate ids from /etc/subuid (newuidmap)", subuid.1),
+            MapPlan::Single { uid, .. } => format!("only uid {uid} (as root); other owners are recorded"),
+        }
+    }
+}
+
+fn identity_map(file: &str) -> Result<String> {
+    let text = fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
+    let lines: Vec<String> = text
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 3).then(|| format!("{} {} {}", f[0], f[0], f[2]))
+        })
+        .collect();
+    Ok(lines.join("\n") + "\n")
+}
+
+fn subid_range(file: &str, name: Option<&str>, id: u32) -> Option<(u64, u64)> {
+    let text = fs::read_to_string(file).ok()?;
+    text.lines().find_map(|l| {
+        let f: Vec<&str> = l.trim().split(':').collect();
+        if f.len() != 3 || !(Some(f[0]) == name || f[0] == id.to_string()) {
+            return None;
+        }
+        let (start, count) = (f[1].parse().ok()?, f[2].parse::<u64>().ok()?);
+        (count > 0).then_some((start, count))
+    })
+}
+
+fn on_path(tool: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+}
+
+fn plans(mode: IdMapping) -> Result<Vec<MapPlan>> {
+    let uid = nix::unistd::geteuid().as_raw();
+    let gid = nix::unistd::getegid().as_raw();
+    let mut full = Vec::new();
+    if uid == 0 {
+        full.push(MapPlan::Identity { uid_map: identity_map("/proc/self/uid_map")?, gid_map: identity_map("/proc/self/gid_map")? });
+    } else if on_path("newuidmap") && on_path("newgidmap") {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
+        let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
+        let sub_u = subid_range("/etc/subuid", user.as_deref(), uid);
+        let sub_g = subid_range("/etc/subgid", user.as_deref().or(group.as_deref()), uid);
+        if let (Some(subuid), Some(subgid)) = (sub_u, sub_g) {
+            full.push(MapPlan::Helper { uid, gid, subuid, subgid });
+        }
+    }
+    Ok(match mode {
+        IdMapping::Single => vec![MapPlan::Single { uid, gid }],
+        IdMapping::Full if full.is_empty() => {
+            bail!("--id-mapping full: not root, and no newuidmap/newgidmap with /etc/subuid and /etc/subgid ranges for uid {uid}")
+        }
+        IdMapping::Full => full,
+        IdMapping::Auto => {
+            full.push(MapPlan::Single { uid, gid });
+            full
+        }
+    })
+}
+
+fn write_proc(pid: Pid, file: &str, content: &str) -> io::Result<()> {
+    // One write(2): the kernel takes a map in a single write only.
+    let mut f = OpenOptions::new().write(true).open(format!("/proc/{pid}/{file}"))?;
+    f.write_all(content.as_bytes())
+}
+
+/// Applies one plan to C's namespace; `Err` if it did not take (nothing was written then).
+fn apply_plan(pid: Pid, plan: &MapPlan) -> Result<()> {
+    match plan {
+        MapPlan::Identity { uid_map, gid_map } => {
+            write_proc(pid, "uid_map", uid_map).context("uid_map")?;
+            write_proc(pid, "gid_map", gid_map).context("gid_map (uid_map was written)")
+        }
+        MapPlan::Helper { uid, gid, subuid, subgid } => {
+            let run = |tool: &str, id: u32, sub: (u64, u64)| -> Result<()> {
+                let out = std::process::Command::new(tool)
+                    .args([pid.to_string(), "0".into(), id.to_string(), "1".into(), "1".into(), sub.0.to_string(), sub.1.to_string()])
+                    .output()
+                    .with_context(|| format!("cannot run {tool}"))?;
+                if !out.status.success() {
+                    bail!("{tool} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+                }
+                Ok(())
+            };
+            run("newuidmap", *uid, *subuid)?;
+            run("newgidmap", *gid, *subgid).context("newgidmap (newuidmap had worked)")
+        }
+        MapPlan::Single { uid, gid } => {
+            write_proc(pid, "uid_map", &format!("0 {uid} 1\n")).context("uid_map")?;
+            write_proc(pid, "setgroups", "deny").context("setgroups")?;
+            write_proc(pid, "gid_map", &format!("0 {gid} 1\n")).context("gid_map (uid_map was written)")
+        }
+    }
+}
+
+/// Forks C, maps its ids, and waits for its one-line report.
+fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCounts)> {
+    use nix::fcntl::OFlag;
+    let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
+        ForkResult::Child => {
+            drop((ready_r, go_w, res_r));
+            let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child_main(job, ready_w, go_r, res_w))).unwrap_or(101);
+            unsafe { libc::_exit(code) }
+        }
+        ForkResult::Parent { child } => child,
+    };
+    drop((ready_w, go_r, res_w));
+    let mut byte = [0u8; 1];
+    let unshared = nix::unistd::read(&ready_r, &mut byte).unwrap_or(0) == 1;
+    let mut mapping_error = None;
+    if unshared {
+        let mut chosen = None;
+        let mut errors = Vec::new();
+        for plan in plans {
+            match apply_plan(child, plan) {
+                Ok(()) => {
+                    chosen = Some(plan);
+                    break;
+                }
+                Err(e) => errors.push(format!("{e:#}")),
+            }
+        }
+        match chosen {
+            Some(plan) => {
+                say(job.args.quiet, format!("User namespace: {}", plan.describe()));
+                let mode = if matches!(plan, MapPlan::Single { .. }) { b"s" } else { b"f" };
+                let _ = nix::unistd::write(&go_w, mode);
+            }
+            None => mapping_error = Some(format!("cannot map ids into the user namespace: {}", errors.join("; "))),
+        }
+    }
+    drop(go_w);
+    let mut report = String::new();
+    File::from(res_r).read_to_string(&mut report).context("cannot read the namespace's report")?;
+    let status = waitpid(child, None).map_err(|e| anyhow!("waiting for the namespace failed: {e}"))?;
+    if let Some(e) = mapping_error {
+        bail!(e);
+    }
+    if let Some(msg) = report.strip_prefix("err ") {
+        bail!("{msg}");
+    }
+    let fields: Vec<&str> = report.strip_prefix("ok ").map(|r| r.split(' ').collect()).unwrap_or_default();
+    if fields.len() != 4 {
+        bail!("the namespace's process ended without a report ({status:?})");
+    }
+    let num = |s: &str| s.parse::<u64>().unwrap_or(0);
+    Ok((fields[0].to_string(), LayerCounts { entries: num(fields[1]), whiteouts: num(fields[2]), opaques: num(fields[3]) }))
+}
+
+/// `stevedore run-as-root`.
+pub fn run(args: &RunAsRootArgs) -> Result<()> {
+    let started = std::time::Instant::now();
+    let mtime = match args.mtime {
+        Some(m) => m,
+        None => flatten::default_mtime()?,
+    };
+    let script = File::open(&args.script).with_context(|| format!("cannot open the script {}", args.script.display()))?;
+    for out in std::iter::once(&args.out_layer).chain(&args.out_checksum) {
+        let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        if !fs::metadata(parent).map(|m| m.is_dir()).unwrap_or(false) {
+            bail!("cannot write {}: {} is not a directory", out.display(), parent.display());
+        }
+    }
+    for dir in &args.layers {
+        if !fs::metadata(dir).with_context(|| format!("cannot read --layer {}", dir.display()))?.is_dir() {
+            bail!("--layer {} is not a directory", dir.display());
+        }
+    }
+    let mut env: Vec<CString> = Vec::new();
+    for e in &args.env {
+        if !e.contains('=') || e.starts_with('=') {
+            bail!("--env {e:?}: expected NAME=VALUE");
+        }
+        env.push(CString::new(e.as_bytes()).map_err(|_| anyhow!("--env {e:?} has a NUL byte"))?);
+    }
+    if !args.env.iter().any(|e| e.starts_with("PATH=")) {
+        env.push(CString::new("PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin").unwrap());
+    }
+    if !args.shell.starts_with('/') {
+        bail!("--shell {}: must be an absolute path inside the root", args.shell);
+    }
+
+    // What to mount: the store directory, or each store path (where it is, read-only).
+    let mut store = Vec::new();
+    let abs = |p: &Path| -> Result<PathBuf> {
+        if !p.is_absolute() {
+            bail!("{} is not an absolute path", p.display());
+        }
+        Ok(p.to_owned())
+    };
+    if let Some(dir) = &args.store_dir {
+        let dir = abs(dir)?;
+        if !fs::metadata(&dir).with_context(|| format!("cannot read --store-dir {}", dir.display()))?.is_dir() {
+            bail!("--store-dir {} is not a directory", dir.display());
+        }
+        store.push((dir.clone(), dir, PointKind::Dir));
+    }
+    for p in &args.store_paths {
+        let p = abs(p)?;
+        if args.store_dir.as_ref().is_some_and(|d| p.starts_with(d)) {
+            continue;
+        }
+        let meta = fs::metadata(&p).with_context(|| format!("cannot read --store-path {}", p.display()))?;
+        store.push((p.clone(), p, if meta.is_dir() { PointKind::Dir } else { PointKind::File }));
+    }
+    store.sort_by(|a, b| a.1.cmp(&b.1));
+    store.dedup_by(|a, b| a.1 == b.1);
+
+    // The script is read through its descriptor unless it is visible inside the root.
+    let script_abs = fs::canonicalize(&args.script).unwrap_or_else(|_| args.script.clone());
+    let visible = store.iter().any(|(src, _, _)| script_abs.starts_with(src));
+    let script_arg = if visible { script_abs.into_os_string().into_vec() } else { format!("/proc/self/fd/{}", script.as_raw_fd()).into_bytes() };
+    let shell = CString::new(args.shell.as_bytes()).map_err(|_| anyhow!("--shell has a NUL byte"))?;
+    let argv = vec![shell.clone(), CString::new(script_arg).map_err(|_| anyhow!("the script path has a NUL byte"))?];
+
+    let plans = plans(args.id_mapping)?;
+    let scratch_parent = flatten::scratch_dir(args.scratch.as_deref());
+    let scratch = crate::oci::TempDir::new_in(&scratch_parent)?;
+    let (tree, image) = match &args.from_image {
+        Some(image) => {
+            let sel = Selector { name: args.from_image_name.clone(), tag: args.from_image_tag.clone() };
+            let opened = flatten::open_image(image, &sel, &scratch.0, args.quiet)?;
+            say(args.quiet, format!("Reading {} layers of {}...", opened.layers.len(), image.display()));
+            (Tree::from_layers(&opened.layers)?, Some(opened))
+        }
+        None => (Tree::new(), None),
+    };
+    let blobs: &[LayerBlob] = image.as_ref().map_or(&[], |i| &i.layers);
+    let job = Job {
+        args,
+        tree: &tree,
+        blobs,
+        scratch: &scratch.0,
+        mounts: Mounts { store },
+        spec: ScriptSpec { shell, argv, env, script_fd: script.as_raw_fd() },
+        mtime,
+    };
+    let (digest, counts) = run_in_namespaces(&job, &plans)?;
+    if let Some(path) = &args.out_checksum {
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".partial");
+        fs::write(&tmp, format!("{digest}\n")).with_context(|| format!("cannot write {}", PathBuf::from(&tmp).display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    say(
+        args.quiet,
+        format!(
+            "Wrote {}: {} entries, {} whiteouts, {} opaque directories, sha256 {digest} ({:.2} s)",
+            args.out_layer.display(),
+            counts.entries,
+            counts.whiteouts,
+            counts.opaques,
+            started.elapsed().as_secs_f64()
+        ),
+    );
+    let mut out = io::stdout().lock();
+    writeln!(out, "{digest}").context("cannot write to stdout")?;
+    drop(script);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::flatten::key_of;
+
+    fn st(ino: u64, dir: bool, ctime: i64) -> Stat {
+        Stat { ino, mode: if dir { libc::S_IFDIR | 0o755 } else { libc::S_IFREG | 0o644 }, uid: 0, gid: 0, ctime: (ctime, 0), birth: None }
+    }
+
+    fn k(p: &str) -> Vec<u8> {
+        let parts: Vec<&[u8]> = p.split('/').map(str::as_bytes).collect();
+        key_of(&parts)
+    }
+
+    fn show(changes: &[Change]) -> Vec<String> {
+        changes
+            .iter()
+            .map(|c| {
+                let (tag, key) = match c {
+                    Change::Entry(k) => ("+", k),
+                    Change::Whiteout(k) => ("-", k),
+                    Change::Opaque(k) => ("opaque ", k),
+                };
+                format!("{tag}{}", String::from_utf8_lossy(&member_name(key, false)[2..]))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn diff_whiteouts_opaque_dirs_and_parents() {
+        let mut lower = BTreeMap::new();
+        for (p, ino, dir) in [
+            ("etc", 1, true),
+            ("etc/passwd", 2, false),
+            ("etc/group", 3, false),
+            ("gone", 4, true),
+            ("gone/a", 5, false),
+            ("gone/b", 6, true),
+            ("gone/b/c", 7, false),
+            ("old", 8, true),
+            ("old/x", 9, false),
+            ("old/y", 10, false),
+            ("var", 11, true),
+            ("var/lib", 12, true),
+            ("var/lib/f", 13, false),
+            ("file2dir", 14, false),
+            ("dir2file", 15, true),
+            ("dir2file/z", 16, false),
+            ("chowned", 17, false),
+        ] {
+            lower.insert(k(p), st(ino, dir, 100));
+        }
+        let mut upper = lower.clone();
+        upper.insert(k("etc/passwd"), st(2, false, 200)); // edited in place: ctime moved
+        upper.remove(&k("gone"));
+        for p in ["gone/a", "gone/b", "gone/b/c"] {
+            upper.remove(&k(p));
+        }
+        // `old` removed and made again: a new inode, with one file of the same name.
+        upper.insert(k("old"), st(20, true, 200));
+        upper.remove(&k("old/y"));
+        upper.insert(k("old/x"), st(21, false, 200));
+        upper.remove(&k("var/lib/f"));
+        upper.insert(k("data"), st(22, true, 200));
+        upper.insert(k("data/new"), st(23, false, 200));
+        upper.insert(k("file2dir"), st(24, true, 200));
+        upper.insert(k("file2dir/in"), st(25, false, 200));
+        upper.remove(&k("dir2file/z"));
+        upper.insert(k("dir2file"), st(26, false, 200));
+        upper.insert(k("chowned"), Stat { uid: 999, gid: 999, ..st(17, false, 100) }); // a recorded chown: ctime unchanged
+        let changes = diff(&lower, &upper);
+        assert_eq!(
+            show(&changes),
+            [
+                // Whiteouts sort by their own name: ".wh.gone" comes first.
+                "-gone",
+                "+chowned",
+                "+data",
+                "+data/new",
+                "+dir2file",
+                "+etc",
+                "+etc/passwd",
+                "+file2dir",
+                "+file2dir/in",
+                "+old",
+                "opaque old",
+                "+old/x",
+                "+var",
+                "+var/lib",
+                "-var/lib/f",
+            ]
+        );
+    }
+
+    #[test]
+    fn nothing_changed_means_no_changes() {
+        let mut lower = BTreeMap::new();
+        lower.insert(k("a"), st(1, true, 1));
+        lower.insert(k("a/b"), st(2, false, 1));
+        assert!(diff(&lower, &lower.clone()).is_empty());
+        // A directory's ctime moves when entries come and go; that alone is no change.
+        let mut upper = lower.clone();
+        upper.insert(k("a"), st(1, true, 5));
+        assert!(diff(&lower, &upper).is_empty());
+    }
+
+    #[test]
+    fn detected_on_disk() {
+        // The snapshot, clock wait and diff against a real tree (no namespaces needed).
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("root");
+        fs::create_dir_all(root.join("keep")).unwrap();
+        fs::create_dir_all(root.join("replace/sub")).unwrap();
+        fs::write(root.join("keep/same-size"), "aaaa").unwrap();
+        fs::write(root.join("keep/delete"), "x").unwrap();
+        fs::write(root.join("replace/sub/f"), "x").unwrap();
+        let owners = Owners::default();
+        let (_, lower) = scan(&root, &owners).unwrap();
+        wait_for_clock(d.path(), &lower).unwrap();
+        // Same size, mtime put back: only the ctime tells.
+        let before = fs::metadata(root.join("keep/same-size")).unwrap().modified().unwrap();
+        fs::write(root.join("keep/same-size"), "bbbb").unwrap();
+        File::options().write(true).open(root.join("keep/same-size")).unwrap().set_modified(before).unwrap();
+        fs::remove_file(root.join("keep/delete")).unwrap();
+        fs::remove_dir_all(root.join("replace")).unwrap();
+        fs::create_dir(root.join("replace")).unwrap();
+        fs::write(root.join("replace/new"), "n").unwrap();
+        let (_, upper) = scan(&root, &owners).unwrap();
+        assert_eq!(show(&diff(&lower, &upper)), ["+keep", "-keep/delete", "+keep/same-size", "+replace", "opaque replace", "+replace/new"]);
+    }
+}
