@@ -779,33 +779,26 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
     let a = req.data.args;
     let nr = req.data.nr as libc::c_long;
     let path_of = |addr: u64| read_remote_path(pid, addr);
-    let resolve = |dirfd: i32, p: &[u8]| -> Vec<u8> {
-        if p.starts_with(b"/") {
-            p.to_vec()
-        } else if dirfd == libc::AT_FDCWD {
-            [format!("/proc/{pid}/cwd/").as_bytes(), p].concat()
-        } else {
-            [format!("/proc/{pid}/fd/{dirfd}/").as_bytes(), p].concat()
-        }
-    };
-    let (target, follow, uid, gid) = match nr {
-        n if n == libc::SYS_fchown => (format!("/proc/{pid}/fd/{}", a[0] as i32).into_bytes(), true, a[1] as u32, a[2] as u32),
+    // Where the caller's path starts: its cwd, one of its directory descriptors, or the root.
+    enum Base {
+        Root,
+        Cwd,
+        Fd(i32),
+    }
+    let base_of = |dirfd: i32| if dirfd == libc::AT_FDCWD { Base::Cwd } else { Base::Fd(dirfd) };
+    // (start, path, follow the last symlink, uid, gid); an empty path means the start itself.
+    let (base, path, follow, uid, gid) = match nr {
+        n if n == libc::SYS_fchown => (Base::Fd(a[0] as i32), Vec::new(), true, a[1] as u32, a[2] as u32),
         n if n == libc::SYS_fchownat => {
-            let dirfd = a[0] as i32;
             let flags = a[4] as i32;
             let p = match path_of(a[1]) {
                 Ok(p) => p,
                 Err(e) => return Verdict::Return(e),
             };
-            if p.is_empty() {
-                if flags & libc::AT_EMPTY_PATH == 0 {
-                    return Verdict::Return(libc::ENOENT);
-                }
-                let t = if dirfd == libc::AT_FDCWD { format!("/proc/{pid}/cwd") } else { format!("/proc/{pid}/fd/{dirfd}") };
-                (t.into_bytes(), true, a[2] as u32, a[3] as u32)
-            } else {
-                (resolve(dirfd, &p), flags & libc::AT_SYMLINK_NOFOLLOW == 0, a[2] as u32, a[3] as u32)
+            if p.is_empty() && flags & libc::AT_EMPTY_PATH == 0 {
+                return Verdict::Return(libc::ENOENT);
             }
+            (base_of(a[0] as i32), p, flags & libc::AT_SYMLINK_NOFOLLOW == 0, a[2] as u32, a[3] as u32)
         }
         _ => {
             #[cfg(target_arch = "x86_64")]
@@ -814,7 +807,10 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
                     Ok(p) => p,
                     Err(e) => return Verdict::Return(e),
                 };
-                (resolve(libc::AT_FDCWD, &p), nr == libc::SYS_chown, a[1] as u32, a[2] as u32)
+                if p.is_empty() {
+                    return Verdict::Return(libc::ENOENT);
+                }
+                (Base::Cwd, p, nr == libc::SYS_chown, a[1] as u32, a[2] as u32)
             }
             #[cfg(not(target_arch = "x86_64"))]
             return Verdict::Continue;
@@ -824,13 +820,56 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
     if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _, &req.id) } != 0 {
         return Verdict::Return(libc::ESRCH);
     }
-    let Ok(c) = CString::new(target) else { return Verdict::Return(libc::EINVAL) };
-    let flags = libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW };
-    let fd = unsafe { libc::open(c.as_ptr(), flags) };
-    if fd < 0 {
-        return Verdict::Return(errno().raw_os_error().unwrap_or(libc::EIO));
-    }
-    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // We share the caller's root and mounts, but "/proc/self" would be us: name the caller.
+    let (base, path) = match [&b"/proc/self/"[..], b"/proc/thread-self/"].iter().find(|p| path.starts_with(p)) {
+        Some(prefix) => (Base::Root, [format!("/proc/{pid}/").as_bytes(), &path[prefix.len()..]].concat()),
+        None => (base, path),
+    };
+    let start = match base {
+        _ if path.starts_with(b"/") => None,
+        Base::Root => None,
+        Base::Cwd => Some(format!("/proc/{pid}/cwd")),
+        Base::Fd(fd) => Some(format!("/proc/{pid}/fd/{fd}")),
+    };
+    let opened = (|| -> Result<OwnedFd, i32> {
+        let open_plain = |p: &str, extra: i32| -> Result<OwnedFd, i32> {
+            let c = CString::new(p).map_err(|_| libc::EINVAL)?;
+            let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC | extra) };
+            if fd < 0 {
+                return Err(errno().raw_os_error().unwrap_or(libc::EIO));
+            }
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        };
+        if path.is_empty() {
+            // fchown(fd) or AT_EMPTY_PATH: the descriptor (a magic link we mean to follow).
+            return open_plain(start.as_deref().unwrap_or("/"), 0);
+        }
+        if path.starts_with(format!("/proc/{pid}/").as_bytes()) {
+            return open_plain(&String::from_utf8_lossy(&path), if follow { 0 } else { libc::O_NOFOLLOW });
+        }
+        let dir = match &start {
+            Some(s) => Some(open_plain(s, libc::O_DIRECTORY)?),
+            None => None,
+        };
+        // The caller's own path must not go through magic links: they would resolve as us.
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
+        how.resolve = libc::RESOLVE_NO_MAGICLINKS;
+        let c = CString::new(path.clone()).map_err(|_| libc::EINVAL)?;
+        let dirfd = dir.as_ref().map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+        let fd = unsafe { libc::syscall(libc::SYS_openat2, dirfd, c.as_ptr(), &how as *const libc::open_how, std::mem::size_of::<libc::open_how>()) };
+        if fd < 0 {
+            return Err(errno().raw_os_error().unwrap_or(libc::EIO));
+        }
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+    })();
+    let fd = match opened {
+        Ok(fd) => fd,
+        // Through a magic link, or openat2 missing (before Linux 5.6): let the kernel run the
+        // call as the caller, which gives the true answer (EINVAL for an unmapped id).
+        Err(libc::ELOOP | libc::EXDEV | libc::ENOSYS) => return Verdict::Continue,
+        Err(e) => return Verdict::Return(e),
+    };
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
     let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 || unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut vfs) } != 0 {
