@@ -634,3 +634,55 @@ fn walk_all(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+/// Every way to name a chown target, with one id mapped (the seccomp recorder resolves each as
+/// the script would): relative to the cwd, recursive, through an absolute symlink, without
+/// following one, through the caller's /proc/self, and via a descriptor.
+#[test]
+fn recorded_chown_targets() {
+    if !is_root() && Command::new("unshare").args(["-U", "true"]).status().map_or(true, |s| !s.success()) {
+        eprintln!("skipped: no user namespaces here");
+        return;
+    }
+    let f = fixture();
+    let script = f.dir.path().join("chowns.sh");
+    fs::write(
+        &script,
+        "set -e\n\
+         mkdir -p /x/sub && cd /x && touch a b c sub/d\n\
+         chown 42:43 a\n\
+         chown -R 7:8 sub\n\
+         ln -s /x/b /x/abs-link && chown 50:51 /x/abs-link\n\
+         ln -s c /x/rel-link && chown -h 60:61 /x/rel-link\n\
+         exec 3</srv && chown 70:71 /proc/self/fd/3\n\
+         chown :9 c\n\
+         if chown 80 /no/such/file 2>/dev/null; then exit 1; fi\n",
+    )
+    .unwrap();
+    fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    let out = f.dir.path().join("chowns.tar");
+    let mut cmd = Command::new(bin());
+    cmd.arg("run-as-root").arg("--from-image").arg(&f.base).arg("--store-path").arg(&f.busybox).arg("--script").arg(&script);
+    cmd.arg("--shell").arg(f.busybox.join("bin/sh")).arg("--env").arg(format!("PATH={}/bin", f.busybox.display()));
+    cmd.arg("--out-layer").arg(&out).args(["--mtime", "12345", "--id-mapping", "single", "-q"]);
+    let o = cmd.output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let owners: Vec<(String, u64, u64)> = members(&fs::read(&out).unwrap()).into_iter().map(|m| (m.name, m.uid, m.gid)).collect();
+    let want: Vec<(String, u64, u64)> = [
+        ("./", 0, 0),
+        ("./srv/", 70, 71),
+        ("./tmp/", 0, 0),
+        ("./x/", 0, 0),
+        ("./x/a", 42, 43),
+        ("./x/abs-link", 0, 0),
+        ("./x/b", 50, 51),
+        ("./x/c", 0, 9),
+        ("./x/rel-link", 60, 61),
+        ("./x/sub/", 7, 8),
+        ("./x/sub/d", 7, 8),
+    ]
+    .iter()
+    .map(|(n, u, g)| (n.to_string(), *u, *g))
+    .collect();
+    assert_eq!(owners, want);
+}
