@@ -340,7 +340,8 @@ mod tests {
         let p = d.path().join("db.sqlite");
         write_db(&graph(), 1, &p).unwrap();
         let conn = Connection::open(&p).unwrap();
-        let rows: Vec<(i64, String, String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, Option<String>)> = conn
+        type Row = (i64, String, String, i64, Option<String>, Option<i64>, Option<i64>, Option<String>, Option<String>);
+        let rows: Vec<Row> = conn
             .prepare("select id, path, hash, registrationTime, deriver, narSize, ultimate, sigs, ca from ValidPaths order by id")
             .unwrap()
             .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?)))

@@ -1309,6 +1309,26 @@ impl MapPlan {
     }
 }
 
+/// Whether the ranges of one of our id maps hold every id from 0 to 65535 (what images use).
+fn covers_usual_ids(map: &str) -> bool {
+    let mut ranges: Vec<(u64, u64)> = map
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+            (f.len() == 3).then(|| (f[0], f[0] + f[2]))
+        })
+        .collect();
+    ranges.sort();
+    let mut next = 0;
+    for (start, end) in ranges {
+        if start > next {
+            break;
+        }
+        next = next.max(end);
+    }
+    next >= 65536
+}
+
 fn identity_map(file: &str) -> Result<String> {
     let text = fs::read_to_string(file).with_context(|| format!("cannot read {file}"))?;
     let lines: Vec<String> = text
@@ -1341,9 +1361,12 @@ fn plans(mode: IdMapping) -> Result<Vec<MapPlan>> {
     let uid = nix::unistd::geteuid().as_raw();
     let gid = nix::unistd::getegid().as_raw();
     let mut full = Vec::new();
-    if uid == 0 {
+    // Root of a namespace with few ids (`unshare -r`, a rootless container) is no better off
+    // than an unprivileged user.
+    let ours = |f: &str| fs::read_to_string(f).unwrap_or_default();
+    if uid == 0 && covers_usual_ids(&ours("/proc/self/uid_map")) && covers_usual_ids(&ours("/proc/self/gid_map")) {
         full.push(MapPlan::Identity { uid_map: identity_map("/proc/self/uid_map")?, gid_map: identity_map("/proc/self/gid_map")? });
-    } else if on_path("newuidmap") && on_path("newgidmap") {
+    } else if uid != 0 && on_path("newuidmap") && on_path("newgidmap") {
         let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)).ok().flatten().map(|u| u.name);
         let group = nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(gid)).ok().flatten().map(|g| g.name);
         let sub_u = subid_range("/etc/subuid", user.as_deref(), uid);
@@ -1661,6 +1684,15 @@ mod tests {
                 "-var/lib/f",
             ]
         );
+    }
+
+    #[test]
+    fn usual_id_coverage() {
+        assert!(covers_usual_ids("         0          0 4294967295\n"));
+        assert!(covers_usual_ids("0 1000 1\n1 100000 65536\n"));
+        assert!(!covers_usual_ids("0 65534 1\n"));
+        assert!(!covers_usual_ids("1 100000 65536\n"));
+        assert!(!covers_usual_ids("0 1000 1\n2 100000 65536\n"));
     }
 
     #[test]

@@ -452,6 +452,26 @@ fn run_as_root_unprivileged() {
         let root_bytes = run_ok(f.run_as_root_cmd(&root_out, &[]), &root_out);
         assert!(root_bytes == bytes, "the unprivileged layer differs from the root one");
     }
+    // Root of a namespace that maps one id (`unshare -r`, like a rootless container): auto
+    // must see that root there cannot chown, and record owners.
+    let nested_out = work.join("nested.tar");
+    let mut nested = f.run_as_root_cmd(&nested_out, &["--scratch"]);
+    nested.arg(&work);
+    let mut c = if is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", "unshare", "-r"]);
+        c
+    } else {
+        let mut c = Command::new("unshare");
+        c.arg("-r");
+        c
+    };
+    c.arg(nested.get_program()).args(nested.get_args());
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "nested run-as-root failed: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("other owners are recorded"));
+    assert!(fs::read(&nested_out).unwrap() == bytes, "the nested layer differs");
+    fs::remove_file(&nested_out).unwrap();
     // A full range through newuidmap, where this user has subordinate ids.
     let mut full = f.run_as_root_cmd(&out, &["--id-mapping", "full", "--scratch"]);
     full.arg(&work);
