@@ -197,7 +197,8 @@ fn layering_conf(graph: Value, map: &Map<String, Value>) -> Result<LayeringConf>
     })
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What kind of JSON value `v` is, for error messages.
+pub fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -12,6 +12,7 @@
 //!
 //! `dominator` is our own strategy (see [`dominator_layers`]).
 
+use crate::conf::kind;
 use crate::store::{ClosureGraph, GraphFormat, StorePath};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -481,17 +482,6 @@ fn parse_step(value: &Value, at: &str) -> Result<Step> {
             "{at}: unknown step {other:?} (known: popularity_contest, subcomponent_in, subcomponent_out, split_paths, split_every, limit_layers, remove_paths, reverse, flatten, over, map, pipe)"
         ),
     })
-}
-
-fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 /// A graph as flatten-references-graph's igraph graphs: vertices in order (graph node ids) and
