@@ -5,12 +5,13 @@
 //!
 //! - **P** (the caller) reads the base image into a merged tree ([`crate::flatten::Tree`]),
 //!   forks C and writes C's uid/gid maps from outside, as only the parent namespace can.
-//! - **C** enters new user, mount, pid, network, IPC and UTS namespaces. As root there it lays
+//! - **C** enters new user, mount, network, IPC and UTS namespaces. As root there it lays
 //!   out the root filesystem in a scratch directory (every layer applied, owners set), takes a
 //!   snapshot of it, copies the `--layer` trees on top, runs the script through S, then diffs
 //!   the tree against the snapshot and writes the change as a layer tar.
-//! - **S**, pid 1 of the new pid namespace, mounts the store paths (read-only), a fresh /proc
-//!   and a small /dev in a mount namespace of its own, pivots into the root, and forks T.
+//! - **S**, pid 1 of a new pid namespace (entered by a short-lived intermediate), mounts the
+//!   store paths (read-only), a fresh /proc and a small /dev in a mount namespace of its own,
+//!   pivots into the root, and forks T.
 //! - **T** runs `SHELL SCRIPT` as uid 0.
 //!
 //! Id mapping. As root (or with `newuidmap` and a subordinate id range) every id the image uses
@@ -89,6 +90,14 @@ pub struct RunAsRootArgs {
     /// plus PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin if not given.
     #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
+    /// Commands run after the script (nixpkgs' extraCommands): by `--extra-commands-shell`,
+    /// not chrooted, with the root filesystem as working directory and stevedore's own
+    /// environment, as root of the namespace. What they change goes into the layer too.
+    #[arg(long, value_name = "FILE")]
+    pub extra_commands: Option<PathBuf>,
+    /// The shell for --extra-commands, a path outside the image.
+    #[arg(long, value_name = "PATH", default_value = "/bin/sh")]
+    pub extra_commands_shell: PathBuf,
     /// Where to write the new layer (a tar; replaced only once complete).
     #[arg(long, value_name = "FILE")]
     pub out_layer: PathBuf,
@@ -1137,6 +1146,8 @@ struct Job<'a> {
     scratch: &'a Path,
     mounts: Mounts,
     spec: ScriptSpec,
+    /// `--extra-commands`, absolute (it runs from the root filesystem).
+    extra_commands: Option<PathBuf>,
     mtime: i64,
 }
 
@@ -1146,10 +1157,38 @@ fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Resu
     match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop(frames_r);
-            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_main(root, &job.mounts, &job.spec, single, frames_w.as_raw_fd()))) {
+            // A pid namespace per run, entered here rather than by C: once its pid 1 exits,
+            // nothing can be forked into it again, and C still has commands to run.
+            let fw = frames_w.as_raw_fd();
+            let init = || -> Result<i32> {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
+                unshare(CloneFlags::CLONE_NEWPID).map_err(|e| anyhow!("cannot create a pid namespace: {e}"))?;
+                match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
+                    ForkResult::Child => {
+                        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_main(root, &job.mounts, &job.spec, single, fw))) {
+                            Ok(Ok(code)) => code,
+                            Ok(Err(e)) => {
+                                send_frame(fw, FRAME_ERROR, format!("{e:#}").as_bytes());
+                                125
+                            }
+                            Err(_) => 125,
+                        };
+                        unsafe { libc::_exit(code) }
+                    }
+                    ForkResult::Parent { child } => loop {
+                        match waitpid(child, None) {
+                            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+                            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+                            Ok(_) | Err(nix::errno::Errno::EINTR) => continue,
+                            Err(e) => bail!("waiting for the namespace's init failed: {e}"),
+                        }
+                    },
+                }
+            };
+            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(init)) {
                 Ok(Ok(code)) => code,
                 Ok(Err(e)) => {
-                    send_frame(frames_w.as_raw_fd(), FRAME_ERROR, format!("{e:#}").as_bytes());
+                    send_frame(fw, FRAME_ERROR, format!("{e:#}").as_bytes());
                     125
                 }
                 Err(_) => 125,
@@ -1217,6 +1256,19 @@ fn in_namespace(job: &Job, root: &Path, single: bool) -> Result<(String, LayerCo
         }
         bail!("the script {} failed with exit code {status}", job.args.script.display());
     }
+    if let Some(extra) = &job.extra_commands {
+        say(quiet, format!("Running {}...", extra.display()));
+        let stderr = io::stderr().as_fd().try_clone_to_owned().context("cannot duplicate stderr")?;
+        let status = std::process::Command::new(&job.args.extra_commands_shell)
+            .arg(extra)
+            .current_dir(root)
+            .stdout(stderr)
+            .status()
+            .with_context(|| format!("cannot run {}", job.args.extra_commands_shell.display()))?;
+        if !status.success() {
+            bail!("the extra commands {} failed ({status})", extra.display());
+        }
+    }
     let (_, upper) = scan(root, &owners)?;
     let changes = diff(&lower, &upper);
     let (digest, counts) = write_changes(root, &changes, &owners, &job.args.out_layer, job.mtime)?;
@@ -1239,7 +1291,6 @@ fn child_main(job: &Job, ready: OwnedFd, go: OwnedFd, result: OwnedFd) -> i32 {
         nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
         let flags = CloneFlags::CLONE_NEWUSER
             | CloneFlags::CLONE_NEWNS
-            | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWNET
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS;
@@ -1488,6 +1539,10 @@ pub fn run(args: &RunAsRootArgs) -> Result<()> {
         None => flatten::default_mtime()?,
     };
     let script = File::open(&args.script).with_context(|| format!("cannot open the script {}", args.script.display()))?;
+    let extra_commands = match &args.extra_commands {
+        Some(extra) => Some(fs::canonicalize(extra).with_context(|| format!("cannot open the extra commands {}", extra.display()))?),
+        None => None,
+    };
     for out in std::iter::once(&args.out_layer).chain(&args.out_checksum) {
         let parent = out.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
         if !fs::metadata(parent).map(|m| m.is_dir()).unwrap_or(false) {
@@ -1566,6 +1621,7 @@ pub fn run(args: &RunAsRootArgs) -> Result<()> {
         scratch: &scratch.0,
         mounts: Mounts { store },
         spec: ScriptSpec { shell, argv, env, script_fd: script.as_raw_fd() },
+        extra_commands,
         mtime,
     };
     let (digest, counts) = run_in_namespaces(&job, &plans)?;

@@ -680,9 +680,13 @@ fn recorded_chown_targets() {
     )
     .unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
+    // extraCommands run after the script, from the root filesystem, outside the chroot.
+    let extra = f.dir.path().join("extra.sh");
+    fs::write(&extra, "mkdir -p var/log && echo extra > var/log/x && chmod 1777 var/log\n").unwrap();
+    fs::set_permissions(&extra, fs::Permissions::from_mode(0o644)).unwrap();
     let out = f.dir.path().join("chowns.tar");
     let mut cmd = Command::new(bin());
-    cmd.arg("run-as-root").arg("--from-image").arg(&f.base).arg("--store-path").arg(&f.busybox).arg("--script").arg(&script);
+    cmd.arg("run-as-root").arg("--extra-commands").arg(&extra).arg("--from-image").arg(&f.base).arg("--store-path").arg(&f.busybox).arg("--script").arg(&script);
     cmd.arg("--shell").arg(f.busybox.join("bin/sh")).arg("--env").arg(format!("PATH={}/bin", f.busybox.display()));
     cmd.arg("--out-layer").arg(&out).args(["--mtime", "12345", "--id-mapping", "single", "-q"]);
     let o = cmd.output().unwrap();
@@ -692,6 +696,9 @@ fn recorded_chown_targets() {
         ("./", 0, 0),
         ("./srv/", 70, 71),
         ("./tmp/", 0, 0),
+        ("./var/", 0, 0),
+        ("./var/log/", 0, 0),
+        ("./var/log/x", 0, 0),
         ("./x/", 0, 0),
         ("./x/a", 42, 43),
         ("./x/abs-link", 0, 0),
