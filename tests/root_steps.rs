@@ -766,9 +766,9 @@ fn run_as_root_in_the_nix_sandbox() {
     let o = build(false);
     let stderr = String::from_utf8_lossy(&o.stderr);
     if !o.status.success() {
-        let sandbox_broken = stderr.contains("sandbox") && !stderr.contains("stevedore:");
-        assert!(!(ci() && !sandbox_broken), "the sandboxed build failed: {stderr}");
-        assert!(sandbox_broken, "the sandboxed build failed: {stderr}");
+        // If stevedore never got to say anything, the sandbox itself could not start it.
+        let started = stderr.contains("stevedore:") || stderr.contains("User namespace:");
+        assert!(!started, "the sandboxed build failed: {stderr}");
         eprintln!("skipped: sandboxed Nix builds do not run here: {}", stderr.lines().last().unwrap_or(""));
         return;
     }
