@@ -1073,6 +1073,19 @@ fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
 fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> String {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
     unsafe {
+        // Signals the caller ignores (Rust ignores SIGPIPE, so `yes | head` would not end;
+        // a background job ignores SIGINT) must not reach the script: all back to default.
+        // The raw call, since glibc's wrappers refuse its own signals 32 and 33; an all-zero
+        // kernel sigaction is SIG_DFL with no flags and an empty mask on every architecture.
+        let default = [0u64; 4];
+        for sig in 1..=64 {
+            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+                libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null_mut::<u64>(), 8usize);
+            }
+        }
+        let mut none: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut none);
+        libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
         // The script's output is progress, not product: stdout goes to stderr.
         libc::dup2(2, 1);
         let flags = libc::fcntl(spec.script_fd, libc::F_GETFD);
@@ -1295,6 +1308,8 @@ fn child_main(job: &Job, ready: OwnedFd, go: OwnedFd, result: OwnedFd) -> i32 {
             | CloneFlags::CLONE_NEWIPC
             | CloneFlags::CLONE_NEWUTS;
         unshare(flags).map_err(|e| anyhow!("cannot create a user namespace: {e}{}", userns_hint()))?;
+        // Modes of what the script creates must not depend on the caller (nixpkgs' VM: 022).
+        unsafe { libc::umask(0o022) };
         nix::unistd::write(&ready, b"u")?;
         drop(ready);
         let mut mode = [0u8; 1];

@@ -148,7 +148,7 @@ fn fixture() -> Fixture {
     let busybox = dir.path().join("store/0c7a4hbz5ylhypwpjfhcfh1mrnmpr1dq-busybox");
     fs::create_dir_all(busybox.join("bin")).unwrap();
     fs::copy("/bin/busybox", busybox.join("bin/busybox")).expect("busybox-static is installed at /bin/busybox");
-    for applet in ["sh", "mkdir", "chown", "rm", "echo", "cat", "ls", "id", "chmod", "touch", "ln", "stat"] {
+    for applet in ["sh", "mkdir", "chown", "rm", "echo", "cat", "ls", "id", "chmod", "touch", "ln", "stat", "grep"] {
         symlink("busybox", busybox.join("bin").join(applet)).unwrap();
     }
     let base_layers = vec![
@@ -676,7 +676,9 @@ fn recorded_chown_targets() {
          ln -s c /x/rel-link && chown -h 60:61 /x/rel-link\n\
          exec 3</srv && chown 70:71 /proc/self/fd/3\n\
          chown :9 c\n\
-         if chown 80 /no/such/file 2>/dev/null; then exit 1; fi\n",
+         if chown 80 /no/such/file 2>/dev/null; then exit 1; fi\n\
+         test \"$(umask)\" = 0022\n\
+         grep -q '^SigIgn:[[:space:]]*0*$' /proc/self/status\n",
     )
     .unwrap();
     fs::set_permissions(&script, fs::Permissions::from_mode(0o644)).unwrap();
@@ -685,7 +687,10 @@ fn recorded_chown_targets() {
     fs::write(&extra, "mkdir -p var/log && echo extra > var/log/x && chmod 1777 var/log\n").unwrap();
     fs::set_permissions(&extra, fs::Permissions::from_mode(0o644)).unwrap();
     let out = f.dir.path().join("chowns.tar");
-    let mut cmd = Command::new(bin());
+    // Under a caller's umask 077 and ignored SIGPIPE (Rust's default), the script still gets
+    // umask 022 and default signal handling.
+    let mut cmd = Command::new("sh");
+    cmd.args(["-c", "umask 077; exec \"$0\" \"$@\""]).arg(bin());
     cmd.arg("run-as-root").arg("--extra-commands").arg(&extra).arg("--from-image").arg(&f.base).arg("--store-path").arg(&f.busybox).arg("--script").arg(&script);
     cmd.arg("--shell").arg(f.busybox.join("bin/sh")).arg("--env").arg(format!("PATH={}/bin", f.busybox.display()));
     cmd.arg("--out-layer").arg(&out).args(["--mtime", "12345", "--id-mapping", "single", "-q"]);
