@@ -293,8 +293,20 @@ let
         }
       );
 
+      # `nix run .#image.copyToRegistry [-- docker://REGISTRY/REPO:TAG]`: a direct push.
+      copyToRegistry = stevedoreDrv "push-script" (
+        local
+        // {
+          name = "copy-${baseName}-to-registry";
+          inherit shell;
+          stevedore = stevedoreBin;
+          conf = "${conf}";
+          imageRef = "${toLower name}:${imageTag}";
+        }
+      );
+
       allPassthru = passthru // {
-        inherit imageTag conf;
+        inherit imageTag conf copyToRegistry;
         # Lets functions that take images tell executables from archives.
         isExe = true;
       };

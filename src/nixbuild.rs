@@ -66,6 +66,8 @@ pub enum Action {
     Conf,
     /// Write the executable that streams the image.
     StreamScript,
+    /// An executable that pushes the image to a registry (passthru.copyToRegistry).
+    PushScript,
     /// Write the image archive, compressed.
     Archive,
     /// Pack the directory ROOT into DIR/layer.tar and DIR/checksum (as the customisation layer).
@@ -93,6 +95,7 @@ pub fn run(args: &NixArgs) -> Result<()> {
             write_new(&out, serde_json::to_string_pretty(&conf)?.as_bytes(), 0o444)
         }
         Action::StreamScript => stream_script(&Attrs::load()?),
+        Action::PushScript => push_script(&Attrs::load()?),
         Action::Archive => archive(&Attrs::load()?),
         Action::Pack { root, dir, mtime, owners } => {
             let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
@@ -444,6 +447,24 @@ fn stream_script(attrs: &Attrs) -> Result<()> {
     }
     let script = format!(
         "#!{shell}\n# Streams the image as a Docker archive to stdout; try --help.\nexec {} stream {} \"$@\"\n",
+        shell_quote(&attrs.str("stevedore")?),
+        shell_quote(&attrs.str("conf")?)
+    );
+    write_new(&attrs.out()?, script.as_bytes(), 0o555)
+}
+
+/// `push-script`: `shell`, `stevedore`, `conf`, `imageRef` → `$out`, an executable that runs
+/// `stevedore push CONF DEST [OPTIONS]`, DEST defaulting to `docker://<imageRef>`.
+fn push_script(attrs: &Attrs) -> Result<()> {
+    let shell = attrs.str("shell")?;
+    if !shell.starts_with('/') {
+        bail!("shell: {shell:?} is not an absolute path");
+    }
+    let script = format!(
+        "#!{shell}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
+         dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\
+         exec {} push {} \"$dest\" \"$@\"\n",
+        shell_quote(&attrs.str("imageRef")?),
         shell_quote(&attrs.str("stevedore")?),
         shell_quote(&attrs.str("conf")?)
     );

@@ -2,7 +2,7 @@
 # Installs what the tests and the example need on Debian 12 (run as root). Idempotent.
 set -euo pipefail
 need=()
-for pkg in nix-bin podman runc skopeo umoci docker-registry busybox-static fakeroot proot uidmap python3 time; do
+for pkg in nix-bin podman runc skopeo umoci docker-registry busybox-static fakeroot proot uidmap python3 time curl zstd; do
   dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then

@@ -395,6 +395,26 @@ assert d["drv"].endswith("-stream-overlay.drv"), d
 EOF2
 }
 
+# passthru.copyToRegistry pushes to a registry on loopback, and skopeo reads the image back.
+test_copy_to_registry() {
+  local push dir port out
+  push=$(build hello.copyToRegistry)
+  dir=$work/registry
+  port=$((20000 + RANDOM % 20000))
+  mkdir -p "$dir"
+  printf 'version: 0.1\nhttp:\n  addr: 127.0.0.1:%s\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "$port" "$dir" >"$dir/config.yml"
+  docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
+  local pid=$!
+  # shellcheck disable=SC2064
+  trap "kill $pid 2>/dev/null" RETURN
+  for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+  out=$("$push" "docker://127.0.0.1:$port/team/hello:v1" --insecure -q)
+  expect_eq "$(skopeo inspect --tls-verify=false "docker://127.0.0.1:$port/team/hello:v1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Digest"])')" "$out"
+  # Unchanged: nothing uploaded the second time.
+  out=$("$push" "docker://127.0.0.1:$port/team/hello:v1" --insecure 2>&1)
+  [[ "$out" == *": 0 uploaded"* ]] || fail "second push uploaded blobs: $out"
+}
+
 t fakeroot-lstat test_fakeroot_lstat
 t stream test_stream
 t passthru test_passthru
@@ -411,6 +431,7 @@ t fakechroot test_fakechroot
 t minimal-pkgs test_minimal_pkgs
 t errors test_errors
 t flake test_flake
+t copy-to-registry test_copy_to_registry
 
 echo "nix tests took $((SECONDS - started)) s"
 [ "$failed" -eq 0 ] || echo "failed: ${failures[*]}"
