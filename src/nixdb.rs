@@ -239,6 +239,10 @@ pub fn write_db(graph: &ClosureGraph, registration_time: i64, db: &Path) -> Resu
         }
         let f = fs::File::open(&tmp)?;
         f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
+        // A journal left beside an older database would be replayed onto ours.
+        for p in sqlite_leftovers(db) {
+            remove_if_exists(&p)?;
+        }
         fs::rename(&tmp, db).with_context(|| format!("cannot rename {} to {}", tmp.display(), db.display()))
     })();
     if result.is_err() {
@@ -328,6 +332,11 @@ mod tests {
         let mut left: Vec<String> = fs::read_dir(d1.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
         left.sort();
         assert_eq!(left, ["db.sqlite"], "journal or temporary files left behind");
+        // A stale journal beside the old database goes (SQLite would replay it onto ours).
+        fs::write(d1.path().join("db.sqlite-wal"), b"stale").unwrap();
+        write_db(&graph(), 1, &p1).unwrap();
+        assert!(!d1.path().join("db.sqlite-wal").exists());
+        assert!(fs::read(&p1).unwrap() == fs::read(&p2).unwrap());
         // A different registration time changes the bytes (it is really stored).
         let d3 = tempfile::tempdir().unwrap();
         write_db(&graph(), 2, &d3.path().join("db.sqlite")).unwrap();
