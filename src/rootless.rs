@@ -153,11 +153,25 @@ fn key_path(root: &Path, key: &[u8]) -> PathBuf {
 // Owners the disk cannot hold.
 
 /// Owners that are not on disk, by (device, inode): ids the namespace does not map, and, with a
-/// single mapping, every owner but root, including the script's recorded `chown`s.
+/// single mapping, every owner but root, including the script's recorded `chown`s. An entry
+/// holds only for the inode it was made for: file systems hand a freed inode number to the
+/// next new file at once, so the birth time must match too (a file made after the snapshot
+/// is born later than anything in it; the script's own chowns are pinned by S meanwhile).
 #[derive(Default, Debug)]
 struct Owners {
     single: bool,
-    fake: HashMap<(u64, u64), (u64, u64)>,
+    fake: HashMap<(u64, u64), Fake>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Fake {
+    uid: u64,
+    gid: u64,
+    birth: Option<(u64, u32)>,
+}
+
+fn birth(meta: &fs::Metadata) -> Option<(u64, u32)> {
+    meta.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| (d.as_secs(), d.subsec_nanos()))
 }
 
 impl Owners {
@@ -165,12 +179,13 @@ impl Owners {
     fn set(&mut self, path: &Path, uid: u64, gid: u64) -> Result<()> {
         let meta = fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
         let id = (meta.dev(), meta.ino());
+        let fake = Fake { uid, gid, birth: birth(&meta) };
         if self.single {
             // Everything on disk is ours, which is root here.
             if (uid, gid) == (0, 0) {
                 self.fake.remove(&id);
             } else {
-                self.fake.insert(id, (uid, gid));
+                self.fake.insert(id, fake);
             }
             return Ok(());
         }
@@ -186,19 +201,26 @@ impl Owners {
             }
         }
         // An id outside the mapping.
-        self.fake.insert(id, (uid, gid));
+        self.fake.insert(id, fake);
         Ok(())
     }
 
-    /// A `chown` the script asked for (`u32::MAX` keeps that id).
-    fn record(&mut self, dev: u64, ino: u64, uid: u32, gid: u32) {
-        let cur = self.fake.get(&(dev, ino)).copied().unwrap_or((0, 0));
-        let new = (if uid == u32::MAX { cur.0 } else { uid as u64 }, if gid == u32::MAX { cur.1 } else { gid as u64 });
-        self.fake.insert((dev, ino), new);
+    /// A `chown` the script asked for (`u32::MAX` keeps that id). Only single mappings record,
+    /// and then the disk says root.
+    fn record(&mut self, dev: u64, ino: u64, birth: Option<(u64, u32)>, uid: u32, gid: u32) {
+        let cur = match self.fake.get(&(dev, ino)) {
+            Some(f) if f.birth == birth => (f.uid, f.gid),
+            _ => (0, 0),
+        };
+        let (uid, gid) = (if uid == u32::MAX { cur.0 } else { uid as u64 }, if gid == u32::MAX { cur.1 } else { gid as u64 });
+        self.fake.insert((dev, ino), Fake { uid, gid, birth });
     }
 
     fn of(&self, meta: &fs::Metadata) -> (u64, u64) {
-        self.fake.get(&(meta.dev(), meta.ino())).copied().unwrap_or((meta.uid() as u64, meta.gid() as u64))
+        match self.fake.get(&(meta.dev(), meta.ino())) {
+            Some(f) if f.birth == birth(meta) => (f.uid, f.gid),
+            _ => (meta.uid() as u64, meta.gid() as u64),
+        }
     }
 }
 
@@ -357,8 +379,7 @@ impl Stat {
 
     fn of(meta: &fs::Metadata, owners: &Owners) -> Stat {
         let (uid, gid) = owners.of(meta);
-        let birth = meta.created().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| (d.as_secs(), d.subsec_nanos()));
-        Stat { ino: meta.ino(), mode: meta.mode(), uid, gid, ctime: (meta.ctime(), meta.ctime_nsec()), birth }
+        Stat { ino: meta.ino(), mode: meta.mode(), uid, gid, ctime: (meta.ctime(), meta.ctime_nsec()), birth: birth(meta) }
     }
 }
 
@@ -696,12 +717,11 @@ fn read_frames(fd: OwnedFd, owners: &mut Owners) -> Result<Option<String>> {
         let mut payload = vec![0u8; len];
         r.read_exact(&mut payload).context("the namespace's init process sent a truncated message")?;
         match head[0] {
-            FRAME_OWNER if len == 24 => {
-                let dev = u64::from_le_bytes(payload[0..8].try_into().unwrap());
-                let ino = u64::from_le_bytes(payload[8..16].try_into().unwrap());
-                let uid = u32::from_le_bytes(payload[16..20].try_into().unwrap());
-                let gid = u32::from_le_bytes(payload[20..24].try_into().unwrap());
-                owners.record(dev, ino, uid, gid);
+            FRAME_OWNER if len == 40 => {
+                let word = |at: usize| u64::from_le_bytes(payload[at..at + 8].try_into().unwrap());
+                let half = |at: usize| u32::from_le_bytes(payload[at..at + 4].try_into().unwrap());
+                let birth = (half(36) != 0).then(|| (word(24), half(32)));
+                owners.record(word(0), word(8), birth, half(16), half(20));
             }
             FRAME_ERROR => error = Some(String::from_utf8_lossy(&payload).into_owned()),
             _ => bail!("the namespace's init process sent a malformed message"),
@@ -783,7 +803,7 @@ enum Verdict {
 
 /// Handles one chown call: resolves its target as the caller would (S shares its root and
 /// mount namespace), records the requested owner, and clears set-id bits as chown does.
-fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frames: RawFd) -> Verdict {
+fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frames: RawFd, pins: &mut Pins) -> Verdict {
     let pid = req.pid;
     let a = req.data.args;
     let nr = req.data.nr as libc::c_long;
@@ -890,11 +910,17 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
     if vfs.f_flag & libc::ST_RDONLY != 0 {
         return Verdict::Return(libc::EROFS);
     }
-    let mut rec = Vec::with_capacity(24);
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let empty = c"";
+    let has_birth = unsafe { libc::statx(fd.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_BTIME, &mut stx) } == 0 && stx.stx_mask & libc::STATX_BTIME != 0;
+    let mut rec = Vec::with_capacity(40);
     rec.extend_from_slice(&st.st_dev.to_le_bytes());
     rec.extend_from_slice(&st.st_ino.to_le_bytes());
     rec.extend_from_slice(&uid.to_le_bytes());
     rec.extend_from_slice(&gid.to_le_bytes());
+    rec.extend_from_slice(&(stx.stx_btime.tv_sec as u64).to_le_bytes());
+    rec.extend_from_slice(&stx.stx_btime.tv_nsec.to_le_bytes());
+    rec.extend_from_slice(&(has_birth as u32).to_le_bytes());
     send_frame(frames, FRAME_OWNER, &rec);
     let mode = st.st_mode & 0o7777;
     if st.st_mode & libc::S_IFMT == libc::S_IFREG && (uid != u32::MAX || gid != u32::MAX) {
@@ -908,17 +934,46 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
             }
         }
     }
+    pins.keep(fd);
     Verdict::Return(0)
 }
 
-fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd) {
+/// Descriptors of the inodes whose owner we recorded, held while the script runs so that a
+/// deleted one's number cannot go to a new file (and its owner with it), up to a budget.
+struct Pins {
+    fds: Vec<OwnedFd>,
+    budget: usize,
+}
+
+impl Pins {
+    fn new() -> Pins {
+        // Raise the soft limit on open files to the hard one, keeping room for everything else.
+        let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+        let mut budget = 0;
+        if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
+            lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+            unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+            budget = (lim.rlim_cur as usize).saturating_sub(256);
+        }
+        Pins { fds: Vec::new(), budget }
+    }
+
+    fn keep(&mut self, fd: OwnedFd) {
+        if self.fds.len() < self.budget {
+            self.fds.push(fd);
+        }
+    }
+}
+
+fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd, pins: &mut Pins) {
     let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
     if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut req) } != 0 {
         return; // the caller died meanwhile
     }
     let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
     resp.id = req.id;
-    match handle_chown(listener, &req, root_dev, frames) {
+    match handle_chown(listener, &req, root_dev, frames, pins) {
         Verdict::Continue => resp.flags = libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32,
         Verdict::Return(0) => {}
         Verdict::Return(e) => resp.error = -e,
@@ -1111,6 +1166,7 @@ fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> String {
 
 fn supervise(child: Pid, listener: Option<OwnedFd>, root_dev: u64, frames: RawFd) -> Result<i32> {
     let mut listener = listener;
+    let mut pins = Pins::new();
     loop {
         match &listener {
             Some(l) => {
@@ -1119,7 +1175,7 @@ fn supervise(child: Pid, listener: Option<OwnedFd>, root_dev: u64, frames: RawFd
                     Ok(n) if n > 0 => {
                         let ev = fds[0].revents().unwrap_or(nix::poll::PollFlags::empty());
                         if ev.contains(nix::poll::PollFlags::POLLIN) {
-                            serve_one(l.as_raw_fd(), root_dev, frames);
+                            serve_one(l.as_raw_fd(), root_dev, frames, &mut pins);
                         } else if ev.intersects(nix::poll::PollFlags::POLLHUP | nix::poll::PollFlags::POLLERR) {
                             // Every filtered process is gone.
                             listener = None;
