@@ -562,7 +562,17 @@ fn nixdb_is_accepted_by_nix() {
     fs::write(d.join("src/sub/run"), "#!/bin/sh\necho hi\n").unwrap();
     fs::set_permissions(d.join("src/sub/run"), fs::Permissions::from_mode(0o755)).unwrap();
     symlink("greeting", d.join("src/link")).unwrap();
-    let b = stdout_line(&nix(&["nix-store", "--add", d.join("src").to_str().unwrap()]));
+    let mut add = Command::new("nix-store");
+    nix_env(&mut add).arg("--add").arg(d.join("src"));
+    let added = add.output().unwrap();
+    if !added.status.success() {
+        // e.g. not root and no daemon: the store cannot be written.
+        let why = String::from_utf8_lossy(&added.stderr).trim().to_string();
+        assert!(!ci(), "nix-store --add failed, and CI needs this test to run: {why}");
+        eprintln!("skipped: cannot add to the Nix store here: {why}");
+        return;
+    }
+    let b = stdout_line(&added);
     let expr = format!(
         r#"let
   b = builtins.storePath "{b}";
