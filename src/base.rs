@@ -41,7 +41,8 @@ enum Member {
     Link { target: String },
 }
 
-fn normalize(name: &str) -> String {
+/// Normalizes an archive member name: no `.`, no empty components, `..` resolved.
+pub fn normalize_member_name(name: &str) -> String {
     let mut parts: Vec<&str> = Vec::new();
     for c in name.split('/') {
         match c {
@@ -78,7 +79,7 @@ impl BaseImage {
         let mut members: HashMap<String, Member> = HashMap::new();
         let mut small: HashMap<String, Vec<u8>> = HashMap::new();
         for_each_member(path, |entry| {
-            let name = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
+            let name = normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
             let kind = entry.header().entry_type();
             if kind.is_symlink() || kind.is_hard_link() {
                 let target = entry
@@ -87,9 +88,9 @@ impl BaseImage {
                     .unwrap_or_default();
                 let target = if kind.is_symlink() && !target.starts_with('/') {
                     let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                    normalize(&format!("{dir}/{target}"))
+                    normalize_member_name(&format!("{dir}/{target}"))
                 } else {
-                    normalize(&target)
+                    normalize_member_name(&target)
                 };
                 members.insert(name, Member::Link { target });
             } else if kind.is_file() {
@@ -107,7 +108,7 @@ impl BaseImage {
         })?;
 
         let resolve = |name: &str| -> Result<(String, u64)> {
-            let mut name = normalize(name);
+            let mut name = normalize_member_name(name);
             for _ in 0..32 {
                 match members.get(&name) {
                     Some(Member::File { size }) => return Ok((name, *size)),
@@ -191,7 +192,7 @@ impl BaseImage {
             if wanted.is_empty() {
                 return Ok(false);
             }
-            let name = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
+            let name = normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
             if entry.header().entry_type().is_file() {
                 if let Some(layer) = wanted.remove(name.as_str()) {
                     f(layer, entry)?;
@@ -234,8 +235,8 @@ mod tests {
 
     #[test]
     fn normalize_member_names() {
-        assert_eq!(normalize("./abc/layer.tar"), "abc/layer.tar");
-        assert_eq!(normalize("abc/../def/layer.tar"), "def/layer.tar");
-        assert_eq!(normalize("/manifest.json"), "manifest.json");
+        assert_eq!(normalize_member_name("./abc/layer.tar"), "abc/layer.tar");
+        assert_eq!(normalize_member_name("abc/../def/layer.tar"), "def/layer.tar");
+        assert_eq!(normalize_member_name("/manifest.json"), "manifest.json");
     }
 }

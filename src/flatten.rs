@@ -123,20 +123,6 @@ enum Member {
     Link(String),
 }
 
-/// Normalizes an archive member name: no `.`, no empty components, `..` resolved.
-fn normalize_name(name: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in name.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
-    }
-    parts.join("/")
-}
 
 /// Members up to this size are kept from the indexing pass: manifests, configs, indexes.
 const SMALL_MEMBER: u64 = 4 << 20;
@@ -172,15 +158,15 @@ impl ArchiveIndex {
     }
 
     fn record<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<()> {
-        let name = normalize_name(&String::from_utf8_lossy(&entry.path_bytes()));
+        let name = crate::base::normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
         let kind = entry.header().entry_type();
         if kind.is_symlink() || kind.is_hard_link() {
             let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
             let target = if kind.is_symlink() && !target.starts_with('/') {
                 let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                normalize_name(&format!("{dir}/{target}"))
+                crate::base::normalize_member_name(&format!("{dir}/{target}"))
             } else {
-                normalize_name(&target)
+                crate::base::normalize_member_name(&target)
             };
             self.members.insert(name, Member::Link(target));
         } else if kind.is_file() {
@@ -199,7 +185,7 @@ impl ArchiveIndex {
 
     /// Follows links to the member holding the bytes.
     fn resolve(&self, name: &str) -> Result<(String, u64, u64)> {
-        let mut name = normalize_name(name);
+        let mut name = crate::base::normalize_member_name(name);
         for _ in 0..32 {
             match self.members.get(&name) {
                 Some(Member::File { offset, size }) => return Ok((name, *offset, *size)),
@@ -392,7 +378,7 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
         let bad = |e: io::Error| anyhow!("{}: not a valid tar archive: {e}", path.display());
         for entry in ar.entries().map_err(bad)? {
             let entry = entry.map_err(bad)?;
-            let name = normalize_name(&String::from_utf8_lossy(&entry.path_bytes()));
+            let name = crate::base::normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
             if !entry.header().entry_type().is_file() || !wanted.contains(name.as_str()) || done.contains_key(&name) {
                 continue;
             }
