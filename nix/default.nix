@@ -34,34 +34,11 @@ let
 
   stevedoreBin = "${stevedore}/bin/stevedore";
 
-  # Derivations run stevedore, so they are for the platform stevedore was built for.
-  buildSystem =
-    if isAttrs stevedore && stevedore ? system then
-      stevedore.system
-    else
-      pkgs.stdenv.buildPlatform.system or pkgs.system or builtins.currentSystem;
-
-  hostSystem = pkgs.stdenv.hostPlatform.system or pkgs.system or buildSystem;
-
-  # GOARCH names, which the OCI image spec asks for, of the platforms nixpkgs builds for.
-  goArch = {
-    x86_64-linux = "amd64";
-    aarch64-linux = "arm64";
-    i686-linux = "386";
-    armv5tel-linux = "arm";
-    armv6l-linux = "arm";
-    armv7l-linux = "arm";
-    riscv64-linux = "riscv64";
-    powerpc64le-linux = "ppc64le";
-    s390x-linux = "s390x";
-    mips64el-linux = "mips64le";
-    loongarch64-linux = "loong64";
-    x86_64-darwin = "amd64";
-    aarch64-darwin = "arm64";
-  };
-  defaultArchitecture =
-    goArch.${hostSystem} or pkgs.go.GOARCH
-      or (throw "dockerTools: no default architecture for ${hostSystem}; pass `architecture`");
+  platform = import ./platform.nix { inherit stevedore pkgs; };
+  inherit (platform) buildSystem hostSystem;
+  defaultArchitecture = platform.defaultArchitecture (
+    throw "dockerTools: no default architecture for ${hostSystem}; pass `architecture`"
+  );
 
   # A derivation built by `stevedore nix ACTION` from its structured attrs.
   stevedoreDrv =

@@ -21,32 +21,11 @@
 let
   stevedoreBin = "${stevedore}/bin/stevedore";
 
-  buildSystem =
-    if builtins.isAttrs stevedore && stevedore ? system then
-      stevedore.system
-    else
-      pkgs.stdenv.buildPlatform.system or pkgs.system or builtins.currentSystem;
-  hostSystem = pkgs.stdenv.hostPlatform.system or pkgs.system or buildSystem;
-
-  # Go's GOARCH names, which registries use for platforms (nixpkgs takes go.GOARCH).
-  goArch = {
-    x86_64-linux = "amd64";
-    aarch64-linux = "arm64";
-    i686-linux = "386";
-    armv5tel-linux = "arm";
-    armv6l-linux = "arm";
-    armv7l-linux = "arm";
-    riscv64-linux = "riscv64";
-    powerpc64le-linux = "ppc64le";
-    s390x-linux = "s390x";
-    mips64el-linux = "mips64le";
-    loongarch64-linux = "loong64";
-    x86_64-darwin = "amd64";
-    aarch64-darwin = "arm64";
-  };
-  defaultArchitecture =
-    goArch.${hostSystem} or pkgs.go.GOARCH
-      or (throw "pullImage: no default architecture for ${hostSystem}; pass `arch`");
+  platform = import ./platform.nix { inherit stevedore pkgs; };
+  inherit (platform) buildSystem hostSystem;
+  defaultArchitecture = platform.defaultArchitecture (
+    throw "pullImage: no default architecture for ${hostSystem}; pass `arch`"
+  );
 
   fixName = name: builtins.replaceStrings [ "/" ":" ] [ "-" "-" ] name;
 
