@@ -1233,17 +1233,7 @@ fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Resu
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 unshare(CloneFlags::CLONE_NEWPID).map_err(|e| anyhow!("cannot create a pid namespace: {e}"))?;
                 match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
-                    ForkResult::Child => {
-                        let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| init_main(root, &job.mounts, &job.spec, single, fw))) {
-                            Ok(Ok(code)) => code,
-                            Ok(Err(e)) => {
-                                send_frame(fw, FRAME_ERROR, format!("{e:#}").as_bytes());
-                                125
-                            }
-                            Err(_) => 125,
-                        };
-                        unsafe { libc::_exit(code) }
-                    }
+                    ForkResult::Child => exit_reporting(fw, || init_main(root, &job.mounts, &job.spec, single, fw)),
                     ForkResult::Parent { child } => loop {
                         match waitpid(child, None) {
                             Ok(WaitStatus::Exited(_, code)) => return Ok(code),
@@ -1254,15 +1244,7 @@ fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Resu
                     },
                 }
             };
-            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(init)) {
-                Ok(Ok(code)) => code,
-                Ok(Err(e)) => {
-                    send_frame(fw, FRAME_ERROR, format!("{e:#}").as_bytes());
-                    125
-                }
-                Err(_) => 125,
-            };
-            unsafe { libc::_exit(code) }
+            exit_reporting(fw, init)
         }
         ForkResult::Parent { child } => {
             drop(frames_w);
@@ -1717,6 +1699,20 @@ pub fn run(args: &RunAsRootArgs) -> Result<()> {
     writeln!(out, "{digest}").context("cannot write to stdout")?;
     drop(script);
     Ok(())
+}
+
+/// Runs `f` in a forked child and exits with its code; an error goes to the parent as an error
+/// frame on `fw` (a panic or error exits 125, as container runtimes do for their own failures).
+fn exit_reporting(fw: RawFd, f: impl FnOnce() -> Result<i32>) -> ! {
+    let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(Ok(code)) => code,
+        Ok(Err(e)) => {
+            send_frame(fw, FRAME_ERROR, format!("{e:#}").as_bytes());
+            125
+        }
+        Err(_) => 125,
+    };
+    unsafe { libc::_exit(code) }
 }
 
 #[cfg(test)]
