@@ -449,7 +449,7 @@ mod tests {
         let size = (8u64 << 30) + 1;
         File::create(sp.join("sparse")).unwrap().set_len(size).unwrap();
         let owner = Owner { uid: 0, gid: 0, uname: "root".into(), gname: "root".into(), mtime: 1 };
-        let plan = plan_layer(&[sp.clone()], &owner).unwrap();
+        let plan = plan_layer(std::slice::from_ref(&sp), &owner).unwrap();
         assert_eq!(plan.content_size, size);
         let name_len = sp.join("sparse").as_os_str().len() as u64;
         let pax = if name_len > 100 { 2 } else { 1 };
