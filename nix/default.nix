@@ -101,6 +101,51 @@ let
     zstd = ".zst";
   };
 
+  checkCompressor =
+    fn: name: compressor:
+    if isString compressor && compressorExt ? ${compressor} then
+      compressorExt.${compressor}
+    else
+      throw "dockerTools.${fn}: image ${toJSON name}: compressor must be one of ${concatStringsSep ", " (attrNames compressorExt)} (got ${toJSON compressor})";
+
+  # Our extension: `format` picks a Docker archive (compressed whole, as nixpkgs writes
+  # them), an OCI image layout directory or an oci-archive (layers compressed one by one).
+  formats = [
+    "docker-archive"
+    "oci"
+    "oci-archive"
+  ];
+  # The output's name for an image called `baseName`.
+  outputName =
+    fn: name: baseName: format: compressor:
+    let
+      ext = checkCompressor fn name compressor;
+    in
+    if format == "docker-archive" then
+      "${baseName}.tar${ext}"
+    else if format == "oci" then
+      "${baseName}-oci"
+    else if format == "oci-archive" then
+      "${baseName}-oci.tar"
+    else
+      throw "dockerTools.${fn}: image ${toJSON name}: format must be one of ${concatStringsSep ", " formats} (got ${toJSON format})";
+
+  # Functions that take an image take a stream too (passthru.isExe): its archive is written
+  # first, uncompressed.
+  imageFile =
+    img:
+    if isAttrs img && (img.isExe or false) && img ? conf then
+      stevedoreDrv "archive" (
+        local
+        // {
+          name = "${baseNameOf (img.imageName or "image")}-base.tar";
+          conf = "${img.conf}";
+          compressor = "none";
+        }
+      )
+    else
+      img;
+
   streamLayeredImage = makeOverridable (
     {
       name,
@@ -149,10 +194,7 @@ let
         (isString fakeRootCommands || fail "fakeRootCommands must be a string")
         (isBool enableFakechroot || fail "enableFakechroot must be a boolean")
         (isBool includeStorePaths || fail "includeStorePaths must be a boolean")
-        (
-          includeNixDB == false
-          || fail "includeNixDB = true is not supported by stevedore yet (the Nix database in the image is planned); leave it false"
-        )
+        (isBool includeNixDB || fail "includeNixDB must be a boolean")
         (
           layeringPipeline == null || isList layeringPipeline || isString layeringPipeline
           || builtins.isPath layeringPipeline || isAttrs layeringPipeline
@@ -209,6 +251,18 @@ let
           else
             { }
         )
+        // (
+          # The Nix database of the contents' closure, with them as GC roots (nixpkgs'
+          # mkDbExtraCommand), written before extraCommands run.
+          if includeNixDB then
+            {
+              includeNixDB = true;
+              exportReferencesGraph.dbClosure = contentsList;
+              dbRoots = map (c: "${c}") contentsList;
+            }
+          else
+            { }
+        )
         // (if useFakeroot then { fakeroot = "${fakeroot}/bin/fakeroot"; } else { })
         // (if enableFakechroot then { proot = "${proot}/bin/proot"; } else { })
       );
@@ -232,7 +286,7 @@ let
             "${baseJson}"
             "${customisationLayer}"
           ];
-          fromImage = if fromImage == null then null else "${fromImage}";
+          fromImage = if fromImage == null then null else "${imageFile fromImage}";
           layeringPipeline =
             if layeringPipeline == null || isList layeringPipeline then
               layeringPipeline
@@ -299,25 +353,22 @@ let
     {
       name,
       compressor ? "gz",
+      format ? "docker-archive",
       meta ? { },
       ...
     }@args:
     let
-      ext =
-        if isString compressor && compressorExt ? ${compressor} then
-          compressorExt.${compressor}
-        else
-          throw "dockerTools.buildLayeredImage: image ${toJSON name}: compressor must be one of ${concatStringsSep ", " (attrNames compressorExt)} (got ${toJSON compressor})";
       stream = streamLayeredImage (
         removeAttrs args [
           "compressor"
+          "format"
           "meta"
         ]
       );
       archive = stevedoreDrv "archive" {
-        name = "${baseNameOf name}.tar${ext}";
+        name = outputName "buildLayeredImage" name (baseNameOf name) format compressor;
         conf = "${stream.conf}";
-        inherit compressor;
+        inherit compressor format;
         inherit (stream) imageName;
       };
       # Not an executable: the archive itself.
@@ -332,6 +383,199 @@ let
     }
   );
 
+  buildImage = makeOverridable (
+    {
+      name,
+      tag ? null,
+      fromImage ? null,
+      fromImageName ? null,
+      fromImageTag ? null,
+      copyToRoot ? null,
+      # Deprecated alias of copyToRoot.
+      contents ? null,
+      keepContentsDirlinks ? false,
+      config ? null,
+      architecture ? defaultArchitecture,
+      runAsRoot ? null,
+      # The VM's sizes in nixpkgs; no VM here.
+      diskSize ? 1024,
+      buildVMMemorySize ? 512,
+      extraCommands ? "",
+      uid ? 0,
+      gid ? 0,
+      created ? "1970-01-01T00:00:01Z",
+      compressor ? "gz",
+      includeNixDB ? false,
+      format ? "docker-archive",
+      meta ? { },
+    }@args:
+    let
+      fail = msg: throw "dockerTools.buildImage: image ${toJSON name}: ${msg}";
+      isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
+      checks = [
+        (isString name && name != "" || fail "name must be a non-empty string")
+        (tag == null || isString tag && tag != "" || fail "tag must be null or a non-empty string")
+        (config == null || isAttrs config || fail "config must be null or an attribute set")
+        (isString architecture || fail "architecture must be a string")
+        (isString created || fail "created must be a string (ISO-8601 or \"now\")")
+        (isId uid || fail "uid must be a non-negative integer")
+        (isId gid || fail "gid must be a non-negative integer")
+        (isString extraCommands || fail "extraCommands must be a string")
+        (runAsRoot == null || isString runAsRoot || fail "runAsRoot must be null or a string (a shell script)")
+        (isBool keepContentsDirlinks || fail "keepContentsDirlinks must be a boolean")
+        (isBool includeNixDB || fail "includeNixDB must be a boolean")
+        (fromImageName == null || isString fromImageName || fail "fromImageName must be null or a string")
+        (fromImageTag == null || isString fromImageTag || fail "fromImageTag must be null or a string")
+        (
+          fromImageTag == null || fromImageName != null
+          || fail "fromImageTag needs fromImageName"
+        )
+        (isInt diskSize || fail "diskSize must be an integer")
+        (isInt buildVMMemorySize || fail "buildVMMemorySize must be an integer")
+      ];
+
+      baseName = baseNameOf name;
+      rootContents = if copyToRoot == null then contents else copyToRoot;
+      rootList =
+        if rootContents == null then
+          [ ]
+        else if isList rootContents then
+          rootContents
+        else
+          [ rootContents ];
+      deprecation =
+        if contents != null then
+          builtins.trace "warning: dockerTools.buildImage: image ${toJSON name}: the contents parameter is deprecated; use copyToRoot (with buildEnv if you want packages linked into /bin)"
+        else
+          (x: x);
+
+      need = attr: why: pkgs.${attr} or (fail "${why} needs pkgs.${attr}");
+      toolDirs = map (n: "${pkgs.${n}}/bin") commandTools;
+      hasRunAsRoot = runAsRoot != null;
+      baseImage = if fromImage == null then null else "${imageFile fromImage}";
+
+      baseJson = stevedoreDrv "text" (
+        local
+        // {
+          name = "${baseName}-config.json";
+          text = toJSON {
+            inherit config architecture;
+            os = "linux";
+          };
+        }
+      );
+
+      # The image's one new layer (nixpkgs' mkPureLayer / mkRootLayer).
+      layer = stevedoreDrv "image-layer" (
+        {
+          name = "docker-layer-${baseName}";
+          copyToRoot = map (c: "${c}") rootList;
+          baseJson = "${baseJson}";
+          storeDir = builtins.storeDir;
+          inherit
+            keepContentsDirlinks
+            extraCommands
+            uid
+            gid
+            includeNixDB
+            ;
+        }
+        // (
+          if extraCommands != "" then
+            {
+              shell = need "runtimeShell" "extraCommands";
+              path = concatStringsSep ":" toolDirs;
+            }
+          else
+            { }
+        )
+        // (
+          if hasRunAsRoot then
+            {
+              inherit runAsRoot fromImageName fromImageTag;
+              fromImage = baseImage;
+              # nixpkgs' shellScript: stdenv's shell, with coreutils and /bin on PATH.
+              runAsRootShell = pkgs.stdenv.shell or (need "runtimeShell" "runAsRoot");
+              runAsRootPath = "${need "coreutils" "runAsRoot"}/bin:/bin";
+            }
+          else
+            { }
+        )
+        // (
+          if includeNixDB then
+            {
+              exportReferencesGraph.dbClosure = rootList;
+              dbRoots = map (c: "${c}") rootList;
+            }
+          else
+            { }
+        )
+      );
+
+      result = stevedoreDrv "image" {
+        name = outputName "buildImage" name "docker-image-${baseName}" format compressor;
+        layer = "${layer}";
+        # What the layer refers to (copyToRoot, the config's store paths) goes in with it.
+        exportReferencesGraph.closure = [ layer ];
+        baseJson = "${baseJson}";
+        fromImage = baseImage;
+        imageName = toLower name;
+        storeDir = builtins.storeDir;
+        inherit
+          fromImageName
+          fromImageTag
+          created
+          compressor
+          format
+          tag
+          ;
+      };
+
+      imageTag =
+        if tag != null then
+          tag
+        else
+          substring 0 32 (baseNameOf (builtins.unsafeDiscardStringContext result.outPath));
+
+      copyToRegistry = stevedoreDrv "push-script" (
+        local
+        // {
+          name = "copy-${baseName}-to-registry";
+          shell = need "runtimeShell" "copyToRegistry";
+          stevedore = stevedoreBin;
+          conf = "${result}";
+          imageRef = "${toLower name}:${imageTag}";
+        }
+      );
+    in
+    assert all (c: c) checks;
+    deprecation (
+      withPassthru result
+        {
+          buildArgs = args;
+          inherit layer imageTag copyToRegistry;
+        }
+        {
+          imageName = toLower name;
+          inherit meta;
+        }
+    )
+  );
+
+  # An image's flattened file system as one tar (nixpkgs runs a VM for this).
+  exportImage =
+    {
+      fromImage,
+      fromImageName ? null,
+      fromImageTag ? null,
+      name ? fromImage.name,
+      diskSize ? 1024,
+    }:
+    stevedoreDrv "export" {
+      inherit name fromImageName fromImageTag;
+      fromImage = "${imageFile fromImage}";
+    };
+
   # A derivation that is only symlinks: { "rel/path" = target; }.
   symlinkTree =
     name: links:
@@ -345,7 +589,14 @@ let
   caBundle = "${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt";
 
   ours = {
-    inherit streamLayeredImage buildLayeredImage;
+    inherit
+      streamLayeredImage
+      buildLayeredImage
+      buildImage
+      exportImage
+      ;
+
+    buildImageWithNixDb = args: buildImage (args // { includeNixDB = true; });
 
     pullImage = import ./pull-image.nix { inherit stevedore pkgs; };
 

@@ -74,8 +74,29 @@ fn for_each_member(path: &Path, mut f: impl FnMut(&mut tar::Entry<Box<dyn Read>>
     Ok(())
 }
 
+/// The entry of a Docker archive's `manifest.json` tagged `wanted` (`name:tag`), or the first.
+pub fn select_manifest_entry<'m>(manifest: &'m Value, wanted: Option<&str>, path: &Path) -> Result<&'m Value> {
+    let images = manifest.as_array().ok_or_else(|| anyhow!("{}: manifest.json is not a list", path.display()))?;
+    match wanted {
+        Some(wanted) => images
+            .iter()
+            .find(|i| i["RepoTags"].as_array().is_some_and(|t| t.iter().any(|t| t.as_str() == Some(wanted))))
+            .ok_or_else(|| {
+                let tags: Vec<&str> = images.iter().filter_map(|i| i["RepoTags"].as_array()).flatten().filter_map(Value::as_str).collect();
+                anyhow!("{}: no image tagged {wanted} (it has: {})", path.display(), tags.join(", "))
+            }),
+        None => images.first().ok_or_else(|| anyhow!("{}: manifest.json lists no image", path.display())),
+    }
+}
+
 impl BaseImage {
+    /// The first image of the archive at `path`.
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_selected(path, None)
+    }
+
+    /// The image tagged `wanted` (`name:tag`) of the archive at `path`, or the first one.
+    pub fn load_selected(path: &Path, wanted: Option<&str>) -> Result<Self> {
         let mut members: HashMap<String, Member> = HashMap::new();
         let mut small: HashMap<String, Vec<u8>> = HashMap::new();
         for_each_member(path, |entry| {
@@ -127,10 +148,7 @@ impl BaseImage {
         };
 
         let manifest = read_json("manifest.json")?;
-        let first = manifest
-            .as_array()
-            .and_then(|m| m.first())
-            .ok_or_else(|| broken(path, "manifest.json lists no image"))?;
+        let first = select_manifest_entry(&manifest, wanted, path).map_err(|e| anyhow!("base image {e}"))?;
         let config_name = first
             .get("Config")
             .and_then(Value::as_str)

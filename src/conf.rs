@@ -46,7 +46,14 @@ pub struct StreamConf {
     /// Set when the conf carries a closure graph instead of `store_layers`.
     pub layering: Option<LayeringConf>,
     pub customisation_layer: Option<PathBuf>,
+    /// What the history names the customisation layer by (default: its directory). Not read
+    /// from JSON: set by builders whose layer sits in a scratch directory.
+    pub customisation_layer_source: Option<String>,
     pub from_image: Option<PathBuf>,
+    /// Our extension: which image of a multi-image `from_image` to take (`name` and `tag`,
+    /// the tag defaulting to `latest`), as buildImage's fromImageName/fromImageTag.
+    pub from_image_name: Option<String>,
+    pub from_image_tag: Option<String>,
     pub config: Value,
     pub architecture: String,
     pub os: String,
@@ -70,6 +77,8 @@ const KNOWN_FIELDS: &[&str] = &[
     "exclude_paths",
     "customisation_layer",
     "from_image",
+    "from_image_name",
+    "from_image_tag",
     "config",
     "architecture",
     "os",
@@ -136,11 +145,17 @@ impl StreamConf {
         if !matches!(config, Value::Object(_) | Value::Null) {
             bail!("field 'config': expected an object, got {}", kind(&config));
         }
+        if map.get("from_image_tag").is_some_and(|t| !t.is_null()) && map.get("from_image_name").map_or(true, Value::is_null) {
+            bail!("field 'from_image_tag' needs 'from_image_name'");
+        }
         Ok(StreamConf {
             store_layers,
             layering,
             customisation_layer: opt_str(&map, "customisation_layer")?.map(PathBuf::from),
+            customisation_layer_source: None,
             from_image: opt_str(&map, "from_image")?.map(PathBuf::from),
+            from_image_name: opt_str(&map, "from_image_name")?,
+            from_image_tag: opt_str(&map, "from_image_tag")?,
             config,
             architecture: req_str(&map, "architecture")?,
             os: opt_str(&map, "os")?.unwrap_or_else(|| "linux".into()),

@@ -47,7 +47,7 @@ pub struct Selector {
 
 impl Selector {
     /// `name:tag` (the tag defaults to `latest`), if a name was given.
-    fn wanted(&self) -> Option<String> {
+    pub fn wanted(&self) -> Option<String> {
         self.name.as_ref().map(|n| format!("{n}:{}", self.tag.as_deref().unwrap_or("latest")))
     }
 }
@@ -286,17 +286,7 @@ fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> 
 /// The layer member names of the image a Docker archive's `manifest.json` lists.
 fn docker_layers(idx: &ArchiveIndex, sel: &Selector) -> Result<Vec<String>> {
     let manifest = idx.json("manifest.json")?;
-    let images = manifest.as_array().ok_or_else(|| anyhow!("{}: manifest.json is not a list", idx.path.display()))?;
-    let image = match sel.wanted() {
-        Some(wanted) => images
-            .iter()
-            .find(|i| i["RepoTags"].as_array().is_some_and(|t| t.iter().any(|t| t.as_str() == Some(&wanted))))
-            .ok_or_else(|| {
-                let tags: Vec<&str> = images.iter().filter_map(|i| i["RepoTags"].as_array()).flatten().filter_map(Value::as_str).collect();
-                anyhow!("{}: no image tagged {wanted} (it has: {})", idx.path.display(), tags.join(", "))
-            })?,
-        None => images.first().ok_or_else(|| anyhow!("{}: manifest.json lists no image", idx.path.display()))?,
-    };
+    let image = crate::base::select_manifest_entry(&manifest, sel.wanted().as_deref(), &idx.path)?;
     image["Layers"]
         .as_array()
         .ok_or_else(|| anyhow!("{}: manifest.json has no \"Layers\"", idx.path.display()))?

@@ -153,7 +153,8 @@ impl<'c> ImageSpec<'c> {
             gname: conf.gname.clone(),
             mtime: conf.mtime,
         };
-        let base = conf.from_image.as_deref().map(BaseImage::load).transpose()?;
+        let wanted = conf.from_image_name.as_ref().map(|n| format!("{n}:{}", conf.from_image_tag.as_deref().unwrap_or("latest")));
+        let base = conf.from_image.as_deref().map(|p| BaseImage::load_selected(p, wanted.as_deref())).transpose()?;
         let given = match &conf.layering {
             None => conf.store_layers.clone(),
             Some(layering) => {
@@ -271,7 +272,7 @@ impl<'c> ImageSpec<'c> {
                 path: name,
                 diff_id: c.checksum.clone(),
                 size: c.size,
-                paths: vec![c.dir.to_string_lossy().into_owned()],
+                paths: vec![self.conf.customisation_layer_source.clone().unwrap_or_else(|| c.dir.to_string_lossy().into_owned())],
             });
         }
         Ok(layers)
@@ -341,6 +342,10 @@ pub fn copy_reading<W: Write + ?Sized>(r: &mut impl Read, w: &mut W, buf: &mut [
 /// The image config JSON as nixpkgs writes it.
 pub fn image_config(conf: &StreamConf, base: Option<&BaseImage>, layers: &[LayerInfo]) -> String {
     let mut config = conf.config.clone();
+    if config.is_null() && base.is_some_and(|b| !b.env().is_empty()) {
+        // A null config still takes the base image's Env (buildImage's jq does so).
+        config = json!({});
+    }
     if let (Some(base), Value::Object(map)) = (base, &mut config) {
         let ours: Vec<String> = map
             .get("Env")

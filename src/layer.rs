@@ -57,6 +57,30 @@ impl LayerPlan {
         self.entries.len()
     }
 
+    /// Keeps the members `keep` accepts, given their name and a mode it may change, and
+    /// recomputes the sizes.
+    pub fn retain(&mut self, owner: &Owner, mut keep: impl FnMut(&[u8], &mut u32) -> bool) {
+        let mut entries = std::mem::take(&mut self.entries);
+        entries.retain_mut(|e| {
+            let name = &self.arena[e.name.0 as usize..(e.name.0 + e.name.1) as usize];
+            keep(name, &mut e.mode)
+        });
+        let mut enc = HeaderEncoder::new();
+        let (mut offset, mut content, mut files) = (0u64, 0u64, 0u64);
+        for e in &entries {
+            offset += enc.encoded_len(&self.header(e, owner));
+            if e.kind == tar::REGTYPE {
+                offset += e.size + tar::padding(e.size);
+                content += e.size;
+                files += 1;
+            }
+        }
+        self.entries = entries;
+        self.tar_size = offset + tar::trailer_len(offset);
+        self.content_size = content;
+        self.files = files;
+    }
+
     fn name(&self, e: &Entry) -> &[u8] {
         &self.arena[e.name.0 as usize..(e.name.0 + e.name.1) as usize]
     }

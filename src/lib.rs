@@ -4,6 +4,7 @@
 //! runs the binary as the builder of its derivations.
 
 pub mod base;
+pub mod buildimage;
 pub mod compress;
 pub mod conf;
 pub mod flatten;

@@ -70,6 +70,12 @@ pub enum Action {
     PushScript,
     /// Write the image archive, compressed.
     Archive,
+    /// buildImage's new layer ($out/layer.tar, checksum, json, VERSION).
+    ImageLayer,
+    /// buildImage's image: base layers plus the new layer with its closure.
+    Image,
+    /// exportImage: an image's flattened file system as one tar.
+    Export,
     /// Pack the directory ROOT into DIR/layer.tar and DIR/checksum (as the customisation layer).
     Pack {
         root: PathBuf,
@@ -97,6 +103,9 @@ pub fn run(args: &NixArgs) -> Result<()> {
         Action::StreamScript => stream_script(&Attrs::load()?),
         Action::PushScript => push_script(&Attrs::load()?),
         Action::Archive => archive(&Attrs::load()?),
+        Action::ImageLayer => crate::buildimage::image_layer(&Attrs::load()?),
+        Action::Image => crate::buildimage::image(&Attrs::load()?),
+        Action::Export => crate::buildimage::export(&Attrs::load()?),
         Action::Pack { root, dir, mtime, owners } => {
             let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
             let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners })?;
@@ -111,7 +120,7 @@ pub struct Attrs {
     map: Map<String, Value>,
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -146,11 +155,11 @@ impl Attrs {
         }
     }
 
-    fn get(&self, key: &str) -> Option<&Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&Value> {
         self.map.get(key).filter(|v| !v.is_null())
     }
 
-    fn opt_str(&self, key: &str) -> Result<Option<String>> {
+    pub(crate) fn opt_str(&self, key: &str) -> Result<Option<String>> {
         match self.get(key) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s.clone())),
@@ -158,11 +167,11 @@ impl Attrs {
         }
     }
 
-    fn str(&self, key: &str) -> Result<String> {
+    pub(crate) fn str(&self, key: &str) -> Result<String> {
         self.opt_str(key)?.ok_or_else(|| anyhow!("{key}: missing"))
     }
 
-    fn bool(&self, key: &str) -> Result<bool> {
+    pub(crate) fn bool(&self, key: &str) -> Result<bool> {
         match self.get(key) {
             None => Ok(false),
             Some(Value::Bool(b)) => Ok(*b),
@@ -172,7 +181,7 @@ impl Attrs {
 
     /// A non-negative integer; numeric strings are accepted too, as nixpkgs passes some
     /// numbers through the environment.
-    fn u64(&self, key: &str) -> Result<u64> {
+    pub(crate) fn u64(&self, key: &str) -> Result<u64> {
         match self.get(key) {
             None => bail!("{key}: missing"),
             Some(Value::Number(n)) => n.as_u64().ok_or_else(|| anyhow!("{key}: expected a non-negative integer, got {n}")),
@@ -181,7 +190,7 @@ impl Attrs {
         }
     }
 
-    fn str_list(&self, key: &str) -> Result<Vec<String>> {
+    pub(crate) fn str_list(&self, key: &str) -> Result<Vec<String>> {
         match self.get(key) {
             None => Ok(Vec::new()),
             Some(Value::Array(items)) => items
@@ -203,7 +212,7 @@ impl Attrs {
 }
 
 /// Writes a new file whole, with the given mode.
-fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_new(path: &Path, data: &[u8], mode: u32) -> Result<()> {
     fs::write(path, data).with_context(|| format!("cannot write {}", path.display()))?;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("cannot chmod {}", path.display()))
 }
@@ -233,7 +242,7 @@ fn symlinks(attrs: &Attrs) -> Result<()> {
 }
 
 /// Parses `created`/`mtime` as the conf does (ISO-8601 or "now").
-fn parse_time(field: &str, value: &str, now: &Timestamp) -> Result<Timestamp> {
+pub(crate) fn parse_time(field: &str, value: &str, now: &Timestamp) -> Result<Timestamp> {
     conf::parse_time(value, now).map_err(|e| anyhow!("{field}: {e}"))
 }
 
@@ -252,7 +261,7 @@ fn conf_time(field: &str, value: &str, now: &Timestamp) -> Result<String> {
 }
 
 /// The build directory: commands run and trees are built under it.
-fn build_top() -> Result<PathBuf> {
+pub(crate) fn build_top() -> Result<PathBuf> {
     match std::env::var_os("NIX_BUILD_TOP") {
         Some(p) => Ok(PathBuf::from(p)),
         None => std::env::current_dir().context("cannot find the working directory"),
@@ -261,7 +270,7 @@ fn build_top() -> Result<PathBuf> {
 
 /// Runs `script` with the image's shell, in `dir`, with the tools on `PATH`. `-e` stops at the
 /// first failing command, as nixpkgs' builders do.
-fn run_commands(attrs: &Attrs, field: &str, script: &str, dir: &Path, proot: Option<&[String]>) -> Result<()> {
+pub(crate) fn run_commands(attrs: &Attrs, field: &str, script: &str, dir: &Path, proot: Option<&[String]>) -> Result<()> {
     let shell = attrs.str("shell").map_err(|_| anyhow!("{field}: no shell to run it with (the derivation has no `shell`)"))?;
     let mut cmd = match proot {
         None => {
@@ -286,7 +295,7 @@ fn run_commands(attrs: &Attrs, field: &str, script: &str, dir: &Path, proot: Opt
 
 /// The environment commands see: the build's, plus `PATH`, `out` and stdenv's
 /// `SOURCE_DATE_EPOCH`, which scripts written for nixpkgs may use.
-fn command_env(attrs: &Attrs, cmd: &mut Command) -> Result<()> {
+pub(crate) fn command_env(attrs: &Attrs, cmd: &mut Command) -> Result<()> {
     cmd.env("PATH", attrs.opt_str("path")?.unwrap_or_default());
     cmd.env("out", attrs.out()?);
     cmd.env("SOURCE_DATE_EPOCH", "315532800");
@@ -327,6 +336,10 @@ fn customisation_layer(attrs: &Attrs, inside_fakeroot: bool) -> Result<()> {
     fs::create_dir(&root).with_context(|| format!("cannot create {}", root.display()))?;
     fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {}", root.display()))?;
     rootfs::join(&contents, &root)?;
+    if attrs.bool("includeNixDB")? {
+        // Registered at stdenv's SOURCE_DATE_EPOCH, as nixpkgs' mkDbExtraCommand does.
+        crate::buildimage::write_nix_db(attrs, &root, crate::buildimage::DEFAULT_MTIME)?;
+    }
 
     let extra = attrs.opt_str("extraCommands")?.unwrap_or_default();
     if !extra.is_empty() {
@@ -477,18 +490,45 @@ fn archive(attrs: &Attrs) -> Result<()> {
     let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
     let now = conf::now();
     let conf = StreamConf::load(Path::new(&attrs.str("conf")?), &now)?;
+    let format = attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into());
+    write_image(&conf, &out, &format, compressor)
+}
+
+/// Writes the image to `out` as `format`: a Docker archive compressed whole by `compressor`
+/// (as nixpkgs' buildLayeredImage does), or an OCI image layout directory or oci-archive
+/// with each layer compressed by it.
+pub(crate) fn write_image(conf: &StreamConf, out: &Path, format: &str, compressor: Compressor) -> Result<()> {
     let progress = image::Progress { quiet: false };
-    let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let w = BufWriter::with_capacity(1 << 20, file);
-    let mut w = match compressor {
-        Compressor::None => image::stream(&conf, None, w, &progress)?,
-        kind => {
-            let enc = image::stream(&conf, None, crate::compress::ParallelEncoder::new(w, kind), &progress)?;
-            enc.finish().with_context(|| format!("cannot write {}", out.display()))?
-        }
+    let create = || -> Result<BufWriter<File>> {
+        let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
+        Ok(BufWriter::with_capacity(1 << 20, file))
     };
-    w.flush().with_context(|| format!("cannot write {}", out.display()))?;
-    Ok(())
+    match format {
+        "docker-archive" => {
+            let w = create()?;
+            let mut w = match compressor {
+                Compressor::None => image::stream(conf, None, w, &progress)?,
+                kind => {
+                    let enc = image::stream(conf, None, crate::compress::ParallelEncoder::new(w, kind), &progress)?;
+                    enc.finish().with_context(|| format!("cannot write {}", out.display()))?
+                }
+            };
+            w.flush().with_context(|| format!("cannot write {}", out.display()))
+        }
+        "oci" | "oci-archive" => {
+            let spec = image::ImageSpec::new(conf)?;
+            let dir = if format == "oci" { out.to_path_buf() } else { build_top()?.join("oci-layout") };
+            let written = crate::oci::write_layout(&spec, &dir, compressor, &conf.repo_tag, &progress)?;
+            if format == "oci-archive" {
+                let mut w = create()?;
+                crate::oci::tar_layout(&dir, &mut w, conf.mtime)?;
+                w.flush().with_context(|| format!("cannot write {}", out.display()))?;
+            }
+            progress.say(format!("Done: {}", written.manifest.digest));
+            Ok(())
+        }
+        other => bail!("format: {other:?} is not one of docker-archive, oci, oci-archive"),
+    }
 }
 
 #[cfg(test)]

@@ -278,29 +278,34 @@ pub fn run(args: &NixDbArgs) -> Result<()> {
     if graph.is_empty() {
         bail!("{}: the closure is empty", args.closure.display());
     }
-    let mut roots = Vec::new();
-    for r in &args.roots {
+    write_tree(&graph, &args.root, &args.roots, args.registration_time).map_err(|e| anyhow!("{}: {e:#}", args.closure.display()))?;
+    if !args.quiet {
+        eprintln!("Registered {} paths and {} GC roots under {}", graph.len(), args.roots.len(), args.root.display());
+    }
+    Ok(())
+}
+
+/// Writes `nix/var/nix/db` (schema and database) for `graph` under `root`, and a GC root
+/// `nix/var/nix/gcroots/docker/<basename>` for each of `roots` (which must be in the graph).
+pub fn write_tree(graph: &ClosureGraph, root: &Path, roots: &[String], registration_time: i64) -> Result<()> {
+    let mut named = Vec::new();
+    for r in roots {
         if graph.index_of(r).is_none() {
-            bail!("root {r} is not in the closure {}", args.closure.display());
+            bail!("root {r} is not in the closure");
         }
         let base = Path::new(r).file_name().and_then(|b| b.to_str()).ok_or_else(|| anyhow!("root {r} has no base name"))?;
-        roots.push((r.as_str(), base));
+        named.push((r.as_str(), base));
     }
-    let db_dir = args.root.join("nix/var/nix/db");
+    let db_dir = root.join("nix/var/nix/db");
     fs::create_dir_all(&db_dir).with_context(|| format!("cannot create {}", db_dir.display()))?;
-    let gc_dir = args.root.join("nix/var/nix/gcroots/docker");
+    let gc_dir = root.join("nix/var/nix/gcroots/docker");
     fs::create_dir_all(&gc_dir).with_context(|| format!("cannot create {}", gc_dir.display()))?;
-    for (path, base) in &roots {
+    for (path, base) in &named {
         write_symlink(path, &gc_dir.join(base))?;
     }
     write_file(&db_dir.join("schema"), SCHEMA_VERSION.to_string().as_bytes())?;
     // The database goes last: once it is there, everything else is too.
-    let db = db_dir.join("db.sqlite");
-    write_db(&graph, args.registration_time, &db)?;
-    if !args.quiet {
-        eprintln!("Registered {} paths and {} GC roots in {}", graph.len(), roots.len(), db.display());
-    }
-    Ok(())
+    write_db(graph, registration_time, &db_dir.join("db.sqlite"))
 }
 
 #[cfg(test)]

@@ -1,5 +1,5 @@
-//! The customisation layer's file tree: `contents` joined into one root as nixpkgs'
-//! `symlinkJoin` does (with `lndir`), then packed into a layer tar.
+//! Layer file trees: `contents` joined into one root as nixpkgs' `symlinkJoin` does (with
+//! `lndir`), or `copyToRoot` copied as buildImage's `rsync -a` does, then packed into a tar.
 //!
 //! The tar has relative `./` names (as `tar -C root -c .` writes them), members sorted by name
 //! directory by directory, numeric owners, one fixed mtime, and hard links stored as full files,
@@ -14,6 +14,7 @@ use std::ffi::{CString, OsStr};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Directory names `lndir` skips (source control metadata), and so does symlinkJoin.
@@ -91,8 +92,157 @@ fn join_dir(from: &Path, to: &Path) -> Result<()> {
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
-    use std::os::unix::fs::PermissionsExt;
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("cannot chmod {}", path.display()))
+}
+
+/// How [`copy_to_root`] treats symlinks to directories, as buildImage's `keepContentsDirlinks`
+/// picks between `rsync -k` and `rsync -K`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dirlinks {
+    /// `--copy-dirlinks`: a symlink to a directory in the source is copied as that directory.
+    Copy,
+    /// `--keep-dirlinks`: source symlinks stay symlinks, and a symlink to a directory already
+    /// in the root is followed (inside the root) when the source has a directory there.
+    Keep,
+}
+
+/// Copies the tree `src` onto `root` as `rsync -a --chown=0:0 SRC/ ROOT/` does: directories
+/// merge (taking the source's mode), anything else is replaced. `created` is called on every
+/// path made or changed, to give it its owner (root). Directories are made writable while they
+/// are filled, so read-only store trees can be merged as a non-root user.
+pub fn copy_to_root(src: &Path, root: &Path, dirlinks: Dirlinks, created: &mut dyn FnMut(&Path) -> Result<()>) -> Result<()> {
+    let meta = fs::metadata(src).with_context(|| format!("cannot read {}", src.display()))?;
+    if !meta.is_dir() {
+        bail!("{} is not a directory (copyToRoot copies directories' contents)", src.display());
+    }
+    copy_dir(src, root, root, dirlinks, created, 0)
+}
+
+/// Follows `rel` (relative to `root`) inside `root`, as a chroot into it would: absolute
+/// targets start again at `root`, `..` stops there. None if it leads nowhere.
+fn resolve_in_root(root: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut todo: Vec<std::ffi::OsString> = rel.iter().rev().map(|c| c.to_owned()).collect();
+    let mut at = PathBuf::new();
+    let mut links = 0;
+    while let Some(c) = todo.pop() {
+        match c.as_bytes() {
+            b"/" | b"." | b"" => continue,
+            b".." => {
+                at.pop();
+                continue;
+            }
+            _ => {}
+        }
+        let next = at.join(&c);
+        let meta = fs::symlink_metadata(root.join(&next)).ok()?;
+        if meta.file_type().is_symlink() {
+            links += 1;
+            if links > 40 {
+                return None;
+            }
+            let target = fs::read_link(root.join(&next)).ok()?;
+            if target.is_absolute() {
+                at = PathBuf::new();
+            }
+            todo.extend(target.iter().rev().map(|c| c.to_owned()));
+        } else {
+            at = next;
+        }
+    }
+    Some(root.join(at))
+}
+
+fn copy_dir(src: &Path, dst: &Path, root: &Path, dirlinks: Dirlinks, created: &mut dyn FnMut(&Path) -> Result<()>, depth: u32) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if depth > 256 {
+        bail!("{}: directories nested too deeply (a symlink loop?)", src.display());
+    }
+    let mut names: Vec<_> = fs::read_dir(src)
+        .with_context(|| format!("cannot list {}", src.display()))?
+        .map(|e| e.map(|e| e.file_name()))
+        .collect::<io::Result<_>>()
+        .with_context(|| format!("cannot list {}", src.display()))?;
+    names.sort();
+    for name in names {
+        let s = src.join(&name);
+        let mut d = dst.join(&name);
+        let mut meta = fs::symlink_metadata(&s).with_context(|| format!("cannot stat {}", s.display()))?;
+        if meta.file_type().is_symlink() && dirlinks == Dirlinks::Copy {
+            if let Ok(target) = fs::metadata(&s) {
+                if target.is_dir() {
+                    meta = target;
+                }
+            }
+        }
+        let mut existing = fs::symlink_metadata(&d).ok();
+        let ft = meta.file_type();
+        if ft.is_dir() {
+            if dirlinks == Dirlinks::Keep && existing.as_ref().is_some_and(|m| m.file_type().is_symlink()) {
+                let rel = d.strip_prefix(root).unwrap_or(&d).to_owned();
+                if let Some(target) = resolve_in_root(root, &rel).filter(|t| t.is_dir()) {
+                    d = target;
+                    existing = fs::symlink_metadata(&d).ok();
+                }
+            }
+            match existing {
+                Some(m) if m.is_dir() => {}
+                Some(_) => {
+                    fs::remove_file(&d).with_context(|| format!("cannot replace {}", d.display()))?;
+                    fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
+                }
+                None => fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?,
+            }
+            // Writable while we fill it; it takes the source's mode afterwards.
+            set_mode(&d, 0o700)?;
+            copy_dir(&s, &d, root, dirlinks, created, depth + 1)?;
+            created(&d)?;
+            set_mode(&d, meta.mode() & 0o7777)?;
+            continue;
+        }
+        if !(ft.is_file() || ft.is_symlink()) {
+            eprintln!("stevedore: warning: {} is neither a file, a directory nor a symlink; not copied", s.display());
+            continue;
+        }
+        match existing {
+            Some(m) if m.is_dir() => {
+                make_removable(&d)?;
+                fs::remove_dir_all(&d)
+            }
+            Some(_) => fs::remove_file(&d),
+            None => Ok(()),
+        }
+        .with_context(|| format!("cannot replace {}", d.display()))?;
+        if ft.is_symlink() {
+            let target = fs::read_link(&s).with_context(|| format!("cannot read link {}", s.display()))?;
+            std::os::unix::fs::symlink(&target, &d).with_context(|| format!("cannot create symlink {}", d.display()))?;
+            created(&d)?;
+        } else {
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut from = File::open(&s).with_context(|| format!("cannot open {}", s.display()))?;
+            let mut to = fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&d)
+                .with_context(|| format!("cannot create {}", d.display()))?;
+            io::copy(&mut from, &mut to).with_context(|| format!("cannot copy {} to {}", s.display(), d.display()))?;
+            created(&d)?;
+            set_mode(&d, meta.mode() & 0o7777)?;
+        }
+    }
+    Ok(())
+}
+
+/// Makes every directory under `dir` writable, so a non-root user can remove the tree.
+fn make_removable(dir: &Path) -> Result<()> {
+    set_mode(dir, 0o700)?;
+    for e in fs::read_dir(dir).with_context(|| format!("cannot list {}", dir.display()))? {
+        let e = e.with_context(|| format!("cannot list {}", dir.display()))?;
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            make_removable(&e.path())?;
+        }
+    }
+    Ok(())
 }
 
 /// Who owns the packed files.
@@ -102,6 +252,8 @@ pub enum Owners {
     Root,
     /// What `lstat` says (inside fakeroot: the faked owners).
     FromFs,
+    /// These ids for everything (`tar --owner=UID --group=GID`).
+    Fixed(u64, u64),
 }
 
 /// What `lstat` says about a file, read through libc so that fakeroot's LD_PRELOAD wrapper
@@ -157,6 +309,7 @@ impl<W: Write> Packer<'_, W> {
         let (uid, gid) = match self.opts.owners {
             Owners::Root => (0, 0),
             Owners::FromFs => (st.uid, st.gid),
+            Owners::Fixed(uid, gid) => (uid, gid),
         };
         let h = Header {
             name,

@@ -29,6 +29,7 @@
 use crate::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
 use crate::image::hex;
 use crate::layer::HashingWriter;
+use crate::rootfs::{self, Dirlinks};
 use crate::tar::{self as t, Header};
 use anyhow::{anyhow, bail, Context, Result};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -74,6 +75,10 @@ pub struct RunAsRootArgs {
     /// owners are root. Repeatable; later ones win. Its contents end up in the new layer.
     #[arg(long = "layer", value_name = "DIR")]
     pub layers: Vec<PathBuf>,
+    /// Copy --layer trees as `rsync -aK` (keepContentsDirlinks): symlinks stay symlinks, and
+    /// symlinks to directories already in the root are followed.
+    #[arg(long)]
+    pub keep_dirlinks: bool,
     /// A store path to bind-mount read-only at the same place (repeatable).
     #[arg(long = "store-path", value_name = "PATH")]
     pub store_paths: Vec<PathBuf>,
@@ -285,71 +290,6 @@ fn materialize(tree: &Tree, blobs: &[LayerBlob], root: &Path, owners: &mut Owner
     }
     if stand_ins > 0 {
         eprintln!("stevedore: warning: the image has {stand_ins} device nodes, which a user namespace cannot create; the script sees empty files in their place");
-    }
-    Ok(())
-}
-
-/// Copies `src` onto `dst` as `rsync -a --copy-dirlinks --chown=0:0 SRC/ DST/` does: existing
-/// directories are merged (taking the source's mode and root ownership), anything else is
-/// replaced, symlinks to directories are copied as the directories they point to.
-fn copy_onto(src: &Path, dst: &Path, owners: &mut Owners, depth: u32) -> Result<()> {
-    if depth > 64 {
-        bail!("{}: directories nested too deeply (a symlink loop?)", src.display());
-    }
-    let mut names: Vec<_> = fs::read_dir(src)
-        .with_context(|| format!("cannot list {}", src.display()))?
-        .map(|e| e.map(|e| e.file_name()))
-        .collect::<io::Result<_>>()
-        .with_context(|| format!("cannot list {}", src.display()))?;
-    names.sort();
-    for name in names {
-        let s = src.join(&name);
-        let d = dst.join(&name);
-        let mut meta = fs::symlink_metadata(&s).with_context(|| format!("cannot stat {}", s.display()))?;
-        if meta.file_type().is_symlink() {
-            if let Ok(target) = fs::metadata(&s) {
-                if target.is_dir() {
-                    meta = target;
-                }
-            }
-        }
-        let existing = fs::symlink_metadata(&d).ok();
-        let ft = meta.file_type();
-        if ft.is_dir() {
-            match existing {
-                Some(m) if m.is_dir() => {}
-                Some(_) => {
-                    fs::remove_file(&d).with_context(|| format!("cannot replace {}", d.display()))?;
-                    fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?;
-                }
-                None => fs::create_dir(&d).with_context(|| format!("cannot create {}", d.display()))?,
-            }
-            copy_onto(&s, &d, owners, depth + 1)?;
-            owners.set(&d, 0, 0)?;
-            fs::set_permissions(&d, fs::Permissions::from_mode(meta.mode() & 0o7777)).with_context(|| format!("cannot chmod {}", d.display()))?;
-            continue;
-        }
-        if !(ft.is_file() || ft.is_symlink()) {
-            eprintln!("stevedore: warning: {} is neither a file, a directory nor a symlink; not copied", s.display());
-            continue;
-        }
-        match existing {
-            Some(m) if m.is_dir() => fs::remove_dir_all(&d),
-            Some(_) => fs::remove_file(&d),
-            None => Ok(()),
-        }
-        .with_context(|| format!("cannot replace {}", d.display()))?;
-        if ft.is_symlink() {
-            let target = fs::read_link(&s).with_context(|| format!("cannot read link {}", s.display()))?;
-            std::os::unix::fs::symlink(&target, &d).with_context(|| format!("cannot create symlink {}", d.display()))?;
-            owners.set(&d, 0, 0)?;
-        } else {
-            let mut from = File::open(&s).with_context(|| format!("cannot open {}", s.display()))?;
-            let mut to = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&d).with_context(|| format!("cannot create {}", d.display()))?;
-            io::copy(&mut from, &mut to).with_context(|| format!("cannot copy {} to {}", s.display(), d.display()))?;
-            owners.set(&d, 0, 0)?;
-            fs::set_permissions(&d, fs::Permissions::from_mode(meta.mode() & 0o7777)).with_context(|| format!("cannot chmod {}", d.display()))?;
-        }
     }
     Ok(())
 }
@@ -1279,7 +1219,8 @@ fn in_namespace(job: &Job, root: &Path, single: bool) -> Result<(String, LayerCo
     wait_for_clock(job.scratch, &lower)?;
     for dir in &job.args.layers {
         say(quiet, format!("Adding {}...", dir.display()));
-        copy_onto(dir, root, &mut owners, 0)?;
+        let dirlinks = if job.args.keep_dirlinks { Dirlinks::Keep } else { Dirlinks::Copy };
+        rootfs::copy_to_root(dir, root, dirlinks, &mut |p| owners.set(p, 0, 0))?;
     }
     // /tmp stays, as with nixpkgs (its VM makes it too); the mount points go afterwards.
     if fs::symlink_metadata(root.join("tmp")).is_err() {

@@ -37,7 +37,8 @@ let
     ];
   };
 in
-{
+let
+  cases = {
   inherit dockerTools;
 
   hello = dockerTools.streamLayeredImage helloArgs;
@@ -180,6 +181,139 @@ in
     compressor = "none";
   };
 
+  # buildImage: copyToRoot copied (not linked), the closure of the config and of the
+  # contents added to the layer, owners from uid/gid.
+  pureImage = dockerTools.buildImage {
+    name = "pure";
+    copyToRoot = [ busybox ];
+    config.Cmd = [ "${hello}/bin/hello" ];
+    uid = 1000;
+    gid = 100;
+    extraCommands = ''
+      mkdir -p tmp
+      chmod 1777 tmp
+    '';
+    compressor = "none";
+  };
+  dirlinksCopy = dockerTools.buildImage {
+    name = "dirlinks";
+    tag = "copy";
+    copyToRoot = [
+      pkgs.libLink
+      pkgs.libFile
+    ];
+    compressor = "none";
+  };
+  dirlinksKeep = dockerTools.buildImage {
+    name = "dirlinks";
+    tag = "keep";
+    copyToRoot = [
+      pkgs.libLink
+      pkgs.libFile
+    ];
+    keepContentsDirlinks = true;
+    compressor = "none";
+  };
+
+  # nixpkgs' redis example, over a layered base image: a user and an owned /data made by a
+  # root script, a file of the base deleted (a whiteout), extraCommands after it.
+  rootBase = dockerTools.buildLayeredImage {
+    name = "root-base";
+    tag = "latest";
+    contents = [ busybox ];
+    extraCommands = ''
+      mkdir -p etc keep
+      echo doomed > etc/removed
+      echo kept > keep/file
+    '';
+    config.Env = [
+      "BASE=1"
+      "FOO=base"
+    ];
+  };
+  redisLike = dockerTools.buildImage {
+    name = "redis-like";
+    tag = "latest";
+    fromImage = cases.rootBase;
+    copyToRoot = [ hello ];
+    runAsRoot = ''
+      #!${pkgs.runtimeShell}
+      ${dockerTools.shadowSetup}
+      groupadd -r redis
+      useradd -r -g redis redis
+      mkdir -p /data
+      chown redis:redis /data
+      echo made-as-root > /data/made
+      rm /etc/removed
+    '';
+    extraCommands = ''
+      echo extra > extra.txt
+    '';
+    config = {
+      Cmd = [ "/bin/hello" ];
+      WorkingDir = "/data";
+      Env = [ "FOO=bar" ];
+      Volumes."/data" = { };
+    };
+  };
+  redisRoot = dockerTools.exportImage {
+    fromImage = cases.redisLike;
+    name = "redis-like-root.tar";
+  };
+  # A stream as the base, picked by name and tag, and exported.
+  streamBase = dockerTools.buildImage {
+    name = "on-stream";
+    tag = "latest";
+    fromImage = cases.hello;
+    fromImageName = "registry.example/team/hello";
+    fromImageTag = "v1";
+    runAsRoot = "touch /on-stream";
+    compressor = "zstd";
+  };
+
+  # The Nix database: buildImage, buildLayeredImage and streamLayeredImage.
+  nixDbImage = dockerTools.buildImageWithNixDb {
+    name = "nixdb";
+    tag = "image";
+    copyToRoot = [ hello ];
+    compressor = "none";
+  };
+  nixDbLayered = dockerTools.buildLayeredImageWithNixDb {
+    name = "nixdb";
+    tag = "layered";
+    contents = [ hello ];
+  };
+  nixDbStream = dockerTools.streamLayeredImage {
+    name = "nixdb";
+    tag = "stream";
+    contents = [ hello ];
+    includeNixDB = true;
+  };
+  nixDbRoots = {
+    image = dockerTools.exportImage { fromImage = cases.nixDbImage; };
+    layered = dockerTools.exportImage { fromImage = cases.nixDbLayered; };
+    stream = dockerTools.exportImage {
+      fromImage = cases.nixDbStream;
+      name = "nixdb-stream-root";
+    };
+  };
+
+  # OCI output from the Nix functions.
+  ociArchive = dockerTools.buildLayeredImage (
+    helloArgs
+    // {
+      format = "oci-archive";
+      compressor = "zstd";
+    }
+  );
+  ociLayout = dockerTools.buildImage {
+    name = "oci-layout";
+    tag = "latest";
+    copyToRoot = [ busybox ];
+    config.Cmd = [ "${hello}/bin/hello" ];
+    format = "oci";
+  };
+
   # Each of these must fail with the message run.sh looks for.
   bad = {
     maxLayers1 = dockerTools.streamLayeredImage {
@@ -190,9 +324,28 @@ in
       name = "bad";
       compressor = "xz";
     };
-    nixDb = dockerTools.streamLayeredImage {
+    runAsRootList = dockerTools.buildImage {
       name = "bad";
-      includeNixDB = true;
+      runAsRoot = [ "true" ];
+    };
+    format = dockerTools.buildLayeredImage {
+      name = "bad";
+      format = "squashfs";
+    };
+    failingRunAsRoot = dockerTools.buildImage {
+      name = "bad";
+      copyToRoot = [ busybox ];
+      runAsRoot = ''
+        echo about to fail
+        false
+        echo not reached
+      '';
+    };
+    missingBaseTag = dockerTools.buildImage {
+      name = "bad";
+      fromImage = base;
+      fromImageName = "base";
+      fromImageTag = "nope";
     };
     emptyName = dockerTools.streamLayeredImage { name = ""; };
     created = dockerTools.streamLayeredImage {
@@ -213,4 +366,6 @@ in
       copyToRoot = [ ];
     };
   };
-}
+};
+in
+cases

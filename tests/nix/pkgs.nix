@@ -52,6 +52,8 @@ let
     inherit system busybox coreutils;
     stdenv.hostPlatform.system = system;
     stdenv.buildPlatform.system = system;
+    # nixpkgs' stdenv.shell is bash; busybox's sh has the bash syntax shadowSetup uses.
+    stdenv.shell = "${busybox}/bin/sh";
     # The host's dash: dynamically linked, and it looks commands up on PATH, so under fakeroot
     # `chown` & co. are the (faked) coreutils ones. busybox's sh would run its own static
     # applets instead, which fakeroot cannot see.
@@ -90,6 +92,18 @@ let
       in
       link 12;
 
+    # For copyToRoot's symlinks to directories (rsync -k or -K): `lib -> lib64`, then a
+    # tree with a lib/ directory.
+    libLink = sh "lib-link" ''
+      mkdir -p $out/lib64
+      echo 64 > $out/lib64/a
+      ln -s lib64 $out/lib
+    '';
+    libFile = sh "lib-file" ''
+      mkdir -p $out/lib
+      echo b > $out/lib/b
+    '';
+
     # What the dockerTools helpers link to.
     bashInteractive = sh "bash-interactive" ''
       mkdir -p $out/bin
@@ -105,7 +119,46 @@ let
       printf 'root:x:0:\nnobody:x:65534:\n' > $out/etc/group
       printf 'hosts: files dns\n' > $out/etc/nsswitch.conf
     '';
-    shadow = sh "shadow" "mkdir -p $out/bin";
+    # shadow's useradd/groupadd for the options images use, as busybox scripts (they run in the
+    # image's root, where the host's shadow and its libraries are not, and Debian's static
+    # busybox has no adduser): they append to /etc/passwd, /etc/shadow, /etc/group.
+    shadow = sh "shadow" ''
+      mkdir -p $out/bin
+      cat > $out/bin/groupadd <<'EOS'
+      #!${busybox}/bin/sh
+      set -e
+      bb=${busybox}/bin/busybox
+      gid=
+      while [ $# -gt 1 ]; do
+        case $1 in -g) gid=$2; shift ;; esac
+        shift
+      done
+      [ -n "$gid" ] || gid=$($bb awk -F: 'BEGIN { g = 999 } { if ($3 >= g && $3 < 60000) g = $3 + 1 } END { print g }' /etc/group)
+      echo "$1:x:$gid:" >> /etc/group
+      echo "$1:!::" >> /etc/gshadow
+      EOS
+      cat > $out/bin/useradd <<'EOS'
+      #!${busybox}/bin/sh
+      set -e
+      bb=${busybox}/bin/busybox
+      uid= group= home=/var/empty shell=/bin/sh make=
+      while [ $# -gt 1 ]; do
+        case $1 in
+          -u) uid=$2; shift ;; -g) group=$2; shift ;; -d) home=$2; shift ;;
+          -s) shell=$2; shift ;; -m) make=1 ;;
+        esac
+        shift
+      done
+      [ -n "$uid" ] || uid=$($bb awk -F: 'BEGIN { u = 999 } { if ($3 >= u && $3 < 60000) u = $3 + 1 } END { print u }' /etc/passwd)
+      gid=$uid
+      [ -z "$group" ] || gid=$($bb awk -F: -v g="$group" '$1 == g || $3 == g { print $3 }' /etc/group)
+      [ -n "$gid" ] || { echo "useradd: group $group does not exist" >&2; exit 6; }
+      echo "$1:x:$uid:$gid::$home:$shell" >> /etc/passwd
+      echo "$1:!:1::::::" >> /etc/shadow
+      [ -z "$make" ] || { $bb mkdir -p "$home"; $bb chown "$uid:$gid" "$home"; }
+      EOS
+      chmod +x $out/bin/groupadd $out/bin/useradd
+    '';
 
     # Enough of nixpkgs for flake.nix: callPackage, lib.licenses and a buildRustPackage that
     # hands back the prebuilt binary.

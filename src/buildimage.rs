@@ -1,0 +1,328 @@
+//! nixpkgs' `buildImage` as builder actions, without a VM.
+//!
+//! - `image-layer` makes the image's one new layer, as nixpkgs' `mkPureLayer` or (with
+//!   `runAsRoot`) `mkRootLayer` do: `copyToRoot` copied like `rsync -a` (`-k`, or `-K` with
+//!   `keepContentsDirlinks`), the Nix database when `includeNixDB`, then `extraCommands`; with
+//!   `runAsRoot` the script runs as root over the base image plus that tree in user and mount
+//!   namespaces ([`crate::rootless`]) and the layer holds what changed. Attributes:
+//!   `copyToRoot`, `keepContentsDirlinks`, `extraCommands` (+ `shell`, `path`), `uid`, `gid`,
+//!   `mtime`, `baseJson`, `includeNixDB` (+ the graph `dbClosure` and `dbRoots`), and for the
+//!   root step `runAsRoot`, `runAsRootShell`, `runAsRootPath`, `fromImage`, `fromImageName`,
+//!   `fromImageTag`, `storeDir`. Output: `layer.tar`, `checksum` (its sha256), `json` (the
+//!   base JSON with the checksum; it keeps the config's store paths in the layer's closure, as
+//!   in nixpkgs) and `VERSION`.
+//! - `image` writes the image: the base image's layers (the one picked by `fromImageName` and
+//!   `fromImageTag`, else the first) and the new layer, to which the files of its closure
+//!   (the graph `closure`) that no base layer has are appended, with `/nix/store` made
+//!   readable (0555) when the base has none. Attributes: `layer`, `closure`, `fromImage`,
+//!   `fromImageName`, `fromImageTag`, `baseJson`, `created`, `mtime`, `imageName`, `tag` (null:
+//!   the hash of `$out`), `storeDir`, `compressor`, `format`.
+//! - `export` flattens an image into one tar ([`crate::flatten`]): `fromImage`,
+//!   `fromImageName`, `fromImageTag`, `mtime`.
+
+use crate::compress::Compressor;
+use crate::conf::{self, StreamConf};
+use crate::flatten::{self, components, key_of, Selector, Tree};
+use crate::layer::{check_store_path, plan_layer, HashingWriter, Owner};
+use crate::nixbuild::{build_top, kind, run_commands, write_new, Attrs};
+use crate::rootfs::{self, Dirlinks, Owners, PackOptions};
+use crate::rootless::{IdMapping, RunAsRootArgs};
+use crate::store::ClosureGraph;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::{json, Value};
+use std::collections::HashSet;
+use std::fs::{self, File};
+use std::io::{BufWriter, Read, Seek, SeekFrom};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+/// stdenv's `SOURCE_DATE_EPOCH`, the file time nixpkgs' buildImage gives every member.
+pub const DEFAULT_MTIME: i64 = 315532800;
+
+fn mtime(attrs: &Attrs) -> Result<i64> {
+    match attrs.get("mtime") {
+        None => Ok(DEFAULT_MTIME),
+        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| anyhow!("mtime: expected whole seconds, got {n}")),
+        Some(other) => bail!("mtime: expected a number of seconds, got {}", kind(other)),
+    }
+}
+
+fn selector(attrs: &Attrs) -> Result<Selector> {
+    let sel = Selector { name: attrs.opt_str("fromImageName")?, tag: attrs.opt_str("fromImageTag")? };
+    if sel.tag.is_some() && sel.name.is_none() {
+        bail!("fromImageTag: given without fromImageName");
+    }
+    Ok(sel)
+}
+
+/// The closure graph exported under `key`, or an empty one.
+fn graph(attrs: &Attrs, key: &str) -> Result<ClosureGraph> {
+    match attrs.get(key) {
+        None => Ok(ClosureGraph::default()),
+        Some(v) => ClosureGraph::from_json_value(v).with_context(|| format!("{key} (exportReferencesGraph)")),
+    }
+}
+
+/// Makes `dir` with mode 0755 whatever the umask.
+fn make_dir(dir: &Path) -> Result<()> {
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {}", dir.display()))
+}
+
+/// Writes the Nix database of `dbClosure` into the tree at `root` (mkDbExtraCommand).
+pub(crate) fn write_nix_db(attrs: &Attrs, root: &Path, registration_time: i64) -> Result<()> {
+    let g = graph(attrs, "dbClosure")?;
+    let roots = attrs.str_list("dbRoots")?;
+    // Directories and files with fixed modes, so the layer does not depend on the umask.
+    let mut dir = root.to_path_buf();
+    for c in ["nix", "var", "nix", "db"] {
+        dir.push(c);
+        if fs::symlink_metadata(&dir).is_err() {
+            make_dir(&dir)?;
+        }
+    }
+    for c in ["nix/var/nix/gcroots", "nix/var/nix/gcroots/docker"] {
+        if fs::symlink_metadata(root.join(c)).is_err() {
+            make_dir(&root.join(c))?;
+        }
+    }
+    crate::nixdb::write_tree(&g, root, &roots, registration_time).context("includeNixDB")?;
+    for f in ["nix/var/nix/db/schema", "nix/var/nix/db/db.sqlite"] {
+        fs::set_permissions(root.join(f), fs::Permissions::from_mode(0o644)).with_context(|| format!("cannot chmod {f}"))?;
+    }
+    eprintln!("Registered {} store paths in the Nix database", g.len());
+    Ok(())
+}
+
+fn copy_items(attrs: &Attrs) -> Result<(Vec<PathBuf>, Dirlinks)> {
+    let items = attrs.str_list("copyToRoot")?.into_iter().map(PathBuf::from).collect();
+    let dirlinks = if attrs.bool("keepContentsDirlinks")? { Dirlinks::Keep } else { Dirlinks::Copy };
+    Ok((items, dirlinks))
+}
+
+/// `image-layer`: the new layer of a buildImage.
+pub fn image_layer(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let top = build_top()?;
+    let mtime = mtime(attrs)?;
+    let (items, dirlinks) = copy_items(attrs)?;
+    let extra = attrs.opt_str("extraCommands")?.unwrap_or_default();
+    let run_as_root = attrs.opt_str("runAsRoot")?;
+
+    make_dir(&out)?;
+    match run_as_root {
+        None => {
+            let root = top.join("layer");
+            make_dir(&root)?;
+            for item in &items {
+                eprintln!("Adding {}", item.display());
+                rootfs::copy_to_root(item, &root, dirlinks, &mut |_| Ok(())).context("copyToRoot")?;
+            }
+            if attrs.bool("includeNixDB")? {
+                write_nix_db(attrs, &root, mtime)?;
+            }
+            if !extra.is_empty() {
+                run_commands(attrs, "extraCommands", &extra, &root, None)?;
+            }
+            let owners = Owners::Fixed(attrs.u64("uid")?, attrs.u64("gid")?);
+            let packed = rootfs::pack_to_dir(&root, &out, &PackOptions { mtime, owners })?;
+            eprintln!("Packed the layer: {} members, {} bytes", packed.members, packed.size);
+        }
+        Some(script) => {
+            // nixpkgs' shellScript: the shell, `set -e`, coreutils and /bin on PATH.
+            let shell = attrs.str("runAsRootShell")?;
+            let path = attrs.opt_str("runAsRootPath")?.unwrap_or_else(|| "/bin".into());
+            let script_file = top.join("run-as-root.sh");
+            write_new(&script_file, format!("#!{shell}\nset -e\nexport PATH={path}\n{script}\n").as_bytes(), 0o555)?;
+            let mut layers = items.clone();
+            if attrs.bool("includeNixDB")? {
+                let db_root = top.join("nix-db");
+                make_dir(&db_root)?;
+                write_nix_db(attrs, &db_root, mtime)?;
+                layers.push(db_root);
+            }
+            let extra_commands = if extra.is_empty() {
+                None
+            } else {
+                let f = top.join("extra-commands.sh");
+                write_new(&f, format!("set -e\n{extra}\n").as_bytes(), 0o444)?;
+                Some(f)
+            };
+            // The extra commands run outside the namespace's root, with our environment.
+            std::env::set_var("PATH", attrs.opt_str("path")?.unwrap_or_default());
+            std::env::set_var("out", &out);
+            std::env::set_var("SOURCE_DATE_EPOCH", DEFAULT_MTIME.to_string());
+            let scratch = top.join("scratch");
+            make_dir(&scratch)?;
+            let args = RunAsRootArgs {
+                from_image: attrs.opt_str("fromImage")?.map(PathBuf::from),
+                from_image_name: attrs.opt_str("fromImageName")?,
+                from_image_tag: attrs.opt_str("fromImageTag")?,
+                layers,
+                keep_dirlinks: dirlinks == Dirlinks::Keep,
+                store_paths: Vec::new(),
+                store_dir: Some(PathBuf::from(attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into()))),
+                script: script_file,
+                shell,
+                env: Vec::new(),
+                extra_commands,
+                extra_commands_shell: PathBuf::from(attrs.opt_str("shell")?.unwrap_or_else(|| "/bin/sh".into())),
+                out_layer: out.join("layer.tar"),
+                out_checksum: Some(out.join("checksum")),
+                mtime: Some(mtime),
+                id_mapping: IdMapping::Auto,
+                scratch: Some(scratch),
+                quiet: false,
+            };
+            crate::rootless::run(&args).context("runAsRoot")?;
+        }
+    }
+
+    let checksum = fs::read_to_string(out.join("checksum")).context("cannot read the layer's checksum")?.trim().to_string();
+    let mut meta = match attrs.opt_str("baseJson")? {
+        Some(p) => serde_json::from_slice(&fs::read(&p).with_context(|| format!("cannot read {p}"))?)
+            .map_err(|e| anyhow!("{p}: not valid JSON: {e}"))?,
+        None => json!({}),
+    };
+    if let Value::Object(m) = &mut meta {
+        m.insert("checksum".into(), checksum.into());
+    }
+    write_new(&out.join("json"), serde_json::to_string(&meta)?.as_bytes(), 0o444)?;
+    write_new(&out.join("VERSION"), b"1.0", 0o444)
+}
+
+/// Keys (as [`flatten`] keys paths) of every member of a layer tar, and where its last member
+/// ends (so more members can follow).
+fn layer_members(path: &Path) -> Result<(HashSet<Vec<u8>>, u64)> {
+    let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let mut keys = HashSet::new();
+    let mut end = 0u64;
+    for entry in archive.entries().with_context(|| format!("{}: not a tar archive", path.display()))? {
+        let entry = entry.with_context(|| format!("{}: not a valid tar archive", path.display()))?;
+        let comps = components(&entry.path_bytes());
+        keys.insert(key_of(&comps.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+        let size = entry.header().entry_size().unwrap_or(0);
+        end = end.max(entry.raw_file_position() + size.div_ceil(512) * 512);
+    }
+    Ok((keys, end))
+}
+
+/// `image`: the buildImage archive.
+pub fn image(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let top = build_top()?;
+    let now = conf::now();
+    let mtime = mtime(attrs)?;
+    let store_dir = attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into());
+    let layer_dir = PathBuf::from(attrs.str("layer")?);
+    let layer_tar = layer_dir.join("layer.tar");
+    let from_image = attrs.opt_str("fromImage")?.map(PathBuf::from);
+    let sel = selector(attrs)?;
+
+    // What the base image and the layer have already: those files are not added again.
+    let mut present: HashSet<Vec<u8>> = HashSet::new();
+    if let Some(image) = &from_image {
+        let scratch = top.join("base");
+        make_dir(&scratch)?;
+        let opened = flatten::open_image(image, &sel, &scratch, false).context("fromImage")?;
+        let tree = Tree::from_layers(&opened.layers).context("fromImage")?;
+        present.extend(tree.nodes.into_keys());
+    }
+    let nix_store_in_base = present.contains(&key_of(&[b"nix", b"store"]));
+    let (layer_keys, layer_end) = layer_members(&layer_tar)?;
+    present.extend(layer_keys);
+
+    let closure = graph(attrs, "closure")?;
+    let layer_path = layer_dir.to_string_lossy().into_owned();
+    let mut paths = Vec::new();
+    for i in 0..closure.len() as u32 {
+        let p = closure.path(i);
+        if p != layer_path {
+            paths.push(check_store_path(p, &store_dir).context("closure")?);
+        }
+    }
+    paths.sort();
+
+    let final_dir = top.join("final");
+    make_dir(&final_dir)?;
+    let final_tar = final_dir.join("layer.tar");
+    let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(&final_tar).with_context(|| format!("cannot create {}", final_tar.display()))?));
+    // The layer's own members, then the closure's files.
+    let mut src = File::open(&layer_tar).with_context(|| format!("cannot open {}", layer_tar.display()))?;
+    src.seek(SeekFrom::Start(0))?;
+    let copied = std::io::copy(&mut (&mut src).take(layer_end), &mut w).with_context(|| format!("cannot copy {}", layer_tar.display()))?;
+    if copied != layer_end {
+        bail!("{} is truncated", layer_tar.display());
+    }
+    let owner = Owner { uid: 0, gid: 0, uname: "root".into(), gname: "root".into(), mtime };
+    let mut added = 0usize;
+    if !paths.is_empty() {
+        let mut plan = plan_layer(&paths, &owner)?;
+        plan.retain(&owner, |name, mode| {
+            let comps = components(name);
+            let key = key_of(&comps.iter().map(Vec::as_slice).collect::<Vec<_>>());
+            if comps.len() <= 2 && (name == b"/nix/" || name == b"/nix/store/") {
+                // So that users other than root can read the store.
+                *mode = 0o555;
+                return !nix_store_in_base;
+            }
+            !present.contains(&key)
+        });
+        added = plan.entry_count();
+        crate::layer::write_layer(&plan, &owner, &mut w)?;
+    } else {
+        crate::layer::write_zeros(&mut w, crate::tar::trailer_len(layer_end))?;
+    }
+    let (bw, digest, size) = w.finish();
+    bw.into_inner().map_err(|e| anyhow!("cannot write {}: {}", final_tar.display(), e.error()))?;
+    fs::write(final_dir.join("checksum"), format!("{}\n", crate::image::hex(&digest))).context("cannot write the checksum")?;
+    eprintln!("The layer: {size} bytes, {added} members from {} store paths added", paths.len());
+
+    let base_json = attrs.str("baseJson")?;
+    let base: Value = serde_json::from_slice(&fs::read(&base_json).with_context(|| format!("cannot read {base_json}"))?)
+        .map_err(|e| anyhow!("{base_json}: not valid JSON: {e}"))?;
+    let tag = match attrs.opt_str("tag")? {
+        Some(t) => t,
+        None => out.file_name().map(|n| n.as_bytes()).unwrap_or_default().split(|&b| b == b'-').next().map(|h| String::from_utf8_lossy(h).into_owned()).unwrap_or_default(),
+    };
+    let (date, time) = conf::civil_from_unix(mtime);
+    let conf_value = json!({
+        "store_layers": [],
+        "customisation_layer": final_dir,
+        "from_image": from_image,
+        "from_image_name": sel.name,
+        "from_image_tag": sel.tag,
+        "config": base.get("config").cloned().unwrap_or(Value::Null),
+        "architecture": base.get("architecture").cloned().unwrap_or_else(|| json!("amd64")),
+        "os": base.get("os").cloned().unwrap_or_else(|| json!("linux")),
+        "created": attrs.str("created")?,
+        "mtime": format!("{date}T{time}+00:00"),
+        "uid": 0, "gid": 0, "uname": "root", "gname": "root",
+        "store_dir": store_dir,
+        "repo_tag": format!("{}:{tag}", attrs.str("imageName")?),
+    });
+    let mut conf = StreamConf::from_value(conf_value, &now)?;
+    conf.customisation_layer_source = Some(layer_path);
+    let compressor = attrs.opt_str("compressor")?.unwrap_or_else(|| "gz".into());
+    let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
+    crate::nixbuild::write_image(&conf, &out, &attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into()), compressor)
+}
+
+/// `export`: exportImage's flattened file system.
+pub fn export(attrs: &Attrs) -> Result<()> {
+    let top = build_top()?;
+    let sel = selector(attrs)?;
+    let args = flatten::ExportArgs {
+        from_image: PathBuf::from(attrs.str("fromImage")?),
+        from_image_name: sel.name,
+        from_image_tag: sel.tag,
+        output: attrs.out()?,
+        compressor: "none".into(),
+        mtime: Some(mtime(attrs)?),
+        scratch: Some(top),
+        quiet: false,
+    };
+    flatten::export(&args)
+}
