@@ -462,6 +462,40 @@ mod tests {
         assert_eq!(py_name_cmp(b"\xff", "\u{d7ff}".as_bytes()), Ordering::Greater);
     }
 
+    #[test]
+    fn retain_drops_members_changes_modes_and_resizes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let sp = tmp.path().join("0hhhhhhhhhhhhhhhhhhhhhhhhhhhhhhh-kept");
+        fs::create_dir_all(sp.join("d")).unwrap();
+        fs::write(sp.join("d/a"), "aaaa").unwrap();
+        fs::write(sp.join("d/b"), "b".repeat(700)).unwrap();
+        let owner = Owner { uid: 0, gid: 0, uname: "root".into(), gname: "root".into(), mtime: 1 };
+        let mut plan = plan_layer(std::slice::from_ref(&sp), &owner).unwrap();
+        assert_eq!(plan.files, 2);
+        plan.retain(&owner, |name, mode| {
+            if name == b"/nix/" {
+                *mode = 0o555;
+            }
+            !name.ends_with(b"/d/b")
+        });
+        assert_eq!((plan.files, plan.content_size), (1, 4));
+        let mut out = Vec::new();
+        write_layer(&plan, &owner, &mut out).unwrap();
+        assert_eq!(out.len() as u64, plan.tar_size);
+        let mut a = ::tar::Archive::new(&out[..]);
+        let names: Vec<(String, u32)> = a
+            .entries()
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (String::from_utf8_lossy(&e.path_bytes()).into_owned(), e.header().mode().unwrap())
+            })
+            .collect();
+        assert_eq!(names[0], ("/nix/".to_string(), 0o555));
+        assert!(names.iter().any(|(n, _)| n.ends_with("/d/a")));
+        assert!(!names.iter().any(|(n, _)| n.ends_with("/d/b")));
+    }
+
     /// A sparse file over 8 GiB needs a PAX `size` record; planning and writing agree on sizes.
     /// Reading 8 GiB of holes takes ~15 s, so it runs with `--include-ignored` (as CI does).
     #[test]

@@ -507,4 +507,114 @@ mod tests {
         assert_eq!(fs::read(out.join("layer.tar")).unwrap(), bytes);
         assert_eq!(fs::read_to_string(out.join("checksum")).unwrap().trim(), crate::image::hex(&p.digest));
     }
+
+    fn tree(root: &Path) -> Vec<String> {
+        fn walk(root: &Path, dir: &Path, out: &mut Vec<String>) {
+            let mut names: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+            names.sort();
+            for p in names {
+                let rel = p.strip_prefix(root).unwrap().display().to_string();
+                let m = fs::symlink_metadata(&p).unwrap();
+                let mode = m.permissions().mode() & 0o7777;
+                if m.file_type().is_symlink() {
+                    out.push(format!("{rel} -> {}", fs::read_link(&p).unwrap().display()));
+                } else if m.is_dir() {
+                    out.push(format!("{rel} dir {mode:o}"));
+                    walk(root, &p, out);
+                } else {
+                    out.push(format!("{rel} {:?} {mode:o}", fs::read_to_string(&p).unwrap()));
+                }
+            }
+        }
+        let mut out = Vec::new();
+        walk(root, root, &mut out);
+        out
+    }
+
+    #[test]
+    fn copy_to_root_merges_read_only_trees_and_follows_dirlinks_as_asked() {
+        let tmp = tempfile::tempdir().unwrap();
+        let a = tmp.path().join("a");
+        let b = tmp.path().join("b");
+        fs::create_dir_all(a.join("lib64")).unwrap();
+        fs::create_dir_all(a.join("bin")).unwrap();
+        fs::write(a.join("lib64/x"), "x").unwrap();
+        fs::write(a.join("bin/tool"), "a").unwrap();
+        symlink("lib64", a.join("lib")).unwrap();
+        symlink("tool", a.join("bin/alias")).unwrap();
+        fs::create_dir_all(b.join("lib")).unwrap();
+        fs::create_dir_all(b.join("bin")).unwrap();
+        fs::write(b.join("lib/y"), "y").unwrap();
+        fs::write(b.join("bin/tool"), "b").unwrap();
+        // Read-only, as store paths are: merging the second must still work.
+        for d in [&a, &b] {
+            for sub in ["", "bin", "lib64", "lib"] {
+                let p = d.join(sub);
+                if fs::symlink_metadata(&p).is_ok_and(|m| m.is_dir()) {
+                    fs::set_permissions(&p, fs::Permissions::from_mode(0o555)).unwrap();
+                }
+            }
+        }
+        let copy = tmp.path().join("copy");
+        fs::create_dir(&copy).unwrap();
+        let mut made = 0;
+        for src in [&a, &b] {
+            copy_to_root(src, &copy, Dirlinks::Copy, &mut |_| {
+                made += 1;
+                Ok(())
+            })
+            .unwrap();
+        }
+        assert!(made > 0);
+        assert_eq!(
+            tree(&copy),
+            [
+                "bin dir 555",
+                "bin/alias -> tool",
+                "bin/tool \"b\" 644",
+                "lib dir 555",
+                "lib/x \"x\" 644",
+                "lib/y \"y\" 644",
+                "lib64 dir 555",
+                "lib64/x \"x\" 644",
+            ]
+        );
+        let keep = tmp.path().join("keep");
+        fs::create_dir(&keep).unwrap();
+        for src in [&a, &b] {
+            copy_to_root(src, &keep, Dirlinks::Keep, &mut |_| Ok(())).unwrap();
+        }
+        assert_eq!(
+            tree(&keep),
+            ["bin dir 555", "bin/alias -> tool", "bin/tool \"b\" 644", "lib -> lib64", "lib64 dir 555", "lib64/x \"x\" 644", "lib64/y \"y\" 644"]
+        );
+        // A file replaces a directory and a directory a file; a file is not a tree to copy.
+        let c = tmp.path().join("c");
+        fs::create_dir_all(&c).unwrap();
+        fs::write(c.join("lib64"), "now a file").unwrap();
+        fs::create_dir_all(c.join("bin/tool")).unwrap();
+        copy_to_root(&c, &keep, Dirlinks::Copy, &mut |_| Ok(())).unwrap();
+        assert!(fs::symlink_metadata(keep.join("lib64")).unwrap().is_file());
+        assert!(fs::symlink_metadata(keep.join("bin/tool")).unwrap().is_dir());
+        let e = copy_to_root(&c.join("lib64"), &keep, Dirlinks::Copy, &mut |_| Ok(())).unwrap_err().to_string();
+        assert!(e.contains("is not a directory"), "{e}");
+        for d in [&a, &b, &copy, &keep] {
+            make_removable(d).unwrap();
+        }
+    }
+
+    #[test]
+    fn resolving_inside_the_root_never_leaves_it() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path();
+        fs::create_dir_all(root.join("usr/lib")).unwrap();
+        symlink("/usr/lib", root.join("abs")).unwrap();
+        symlink("../../../../usr/lib", root.join("up")).unwrap();
+        symlink("loop", root.join("loop")).unwrap();
+        assert_eq!(resolve_in_root(root, Path::new("abs")), Some(root.join("usr/lib")));
+        assert_eq!(resolve_in_root(root, Path::new("up")), Some(root.join("usr/lib")));
+        assert_eq!(resolve_in_root(root, Path::new("loop")), None);
+        assert_eq!(resolve_in_root(root, Path::new("missing/x")), None);
+    }
+
 }

@@ -218,8 +218,11 @@ EOF
 
 test_reproducible() {
   # --check rebuilds and fails if the bytes differ.
-  build helloGz --check >/dev/null || fail "helloGz: $(tail -3 "$work/helloGz.log")"
-  build owners --check >/dev/null || fail "owners: $(tail -3 "$work/owners.log")"
+  local a
+  for a in helloGz owners pureImage redisLike.layer redisLike; do
+    build "$a" >/dev/null || fail "$a: $(tail -3 "$work/$a.log")"
+    build "$a" --check >/dev/null || fail "$a: $(tail -3 "$work/$a.log")"
+  done
   local conf layer
   conf=$(nix-instantiate "$cases" -A owners.stream.conf "${nargs[@]}" 2>/dev/null)
   layer=$(nix-store -q --references "$conf" | grep -- '-owners-customisation-layer.drv$')
@@ -344,13 +347,141 @@ test_errors() {
   }
   check_error maxLayers1 'maxLayers must be greater than 1 (got 1)'
   check_error compressor 'compressor must be one of gz, none, zstd (got "xz")'
-  check_error nixDb 'includeNixDB = true is not supported by stevedore yet'
+  check_error runAsRootList 'runAsRoot must be null or a string (a shell script)'
+  check_error format 'format must be one of docker-archive, oci, oci-archive (got "squashfs")'
+  check_error failingRunAsRoot 'failed with exit code 1'
+  check_error missingBaseTag 'no image tagged base:nope (it has: base:latest)'
   check_error emptyName 'name must be a non-empty string'
   check_error created 'created: "yesterday" is not an ISO-8601 date/time or "now"'
   check_error notDir 'is not a directory (symlinkJoin needs directories)'
   check_error failingCommands 'extraCommands failed'
   check_error noShell 'the stream executable needs pkgs.runtimeShell'
   check_error unknownArgument "unexpected argument 'copyToRoot'"
+}
+
+# buildImage without runAsRoot: copies (not links) of copyToRoot owned by uid:gid, the closure
+# of the config and of the contents in the layer, /nix/store readable by everyone.
+test_build_image() {
+  local out tag layer
+  out=$(build pureImage) || fail "$(tail -5 "$work/pureImage.log")"
+  [[ "$out" == *-docker-image-pure.tar ]] || fail "name: $out"
+  summary "$out" pure
+  tag=$(nixeval 'c.pureImage.imageTag' | tr -d '"')
+  expect_eq "${#tag}" 32
+  expect_eq "$tag" "$(basename "$out" | cut -c1-32)"
+  expect_eq "$(q pure 'd["repo_tags"]')" "['pure:$tag']"
+  expect_eq "$(q pure 'len(d["layers"])')" 1
+  python3 - "$work/pure.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = {e[0]: e for e in d["layers"][0]["entries"]}
+assert m["./bin/busybox"][1] == "0" and (m["./bin/busybox"][3], m["./bin/busybox"][4]) == (1000, 100), m["./bin/busybox"]
+assert m["./tmp/"][2] == "0o1777", m["./tmp/"]
+assert m["/nix/"][2] == m["/nix/store/"][2] == "0o555", (m["/nix/"], m["/nix/store/"])
+names = {n.split("/")[3] for n in m if n.startswith("/nix/store/") and len(n.split("/")) > 4}
+for p in ("-hello", "-greeting", "-busybox"):
+    assert any(n.endswith(p) for n in names), (p, names)
+assert not any("docker-layer" in n or "config.json" in n for n in names), names
+EOF
+  load "$out"
+  expect_eq "$(podrun "pure:$tag")" "hello from stevedore"
+  expect_eq "$(podrun --user 65534 "pure:$tag")" "hello from stevedore"
+  # passthru as nixpkgs has it.
+  expect_eq "$(nixeval 'c.pureImage.buildArgs.uid')" 1000
+  layer=$(nix-build "$cases" -A pureImage.layer "${nargs[@]}" --no-out-link 2>/dev/null)
+  [ -f "$layer/layer.tar" ] && [ -f "$layer/json" ] || fail "passthru.layer: $layer"
+  expect_eq "$(sha256sum <"$layer/layer.tar" | cut -c1-64)" "$(cat "$layer/checksum")"
+  # keepContentsDirlinks: rsync -k turns lib -> lib64 into a directory, -K keeps the link.
+  summary "$(build dirlinksCopy)" copy
+  summary "$(build dirlinksKeep)" keep
+  expect_eq "$(q copy '[(e[0], e[1]) for e in d["layers"][0]["entries"] if not e[0].startswith("/")]')" \
+    "[('./', '5'), ('./lib/', '5'), ('./lib/a', '0'), ('./lib/b', '0'), ('./lib64/', '5'), ('./lib64/a', '0')]"
+  expect_eq "$(q keep '[(e[0], e[1]) for e in d["layers"][0]["entries"] if not e[0].startswith("/")]')" \
+    "[('./', '5'), ('./lib', '2'), ('./lib64/', '5'), ('./lib64/a', '0'), ('./lib64/b', '0')]"
+}
+
+# runAsRoot over a layered base image (nixpkgs' redis example), without a VM: shadowSetup's
+# useradd, a chowned /data, a deleted base file as a whiteout, extraCommands, then the
+# flattened file system from exportImage.
+test_run_as_root() {
+  local out root
+  out=$(build redisLike) || fail "$(tail -5 "$work/redisLike.log")"
+  summary "$out" redis
+  summary "$(build rootBase)" rootbase
+  expect_eq "$(q redis '[l["diff_id"] for l in d["layers"]][:-1]')" "$(q rootbase '[l["diff_id"] for l in d["layers"]]')"
+  expect_eq "$(q redis 'd["config"]["config"]["Env"]')" "['BASE=1', 'FOO=bar']"
+  python3 - "$work/redis.json" <<'EOF'
+import json, sys
+d = json.load(open(sys.argv[1]))
+m = {e[0]: e for e in d["layers"][-1]["entries"]}
+assert "./etc/.wh.removed" in m, sorted(m)
+assert m["./data/"][3] == 999 and m["./data/"][4] == 999, m["./data/"]
+assert "./extra.txt" in m and "./bin/hello" in m
+# Only what changed: the base's busybox links are not repeated.
+assert "./bin/sh" not in m and "./keep/file" not in m, sorted(m)
+EOF
+  load "$(plain "$out")"
+  expect_eq "$(podrun redis-like:latest)" "hello from stevedore"
+  expect_eq "$(podrun redis-like:latest sh -c 'id redis; stat -c "%U:%G %n" /data /data/made; cat /keep/file /extra.txt; pwd; test -e /etc/removed || echo removed' | tr '\n' ';')" \
+    "uid=999(redis) gid=999(redis) groups=999(redis);redis:redis /data;root:root /data/made;kept;extra;/data;removed;"
+  root=$(build redisRoot) || fail "$(tail -5 "$work/redisRoot.log")"
+  python3 - "$root" <<'EOF'
+import sys, tarfile
+t = tarfile.open(sys.argv[1])
+m = {e.name: e for e in t}
+assert not any(".wh." in n for n in m), [n for n in m if ".wh." in n]
+assert "./etc/removed" not in m and "./keep/file" in m and "./data/made" in m, sorted(m)
+assert (m["./data"].uid, m["./data"].gid) == (999, 999), m["./data"]
+assert m["./bin/sh"].issym() and m["./bin/hello"].isfile()
+assert all(e.mtime == 315532800 for e in m.values())
+# copyToRoot is copied: its own store path is not needed, what it refers to is.
+assert any(n.endswith("-greeting/share/greeting") for n in m)
+assert not any(n.endswith("-hello/bin/hello") for n in m)
+assert b"redis:x:999:999" in t.extractfile("./etc/passwd").read()
+EOF
+  # A stream as the base image, picked by name and tag.
+  out=$(build streamBase) || fail "$(tail -5 "$work/streamBase.log")"
+  summary "$(plain "$out")" onstream
+  "$(build hello)" >"$work/hello-base.tar" 2>/dev/null
+  summary "$work/hello-base.tar" hellobase
+  expect_eq "$(q onstream '[e[0] for e in d["layers"][-1]["entries"] if "on-stream" in e[0]]')" "['./on-stream']"
+  expect_eq "$(q onstream '[l["diff_id"] for l in d["layers"]][:-1]')" "$(q hellobase '[l["diff_id"] for l in d["layers"]]')"
+}
+
+# The Nix database, from buildImageWithNixDb, buildLayeredImageWithNixDb and
+# streamLayeredImage's includeNixDB: Nix itself (Debian's nix-store, pointed at the image's
+# unpacked root) checks every path against its registered hash.
+test_nix_db() {
+  local kind root dir
+  for kind in image layered stream; do
+    root=$(build "nixDbRoots.$kind") || fail "$kind: $(tail -5 "$work/nixDbRoots.$kind.log")"
+    dir=$work/nixdb-$kind
+    mkdir -p "$dir"
+    tar -C "$dir" -xf "$root"
+    ls "$dir/nix/var/nix/gcroots/docker" | grep -q -- '-hello$' || fail "$kind: no GC root"
+    nix-store --store "local?root=$dir" --verify --check-contents >"$work/verify-$kind.log" 2>&1 || fail "$kind: $(tail -3 "$work/verify-$kind.log")"
+    expect_eq "$(nix-store --store "local?root=$dir" -qR "$dir"/nix/var/nix/gcroots/docker/*-hello 2>/dev/null | sed 's/.*-//' | sort | tr '\n' ' ')" "busybox greeting hello " "$kind"
+  done
+  # The check notices a changed file.
+  chmod -R u+w "$dir/nix/store"
+  echo tampered >"$(echo "$dir"/nix/store/*-greeting)/share/greeting"
+  if nix-store --store "local?root=$dir" --verify --check-contents >/dev/null 2>&1; then fail "a tampered store verified"; fi
+}
+
+# OCI output from the Nix functions: an oci-archive with zstd layers, an OCI layout directory.
+test_oci_formats() {
+  local out
+  out=$(build ociArchive) || fail "$(tail -5 "$work/ociArchive.log")"
+  [[ "$out" == *-hello-oci.tar ]] || fail "name: $out"
+  skopeo inspect --raw "oci-archive:$out" >"$work/oci-archive.json"
+  expect_eq "$(python3 -c 'import json,sys; print({l["mediaType"] for l in json.load(open(sys.argv[1]))["layers"]})' "$work/oci-archive.json")" "{'application/vnd.oci.image.layer.v1.tar+zstd'}"
+  out=$(build ociLayout) || fail "$(tail -5 "$work/ociLayout.log")"
+  [ -f "$out/index.json" ] && [ -f "$out/oci-layout" ] || fail "not an OCI layout: $out"
+  skopeo inspect --raw "oci:$out" >"$work/oci-layout.json"
+  expect_eq "$(python3 -c 'import json,sys; print({l["mediaType"] for l in json.load(open(sys.argv[1]))["layers"]})' "$work/oci-layout.json")" "{'application/vnd.oci.image.layer.v1.tar+gzip'}"
+  skopeo copy -q "oci:$out" "docker-archive:$work/from-oci.tar:localhost/oci-layout:latest" >/dev/null
+  load "$work/from-oci.tar"
+  expect_eq "$(podrun localhost/oci-layout:latest)" "hello from stevedore"
 }
 
 # The flake, against a stand-in nixpkgs flake made of tests/nix/pkgs.nix and the binary.
@@ -430,6 +561,10 @@ t helpers test_helpers
 t fakechroot test_fakechroot
 t minimal-pkgs test_minimal_pkgs
 t errors test_errors
+t build-image test_build_image
+t run-as-root test_run_as_root
+t nix-db test_nix_db
+t oci-formats test_oci_formats
 t flake test_flake
 t copy-to-registry test_copy_to_registry
 
