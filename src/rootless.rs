@@ -1020,6 +1020,13 @@ fn init_main(root: &Path, mounts: &Mounts, spec: &ScriptSpec, single: bool, fram
         mount(Some("/proc"), &proc_dir, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>).map_err(|e| anyhow!("cannot mount /proc: {e}"))?;
     }
     setup_dev(&root.join("dev"))?;
+    // /sys read-only, as container runtimes give it: a sysfs of our network namespace, or
+    // the outer one bound. Scripts rarely need it, so failing to mount it is not an error.
+    let sys_dir = root.join("sys");
+    let ro = MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    if mount(Some("sysfs"), &sys_dir, Some("sysfs"), ro, None::<&str>).is_err() && bind_read_only(Path::new("/sys"), &sys_dir).is_err() {
+        eprintln!("stevedore: note: /sys could not be mounted; the script runs without it");
+    }
     loopback_up();
     let _ = nix::unistd::sethostname("localhost");
     nix::unistd::chdir(root)?;
@@ -1231,6 +1238,7 @@ fn in_namespace(job: &Job, root: &Path, single: bool) -> Result<(String, LayerCo
     let made = (|| -> Result<()> {
         points.push(mount_point(root, Path::new("proc"), PointKind::Dir)?);
         points.push(mount_point(root, Path::new("dev"), PointKind::Dir)?);
+        points.push(mount_point(root, Path::new("sys"), PointKind::Dir)?);
         for (_, rel, kind) in &job.mounts.store {
             points.push(mount_point(root, rel, *kind)?);
         }
