@@ -24,6 +24,10 @@
 //! - `stream-script`: `shell`, `stevedore`, `conf` → `$out`, an executable that runs
 //!   `stevedore stream CONF "$@"`.
 //! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`) → `$out`, the image archive.
+//! - `merge`: `images` (Docker archives or stream executables) → `$out`, one archive holding
+//!   them all (see `merge.rs`).
+//! - `files`: `files = { "rel/path" = { text = "..."; executable = bool; } or { directory = true; }; }`
+//!   → `$out`, a directory of those files (fakeNss-style trees, small scripts in `bin/`).
 //!
 //! `stevedore nix pack ROOT DIR` packs a directory the way the customisation layer is packed.
 
@@ -70,6 +74,10 @@ pub enum Action {
     PushScript,
     /// Write the image archive, compressed.
     Archive,
+    /// Merge the images (attribute `images`) into one Docker archive.
+    Merge,
+    /// Make $out a directory of small files (attribute `files`).
+    Files,
     /// Pack the directory ROOT into DIR/layer.tar and DIR/checksum (as the customisation layer).
     Pack {
         root: PathBuf,
@@ -97,6 +105,8 @@ pub fn run(args: &NixArgs) -> Result<()> {
         Action::StreamScript => stream_script(&Attrs::load()?),
         Action::PushScript => push_script(&Attrs::load()?),
         Action::Archive => archive(&Attrs::load()?),
+        Action::Merge => merge_images(&Attrs::load()?),
+        Action::Files => files(&Attrs::load()?),
         Action::Pack { root, dir, mtime, owners } => {
             let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
             let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners })?;
@@ -488,6 +498,40 @@ fn archive(attrs: &Attrs) -> Result<()> {
         }
     };
     w.flush().with_context(|| format!("cannot write {}", out.display()))?;
+    Ok(())
+}
+
+fn merge_images(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let images: Vec<PathBuf> = attrs.str_list("images")?.into_iter().map(PathBuf::from).collect();
+    let scratch = crate::oci::TempDir::new_in(&build_top()?)?;
+    let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let progress = image::Progress { quiet: false };
+    let mut w = crate::merge::merge(&images, &scratch.0, BufWriter::with_capacity(1 << 20, file), &progress)?;
+    w.flush().with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn files(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let Some(Value::Object(files)) = attrs.get("files") else {
+        bail!("files: expected an attribute set of relative path = {{ text; executable; }} or {{ directory = true; }}");
+    };
+    fs::create_dir(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (rel, spec) in files {
+        if rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            bail!("files: {rel:?} is not a clean relative path");
+        }
+        let spec = Attrs::from_value(spec.clone()).map_err(|_| anyhow!("files.{rel}: expected an attribute set, got {}", kind(spec)))?;
+        let path = out.join(rel);
+        let dir = if spec.bool("directory").with_context(|| format!("files.{rel}"))? { path.as_path() } else { path.parent().unwrap_or(&out) };
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if dir == path {
+            continue;
+        }
+        let text = spec.str("text").with_context(|| format!("files.{rel}"))?;
+        let mode = if spec.bool("executable").with_context(|| format!("files.{rel}"))? { 0o555 } else { 0o444 };
+        write_new(&path, text.as_bytes(), mode)?;
+    }
     Ok(())
 }
 
