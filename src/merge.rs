@@ -197,6 +197,9 @@ fn index(path: &Path, label: &str) -> Result<Vec<ImageEntry>> {
 /// as a script or an ELF file does (no tar archive or compressed stream starts so).
 fn is_program(path: &Path) -> Result<bool> {
     let meta = fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if meta.is_dir() {
+        bail!("image {}: a directory, not an image archive or a stream executable", path.display());
+    }
     if !meta.is_file() || meta.permissions().mode() & 0o111 == 0 {
         return Ok(false);
     }
