@@ -588,6 +588,29 @@ mod tests {
     }
 
     #[test]
+    fn files_writes_texts_modes_and_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let attrs = |files: Value| Attrs::from_value(json!({"outputs": {"out": out}, "files": files})).unwrap();
+        files(&attrs(json!({
+            "etc/passwd": {"text": "root:x:0:0::/:/bin/sh\n"},
+            "bin/run": {"text": "#!/bin/sh\n", "executable": true},
+            "var/empty": {"directory": true}
+        })))
+        .unwrap();
+        assert_eq!(fs::read_to_string(out.join("etc/passwd")).unwrap(), "root:x:0:0::/:/bin/sh\n");
+        assert_eq!(fs::metadata(out.join("bin/run")).unwrap().permissions().mode() & 0o777, 0o555);
+        assert_eq!(fs::metadata(out.join("etc/passwd")).unwrap().permissions().mode() & 0o777, 0o444);
+        assert!(out.join("var/empty").is_dir());
+        fs::remove_dir_all(&out).unwrap();
+        let e = files(&attrs(json!({"../x": {"text": ""}}))).unwrap_err().to_string();
+        assert!(e.contains("not a clean relative path"), "{e}");
+        fs::remove_dir_all(&out).unwrap();
+        let e = files(&attrs(json!({"x": {"executable": true}}))).unwrap_err();
+        assert!(format!("{e:#}").starts_with("files.x: text: missing"), "{e:#}");
+    }
+
+    #[test]
     fn stream_script_quotes() {
         assert_eq!(shell_quote("/nix/store/x-a?b"), "'/nix/store/x-a?b'");
         assert_eq!(shell_quote("it's"), "'it'\\''s'");
