@@ -588,6 +588,14 @@ let
 
   caBundle = "${pkgs.cacert}/etc/ssl/certs/ca-bundle.crt";
 
+  # streamNixShellImage / buildNixShellImage (nix-shell-image.nix).
+  nixShellImage = import ./nix-shell-image.nix {
+    inherit pkgs streamLayeredImage buildLayeredImage;
+    inherit (ours) binSh usrBinEnv;
+    writeText = name: text: stevedoreDrv "text" (local // { inherit name text; });
+    writeFiles = name: files: stevedoreDrv "files" (local // { inherit name files; });
+  };
+
   ours = {
     inherit
       streamLayeredImage
@@ -643,6 +651,20 @@ let
         touch /etc/login.defs
       fi
     '';
+
+    # One Docker archive holding all the images (archives, plain or compressed, or stream
+    # executables), for one `docker load`.
+    mergeImages =
+      images:
+      if isList images then
+        stevedoreDrv "merge" {
+          name = "merge-docker-images";
+          images = map (i: "${i}") images;
+        }
+      else
+        throw "dockerTools.mergeImages: expects a list of images";
+
+    inherit (nixShellImage) streamNixShellImage buildNixShellImage;
   };
 in
 fallback // ours

@@ -41,15 +41,20 @@ pub struct LayerInfo {
 }
 
 /// The outer archive: member headers and padding, with a running offset for the trailer.
-struct Outer<W: Write> {
-    w: W,
+pub(crate) struct Outer<W: Write> {
+    pub(crate) w: W,
     enc: HeaderEncoder,
     offset: u64,
     mtime: i64,
 }
 
 impl<W: Write> Outer<W> {
-    fn begin_member(&mut self, name: &str, size: u64) -> Result<()> {
+    /// An archive whose members all carry `mtime`.
+    pub(crate) fn new(w: W, mtime: i64) -> Self {
+        Outer { w, enc: HeaderEncoder::new(), offset: 0, mtime }
+    }
+
+    pub(crate) fn begin_member(&mut self, name: &str, size: u64) -> Result<()> {
         let h = Header::plain_file(name.as_bytes(), size, self.mtime);
         let mut buf = Vec::with_capacity(1024);
         self.enc.encode(&h, &mut buf);
@@ -58,20 +63,20 @@ impl<W: Write> Outer<W> {
         Ok(())
     }
 
-    fn end_member(&mut self, size: u64) -> Result<()> {
+    pub(crate) fn end_member(&mut self, size: u64) -> Result<()> {
         let pad = tar::padding(size);
         self.w.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
         self.offset += size + pad;
         Ok(())
     }
 
-    fn add_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
+    pub(crate) fn add_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
         self.begin_member(name, data.len() as u64)?;
         self.w.write_all(data).map_err(out_err)?;
         self.end_member(data.len() as u64)
     }
 
-    fn finish(mut self) -> Result<W> {
+    pub(crate) fn finish(mut self) -> Result<W> {
         layer::write_zeros(&mut self.w, tar::trailer_len(self.offset))?;
         self.w.flush().map_err(out_err)?;
         Ok(self.w)
@@ -304,7 +309,7 @@ impl<W: Write> LayerSink for Outer<W> {
 pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progress: &Progress) -> Result<W> {
     let started = Instant::now();
     let spec = ImageSpec::new(conf)?;
-    let mut outer = Outer { w: out, enc: HeaderEncoder::new(), offset: 0, mtime: conf.mtime };
+    let mut outer = Outer::new(out, conf.mtime);
     let layers = spec.emit_layers(&mut outer, progress)?;
     progress.say("Adding manifests...");
     let config_json = spec.config_json(&layers);

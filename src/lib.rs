@@ -11,6 +11,7 @@ pub mod flatten;
 pub mod image;
 pub mod layer;
 pub mod layering;
+pub mod merge;
 pub mod nixbuild;
 pub mod nixdb;
 pub mod oci;

@@ -84,6 +84,12 @@ enum Command {
     /// in new user, mount and pid namespaces. The change (new and changed files with their
     /// owners, whiteouts, opaque directories) goes to --out-layer; its sha256 to stdout.
     RunAsRoot(stevedore::rootless::RunAsRootArgs),
+    /// Merge images into one Docker archive that loads them all (nixpkgs' mergeImages).
+    ///
+    /// Each IMAGE is a Docker archive (plain, gzip or zstd) or an executable that streams one,
+    /// like streamLayeredImage's result. Layers are named by content and written once, however
+    /// many images share them; manifest.json lists the images in the order given.
+    Merge(stevedore::merge::MergeArgs),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix(stevedore::nixbuild::NixArgs),
@@ -169,6 +175,13 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Layers(args) => stevedore::layering::run(&args),
+        Command::Merge(args) => {
+            let progress = image::Progress { quiet: args.quiet };
+            // Spooled stream output goes next to the output file, or to the temporary directory.
+            let scratch_parent = args.output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
+            let scratch = oci::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
+            with_output(args.output.as_deref(), |w| stevedore::merge::merge(&args.images, &scratch.0, w, &progress).map(drop))
+        }
         Command::Nix(args) => stevedore::nixbuild::run(&args),
         Command::Export(args) => stevedore::flatten::export(&args),
         Command::Nixdb(args) => stevedore::nixdb::run(&args),

@@ -24,6 +24,10 @@
 //! - `stream-script`: `shell`, `stevedore`, `conf` → `$out`, an executable that runs
 //!   `stevedore stream CONF "$@"`.
 //! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`) → `$out`, the image archive.
+//! - `merge`: `images` (Docker archives or stream executables) → `$out`, one archive holding
+//!   them all (see `merge.rs`).
+//! - `files`: `files = { "rel/path" = { text = "..."; executable = bool; } or { directory = true; }; }`
+//!   → `$out`, a directory of those files (fakeNss-style trees, small scripts in `bin/`).
 //!
 //! `stevedore nix pack ROOT DIR` packs a directory the way the customisation layer is packed.
 
@@ -76,6 +80,10 @@ pub enum Action {
     Image,
     /// exportImage: an image's flattened file system as one tar.
     Export,
+    /// Merge the images (attribute `images`) into one Docker archive.
+    Merge,
+    /// Make $out a directory of small files (attribute `files`).
+    Files,
     /// Pack the directory ROOT into DIR/layer.tar and DIR/checksum (as the customisation layer).
     Pack {
         root: PathBuf,
@@ -106,6 +114,8 @@ pub fn run(args: &NixArgs) -> Result<()> {
         Action::ImageLayer => crate::buildimage::image_layer(&Attrs::load()?),
         Action::Image => crate::buildimage::image(&Attrs::load()?),
         Action::Export => crate::buildimage::export(&Attrs::load()?),
+        Action::Merge => merge_images(&Attrs::load()?),
+        Action::Files => files(&Attrs::load()?),
         Action::Pack { root, dir, mtime, owners } => {
             let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
             let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners })?;
@@ -531,6 +541,40 @@ pub(crate) fn write_image(conf: &StreamConf, out: &Path, format: &str, compresso
     }
 }
 
+fn merge_images(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let images: Vec<PathBuf> = attrs.str_list("images")?.into_iter().map(PathBuf::from).collect();
+    let scratch = crate::oci::TempDir::new_in(&build_top()?)?;
+    let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let progress = image::Progress { quiet: false };
+    let mut w = crate::merge::merge(&images, &scratch.0, BufWriter::with_capacity(1 << 20, file), &progress)?;
+    w.flush().with_context(|| format!("cannot write {}", out.display()))
+}
+
+fn files(attrs: &Attrs) -> Result<()> {
+    let out = attrs.out()?;
+    let Some(Value::Object(files)) = attrs.get("files") else {
+        bail!("files: expected an attribute set of relative path = {{ text; executable; }} or {{ directory = true; }}");
+    };
+    fs::create_dir(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    for (rel, spec) in files {
+        if rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            bail!("files: {rel:?} is not a clean relative path");
+        }
+        let spec = Attrs::from_value(spec.clone()).map_err(|_| anyhow!("files.{rel}: expected an attribute set, got {}", kind(spec)))?;
+        let path = out.join(rel);
+        let dir = if spec.bool("directory").with_context(|| format!("files.{rel}"))? { path.as_path() } else { path.parent().unwrap_or(&out) };
+        fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        if dir == path {
+            continue;
+        }
+        let text = spec.str("text").with_context(|| format!("files.{rel}"))?;
+        let mode = if spec.bool("executable").with_context(|| format!("files.{rel}"))? { 0o555 } else { 0o444 };
+        write_new(&path, text.as_bytes(), mode)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -581,6 +625,29 @@ mod tests {
         // A pipeline ignores maxLayers, as in nixpkgs.
         let layers = plan_store_layers(&graph, &[], 1, 0, Some(&json!([["popularity_contest"]]))).unwrap();
         assert_eq!(layers.iter().map(Vec::len).sum::<usize>(), 4);
+    }
+
+    #[test]
+    fn files_writes_texts_modes_and_directories() {
+        let tmp = tempfile::tempdir().unwrap();
+        let out = tmp.path().join("out");
+        let attrs = |files: Value| Attrs::from_value(json!({"outputs": {"out": out}, "files": files})).unwrap();
+        files(&attrs(json!({
+            "etc/passwd": {"text": "root:x:0:0::/:/bin/sh\n"},
+            "bin/run": {"text": "#!/bin/sh\n", "executable": true},
+            "var/empty": {"directory": true}
+        })))
+        .unwrap();
+        assert_eq!(fs::read_to_string(out.join("etc/passwd")).unwrap(), "root:x:0:0::/:/bin/sh\n");
+        assert_eq!(fs::metadata(out.join("bin/run")).unwrap().permissions().mode() & 0o777, 0o555);
+        assert_eq!(fs::metadata(out.join("etc/passwd")).unwrap().permissions().mode() & 0o777, 0o444);
+        assert!(out.join("var/empty").is_dir());
+        fs::remove_dir_all(&out).unwrap();
+        let e = files(&attrs(json!({"../x": {"text": ""}}))).unwrap_err().to_string();
+        assert!(e.contains("not a clean relative path"), "{e}");
+        fs::remove_dir_all(&out).unwrap();
+        let e = files(&attrs(json!({"x": {"executable": true}}))).unwrap_err();
+        assert!(format!("{e:#}").starts_with("files.x: text: missing"), "{e:#}");
     }
 
     #[test]

@@ -314,6 +314,53 @@ let
     format = "oci";
   };
 
+  # mergeImages: a gzipped archive, a stream executable and a zstd archive, all with busybox.
+  merged = dockerTools.mergeImages [
+    (dockerTools.buildLayeredImage helloArgs)
+    (dockerTools.streamLayeredImage {
+      name = "merge-two";
+      tag = "latest";
+      contents = [ busybox ];
+      config.Cmd = [ "${busybox}/bin/sh" "-c" "echo two" ];
+    })
+    (dockerTools.buildLayeredImage {
+      name = "merge-three";
+      tag = "latest";
+      contents = [ busybox ];
+      config.Cmd = [ "${busybox}/bin/sh" "-c" "echo three" ];
+      compressor = "zstd";
+    })
+  ];
+
+  # nix-shell images of pkgs.shellTarget, with a bash that runs in the container.
+  shellRun = dockerTools.streamNixShellImage {
+    drv = pkgs.shellTarget;
+    tag = "run";
+    shell = "${pkgs.hostBash}/bin/bash";
+    run = ''
+      echo "greeting=$GREETING flags=$flags enabled=$enabled out=$out dev=$dev"
+      echo "user=$(id -u):$(id -g) $(busybox whoami) home=$HOME pwd=$PWD $(pwd) top=$NIX_BUILD_TOP tmp=$TMPDIR"
+      echo "setup=$FROM_SETUP hooked=$HOOKED notes=$(cat "$notesPath") shell=$SHELL"
+      touch /build/writable && echo build-writable
+      buildDerivation && cat "$out/result" "$dev/notes"
+    '';
+  };
+  shellCommand = dockerTools.buildNixShellImage {
+    drv = pkgs.shellTarget;
+    name = "shell-command";
+    tag = "latest";
+    uid = 4321;
+    gid = 765;
+    homeDirectory = "/home/me";
+    shell = "${pkgs.hostBash}/bin/bash";
+    command = ''echo "interactive=$- user=$(id -u):$(id -g) home=$HOME hooked=$HOOKED"'';
+    compressor = "none";
+  };
+  shellInteractive = dockerTools.streamNixShellImage {
+    drv = pkgs.shellTarget;
+    shell = "${pkgs.hostBash}/bin/bash";
+  };
+
   # Each of these must fail with the message run.sh looks for.
   bad = {
     maxLayers1 = dockerTools.streamLayeredImage {
@@ -365,6 +412,21 @@ let
       name = "bad";
       copyToRoot = [ ];
     };
+    shellBoth = dockerTools.streamNixShellImage {
+      drv = pkgs.shellTarget;
+      command = "true";
+      run = "true";
+    };
+    shellStructured = dockerTools.streamNixShellImage {
+      drv = builtins.derivation {
+        name = "structured";
+        inherit system;
+        builder = "/bin/sh";
+        __structuredAttrs = true;
+      };
+    };
+    mergeNotList = dockerTools.mergeImages pkgs.hello;
+    mergeBroken = dockerTools.mergeImages [ pkgs.hello ];
   };
 };
 in

@@ -187,6 +187,55 @@ let
           meta = args.meta or { };
         };
     nixfmt-tree = wrapper "treefmt" "/bin/false";
+
+    # The host's bash with its libraries, started through their loader by a busybox script, so
+    # it runs in a container that has nothing but the store (for the nix-shell images).
+    hostBash = sh "host-bash" ''
+      mkdir -p $out/bin $out/lib $out/libexec
+      cp /bin/bash $out/libexec/bash
+      for l in $(ldd /bin/bash | sed -nE 's|.*[ \t](/[^ ]+) \(0x.*|\1|p'); do cp -L "$l" $out/lib/; done
+      printf '#!${busybox}/bin/sh\nexec %s/lib/ld-linux-x86-64.so.2 --library-path %s/lib %s/libexec/bash "$@"\n' $out $out $out > $out/bin/bash
+      chmod +x $out/bin/bash
+    '';
+
+    # A derivation to open a nix-shell image on: two outputs, passAsFile, a stdenv-like setup
+    # with runHook, and a shellHook. Its builder is the static busybox, so `buildDerivation`
+    # works inside the image.
+    shellTarget = builtins.derivation {
+      name = "shell-target";
+      inherit system;
+      builder = "${busybox}/bin/sh";
+      args = [
+        "-e"
+        "-c"
+        ''
+          mkdir -p $out $dev
+          echo "built with GREETING=$GREETING in $PWD" > $out/result
+          cat "$notesPath" > $dev/notes
+        ''
+      ];
+      outputs = [
+        "out"
+        "dev"
+      ];
+      GREETING = "hi there";
+      notes = "passed as a file";
+      passAsFile = [ "notes" ];
+      flags = [
+        "-a"
+        "-b"
+      ];
+      enabled = true;
+      stdenv = sh "fake-stdenv" ''
+        mkdir -p $out
+        cat > $out/setup <<'EOF'
+        runHook() { eval "eval \"\$$1\""; }
+        export FROM_SETUP=1
+        PATH=${busybox}/bin''${PATH:+:$PATH}
+        EOF
+      '';
+      shellHook = "export HOOKED=yes";
+    };
   };
 in
 self
