@@ -332,6 +332,18 @@ let
     })
   ];
 
+  # buildImage over the third image of that archive, picked by name and tag.
+  pickedFromMerged = dockerTools.buildImage {
+    name = "picked";
+    tag = "latest";
+    fromImage = cases.merged;
+    fromImageName = "merge-three";
+    fromImageTag = "latest";
+    runAsRoot = "touch /picked";
+    config.Cmd = [ "${busybox}/bin/sh" "-c" "test -e /picked && echo picked three" ];
+    compressor = "none";
+  };
+
   # nix-shell images of pkgs.shellTarget, with a bash that runs in the container.
   shellRun = dockerTools.streamNixShellImage {
     drv = pkgs.shellTarget;

@@ -388,6 +388,15 @@ EOF
   expect_eq "$(podrun merge-two:latest)" "two"
   expect_eq "$(podrun merge-three:latest)" "three"
   build merged --check >/dev/null || fail "not reproducible: $(tail -3 "$work/merged.log")"
+  # buildImage's fromImageName/fromImageTag pick an image of the merged archive, not the first.
+  local picked
+  picked=$(build pickedFromMerged) || fail "$(tail -5 "$work/pickedFromMerged.log")"
+  skopeo inspect --config "docker-archive:$out:merge-three:latest" >"$work/three.json"
+  summary "$picked" picked
+  expect_eq "$(q picked '[l["diff_id"] for l in d["layers"]][:-1]')" \
+    "$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["rootfs"]["diff_ids"])' "$work/three.json")"
+  load "$picked"
+  expect_eq "$(podrun picked:latest)" "picked three"
 }
 
 # streamNixShellImage / buildNixShellImage: the derivation's environment, the build user, and
