@@ -130,6 +130,21 @@ let
     else
       throw "dockerTools.${fn}: image ${toJSON name}: format must be one of ${concatStringsSep ", " formats} (got ${toJSON format})";
 
+  # The image's config as nixpkgs writes it with writeText: its references are the closure of
+  # `config`, so the store paths the config names end up in the image.
+  configJson =
+    name: config: architecture:
+    stevedoreDrv "text" (
+      local
+      // {
+        inherit name;
+        text = toJSON {
+          inherit config architecture;
+          os = "linux";
+        };
+      }
+    );
+
   # Functions that take an image take a stream too (passthru.isExe): its archive is written
   # first, uncompressed.
   imageFile =
@@ -216,17 +231,7 @@ let
         ++ (if useFakeroot then [ "${fakeroot}/bin" ] else [ ])
         ++ (if enableFakechroot then [ "${proot}/bin" ] else [ ]);
 
-      # What nixpkgs writes with writeText: its references are the closure of `config`.
-      baseJson = stevedoreDrv "text" (
-        local
-        // {
-          name = "${baseName}-base.json";
-          text = toJSON {
-            inherit config architecture;
-            os = "linux";
-          };
-        }
-      );
+      baseJson = configJson "${baseName}-base.json" config architecture;
 
       # contents joined into one tree (symlinkJoin), extraCommands run in it, then
       # fakeRootCommands under fakeroot, and the tree packed into layer.tar.
@@ -454,16 +459,7 @@ let
       hasRunAsRoot = runAsRoot != null;
       baseImage = if fromImage == null then null else "${imageFile fromImage}";
 
-      baseJson = stevedoreDrv "text" (
-        local
-        // {
-          name = "${baseName}-config.json";
-          text = toJSON {
-            inherit config architecture;
-            os = "linux";
-          };
-        }
-      );
+      baseJson = configJson "${baseName}-config.json" config architecture;
 
       # The image's one new layer (nixpkgs' mkPureLayer / mkRootLayer).
       layer = stevedoreDrv "image-layer" (

@@ -56,6 +56,22 @@ pub fn normalize_member_name(name: &str) -> String {
     parts.join("/")
 }
 
+/// The member a link member `name` points to (a symlink's target taken relative to its
+/// directory), normalized; None if the member is not a link.
+pub fn link_target<R: Read>(entry: &tar::Entry<R>, name: &str) -> Option<String> {
+    let kind = entry.header().entry_type();
+    if !(kind.is_symlink() || kind.is_hard_link()) {
+        return None;
+    }
+    let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
+    Some(if kind.is_symlink() && !target.starts_with('/') {
+        let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
+        normalize_member_name(&format!("{dir}/{target}"))
+    } else {
+        normalize_member_name(&target)
+    })
+}
+
 fn broken(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("base image {}: {what}", path.display())
 }
@@ -102,17 +118,7 @@ impl BaseImage {
         for_each_member(path, |entry| {
             let name = normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
             let kind = entry.header().entry_type();
-            if kind.is_symlink() || kind.is_hard_link() {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
-                let target = if kind.is_symlink() && !target.starts_with('/') {
-                    let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                    normalize_member_name(&format!("{dir}/{target}"))
-                } else {
-                    normalize_member_name(&target)
-                };
+            if let Some(target) = link_target(entry, &name) {
                 members.insert(name, Member::Link { target });
             } else if kind.is_file() {
                 let size = entry.size();

@@ -160,14 +160,7 @@ impl ArchiveIndex {
     fn record<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<()> {
         let name = crate::base::normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
         let kind = entry.header().entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
-            let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
-            let target = if kind.is_symlink() && !target.starts_with('/') {
-                let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                crate::base::normalize_member_name(&format!("{dir}/{target}"))
-            } else {
-                crate::base::normalize_member_name(&target)
-            };
+        if let Some(target) = crate::base::link_target(entry, &name) {
             self.members.insert(name, Member::Link(target));
         } else if kind.is_file() {
             let size = entry.size();

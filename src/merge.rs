@@ -98,14 +98,7 @@ fn index(path: &Path, label: &str) -> Result<Vec<ImageEntry>> {
     let mut buf = vec![0u8; 1 << 20];
     for_each_member(path, label, |entry, name| {
         let kind = entry.header().entry_type();
-        if kind.is_symlink() || kind.is_hard_link() {
-            let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
-            let target = if kind.is_symlink() && !target.starts_with('/') {
-                let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-                normalize_member_name(&format!("{dir}/{target}"))
-            } else {
-                normalize_member_name(&target)
-            };
+        if let Some(target) = crate::base::link_target(entry, &name) {
             members.insert(name, Member::Link { target });
         } else if kind.is_file() {
             let size = entry.size();
