@@ -195,6 +195,11 @@ let
     '';
     compressor = "none";
   };
+  emptyImage = dockerTools.buildImage {
+    name = "empty";
+    tag = "latest";
+    compressor = "none";
+  };
   dirlinksCopy = dockerTools.buildImage {
     name = "dirlinks";
     tag = "copy";

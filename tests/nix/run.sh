@@ -477,6 +477,10 @@ EOF
   layer=$(nix-build "$cases" -A pureImage.layer "${nargs[@]}" --no-out-link 2>/dev/null)
   [ -f "$layer/layer.tar" ] && [ -f "$layer/json" ] || fail "passthru.layer: $layer"
   expect_eq "$(sha256sum <"$layer/layer.tar" | cut -c1-64)" "$(cat "$layer/checksum")"
+  # Nothing to copy and no store paths: one layer with only the root directory.
+  summary "$(build emptyImage)" empty
+  expect_eq "$(q empty '[[e[0] for e in l["entries"]] for l in d["layers"]]')" "[['./']]"
+  skopeo inspect "docker-archive:$(build emptyImage)" >/dev/null
   # keepContentsDirlinks: rsync -k turns lib -> lib64 into a directory, -K keeps the link.
   summary "$(build dirlinksCopy)" copy
   summary "$(build dirlinksKeep)" keep
@@ -503,8 +507,10 @@ m = {e[0]: e for e in d["layers"][-1]["entries"]}
 assert "./etc/.wh.removed" in m, sorted(m)
 assert m["./data/"][3] == 999 and m["./data/"][4] == 999, m["./data/"]
 assert "./extra.txt" in m and "./bin/hello" in m
-# Only what changed: the base's busybox links are not repeated.
+# Only what changed: the base's busybox links are not repeated, nor its store paths.
 assert "./bin/sh" not in m and "./keep/file" not in m, sorted(m)
+assert not any("-busybox" in n for n in m), sorted(m)
+assert any(n.endswith("-greeting/share/greeting") for n in m), sorted(m)
 EOF
   load "$(plain "$out")"
   expect_eq "$(podrun redis-like:latest)" "hello from stevedore"
