@@ -636,6 +636,10 @@ test_copy_to_registry() {
   # Unchanged: nothing uploaded the second time.
   out=$("$push" "docker://127.0.0.1:$port/team/hello:v1" --insecure 2>&1)
   [[ "$out" == *": 0 uploaded"* ]] || fail "second push uploaded blobs: $out"
+  # buildImage's copyToRegistry pushes its (gzipped) archive.
+  push=$(build redisLike.copyToRegistry)
+  out=$("$push" "docker://127.0.0.1:$port/team/redis:latest" --insecure -q)
+  expect_eq "$(skopeo inspect --tls-verify=false "docker://127.0.0.1:$port/team/redis:latest" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["Digest"], len(d["Layers"]))')" "$out 3"
 }
 
 t fakeroot-lstat test_fakeroot_lstat
