@@ -33,8 +33,8 @@
         default = stevedore;
       });
 
-      # `lib.dockerTools pkgs`: nixpkgs' dockerTools API for `pkgs`, with stevedore's
-      # streamLayeredImage / buildLayeredImage; what stevedore lacks falls back to nixpkgs'.
+      # `lib.dockerTools pkgs`: nixpkgs' dockerTools API for `pkgs`, built by stevedore; what
+      # stevedore lacks falls back to nixpkgs'.
       lib.dockerTools = dockerToolsFor;
 
       # Sets `pkgs.stevedore` and replaces `pkgs.dockerTools` (keeping nixpkgs' functions that
@@ -62,6 +62,17 @@
           package = self.packages.${pkgs.stdenv.hostPlatform.system}.default;
           hello-image = dockerTools.buildLayeredImage args;
           hello-stream = dockerTools.streamLayeredImage args;
+          # A root step without a VM.
+          hello-build-image = dockerTools.buildImage (
+            args
+            // {
+              copyToRoot = [ pkgs.busybox ];
+              runAsRoot = ''
+                mkdir -p /data
+                chown 1000:1000 /data
+              '';
+            }
+          );
         }
       );
 

@@ -590,6 +590,8 @@ test_flake() {
   nix build "path:$flake#checks.x86_64-linux.hello-image" "${over[@]}" -o "$work/flake-image" 2>>"$work/flake.log" || fail "build: $(tail -5 "$work/flake.log")"
   img=$(readlink "$work/flake-image")
   skopeo inspect "docker-archive:$(plain "$img")" | grep -q '"amd64"'
+  nix build "path:$flake#checks.x86_64-linux.hello-build-image" "${over[@]}" -o "$work/flake-build-image" 2>>"$work/flake.log" || fail "build buildImage: $(tail -5 "$work/flake.log")"
+  skopeo inspect --config "docker-archive:$(plain "$(readlink "$work/flake-build-image")")" | grep -q '"/nix/store/[^"]*-hello/bin/hello"' || fail "buildImage check: no hello in the config"
   local stream
   nix build "path:$flake#checks.x86_64-linux.hello-stream" "${over[@]}" -o "$work/flake-stream" 2>>"$work/flake.log" || fail "build stream: $(tail -5 "$work/flake.log")"
   stream=$(readlink "$work/flake-stream")
