@@ -39,412 +39,412 @@ let
 in
 let
   cases = {
-  inherit dockerTools;
+    inherit dockerTools;
 
-  hello = dockerTools.streamLayeredImage helloArgs;
-  helloGz = dockerTools.buildLayeredImage helloArgs;
-  helloZstd = dockerTools.buildLayeredImage (helloArgs // { compressor = "zstd"; });
-  helloNone = dockerTools.buildLayeredImage (helloArgs // { compressor = "none"; });
-  # .override re-applies the function, as with nixpkgs' makeOverridable.
-  helloOverridden = (dockerTools.streamLayeredImage helloArgs).override { tag = "v2"; };
+    hello = dockerTools.streamLayeredImage helloArgs;
+    helloGz = dockerTools.buildLayeredImage helloArgs;
+    helloZstd = dockerTools.buildLayeredImage (helloArgs // { compressor = "zstd"; });
+    helloNone = dockerTools.buildLayeredImage (helloArgs // { compressor = "none"; });
+    # .override re-applies the function, as with nixpkgs' makeOverridable.
+    helloOverridden = (dockerTools.streamLayeredImage helloArgs).override { tag = "v2"; };
 
-  owners = dockerTools.buildLayeredImage {
-    name = "owners";
-    tag = "latest";
-    contents = [ busybox ];
-    extraCommands = ''
-      mkdir -p tmp
-      chmod 1777 tmp
-      echo extra > extra.txt
-    '';
-    fakeRootCommands = ''
-      mkdir -p data
-      echo secret > data/f
-      chown 1234:5678 data
-      chown 42:43 data/f
-      chmod 4750 data/f
-    '';
-  };
-
-  noStore = dockerTools.buildLayeredImage {
-    name = "nostore";
-    tag = "latest";
-    contents = [ busybox ];
-    config.Cmd = [ "${hello}/bin/hello" ];
-    includeStorePaths = false;
-  };
-
-  chainAll = dockerTools.streamLayeredImage {
-    name = "chain";
-    tag = "all";
-    contents = [ chain ];
-  };
-  chainMax4 = dockerTools.streamLayeredImage {
-    name = "chain";
-    tag = "max4";
-    contents = [ chain ];
-    maxLayers = 4;
-  };
-  chainPipeline = dockerTools.streamLayeredImage {
-    name = "chain";
-    tag = "pipeline";
-    contents = [ chain ];
-    layeringPipeline = [
-      [ "popularity_contest" ]
-      [
-        "limit_layers"
-        3
-      ]
-    ];
-  };
-
-  inherit base;
-  app = dockerTools.streamLayeredImage {
-    name = "app";
-    tag = "latest";
-    fromImage = base;
-    config = {
-      Cmd = [ "${hello}/bin/hello" ];
-      Env = [ "FOO=bar" ];
-    };
-  };
-  # base has at least 2 layers, so 2 leaves none for store paths.
-  appTooManyLayers = dockerTools.streamLayeredImage {
-    name = "app";
-    fromImage = base;
-    contents = [ hello ];
-    maxLayers = 2;
-  };
-
-  createdNow = dockerTools.buildLayeredImage {
-    name = "dates";
-    tag = "now";
-    contents = [ busybox ];
-    created = "now";
-    compressor = "none";
-  };
-  createdDefault = dockerTools.buildLayeredImage {
-    name = "dates";
-    tag = "default";
-    contents = [ busybox ];
-    compressor = "none";
-  };
-  mtime2000 = dockerTools.buildLayeredImage {
-    name = "dates";
-    tag = "mtime2000";
-    contents = [ busybox ];
-    created = "2024-05-01T12:00:00+02:00";
-    mtime = "2000-01-01T00:00:00Z";
-    compressor = "none";
-  };
-
-  untagged = dockerTools.streamLayeredImage {
-    name = "Registry.Example/Untagged";
-    contents = [ busybox ];
-  };
-
-  helpers = dockerTools.buildLayeredImage {
-    name = "helpers";
-    tag = "latest";
-    contents = with dockerTools; [
-      usrBinEnv
-      binSh
-      caCertificates
-      fakeNss
-    ];
-    compressor = "none";
-  };
-
-  # Under proot the image's root is `/`, where only the store is bound: the shell must be
-  # one that needs no host libraries, so this one uses the static busybox.
-  chroot = chrootTools.buildLayeredImage {
-    name = "chroot";
-    tag = "latest";
-    contents = [ busybox ];
-    enableFakechroot = true;
-    fakeRootCommands = ''
-      test -x /bin/sh
-      test -d ${builtins.storeDir}
-      mkdir /made-in-chroot
-      echo ok > /made-in-chroot/f
-    '';
-    compressor = "none";
-  };
-
-  # The core path needs nothing from pkgs: an archive with no commands builds with pkgs = { }
-  # (the stream executable alone needs pkgs.runtimeShell).
-  minimal = (import ../../nix { inherit stevedore; }).buildLayeredImage {
-    name = "minimal";
-    tag = "latest";
-    contents = [ busybox ];
-    config.Cmd = [ "${hello}/bin/hello" ];
-    compressor = "none";
-  };
-
-  # buildImage: copyToRoot copied (not linked), the closure of the config and of the
-  # contents added to the layer, owners from uid/gid.
-  pureImage = dockerTools.buildImage {
-    name = "pure";
-    copyToRoot = [ busybox ];
-    config.Cmd = [ "${hello}/bin/hello" ];
-    uid = 1000;
-    gid = 100;
-    extraCommands = ''
-      mkdir -p tmp
-      chmod 1777 tmp
-    '';
-    compressor = "none";
-  };
-  emptyImage = dockerTools.buildImage {
-    name = "empty";
-    tag = "latest";
-    compressor = "none";
-  };
-  dirlinksCopy = dockerTools.buildImage {
-    name = "dirlinks";
-    tag = "copy";
-    copyToRoot = [
-      pkgs.libLink
-      pkgs.libFile
-    ];
-    compressor = "none";
-  };
-  dirlinksKeep = dockerTools.buildImage {
-    name = "dirlinks";
-    tag = "keep";
-    copyToRoot = [
-      pkgs.libLink
-      pkgs.libFile
-    ];
-    keepContentsDirlinks = true;
-    compressor = "none";
-  };
-
-  # nixpkgs' redis example, over a layered base image: a user and an owned /data made by a
-  # root script, a file of the base deleted (a whiteout), extraCommands after it.
-  rootBase = dockerTools.buildLayeredImage {
-    name = "root-base";
-    tag = "latest";
-    contents = [ busybox ];
-    extraCommands = ''
-      mkdir -p etc keep
-      echo doomed > etc/removed
-      echo kept > keep/file
-    '';
-    config.Env = [
-      "BASE=1"
-      "FOO=base"
-    ];
-  };
-  redisLike = dockerTools.buildImage {
-    name = "redis-like";
-    tag = "latest";
-    fromImage = cases.rootBase;
-    copyToRoot = [ hello ];
-    runAsRoot = ''
-      #!${pkgs.runtimeShell}
-      ${dockerTools.shadowSetup}
-      groupadd -r redis
-      useradd -r -g redis redis
-      mkdir -p /data
-      chown redis:redis /data
-      echo made-as-root > /data/made
-      rm /etc/removed
-    '';
-    extraCommands = ''
-      echo extra > extra.txt
-    '';
-    config = {
-      Cmd = [ "/bin/hello" ];
-      WorkingDir = "/data";
-      Env = [ "FOO=bar" ];
-      Volumes."/data" = { };
-    };
-  };
-  redisRoot = dockerTools.exportImage {
-    fromImage = cases.redisLike;
-    name = "redis-like-root.tar";
-  };
-  # A stream as the base, picked by name and tag, and exported.
-  streamBase = dockerTools.buildImage {
-    name = "on-stream";
-    tag = "latest";
-    fromImage = cases.hello;
-    fromImageName = "registry.example/team/hello";
-    fromImageTag = "v1";
-    runAsRoot = "touch /on-stream";
-    compressor = "zstd";
-  };
-
-  # The Nix database: buildImage, buildLayeredImage and streamLayeredImage.
-  nixDbImage = dockerTools.buildImageWithNixDb {
-    name = "nixdb";
-    tag = "image";
-    copyToRoot = [ hello ];
-    compressor = "none";
-  };
-  nixDbLayered = dockerTools.buildLayeredImageWithNixDb {
-    name = "nixdb";
-    tag = "layered";
-    contents = [ hello ];
-  };
-  nixDbStream = dockerTools.streamLayeredImage {
-    name = "nixdb";
-    tag = "stream";
-    contents = [ hello ];
-    includeNixDB = true;
-  };
-  nixDbRoots = {
-    image = dockerTools.exportImage { fromImage = cases.nixDbImage; };
-    layered = dockerTools.exportImage { fromImage = cases.nixDbLayered; };
-    stream = dockerTools.exportImage {
-      fromImage = cases.nixDbStream;
-      name = "nixdb-stream-root";
-    };
-  };
-
-  # OCI output from the Nix functions.
-  ociArchive = dockerTools.buildLayeredImage (
-    helloArgs
-    // {
-      format = "oci-archive";
-      compressor = "zstd";
-    }
-  );
-  ociLayout = dockerTools.buildImage {
-    name = "oci-layout";
-    tag = "latest";
-    copyToRoot = [ busybox ];
-    config.Cmd = [ "${hello}/bin/hello" ];
-    format = "oci";
-  };
-
-  # mergeImages: a gzipped archive, a stream executable and a zstd archive, all with busybox.
-  merged = dockerTools.mergeImages [
-    (dockerTools.buildLayeredImage helloArgs)
-    (dockerTools.streamLayeredImage {
-      name = "merge-two";
+    owners = dockerTools.buildLayeredImage {
+      name = "owners";
       tag = "latest";
       contents = [ busybox ];
-      config.Cmd = [ "${busybox}/bin/sh" "-c" "echo two" ];
-    })
-    (dockerTools.buildLayeredImage {
-      name = "merge-three";
-      tag = "latest";
-      contents = [ busybox ];
-      config.Cmd = [ "${busybox}/bin/sh" "-c" "echo three" ];
-      compressor = "zstd";
-    })
-  ];
-
-  # buildImage over the third image of that archive, picked by name and tag.
-  pickedFromMerged = dockerTools.buildImage {
-    name = "picked";
-    tag = "latest";
-    fromImage = cases.merged;
-    fromImageName = "merge-three";
-    fromImageTag = "latest";
-    runAsRoot = "touch /picked";
-    config.Cmd = [ "${busybox}/bin/sh" "-c" "test -e /picked && echo picked three" ];
-    compressor = "none";
-  };
-
-  # nix-shell images of pkgs.shellTarget, with a bash that runs in the container.
-  shellRun = dockerTools.streamNixShellImage {
-    drv = pkgs.shellTarget;
-    tag = "run";
-    shell = "${pkgs.hostBash}/bin/bash";
-    run = ''
-      echo "greeting=$GREETING flags=$flags enabled=$enabled out=$out dev=$dev"
-      echo "user=$(id -u):$(id -g) $(busybox whoami) home=$HOME pwd=$PWD $(pwd) top=$NIX_BUILD_TOP tmp=$TMPDIR"
-      echo "setup=$FROM_SETUP hooked=$HOOKED notes=$(cat "$notesPath") shell=$SHELL"
-      touch /build/writable && echo build-writable
-      buildDerivation && cat "$out/result" "$dev/notes"
-    '';
-  };
-  shellCommand = dockerTools.buildNixShellImage {
-    drv = pkgs.shellTarget;
-    name = "shell-command";
-    tag = "latest";
-    uid = 4321;
-    gid = 765;
-    homeDirectory = "/home/me";
-    shell = "${pkgs.hostBash}/bin/bash";
-    command = ''echo "interactive=$- user=$(id -u):$(id -g) home=$HOME hooked=$HOOKED"'';
-    compressor = "none";
-  };
-  shellInteractive = dockerTools.streamNixShellImage {
-    drv = pkgs.shellTarget;
-    shell = "${pkgs.hostBash}/bin/bash";
-  };
-
-  # Each of these must fail with the message run.sh looks for.
-  bad = {
-    maxLayers1 = dockerTools.streamLayeredImage {
-      name = "bad";
-      maxLayers = 1;
-    };
-    compressor = dockerTools.buildLayeredImage {
-      name = "bad";
-      compressor = "xz";
-    };
-    runAsRootList = dockerTools.buildImage {
-      name = "bad";
-      runAsRoot = [ "true" ];
-    };
-    format = dockerTools.buildLayeredImage {
-      name = "bad";
-      format = "squashfs";
-    };
-    failingRunAsRoot = dockerTools.buildImage {
-      name = "bad";
-      copyToRoot = [ busybox ];
-      runAsRoot = ''
-        echo about to fail
-        false
-        echo not reached
+      extraCommands = ''
+        mkdir -p tmp
+        chmod 1777 tmp
+        echo extra > extra.txt
+      '';
+      fakeRootCommands = ''
+        mkdir -p data
+        echo secret > data/f
+        chown 1234:5678 data
+        chown 42:43 data/f
+        chmod 4750 data/f
       '';
     };
-    missingBaseTag = dockerTools.buildImage {
-      name = "bad";
+
+    noStore = dockerTools.buildLayeredImage {
+      name = "nostore";
+      tag = "latest";
+      contents = [ busybox ];
+      config.Cmd = [ "${hello}/bin/hello" ];
+      includeStorePaths = false;
+    };
+
+    chainAll = dockerTools.streamLayeredImage {
+      name = "chain";
+      tag = "all";
+      contents = [ chain ];
+    };
+    chainMax4 = dockerTools.streamLayeredImage {
+      name = "chain";
+      tag = "max4";
+      contents = [ chain ];
+      maxLayers = 4;
+    };
+    chainPipeline = dockerTools.streamLayeredImage {
+      name = "chain";
+      tag = "pipeline";
+      contents = [ chain ];
+      layeringPipeline = [
+        [ "popularity_contest" ]
+        [
+          "limit_layers"
+          3
+        ]
+      ];
+    };
+
+    inherit base;
+    app = dockerTools.streamLayeredImage {
+      name = "app";
+      tag = "latest";
       fromImage = base;
-      fromImageName = "base";
-      fromImageTag = "nope";
-    };
-    emptyName = dockerTools.streamLayeredImage { name = ""; };
-    created = dockerTools.streamLayeredImage {
-      name = "bad";
-      created = "yesterday";
-    };
-    notDir = dockerTools.streamLayeredImage {
-      name = "bad";
-      contents = [ "${hello}/bin/hello" ];
-    };
-    failingCommands = dockerTools.streamLayeredImage {
-      name = "bad";
-      extraCommands = "false";
-    };
-    noShell = (import ../../nix { inherit stevedore; }).streamLayeredImage { name = "bad"; };
-    unknownArgument = dockerTools.streamLayeredImage {
-      name = "bad";
-      copyToRoot = [ ];
-    };
-    shellBoth = dockerTools.streamNixShellImage {
-      drv = pkgs.shellTarget;
-      command = "true";
-      run = "true";
-    };
-    shellStructured = dockerTools.streamNixShellImage {
-      drv = builtins.derivation {
-        name = "structured";
-        inherit system;
-        builder = "/bin/sh";
-        __structuredAttrs = true;
+      config = {
+        Cmd = [ "${hello}/bin/hello" ];
+        Env = [ "FOO=bar" ];
       };
     };
-    mergeNotList = dockerTools.mergeImages pkgs.hello;
-    mergeBroken = dockerTools.mergeImages [ pkgs.hello ];
+    # base has at least 2 layers, so 2 leaves none for store paths.
+    appTooManyLayers = dockerTools.streamLayeredImage {
+      name = "app";
+      fromImage = base;
+      contents = [ hello ];
+      maxLayers = 2;
+    };
+
+    createdNow = dockerTools.buildLayeredImage {
+      name = "dates";
+      tag = "now";
+      contents = [ busybox ];
+      created = "now";
+      compressor = "none";
+    };
+    createdDefault = dockerTools.buildLayeredImage {
+      name = "dates";
+      tag = "default";
+      contents = [ busybox ];
+      compressor = "none";
+    };
+    mtime2000 = dockerTools.buildLayeredImage {
+      name = "dates";
+      tag = "mtime2000";
+      contents = [ busybox ];
+      created = "2024-05-01T12:00:00+02:00";
+      mtime = "2000-01-01T00:00:00Z";
+      compressor = "none";
+    };
+
+    untagged = dockerTools.streamLayeredImage {
+      name = "Registry.Example/Untagged";
+      contents = [ busybox ];
+    };
+
+    helpers = dockerTools.buildLayeredImage {
+      name = "helpers";
+      tag = "latest";
+      contents = with dockerTools; [
+        usrBinEnv
+        binSh
+        caCertificates
+        fakeNss
+      ];
+      compressor = "none";
+    };
+
+    # Under proot the image's root is `/`, where only the store is bound: the shell must be
+    # one that needs no host libraries, so this one uses the static busybox.
+    chroot = chrootTools.buildLayeredImage {
+      name = "chroot";
+      tag = "latest";
+      contents = [ busybox ];
+      enableFakechroot = true;
+      fakeRootCommands = ''
+        test -x /bin/sh
+        test -d ${builtins.storeDir}
+        mkdir /made-in-chroot
+        echo ok > /made-in-chroot/f
+      '';
+      compressor = "none";
+    };
+
+    # The core path needs nothing from pkgs: an archive with no commands builds with pkgs = { }
+    # (the stream executable alone needs pkgs.runtimeShell).
+    minimal = (import ../../nix { inherit stevedore; }).buildLayeredImage {
+      name = "minimal";
+      tag = "latest";
+      contents = [ busybox ];
+      config.Cmd = [ "${hello}/bin/hello" ];
+      compressor = "none";
+    };
+
+    # buildImage: copyToRoot copied (not linked), the closure of the config and of the
+    # contents added to the layer, owners from uid/gid.
+    pureImage = dockerTools.buildImage {
+      name = "pure";
+      copyToRoot = [ busybox ];
+      config.Cmd = [ "${hello}/bin/hello" ];
+      uid = 1000;
+      gid = 100;
+      extraCommands = ''
+        mkdir -p tmp
+        chmod 1777 tmp
+      '';
+      compressor = "none";
+    };
+    emptyImage = dockerTools.buildImage {
+      name = "empty";
+      tag = "latest";
+      compressor = "none";
+    };
+    dirlinksCopy = dockerTools.buildImage {
+      name = "dirlinks";
+      tag = "copy";
+      copyToRoot = [
+        pkgs.libLink
+        pkgs.libFile
+      ];
+      compressor = "none";
+    };
+    dirlinksKeep = dockerTools.buildImage {
+      name = "dirlinks";
+      tag = "keep";
+      copyToRoot = [
+        pkgs.libLink
+        pkgs.libFile
+      ];
+      keepContentsDirlinks = true;
+      compressor = "none";
+    };
+
+    # nixpkgs' redis example, over a layered base image: a user and an owned /data made by a
+    # root script, a file of the base deleted (a whiteout), extraCommands after it.
+    rootBase = dockerTools.buildLayeredImage {
+      name = "root-base";
+      tag = "latest";
+      contents = [ busybox ];
+      extraCommands = ''
+        mkdir -p etc keep
+        echo doomed > etc/removed
+        echo kept > keep/file
+      '';
+      config.Env = [
+        "BASE=1"
+        "FOO=base"
+      ];
+    };
+    redisLike = dockerTools.buildImage {
+      name = "redis-like";
+      tag = "latest";
+      fromImage = cases.rootBase;
+      copyToRoot = [ hello ];
+      runAsRoot = ''
+        #!${pkgs.runtimeShell}
+        ${dockerTools.shadowSetup}
+        groupadd -r redis
+        useradd -r -g redis redis
+        mkdir -p /data
+        chown redis:redis /data
+        echo made-as-root > /data/made
+        rm /etc/removed
+      '';
+      extraCommands = ''
+        echo extra > extra.txt
+      '';
+      config = {
+        Cmd = [ "/bin/hello" ];
+        WorkingDir = "/data";
+        Env = [ "FOO=bar" ];
+        Volumes."/data" = { };
+      };
+    };
+    redisRoot = dockerTools.exportImage {
+      fromImage = cases.redisLike;
+      name = "redis-like-root.tar";
+    };
+    # A stream as the base, picked by name and tag, and exported.
+    streamBase = dockerTools.buildImage {
+      name = "on-stream";
+      tag = "latest";
+      fromImage = cases.hello;
+      fromImageName = "registry.example/team/hello";
+      fromImageTag = "v1";
+      runAsRoot = "touch /on-stream";
+      compressor = "zstd";
+    };
+
+    # The Nix database: buildImage, buildLayeredImage and streamLayeredImage.
+    nixDbImage = dockerTools.buildImageWithNixDb {
+      name = "nixdb";
+      tag = "image";
+      copyToRoot = [ hello ];
+      compressor = "none";
+    };
+    nixDbLayered = dockerTools.buildLayeredImageWithNixDb {
+      name = "nixdb";
+      tag = "layered";
+      contents = [ hello ];
+    };
+    nixDbStream = dockerTools.streamLayeredImage {
+      name = "nixdb";
+      tag = "stream";
+      contents = [ hello ];
+      includeNixDB = true;
+    };
+    nixDbRoots = {
+      image = dockerTools.exportImage { fromImage = cases.nixDbImage; };
+      layered = dockerTools.exportImage { fromImage = cases.nixDbLayered; };
+      stream = dockerTools.exportImage {
+        fromImage = cases.nixDbStream;
+        name = "nixdb-stream-root";
+      };
+    };
+
+    # OCI output from the Nix functions.
+    ociArchive = dockerTools.buildLayeredImage (
+      helloArgs
+      // {
+        format = "oci-archive";
+        compressor = "zstd";
+      }
+    );
+    ociLayout = dockerTools.buildImage {
+      name = "oci-layout";
+      tag = "latest";
+      copyToRoot = [ busybox ];
+      config.Cmd = [ "${hello}/bin/hello" ];
+      format = "oci";
+    };
+
+    # mergeImages: a gzipped archive, a stream executable and a zstd archive, all with busybox.
+    merged = dockerTools.mergeImages [
+      (dockerTools.buildLayeredImage helloArgs)
+      (dockerTools.streamLayeredImage {
+        name = "merge-two";
+        tag = "latest";
+        contents = [ busybox ];
+        config.Cmd = [ "${busybox}/bin/sh" "-c" "echo two" ];
+      })
+      (dockerTools.buildLayeredImage {
+        name = "merge-three";
+        tag = "latest";
+        contents = [ busybox ];
+        config.Cmd = [ "${busybox}/bin/sh" "-c" "echo three" ];
+        compressor = "zstd";
+      })
+    ];
+
+    # buildImage over the third image of that archive, picked by name and tag.
+    pickedFromMerged = dockerTools.buildImage {
+      name = "picked";
+      tag = "latest";
+      fromImage = cases.merged;
+      fromImageName = "merge-three";
+      fromImageTag = "latest";
+      runAsRoot = "touch /picked";
+      config.Cmd = [ "${busybox}/bin/sh" "-c" "test -e /picked && echo picked three" ];
+      compressor = "none";
+    };
+
+    # nix-shell images of pkgs.shellTarget, with a bash that runs in the container.
+    shellRun = dockerTools.streamNixShellImage {
+      drv = pkgs.shellTarget;
+      tag = "run";
+      shell = "${pkgs.hostBash}/bin/bash";
+      run = ''
+        echo "greeting=$GREETING flags=$flags enabled=$enabled out=$out dev=$dev"
+        echo "user=$(id -u):$(id -g) $(busybox whoami) home=$HOME pwd=$PWD $(pwd) top=$NIX_BUILD_TOP tmp=$TMPDIR"
+        echo "setup=$FROM_SETUP hooked=$HOOKED notes=$(cat "$notesPath") shell=$SHELL"
+        touch /build/writable && echo build-writable
+        buildDerivation && cat "$out/result" "$dev/notes"
+      '';
+    };
+    shellCommand = dockerTools.buildNixShellImage {
+      drv = pkgs.shellTarget;
+      name = "shell-command";
+      tag = "latest";
+      uid = 4321;
+      gid = 765;
+      homeDirectory = "/home/me";
+      shell = "${pkgs.hostBash}/bin/bash";
+      command = ''echo "interactive=$- user=$(id -u):$(id -g) home=$HOME hooked=$HOOKED"'';
+      compressor = "none";
+    };
+    shellInteractive = dockerTools.streamNixShellImage {
+      drv = pkgs.shellTarget;
+      shell = "${pkgs.hostBash}/bin/bash";
+    };
+
+    # Each of these must fail with the message run.sh looks for.
+    bad = {
+      maxLayers1 = dockerTools.streamLayeredImage {
+        name = "bad";
+        maxLayers = 1;
+      };
+      compressor = dockerTools.buildLayeredImage {
+        name = "bad";
+        compressor = "xz";
+      };
+      runAsRootList = dockerTools.buildImage {
+        name = "bad";
+        runAsRoot = [ "true" ];
+      };
+      format = dockerTools.buildLayeredImage {
+        name = "bad";
+        format = "squashfs";
+      };
+      failingRunAsRoot = dockerTools.buildImage {
+        name = "bad";
+        copyToRoot = [ busybox ];
+        runAsRoot = ''
+          echo about to fail
+          false
+          echo not reached
+        '';
+      };
+      missingBaseTag = dockerTools.buildImage {
+        name = "bad";
+        fromImage = base;
+        fromImageName = "base";
+        fromImageTag = "nope";
+      };
+      emptyName = dockerTools.streamLayeredImage { name = ""; };
+      created = dockerTools.streamLayeredImage {
+        name = "bad";
+        created = "yesterday";
+      };
+      notDir = dockerTools.streamLayeredImage {
+        name = "bad";
+        contents = [ "${hello}/bin/hello" ];
+      };
+      failingCommands = dockerTools.streamLayeredImage {
+        name = "bad";
+        extraCommands = "false";
+      };
+      noShell = (import ../../nix { inherit stevedore; }).streamLayeredImage { name = "bad"; };
+      unknownArgument = dockerTools.streamLayeredImage {
+        name = "bad";
+        copyToRoot = [ ];
+      };
+      shellBoth = dockerTools.streamNixShellImage {
+        drv = pkgs.shellTarget;
+        command = "true";
+        run = "true";
+      };
+      shellStructured = dockerTools.streamNixShellImage {
+        drv = builtins.derivation {
+          name = "structured";
+          inherit system;
+          builder = "/bin/sh";
+          __structuredAttrs = true;
+        };
+      };
+      mergeNotList = dockerTools.mergeImages pkgs.hello;
+      mergeBroken = dockerTools.mergeImages [ pkgs.hello ];
+    };
   };
-};
 in
 cases
