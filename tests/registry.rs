@@ -297,6 +297,15 @@ fn push_conf_then_pull_it_back() {
     assert!(stderr.contains("Compressing 8 layers to learn their digests"), "{stderr}");
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
     assert!(stderr.lines().filter(|l| l.contains(": uploaded ")).count() == 9, "{stderr}");
+    // Layers compress side by side on every thread count, to the same blobs.
+    for threads in ["1", "16"] {
+        let fresh = dir.path().join(format!("cache-{threads}"));
+        let dest = format!("docker://{}/threads{threads}/app:v1", reg.addr());
+        let env = [("XDG_CACHE_HOME", fresh.as_path()), ("STEVEDORE_THREADS", Path::new(threads))];
+        let (d, stderr) = ok(stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure"], &env), "push");
+        assert_eq!(d, digest, "{threads} threads");
+        assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+    }
 
     // skopeo sees the manifest we printed, and the image stream writes for the same conf.
     let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
