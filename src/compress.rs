@@ -69,6 +69,15 @@ impl Compressor {
         }
     }
 
+    /// Names the encoder's output format, for caches of digests: bump it when the bytes change.
+    pub fn format_version(self) -> u32 {
+        match self {
+            // 2: level 4 instead of 6, incompressible sub-blocks stored.
+            Compressor::Gzip => 2,
+            _ => 1,
+        }
+    }
+
     fn chunk_size(self) -> usize {
         match self {
             // Deflate looks back 32 KiB only, so 1 MiB pieces cost almost nothing in ratio.
@@ -78,30 +87,100 @@ impl Compressor {
     }
 }
 
+/// The deflate level of gzip layers. zlib-rs at 4 is about 40% faster than at 6 on binaries
+/// and text for 1-2% more bytes (bench/gzip-levels makes the table behind the choice).
+pub const GZIP_LEVEL: u32 = 4;
+
+/// Sub-blocks of a gzip piece judged on their own: stored when incompressible.
+const GZIP_SUB_BLOCK: usize = 32 * 1024;
+
+/// Whether `data` looks incompressible: its bytes are spread so evenly that their order-2
+/// Rényi entropy (a lower bound of the Shannon entropy) is at least 7.9 bits per byte, as it is
+/// for compressed or encrypted data. Deflate would spend the most time on such bytes for
+/// nothing. Integer arithmetic only, so the decision, and the output, is the same on every
+/// machine.
+fn incompressible(data: &[u8]) -> bool {
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let squares: u64 = counts.iter().map(|&c| c as u64 * c as u64).sum();
+    let n = data.len() as u64;
+    // sum(p^2) <= 2^-7.9  <=>  256 * sum(c^2) * 10000 <= n^2 * 10718 (2^0.1 = 1.0718)
+    n > 0 && 256 * squares * 10_000 <= n * n * 10_718
+}
+
+/// Deflates `data` with `c` (reset first, so the segment refers to nothing before it), ending
+/// on a byte boundary: a sync flush, or the final block if `fin`.
+fn deflate_segment(c: &mut flate2::Compress, data: &[u8], fin: bool, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use flate2::FlushCompress;
+    c.reset();
+    let flush = if fin { FlushCompress::Finish } else { FlushCompress::Sync };
+    let mut input = data;
+    loop {
+        if out.capacity() - out.len() < 64 * 1024 {
+            out.reserve(out.capacity().max(64 * 1024));
+        }
+        let before = c.total_in();
+        let status = c.compress_vec(input, out, flush).map_err(std::io::Error::other)?;
+        input = &input[(c.total_in() - before) as usize..];
+        if input.is_empty() && (status == flate2::Status::StreamEnd || (!fin && out.capacity() > out.len())) {
+            return Ok(());
+        }
+    }
+}
+
+/// `data` as stored (uncompressed) deflate blocks, starting on a byte boundary.
+fn stored_blocks(data: &[u8], fin: bool, out: &mut Vec<u8>) {
+    let blocks = data.len().div_ceil(GZIP_SUB_BLOCK);
+    for (i, block) in data.chunks(GZIP_SUB_BLOCK).enumerate() {
+        // BFINAL in bit 0, BTYPE 00, padding to the byte; then LEN and its complement.
+        out.push(u8::from(fin && i + 1 == blocks));
+        let len = block.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+}
+
+/// One gzip piece as raw deflate: runs of incompressible sub-blocks are stored, the others
+/// compressed, each run on its own.
+fn deflate_piece(data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
+    deflate_piece_with(data, last, GZIP_LEVEL, true)
+}
+
+/// `deflate_piece` at another level, with or without storing incompressible sub-blocks: for
+/// bench/gzip-levels.
+#[doc(hidden)]
+pub fn deflate_piece_with(data: &[u8], last: bool, level: u32, store: bool) -> std::io::Result<Vec<u8>> {
+    let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+    let mut out = Vec::with_capacity(data.len() / 2 + 1024);
+    if data.is_empty() {
+        deflate_segment(&mut c, data, last, &mut out)?;
+        return Ok(out);
+    }
+    let kinds: Vec<bool> = data.chunks(GZIP_SUB_BLOCK).map(|b| store && incompressible(b)).collect();
+    let mut start = 0;
+    while start < kinds.len() {
+        let end = start + kinds[start..].iter().take_while(|&&k| k == kinds[start]).count();
+        let segment = &data[start * GZIP_SUB_BLOCK..(end * GZIP_SUB_BLOCK).min(data.len())];
+        let fin = last && end == kinds.len();
+        if kinds[start] {
+            stored_blocks(segment, fin, &mut out);
+        } else {
+            deflate_segment(&mut c, segment, fin, &mut out)?;
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
 /// One piece of the stream, compressed on its own: a raw deflate segment ending on a byte
 /// boundary (sync flush, or the final block) for gzip, a complete frame for zstd.
 fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
     match kind {
         Compressor::None => Ok(data.to_vec()),
-        Compressor::Gzip => {
-            use flate2::{Compress, FlushCompress};
-            let mut c = Compress::new(flate2::Compression::new(6), false);
-            let mut out = Vec::with_capacity(data.len() / 2 + 1024);
-            let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
-            let mut input = data;
-            loop {
-                if out.capacity() - out.len() < 64 * 1024 {
-                    out.reserve(out.capacity().max(64 * 1024));
-                }
-                let before = c.total_in();
-                let status = c.compress_vec(input, &mut out, flush).map_err(std::io::Error::other)?;
-                input = &input[(c.total_in() - before) as usize..];
-                if input.is_empty() && (status == flate2::Status::StreamEnd || (!last && out.capacity() > out.len())) {
-                    break;
-                }
-            }
-            Ok(out)
-        }
+        Compressor::Gzip => deflate_piece(data, last),
         Compressor::Zstd => zstd::bulk::compress(data, 3),
     }
 }
@@ -492,6 +571,50 @@ mod tests {
         let e = p.end().and_then(|()| p.wait()).unwrap_err();
         assert!(e.to_string().contains("disk full"), "{e}");
         assert!(p.begin(Failing).is_err());
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn gunzip(data: &[u8]) -> Vec<u8> {
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(data).read_to_end(&mut back).unwrap();
+        back
+    }
+
+    #[test]
+    fn incompressible_sub_blocks_are_stored() {
+        assert!(incompressible(&random(GZIP_SUB_BLOCK, 7)));
+        assert!(!incompressible(&sample(GZIP_SUB_BLOCK)));
+        assert!(!incompressible(&[0u8; 1000]));
+        assert!(!incompressible(&[]));
+        // All random: stored blocks, 5 bytes per 32 KiB over the input.
+        let data = random(3 << 20, 1);
+        let gz = encode(Compressor::Gzip, &data, 100_000);
+        assert!(gz.len() > data.len() && gz.len() < data.len() + data.len() / 1000, "{} for {}", gz.len(), data.len());
+        assert!(gunzip(&gz) == data);
+        // Mixed in one piece, runs of both kinds, the last one either: compressible runs still
+        // compress, and it all decodes.
+        for tail_random in [false, true] {
+            let mut data = Vec::new();
+            for i in 0..9 {
+                let part = if i % 3 == 0 { random(50_000, i) } else { sample(70_000) };
+                data.extend(part);
+            }
+            data.extend(if tail_random { random(20_000, 99) } else { sample(20_000) });
+            let gz = encode(Compressor::Gzip, &data, 4096);
+            assert!(gunzip(&gz) == data, "tail random: {tail_random}");
+            assert!(gz.len() < data.len() * 3 / 4, "{} for {}", gz.len(), data.len());
+        }
     }
 
     #[test]

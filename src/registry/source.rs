@@ -216,7 +216,7 @@ impl LayerSink for DigestSink {
 
 /// Compressed digests of layers compressed before, by encoder and diff_id, so a push of a
 /// mostly unchanged image compresses only what changed. The encoder is deterministic, so the
-/// mapping never changes; the key names the encoder's output format (bump `v1` if it changes).
+/// mapping never changes; the key names the encoder's output format (`Compressor::format_version`).
 /// Kept in `$XDG_CACHE_HOME/stevedore/layer-digests` (or `~/.cache/...`); a missing or
 /// unreadable cache only costs time.
 pub struct DigestCache {
@@ -244,7 +244,7 @@ impl DigestCache {
     }
 
     fn key(c: Compressor, diff_id: &str) -> String {
-        format!("{c:?}-v1:{}", diff_id.trim_start_matches("sha256:"))
+        format!("{c:?}-v{}:{}", c.format_version(), diff_id.trim_start_matches("sha256:"))
     }
 
     pub fn is_empty(&self) -> bool {
