@@ -168,8 +168,8 @@ impl Write for UploadBody<'_> {
     }
 }
 
-/// Opens an upload for `digest` (`size` bytes); the registry hears of it at the first byte.
-fn start_upload<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts: &PushOptions, error: Rc<RefCell<Option<anyhow::Error>>>) -> UploadBody<'r> {
+/// An upload of `digest` (`size` bytes); the registry hears of it at the first byte.
+fn upload_body<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts: &PushOptions, error: Rc<RefCell<Option<anyhow::Error>>>) -> UploadBody<'r> {
     UploadBody {
         reg,
         repo: repo.to_string(),
@@ -276,7 +276,7 @@ impl LayerSink for UploadSink<'_, '_> {
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
         let (digest, size) = self.wanted.get(&self.index).cloned().ok_or_else(|| anyhow!("internal error: unexpected item"))?;
-        let body = start_upload(self.reg, self.repo, &digest, size, self.opts, self.error.clone());
+        let body = upload_body(self.reg, self.repo, &digest, size, self.opts, self.error.clone());
         self.pending.push_back(self.index);
         self.pipe.begin(HashingWriter::new(body)).map_err(|e| anyhow!("{e}"))
     }
@@ -296,7 +296,7 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) ->
     loop {
         let error = Rc::new(RefCell::new(None));
         let result = (|| -> Result<()> {
-            let mut body = start_upload(reg, repo, &blob.digest, blob.size, opts, error.clone());
+            let mut body = upload_body(reg, repo, &blob.digest, blob.size, opts, error.clone());
             let mut hw = HashingWriter::new(&mut body);
             match &blob.data {
                 BlobData::Bytes(b) => hw.write_all(b)?,
