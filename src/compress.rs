@@ -69,6 +69,15 @@ impl Compressor {
         }
     }
 
+    /// Names the encoder's output format, for caches of digests: bump it when the bytes change.
+    pub fn format_version(self) -> u32 {
+        match self {
+            // 2: level 4 instead of 6, incompressible sub-blocks stored.
+            Compressor::Gzip => 2,
+            _ => 1,
+        }
+    }
+
     fn chunk_size(self) -> usize {
         match self {
             // Deflate looks back 32 KiB only, so 1 MiB pieces cost almost nothing in ratio.
@@ -78,59 +87,165 @@ impl Compressor {
     }
 }
 
+/// The deflate level of gzip layers. zlib-rs at 4 is about 40% faster than at 6 on binaries
+/// and text for 1-2% more bytes (bench/gzip-levels makes the table behind the choice).
+pub const GZIP_LEVEL: u32 = 4;
+
+/// Sub-blocks of a gzip piece judged on their own: stored when incompressible.
+const GZIP_SUB_BLOCK: usize = 32 * 1024;
+
+/// Whether `data` looks incompressible: its bytes are spread so evenly that their order-2
+/// Rényi entropy (a lower bound of the Shannon entropy) is at least 7.9 bits per byte, as it is
+/// for compressed or encrypted data. Deflate would spend the most time on such bytes for
+/// nothing. Integer arithmetic only, so the decision, and the output, is the same on every
+/// machine.
+fn incompressible(data: &[u8]) -> bool {
+    let mut counts = [0u32; 256];
+    for &b in data {
+        counts[b as usize] += 1;
+    }
+    let squares: u64 = counts.iter().map(|&c| c as u64 * c as u64).sum();
+    let n = data.len() as u64;
+    // sum(p^2) <= 2^-7.9  <=>  256 * sum(c^2) * 10000 <= n^2 * 10718 (2^0.1 = 1.0718)
+    n > 0 && 256 * squares * 10_000 <= n * n * 10_718
+}
+
+/// Deflates `data` with `c` (reset first, so the segment refers to nothing before it), ending
+/// on a byte boundary: a sync flush, or the final block if `fin`.
+fn deflate_segment(c: &mut flate2::Compress, data: &[u8], fin: bool, out: &mut Vec<u8>) -> std::io::Result<()> {
+    use flate2::FlushCompress;
+    c.reset();
+    let flush = if fin { FlushCompress::Finish } else { FlushCompress::Sync };
+    let mut input = data;
+    loop {
+        if out.capacity() - out.len() < 64 * 1024 {
+            out.reserve(out.capacity().max(64 * 1024));
+        }
+        let before = c.total_in();
+        let status = c.compress_vec(input, out, flush).map_err(std::io::Error::other)?;
+        input = &input[(c.total_in() - before) as usize..];
+        if input.is_empty() && (status == flate2::Status::StreamEnd || (!fin && out.capacity() > out.len())) {
+            return Ok(());
+        }
+    }
+}
+
+/// `data` as stored (uncompressed) deflate blocks, starting on a byte boundary.
+fn stored_blocks(data: &[u8], fin: bool, out: &mut Vec<u8>) {
+    let blocks = data.len().div_ceil(GZIP_SUB_BLOCK);
+    for (i, block) in data.chunks(GZIP_SUB_BLOCK).enumerate() {
+        // BFINAL in bit 0, BTYPE 00, padding to the byte; then LEN and its complement.
+        out.push(u8::from(fin && i + 1 == blocks));
+        let len = block.len() as u16;
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(block);
+    }
+}
+
+/// One gzip piece as raw deflate: runs of incompressible sub-blocks are stored, the others
+/// compressed, each run on its own.
+fn deflate_piece(data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
+    deflate_piece_with(data, last, GZIP_LEVEL, true)
+}
+
+/// `deflate_piece` at another level, with or without storing incompressible sub-blocks: for
+/// bench/gzip-levels.
+#[doc(hidden)]
+pub fn deflate_piece_with(data: &[u8], last: bool, level: u32, store: bool) -> std::io::Result<Vec<u8>> {
+    let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
+    let mut out = Vec::with_capacity(data.len() / 2 + 1024);
+    if data.is_empty() {
+        deflate_segment(&mut c, data, last, &mut out)?;
+        return Ok(out);
+    }
+    let kinds: Vec<bool> = data.chunks(GZIP_SUB_BLOCK).map(|b| store && incompressible(b)).collect();
+    let mut start = 0;
+    while start < kinds.len() {
+        let end = start + kinds[start..].iter().take_while(|&&k| k == kinds[start]).count();
+        let segment = &data[start * GZIP_SUB_BLOCK..(end * GZIP_SUB_BLOCK).min(data.len())];
+        let fin = last && end == kinds.len();
+        if kinds[start] {
+            stored_blocks(segment, fin, &mut out);
+        } else {
+            deflate_segment(&mut c, segment, fin, &mut out)?;
+        }
+        start = end;
+    }
+    Ok(out)
+}
+
 /// One piece of the stream, compressed on its own: a raw deflate segment ending on a byte
 /// boundary (sync flush, or the final block) for gzip, a complete frame for zstd.
 fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
     match kind {
         Compressor::None => Ok(data.to_vec()),
-        Compressor::Gzip => {
-            use flate2::{Compress, FlushCompress};
-            let mut c = Compress::new(flate2::Compression::new(6), false);
-            let mut out = Vec::with_capacity(data.len() / 2 + 1024);
-            let flush = if last { FlushCompress::Finish } else { FlushCompress::Sync };
-            let mut input = data;
-            loop {
-                if out.capacity() - out.len() < 64 * 1024 {
-                    out.reserve(out.capacity().max(64 * 1024));
-                }
-                let before = c.total_in();
-                let status = c.compress_vec(input, &mut out, flush).map_err(std::io::Error::other)?;
-                input = &input[(c.total_in() - before) as usize..];
-                if input.is_empty() && (status == flate2::Status::StreamEnd || (!last && out.capacity() > out.len())) {
-                    break;
-                }
-            }
-            Ok(out)
-        }
+        Compressor::Gzip => deflate_piece(data, last),
         Compressor::Zstd => zstd::bulk::compress(data, 3),
     }
 }
 
 type ChunkResult = (u64, std::io::Result<Vec<u8>>, flate2::Crc);
+type Job = (u64, Vec<u8>, bool);
 
-/// Compresses a stream in fixed-size pieces on all cores. The pieces are cut at the same byte
-/// offsets whatever the thread count, so the output is the same bytes on 1 core or 16: a
-/// single gzip member made of independently deflated segments (as `pigz --independent`
-/// writes), or a sequence of zstd frames.
-pub struct ParallelEncoder<W: std::io::Write> {
+/// How many threads compress: `STEVEDORE_THREADS` if it is a positive number, else one per
+/// core (at most 16). Output bytes never depend on it.
+pub fn threads() -> usize {
+    match std::env::var("STEVEDORE_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
+        Some(n) if n > 0 => n.min(256),
+        _ => std::thread::available_parallelism().map_or(1, |n| n.get()).min(16),
+    }
+}
+
+/// One output stream of a pipeline (a layer): its chunks are the global sequence numbers
+/// `first..end`.
+struct Stream<W> {
     inner: W,
+    first: u64,
+    /// Set when the stream is closed.
+    end: Option<u64>,
+    crc: flate2::Crc,
+}
+
+/// Compresses any number of streams, one after another, on a pool of threads. Each stream is
+/// cut into fixed-size pieces at the same offsets whatever the thread count, so its output is
+/// the same bytes on 1 core or 16: a single gzip member made of independently deflated
+/// segments (as `pigz --independent` writes), or a sequence of zstd frames.
+///
+/// Pieces of all streams share one queue, so a stream can be closed while its last pieces are
+/// still being compressed and the next one begins at once: many small layers keep every core
+/// busy, not only big ones. Output is written by the caller's thread, in order; when the last
+/// piece of a stream is written, `done` gets its writer (before the next stream's first byte
+/// goes anywhere) and its result is kept for `take_finished`. At most about two pieces per
+/// thread are in memory at any time.
+pub struct Pipeline<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> {
     kind: Compressor,
     chunk: Vec<u8>,
-    jobs: Option<std::sync::mpsc::Sender<(u64, Vec<u8>, bool)>>,
+    /// Pieces of the open stream dispatched so far.
+    open_pieces: u64,
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
     results: std::sync::mpsc::Receiver<ChunkResult>,
     workers: Vec<std::thread::JoinHandle<()>>,
     sent: u64,
     written: u64,
     waiting: std::collections::BTreeMap<u64, (Vec<u8>, flate2::Crc)>,
     max_in_flight: u64,
-    crc: flate2::Crc,
-    started: bool,
+    /// Streams not completely written, oldest first; the last may still be open.
+    streams: std::collections::VecDeque<Stream<W>>,
+    done: F,
+    finished: Vec<R>,
+    /// A write failed: the streams' state is lost, every later call fails.
+    broken: bool,
 }
 
-impl<W: std::io::Write> ParallelEncoder<W> {
-    pub fn new(inner: W, kind: Compressor) -> Self {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(16);
-        let (job_tx, job_rx) = std::sync::mpsc::channel::<(u64, Vec<u8>, bool)>();
+impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> {
+    pub fn new(kind: Compressor, done: F) -> Self {
+        Self::with_threads(kind, threads(), done)
+    }
+
+    pub fn with_threads(kind: Compressor, threads: usize, done: F) -> Self {
+        let threads = threads.max(1);
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         let (res_tx, res_rx) = std::sync::mpsc::channel();
         let workers = (0..threads)
@@ -151,10 +266,10 @@ impl<W: std::io::Write> ParallelEncoder<W> {
                 })
             })
             .collect();
-        ParallelEncoder {
-            inner,
+        Pipeline {
             kind,
             chunk: Vec::with_capacity(kind.chunk_size()),
+            open_pieces: 0,
             jobs: Some(job_tx),
             results: res_rx,
             workers,
@@ -162,24 +277,93 @@ impl<W: std::io::Write> ParallelEncoder<W> {
             written: 0,
             waiting: Default::default(),
             max_in_flight: 2 * threads as u64 + 1,
-            crc: flate2::Crc::new(),
-            started: false,
+            streams: Default::default(),
+            done,
+            finished: Vec::new(),
+            broken: false,
         }
     }
 
-    /// Writes finished pieces in order, waiting for results until at most `in_flight` pieces
-    /// are outstanding.
+    fn is_open(&self) -> bool {
+        self.streams.back().is_some_and(|s| s.end.is_none())
+    }
+
+    fn check(&self) -> std::io::Result<()> {
+        if self.broken {
+            return Err(std::io::Error::other("compression stopped after an earlier error"));
+        }
+        Ok(())
+    }
+
+    /// Starts a stream writing into `inner`; the previous one must be closed.
+    pub fn begin(&mut self, inner: W) -> std::io::Result<()> {
+        self.check()?;
+        assert!(!self.is_open(), "Pipeline::begin while a stream is open");
+        self.streams.push_back(Stream { inner, first: self.sent, end: None, crc: flate2::Crc::new() });
+        self.open_pieces = 0;
+        Ok(())
+    }
+
+    /// Closes the open stream without waiting for it to be written.
+    pub fn end(&mut self) -> std::io::Result<()> {
+        self.check()?;
+        assert!(self.is_open(), "Pipeline::end without an open stream");
+        // gzip always ends with a final block; zstd needs one (empty) frame for an empty stream.
+        if self.kind == Compressor::Gzip || !self.chunk.is_empty() || self.open_pieces == 0 {
+            self.dispatch(true)?;
+        }
+        self.streams.back_mut().expect("open stream").end = Some(self.sent);
+        self.guarded(|p| p.write_ready(p.max_in_flight))
+    }
+
+    /// Waits until every closed stream is written.
+    pub fn wait(&mut self) -> std::io::Result<()> {
+        self.check()?;
+        self.guarded(|p| p.write_ready(0))
+    }
+
+    /// Results of `done` for the streams completed so far, oldest first.
+    pub fn take_finished(&mut self) -> Vec<R> {
+        std::mem::take(&mut self.finished)
+    }
+
+    /// Streams begun but not completely written yet (the open one included).
+    pub fn pending(&self) -> usize {
+        self.streams.len()
+    }
+
+    fn guarded(&mut self, f: impl FnOnce(&mut Self) -> std::io::Result<()>) -> std::io::Result<()> {
+        let r = f(self);
+        self.broken |= r.is_err();
+        r
+    }
+
+    /// Writes finished pieces in order, completing streams on the way, waiting for results
+    /// until at most `in_flight` pieces are outstanding.
     fn write_ready(&mut self, in_flight: u64) -> std::io::Result<()> {
         loop {
-            while let Some((data, crc)) = self.waiting.remove(&self.written) {
-                if !self.started && self.kind == Compressor::Gzip {
-                    // gzip header: no name, mtime 0, OS "unknown", so bytes never vary.
-                    self.inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
+            while let Some(s) = self.streams.front() {
+                if s.end != Some(self.written) {
+                    break;
                 }
-                self.started = true;
-                self.inner.write_all(&data)?;
-                self.crc.combine(&crc);
+                let mut s = self.streams.pop_front().expect("front exists");
+                if self.kind == Compressor::Gzip {
+                    s.inner.write_all(&s.crc.sum().to_le_bytes())?;
+                    s.inner.write_all(&s.crc.amount().to_le_bytes())?;
+                }
+                let r = (self.done)(s.inner)?;
+                self.finished.push(r);
+            }
+            if let Some((data, crc)) = self.waiting.remove(&self.written) {
+                let s = self.streams.front_mut().expect("a piece belongs to a stream");
+                if self.written == s.first && self.kind == Compressor::Gzip {
+                    // gzip header: no name, mtime 0, OS "unknown", so bytes never vary.
+                    s.inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
+                }
+                s.inner.write_all(&data)?;
+                s.crc.combine(&crc);
                 self.written += 1;
+                continue;
             }
             if self.sent - self.written <= in_flight {
                 return Ok(());
@@ -194,37 +378,23 @@ impl<W: std::io::Write> ParallelEncoder<W> {
 
     fn dispatch(&mut self, last: bool) -> std::io::Result<()> {
         let data = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.kind.chunk_size()));
-        let jobs = self.jobs.as_ref().expect("encoder used after finish");
+        let jobs = self.jobs.as_ref().expect("pipeline used after drop");
         jobs.send((self.sent, data, last)).map_err(|_| std::io::Error::other("compression threads stopped"))?;
         self.sent += 1;
-        while let Ok((seq, out, crc)) = self.results.try_recv() {
-            self.waiting.insert(seq, (out?, crc));
-        }
-        self.write_ready(self.max_in_flight - 1)
-    }
-
-    /// Flushes the last piece and the trailer; returns the inner writer.
-    pub fn finish(mut self) -> std::io::Result<W> {
-        if self.kind == Compressor::Gzip || !self.chunk.is_empty() || self.sent == 0 {
-            self.dispatch(true)?;
-        }
-        self.write_ready(0)?;
-        if self.kind == Compressor::Gzip {
-            let crc = self.crc.sum();
-            let size = self.crc.amount();
-            self.inner.write_all(&crc.to_le_bytes())?;
-            self.inner.write_all(&size.to_le_bytes())?;
-        }
-        self.jobs = None;
-        for w in self.workers.drain(..) {
-            let _ = w.join();
-        }
-        Ok(self.inner)
+        self.open_pieces += 1;
+        self.guarded(|p| {
+            while let Ok((seq, out, crc)) = p.results.try_recv() {
+                p.waiting.insert(seq, (out?, crc));
+            }
+            p.write_ready(p.max_in_flight - 1)
+        })
     }
 }
 
-impl<W: std::io::Write> std::io::Write for ParallelEncoder<W> {
+impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> std::io::Write for Pipeline<W, R, F> {
     fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
+        self.check()?;
+        assert!(self.is_open(), "Pipeline::write without an open stream");
         let n = buf.len();
         let size = self.kind.chunk_size();
         while !buf.is_empty() {
@@ -239,7 +409,50 @@ impl<W: std::io::Write> std::io::Write for ParallelEncoder<W> {
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
-        self.inner.flush()
+        Ok(())
+    }
+}
+
+impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Drop for Pipeline<W, R, F> {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
+}
+
+/// A pipeline of one stream: compresses everything written into `inner`.
+pub struct ParallelEncoder<W: std::io::Write> {
+    pipe: Pipeline<W, W, fn(W) -> std::io::Result<W>>,
+}
+
+impl<W: std::io::Write> ParallelEncoder<W> {
+    pub fn new(inner: W, kind: Compressor) -> Self {
+        Self::with_threads(inner, kind, threads())
+    }
+
+    pub fn with_threads(inner: W, kind: Compressor, threads: usize) -> Self {
+        let mut pipe = Pipeline::with_threads(kind, threads, Ok as fn(W) -> std::io::Result<W>);
+        pipe.begin(inner).expect("a new pipeline has no error");
+        ParallelEncoder { pipe }
+    }
+
+    /// Flushes the last piece and the trailer; returns the inner writer.
+    pub fn finish(mut self) -> std::io::Result<W> {
+        self.pipe.end()?;
+        self.pipe.wait()?;
+        Ok(self.pipe.take_finished().pop().expect("the stream is complete"))
+    }
+}
+
+impl<W: std::io::Write> std::io::Write for ParallelEncoder<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.pipe.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
     }
 }
 
@@ -259,7 +472,11 @@ mod tests {
     }
 
     fn encode(kind: Compressor, data: &[u8], piece: usize) -> Vec<u8> {
-        let mut e = ParallelEncoder::new(Vec::new(), kind);
+        encode_with(kind, data, piece, 3)
+    }
+
+    fn encode_with(kind: Compressor, data: &[u8], piece: usize, threads: usize) -> Vec<u8> {
+        let mut e = ParallelEncoder::with_threads(Vec::new(), kind, threads);
         for part in data.chunks(piece.max(1)) {
             e.write_all(part).unwrap();
         }
@@ -284,6 +501,119 @@ mod tests {
                     assert!(a.len() < n, "{kind:?} did not compress");
                 }
             }
+        }
+    }
+
+    #[test]
+    fn thread_count_does_not_change_the_bytes() {
+        let data = sample(5 << 20);
+        for kind in [Compressor::Gzip, Compressor::Zstd] {
+            let one = encode_with(kind, &data, 100_000, 1);
+            for threads in [2, 16] {
+                assert!(encode_with(kind, &data, 4096, threads) == one, "{kind:?}: {threads} threads differ from 1");
+            }
+        }
+    }
+
+    struct Tagged(usize, Vec<u8>);
+
+    impl Write for Tagged {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.1.write(buf)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn pipeline_streams_match_single_encoders() {
+        // Many streams of mixed sizes (empty, small, several pieces) through one pipeline: each
+        // completes in order with exactly the bytes a lone encoder gives it.
+        let sizes = [0usize, 10, 300_000, 0, (1 << 20) + 5, 70, 9 << 20, 1];
+        for kind in [Compressor::Gzip, Compressor::Zstd, Compressor::None] {
+            for threads in [1, 2, 5] {
+                let mut p = Pipeline::with_threads(kind, threads, |w: Tagged| Ok((w.0, w.1)));
+                let mut got = Vec::new();
+                for (i, &n) in sizes.iter().enumerate() {
+                    p.begin(Tagged(i, Vec::new())).unwrap();
+                    for part in sample(n).chunks(65_000) {
+                        p.write_all(part).unwrap();
+                    }
+                    p.end().unwrap();
+                    got.extend(p.take_finished());
+                }
+                p.wait().unwrap();
+                got.extend(p.take_finished());
+                assert_eq!(p.pending(), 0);
+                assert_eq!(got.iter().map(|g| g.0).collect::<Vec<_>>(), (0..sizes.len()).collect::<Vec<_>>());
+                for (i, out) in got {
+                    assert!(out == encode(kind, &sample(sizes[i]), 65_000), "{kind:?}/{threads}: stream {i} differs");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pipeline_write_errors_stick() {
+        struct Failing;
+        impl Write for Failing {
+            fn write(&mut self, _: &[u8]) -> std::io::Result<usize> {
+                Err(std::io::Error::other("disk full"))
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut p = Pipeline::with_threads(Compressor::Gzip, 2, |w: Failing| Ok(w));
+        p.begin(Failing).unwrap();
+        p.write_all(&sample(1000)).unwrap();
+        let e = p.end().and_then(|()| p.wait()).unwrap_err();
+        assert!(e.to_string().contains("disk full"), "{e}");
+        assert!(p.begin(Failing).is_err());
+    }
+
+    fn random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x >> 24) as u8
+            })
+            .collect()
+    }
+
+    fn gunzip(data: &[u8]) -> Vec<u8> {
+        let mut back = Vec::new();
+        flate2::read::GzDecoder::new(data).read_to_end(&mut back).unwrap();
+        back
+    }
+
+    #[test]
+    fn incompressible_sub_blocks_are_stored() {
+        assert!(incompressible(&random(GZIP_SUB_BLOCK, 7)));
+        assert!(!incompressible(&sample(GZIP_SUB_BLOCK)));
+        assert!(!incompressible(&[0u8; 1000]));
+        assert!(!incompressible(&[]));
+        // All random: stored blocks, 5 bytes per 32 KiB over the input.
+        let data = random(3 << 20, 1);
+        let gz = encode(Compressor::Gzip, &data, 100_000);
+        assert!(gz.len() > data.len() && gz.len() < data.len() + data.len() / 1000, "{} for {}", gz.len(), data.len());
+        assert!(gunzip(&gz) == data);
+        // Mixed in one piece, runs of both kinds, the last one either: compressible runs still
+        // compress, and it all decodes.
+        for tail_random in [false, true] {
+            let mut data = Vec::new();
+            for i in 0..9 {
+                let part = if i % 3 == 0 { random(50_000, i) } else { sample(70_000) };
+                data.extend(part);
+            }
+            data.extend(if tail_random { random(20_000, 99) } else { sample(20_000) });
+            let gz = encode(Compressor::Gzip, &data, 4096);
+            assert!(gunzip(&gz) == data, "tail random: {tail_random}");
+            assert!(gz.len() < data.len() * 3 / 4, "{} for {}", gz.len(), data.len());
         }
     }
 

@@ -1,7 +1,7 @@
 //! OCI image layouts (a directory, or that directory as a tar: `oci-archive`), with each layer
 //! compressed on its own (none, gzip or zstd), deterministically.
 
-use crate::compress::{Compressor, ParallelEncoder};
+use crate::compress::{Compressor, Pipeline};
 use crate::image::{hex, ImageSpec, LayerInfo, LayerSink, Progress};
 use crate::layer::{out_err, HashingWriter};
 use crate::tar::{Header, HeaderEncoder};
@@ -36,45 +36,105 @@ pub fn layer_media_type(c: Compressor) -> String {
     format!("application/vnd.oci.image.layer.v1.tar{}", c.media_suffix())
 }
 
-type BlobWriter = ParallelEncoder<HashingWriter<BufWriter<File>>>;
+/// A layer blob being written: compressed bytes into a temporary file, hashed on the way.
+struct BlobOut {
+    w: HashingWriter<BufWriter<File>>,
+    tmp: PathBuf,
+}
 
-/// Writes each layer, compressed, into `blobs/sha256/` of a layout directory.
+impl Write for BlobOut {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.w.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.w.flush()
+    }
+}
+
+/// Moves a complete blob to its digest's name; returns (digest hex, size).
+fn finish_blob(blobs: &Path, out: BlobOut) -> std::io::Result<(String, u64)> {
+    let (buf, digest, size) = out.w.finish();
+    buf.into_inner().map_err(|e| e.into_error())?;
+    let digest = hex(&digest);
+    fs::rename(&out.tmp, blobs.join(&digest))?;
+    Ok((digest, size))
+}
+
+type BlobPipeline = Pipeline<BlobOut, (String, u64), Box<dyn FnMut(BlobOut) -> std::io::Result<(String, u64)>>>;
+
+/// Writes each layer, compressed, into `blobs/sha256/`. Layers are compressed by one pipeline:
+/// the next layer's tar is made while the last pieces of earlier ones are still compressing.
 struct BlobSink {
     blobs: PathBuf,
     compressor: Compressor,
-    current: Option<(PathBuf, BlobWriter)>,
+    pipe: BlobPipeline,
+    /// Temporary files made, to remove on failure (renamed ones are gone already).
+    tmps: Vec<PathBuf>,
+    /// diff_ids of closed layers whose blob is not complete yet, oldest first.
+    pending: std::collections::VecDeque<String>,
     /// Compressed descriptors by diff_id.
     by_diff_id: HashMap<String, Descriptor>,
+    started: std::time::Instant,
+    raw_bytes: u64,
 }
 
 impl BlobSink {
-    fn tmp_path(&self) -> PathBuf {
-        self.blobs.join(format!(".partial-{}", self.by_diff_id.len()))
+    fn new(blobs: PathBuf, compressor: Compressor) -> BlobSink {
+        let dir = blobs.clone();
+        let done: Box<dyn FnMut(BlobOut) -> std::io::Result<(String, u64)>> = Box::new(move |out| finish_blob(&dir, out));
+        BlobSink {
+            blobs,
+            compressor,
+            pipe: Pipeline::new(compressor, done),
+            tmps: Vec::new(),
+            pending: Default::default(),
+            by_diff_id: HashMap::new(),
+            started: std::time::Instant::now(),
+            raw_bytes: 0,
+        }
+    }
+
+    /// Records the blobs completed so far.
+    fn collect(&mut self) {
+        for (digest, size) in self.pipe.take_finished() {
+            let diff_id = self.pending.pop_front().expect("a finished blob was closed");
+            let d = Descriptor { media_type: layer_media_type(self.compressor), digest: format!("sha256:{digest}"), size };
+            self.by_diff_id.insert(diff_id, d);
+        }
+    }
+
+    /// Waits for every layer's blob.
+    fn finish(&mut self) -> Result<()> {
+        self.pipe.wait().map_err(out_err)?;
+        self.collect();
+        Ok(())
+    }
+
+    fn remove_partials(&self) {
+        for tmp in &self.tmps {
+            let _ = fs::remove_file(tmp);
+        }
     }
 }
 
 impl LayerSink for BlobSink {
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
-        let tmp = self.tmp_path();
+        let tmp = self.blobs.join(format!(".partial-{}", self.tmps.len()));
         let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        let w = ParallelEncoder::new(HashingWriter::new(BufWriter::with_capacity(1 << 20, file)), self.compressor);
-        self.current = Some((tmp, w));
-        Ok(())
+        self.tmps.push(tmp.clone());
+        let w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        self.pipe.begin(BlobOut { w, tmp }).map_err(out_err)
     }
 
     fn out(&mut self) -> &mut dyn Write {
-        &mut self.current.as_mut().expect("begin comes before out").1
+        &mut self.pipe
     }
 
-    fn end(&mut self, _size: u64, diff_id: &str) -> Result<()> {
-        let (tmp, w) = self.current.take().expect("begin comes before end");
-        let hw = w.finish().map_err(out_err)?;
-        let (buf, digest, size) = hw.finish();
-        buf.into_inner().map_err(|e| out_err(e.into_error()))?;
-        let digest = hex(&digest);
-        fs::rename(&tmp, self.blobs.join(&digest)).map_err(out_err)?;
-        let d = Descriptor { media_type: layer_media_type(self.compressor), digest: format!("sha256:{digest}"), size };
-        self.by_diff_id.insert(diff_id.to_string(), d);
+    fn end(&mut self, size: u64, diff_id: &str) -> Result<()> {
+        self.pending.push_back(diff_id.to_string());
+        self.raw_bytes += size;
+        self.pipe.end().map_err(out_err)?;
+        self.collect();
         Ok(())
     }
 }
@@ -112,16 +172,27 @@ pub fn manifest_json(config: &Descriptor, layers: &[Descriptor]) -> String {
 pub fn write_layout(spec: &ImageSpec, dir: &Path, compressor: Compressor, repo_tag: &str, progress: &Progress) -> Result<WrittenImage> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
-    let mut sink = BlobSink { blobs, compressor, current: None, by_diff_id: HashMap::new() };
-    let layers: Vec<LayerInfo> = match spec.emit_layers(&mut sink, progress) {
+    let mut sink = BlobSink::new(blobs, compressor);
+    let layers: Vec<LayerInfo> = match spec.emit_layers(&mut sink, progress).and_then(|l| sink.finish().map(|()| l)) {
         Ok(layers) => layers,
         Err(e) => {
-            if let Some((tmp, _)) = sink.current.take() {
-                let _ = fs::remove_file(tmp);
-            }
+            // Nothing writes once emit_layers has failed: the files can go, open or not.
+            sink.remove_partials();
             return Err(e);
         }
     };
+    if compressor != Compressor::None && sink.raw_bytes > 0 {
+        let packed: u64 = sink.by_diff_id.values().map(|d| d.size).sum();
+        let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
+        let secs = sink.started.elapsed().as_secs_f64();
+        progress.say(format!(
+            "Compressed {} layers: {:.1} MiB to {:.1} MiB in {secs:.2} s ({:.0} MiB/s)",
+            sink.by_diff_id.len(),
+            mib(sink.raw_bytes),
+            mib(packed),
+            mib(sink.raw_bytes) / secs.max(1e-6)
+        ));
+    }
     progress.say("Adding manifests...");
     let layer_descs: Vec<Descriptor> = layers
         .iter()

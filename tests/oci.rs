@@ -92,6 +92,65 @@ fn oci_archives_are_the_same_bytes_on_one_core_or_all() {
     }
 }
 
+/// Every file of a layout directory with its contents, by relative path.
+fn layout_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut out = Vec::new();
+    for sub in ["", "blobs/sha256"] {
+        for e in fs::read_dir(dir.join(sub)).unwrap() {
+            let e = e.unwrap();
+            if e.file_type().unwrap().is_file() {
+                out.push((format!("{sub}/{}", e.file_name().to_string_lossy()), fs::read(e.path()).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn many_layers_compress_in_parallel_to_the_same_layout_on_any_thread_count() {
+    // One layer per store path (small ones, and some of several compression pieces): the
+    // layers are compressed side by side, yet 1 and 16 threads write the same files.
+    let fx = fixture("compat", 12, 20, 2.5);
+    let tmp = tempfile::tempdir().unwrap();
+    let layers: Vec<Vec<String>> = store_paths(&fx).into_iter().map(|p| vec![p]).collect();
+    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, layers));
+    let docker = Image::parse(&stream_ok(&conf));
+    for compressor in ["gz", "zstd", "none"] {
+        let mut layouts = Vec::new();
+        for threads in ["1", "16"] {
+            let layout = tmp.path().join(format!("layout-{compressor}-{threads}"));
+            let out = Command::new(bin())
+                .env("STEVEDORE_THREADS", threads)
+                .args(["stream", "--format", "oci", "--compressor", compressor, "-o"])
+                .arg(&layout)
+                .arg(&conf)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let files = layout_files(&layout);
+            // No temporary files are left, and every layer is there and decompresses right.
+            assert!(files.iter().all(|(n, _)| !n.contains(".partial")), "{compressor}: partial files left");
+            let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+            let manifest = json_blob(&layout, index["manifests"][0]["digest"].as_str().unwrap());
+            let descs = manifest["layers"].as_array().unwrap();
+            assert_eq!(descs.len(), 12);
+            for (i, l) in descs.iter().enumerate() {
+                let plain = decompress(&blob(&layout, l["digest"].as_str().unwrap()), l["mediaType"].as_str().unwrap());
+                assert!(plain == docker.layer(i), "{compressor}/{threads}: layer {i} differs");
+                if compressor == "gz" {
+                    // mkstore's random file contents go in stored blocks: still plain gzip.
+                    let path = layout.join("blobs/sha256").join(&l["digest"].as_str().unwrap()[7..]);
+                    let t = Command::new("gzip").arg("-t").arg(&path).status().expect("gzip runs");
+                    assert!(t.success(), "gzip -t rejects layer {i}");
+                }
+            }
+            layouts.push(files);
+        }
+        assert!(layouts[0] == layouts[1], "{compressor}: 1 and 16 threads wrote different layouts");
+    }
+}
+
 #[test]
 fn a_layout_collects_several_images() {
     let fx = fixture("compat", 8, 30, 0.0);

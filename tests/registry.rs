@@ -97,7 +97,8 @@ enum Fault {
     Fail503(usize),
     /// Close the connection halfway through the body of the first `n` blob uploads.
     Drop(usize),
-    /// Require a bearer token, issued by `/token` for basic credentials user:pw.
+    /// Require a bearer token, issued by `/token` for basic credentials user:pw, or by a POST
+    /// of the OAuth2 refresh-token grant for REFRESH.
     Bearer,
 }
 
@@ -116,6 +117,7 @@ impl Drop for Proxy {
 }
 
 const TOKEN: &str = "t0k3n-for-tests";
+const REFRESH: &str = "r3fresh-identity-token";
 
 type Head = (String, String, Vec<(String, String)>);
 
@@ -181,6 +183,19 @@ fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
                         drain(&mut r, len / 2);
                         log.lock().unwrap().push("-> dropped".into());
                         let _ = conn.shutdown(Shutdown::Both);
+                        return;
+                    }
+                    Fault::Bearer if path.starts_with("/token") && method == "POST" => {
+                        let mut body = vec![0u8; len as usize];
+                        let _ = r.read_exact(&mut body);
+                        let form = String::from_utf8_lossy(&body).into_owned();
+                        log.lock().unwrap().push(format!("form {}", form.replace(REFRESH, "REFRESH")));
+                        let fields: Vec<&str> = form.split('&').collect();
+                        if fields.contains(&"grant_type=refresh_token") && fields.contains(&format!("refresh_token={REFRESH}").as_str()) {
+                            respond(&conn, "200 OK", "Content-Type: application/json\r\n", &format!("{{\"access_token\":\"{TOKEN}\"}}"));
+                        } else {
+                            respond(&conn, "401 Unauthorized", "", "{\"error\":\"invalid_grant\"}");
+                        }
                         return;
                     }
                     Fault::Bearer if path.starts_with("/token") => {
@@ -297,6 +312,15 @@ fn push_conf_then_pull_it_back() {
     assert!(stderr.contains("Compressing 8 layers to learn their digests"), "{stderr}");
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
     assert!(stderr.lines().filter(|l| l.contains(": uploaded ")).count() == 9, "{stderr}");
+    // Layers compress side by side on every thread count, to the same blobs.
+    for threads in ["1", "16"] {
+        let fresh = dir.path().join(format!("cache-{threads}"));
+        let dest = format!("docker://{}/threads{threads}/app:v1", reg.addr());
+        let env = [("XDG_CACHE_HOME", fresh.as_path()), ("STEVEDORE_THREADS", Path::new(threads))];
+        let (d, stderr) = ok(stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure"], &env), "push");
+        assert_eq!(d, digest, "{threads} threads");
+        assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+    }
 
     // skopeo sees the manifest we printed, and the image stream writes for the same conf.
     let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
@@ -499,6 +523,90 @@ fn basic_and_bearer_auth() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.trim().lines().count() == 1 && stderr.contains("rejected"), "{stderr}");
     assert!(!stderr.contains("nope"), "{stderr}");
+}
+
+/// A fake `docker-credential-NAME` in `bin`: logs what it was asked (argument and stdin) to
+/// `NAME.log` and runs `body` (sh).
+fn fake_helper(bin: &Path, name: &str, body: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let path = bin.join(format!("docker-credential-{name}"));
+    let log = bin.join(format!("{name}.log"));
+    fs::write(&path, format!("#!/bin/sh\nserver=$(cat)\necho \"$1 $server\" >>'{}'\n{body}\n", log.display())).unwrap();
+    fs::set_permissions(&path, fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn credential_helpers() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(Some(("user", "s3cret-pw")));
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let creds = |user: &str, secret: &str| format!("printf '{{\"ServerURL\":\"%s\",\"Username\":\"{user}\",\"Secret\":\"{secret}\"}}' \"$server\"");
+    fake_helper(&bin, "good", &creds("user", "s3cret-pw"));
+    fake_helper(&bin, "wrong", &creds("user", "wr0ng-pw"));
+    fake_helper(&bin, "empty", "echo 'credentials not found in native keychain'; exit 1");
+    fake_helper(&bin, "broken", "echo 'the keychain is locked' >&2; exit 3");
+    fake_helper(&bin, "token", &creds("<token>", REFRESH));
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    let run = |config: Value, dest: &str, quiet: bool| {
+        let file = write_json(dir.path(), "config.json", &config);
+        let mut args = vec!["push", conf.to_str().unwrap(), dest, "--insecure"];
+        if quiet {
+            args.push("-q");
+        }
+        let out = stevedore(&args, &[("REGISTRY_AUTH_FILE", &file), ("PATH", Path::new(&path))]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        for secret in ["s3cret-pw", "wr0ng-pw", REFRESH] {
+            assert!(!stderr.contains(secret), "a secret in: {stderr}");
+        }
+        (out, stderr)
+    };
+    let addr = reg.addr();
+    let dest = format!("docker://{addr}/helped:v1");
+
+    // credHelpers for the registry, asked with `get` and the registry on stdin; credsStore for
+    // any registry, beside the empty auths entry docker writes.
+    let (out, _) = run(json!({"credHelpers": {addr.clone(): "good"}, "credsStore": "wrong"}), &dest, true);
+    assert!(out.status.success());
+    assert_eq!(fs::read_to_string(bin.join("good.log")).unwrap().trim(), format!("get {addr}"));
+    let (out, stderr) = run(json!({"auths": {addr.clone(): {}}, "credsStore": "good"}), &dest, true);
+    assert!(out.status.success(), "{stderr}");
+    // Wrong credentials are refused with the helper named.
+    let (out, stderr) = run(json!({"credsStore": "wrong"}), &dest, true);
+    assert!(!out.status.success() && stderr.contains("rejected the credentials from credential helper docker-credential-wrong"), "{stderr}");
+    // No credentials there, or no such helper: anonymous, with a note saying why.
+    for helper in ["empty", "missing"] {
+        let (out, stderr) = run(json!({"credHelpers": {addr.clone(): helper}}), &dest, false);
+        assert!(!out.status.success());
+        let lines: Vec<&str> = stderr.trim().lines().collect();
+        assert!(lines[0].contains(&format!("docker-credential-{helper}")) && lines[0].contains("without credentials"), "{stderr}");
+        assert!(lines.last().unwrap().contains("needs credentials"), "{stderr}");
+    }
+    // Any other failure stops, naming the helper, in one line.
+    let (out, stderr) = run(json!({"credHelpers": {addr.clone(): "broken"}}), &dest, true);
+    assert!(!out.status.success() && stderr.trim().lines().count() == 1, "{stderr}");
+    assert!(stderr.contains("credential helper docker-credential-broken failed") && stderr.contains("keychain is locked"), "{stderr}");
+    // An identity token is no password for basic auth...
+    let (out, stderr) = run(json!({"credHelpers": {addr.clone(): "token"}}), &dest, true);
+    assert!(!out.status.success() && stderr.contains("identity token"), "{stderr}");
+    // ...but a refresh token for a token server (the OAuth2 grant, POSTed).
+    let open = Registry::start(None);
+    let proxy = start_proxy(open.port, Fault::Bearer);
+    let host = format!("127.0.0.1:{}", proxy.port);
+    let (out, stderr) = run(json!({"credHelpers": {host.clone(): "token"}}), &format!("docker://{host}/tokens:v1"), true);
+    assert!(out.status.success(), "{stderr}");
+    let log = proxy.log.lock().unwrap().clone();
+    assert!(
+        log.iter().any(|l| l == "form grant_type=refresh_token&refresh_token=REFRESH&service=test&scope=repository%3Atokens%3Apull%2Cpush&client_id=stevedore"),
+        "{log:?}"
+    );
+    // So is an `identitytoken` in an auths entry.
+    let (out, stderr) = run(json!({"auths": {host.clone(): {"identitytoken": REFRESH}}}), &format!("docker://{host}/tokens:v2"), true);
+    assert!(out.status.success(), "{stderr}");
 }
 
 /// GET from the registry on 127.0.0.1 (a blob: distribution's filesystem driver serves it).

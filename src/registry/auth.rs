@@ -114,7 +114,10 @@ pub fn check_digest(d: &str) -> Result<()> {
 #[derive(Clone)]
 pub struct Creds {
     pub user: String,
+    /// The password, or with `identity_token` the refresh token for the registry's OAuth2
+    /// token endpoint.
     pub pass: String,
+    pub identity_token: bool,
     pub source: String,
 }
 
@@ -136,7 +139,7 @@ pub fn parse_creds(s: &str) -> Result<Creds> {
     if user.is_empty() {
         bail!("--creds needs USER:PASSWORD");
     }
-    Ok(Creds { user: user.into(), pass: pass.into(), source: "--creds".into() })
+    Ok(Creds { user: user.into(), pass: pass.into(), identity_token: false, source: "--creds".into() })
 }
 
 /// The auth files, in the order skopeo and podman read them.
@@ -171,9 +174,19 @@ fn normalize_key(key: &str) -> String {
     }
 }
 
-/// Credentials for `registry/repo` from the auth files: the longest matching namespace
-/// (`host/team` beats `host`), first file that has one.
-pub fn find_creds(reference: &Reference) -> Result<Option<Creds>> {
+/// What the auth files give for a registry.
+#[derive(Debug, Default)]
+pub struct Found {
+    pub creds: Option<Creds>,
+    /// Why there are none although a credential helper is configured, for one line on stderr.
+    pub note: Option<String>,
+}
+
+/// Credentials for `registry/repo` from the auth files, first file that has any: a
+/// `credHelpers` helper for the registry, else the longest matching `auths` entry
+/// (`host/team` beats `host`) with credentials, else the `credsStore` helper. Docker writes
+/// an empty `auths` entry beside a helper, so an entry only counts if it holds credentials.
+pub fn find_creds(reference: &Reference) -> Result<Found> {
     let full = reference.name();
     for file in auth_files() {
         let text = match std::fs::read(&file) {
@@ -182,9 +195,18 @@ pub fn find_creds(reference: &Reference) -> Result<Option<Creds>> {
             Err(e) => bail!("cannot read auth file {}: {e}", file.display()),
         };
         let json: Value = serde_json::from_slice(&text).map_err(|_| anyhow!("auth file {} is not valid JSON", file.display()))?;
-        let Some(auths) = json.get("auths").and_then(Value::as_object) else { continue };
+        let source = format!("auth file {}", file.display());
+        let helper_for = json
+            .get("credHelpers")
+            .and_then(Value::as_object)
+            .and_then(|h| h.iter().find(|(k, _)| normalize_key(k) == reference.registry))
+            .map(|(_, v)| v.as_str().ok_or_else(|| anyhow!("{source}: credHelpers for {} is not a string", reference.registry)))
+            .transpose()?;
+        if let Some(helper) = helper_for {
+            return run_helper(helper, reference, &source);
+        }
         let mut best: Option<(usize, &Value)> = None;
-        for (key, entry) in auths {
+        for (key, entry) in json.get("auths").and_then(Value::as_object).into_iter().flatten() {
             let k = normalize_key(key);
             let matches = k == reference.registry || (full.starts_with(&k) && full[k.len()..].starts_with('/'));
             if matches && best.map_or(true, |(len, _)| k.len() > len) {
@@ -192,21 +214,99 @@ pub fn find_creds(reference: &Reference) -> Result<Option<Creds>> {
             }
         }
         if let Some((_, entry)) = best {
-            let source = format!("auth file {}", file.display());
-            if let Some(auth) = entry.get("auth").and_then(Value::as_str).filter(|a| !a.is_empty()) {
-                let decoded = base64_decode(auth).ok_or_else(|| anyhow!("{source}: the entry for {} is not valid base64", reference.registry))?;
-                let decoded = String::from_utf8(decoded).map_err(|_| anyhow!("{source}: the entry for {} is not UTF-8", reference.registry))?;
-                let (user, pass) = decoded
-                    .split_once(':')
-                    .ok_or_else(|| anyhow!("{source}: the entry for {} is not USER:PASSWORD", reference.registry))?;
-                return Ok(Some(Creds { user: user.into(), pass: pass.into(), source }));
-            }
-            if let (Some(u), Some(p)) = (entry.get("username").and_then(Value::as_str), entry.get("password").and_then(Value::as_str)) {
-                return Ok(Some(Creds { user: u.into(), pass: p.into(), source }));
+            if let Some(creds) = auths_entry(entry, reference, &source)? {
+                return Ok(Found { creds: Some(creds), note: None });
             }
         }
+        if let Some(store) = json.get("credsStore").and_then(Value::as_str).filter(|s| !s.is_empty()) {
+            return run_helper(store, reference, &source);
+        }
+    }
+    Ok(Found::default())
+}
+
+/// The credentials in one `auths` entry, if it has any.
+fn auths_entry(entry: &Value, reference: &Reference, source: &str) -> Result<Option<Creds>> {
+    let str_field = |k: &str| entry.get(k).and_then(Value::as_str).filter(|v| !v.is_empty());
+    if let Some(token) = str_field("identitytoken") {
+        return Ok(Some(Creds { user: "<token>".into(), pass: token.into(), identity_token: true, source: source.into() }));
+    }
+    if let Some(auth) = str_field("auth") {
+        let decoded = base64_decode(auth).ok_or_else(|| anyhow!("{source}: the entry for {} is not valid base64", reference.registry))?;
+        let decoded = String::from_utf8(decoded).map_err(|_| anyhow!("{source}: the entry for {} is not UTF-8", reference.registry))?;
+        let (user, pass) =
+            decoded.split_once(':').ok_or_else(|| anyhow!("{source}: the entry for {} is not USER:PASSWORD", reference.registry))?;
+        return Ok(Some(Creds { user: user.into(), pass: pass.into(), identity_token: false, source: source.into() }));
+    }
+    if let (Some(u), Some(p)) = (str_field("username"), entry.get("password").and_then(Value::as_str)) {
+        return Ok(Some(Creds { user: u.into(), pass: p.into(), identity_token: false, source: source.into() }));
     }
     Ok(None)
+}
+
+/// What a registry is called when asking a credential helper: the name `docker login` stored
+/// it under (Docker Hub's historical index URL, else `host[:port]`).
+fn helper_server_url(reference: &Reference) -> String {
+    if reference.registry == DOCKER_HUB {
+        "https://index.docker.io/v1/".into()
+    } else {
+        reference.registry.clone()
+    }
+}
+
+/// Runs `docker-credential-NAME get` with the registry on stdin, as docker does. A helper that
+/// is not installed, or has nothing for the registry, leaves the session anonymous (with a
+/// note); any other failure is an error naming the helper. Nothing the helper prints goes into
+/// a message unless it failed and its output does not look like credentials.
+fn run_helper(name: &str, reference: &Reference, source: &str) -> Result<Found> {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    if name.is_empty() || name.contains(['/', '\\']) {
+        bail!("{source}: bad credential helper name {name:?}");
+    }
+    let program = format!("docker-credential-{name}");
+    let server = helper_server_url(reference);
+    let child = Command::new(&program).arg("get").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
+    let mut child = match child {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let note = format!("credential helper {program} (from {source}) is not installed: going on without credentials");
+            return Ok(Found { creds: None, note: Some(note) });
+        }
+        Err(e) => bail!("cannot run credential helper {program} (from {source}): {e}"),
+    };
+    // A helper that exits without reading its input closes the pipe: its exit status says more.
+    let _ = child.stdin.take().expect("piped").write_all(server.as_bytes());
+    let out = child.wait_with_output().map_err(|e| anyhow!("credential helper {program}: {e}"))?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        let said = format!("{} {}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+        if said.to_ascii_lowercase().contains("credentials not found") {
+            let note = format!("credential helper {program} has no credentials for {server}: going on without credentials");
+            return Ok(Found { creds: None, note: Some(note) });
+        }
+        let line = said.split_whitespace().collect::<Vec<_>>().join(" ");
+        let shown = if line.is_empty() || line.contains('{') || line.to_ascii_lowercase().contains("secret") {
+            String::new()
+        } else {
+            format!(": {}", line.chars().take(200).collect::<String>())
+        };
+        bail!("credential helper {program} failed for {server} ({}){shown}", out.status);
+    }
+    let bad = || anyhow!("credential helper {program} gave no Username and Secret for {server}");
+    let json: Value = serde_json::from_str(&stdout).map_err(|_| bad())?;
+    let user = json.get("Username").and_then(Value::as_str).ok_or_else(bad)?;
+    let secret = json.get("Secret").and_then(Value::as_str).filter(|s| !s.is_empty()).ok_or_else(bad)?;
+    Ok(Found {
+        creds: Some(Creds {
+            user: user.into(),
+            pass: secret.into(),
+            // docker's convention: this user name means the secret is an identity token.
+            identity_token: user == "<token>",
+            source: format!("credential helper {program}"),
+        }),
+        note: None,
+    })
 }
 
 /// One challenge from `WWW-Authenticate`.

@@ -21,7 +21,8 @@ pub const JSON_LIMIT: u64 = 16 << 20;
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct ConnectArgs {
     /// USER:PASSWORD for the registry (else the auth files: $REGISTRY_AUTH_FILE,
-    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, ~/.docker/config.json).
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, ~/.docker/config.json,
+    /// with their credential helpers: credHelpers, credsStore).
     #[arg(long, value_name = "USER:PASS")]
     pub creds: Option<String>,
     /// Allow plain HTTP and unverified TLS (like skopeo's --tls-verify=false).
@@ -49,6 +50,8 @@ pub struct Registry {
     pub host: String,
     verify: bool,
     creds: Option<Creds>,
+    /// Why there are no credentials although a helper is configured.
+    creds_note: Option<String>,
     auth: Mutex<Auth>,
     /// Scopes asked for when a token is needed, e.g. `repository:team/app:pull,push`.
     scopes: Mutex<Vec<String>>,
@@ -118,9 +121,15 @@ impl Registry {
     /// Opens a session with `reference`'s registry for `scopes`. With `insecure`, HTTPS without
     /// verification is tried first and plain HTTP after, as skopeo does.
     pub fn connect(reference: &Reference, args: &ConnectArgs, scopes: Vec<String>) -> Result<Registry> {
-        let creds = match &args.creds {
-            Some(c) => Some(super::auth::parse_creds(c)?),
-            None => find_creds(reference)?,
+        let (creds, creds_note) = match &args.creds {
+            Some(c) => (Some(super::auth::parse_creds(c)?), None),
+            None => {
+                let found = find_creds(reference)?;
+                if let (Some(note), false) = (&found.note, args.quiet) {
+                    eprintln!("{note}");
+                }
+                (found.creds, found.note)
+            }
         };
         let http = Client::new()?;
         let host = reference.api_host().to_string();
@@ -130,6 +139,7 @@ impl Registry {
             host: reference.registry.clone(),
             verify: !args.insecure,
             creds,
+            creds_note,
             auth: Mutex::new(Auth::None),
             scopes: Mutex::new(scopes),
             retries: args.retries,
@@ -190,10 +200,10 @@ impl Registry {
         let mut auth = self.auth.lock().unwrap();
         match challenge {
             Some(Challenge::Basic) => {
-                let creds = self
-                    .creds
-                    .as_ref()
-                    .ok_or_else(|| anyhow!("registry {} needs credentials: give --creds or log in (auth file)", self.host))?;
+                let creds = self.creds.as_ref().ok_or_else(|| self.unauthorized())?;
+                if creds.identity_token {
+                    bail!("registry {} asks for a password, but {} gave an identity token (for token servers only)", self.host, creds.source);
+                }
                 *auth = Auth::Basic(creds.basic_header());
             }
             Some(Challenge::Bearer { realm, service, .. }) => {
@@ -239,24 +249,46 @@ impl Registry {
         if url.tls && !self.verify {
             // keep as is: --insecure already relaxes verification below
         }
-        let mut query = Vec::new();
-        if let Some(s) = service {
-            query.push(format!("service={}", urlencode(s)));
-        }
-        for s in self.scopes.lock().unwrap().iter() {
-            query.push(format!("scope={}", urlencode(s)));
-        }
-        if !query.is_empty() {
-            url.path.push(if url.path.contains('?') { '&' } else { '?' });
-            url.path.push_str(&query.join("&"));
-        }
+        let scopes = self.scopes.lock().unwrap().clone();
         let mut headers = Vec::new();
-        if let Some(c) = &self.creds {
-            headers.push(("Authorization".to_string(), c.basic_header()));
+        let mut method = "GET";
+        let mut body = Vec::new();
+        match &self.creds {
+            Some(c) if c.identity_token => {
+                // OAuth2: the identity token is a refresh token, traded for an access token by
+                // a form POST to the realm (scopes space-separated), as docker does.
+                let mut form = vec![("grant_type", "refresh_token".to_string()), ("refresh_token", c.pass.clone())];
+                if let Some(s) = service {
+                    form.push(("service", s.to_string()));
+                }
+                if !scopes.is_empty() {
+                    form.push(("scope", scopes.join(" ")));
+                }
+                form.push(("client_id", "stevedore".into()));
+                body = form.iter().map(|(k, v)| format!("{k}={}", urlencode(v))).collect::<Vec<_>>().join("&").into_bytes();
+                headers.push(("Content-Type".to_string(), "application/x-www-form-urlencoded".to_string()));
+                method = "POST";
+            }
+            creds => {
+                let mut query = Vec::new();
+                if let Some(s) = service {
+                    query.push(format!("service={}", urlencode(s)));
+                }
+                for s in &scopes {
+                    query.push(format!("scope={}", urlencode(s)));
+                }
+                if !query.is_empty() {
+                    url.path.push(if url.path.contains('?') { '&' } else { '?' });
+                    url.path.push_str(&query.join("&"));
+                }
+                if let Some(c) = creds {
+                    headers.push(("Authorization".to_string(), c.basic_header()));
+                }
+            }
         }
         let mut attempt = 0;
         let resp = loop {
-            let r = self.http.send("GET", &url, &headers, &[], self.verify);
+            let r = self.http.send(method, &url, &headers, &body, self.verify);
             match r {
                 Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => r.discard(),
                 Err(e) if attempt < self.retries && e.downcast_ref::<NetError>().is_some() => {
@@ -269,11 +301,11 @@ impl Registry {
         };
         match resp.status {
             200 => {}
-            401 | 403 => {
+            resp_status @ (401 | 403) => {
                 resp.discard();
                 return Err(match &self.creds {
-                    Some(c) => anyhow!("registry {} rejected the credentials from {} (HTTP 401)", self.host, c.source),
-                    None => anyhow!("registry {} refused an anonymous token: give --creds or log in (auth file)", self.host),
+                    Some(c) => anyhow!("registry {} rejected the credentials from {} (HTTP {})", self.host, c.source, resp_status),
+                    None => anyhow!("registry {} refused an anonymous token: give --creds or log in (auth file){}", self.host, self.note()),
                 });
             }
             s => {
@@ -295,8 +327,13 @@ impl Registry {
     fn unauthorized(&self) -> anyhow::Error {
         match &self.creds {
             Some(c) => anyhow!("registry {} rejected the credentials from {} (HTTP 401)", self.host, c.source),
-            None => anyhow!("registry {} needs credentials: give --creds or log in (auth file)", self.host),
+            None => anyhow!("registry {} needs credentials: give --creds or log in (auth file){}", self.host, self.note()),
         }
+    }
+
+    /// Why a configured credential helper gave nothing, for errors about missing credentials.
+    fn note(&self) -> String {
+        self.creds_note.as_ref().map_or(String::new(), |n| format!(" ({n})"))
     }
 
     fn headers_with_auth(&self, headers: &[(&str, &str)]) -> Result<Vec<(String, String)>> {

@@ -4,12 +4,12 @@
 use super::client::{backoff, retriable, with_digest, Registry};
 use super::http::{BodyWriter, Url};
 use super::source::{Blob, BlobData, Plan};
-use crate::compress::{Compressor, ParallelEncoder};
+use crate::compress::{Compressor, Pipeline};
 use crate::image::{hex, LayerSink, Progress};
 use crate::layer::HashingWriter;
 use anyhow::{anyhow, bail, Result};
 use std::cell::RefCell;
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::rc::Rc;
 use std::time::Instant;
@@ -41,7 +41,10 @@ fn mib(n: u64) -> String {
 /// chunk at a time (or one PUT for the whole blob), and failing with the real cause kept aside.
 struct UploadBody<'r> {
     reg: &'r Registry,
-    url: Url,
+    repo: String,
+    /// Where the next request goes; None until the upload is started (by the first byte, so
+    /// uploads of layers compressed ahead never overlap on the connection).
+    url: Option<Url>,
     digest: String,
     total: u64,
     sent: u64,
@@ -67,16 +70,24 @@ impl<'r> UploadBody<'r> {
             }
             let loc = resp.header("location").map(str::to_owned);
             resp.discard();
-            if let Some(loc) = loc {
-                self.url = self.url.join(&loc)?;
+            if let (Some(loc), Some(url)) = (loc, &self.url) {
+                self.url = Some(url.join(&loc)?);
             }
         }
         Ok(())
     }
 
+    fn url(&mut self) -> Result<Url> {
+        if self.url.is_none() {
+            self.url = Some(self.reg.start_upload(&self.repo)?);
+        }
+        Ok(self.url.clone().expect("just set"))
+    }
+
     fn open(&mut self) -> Result<()> {
+        let url = self.url()?;
         if self.monolithic {
-            let url = with_digest(self.url.clone(), &self.digest);
+            let url = with_digest(url, &self.digest);
             let w = self.reg.start_stream("PUT", &url, &[("Content-Type", "application/octet-stream")], self.total)?;
             self.body = Some((w, self.total));
         } else {
@@ -84,7 +95,7 @@ impl<'r> UploadBody<'r> {
             let range = format!("{}-{}", self.sent, self.sent + len - 1);
             let w = self.reg.start_stream(
                 "PATCH",
-                &self.url,
+                &url,
                 &[("Content-Type", "application/octet-stream"), ("Content-Range", &range)],
                 len,
             )?;
@@ -132,7 +143,7 @@ impl<'r> UploadBody<'r> {
             return Ok(());
         }
         self.end_chunk()?;
-        let url = with_digest(self.url.clone(), &self.digest);
+        let url = with_digest(self.url()?, &self.digest);
         let resp = self.reg.start_stream("PUT", &url, &[("Content-Type", "application/octet-stream")], 0)?.finish()?;
         if resp.status != 201 {
             return Err(self.reg.fail(&format!("completing blob {}", self.digest), resp));
@@ -157,17 +168,12 @@ impl Write for UploadBody<'_> {
     }
 }
 
-enum Out<'r> {
-    Raw(HashingWriter<UploadBody<'r>>),
-    Enc(ParallelEncoder<HashingWriter<UploadBody<'r>>>),
-}
-
-/// Opens an upload for `digest` (`size` bytes).
-fn start_upload<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts: &PushOptions, error: Rc<RefCell<Option<anyhow::Error>>>) -> Result<UploadBody<'r>> {
-    let url = reg.start_upload(repo)?;
-    Ok(UploadBody {
+/// An upload of `digest` (`size` bytes); the registry hears of it at the first byte.
+fn upload_body<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts: &PushOptions, error: Rc<RefCell<Option<anyhow::Error>>>) -> UploadBody<'r> {
+    UploadBody {
         reg,
-        url,
+        repo: repo.to_string(),
+        url: None,
         digest: digest.to_string(),
         total: size,
         sent: 0,
@@ -175,64 +181,91 @@ fn start_upload<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts
         monolithic: size <= opts.chunk_size,
         body: None,
         error,
-    })
+    }
 }
 
-/// Pass 2: uploads the wanted items as the pass produces them.
+type UploadDone<'a> = Box<dyn FnMut(HashingWriter<UploadBody<'a>>) -> io::Result<u64> + 'a>;
+
+/// Pass 2: uploads the wanted items as the pass produces them. One compression pipeline for
+/// all of them: a layer is compressed while the one before it is still uploading, and each
+/// upload completes (checked against the digest of pass 1) before the next one starts.
 struct UploadSink<'r, 'o> {
     reg: &'r Registry,
     repo: &'o str,
     opts: &'o PushOptions,
     /// Item -> (digest, size) still to upload.
     wanted: HashMap<usize, (String, u64)>,
-    compressor: Option<Compressor>,
     index: usize,
-    current: Option<(usize, Out<'r>)>,
+    pipe: Pipeline<HashingWriter<UploadBody<'r>>, u64, UploadDone<'r>>,
+    /// Items begun and not uploaded yet, oldest first: the front one is what a failure is about.
+    pending: VecDeque<usize>,
+    /// The real cause of a failed write or completion (the pipeline passes on only a message).
     error: Rc<RefCell<Option<anyhow::Error>>>,
-    /// The item that failed and why, for the retry decision.
-    failure: Option<(usize, anyhow::Error)>,
     done: Vec<(usize, u64)>,
-    progress: &'o Progress,
 }
 
-impl<'r> UploadSink<'r, '_> {
-    fn begin_inner(&mut self) -> Result<()> {
-        let (digest, size) = self.wanted.get(&self.index).cloned().ok_or_else(|| anyhow!("internal error: unexpected item"))?;
-        let body = start_upload(self.reg, self.repo, &digest, size, self.opts, self.error.clone())?;
-        let hw = HashingWriter::new(body);
-        let out = match self.compressor {
-            Some(c) => Out::Enc(ParallelEncoder::new(hw, c)),
-            None => Out::Raw(hw),
-        };
-        self.current = Some((self.index, out));
-        Ok(())
-    }
-
-    fn end_inner(&mut self) -> Result<()> {
-        let (index, out) = self.current.take().ok_or_else(|| anyhow!("internal error: end without begin"))?;
-        let hw = match out {
-            Out::Raw(hw) => hw,
-            Out::Enc(enc) => enc.finish().map_err(|e| self.error.borrow_mut().take().unwrap_or_else(|| anyhow!("compressing: {e}")))?,
-        };
-        let (body, digest, _) = hw.finish();
-        let (want, size) = self.wanted[&index].clone();
-        let got = format!("sha256:{}", hex(&digest));
-        if got != want {
-            bail!("blob {want} came out as {got} on the second pass: its input changed during the push");
+impl<'r, 'o> UploadSink<'r, 'o> {
+    fn new(reg: &'r Registry, repo: &'o str, opts: &'o PushOptions, wanted: HashMap<usize, (String, u64)>, compressor: Compressor, progress: &'r Progress) -> Self {
+        let error: Rc<RefCell<Option<anyhow::Error>>> = Rc::new(RefCell::new(None));
+        let slot = error.clone();
+        let done: UploadDone<'r> = Box::new(move |hw: HashingWriter<UploadBody<'r>>| {
+            let (body, digest, _) = hw.finish();
+            let got = format!("sha256:{}", hex(&digest));
+            let (want, size) = (body.digest.clone(), body.total);
+            let result = if got != want {
+                Err(anyhow!("blob {want} came out as {got} on the second pass: its input changed during the push"))
+            } else {
+                body.complete()
+            };
+            match result {
+                Ok(()) => {
+                    progress.say(format!("{}: uploaded {size} bytes", short(&want)));
+                    Ok(size)
+                }
+                Err(e) => {
+                    let msg = format!("{e:#}");
+                    *slot.borrow_mut() = Some(e);
+                    Err(io::Error::other(msg))
+                }
+            }
+        });
+        UploadSink {
+            reg,
+            repo,
+            opts,
+            wanted,
+            index: 0,
+            pipe: Pipeline::new(compressor, done),
+            pending: VecDeque::new(),
+            error,
+            done: Vec::new(),
         }
-        body.complete()?;
-        self.progress.say(format!("{}: uploaded {size} bytes", short(&want)));
-        self.wanted.remove(&index);
-        self.done.push((index, size));
-        Ok(())
     }
 
-    fn record(&mut self, e: anyhow::Error) -> anyhow::Error {
-        let e = self.error.borrow_mut().take().unwrap_or(e);
-        let msg = anyhow!("{e:#}");
-        self.failure = Some((self.index, e));
-        self.current = None;
-        msg
+    fn collect(&mut self) {
+        for size in self.pipe.take_finished() {
+            let index = self.pending.pop_front().expect("a finished upload was begun");
+            self.wanted.remove(&index);
+            self.done.push((index, size));
+        }
+    }
+
+    /// A pipeline error as the upload error behind it, if there is one.
+    fn cause(&self, e: io::Error) -> anyhow::Error {
+        self.error.borrow_mut().take().unwrap_or_else(|| anyhow!("compressing: {e}"))
+    }
+
+    /// Waits for the last uploads.
+    fn finish(&mut self) -> Result<()> {
+        let r = self.pipe.wait();
+        self.collect();
+        r.map_err(|e| self.cause(e))
+    }
+
+    /// Which item failed and why, if the pass failed in an upload.
+    fn failure(&mut self) -> Option<(usize, anyhow::Error)> {
+        let cause = self.error.borrow_mut().take()?;
+        Some((*self.pending.front()?, cause))
     }
 }
 
@@ -242,16 +275,18 @@ impl LayerSink for UploadSink<'_, '_> {
         self.wanted.contains_key(&index)
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
-        self.begin_inner().map_err(|e| self.record(e))
+        let (digest, size) = self.wanted.get(&self.index).cloned().ok_or_else(|| anyhow!("internal error: unexpected item"))?;
+        let body = upload_body(self.reg, self.repo, &digest, size, self.opts, self.error.clone());
+        self.pending.push_back(self.index);
+        self.pipe.begin(HashingWriter::new(body)).map_err(|e| anyhow!("{e}"))
     }
     fn out(&mut self) -> &mut dyn Write {
-        match &mut self.current.as_mut().expect("begin before out").1 {
-            Out::Raw(w) => w,
-            Out::Enc(w) => w,
-        }
+        &mut self.pipe
     }
     fn end(&mut self, _size: u64, _diff_id: &str) -> Result<()> {
-        self.end_inner().map_err(|e| self.record(e))
+        let r = self.pipe.end();
+        self.collect();
+        r.map_err(|e| anyhow!("{e}"))
     }
 }
 
@@ -261,7 +296,7 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) ->
     loop {
         let error = Rc::new(RefCell::new(None));
         let result = (|| -> Result<()> {
-            let mut body = start_upload(reg, repo, &blob.digest, blob.size, opts, error.clone())?;
+            let mut body = upload_body(reg, repo, &blob.digest, blob.size, opts, error.clone());
             let mut hw = HashingWriter::new(&mut body);
             match &blob.data {
                 BlobData::Bytes(b) => hw.write_all(b)?,
@@ -353,20 +388,8 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
         let mut attempts: HashMap<usize, u32> = HashMap::new();
         let quiet = Progress { quiet: true };
         loop {
-            let mut sink = UploadSink {
-                reg,
-                repo,
-                opts,
-                wanted: pass_items.clone(),
-                compressor: pass.compressor(),
-                index: 0,
-                current: None,
-                error: Rc::new(RefCell::new(None)),
-                failure: None,
-                done: Vec::new(),
-                progress,
-            };
-            let result = pass.run(&mut sink, &quiet);
+            let mut sink = UploadSink::new(reg, repo, opts, pass_items.clone(), pass.compressor().unwrap_or(Compressor::None), progress);
+            let result = pass.run(&mut sink, &quiet).and_then(|()| sink.finish());
             for (i, size) in &sink.done {
                 pass_items.remove(i);
                 summary.uploaded += 1;
@@ -377,11 +400,8 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
                 Ok(()) => bail!("internal error: {} blobs were not produced by the pass", pass_items.len()),
                 Err(e) => {
                     // A failed write surfaces as an I/O error from the pass; its cause is
-                    // kept aside by the upload body, for the item being written.
-                    let written = sink.current.as_ref().map(|(i, _)| *i);
-                    let pending = sink.error.borrow_mut().take();
-                    let failure = sink.failure.take().or_else(|| written.zip(pending));
-                    let Some((index, cause)) = failure else { return Err(e) };
+                    // kept aside by the upload body, for the oldest item not uploaded.
+                    let Some((index, cause)) = sink.failure() else { return Err(e) };
                     let n = attempts.entry(index).or_default();
                     if *n < reg.retries && retriable(&cause) {
                         *n += 1;

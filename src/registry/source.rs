@@ -6,7 +6,7 @@
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
 use crate::base::BaseImage;
-use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
+use crate::compress::{detect, Compression, Compressor, Pipeline};
 use crate::image::{hex, ImageSpec, LayerSink, Progress};
 use crate::layer::{out_err, HashingWriter};
 use crate::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
@@ -154,15 +154,45 @@ fn for_each_member(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> Result
 // ---------------------------------------------------------------------------------------------
 // Layers made on the fly: pass 1 learns their compressed digests.
 
-/// Compresses and hashes each layer, keeping nothing.
+type HashPipeline = Pipeline<HashingWriter<io::Sink>, ([u8; 32], u64), fn(HashingWriter<io::Sink>) -> io::Result<([u8; 32], u64)>>;
+
+fn hash_only(w: HashingWriter<io::Sink>) -> io::Result<([u8; 32], u64)> {
+    let (_, digest, size) = w.finish();
+    Ok((digest, size))
+}
+
+/// Compresses and hashes each layer, keeping nothing. One pipeline for all layers, so small
+/// layers compress in parallel too.
 struct DigestSink {
-    compressor: Compressor,
     /// Only these items (None: all).
     only: Option<std::collections::HashSet<usize>>,
     index: usize,
-    current: Option<(usize, ParallelEncoder<HashingWriter<io::Sink>>)>,
+    pipe: HashPipeline,
+    /// Closed items not hashed yet, oldest first: (item, diff_id hex).
+    pending: std::collections::VecDeque<(usize, String)>,
     /// By item: (compressed descriptor, diff_id hex).
     results: HashMap<usize, (String, u64, String)>,
+}
+
+impl DigestSink {
+    fn new(compressor: Compressor, only: Option<std::collections::HashSet<usize>>) -> DigestSink {
+        let pipe = Pipeline::new(compressor, hash_only as fn(_) -> _);
+        DigestSink { only, index: 0, pipe, pending: Default::default(), results: HashMap::new() }
+    }
+
+    fn collect(&mut self) {
+        for (digest, size) in self.pipe.take_finished() {
+            let (index, diff_id) = self.pending.pop_front().expect("a finished layer was closed");
+            self.results.insert(index, (format!("sha256:{}", hex(&digest)), size, diff_id));
+        }
+    }
+
+    /// Waits for the last layers; returns the results by item.
+    fn finish(mut self) -> Result<HashMap<usize, (String, u64, String)>> {
+        self.pipe.wait().map_err(out_err)?;
+        self.collect();
+        Ok(self.results)
+    }
 }
 
 impl LayerSink for DigestSink {
@@ -171,23 +201,22 @@ impl LayerSink for DigestSink {
         self.only.as_ref().map_or(true, |o| o.contains(&index))
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
-        self.current = Some((self.index, ParallelEncoder::new(HashingWriter::new(io::sink()), self.compressor)));
-        Ok(())
+        self.pipe.begin(HashingWriter::new(io::sink())).map_err(out_err)
     }
     fn out(&mut self) -> &mut dyn Write {
-        &mut self.current.as_mut().expect("begin before out").1
+        &mut self.pipe
     }
     fn end(&mut self, _size: u64, diff_id: &str) -> Result<()> {
-        let (index, enc) = self.current.take().expect("begin before end");
-        let (_, digest, size) = enc.finish().map_err(out_err)?.finish();
-        self.results.insert(index, (format!("sha256:{}", hex(&digest)), size, diff_id.to_string()));
+        self.pending.push_back((self.index, diff_id.to_string()));
+        self.pipe.end().map_err(out_err)?;
+        self.collect();
         Ok(())
     }
 }
 
 /// Compressed digests of layers compressed before, by encoder and diff_id, so a push of a
 /// mostly unchanged image compresses only what changed. The encoder is deterministic, so the
-/// mapping never changes; the key names the encoder's output format (bump `v1` if it changes).
+/// mapping never changes; the key names the encoder's output format (`Compressor::format_version`).
 /// Kept in `$XDG_CACHE_HOME/stevedore/layer-digests` (or `~/.cache/...`); a missing or
 /// unreadable cache only costs time.
 pub struct DigestCache {
@@ -215,7 +244,7 @@ impl DigestCache {
     }
 
     fn key(c: Compressor, diff_id: &str) -> String {
-        format!("{c:?}-v1:{}", diff_id.trim_start_matches("sha256:"))
+        format!("{c:?}-v{}:{}", c.format_version(), diff_id.trim_start_matches("sha256:"))
     }
 
     pub fn is_empty(&self) -> bool {
@@ -262,9 +291,9 @@ fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Optio
         return Ok(out);
     }
     progress.say(format!("Compressing {} of {} layers to learn their digests...", misses.len(), diff_ids.len()));
-    let mut sink = DigestSink { compressor, only: Some(misses), index: 0, current: None, results: HashMap::new() };
+    let mut sink = DigestSink::new(compressor, Some(misses));
     pass.run(&mut sink, &Progress { quiet: true })?;
-    for (i, (digest, size, diff_id)) in sink.results {
+    for (i, (digest, size, diff_id)) in sink.finish()? {
         if let Some(Some(known)) = diff_ids.get(i) {
             if known.trim_start_matches("sha256:") != diff_id {
                 bail!("layer {} hashes to sha256:{diff_id}, not {known}", i + 1);
@@ -314,10 +343,10 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, progress: &Progress) -> Result<Plan
     let (layers, digests) = if cache.is_empty() {
         // Nothing cached: compress every layer once, learning diff_ids on the way.
         progress.say(format!("Compressing {n} layers to learn their digests..."));
-        let mut sink = DigestSink { compressor: pass.compressor, only: None, index: 0, current: None, results: HashMap::new() };
+        let mut sink = DigestSink::new(pass.compressor, None);
         let layers = pass.spec.emit_layers(&mut sink, &quiet)?;
         let mut digests = HashMap::new();
-        for (i, (digest, size, diff_id)) in sink.results {
+        for (i, (digest, size, diff_id)) in sink.finish()? {
             cache.put(pass.compressor, &diff_id, &digest, size);
             digests.insert(i, (digest, size));
         }
