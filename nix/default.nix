@@ -145,6 +145,25 @@ let
       }
     );
 
+  # The tag, or as nixpkgs tags an untagged image: the hash part of a derivation's output.
+  tagOr =
+    tag: drv:
+    if tag != null then tag else substring 0 32 (baseNameOf (builtins.unsafeDiscardStringContext drv.outPath));
+
+  # `nix run .#image.copyToRegistry [-- docker://REGISTRY/REPO:TAG]`: pushes `source` (a conf
+  # or an archive) straight to a registry, to `imageRef` unless told otherwise.
+  pushScript =
+    shell: baseName: source: imageRef:
+    stevedoreDrv "push-script" (
+      local
+      // {
+        name = "copy-${baseName}-to-registry";
+        inherit shell imageRef;
+        stevedore = stevedoreBin;
+        conf = source;
+      }
+    );
+
   # Functions that take an image take a stream too (passthru.isExe): its archive is written
   # first, uncompressed.
   imageFile =
@@ -313,11 +332,7 @@ let
         }
       );
 
-      imageTag =
-        if tag != null then
-          tag
-        else
-          substring 0 32 (baseNameOf (builtins.unsafeDiscardStringContext conf.outPath));
+      imageTag = tagOr tag conf;
 
       stream = stevedoreDrv "stream-script" (
         local
@@ -329,17 +344,7 @@ let
         }
       );
 
-      # `nix run .#image.copyToRegistry [-- docker://REGISTRY/REPO:TAG]`: a direct push.
-      copyToRegistry = stevedoreDrv "push-script" (
-        local
-        // {
-          name = "copy-${baseName}-to-registry";
-          inherit shell;
-          stevedore = stevedoreBin;
-          conf = "${conf}";
-          imageRef = "${toLower name}:${imageTag}";
-        }
-      );
+      copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}";
 
       allPassthru = passthru // {
         inherit imageTag conf copyToRegistry;
@@ -527,22 +532,9 @@ let
           ;
       };
 
-      imageTag =
-        if tag != null then
-          tag
-        else
-          substring 0 32 (baseNameOf (builtins.unsafeDiscardStringContext result.outPath));
+      imageTag = tagOr tag result;
 
-      copyToRegistry = stevedoreDrv "push-script" (
-        local
-        // {
-          name = "copy-${baseName}-to-registry";
-          shell = need "runtimeShell" "copyToRegistry";
-          stevedore = stevedoreBin;
-          conf = "${result}";
-          imageRef = "${toLower name}:${imageTag}";
-        }
-      );
+      copyToRegistry = pushScript (need "runtimeShell" "copyToRegistry") baseName "${result}" "${toLower name}:${imageTag}";
     in
     assert all (c: c) checks;
     deprecation (

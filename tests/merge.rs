@@ -14,18 +14,6 @@ fn merge(args: &[&Path]) -> Output {
     Command::new(bin()).arg("merge").args(args).output().expect("stevedore runs")
 }
 
-fn compress(data: &[u8], how: &str) -> Vec<u8> {
-    match how {
-        "gzip" => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-        "zstd" => zstd::encode_all(data, 3).unwrap(),
-        _ => data.to_vec(),
-    }
-}
-
 /// An executable that streams the image of `conf`, as streamLayeredImage's result does.
 fn stream_script(dir: &Path, name: &str, conf: &Path) -> PathBuf {
     let path = dir.join(name);

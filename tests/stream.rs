@@ -234,18 +234,6 @@ fn empty_image_and_empty_layers() {
     assert!(img.layer(0) == oracle_layer(&[], 0, 0, "root", "root", 1).as_slice());
 }
 
-fn compress(data: &[u8], how: &str) -> Vec<u8> {
-    match how {
-        "gzip" => {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-            e.write_all(data).unwrap();
-            e.finish().unwrap()
-        }
-        "zstd" => zstd::encode_all(data, 3).unwrap(),
-        _ => data.to_vec(),
-    }
-}
-
 #[test]
 fn from_image_chains_layers_and_merges_env() {
     let fx = fixture("compat", 8, 30, 0.0);

@@ -128,6 +128,20 @@ impl Image {
     }
 }
 
+/// `data` compressed as a base image may be: "gzip", "zstd", or anything else for plain.
+pub fn compress(data: &[u8], how: &str) -> Vec<u8> {
+    use std::io::Write;
+    match how {
+        "gzip" => {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            e.write_all(data).unwrap();
+            e.finish().unwrap()
+        }
+        "zstd" => zstd::encode_all(data, 3).unwrap(),
+        _ => data.to_vec(),
+    }
+}
+
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     stevedore::image::hex(&Sha256::digest(data))
