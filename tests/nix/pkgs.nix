@@ -105,9 +105,11 @@ let
     '';
 
     # What the dockerTools helpers link to.
+    # busybox's sh under bash's name (the static busybox has no `bash` applet).
     bashInteractive = sh "bash-interactive" ''
       mkdir -p $out/bin
-      ln -s ${busybox}/bin/busybox $out/bin/bash
+      printf '#!${busybox}/bin/sh\nexec ${busybox}/bin/sh "$@"\n' > $out/bin/bash
+      chmod +x $out/bin/bash
     '';
     cacert = sh "cacert" ''
       mkdir -p $out/etc/ssl/certs

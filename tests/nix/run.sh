@@ -322,6 +322,9 @@ for p in ["./etc/ssl/certs/ca-bundle.crt", "./etc/ssl/certs/ca-certificates.crt"
     assert m[p][6].endswith("-cacert/etc/ssl/certs/ca-bundle.crt"), m[p]
 assert m["./etc/passwd"][6].endswith("-fake-nss/etc/passwd")
 EOF
+  # binSh's /bin/sh runs.
+  load "$out"
+  expect_eq "$(podrun helpers:latest /bin/sh -c 'echo sh works')" "sh works"
 }
 
 test_fakechroot() {
