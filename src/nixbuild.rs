@@ -144,10 +144,16 @@ pub(crate) fn kind(v: &Value) -> &'static str {
 impl Attrs {
     /// Reads `NIX_ATTRS_JSON_FILE`, or `.attrs.json` in the working directory (older Nix).
     pub fn load() -> Result<Attrs> {
-        let path = match std::env::var_os("NIX_ATTRS_JSON_FILE") {
-            Some(p) => PathBuf::from(p),
-            None => PathBuf::from(".attrs.json"),
-        };
+        // Nix 2.8 (and others of its time) set NIX_ATTRS_JSON_FILE to the path outside the
+        // sandbox; the file is then `.attrs.json` in the build directory.
+        let candidates = [
+            std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from),
+            std::env::var_os("NIX_BUILD_TOP").map(|top| PathBuf::from(top).join(".attrs.json")),
+            Some(PathBuf::from(".attrs.json")),
+        ];
+        let mut candidates = candidates.into_iter().flatten();
+        let first = candidates.next().expect("one candidate at least");
+        let path = std::iter::once(first.clone()).chain(candidates).find(|p| p.exists()).unwrap_or(first);
         let text = fs::read(&path).map_err(|e| {
             anyhow!(
                 "cannot read {}: {e}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true",

@@ -579,6 +579,19 @@ test_oci_formats() {
   expect_eq "$(podrun localhost/oci-layout:latest)" "hello from stevedore"
 }
 
+# The same builds in Nix's sandbox (the host's /bin, /usr and libraries let the stand-in
+# fixtures and the dynamically linked binary run there): --check rebuilds each sandboxed and
+# compares with the unsandboxed output, byte for byte. runAsRoot's namespaces nest in the
+# sandbox's.
+test_sandbox() {
+  local a
+  for a in helloGz pureImage redisLike.layer redisLike nixDbImage merged ociArchive shellCommand; do
+    build "$a" >/dev/null || fail "$a: $(tail -3 "$work/$a.log")"
+    build "$a" --check --option sandbox true --option extra-sandbox-paths "/bin /usr /lib /lib64" >/dev/null \
+      || fail "$a in the sandbox: $(grep -v '^warning' "$work/$a.log" | tail -3)"
+  done
+}
+
 # The flake, against a stand-in nixpkgs flake made of tests/nix/pkgs.nix and the binary.
 test_flake() {
   local fake=$work/fake-nixpkgs flake=$work/flake
@@ -667,6 +680,7 @@ t run-as-root test_run_as_root
 t nix-db test_nix_db
 t oci-formats test_oci_formats
 t merge test_merge
+t sandbox test_sandbox
 t nix-shell test_nix_shell
 t flake test_flake
 t copy-to-registry test_copy_to_registry
