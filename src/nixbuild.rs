@@ -141,19 +141,19 @@ pub(crate) fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Where the structured attributes are: `NIX_ATTRS_JSON_FILE`, unless it does not exist, as
+/// when Nix 2.8 names the path outside the sandbox; then `.attrs.json` in the build directory
+/// (or the working directory, for Nix versions that set no variable).
+fn attrs_path(env_file: Option<PathBuf>, build_top: Option<PathBuf>) -> PathBuf {
+    let candidates: Vec<PathBuf> =
+        [env_file, build_top.map(|top| top.join(".attrs.json")), Some(PathBuf::from(".attrs.json"))].into_iter().flatten().collect();
+    candidates.iter().find(|p| p.exists()).unwrap_or(&candidates[0]).clone()
+}
+
 impl Attrs {
     /// Reads `NIX_ATTRS_JSON_FILE`, or `.attrs.json` in the working directory (older Nix).
     pub fn load() -> Result<Attrs> {
-        // Nix 2.8 (and others of its time) set NIX_ATTRS_JSON_FILE to the path outside the
-        // sandbox; the file is then `.attrs.json` in the build directory.
-        let candidates = [
-            std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from),
-            std::env::var_os("NIX_BUILD_TOP").map(|top| PathBuf::from(top).join(".attrs.json")),
-            Some(PathBuf::from(".attrs.json")),
-        ];
-        let mut candidates = candidates.into_iter().flatten();
-        let first = candidates.next().expect("one candidate at least");
-        let path = std::iter::once(first.clone()).chain(candidates).find(|p| p.exists()).unwrap_or(first);
+        let path = attrs_path(std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from), std::env::var_os("NIX_BUILD_TOP").map(PathBuf::from));
         let text = fs::read(&path).map_err(|e| {
             anyhow!(
                 "cannot read {}: {e}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true",
@@ -654,6 +654,22 @@ mod tests {
         fs::remove_dir_all(&out).unwrap();
         let e = files(&attrs(json!({"x": {"executable": true}}))).unwrap_err();
         assert!(format!("{e:#}").starts_with("files.x: text: missing"), "{e:#}");
+    }
+
+    #[test]
+    fn attrs_file_outside_the_sandbox_falls_back_to_the_build_directory() {
+        let tmp = tempfile::tempdir().unwrap();
+        let inside = tmp.path().join(".attrs.json");
+        let outside = tmp.path().join("outside/.attrs.json");
+        let top = Some(tmp.path().to_path_buf());
+        // Missing everywhere: the variable's path, for the error message.
+        assert_eq!(attrs_path(Some(outside.clone()), top.clone()), outside);
+        fs::write(&inside, "{}").unwrap();
+        assert_eq!(attrs_path(Some(outside.clone()), top.clone()), inside);
+        assert_eq!(attrs_path(None, top.clone()), inside);
+        fs::create_dir_all(outside.parent().unwrap()).unwrap();
+        fs::write(&outside, "{}").unwrap();
+        assert_eq!(attrs_path(Some(outside.clone()), top), outside);
     }
 
     #[test]
