@@ -113,6 +113,9 @@ impl BaseImage {
 
     /// The image tagged `wanted` (`name:tag`) of the archive at `path`, or the first one.
     pub fn load_selected(path: &Path, wanted: Option<&str>) -> Result<Self> {
+        if path.is_dir() {
+            bail!(broken(path, "it is a directory (an OCI layout?); a base image must be a Docker archive"));
+        }
         let mut members: HashMap<String, Member> = HashMap::new();
         let mut small: HashMap<String, Vec<u8>> = HashMap::new();
         for_each_member(path, |entry| {
@@ -153,6 +156,9 @@ impl BaseImage {
             serde_json::from_slice(data).map_err(|e| broken(path, format!("{name} is not valid JSON: {e}")))
         };
 
+        if !members.contains_key("manifest.json") && members.contains_key("oci-layout") {
+            bail!(broken(path, "it is an OCI image, and a base image must be a Docker archive (build it with format = \"docker-archive\")"));
+        }
         let manifest = read_json("manifest.json")?;
         let first = select_manifest_entry(&manifest, wanted, path).map_err(|e| anyhow!("base image {e}"))?;
         let config_name = first

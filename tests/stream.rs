@@ -329,6 +329,17 @@ fn bad_input_gives_one_line_errors() {
     expect_error(&c, d, "1 layers but the config has 0 diff_ids");
     fs::write(&garbage, compress(b"not a tar at all", "gzip")).unwrap();
     expect_error(&c, d, "base image");
+    // OCI images are told apart from broken archives.
+    let mut b = tar::Builder::new(Vec::new());
+    let layout = br#"{"imageLayoutVersion": "1.0.0"}"#;
+    let mut h = tar::Header::new_ustar();
+    h.set_size(layout.len() as u64);
+    h.set_cksum();
+    b.append_data(&mut h, "oci-layout", &layout[..]).unwrap();
+    fs::write(&garbage, b.into_inner().unwrap()).unwrap();
+    expect_error(&c, d, "it is an OCI image, and a base image must be a Docker archive");
+    c["from_image"] = json!(d);
+    expect_error(&c, d, "it is a directory (an OCI layout?)");
 
     // Not JSON at all.
     let bad = d.join("notjson.json");
