@@ -25,16 +25,15 @@ use crate::conf::{self, StreamConf};
 use crate::flatten::{self, components, key_of, Selector, Tree};
 use crate::layer::{check_store_path, plan_layer, HashingWriter, Owner};
 use crate::nixbuild::{build_top, kind, run_commands, write_new, Attrs};
-use crate::rootfs::{self, Dirlinks, Owners, PackOptions};
+use crate::rootfs::{self, make_dir, Dirlinks, Owners, PackOptions};
 use crate::rootless::{IdMapping, RunAsRootArgs};
 use crate::store::ClosureGraph;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{BufWriter, Read, Seek, SeekFrom};
+use std::io::{BufWriter, Read};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// stdenv's `SOURCE_DATE_EPOCH`, the file time nixpkgs' buildImage gives every member.
@@ -64,33 +63,11 @@ fn graph(attrs: &Attrs, key: &str) -> Result<ClosureGraph> {
     }
 }
 
-/// Makes `dir` with mode 0755 whatever the umask.
-fn make_dir(dir: &Path) -> Result<()> {
-    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {}", dir.display()))
-}
-
 /// Writes the Nix database of `dbClosure` into the tree at `root` (mkDbExtraCommand).
 pub(crate) fn write_nix_db(attrs: &Attrs, root: &Path, registration_time: i64) -> Result<()> {
     let g = graph(attrs, "dbClosure")?;
     let roots = attrs.str_list("dbRoots")?;
-    // Directories and files with fixed modes, so the layer does not depend on the umask.
-    let mut dir = root.to_path_buf();
-    for c in ["nix", "var", "nix", "db"] {
-        dir.push(c);
-        if fs::symlink_metadata(&dir).is_err() {
-            make_dir(&dir)?;
-        }
-    }
-    for c in ["nix/var/nix/gcroots", "nix/var/nix/gcroots/docker"] {
-        if fs::symlink_metadata(root.join(c)).is_err() {
-            make_dir(&root.join(c))?;
-        }
-    }
     crate::nixdb::write_tree(&g, root, &roots, registration_time).context("includeNixDB")?;
-    for f in ["nix/var/nix/db/schema", "nix/var/nix/db/db.sqlite"] {
-        fs::set_permissions(root.join(f), fs::Permissions::from_mode(0o644)).with_context(|| format!("cannot chmod {f}"))?;
-    }
     eprintln!("Registered {} store paths in the Nix database", g.len());
     Ok(())
 }
@@ -251,7 +228,6 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, File::create(&final_tar).with_context(|| format!("cannot create {}", final_tar.display()))?));
     // The layer's own members, then the closure's files.
     let mut src = File::open(&layer_tar).with_context(|| format!("cannot open {}", layer_tar.display()))?;
-    src.seek(SeekFrom::Start(0))?;
     let copied = std::io::copy(&mut (&mut src).take(layer_end), &mut w).with_context(|| format!("cannot copy {}", layer_tar.display()))?;
     if copied != layer_end {
         bail!("{} is truncated", layer_tar.display());

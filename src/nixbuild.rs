@@ -349,8 +349,7 @@ fn customisation_layer(attrs: &Attrs, inside_fakeroot: bool) -> Result<()> {
     }
 
     let contents: Vec<PathBuf> = attrs.str_list("contents")?.into_iter().map(PathBuf::from).collect();
-    fs::create_dir(&root).with_context(|| format!("cannot create {}", root.display()))?;
-    fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {}", root.display()))?;
+    rootfs::make_dir(&root)?;
     rootfs::join(&contents, &root)?;
     if attrs.bool("includeNixDB")? {
         // Registered at stdenv's SOURCE_DATE_EPOCH, as nixpkgs' mkDbExtraCommand does.

@@ -13,6 +13,7 @@ use crate::store::{parse_nar_hash, ClosureGraph, GraphFormat};
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{params, Connection};
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 /// Nix's `nixSchemaVersion` since Nix 1.12 (still current).
@@ -296,16 +297,33 @@ pub fn write_tree(graph: &ClosureGraph, root: &Path, roots: &[String], registrat
         let base = Path::new(r).file_name().and_then(|b| b.to_str()).ok_or_else(|| anyhow!("root {r} has no base name"))?;
         named.push((r.as_str(), base));
     }
-    let db_dir = root.join("nix/var/nix/db");
-    fs::create_dir_all(&db_dir).with_context(|| format!("cannot create {}", db_dir.display()))?;
+    fs::create_dir_all(root).with_context(|| format!("cannot create {}", root.display()))?;
+    // Directories 0755 and files 0644 whatever the umask, as they may go into a layer.
+    let mut dir = root.to_path_buf();
+    for c in ["nix", "var", "nix", "db"] {
+        dir.push(c);
+        if fs::symlink_metadata(&dir).is_err() {
+            crate::rootfs::make_dir(&dir)?;
+        }
+    }
+    let db_dir = dir;
     let gc_dir = root.join("nix/var/nix/gcroots/docker");
-    fs::create_dir_all(&gc_dir).with_context(|| format!("cannot create {}", gc_dir.display()))?;
+    for dir in [gc_dir.parent().expect("has a parent"), &gc_dir] {
+        if fs::symlink_metadata(dir).is_err() {
+            crate::rootfs::make_dir(dir)?;
+        }
+    }
     for (path, base) in &named {
         write_symlink(path, &gc_dir.join(base))?;
     }
     write_file(&db_dir.join("schema"), SCHEMA_VERSION.to_string().as_bytes())?;
     // The database goes last: once it is there, everything else is too.
-    write_db(graph, registration_time, &db_dir.join("db.sqlite"))
+    let db = db_dir.join("db.sqlite");
+    write_db(graph, registration_time, &db)?;
+    for f in [db_dir.join("schema"), db] {
+        fs::set_permissions(&f, fs::Permissions::from_mode(0o644)).with_context(|| format!("cannot chmod {}", f.display()))?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

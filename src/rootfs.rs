@@ -91,6 +91,12 @@ fn join_dir(from: &Path, to: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Makes the directory `dir` with mode 0755 whatever the umask.
+pub fn make_dir(dir: &Path) -> Result<()> {
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    set_mode(dir, 0o755)
+}
+
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode)).with_context(|| format!("cannot chmod {}", path.display()))
 }
