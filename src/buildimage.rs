@@ -20,11 +20,10 @@
 //! - `export` flattens an image into one tar ([`crate::flatten`]): `fromImage`,
 //!   `fromImageName`, `fromImageTag`, `mtime`.
 
-use crate::compress::Compressor;
 use crate::conf::{self, StreamConf};
-use crate::flatten::{self, components, key_of, Selector, Tree};
+use crate::flatten::{self, key_of, key_of_name, Selector, Tree};
 use crate::layer::{check_store_path, plan_layer, HashingWriter, Owner};
-use crate::nixbuild::{build_top, kind, run_commands, write_new, Attrs};
+use crate::nixbuild::{build_top, command_vars, kind, run_commands, tag_or_hash, write_new, Attrs, STDENV_EPOCH};
 use crate::rootfs::{self, make_dir, Dirlinks, Owners, PackOptions};
 use crate::rootless::{IdMapping, RunAsRootArgs};
 use crate::store::ClosureGraph;
@@ -33,15 +32,12 @@ use serde_json::{json, Value};
 use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{BufWriter, Read};
-use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-
-/// stdenv's `SOURCE_DATE_EPOCH`, the file time nixpkgs' buildImage gives every member.
-pub const DEFAULT_MTIME: i64 = 315532800;
 
 fn mtime(attrs: &Attrs) -> Result<i64> {
     match attrs.get("mtime") {
-        None => Ok(DEFAULT_MTIME),
+        // The file time nixpkgs' buildImage gives every member.
+        None => Ok(STDENV_EPOCH),
         Some(Value::Number(n)) => n.as_i64().ok_or_else(|| anyhow!("mtime: expected whole seconds, got {n}")),
         Some(other) => bail!("mtime: expected a number of seconds, got {}", kind(other)),
     }
@@ -127,15 +123,16 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
                 Some(f)
             };
             // The extra commands run outside the namespace's root, with our environment.
-            std::env::set_var("PATH", attrs.opt_str("path")?.unwrap_or_default());
-            std::env::set_var("out", &out);
-            std::env::set_var("SOURCE_DATE_EPOCH", DEFAULT_MTIME.to_string());
+            for (name, value) in command_vars(attrs)? {
+                std::env::set_var(name, value);
+            }
             let scratch = top.join("scratch");
             make_dir(&scratch)?;
+            let sel = selector(attrs)?;
             let args = RunAsRootArgs {
                 from_image: attrs.opt_str("fromImage")?.map(PathBuf::from),
-                from_image_name: attrs.opt_str("fromImageName")?,
-                from_image_tag: attrs.opt_str("fromImageTag")?,
+                from_image_name: sel.name,
+                from_image_tag: sel.tag,
                 layers,
                 keep_dirlinks: dirlinks == Dirlinks::Keep,
                 store_paths: Vec::new(),
@@ -178,8 +175,7 @@ fn layer_members(path: &Path) -> Result<(HashSet<Vec<u8>>, u64)> {
     let mut end = 0u64;
     for entry in archive.entries().with_context(|| format!("{}: not a tar archive", path.display()))? {
         let entry = entry.with_context(|| format!("{}: not a valid tar archive", path.display()))?;
-        let comps = components(&entry.path_bytes());
-        keys.insert(key_of(&comps.iter().map(Vec::as_slice).collect::<Vec<_>>()));
+        keys.insert(key_of_name(&entry.path_bytes()));
         let size = entry.header().entry_size().unwrap_or(0);
         end = end.max(entry.raw_file_position() + size.div_ceil(512) * 512);
     }
@@ -237,14 +233,12 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     if !paths.is_empty() {
         let mut plan = plan_layer(&paths, &owner)?;
         plan.retain(&owner, |name, mode| {
-            let comps = components(name);
-            let key = key_of(&comps.iter().map(Vec::as_slice).collect::<Vec<_>>());
-            if comps.len() <= 2 && (name == b"/nix/" || name == b"/nix/store/") {
+            if name == b"/nix/" || name == b"/nix/store/" {
                 // So that users other than root can read the store.
                 *mode = 0o555;
                 return !nix_store_in_base;
             }
-            !present.contains(&key)
+            !present.contains(&key_of_name(name))
         });
         added = plan.entry_count();
         crate::layer::write_layer(&plan, &owner, &mut w)?;
@@ -259,10 +253,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     let base_json = attrs.str("baseJson")?;
     let base: Value = serde_json::from_slice(&fs::read(&base_json).with_context(|| format!("cannot read {base_json}"))?)
         .map_err(|e| anyhow!("{base_json}: not valid JSON: {e}"))?;
-    let tag = match attrs.opt_str("tag")? {
-        Some(t) => t,
-        None => out.file_name().map(|n| n.as_bytes()).unwrap_or_default().split(|&b| b == b'-').next().map(|h| String::from_utf8_lossy(h).into_owned()).unwrap_or_default(),
-    };
+    let tag = tag_or_hash(attrs, &out)?;
     let (date, time) = conf::civil_from_unix(mtime);
     let conf_value = json!({
         "store_layers": [],
@@ -281,9 +272,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     });
     let mut conf = StreamConf::from_value(conf_value, &now)?;
     conf.customisation_layer_source = Some(layer_path);
-    let compressor = attrs.opt_str("compressor")?.unwrap_or_else(|| "gz".into());
-    let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
-    crate::nixbuild::write_image(&conf, &out, &attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into()), compressor)
+    crate::nixbuild::write_image(&conf, attrs)
 }
 
 /// `export`: exportImage's flattened file system.

@@ -433,6 +433,11 @@ pub fn key_of(components: &[&[u8]]) -> Vec<u8> {
     components.join(&SEP)
 }
 
+/// The key of a member name (see [`components`]).
+pub fn key_of_name(name: &[u8]) -> Vec<u8> {
+    components(name).join(&SEP)
+}
+
 /// The member name of a key: `./a/b`, with a trailing `/` for directories.
 pub fn member_name(key: &[u8], dir: bool) -> Vec<u8> {
     let mut name = Vec::with_capacity(key.len() + 3);

@@ -237,18 +237,30 @@ fn text(attrs: &Attrs) -> Result<()> {
     write_new(&attrs.out()?, attrs.str("text")?.as_bytes(), 0o444)
 }
 
-fn symlinks(attrs: &Attrs) -> Result<()> {
+/// For the actions that make `$out` a directory from an attribute set of relative paths (`key`):
+/// creates `$out` and returns it with the set, or says what the set should hold (`expected`).
+fn output_tree<'a>(attrs: &'a Attrs, key: &str, expected: &str) -> Result<(PathBuf, &'a Map<String, Value>)> {
     let out = attrs.out()?;
-    let Some(Value::Object(links)) = attrs.get("links") else {
-        bail!("links: expected an attribute set of relative path = target");
+    let Some(Value::Object(entries)) = attrs.get(key) else {
+        bail!("{key}: expected {expected}");
     };
     fs::create_dir(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    Ok((out, entries))
+}
+
+/// `out/rel` for an entry of [`output_tree`]'s set, once `rel` is a clean relative path.
+fn tree_path(out: &Path, key: &str, rel: &str) -> Result<PathBuf> {
+    if rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+        bail!("{key}: {rel:?} is not a clean relative path");
+    }
+    Ok(out.join(rel))
+}
+
+fn symlinks(attrs: &Attrs) -> Result<()> {
+    let (out, links) = output_tree(attrs, "links", "an attribute set of relative path = target")?;
     for (rel, target) in links {
         let target = target.as_str().ok_or_else(|| anyhow!("links.{rel}: expected a string, got {}", kind(target)))?;
-        if rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            bail!("links: {rel:?} is not a clean relative path");
-        }
-        let link = out.join(rel);
+        let link = tree_path(&out, "links", rel)?;
         if let Some(parent) = link.parent() {
             fs::create_dir_all(parent).with_context(|| format!("cannot create {}", parent.display()))?;
         }
@@ -309,12 +321,21 @@ pub(crate) fn run_commands(attrs: &Attrs, field: &str, script: &str, dir: &Path,
     Ok(())
 }
 
-/// The environment commands see: the build's, plus `PATH`, `out` and stdenv's
+/// stdenv's `SOURCE_DATE_EPOCH` (1980-01-01): nixpkgs' file and registration times in builds.
+pub const STDENV_EPOCH: i64 = 315532800;
+
+/// What commands see besides the build's environment: `PATH`, `out` and stdenv's
 /// `SOURCE_DATE_EPOCH`, which scripts written for nixpkgs may use.
+pub(crate) fn command_vars(attrs: &Attrs) -> Result<[(&'static str, std::ffi::OsString); 3]> {
+    Ok([
+        ("PATH", attrs.opt_str("path")?.unwrap_or_default().into()),
+        ("out", attrs.out()?.into()),
+        ("SOURCE_DATE_EPOCH", STDENV_EPOCH.to_string().into()),
+    ])
+}
+
 pub(crate) fn command_env(attrs: &Attrs, cmd: &mut Command) -> Result<()> {
-    cmd.env("PATH", attrs.opt_str("path")?.unwrap_or_default());
-    cmd.env("out", attrs.out()?);
-    cmd.env("SOURCE_DATE_EPOCH", "315532800");
+    cmd.envs(command_vars(attrs)?);
     Ok(())
 }
 
@@ -353,7 +374,7 @@ fn customisation_layer(attrs: &Attrs, inside_fakeroot: bool) -> Result<()> {
     rootfs::join(&contents, &root)?;
     if attrs.bool("includeNixDB")? {
         // Registered at stdenv's SOURCE_DATE_EPOCH, as nixpkgs' mkDbExtraCommand does.
-        crate::buildimage::write_nix_db(attrs, &root, crate::buildimage::DEFAULT_MTIME)?;
+        crate::buildimage::write_nix_db(attrs, &root, STDENV_EPOCH)?;
     }
 
     let extra = attrs.opt_str("extraCommands")?.unwrap_or_default();
@@ -435,14 +456,7 @@ pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
         eprintln!("store layers: {}", serde_json::to_string_pretty(&store_layers)?);
     }
 
-    let tag = match attrs.opt_str("tag")? {
-        Some(t) => t,
-        None => {
-            // nixpkgs tags with the hash part of the conf's own output path.
-            let base = out.file_name().and_then(|n| n.to_str()).unwrap_or_default();
-            base.split('-').next().unwrap_or_default().to_string()
-        }
-    };
+    let tag = tag_or_hash(attrs, out)?;
     let image_name = attrs.str("imageName")?;
     let uid = attrs.u64("uid")?;
     let gid = attrs.u64("gid")?;
@@ -499,26 +513,38 @@ fn push_script(attrs: &Attrs) -> Result<()> {
     write_new(&attrs.out()?, script.as_bytes(), 0o555)
 }
 
-fn archive(attrs: &Attrs) -> Result<()> {
-    let out = attrs.out()?;
-    let compressor = attrs.str("compressor")?;
-    let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
-    let now = conf::now();
-    let conf = StreamConf::load(Path::new(&attrs.str("conf")?), &now)?;
-    let format = attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into());
-    write_image(&conf, &out, &format, compressor)
+/// The attribute `tag`, or as nixpkgs tags an untagged image: the hash part of `out`, the
+/// derivation's own output path.
+pub(crate) fn tag_or_hash(attrs: &Attrs, out: &Path) -> Result<String> {
+    Ok(match attrs.opt_str("tag")? {
+        Some(t) => t,
+        None => {
+            let base = out.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+            base.split('-').next().unwrap_or_default().to_string()
+        }
+    })
 }
 
-/// Writes the image to `out` as `format`: a Docker archive compressed whole by `compressor`
-/// (as nixpkgs' buildLayeredImage does), or an OCI image layout directory or oci-archive
-/// with each layer compressed by it.
-pub(crate) fn write_image(conf: &StreamConf, out: &Path, format: &str, compressor: Compressor) -> Result<()> {
+fn archive(attrs: &Attrs) -> Result<()> {
+    let now = conf::now();
+    let conf = StreamConf::load(Path::new(&attrs.str("conf")?), &now)?;
+    write_image(&conf, attrs)
+}
+
+/// Writes the image to `$out` as the attribute `format` says: a Docker archive (the default)
+/// compressed whole by `compressor` (as nixpkgs' buildLayeredImage does), or an OCI image
+/// layout directory or oci-archive with each layer compressed by it.
+pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
+    let out = &attrs.out()?;
+    let compressor = attrs.str("compressor")?;
+    let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
+    let format = attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into());
     let progress = image::Progress { quiet: false };
     let create = || -> Result<BufWriter<File>> {
         let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
         Ok(BufWriter::with_capacity(1 << 20, file))
     };
-    match format {
+    match format.as_str() {
         "docker-archive" => {
             let w = create()?;
             let mut w = match compressor {
@@ -557,17 +583,10 @@ fn merge_images(attrs: &Attrs) -> Result<()> {
 }
 
 fn files(attrs: &Attrs) -> Result<()> {
-    let out = attrs.out()?;
-    let Some(Value::Object(files)) = attrs.get("files") else {
-        bail!("files: expected an attribute set of relative path = {{ text; executable; }} or {{ directory = true; }}");
-    };
-    fs::create_dir(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    let (out, files) = output_tree(attrs, "files", "an attribute set of relative path = { text; executable; } or { directory = true; }")?;
     for (rel, spec) in files {
-        if rel.starts_with('/') || rel.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
-            bail!("files: {rel:?} is not a clean relative path");
-        }
+        let path = tree_path(&out, "files", rel)?;
         let spec = Attrs::from_value(spec.clone()).map_err(|_| anyhow!("files.{rel}: expected an attribute set, got {}", kind(spec)))?;
-        let path = out.join(rel);
         let dir = if spec.bool("directory").with_context(|| format!("files.{rel}"))? { path.as_path() } else { path.parent().unwrap_or(&out) };
         fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         if dir == path {
