@@ -23,7 +23,13 @@
 //!   the hash of `$out`), `storeDir`, `debug` → `$out`, the conf JSON `stevedore stream` reads.
 //! - `stream-script`: `shell`, `stevedore`, `conf` → `$out`, an executable that runs
 //!   `stevedore stream CONF "$@"`.
-//! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`) → `$out`, the image archive.
+//! - `customisation-layer` also writes the Nix database when `includeNixDB` (graph `dbClosure`,
+//!   GC roots `dbRoots`).
+//! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`), `format` (`docker-archive`,
+//!   `oci`, `oci-archive`) → `$out`, the image.
+//! - `push-script`: `shell`, `stevedore`, `conf` (a conf or an archive), `imageRef` → `$out`,
+//!   an executable that pushes the image.
+//! - `image-layer`, `image`, `export`: buildImage and exportImage (see `buildimage.rs`).
 //! - `merge`: `images` (Docker archives or stream executables) → `$out`, one archive holding
 //!   them all (see `merge.rs`).
 //! - `files`: `files = { "rel/path" = { text = "..."; executable = bool; } or { directory = true; }; }`
