@@ -145,6 +145,33 @@ let
       }
     );
 
+  # Argument checks streamLayeredImage and buildImage share; `fail` names the function and image.
+  commonChecks =
+    fail:
+    {
+      name,
+      tag,
+      architecture,
+      created,
+      uid,
+      gid,
+      extraCommands,
+      includeNixDB,
+    }:
+    let
+      isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
+    in
+    [
+      (isString name && name != "" || fail "name must be a non-empty string")
+      (tag == null || isString tag && tag != "" || fail "tag must be null or a non-empty string")
+      (isString architecture || fail "architecture must be a string")
+      (isString created || fail "created must be a string (ISO-8601 or \"now\")")
+      (isId uid || fail "uid must be a non-negative integer")
+      (isId gid || fail "gid must be a non-negative integer")
+      (isString extraCommands || fail "extraCommands must be a string")
+      (isBool includeNixDB || fail "includeNixDB must be a boolean")
+    ];
+
   # The tag, or as nixpkgs tags an untagged image: the hash part of a derivation's output.
   tagOr =
     tag: drv:
@@ -207,16 +234,11 @@ let
     }:
     let
       fail = msg: throw "dockerTools.streamLayeredImage: image ${toJSON name}: ${msg}";
-      isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
-      checks = [
-        (isString name && name != "" || fail "name must be a non-empty string")
-        (tag == null || isString tag && tag != "" || fail "tag must be null or a non-empty string")
+      checks = commonChecks fail {
+        inherit name tag architecture created uid gid extraCommands includeNixDB;
+      } ++ [
         (isAttrs config || config == null || fail "config must be an attribute set")
-        (isString architecture || fail "architecture must be a string")
-        (isString created || fail "created must be a string (ISO-8601 or \"now\")")
         (isString mtime || fail "mtime must be a string (ISO-8601 or \"now\")")
-        (isId uid || fail "uid must be a non-negative integer")
-        (isId gid || fail "gid must be a non-negative integer")
         (isString uname || fail "uname must be a string")
         (isString gname || fail "gname must be a string")
         (isInt maxLayers || fail "maxLayers must be an integer")
@@ -224,11 +246,9 @@ let
           layeringPipeline != null || maxLayers > 1
           || fail "maxLayers must be greater than 1 (got ${toString maxLayers})"
         )
-        (isString extraCommands || fail "extraCommands must be a string")
         (isString fakeRootCommands || fail "fakeRootCommands must be a string")
         (isBool enableFakechroot || fail "enableFakechroot must be a boolean")
         (isBool includeStorePaths || fail "includeStorePaths must be a boolean")
-        (isBool includeNixDB || fail "includeNixDB must be a boolean")
         (
           layeringPipeline == null || isList layeringPipeline || isString layeringPipeline
           || builtins.isPath layeringPipeline || isAttrs layeringPipeline
@@ -421,19 +441,12 @@ let
     }@args:
     let
       fail = msg: throw "dockerTools.buildImage: image ${toJSON name}: ${msg}";
-      isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
-      checks = [
-        (isString name && name != "" || fail "name must be a non-empty string")
-        (tag == null || isString tag && tag != "" || fail "tag must be null or a non-empty string")
+      checks = commonChecks fail {
+        inherit name tag architecture created uid gid extraCommands includeNixDB;
+      } ++ [
         (config == null || isAttrs config || fail "config must be null or an attribute set")
-        (isString architecture || fail "architecture must be a string")
-        (isString created || fail "created must be a string (ISO-8601 or \"now\")")
-        (isId uid || fail "uid must be a non-negative integer")
-        (isId gid || fail "gid must be a non-negative integer")
-        (isString extraCommands || fail "extraCommands must be a string")
         (runAsRoot == null || isString runAsRoot || fail "runAsRoot must be null or a string (a shell script)")
         (isBool keepContentsDirlinks || fail "keepContentsDirlinks must be a boolean")
-        (isBool includeNixDB || fail "includeNixDB must be a boolean")
         (fromImageName == null || isString fromImageName || fail "fromImageName must be null or a string")
         (fromImageTag == null || isString fromImageTag || fail "fromImageTag must be null or a string")
         (
