@@ -1,20 +1,16 @@
-//! Base images (`fromImage`): Docker archives, plain or compressed, read in streaming passes.
-//!
-//! A compressed archive cannot be read at random, and its manifest may come last (ours put it
-//! there), so the first pass indexes members and keeps small JSON files, and a later pass
-//! copies the layers in the order they appear. Outer member order does not matter to loaders:
-//! they follow `manifest.json`.
+//! Base images (`fromImage`): Docker archives, plain or compressed, indexed once
+//! ([`crate::archive`]) and their layers copied in the order they appear, each checked against
+//! its diff_id as it is copied. Outer member order does not matter to loaders: they follow
+//! `manifest.json`.
 
-use crate::compress::open_decompressed;
+use crate::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex};
+use crate::image::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
+use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::Read;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
-
-/// Members up to this size are kept from the first pass in case they are the manifest or the
-/// image config.
-const SMALL_MEMBER: u64 = 4 << 20;
 
 #[derive(Debug, Clone)]
 pub struct BaseLayer {
@@ -27,81 +23,42 @@ pub struct BaseLayer {
     pub size: u64,
 }
 
-#[derive(Debug)]
 pub struct BaseImage {
     pub path: PathBuf,
     /// The base image's config JSON (`config`, `rootfs`, `history`, ...).
     pub image_json: Value,
     pub layers: Vec<BaseLayer>,
+    index: ArchiveIndex,
 }
 
-#[derive(Debug, Clone)]
-enum Member {
-    File { size: u64 },
-    Link { target: String },
-}
-
-/// Normalizes an archive member name: no `.`, no empty components, `..` resolved.
-pub fn normalize_member_name(name: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in name.split('/') {
-        match c {
-            "" | "." => {}
-            ".." => {
-                parts.pop();
-            }
-            c => parts.push(c),
-        }
+impl std::fmt::Debug for BaseImage {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.debug_struct("BaseImage").field("path", &self.path).field("layers", &self.layers).finish()
     }
-    parts.join("/")
-}
-
-/// The member a link member `name` points to (a symlink's target taken relative to its
-/// directory), normalized; None if the member is not a link.
-pub fn link_target<R: Read>(entry: &tar::Entry<R>, name: &str) -> Option<String> {
-    let kind = entry.header().entry_type();
-    if !(kind.is_symlink() || kind.is_hard_link()) {
-        return None;
-    }
-    let target = entry.link_name_bytes().map(|t| String::from_utf8_lossy(&t).into_owned()).unwrap_or_default();
-    Some(if kind.is_symlink() && !target.starts_with('/') {
-        let dir = name.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
-        normalize_member_name(&format!("{dir}/{target}"))
-    } else {
-        normalize_member_name(&target)
-    })
 }
 
 fn broken(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("base image {}: {what}", path.display())
 }
 
-/// Runs `f` on every member of the archive, in order.
-fn for_each_member(path: &Path, mut f: impl FnMut(&mut tar::Entry<Box<dyn Read>>) -> Result<bool>) -> Result<()> {
-    let reader = open_decompressed(path)?;
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive.entries().map_err(|e| broken(path, format!("not a tar archive: {e}")))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| broken(path, format!("not a valid tar archive: {e}")))?;
-        if !f(&mut entry)? {
-            break;
-        }
-    }
-    Ok(())
+/// Hashes what passes through, so a base layer is checked against its diff_id as it is copied.
+struct Verify<'a> {
+    inner: &'a mut dyn Read,
+    hasher: Sha256,
+    read: u64,
+    head: Vec<u8>,
 }
 
-/// The entry of a Docker archive's `manifest.json` tagged `wanted` (`name:tag`), or the first.
-pub fn select_manifest_entry<'m>(manifest: &'m Value, wanted: Option<&str>, path: &Path) -> Result<&'m Value> {
-    let images = manifest.as_array().ok_or_else(|| anyhow!("{}: manifest.json is not a list", path.display()))?;
-    match wanted {
-        Some(wanted) => images
-            .iter()
-            .find(|i| i["RepoTags"].as_array().is_some_and(|t| t.iter().any(|t| t.as_str() == Some(wanted))))
-            .ok_or_else(|| {
-                let tags: Vec<&str> = images.iter().filter_map(|i| i["RepoTags"].as_array()).flatten().filter_map(Value::as_str).collect();
-                anyhow!("{}: no image tagged {wanted} (it has: {})", path.display(), tags.join(", "))
-            }),
-        None => images.first().ok_or_else(|| anyhow!("{}: manifest.json lists no image", path.display())),
+impl Read for Verify<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        if self.head.len() < 4 {
+            let k = n.min(4 - self.head.len());
+            self.head.extend_from_slice(&buf[..k]);
+        }
+        self.read += n as u64;
+        Ok(n)
     }
 }
 
@@ -116,49 +73,11 @@ impl BaseImage {
         if path.is_dir() {
             bail!(broken(path, "it is a directory (an OCI layout?); a base image must be a Docker archive"));
         }
-        let mut members: HashMap<String, Member> = HashMap::new();
-        let mut small: HashMap<String, Vec<u8>> = HashMap::new();
-        for_each_member(path, |entry| {
-            let name = normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-            let kind = entry.header().entry_type();
-            if let Some(target) = link_target(entry, &name) {
-                members.insert(name, Member::Link { target });
-            } else if kind.is_file() {
-                let size = entry.size();
-                if size <= SMALL_MEMBER {
-                    let mut data = Vec::with_capacity(size as usize);
-                    entry
-                        .read_to_end(&mut data)
-                        .map_err(|e| broken(path, format!("cannot read member {name}: {e}")))?;
-                    small.insert(name.clone(), data);
-                }
-                members.insert(name, Member::File { size });
-            }
-            Ok(true)
-        })?;
-
-        let resolve = |name: &str| -> Result<(String, u64)> {
-            let mut name = normalize_member_name(name);
-            for _ in 0..32 {
-                match members.get(&name) {
-                    Some(Member::File { size }) => return Ok((name, *size)),
-                    Some(Member::Link { target }) => name = target.clone(),
-                    None => return Err(broken(path, format!("it has no member {name:?}"))),
-                }
-            }
-            Err(broken(path, format!("too many links resolving {name:?}")))
-        };
-        let read_json = |name: &str| -> Result<Value> {
-            let (member, _) = resolve(name)?;
-            let data = small
-                .get(&member)
-                .ok_or_else(|| broken(path, format!("{name} is too large to be JSON metadata")))?;
-            serde_json::from_slice(data).map_err(|e| broken(path, format!("{name} is not valid JSON: {e}")))
-        };
-
-        if !members.contains_key("manifest.json") && members.contains_key("oci-layout") {
+        let index = ArchiveIndex::load(path).map_err(|e| anyhow!("base image {e:#}"))?;
+        if !index.contains("manifest.json") && index.contains("oci-layout") {
             bail!(broken(path, "it is an OCI image, and a base image must be a Docker archive (build it with format = \"docker-archive\")"));
         }
+        let read_json = |name: &str| index.json(name).map_err(|e| anyhow!("base image {e:#}"));
         let manifest = read_json("manifest.json")?;
         let first = select_manifest_entry(&manifest, wanted, path).map_err(|e| anyhow!("base image {e}"))?;
         let config_name = first
@@ -180,9 +99,8 @@ impl BaseImage {
             .iter()
             .map(|d| {
                 d.as_str()
-                    .filter(|d| d.starts_with("sha256:") && d.len() == 71)
-                    .map(str::to_owned)
-                    .ok_or_else(|| broken(path, format!("{config_name}: bad diff_id {d}")))
+                    .and_then(|d| check_sha256_digest(d).ok().map(|_| d.to_owned()))
+                    .ok_or_else(|| broken(path, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
             })
             .collect::<Result<_>>()?;
         if diff_ids.len() != layer_paths.len() {
@@ -194,15 +112,16 @@ impl BaseImage {
         if !image_json.get("config").map_or(true, |c| c.is_object() || c.is_null()) {
             bail!(broken(path, format!("{config_name}: \"config\" is not an object")));
         }
-        let layers = layer_paths
-            .into_iter()
-            .zip(diff_ids)
-            .map(|(manifest_path, diff_id)| {
-                let (member, size) = resolve(&manifest_path)?;
-                Ok(BaseLayer { manifest_path, member, diff_id, size })
-            })
-            .collect::<Result<_>>()?;
-        Ok(BaseImage { path: path.to_owned(), image_json, layers })
+        let mut layers: Vec<BaseLayer> = Vec::new();
+        for (manifest_path, diff_id) in layer_paths.into_iter().zip(diff_ids) {
+            let m = index.resolve(&manifest_path).map_err(|e| anyhow!("base image {e:#}"))?;
+            // One member serving two layers must be one layer (it has one digest).
+            if let Some(other) = layers.iter().find(|l| l.member == m.name && l.diff_id != diff_id) {
+                bail!(broken(path, format!("layer member {} is given two diff_ids, {} and {diff_id}", m.name, other.diff_id)));
+            }
+            layers.push(BaseLayer { manifest_path, member: m.name, diff_id, size: m.size });
+        }
+        Ok(BaseImage { path: path.to_owned(), image_json, layers, index })
     }
 
     /// The base image's `Env`, if any.
@@ -214,27 +133,45 @@ impl BaseImage {
             .unwrap_or_default()
     }
 
+    /// The raw bytes of the image's config member (the image ID is their digest).
+    pub fn config_bytes(&self, wanted: Option<&str>) -> Result<Vec<u8>> {
+        let manifest = self.index.json("manifest.json")?;
+        let entry = select_manifest_entry(&manifest, wanted, &self.path)?;
+        let name = entry.get("Config").and_then(Value::as_str).ok_or_else(|| broken(&self.path, "manifest.json has no \"Config\""))?;
+        self.index.bytes(name)
+    }
+
     /// Calls `f` once for each distinct layer member, in archive order, with a reader of its
-    /// bytes.
+    /// bytes. A layer `f` reads from is checked against its diff_id: what `f` leaves unread is
+    /// read too, and a layer whose bytes do not match is an error after `f` returns (so a
+    /// caller writing an archive fails before its manifest is written). A compressed member's
+    /// diff_id is that of its decompressed bytes, which only a decompressing `f` can check.
     pub fn copy_layers(&self, mut f: impl FnMut(&BaseLayer, &mut dyn Read) -> Result<()>) -> Result<()> {
-        let mut wanted: HashMap<&str, &BaseLayer> = self.layers.iter().map(|l| (l.member.as_str(), l)).collect();
-        for_each_member(&self.path, |entry| {
-            if wanted.is_empty() {
-                return Ok(false);
-            }
-            let name = normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-            if entry.header().entry_type().is_file() {
-                if let Some(layer) = wanted.remove(name.as_str()) {
-                    f(layer, entry)?;
-                }
-            }
-            Ok(true)
-        })
-        .context("reading the base image's layers")?;
-        if let Some(missing) = wanted.keys().next() {
-            bail!(broken(&self.path, format!("member {missing} vanished between reads")));
+        let mut by_member: HashMap<&str, &BaseLayer> = HashMap::new();
+        for l in &self.layers {
+            by_member.entry(l.member.as_str()).or_insert(l);
         }
-        Ok(())
+        let wanted: Vec<String> = by_member.keys().map(|k| k.to_string()).collect();
+        self.index
+            .for_each_wanted(&wanted, |name, r| {
+                let layer = by_member[name];
+                let mut v = Verify { inner: r, hasher: Sha256::new(), read: 0, head: Vec::new() };
+                f(layer, &mut v)?;
+                if v.read == 0 || crate::compress::detect(&v.head) != crate::compress::Compression::None {
+                    return Ok(true);
+                }
+                // What `f` left unread still counts.
+                io::copy(&mut v, &mut io::sink()).with_context(|| format!("cannot read {}", layer.member))?;
+                if v.read != layer.size {
+                    bail!(broken(&self.path, format!("layer {} is truncated", layer.member)));
+                }
+                let got = format!("sha256:{}", hex(&v.hasher.finalize()));
+                if got != layer.diff_id {
+                    bail!(broken(&self.path, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
+                }
+                Ok(true)
+            })
+            .context("reading the base image's layers")
     }
 }
 
@@ -261,12 +198,5 @@ mod tests {
         let base = vec!["PATH=/a".to_string(), "X=1".into(), "FLAG".into()];
         let ours = vec!["PATH=/b".to_string(), "Y=2".into()];
         assert_eq!(merge_env(&base, &ours), vec!["PATH=/b", "X=1", "FLAG", "Y=2"]);
-    }
-
-    #[test]
-    fn normalize_member_names() {
-        assert_eq!(normalize_member_name("./abc/layer.tar"), "abc/layer.tar");
-        assert_eq!(normalize_member_name("abc/../def/layer.tar"), "def/layer.tar");
-        assert_eq!(normalize_member_name("/manifest.json"), "manifest.json");
     }
 }

@@ -170,14 +170,13 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
 /// ends (so more members can follow).
 fn layer_members(path: &Path) -> Result<(HashSet<Vec<u8>>, u64)> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    let len = file.metadata()?.len();
+    let mut archive = crate::tar::read::Reader::seekable(std::io::BufReader::new(file), len);
     let mut keys = HashSet::new();
     let mut end = 0u64;
-    for entry in archive.entries().with_context(|| format!("{}: not a tar archive", path.display()))? {
-        let entry = entry.with_context(|| format!("{}: not a valid tar archive", path.display()))?;
-        keys.insert(key_of_name(&entry.path_bytes()));
-        let size = entry.header().entry_size().unwrap_or(0);
-        end = end.max(entry.raw_file_position() + size.div_ceil(512) * 512);
+    while let Some(entry) = archive.next().map_err(|e| anyhow!("{}: not a valid tar archive: {e}", path.display()))? {
+        keys.insert(key_of_name(&entry.name).with_context(|| path.display().to_string())?);
+        end = end.max(entry.data_offset + entry.size.div_ceil(512) * 512);
     }
     Ok((keys, end))
 }
@@ -238,7 +237,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
                 *mode = 0o555;
                 return !nix_store_in_base;
             }
-            !present.contains(&key_of_name(name))
+            key_of_name(name).map_or(true, |k| !present.contains(&k))
         });
         added = plan.entry_count();
         crate::layer::write_layer(&plan, &owner, &mut w)?;

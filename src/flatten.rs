@@ -9,9 +9,11 @@
 //!
 //! `run-as-root` builds the same tree to lay out the image's root filesystem.
 
-use crate::compress::{detect, open_decompressed, Compression, Compressor, ParallelEncoder};
+use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
 use crate::layer::{out_err, OutputError};
 use crate::oci::TempDir;
+use crate::archive::{check_sha256_digest, read_limited, select_manifest_entry, ArchiveIndex, Region, Resolved, JSON_LIMIT};
+use crate::tar::read::{self as rd, Entry as ReadEntry, Reader};
 use crate::tar::{self as t, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -52,42 +54,6 @@ impl Selector {
     }
 }
 
-/// A region of a file, readable and seekable as a file of its own.
-struct Region {
-    file: File,
-    start: u64,
-    len: u64,
-    pos: u64,
-}
-
-impl Read for Region {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.len.saturating_sub(self.pos);
-        let n = (buf.len() as u64).min(left) as usize;
-        if n == 0 {
-            return Ok(0);
-        }
-        let k = self.file.read_at(&mut buf[..n], self.start + self.pos)?;
-        self.pos += k as u64;
-        Ok(k)
-    }
-}
-
-impl Seek for Region {
-    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
-        let new = match to {
-            SeekFrom::Start(p) => p as i128,
-            SeekFrom::Current(d) => self.pos as i128 + d as i128,
-            SeekFrom::End(d) => self.len as i128 + d as i128,
-        };
-        if new < 0 {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"));
-        }
-        self.pos = new as u64;
-        Ok(self.pos)
-    }
-}
-
 /// Reads `len` bytes at `offset` of `file` (an [`io::Read`] over a shared file).
 pub struct At<'a> {
     file: &'a File,
@@ -116,89 +82,6 @@ impl Read for At<'_> {
     }
 }
 
-/// Members of a tar archive (the outer image archive) by normalized name.
-#[derive(Debug, Clone)]
-enum Member {
-    File { offset: u64, size: u64 },
-    Link(String),
-}
-
-
-/// Members up to this size are kept from the indexing pass: manifests, configs, indexes.
-const SMALL_MEMBER: u64 = 4 << 20;
-
-struct ArchiveIndex {
-    path: PathBuf,
-    compressed: bool,
-    members: HashMap<String, Member>,
-    small: HashMap<String, Vec<u8>>,
-}
-
-impl ArchiveIndex {
-    fn load(path: &Path) -> Result<Self> {
-        let mut head = [0u8; 8];
-        let mut f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        let n = f.read(&mut head).with_context(|| format!("cannot read {}", path.display()))?;
-        let compressed = detect(&head[..n]) != Compression::None;
-        let mut idx = ArchiveIndex { path: path.to_owned(), compressed, members: HashMap::new(), small: HashMap::new() };
-        let bad = |e: io::Error| anyhow!("{}: not a valid tar archive: {e}", path.display());
-        if compressed {
-            let mut ar = tar::Archive::new(open_decompressed(path)?);
-            for entry in ar.entries().map_err(bad)? {
-                idx.record(&mut entry.map_err(bad)?)?;
-            }
-        } else {
-            f.seek(SeekFrom::Start(0))?;
-            let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, f));
-            for entry in ar.entries_with_seek().map_err(bad)? {
-                idx.record(&mut entry.map_err(bad)?)?;
-            }
-        }
-        Ok(idx)
-    }
-
-    fn record<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<()> {
-        let name = crate::base::normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-        let kind = entry.header().entry_type();
-        if let Some(target) = crate::base::link_target(entry, &name) {
-            self.members.insert(name, Member::Link(target));
-        } else if kind.is_file() {
-            let size = entry.size();
-            if size <= SMALL_MEMBER {
-                let mut data = Vec::with_capacity(size as usize);
-                entry
-                    .read_to_end(&mut data)
-                    .with_context(|| format!("{}: cannot read member {name}", self.path.display()))?;
-                self.small.insert(name.clone(), data);
-            }
-            self.members.insert(name, Member::File { offset: entry.raw_file_position(), size });
-        }
-        Ok(())
-    }
-
-    /// Follows links to the member holding the bytes.
-    fn resolve(&self, name: &str) -> Result<(String, u64, u64)> {
-        let mut name = crate::base::normalize_member_name(name);
-        for _ in 0..32 {
-            match self.members.get(&name) {
-                Some(Member::File { offset, size }) => return Ok((name, *offset, *size)),
-                Some(Member::Link(target)) => name = target.clone(),
-                None => bail!("{}: it has no member {name:?}", self.path.display()),
-            }
-        }
-        bail!("{}: too many links resolving {name:?}", self.path.display())
-    }
-
-    fn json(&self, name: &str) -> Result<Value> {
-        let (member, _, _) = self.resolve(name)?;
-        let data = self
-            .small
-            .get(&member)
-            .ok_or_else(|| anyhow!("{}: {name} is too large to be JSON metadata", self.path.display()))?;
-        serde_json::from_slice(data).map_err(|e| anyhow!("{}: {name} is not valid JSON: {e}", self.path.display()))
-    }
-}
-
 /// Where an image's JSON and blobs come from: an OCI layout directory or an archive.
 enum Source<'a> {
     Dir(&'a Path),
@@ -210,7 +93,7 @@ impl Source<'_> {
         match self {
             Source::Dir(dir) => {
                 let p = dir.join(name);
-                let data = std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?;
+                let data = read_limited(&p, JSON_LIMIT)?;
                 serde_json::from_slice(&data).map_err(|e| anyhow!("{}: not valid JSON: {e}", p.display()))
             }
             Source::Archive(idx) => idx.json(name),
@@ -219,11 +102,7 @@ impl Source<'_> {
 }
 
 fn blob_name(digest: &str) -> Result<String> {
-    let hex = digest.strip_prefix("sha256:").ok_or_else(|| anyhow!("unsupported digest {digest:?} (only sha256)"))?;
-    if hex.len() != 64 || !hex.bytes().all(|c| c.is_ascii_hexdigit()) {
-        bail!("malformed digest {digest:?}");
-    }
-    Ok(format!("blobs/sha256/{hex}"))
+    Ok(format!("blobs/sha256/{}", check_sha256_digest(digest)?))
 }
 
 const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
@@ -279,7 +158,7 @@ fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> 
 /// The layer member names of the image a Docker archive's `manifest.json` lists.
 fn docker_layers(idx: &ArchiveIndex, sel: &Selector) -> Result<Vec<String>> {
     let manifest = idx.json("manifest.json")?;
-    let image = crate::base::select_manifest_entry(&manifest, sel.wanted().as_deref(), &idx.path)?;
+    let image = select_manifest_entry(&manifest, sel.wanted().as_deref(), &idx.path)?;
     image["Layers"]
         .as_array()
         .ok_or_else(|| anyhow!("{}: manifest.json has no \"Layers\"", idx.path.display()))?
@@ -344,57 +223,56 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
     }
 
     let idx = ArchiveIndex::load(path)?;
-    let names = if idx.members.contains_key("manifest.json") {
+    let names = if idx.contains("manifest.json") {
         docker_layers(&idx, sel)?
-    } else if idx.members.contains_key("index.json") {
+    } else if idx.contains("index.json") {
         oci_layers(&Source::Archive(&idx), sel, path)?
     } else {
         bail!("{}: neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)", path.display());
     };
-    let resolved: Vec<(String, u64, u64)> = names.iter().map(|n| idx.resolve(n)).collect::<Result<_>>()?;
+    let resolved: Vec<Resolved> = names.iter().map(|n| idx.resolve(n)).collect::<Result<_>>()?;
     // A member may serve several layers; each is read or decompressed once.
     let mut done: HashMap<String, LayerBlob> = HashMap::new();
     if idx.compressed {
-        let wanted: HashSet<&str> = resolved.iter().map(|r| r.0.as_str()).collect();
+        let mut wanted: Vec<String> = resolved.iter().map(|r| r.name.clone()).collect();
+        wanted.sort();
+        wanted.dedup();
         say(format!("Decompressing {} layers of {}...", wanted.len(), path.display()));
-        let mut ar = tar::Archive::new(open_decompressed(path)?);
-        let bad = |e: io::Error| anyhow!("{}: not a valid tar archive: {e}", path.display());
-        for entry in ar.entries().map_err(bad)? {
-            let entry = entry.map_err(bad)?;
-            let name = crate::base::normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-            if !entry.header().entry_type().is_file() || !wanted.contains(name.as_str()) || done.contains_key(&name) {
-                continue;
-            }
+        idx.for_each_wanted(&wanted, |name, r| {
             let dest = tmp.0.join(format!("layer-{}.tar", done.len()));
-            let len = decompress_to(entry, &dest, &name)?;
-            done.insert(name.clone(), LayerBlob { path: dest, offset: 0, len, what: name });
-        }
+            let len = decompress_to(r, &dest, name)?;
+            done.insert(name.to_owned(), LayerBlob { path: dest, offset: 0, len, what: name.to_owned() });
+            Ok(true)
+        })?;
     } else {
         let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-        for (name, offset, size) in &resolved {
-            if done.contains_key(name) {
+        for m in &resolved {
+            if done.contains_key(&m.name) {
                 continue;
             }
             let mut head = [0u8; 4];
-            let n = f.read_at(&mut head[..(*size).min(4) as usize], *offset)?;
+            let n = f.read_at(&mut head[..m.size.min(4) as usize], m.offset)?;
             let blob = if detect(&head[..n]) == Compression::None {
-                LayerBlob { path: path.to_owned(), offset: *offset, len: *size, what: name.clone() }
+                LayerBlob { path: path.to_owned(), offset: m.offset, len: m.size, what: m.name.clone() }
             } else {
-                say(format!("Decompressing layer {name}..."));
+                say(format!("Decompressing layer {}...", m.name));
                 let dest = tmp.0.join(format!("layer-{}.tar", done.len()));
-                let region = Region { file: f.try_clone()?, start: *offset, len: *size, pos: 0 };
-                let len = decompress_to(region, &dest, name)?;
-                LayerBlob { path: dest, offset: 0, len, what: name.clone() }
+                let len = decompress_to(Region::new(f.try_clone()?, m.offset, m.size), &dest, &m.name)?;
+                LayerBlob { path: dest, offset: 0, len, what: m.name.clone() }
             };
-            done.insert(name.clone(), blob);
+            done.insert(m.name.clone(), blob);
         }
     }
-    for (name, _, _) in &resolved {
-        let blob = done.get(name).ok_or_else(|| anyhow!("{}: layer member {name} vanished between reads", path.display()))?;
+    for m in &resolved {
+        let blob = done.get(&m.name).ok_or_else(|| anyhow!("{}: layer member {} vanished between reads", path.display(), m.name))?;
         layers.push(blob.clone());
     }
     Ok(OpenedImage { layers, _scratch: tmp })
 }
+
+/// Paths a flattened image may have: the tree is held in memory (about 150 bytes a path), so
+/// this bounds what an image can make us hold.
+pub const MAX_PATHS: usize = 2_000_000;
 
 /// What a path in the merged tree is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -434,8 +312,8 @@ pub fn key_of(components: &[&[u8]]) -> Vec<u8> {
 }
 
 /// The key of a member name (see [`components`]).
-pub fn key_of_name(name: &[u8]) -> Vec<u8> {
-    components(name).join(&SEP)
+pub fn key_of_name(name: &[u8]) -> Result<Vec<u8>> {
+    Ok(components(name)?.join(&SEP))
 }
 
 /// The member name of a key: `./a/b`, with a trailing `/` for directories.
@@ -467,20 +345,11 @@ impl Default for Tree {
     }
 }
 
-/// Splits a member name into its components (`.` and empty ones dropped, `..` resolved
-/// without ever going above the root).
-pub fn components(name: &[u8]) -> Vec<Vec<u8>> {
-    let mut out: Vec<Vec<u8>> = Vec::new();
-    for c in name.split(|&b| b == b'/') {
-        match c {
-            b"" | b"." => {}
-            b".." => {
-                out.pop();
-            }
-            c => out.push(c.to_vec()),
-        }
-    }
-    out
+/// Splits a member name into its components ([`crate::tar::name`]'s rule: `.` and empty ones
+/// dropped, `..` resolved, never above the root, no NUL).
+pub fn components(name: &[u8]) -> Result<Vec<Vec<u8>>> {
+    let comps = crate::tar::name::components(name).map_err(|e| anyhow!("member {:?}: {e}", String::from_utf8_lossy(name)))?;
+    Ok(comps.into_iter().map(<[u8]>::to_vec).collect())
 }
 
 fn descendants_range(key: &[u8]) -> (std::ops::Bound<Vec<u8>>, std::ops::Bound<Vec<u8>>) {
@@ -613,43 +482,26 @@ impl Tree {
     pub fn apply_layer(&mut self, index: u32, blob: &LayerBlob) -> Result<()> {
         let ctx = || format!("layer {} ({})", index + 1, blob.what);
         let file = File::open(&blob.path).with_context(|| format!("cannot open {}", blob.path.display()))?;
-        let region = Region { file, start: blob.offset, len: blob.len, pos: 0 };
-        let mut ar = tar::Archive::new(BufReader::with_capacity(1 << 16, region));
+        let mut ar = Reader::seekable(BufReader::with_capacity(1 << 16, Region::new(file, blob.offset, blob.len)), blob.len);
         // What this layer put in place (with ancestors): whiteouts and opaque markers only
         // hide what lower layers had.
         let mut added: HashSet<Vec<u8>> = HashSet::new();
-        for entry in ar.entries_with_seek().with_context(ctx)? {
-            let mut entry = entry.map_err(|e| anyhow!("{}: not a valid tar: {e}", ctx()))?;
-            self.apply_entry(index, &mut entry, &mut added).with_context(ctx)?;
+        while let Some(entry) = ar.next().map_err(|e| anyhow!("{}: not a valid tar: {e}", ctx()))? {
+            self.apply_entry(index, &entry, &mut added).with_context(ctx)?;
+            if self.nodes.len() > MAX_PATHS {
+                bail!("{}: the image has more than {MAX_PATHS} paths", ctx());
+            }
         }
         Ok(())
     }
 
-    fn apply_entry<R: Read>(&mut self, index: u32, entry: &mut tar::Entry<R>, added: &mut HashSet<Vec<u8>>) -> Result<()> {
-        use tar::EntryType as E;
-        let path = entry.path_bytes().into_owned();
-        let etype = entry.header().entry_type();
-        if matches!(etype, E::XGlobalHeader | E::XHeader | E::GNULongName | E::GNULongLink) {
-            return Ok(());
-        }
-        let mut comps = components(&path);
-        let mode = entry.header().mode().map_err(|e| anyhow!("{}: bad mode: {e}", String::from_utf8_lossy(&path)))? & 0o7777;
-        let mut uid = entry.header().uid().unwrap_or(0);
-        let mut gid = entry.header().gid().unwrap_or(0);
-        if let Some(pax) = entry.pax_extensions()? {
-            for ext in pax.flatten() {
-                let value = ext.value_bytes();
-                let num = || std::str::from_utf8(value).ok().and_then(|v| v.parse::<u64>().ok());
-                match ext.key_bytes() {
-                    b"uid" => uid = num().unwrap_or(uid),
-                    b"gid" => gid = num().unwrap_or(gid),
-                    _ => {}
-                }
-            }
-        }
+    fn apply_entry(&mut self, index: u32, entry: &ReadEntry, added: &mut HashSet<Vec<u8>>) -> Result<()> {
+        let path = &entry.name;
+        let mut comps = components(path)?;
+        let (mode, uid, gid) = (entry.mode, entry.uid, entry.gid);
         let Some(name) = comps.pop() else {
             // The root itself ("./" or "/"): only its metadata can change.
-            if etype == E::Directory {
+            if entry.kind == rd::DIR {
                 self.root = Node { kind: Kind::Dir, mode, uid, gid };
             }
             return Ok(());
@@ -670,27 +522,20 @@ impl Tree {
             // Other `.wh..wh.` names are aufs bookkeeping (hard link directories).
             return Ok(());
         }
-        let kind = match etype {
-            E::Regular | E::Continuous => {
+        let kind = match entry.kind {
+            rd::REG => {
                 self.next_inode += 1;
-                Kind::File { layer: index, offset: entry.raw_file_position(), size: entry.size(), inode: self.next_inode }
+                Kind::File { layer: index, offset: entry.data_offset, size: entry.size, inode: self.next_inode }
             }
-            E::Directory => Kind::Dir,
-            E::Symlink => Kind::Symlink(entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default()),
-            E::Fifo => Kind::Fifo,
-            E::Char | E::Block => {
-                let major = entry.header().device_major().ok().flatten().unwrap_or(0);
-                let minor = entry.header().device_minor().ok().flatten().unwrap_or(0);
-                if etype == E::Char {
-                    Kind::Char(major, minor)
-                } else {
-                    Kind::Block(major, minor)
-                }
-            }
-            E::Link => {
-                let target = entry.link_name_bytes().map(|l| l.into_owned()).unwrap_or_default();
-                let mut tcomps = components(&target);
-                let tname = tcomps.pop().ok_or_else(|| anyhow!("{}: hard link to the root", String::from_utf8_lossy(&path)))?;
+            rd::DIR => Kind::Dir,
+            rd::SYMLINK => Kind::Symlink(entry.link.clone()),
+            rd::FIFO => Kind::Fifo,
+            rd::CHAR => Kind::Char(entry.devmajor, entry.devminor),
+            rd::BLOCK_DEV => Kind::Block(entry.devmajor, entry.devminor),
+            rd::HARDLINK => {
+                let target = &entry.link;
+                let mut tcomps = components(target)?;
+                let tname = tcomps.pop().ok_or_else(|| anyhow!("{}: hard link to the root", String::from_utf8_lossy(path)))?;
                 let tdir = self.resolve_dir(&tcomps, false, added)?;
                 let found = tdir.and_then(|d| self.nodes.get(&Self::join(&d, &tname)).cloned());
                 match found {
@@ -701,14 +546,13 @@ impl Tree {
                     }
                     _ => bail!(
                         "{}: hard link to {}, which is not a file of this or a lower layer",
-                        String::from_utf8_lossy(&path),
-                        String::from_utf8_lossy(&target)
+                        String::from_utf8_lossy(path),
+                        String::from_utf8_lossy(target)
                     ),
                 }
             }
-            E::GNUSparse => bail!("{}: GNU sparse members are not supported", String::from_utf8_lossy(&path)),
             other => {
-                eprintln!("stevedore: warning: skipping {} of unknown type {:?}", String::from_utf8_lossy(&path), other.as_byte() as char);
+                eprintln!("stevedore: warning: skipping {} of unknown type {:?}", String::from_utf8_lossy(path), other as char);
                 return Ok(());
             }
         };

@@ -14,7 +14,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -220,7 +220,11 @@ impl<'c> ImageSpec<'c> {
                     progress.say(format!("Adding base layer {num} from {}", layer.manifest_path));
                     sink.begin(&base_layer_name(&layer.diff_id), layer.size)?;
                     let what = || format!("base image {}: member {}", base.path.display(), layer.member);
-                    let copied = copy_reading(&mut reader.take(layer.size), sink.out(), &mut buf, what)?;
+                    let mut r = std::io::BufReader::with_capacity(1 << 16, reader.take(layer.size));
+                    if crate::compress::detect(r.fill_buf().map_err(|e| anyhow!("cannot read {}: {e}", what()))?) != crate::compress::Compression::None {
+                        bail!("{}: a compressed layer member; a base image's layers must be plain tar here", what());
+                    }
+                    let copied = copy_reading(&mut r, sink.out(), &mut buf, what)?;
                     if copied != layer.size {
                         bail!("{} is truncated", what());
                     }

@@ -3,6 +3,7 @@
 //! The binary's subcommands are thin wrappers over these modules; the Nix library in `nix/`
 //! runs the binary as the builder of its derivations.
 
+pub mod archive;
 pub mod base;
 pub mod buildimage;
 pub mod compress;

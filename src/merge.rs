@@ -14,8 +14,7 @@
 //! `repositories` is the legacy tag index. Members carry fixed metadata, so the output's bytes
 //! depend on the inputs alone.
 
-use crate::base::normalize_member_name;
-use crate::compress::open_decompressed;
+use crate::archive::ArchiveIndex;
 use crate::image::{copy_reading, hex, Outer, Progress};
 use crate::layer::HashingWriter;
 use crate::pyjson::dumps_indent4;
@@ -24,13 +23,10 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::fs::{self, File};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-
-/// Members up to this size are kept from the first pass in case they are JSON metadata.
-const SMALL_MEMBER: u64 = 4 << 20;
 
 /// The modification time of every output member (1970-01-01T00:00:01Z, as image defaults).
 const MTIME: i64 = 1;
@@ -47,12 +43,6 @@ pub struct MergeArgs {
     /// Print nothing on stderr but errors.
     #[arg(short, long)]
     pub quiet: bool,
-}
-
-#[derive(Debug, Clone)]
-enum Member {
-    File { size: u64, digest: String },
-    Link { target: String },
 }
 
 /// A layer of an input image: the member holding it, after following links.
@@ -76,78 +66,15 @@ fn broken(label: &str, what: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("image {label}: {what}")
 }
 
-/// Runs `f` on every member of the archive at `path`, in order, until it returns false.
-fn for_each_member(path: &Path, label: &str, mut f: impl FnMut(&mut tar::Entry<Box<dyn Read>>, String) -> Result<bool>) -> Result<()> {
-    let reader = open_decompressed(path).map_err(|e| broken(label, format!("{e:#}")))?;
-    let mut archive = tar::Archive::new(reader);
-    let entries = archive.entries().map_err(|e| broken(label, format!("not a tar archive: {e}")))?;
-    for entry in entries {
-        let mut entry = entry.map_err(|e| broken(label, format!("not a valid tar archive: {e}")))?;
-        let name = normalize_member_name(&String::from_utf8_lossy(&entry.path_bytes()));
-        if !f(&mut entry, name)? {
-            break;
-        }
-    }
-    Ok(())
-}
-
 /// First pass: the images an archive holds, with their layers located and hashed.
-fn index(path: &Path, label: &str) -> Result<Vec<ImageEntry>> {
-    let mut members: HashMap<String, Member> = HashMap::new();
-    let mut small: HashMap<String, Vec<u8>> = HashMap::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for_each_member(path, label, |entry, name| {
-        let kind = entry.header().entry_type();
-        if let Some(target) = crate::base::link_target(entry, &name) {
-            members.insert(name, Member::Link { target });
-        } else if kind.is_file() {
-            let size = entry.size();
-            let keep = size <= SMALL_MEMBER;
-            let mut kept = Vec::new();
-            let mut hasher = Sha256::new();
-            let mut read = 0u64;
-            loop {
-                let k = match entry.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(k) => k,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(broken(label, format!("cannot read member {name}: {e}"))),
-                };
-                hasher.update(&buf[..k]);
-                if keep {
-                    kept.extend_from_slice(&buf[..k]);
-                }
-                read += k as u64;
-            }
-            if read != size {
-                return Err(broken(label, format!("member {name} is truncated")));
-            }
-            if keep {
-                small.insert(name.clone(), kept);
-            }
-            members.insert(name, Member::File { size, digest: hex(&hasher.finalize()) });
-        }
-        Ok(true)
-    })?;
-
+fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
+    let idx = ArchiveIndex::load_hashing(path).map_err(|e| broken(label, format!("{e:#}")))?;
     let resolve = |name: &str| -> Result<(String, u64, String)> {
-        let mut name = normalize_member_name(name);
-        for _ in 0..32 {
-            match members.get(&name) {
-                Some(Member::File { size, digest }) => return Ok((name, *size, digest.clone())),
-                Some(Member::Link { target }) => name = target.clone(),
-                None => return Err(broken(label, format!("it has no member {name:?}"))),
-            }
-        }
-        Err(broken(label, format!("too many links resolving {name:?}")))
+        let m = idx.resolve(name).map_err(|e| broken(label, format!("{e:#}")))?;
+        let digest = idx.digest(&m.name).ok_or_else(|| anyhow!("internal error: member {} was not hashed", m.name))?;
+        Ok((m.name, m.size, digest))
     };
-    let read_small = |name: &str| -> Result<Vec<u8>> {
-        let (member, _, _) = resolve(name)?;
-        small
-            .get(&member)
-            .cloned()
-            .ok_or_else(|| broken(label, format!("{name} is too large to be JSON metadata")))
-    };
+    let read_small = |name: &str| -> Result<Vec<u8>> { idx.bytes(name).map_err(|e| broken(label, format!("{e:#}"))) };
 
     let manifest: Value = serde_json::from_slice(&read_small("manifest.json")?)
         .map_err(|e| broken(label, format!("manifest.json is not valid JSON: {e}")))?;
@@ -183,7 +110,8 @@ fn index(path: &Path, label: &str) -> Result<Vec<ImageEntry>> {
             };
             Ok(ImageEntry { config, repo_tags, layers })
         })
-        .collect()
+        .collect::<Result<Vec<_>>>()
+        .map(|entries| (idx, entries))
 }
 
 /// Whether `path` is a program to run rather than an archive to read: executable, and starting
@@ -246,7 +174,7 @@ pub fn merge<W: Write>(inputs: &[PathBuf], scratch: &Path, out: W, progress: &Pr
             input.as_path()
         };
         progress.say(format!("Indexing {label}"));
-        let entries = index(archive, &label)?;
+        let (idx, entries) = index(archive, &label)?;
 
         // Each new layer is copied from the first member that holds it.
         let mut wanted: HashMap<String, String> = HashMap::new();
@@ -257,32 +185,23 @@ pub fn merge<W: Write>(inputs: &[PathBuf], scratch: &Path, out: W, progress: &Pr
             }
         }
         let new_layers = wanted.len();
-        if !wanted.is_empty() {
-            let sizes: HashMap<&str, u64> = entries.iter().flat_map(|e| &e.layers).map(|l| (l.member.as_str(), l.size)).collect();
-            for_each_member(archive, &label, |entry, name| {
-                if wanted.is_empty() {
-                    return Ok(false);
-                }
-                if !entry.header().entry_type().is_file() {
-                    return Ok(true);
-                }
-                let Some(digest) = wanted.remove(&name) else { return Ok(true) };
-                let size = sizes[name.as_str()];
-                outer.begin_member(&format!("{digest}/layer.tar"), size)?;
-                let mut hw = HashingWriter::new(&mut outer.w);
-                let copied = copy_reading(&mut entry.take(size), &mut hw, &mut buf, || format!("member {name} of image {label}"))?;
-                let (_, again, _) = hw.finish();
-                if copied != size || hex(&again) != digest {
-                    bail!(broken(&label, format!("member {name} changed between reads")));
-                }
-                outer.end_member(size)?;
-                written.insert(digest);
-                Ok(true)
-            })?;
-            if let Some(missing) = wanted.keys().next() {
-                bail!(broken(&label, format!("member {missing} vanished between reads")));
+        let sizes: HashMap<&str, u64> = entries.iter().flat_map(|e| &e.layers).map(|l| (l.member.as_str(), l.size)).collect();
+        let members: Vec<String> = wanted.keys().cloned().collect();
+        idx.for_each_wanted(&members, |name, entry| {
+            let digest = &wanted[name];
+            let size = sizes[name];
+            outer.begin_member(&format!("{digest}/layer.tar"), size)?;
+            let mut hw = HashingWriter::new(&mut outer.w);
+            let copied = copy_reading(&mut entry.take(size), &mut hw, &mut buf, || format!("member {name} of image {label}"))?;
+            let (_, again, _) = hw.finish();
+            if copied != size || hex(&again) != *digest {
+                bail!(broken(&label, format!("member {name} changed between reads")));
             }
-        }
+            outer.end_member(size)?;
+            written.insert(digest.clone());
+            Ok(true)
+        })
+        .map_err(|e| broken(&label, format!("{e:#}")))?;
         if archive == spool {
             let _ = fs::remove_file(&spool);
         }

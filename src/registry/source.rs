@@ -5,6 +5,7 @@
 //! layers) are produced twice: once to learn their compressed digests, once, for the blobs
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
+use crate::archive::{read_limited, ArchiveIndex, JSON_LIMIT};
 use crate::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};
 use crate::image::{hex, ImageSpec, LayerSink, Progress};
@@ -114,41 +115,13 @@ impl Source {
             return Ok(Source::Conf(path));
         }
         // A tar: a Docker archive has manifest.json (newer ones have index.json too).
-        let mut has_manifest = false;
-        let mut has_index = false;
-        for_each_member(&path, |name, _| {
-            has_manifest |= name == "manifest.json";
-            has_index |= name == "index.json";
-            Ok(!has_manifest)
-        })
-        .with_context(|| format!("source {s}: not a conf, a Docker archive or an oci-archive"))?;
-        match (has_manifest, has_index) {
+        let idx = ArchiveIndex::load(&path).with_context(|| format!("source {s}: not a conf, a Docker archive or an oci-archive"))?;
+        match (idx.contains("manifest.json"), idx.contains("index.json")) {
             (true, _) => Ok(Source::DockerArchive(path)),
             (false, true) => Ok(Source::OciArchive(path, None)),
             _ => bail!("source {s}: a tar with neither manifest.json (Docker archive) nor index.json (oci-archive)"),
         }
     }
-}
-
-fn normalize(name: &str) -> String {
-    name.split('/').filter(|c| !c.is_empty() && *c != ".").collect::<Vec<_>>().join("/")
-}
-
-/// Runs `f(name, entry)` on each regular file of a (possibly compressed) tar until it says stop.
-fn for_each_member(path: &Path, mut f: impl FnMut(&str, &mut dyn Read) -> Result<bool>) -> Result<()> {
-    let reader = crate::compress::open_decompressed(path)?;
-    let mut archive = tar::Archive::new(reader);
-    for entry in archive.entries().map_err(|e| anyhow!("{}: not a tar archive: {e}", path.display()))? {
-        let mut entry = entry.map_err(|e| anyhow!("{}: not a valid tar archive: {e}", path.display()))?;
-        if !entry.header().entry_type().is_file() {
-            continue;
-        }
-        let name = normalize(&String::from_utf8_lossy(&entry.path_bytes()));
-        if !f(&name, &mut entry)? {
-            break;
-        }
-    }
-    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -412,30 +385,6 @@ impl LayerPass for DockerArchivePass {
     }
 }
 
-/// The config member of a Docker archive, byte for byte (so the image ID is kept).
-fn docker_config_bytes(path: &Path) -> Result<Vec<u8>> {
-    let mut manifest: Option<Vec<u8>> = None;
-    let mut jsons: HashMap<String, Vec<u8>> = HashMap::new();
-    for_each_member(path, |name, r| {
-        if name.ends_with(".json") {
-            let mut data = Vec::new();
-            r.take(16 << 20).read_to_end(&mut data)?;
-            if name == "manifest.json" {
-                manifest = Some(data);
-            } else {
-                jsons.insert(name.to_string(), data);
-            }
-        }
-        Ok(true)
-    })?;
-    let manifest: Value = serde_json::from_slice(&manifest.ok_or_else(|| anyhow!("{}: no manifest.json", path.display()))?)
-        .map_err(|e| anyhow!("{}: manifest.json: {e}", path.display()))?;
-    let name = manifest.pointer("/0/Config").and_then(Value::as_str).ok_or_else(|| anyhow!("{}: manifest.json has no Config", path.display()))?;
-    jsons
-        .remove(&normalize(name))
-        .ok_or_else(|| anyhow!("{}: config {name} is not a plain .json member", path.display()))
-}
-
 pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress) -> Result<Plan<'a>> {
     // The config lists diff_ids, so cached digests are found without reading any layer.
     let diff_ids: Vec<Option<String>> = pass
@@ -446,7 +395,8 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress)
         .map(|(i, l)| (pass.base.layers.iter().position(|m| m.member == l.member) == Some(i)).then(|| l.diff_id.clone()))
         .collect();
     let results = layer_digests(pass, pass.compressor, &diff_ids, progress)?;
-    let config = docker_config_bytes(&pass.base.path)?;
+    // Byte for byte, so the image ID is kept.
+    let config = pass.base.config_bytes(None)?;
     let mut blobs = Vec::new();
     let mut descs = Vec::new();
     for (i, layer) in pass.base.layers.iter().enumerate() {
@@ -538,17 +488,12 @@ fn walk(
 pub fn plan_oci_dir(dir: &Path, reference: Option<&str>) -> Result<Plan<'static>> {
     let what = format!("OCI layout {}", dir.display());
     let index_path = dir.join("index.json");
-    let index: Value = serde_json::from_slice(&fs::read(&index_path).map_err(|e| anyhow!("{what}: cannot read index.json: {e}"))?)
+    let index: Value = serde_json::from_slice(&read_limited(&index_path, JSON_LIMIT).map_err(|e| anyhow!("{what}: {e:#}"))?)
         .map_err(|e| anyhow!("{what}: index.json is not JSON: {e}"))?;
     let entry = pick_entry(&index, reference, &what)?;
     let blob_path = |d: &str| dir.join("blobs/sha256").join(&d["sha256:".len()..]);
     let mut json_blob = |d: &str| -> Result<Vec<u8>> {
-        let p = blob_path(d);
-        let meta = fs::metadata(&p).map_err(|e| anyhow!("{what}: blob {d}: {e}"))?;
-        if meta.len() > super::client::JSON_LIMIT {
-            bail!("{what}: manifest {d} is too large");
-        }
-        fs::read(&p).map_err(|e| anyhow!("{what}: blob {d}: {e}"))
+        read_limited(&blob_path(d), JSON_LIMIT).map_err(|e| anyhow!("{what}: blob {d}: {e:#}"))
     };
     let (mut found, mut manifests) = (Vec::new(), Vec::new());
     walk(&entry, &mut json_blob, &mut found, &mut manifests, &what, 0)?;
@@ -566,7 +511,7 @@ pub fn plan_oci_dir(dir: &Path, reference: Option<&str>) -> Result<Plan<'static>
 
 /// An oci-archive's big blobs, read from the tar in one pass.
 pub struct OciArchivePass {
-    pub path: PathBuf,
+    pub index: ArchiveIndex,
     /// Pass items: member name (`blobs/sha256/<hex>`) by item number.
     pub members: Vec<String>,
 }
@@ -574,17 +519,20 @@ pub struct OciArchivePass {
 impl LayerPass for OciArchivePass {
     fn run(&self, sink: &mut dyn LayerSink, _progress: &Progress) -> Result<()> {
         let mut buf = vec![0u8; 1 << 20];
-        let mut left = self.members.len();
-        for_each_member(&self.path, |name, r| {
-            if let Some(i) = self.members.iter().position(|m| m == name) {
-                left -= 1;
+        let path = &self.index.path;
+        let mut wanted = self.members.clone();
+        wanted.sort();
+        wanted.dedup();
+        self.index.for_each_wanted(&wanted, |name, r| {
+            for (i, _) in self.members.iter().enumerate().filter(|(_, m)| *m == name) {
                 if sink.wants(i) {
                     sink.begin(name, 0)?;
-                    let n = crate::image::copy_reading(&mut &mut *r, sink.out(), &mut buf, || format!("{}: member {name}", self.path.display()))?;
+                    let n = crate::image::copy_reading(&mut &mut *r, sink.out(), &mut buf, || format!("{}: member {name}", path.display()))?;
                     sink.end(n, "")?;
+                    break;
                 }
             }
-            Ok(left > 0)
+            Ok(true)
         })
     }
     fn compressor(&self) -> Option<Compressor> {
@@ -592,50 +540,36 @@ impl LayerPass for OciArchivePass {
     }
 }
 
-/// Plans an oci-archive: one pass keeps the small JSON members (index, manifests, configs);
+/// Plans an oci-archive: the index keeps the small JSON members (index, manifests, configs);
 /// the other blobs go into a pass.
 pub fn plan_oci_archive(path: &Path, reference: Option<&str>) -> Result<(Plan<'static>, OciArchivePass)> {
     let what = format!("oci-archive {}", path.display());
-    let mut small: HashMap<String, Vec<u8>> = HashMap::new();
-    let mut sizes: HashMap<String, u64> = HashMap::new();
-    for_each_member(path, |name, r| {
-        let mut head = Vec::new();
-        r.take(1).read_to_end(&mut head)?;
-        let mut rest = Vec::new();
-        if head.first() == Some(&b'{') {
-            r.take(super::client::JSON_LIMIT).read_to_end(&mut rest)?;
-            let mut data = head;
-            data.extend(rest);
-            sizes.insert(name.to_string(), data.len() as u64 + io::copy(r, &mut io::sink())?);
-            small.insert(name.to_string(), data);
-        } else {
-            sizes.insert(name.to_string(), head.len() as u64 + io::copy(r, &mut io::sink())?);
-        }
-        Ok(true)
-    })?;
-    let index: Value = serde_json::from_slice(small.get("index.json").ok_or_else(|| anyhow!("{what}: no index.json"))?)
-        .map_err(|e| anyhow!("{what}: index.json is not JSON: {e}"))?;
+    let idx = ArchiveIndex::load(path)?;
+    let index: Value = idx.json("index.json").map_err(|e| anyhow!("{what}: {e:#}"))?;
     let entry = pick_entry(&index, reference, &what)?;
     let member = |d: &str| format!("blobs/sha256/{}", &d["sha256:".len()..]);
-    let mut json_blob = |d: &str| -> Result<Vec<u8>> { small.get(&member(d)).cloned().ok_or_else(|| anyhow!("{what}: no JSON blob {d}")) };
+    let mut json_blob = |d: &str| -> Result<Vec<u8>> { idx.bytes(&member(d)).map_err(|e| anyhow!("{what}: JSON blob {d}: {e:#}")) };
     let (mut found, mut manifests) = (Vec::new(), Vec::new());
     walk(&entry, &mut json_blob, &mut found, &mut manifests, &what, 0)?;
-    let mut pass = OciArchivePass { path: path.to_owned(), members: Vec::new() };
+    let mut members = Vec::new();
     let mut blobs = Vec::new();
     for (digest, size, kind) in found {
         let m = member(&digest);
-        let actual = *sizes.get(&m).ok_or_else(|| anyhow!("{what}: no blob {digest}"))?;
+        let actual = idx.resolve(&m).map_err(|_| anyhow!("{what}: no blob {digest}"))?.size;
         if actual != size {
             bail!("{what}: blob {digest} is {actual} bytes, its descriptor says {size}");
         }
-        let data = match small.get(&m) {
-            Some(bytes) if kind == "config" => BlobData::Bytes(bytes.clone()),
-            _ => {
-                pass.members.push(m);
-                BlobData::Pass(pass.members.len() - 1)
+        let data = if kind == "config" {
+            let bytes = idx.bytes(&m)?;
+            if sha256_digest(&bytes) != digest {
+                bail!("{what}: blob {digest} does not match its digest");
             }
+            BlobData::Bytes(bytes)
+        } else {
+            members.push(m);
+            BlobData::Pass(members.len() - 1)
         };
         blobs.push(Blob { digest, size, data, what: kind });
     }
-    Ok((Plan { blobs, manifests, pass: None }, pass))
+    Ok((Plan { blobs, manifests, pass: None }, OciArchivePass { index: idx, members }))
 }

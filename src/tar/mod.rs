@@ -1,4 +1,6 @@
-//! Tar headers exactly as CPython's `tarfile` writes them in PAX mode.
+//! Tar archives: headers exactly as CPython's `tarfile` writes them in PAX mode (this file),
+//! the one reader every input archive goes through ([`read`]), and the one rule for member
+//! names ([`name`]).
 //!
 //! Byte-identical layers are what let an image built by stevedore share layer digests with the
 //! same store paths built by nixpkgs' `stream_layered_image.py`, so every detail here (field
@@ -6,6 +8,9 @@
 //! emits, not what the POSIX spec merely allows.
 
 use std::io::{self, Write};
+
+pub mod name;
+pub mod read;
 
 pub const BLOCK: u64 = 512;
 /// Python pads a closed archive to a multiple of this (tar's default blocking factor 20).

@@ -1,0 +1,457 @@
+//! Image archives: the outer tar of a Docker archive (`docker save`, our streams, merged
+//! archives) or an OCI archive, plain, gzip or zstd. One index of its members serves every
+//! reader (base images, export, merge, push), with one rule for names and links.
+//!
+//! A compressed archive cannot be read at random and its manifest may come last (ours put it
+//! there), so one pass indexes every member and keeps the small ones that look like JSON, up to
+//! a total budget; metadata past the budget is read again when asked for (by offset in a plain
+//! archive, by another pass in a compressed one). Memory is bounded whatever the archive holds.
+
+use crate::compress::open_decompressed;
+use crate::image::hex;
+use crate::tar::name::{normalize_text, symlink_target};
+use crate::tar::read::{self, Reader, HARDLINK, SYMLINK};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The largest manifest, config or index read from an image.
+pub const JSON_LIMIT: u64 = 4 << 20;
+/// What the first pass keeps of small JSON-looking members, in all.
+const KEEP_BUDGET: u64 = 16 << 20;
+/// Members an image archive may have; real ones have a few per layer.
+pub const MAX_MEMBERS: usize = 200_000;
+/// Links followed to find the member holding the bytes.
+const MAX_HOPS: usize = 32;
+
+#[derive(Debug, Clone)]
+enum Member {
+    File { offset: u64, size: u64, digest: Option<[u8; 32]> },
+    Link(String),
+}
+
+/// A member holding bytes, links followed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resolved {
+    pub name: String,
+    /// Where its data starts in the uncompressed archive.
+    pub offset: u64,
+    pub size: u64,
+}
+
+/// Checks that `path` can be read as a file without blocking (a FIFO or device would hang or
+/// never end).
+pub fn check_regular(path: &Path) -> Result<std::fs::Metadata> {
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    if !meta.is_file() {
+        bail!("{}: not a regular file", path.display());
+    }
+    Ok(meta)
+}
+
+/// Reads a whole file of at most `limit` bytes (a JSON input, say), refusing anything larger or
+/// not a regular file, so that no input can take unbounded memory.
+pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
+    check_regular(path)?;
+    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    read_all_limited(f, limit).with_context(|| format!("cannot read {}", path.display()))
+}
+
+/// Reads `r` to its end, failing once it passes `limit` bytes.
+pub fn read_all_limited(r: impl Read, limit: u64) -> Result<Vec<u8>> {
+    let mut data = Vec::new();
+    r.take(limit + 1).read_to_end(&mut data)?;
+    if data.len() as u64 > limit {
+        bail!("larger than the limit of {} MiB", limit >> 20);
+    }
+    Ok(data)
+}
+
+/// The members of an image archive.
+#[derive(Debug)]
+pub struct ArchiveIndex {
+    pub path: PathBuf,
+    pub compressed: bool,
+    members: HashMap<String, Member>,
+    kept: HashMap<String, Vec<u8>>,
+}
+
+fn looks_like_json(head: &[u8]) -> bool {
+    head.iter().find(|b| !b.is_ascii_whitespace()).is_some_and(|&b| b == b'{' || b == b'[')
+}
+
+/// Opens a tar for one pass, seeking over data when the file is plain.
+enum Pass {
+    Plain(Reader<BufReader<File>>),
+    Stream(Reader<Box<dyn Read>>),
+}
+
+impl Pass {
+    fn open(path: &Path, compressed: bool) -> Result<Pass> {
+        Ok(if compressed {
+            Pass::Stream(Reader::new(open_decompressed(path)?))
+        } else {
+            let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+            let len = f.metadata()?.len();
+            Pass::Plain(Reader::seekable(BufReader::with_capacity(1 << 16, f), len))
+        })
+    }
+
+    fn next(&mut self) -> read::Result<Option<read::Entry>> {
+        match self {
+            Pass::Plain(r) => r.next(),
+            Pass::Stream(r) => r.next(),
+        }
+    }
+
+    fn data(&mut self) -> &mut dyn Read {
+        match self {
+            Pass::Plain(r) => r,
+            Pass::Stream(r) => r,
+        }
+    }
+}
+
+impl ArchiveIndex {
+    /// Indexes the archive at `path`.
+    pub fn load(path: &Path) -> Result<Self> {
+        Self::load_with(path, false)
+    }
+
+    /// Indexes the archive and hashes every file member (what `merge` names layers by).
+    pub fn load_hashing(path: &Path) -> Result<Self> {
+        Self::load_with(path, true)
+    }
+
+    fn load_with(path: &Path, hashing: bool) -> Result<Self> {
+        check_regular(path)?;
+        let mut head = [0u8; 8];
+        let n = File::open(path).and_then(|mut f| f.read(&mut head)).with_context(|| format!("cannot read {}", path.display()))?;
+        let compressed = crate::compress::detect(&head[..n]) != crate::compress::Compression::None;
+        let mut idx = ArchiveIndex { path: path.to_owned(), compressed, members: HashMap::new(), kept: HashMap::new() };
+        let mut kept_bytes = 0u64;
+        let mut pass = Pass::open(path, compressed)?;
+        let mut buf = vec![0u8; 1 << 16];
+        let mut count = 0usize;
+        while let Some(e) = pass.next().map_err(|e| idx.bad(e))? {
+            count += 1;
+            if count > MAX_MEMBERS {
+                bail!("{}: more than {MAX_MEMBERS} members; not an image archive", path.display());
+            }
+            let name = match normalize_text(&e.name) {
+                Ok(Some(n)) => n,
+                // Manifests name members in JSON: a name that is not UTF-8 is never asked for.
+                Ok(None) => continue,
+                Err(err) => bail!("{}: member {:?}: {err}", path.display(), e.name_lossy()),
+            };
+            let member = match e.kind {
+                SYMLINK => Member::Link(symlink_target(&name, &e.link).map_err(|err| anyhow!("{}: member {name}: {err}", path.display()))?),
+                HARDLINK => match normalize_text(&e.link) {
+                    Ok(Some(t)) => Member::Link(t),
+                    Ok(None) => continue,
+                    Err(err) => bail!("{}: member {name}: hard link target: {err}", path.display()),
+                },
+                _ if e.is_file() => {
+                    let mut hasher = hashing.then(Sha256::new);
+                    let mut keep: Option<Vec<u8>> = None;
+                    let mut read_so_far = 0u64;
+                    if hasher.is_some() || (e.size <= JSON_LIMIT && kept_bytes + e.size <= KEEP_BUDGET) {
+                        let r = pass.data();
+                        loop {
+                            let k = match r.read(&mut buf) {
+                                Ok(0) => break,
+                                Ok(k) => k,
+                                Err(err) if err.kind() == io::ErrorKind::Interrupted => continue,
+                                Err(err) => bail!("{}: member {name}: {}", path.display(), read::Error::Io(err)),
+                            };
+                            if read_so_far == 0 && e.size <= JSON_LIMIT && kept_bytes + e.size <= KEEP_BUDGET && looks_like_json(&buf[..k]) {
+                                keep = Some(Vec::with_capacity(e.size as usize));
+                            }
+                            if let Some(h) = hasher.as_mut() {
+                                h.update(&buf[..k]);
+                            }
+                            if let Some(kv) = keep.as_mut() {
+                                kv.extend_from_slice(&buf[..k]);
+                            }
+                            read_so_far += k as u64;
+                            if hasher.is_none() && keep.is_none() {
+                                break;
+                            }
+                        }
+                    }
+                    match keep {
+                        Some(data) => {
+                            kept_bytes += data.len() as u64;
+                            idx.kept.insert(name.clone(), data);
+                        }
+                        // A later member of the same name replaces what was kept of an earlier one.
+                        None => {
+                            idx.kept.remove(&name);
+                        }
+                    }
+                    Member::File { offset: e.data_offset, size: e.size, digest: hasher.map(|h| h.finalize().into()) }
+                }
+                _ => continue,
+            };
+            if matches!(member, Member::Link(_)) {
+                idx.kept.remove(&name);
+            }
+            idx.members.insert(name, member);
+        }
+        Ok(idx)
+    }
+
+    fn bad(&self, e: read::Error) -> anyhow::Error {
+        anyhow!("{}: not a valid tar archive: {e}", self.path.display())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.members.contains_key(name)
+    }
+
+    /// Follows links from member `name` (as a manifest names it) to the member holding bytes.
+    pub fn resolve(&self, name: &str) -> Result<Resolved> {
+        let mut name = normalize_text(name.as_bytes())
+            .ok()
+            .flatten()
+            .ok_or_else(|| anyhow!("{}: {name:?} is not a member name", self.path.display()))?;
+        for _ in 0..MAX_HOPS {
+            match self.members.get(&name) {
+                Some(Member::File { offset, size, .. }) => return Ok(Resolved { name, offset: *offset, size: *size }),
+                Some(Member::Link(target)) => name = target.clone(),
+                None => bail!("{}: it has no member {name:?}", self.path.display()),
+            }
+        }
+        bail!("{}: too many links resolving {name:?}", self.path.display())
+    }
+
+    /// The sha256 of a file member's bytes (indexes made by [`Self::load_hashing`]).
+    pub fn digest(&self, member: &str) -> Option<String> {
+        match self.members.get(member) {
+            Some(Member::File { digest: Some(d), .. }) => Some(hex(d)),
+            _ => None,
+        }
+    }
+
+    /// The bytes of metadata member `name` (at most [`JSON_LIMIT`]).
+    pub fn bytes(&self, name: &str) -> Result<Vec<u8>> {
+        let m = self.resolve(name)?;
+        if let Some(data) = self.kept.get(&m.name) {
+            return Ok(data.clone());
+        }
+        if m.size > JSON_LIMIT {
+            bail!("{}: {name} is {} bytes, too large to be image metadata (the limit is {} MiB)", self.path.display(), m.size, JSON_LIMIT >> 20);
+        }
+        let mut data = Vec::with_capacity(m.size as usize);
+        self.open_member(&m)?.read_to_end(&mut data).with_context(|| format!("{}: cannot read {name}", self.path.display()))?;
+        Ok(data)
+    }
+
+    /// Member `name` parsed as JSON.
+    pub fn json(&self, name: &str) -> Result<Value> {
+        let data = self.bytes(name)?;
+        serde_json::from_slice(&data).map_err(|e| anyhow!("{}: {name} is not valid JSON: {e}", self.path.display()))
+    }
+
+    /// A reader of one member's bytes: in place in a plain archive, else by a pass to it.
+    pub fn open_member(&self, m: &Resolved) -> Result<Box<dyn Read + '_>> {
+        if !self.compressed {
+            let f = File::open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
+            return Ok(Box::new(crate::archive::Region::new(f, m.offset, m.size)));
+        }
+        let mut pass = Pass::open(&self.path, true)?;
+        while let Some(e) = pass.next().map_err(|e| self.bad(e))? {
+            if e.data_offset == m.offset && e.is_file() {
+                let Pass::Stream(r) = pass else { unreachable!("compressed archives are streamed") };
+                return Ok(Box::new(r.take(m.size)));
+            }
+        }
+        bail!("{}: member {} vanished between reads", self.path.display(), m.name)
+    }
+
+    /// Calls `f` with each wanted file member (by resolved name) in archive order, each once,
+    /// with a reader of exactly its bytes; stops early once all were seen or `f` says so.
+    pub fn for_each_wanted(&self, wanted: &[String], mut f: impl FnMut(&str, &mut dyn Read) -> Result<bool>) -> Result<()> {
+        let mut left: std::collections::HashSet<&str> = wanted.iter().map(String::as_str).collect();
+        if left.is_empty() {
+            return Ok(());
+        }
+        let mut pass = Pass::open(&self.path, self.compressed)?;
+        while let Some(e) = pass.next().map_err(|e| self.bad(e))? {
+            if !e.is_file() {
+                continue;
+            }
+            let Ok(Some(name)) = normalize_text(&e.name) else { continue };
+            // Only the member the index kept under this name (a later one of the same name
+            // replaced it, as extraction would).
+            let is_it = matches!(self.members.get(&name), Some(Member::File { offset, .. }) if *offset == e.data_offset);
+            if is_it && left.remove(name.as_str()) {
+                if !f(&name, pass.data())? {
+                    return Ok(());
+                }
+                if left.is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        if let Some(missing) = left.iter().next() {
+            bail!("{}: member {missing} vanished between reads", self.path.display());
+        }
+        Ok(())
+    }
+}
+
+/// A region of a file, readable and seekable as a file of its own.
+pub struct Region {
+    file: File,
+    start: u64,
+    len: u64,
+    pos: u64,
+}
+
+impl Region {
+    pub fn new(file: File, start: u64, len: u64) -> Self {
+        Region { file, start, len, pos: 0 }
+    }
+}
+
+impl Read for Region {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let left = self.len.saturating_sub(self.pos);
+        let n = (buf.len() as u64).min(left) as usize;
+        if n == 0 {
+            return Ok(0);
+        }
+        let k = self.file.read_at(&mut buf[..n], self.start + self.pos)?;
+        if k == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the file ends inside a member"));
+        }
+        self.pos += k as u64;
+        Ok(k)
+    }
+}
+
+impl Seek for Region {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        let new = match to {
+            SeekFrom::Start(p) => p as i128,
+            SeekFrom::Current(d) => self.pos as i128 + d as i128,
+            SeekFrom::End(d) => self.len as i128 + d as i128,
+        };
+        if new < 0 {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "seek before the start"));
+        }
+        self.pos = new as u64;
+        Ok(self.pos)
+    }
+}
+
+/// The entry of a Docker archive's `manifest.json` tagged `wanted` (`name:tag`), or the first.
+pub fn select_manifest_entry<'m>(manifest: &'m Value, wanted: Option<&str>, path: &Path) -> Result<&'m Value> {
+    let images = manifest.as_array().ok_or_else(|| anyhow!("{}: manifest.json is not a list", path.display()))?;
+    match wanted {
+        Some(wanted) => images
+            .iter()
+            .find(|i| i["RepoTags"].as_array().is_some_and(|t| t.iter().any(|t| t.as_str() == Some(wanted))))
+            .ok_or_else(|| {
+                let tags: Vec<&str> = images.iter().filter_map(|i| i["RepoTags"].as_array()).flatten().filter_map(Value::as_str).collect();
+                anyhow!("{}: no image tagged {wanted} (it has: {})", path.display(), tags.join(", "))
+            }),
+        None => images.first().ok_or_else(|| anyhow!("{}: manifest.json lists no image", path.display())),
+    }
+}
+
+/// `sha256:` and 64 lowercase hex digits, as a digest naming a layer or blob must be (it
+/// becomes part of member and file names).
+pub fn check_sha256_digest(d: &str) -> Result<&str> {
+    let hex = d.strip_prefix("sha256:").ok_or_else(|| anyhow!("digest {d:?} is not sha256"))?;
+    if hex.len() != 64 || !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+        bail!("digest {d:?} is not sha256: and 64 lowercase hex digits");
+    }
+    Ok(hex)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn archive(entries: &[(&str, &[u8])], links: &[(&str, &str)]) -> tempfile::NamedTempFile {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in entries {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, *data).unwrap();
+        }
+        for (name, target) in links {
+            let mut h = tar::Header::new_ustar();
+            h.set_entry_type(tar::EntryType::Symlink);
+            b.append_link(&mut h, name, target).unwrap();
+        }
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), b.into_inner().unwrap()).unwrap();
+        f
+    }
+
+    #[test]
+    fn links_resolve_and_json_is_read_past_the_budget() {
+        let big = vec![b' '; 100];
+        let f = archive(&[("./manifest.json", b"[{\"a\":1}]"), ("x/layer.tar", &big)], &[("y/layer.tar", "../x/layer.tar")]);
+        let idx = ArchiveIndex::load(f.path()).unwrap();
+        assert_eq!(idx.json("manifest.json").unwrap()[0]["a"], 1);
+        assert_eq!(idx.resolve("y/layer.tar").unwrap().name, "x/layer.tar");
+        // Not kept (not JSON), but read on demand in place.
+        assert_eq!(idx.bytes("x/layer.tar").unwrap(), big);
+        assert!(idx.resolve("../../etc/passwd").is_err());
+    }
+
+    #[test]
+    fn compressed_archives_and_many_small_members_stay_bounded() {
+        // Many JSON-looking members: more than the keep budget; all still readable.
+        let body = format!("{{{}}}", " ".repeat((1 << 20) - 2));
+        let names: Vec<String> = (0..20).map(|i| format!("m{i}.json")).collect();
+        let entries: Vec<(&str, &[u8])> = names.iter().map(|n| (n.as_str(), body.as_bytes())).collect();
+        let f = archive(&entries, &[]);
+        let gz = tempfile::NamedTempFile::new().unwrap();
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        io::Write::write_all(&mut enc, &std::fs::read(f.path()).unwrap()).unwrap();
+        std::fs::write(gz.path(), enc.finish().unwrap()).unwrap();
+        for path in [f.path(), gz.path()] {
+            let idx = ArchiveIndex::load(path).unwrap();
+            let kept: u64 = idx.kept.values().map(|v| v.len() as u64).sum();
+            assert!(kept <= KEEP_BUDGET);
+            assert_eq!(idx.bytes("m19.json").unwrap().len(), body.len());
+            let mut seen = 0;
+            idx.for_each_wanted(&names, |_, r| {
+                seen += io::copy(r, &mut io::sink())?;
+                Ok(true)
+            })
+            .unwrap();
+            assert_eq!(seen, 20 * body.len() as u64);
+        }
+    }
+
+    #[test]
+    fn digests_must_be_lowercase_hex() {
+        let ok = format!("sha256:{}", "a".repeat(64));
+        assert!(check_sha256_digest(&ok).is_ok());
+        assert!(check_sha256_digest(&format!("sha256:{}", "A".repeat(64))).is_err());
+        assert!(check_sha256_digest(&format!("sha256:../../x/layer.tar{}", "a".repeat(47))).is_err());
+        assert!(check_sha256_digest("sha512:00").is_err());
+    }
+
+    #[test]
+    fn fifos_and_endless_inputs_are_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert!(ArchiveIndex::load(&fifo).unwrap_err().to_string().contains("not a regular file"));
+        assert!(read_limited(&fifo, 10).is_err());
+        assert!(read_all_limited(io::repeat(b'x'), 1 << 20).is_err());
+    }
+}
