@@ -20,6 +20,9 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+/// The largest JSON input (a conf, a closure graph, a builder's attributes): real ones are a
+/// few MiB even for closures of thousands of paths.
+pub const INPUT_LIMIT: u64 = 64 << 20;
 /// The largest manifest, config or index read from an image.
 pub const JSON_LIMIT: u64 = 4 << 20;
 /// What the first pass keeps of small JSON-looking members, in all.

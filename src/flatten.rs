@@ -12,7 +12,7 @@
 use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
 use crate::layer::{out_err, OutputError};
 use crate::oci::TempDir;
-use crate::archive::{check_sha256_digest, read_limited, select_manifest_entry, ArchiveIndex, Region, Resolved, JSON_LIMIT};
+use crate::archive::{check_regular, check_sha256_digest, read_limited, select_manifest_entry, ArchiveIndex, Region, Resolved, JSON_LIMIT};
 use crate::tar::read::{self as rd, Entry as ReadEntry, Reader};
 use crate::tar::{self as t, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
@@ -205,6 +205,7 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
         let names = oci_layers(&Source::Dir(path), sel, path)?;
         for (i, name) in names.iter().enumerate() {
             let file = path.join(name);
+            check_regular(&file)?;
             let mut f = File::open(&file).with_context(|| format!("cannot open layer {}", file.display()))?;
             let mut head = [0u8; 4];
             let n = f.read(&mut head).with_context(|| format!("cannot read {}", file.display()))?;

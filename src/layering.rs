@@ -372,7 +372,8 @@ impl Pipeline {
         let text = if arg.trim_start().starts_with('[') {
             arg.to_string()
         } else {
-            std::fs::read_to_string(arg).with_context(|| format!("{arg}: cannot read the pipeline"))?
+            let bytes = crate::archive::read_limited(std::path::Path::new(arg), crate::archive::INPUT_LIMIT).context("the pipeline")?;
+            String::from_utf8(bytes).map_err(|_| anyhow!("pipeline {arg}: not UTF-8"))?
         };
         let value: Value = serde_json::from_str(&text).map_err(|e| anyhow!("pipeline: not valid JSON: {e}"))?;
         Self::from_json(&value)

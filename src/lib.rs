@@ -5,6 +5,7 @@
 
 pub mod archive;
 pub mod base;
+pub mod beneath;
 pub mod buildimage;
 pub mod compress;
 pub mod conf;

@@ -160,11 +160,8 @@ impl Attrs {
     /// Reads `NIX_ATTRS_JSON_FILE`, or `.attrs.json` in the working directory (older Nix).
     pub fn load() -> Result<Attrs> {
         let path = attrs_path(std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from), std::env::var_os("NIX_BUILD_TOP").map(PathBuf::from));
-        let text = fs::read(&path).map_err(|e| {
-            anyhow!(
-                "cannot read {}: {e}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true",
-                path.display()
-            )
+        let text = crate::archive::read_limited(&path, crate::archive::INPUT_LIMIT).map_err(|e| {
+            anyhow!("{e:#}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true")
         })?;
         let value: Value = serde_json::from_slice(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
         Attrs::from_value(value)
@@ -448,7 +445,7 @@ pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
     let pipeline = match attrs.get("layeringPipeline") {
         None => None,
         Some(Value::String(file)) => {
-            let text = fs::read(file).with_context(|| format!("layeringPipeline: cannot read {file}"))?;
+            let text = crate::archive::read_limited(Path::new(file), crate::archive::INPUT_LIMIT).map_err(|e| anyhow!("layeringPipeline: {e:#}"))?;
             Some(serde_json::from_slice(&text).map_err(|e| anyhow!("layeringPipeline: {file} is not valid JSON: {e}"))?)
         }
         Some(v @ Value::Array(_)) => Some(v.clone()),

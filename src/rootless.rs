@@ -26,13 +26,18 @@
 //! script starts we wait until the clock has moved past every ctime in the snapshot, so even a
 //! same-size rewrite with the old mtime restored is caught.
 
+use crate::beneath::Root;
 use crate::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
 use crate::image::hex;
 use crate::layer::HashingWriter;
 use crate::rootfs::{self, Dirlinks};
 use crate::tar::{self as t, Header};
 use anyhow::{anyhow, bail, Context, Result};
+use nix::fcntl::{openat, OFlag, AT_FDCWD};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sys::stat::{fchmod, fchmodat, mkdirat, mknodat, FchmodatFlags, Mode, SFlag};
+use nix::unistd::{linkat, mkfifoat, symlinkat};
+use nix::fcntl::AtFlags;
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{fork, ForkResult, Pid};
@@ -40,9 +45,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
-use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// How container ids are mapped to ours.
@@ -141,19 +146,6 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-fn cpath(p: &Path) -> Result<CString> {
-    CString::new(p.as_os_str().as_bytes()).map_err(|_| anyhow!("{} has a NUL byte", p.display()))
-}
-
-fn key_path(root: &Path, key: &[u8]) -> PathBuf {
-    let rel: Vec<u8> = key.iter().map(|&b| if b == SEP { b'/' } else { b }).collect();
-    if rel.is_empty() {
-        root.to_owned()
-    } else {
-        root.join(OsStr::from_bytes(&rel))
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Owners the disk cannot hold.
 
@@ -182,7 +174,21 @@ fn birth(meta: &fs::Metadata) -> Option<(u64, u32)> {
 impl Owners {
     /// Sets the owner of `path` (not following symlinks), on disk when the ids are mapped.
     fn set(&mut self, path: &Path, uid: u64, gid: u64) -> Result<()> {
-        let meta = fs::symlink_metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+        let (dir, name) = match (path.parent(), path.file_name()) {
+            (Some(d), Some(n)) => (d, n),
+            _ => bail!("cannot chown {}: not a path below a directory", path.display()),
+        };
+        let dir = openat(AT_FDCWD, dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .with_context(|| format!("cannot open {}", dir.display()))?;
+        self.set_at(dir.as_fd(), name, path, uid, gid)
+    }
+
+    /// Sets the owner of `name` in directory `dir` (not following symlinks); `shown` names it
+    /// in messages.
+    fn set_at(&mut self, dir: BorrowedFd, name: &OsStr, shown: &Path, uid: u64, gid: u64) -> Result<()> {
+        let fd = openat(dir, name, OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty())
+            .with_context(|| format!("cannot open {}", shown.display()))?;
+        let meta = File::from(fd).metadata().with_context(|| format!("cannot stat {}", shown.display()))?;
         let id = (meta.dev(), meta.ino());
         let fake = Fake { uid, gid, birth: birth(&meta) };
         if self.single {
@@ -195,14 +201,14 @@ impl Owners {
             return Ok(());
         }
         if uid < u32::MAX as u64 && gid < u32::MAX as u64 {
-            let c = cpath(path)?;
-            if unsafe { libc::lchown(c.as_ptr(), uid as u32, gid as u32) } == 0 {
-                self.fake.remove(&id);
-                return Ok(());
-            }
-            let e = errno();
-            if e.raw_os_error() != Some(libc::EINVAL) {
-                bail!("cannot chown {} to {uid}:{gid}: {e}", path.display());
+            let owner = (Some(nix::unistd::Uid::from_raw(uid as u32)), Some(nix::unistd::Gid::from_raw(gid as u32)));
+            match nix::unistd::fchownat(dir, name, owner.0, owner.1, AtFlags::AT_SYMLINK_NOFOLLOW) {
+                Ok(()) => {
+                    self.fake.remove(&id);
+                    return Ok(());
+                }
+                Err(nix::errno::Errno::EINVAL) => {}
+                Err(e) => bail!("cannot chown {} to {uid}:{gid}: {e}", shown.display()),
             }
         }
         // An id outside the mapping.
@@ -232,62 +238,93 @@ impl Owners {
 // ---------------------------------------------------------------------------------------------
 // Laying out the root filesystem.
 
+/// A tree key as a relative path (components joined with `/`; keys hold no `/` or NUL in a
+/// component, see [`crate::tar::name`]).
+fn key_rel(key: &[u8]) -> Vec<u8> {
+    key.iter().map(|&b| if b == SEP { b'/' } else { b }).collect()
+}
+
 /// Creates the tree on disk under `root` (which exists): data read from the layers by offset,
 /// hard links kept, owners set (or recorded), directory modes set last so read-only ones can
-/// be filled first.
-fn materialize(tree: &Tree, blobs: &[LayerBlob], root: &Path, owners: &mut Owners) -> Result<()> {
+/// be filled first. Every name is made relative to its directory, opened beneath the root
+/// without following symlinks ([`Root`]), so no link in the image leads a write outside.
+fn materialize(tree: &Tree, blobs: &[LayerBlob], root_path: &Path, owners: &mut Owners) -> Result<()> {
+    let mut root = Root::open(root_path).with_context(|| format!("cannot open {}", root_path.display()))?;
     let mut data = LayerData::new(blobs);
-    let mut first_of_inode: HashMap<u64, PathBuf> = HashMap::new();
-    let mut dirs: Vec<(PathBuf, u32, u64, u64)> = vec![(root.to_owned(), tree.root.mode, tree.root.uid, tree.root.gid)];
+    let mut first_of_inode: HashMap<u64, Vec<u8>> = HashMap::new();
+    let mut dirs: Vec<(Vec<u8>, u32, u64, u64)> = Vec::new();
     let mut stand_ins = 0;
+    let perm = |m: u32| Mode::from_bits_truncate(m as libc::mode_t);
     for (key, node) in &tree.nodes {
-        let path = key_path(root, key);
-        let fail = |what: &str, e: io::Error| anyhow!("cannot {what} {}: {e}", path.display());
+        let rel = key_rel(key);
+        let shown = root.display(&rel);
+        let fail = |what: &str, e: io::Error| anyhow!("cannot {what} {}: {e}", shown.display());
+        let mut file: Option<File> = None;
         match &node.kind {
             Kind::Dir => {
-                fs::create_dir(&path).map_err(|e| fail("create directory", e))?;
-                dirs.push((path, node.mode, node.uid, node.gid));
+                let (dir, name) = root.parent(&rel).map_err(|e| fail("create directory", e))?;
+                mkdirat(dir, name, perm(0o700)).map_err(|e| fail("create directory", e.into()))?;
+                dirs.push((rel, node.mode, node.uid, node.gid));
                 continue;
             }
             Kind::File { layer, offset, size, inode } => {
                 if let Some(first) = first_of_inode.get(inode) {
-                    fs::hard_link(first, &path).map_err(|e| fail("hard-link", e))?;
+                    let (first_dir, first_name) = match first.iter().rposition(|&b| b == b'/') {
+                        Some(i) => (&first[..i], &first[i + 1..]),
+                        None => (&b""[..], &first[..]),
+                    };
+                    let from = root.open_dir(first_dir).map_err(|e| fail("hard-link", e))?;
+                    let (dir, name) = root.parent(&rel).map_err(|e| fail("hard-link", e))?;
+                    linkat(&from, OsStr::from_bytes(first_name), dir, name, AtFlags::empty()).map_err(|e| fail("hard-link", e.into()))?;
                     continue;
                 }
-                let mut f = OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path).map_err(|e| fail("create", e))?;
+                let fd = root.open_at(&rel, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL, 0o600).map_err(|e| fail("create", e))?;
+                let mut f = File::from(fd);
                 let mut r = data.reader(*layer, *offset, *size)?;
                 io::copy(&mut r, &mut f).map_err(|e| fail("write", e))?;
-                first_of_inode.insert(*inode, path.clone());
+                first_of_inode.insert(*inode, rel.clone());
+                file = Some(f);
             }
             Kind::Symlink(target) => {
-                std::os::unix::fs::symlink(OsStr::from_bytes(target), &path).map_err(|e| fail("create symlink", e))?;
-                owners.set(&path, node.uid, node.gid)?;
+                let (dir, name) = root.parent(&rel).map_err(|e| fail("create symlink", e))?;
+                symlinkat(OsStr::from_bytes(target), dir, name).map_err(|e| fail("create symlink", e.into()))?;
+                owners.set_at(dir, name, &shown, node.uid, node.gid)?;
                 continue;
             }
             Kind::Fifo => {
-                let c = cpath(&path)?;
-                cvt(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }).map_err(|e| fail("create fifo", e))?;
+                let (dir, name) = root.parent(&rel).map_err(|e| fail("create fifo", e))?;
+                mkfifoat(dir, name, perm(0o600)).map_err(|e| fail("create fifo", e.into()))?;
             }
             Kind::Char(major, minor) | Kind::Block(major, minor) => {
-                let c = cpath(&path)?;
-                let kind = if matches!(node.kind, Kind::Char(..)) { libc::S_IFCHR } else { libc::S_IFBLK };
-                let dev = libc::makedev(*major, *minor);
-                if unsafe { libc::mknod(c.as_ptr(), kind | 0o600, dev) } != 0 {
+                let kind = if matches!(node.kind, Kind::Char(..)) { SFlag::S_IFCHR } else { SFlag::S_IFBLK };
+                let (dir, name) = root.parent(&rel).map_err(|e| fail("create", e))?;
+                if mknodat(dir, name, kind, perm(0o600), libc::makedev(*major, *minor)).is_err() {
                     // No user namespace may create device nodes. An empty file stands in; it is
                     // left out of the layer unless the script replaces it.
-                    File::create(&path).map_err(|e| fail("create", e))?;
+                    let fd = root.open_at(&rel, OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL, 0o600).map_err(|e| fail("create", e))?;
+                    drop(fd);
                     stand_ins += 1;
                 }
             }
         }
-        owners.set(&path, node.uid, node.gid)?;
-        // After chown, which clears set-id bits.
-        fs::set_permissions(&path, fs::Permissions::from_mode(node.mode)).map_err(|e| fail("chmod", e))?;
+        let (dir, name) = root.parent(&rel).map_err(|e| fail("open", e))?;
+        owners.set_at(dir, name, &shown, node.uid, node.gid)?;
+        // After chown, which clears set-id bits. The name is what we just made, not a link.
+        match file {
+            Some(f) => fchmod(&f, perm(node.mode)).map_err(|e| fail("chmod", e.into()))?,
+            None => fchmodat(dir, name, perm(node.mode), FchmodatFlags::FollowSymlink).map_err(|e| fail("chmod", e.into()))?,
+        }
     }
-    for (path, mode, uid, gid) in dirs.iter().rev() {
-        owners.set(path, *uid, *gid)?;
-        fs::set_permissions(path, fs::Permissions::from_mode(*mode)).with_context(|| format!("cannot chmod {}", path.display()))?;
+    for (rel, mode, uid, gid) in dirs.iter().rev() {
+        let shown = root.display(rel);
+        let fail = |what: &str, e: io::Error| anyhow!("cannot {what} {}: {e}", shown.display());
+        let (dir, name) = root.parent(rel).map_err(|e| fail("open", e))?;
+        owners.set_at(dir, name, &shown, *uid, *gid)?;
+        let fd = openat(dir, name, OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC, Mode::empty()).map_err(|e| fail("open", e.into()))?;
+        fchmod(&fd, perm(*mode)).map_err(|e| fail("chmod", e.into()))?;
     }
+    owners.set(root_path, tree.root.uid, tree.root.gid)?;
+    fs::set_permissions(root_path, fs::Permissions::from_mode(tree.root.mode)).with_context(|| format!("cannot chmod {}", root_path.display()))?;
     if stand_ins > 0 {
         eprintln!("stevedore: warning: the image has {stand_ins} device nodes, which a user namespace cannot create; the script sees empty files in their place");
     }
@@ -486,6 +523,7 @@ pub struct LayerCounts {
 fn write_changes(root: &Path, changes: &[Change], owners: &Owners, out: &Path, mtime: i64) -> Result<([u8; 32], LayerCounts)> {
     flatten::write_atomically(out, |w| {
         let mut tar = TarOut::new(HashingWriter::new(w));
+        let mut beneath = Root::open(root).with_context(|| format!("cannot open {}", root.display()))?;
         let mut counts = LayerCounts::default();
         let root_meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
         let (uid, gid) = owners.of(&root_meta);
@@ -511,8 +549,10 @@ fn write_changes(root: &Path, changes: &[Change], owners: &Owners, out: &Path, m
                     }
                 }
                 Change::Entry(key) => {
-                    let path = key_path(root, key);
-                    let meta = fs::symlink_metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?;
+                    let rel = key_rel(key);
+                    let path = beneath.display(&rel);
+                    let node = beneath.open_at(&rel, OFlag::O_PATH, 0).with_context(|| format!("cannot open {}", path.display()))?;
+                    let meta = File::from(node).metadata().with_context(|| format!("cannot stat {}", path.display()))?;
                     let ft = meta.file_type();
                     let (uid, gid) = owners.of(&meta);
                     let name = member_name(key, ft.is_dir());
@@ -522,7 +562,8 @@ fn write_changes(root: &Path, changes: &[Change], owners: &Owners, out: &Path, m
                     } else if ft.is_file() {
                         (t::REGTYPE, meta.len())
                     } else if ft.is_symlink() {
-                        link = fs::read_link(&path).with_context(|| format!("cannot read link {}", path.display()))?.into_os_string().into_vec();
+                        let (dir, name) = beneath.parent(&rel)?;
+                        link = nix::fcntl::readlinkat(dir, name).with_context(|| format!("cannot read link {}", path.display()))?.into_vec();
                         (t::SYMTYPE, 0)
                     } else if ft.is_fifo() {
                         (t::FIFOTYPE, 0)
@@ -550,7 +591,7 @@ fn write_changes(root: &Path, changes: &[Change], owners: &Owners, out: &Path, m
                         devminor: libc::minor(rdev),
                     };
                     if kind == t::REGTYPE {
-                        let mut f = OpenOptions::new().read(true).custom_flags(libc::O_NOFOLLOW).open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                        let mut f = File::from(beneath.open_at(&rel, OFlag::O_RDONLY, 0).with_context(|| format!("cannot open {}", path.display()))?);
                         let what = || path.display().to_string();
                         tar.add(&h, Some((&mut f, &what)))?;
                     } else {

@@ -263,11 +263,9 @@ impl ClosureGraph {
     pub fn load(file: &Path, format: GraphFormat) -> Result<ClosureGraph> {
         let name = file.display().to_string();
         let bytes = if name == "-" {
-            let mut b = Vec::new();
-            std::io::Read::read_to_end(&mut std::io::stdin(), &mut b).context("cannot read stdin")?;
-            b
+            crate::archive::read_all_limited(std::io::stdin(), crate::archive::INPUT_LIMIT).context("cannot read the graph from stdin")?
         } else {
-            std::fs::read(file).with_context(|| format!("{name}: cannot read"))?
+            crate::archive::read_limited(file, crate::archive::INPUT_LIMIT).map_err(|e| anyhow!("graph {e:#}"))?
         };
         Self::parse(&bytes, format).map_err(|e| anyhow!("{name}: {e:#}"))
     }

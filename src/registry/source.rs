@@ -109,6 +109,7 @@ impl Source {
         if meta.is_dir() {
             return Ok(Source::OciDir(path, None));
         }
+        crate::archive::check_regular(&path).map_err(|e| anyhow!("source {e:#}"))?;
         let mut head = [0u8; 512];
         let n = File::open(&path).and_then(|mut f| f.read(&mut head)).map_err(|e| anyhow!("cannot read source {s}: {e}"))?;
         if head[..n].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
