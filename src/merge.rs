@@ -66,6 +66,14 @@ fn broken(label: &str, what: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("image {label}: {what}")
 }
 
+/// Whether a member's bytes start as gzip or zstd do.
+fn compressed_member(idx: &ArchiveIndex, member: &str) -> Result<bool> {
+    let m = idx.resolve(member)?;
+    let mut head = Vec::new();
+    idx.open_member(&m)?.take(4).read_to_end(&mut head)?;
+    Ok(crate::compress::detect(&head) != crate::compress::Compression::None)
+}
+
 /// First pass: the images an archive holds, with their layers located and hashed.
 fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
     let idx = ArchiveIndex::load_hashing(path).map_err(|e| broken(label, format!("{e:#}")))?;
@@ -101,6 +109,15 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
             if let Some(diff_ids) = config_json.pointer("/rootfs/diff_ids").and_then(Value::as_array) {
                 if diff_ids.len() != layers.len() {
                     return Err(at(&format!("{} layers, but {config_name} has {} diff_ids", layers.len(), diff_ids.len())));
+                }
+                // Layers are named by their digest in the output and the config is kept as it
+                // is: a plain layer must be what its diff_id says (a compressed one's diff_id is
+                // that of its decompressed bytes, which the loader checks).
+                for (layer, diff_id) in layers.iter().zip(diff_ids) {
+                    let want = diff_id.as_str().unwrap_or("");
+                    if want != format!("sha256:{}", layer.digest) && !compressed_member(&idx, &layer.member)? {
+                        return Err(at(&format!("layer {} is sha256:{}, but {config_name} gives the diff_id {want}", layer.member, layer.digest)));
+                    }
                 }
             }
             let repo_tags = match entry.get("RepoTags") {
