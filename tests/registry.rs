@@ -827,3 +827,508 @@ fn https_with_a_private_ca() {
     ok(stevedore(&["pull", &dest, "-q", "-o", pulled.to_str().unwrap()], &[("SSL_CERT_FILE", &ca)]), "pull over TLS");
     assert_eq!(Image::parse(&fs::read(&pulled).unwrap()).layer_count(), 8);
 }
+
+/// One request as a scripted front saw it (body read whole: test requests are small).
+struct Req {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    /// The front's own port.
+    port: u16,
+}
+
+impl Req {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What a scripted front does with a request.
+enum Act {
+    /// Pass it to the upstream registry, replacing `.0` with `.1` in the response head if given.
+    Forward(Option<(String, String)>),
+    /// Answer with this status, extra header lines and body.
+    Reply(&'static str, String, Vec<u8>),
+    /// Write `head`, then `unit` over and over, up to `max` bytes in all (or until the client
+    /// goes away): a server that does not stop.
+    Endless { head: String, unit: Vec<u8>, max: u64 },
+    /// Reset the connection (RST) instead of answering.
+    Reset,
+}
+
+/// A scripted HTTP server on 127.0.0.1 (in front of `upstream`, if any), one request per
+/// connection: `rule` decides what each request gets. Logs every request with the
+/// Authorization header it carried, and counts the bytes it wrote.
+struct Front {
+    port: u16,
+    log: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    written: Arc<std::sync::atomic::AtomicU64>,
+    stop: Arc<AtomicBool>,
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
+
+impl Front {
+    fn log(&self) -> Vec<(String, Option<String>)> {
+        self.log.lock().unwrap().clone()
+    }
+    fn origin(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+/// Resets `s`: SO_LINGER 0, so closing sends RST rather than FIN.
+fn reset(s: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    let size = std::mem::size_of::<libc::linger>() as libc::socklen_t;
+    unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &l as *const _ as *const libc::c_void, size) };
+}
+
+fn start_front(upstream: Option<u16>, rule: impl Fn(&Req) -> Act + Send + Sync + 'static) -> Front {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let rule = Arc::new(rule);
+    let (log2, written2, stop2) = (log.clone(), written.clone(), stop.clone());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            if stop2.load(Ordering::SeqCst) {
+                return;
+            }
+            let Ok(conn) = conn else { continue };
+            let (log, written, rule) = (log2.clone(), written2.clone(), rule.clone());
+            std::thread::spawn(move || {
+                conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
+                conn.set_write_timeout(Some(Duration::from_secs(20))).ok();
+                let mut r = BufReader::new(conn.try_clone().unwrap());
+                let Some((method, path, headers)) = read_head(&mut r) else { return };
+                let len: usize = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+                let mut body = vec![0u8; len];
+                if r.read_exact(&mut body).is_err() {
+                    return;
+                }
+                let req = Req { method, path, headers, body, port };
+                let auth = req.header("authorization").map(str::to_owned);
+                log.lock().unwrap().push((format!("{} {}", req.method, req.path), auth));
+                let mut conn = conn;
+                match rule(&req) {
+                    Act::Reply(status, headers, body) => {
+                        let head = format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                        let _ = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(&body));
+                    }
+                    Act::Endless { head, unit, max } => {
+                        let mut n = 0u64;
+                        let mut ok = conn.write_all(head.as_bytes()).is_ok();
+                        while ok && n < max {
+                            ok = conn.write_all(&unit).is_ok();
+                            n += unit.len() as u64;
+                            written.fetch_add(unit.len() as u64, Ordering::SeqCst);
+                        }
+                    }
+                    Act::Reset => {
+                        drop(r);
+                        reset(conn);
+                    }
+                    Act::Forward(rewrite) => {
+                        let Some(Ok(mut up)) = upstream.map(|p| TcpStream::connect(("127.0.0.1", p))) else { return };
+                        up.set_read_timeout(Some(Duration::from_secs(20))).ok();
+                        let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+                        for (k, v) in &req.headers {
+                            if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("authorization") {
+                                head.push_str(&format!("{k}: {v}\r\n"));
+                            }
+                        }
+                        head.push_str("Connection: close\r\n\r\n");
+                        if up.write_all(head.as_bytes()).and_then(|()| up.write_all(&req.body)).is_err() {
+                            return;
+                        }
+                        let mut ur = BufReader::new(up);
+                        let mut resp_head = String::new();
+                        loop {
+                            let mut line = String::new();
+                            if ur.read_line(&mut line).unwrap_or(0) == 0 {
+                                return;
+                            }
+                            resp_head.push_str(&line);
+                            if line == "\r\n" {
+                                break;
+                            }
+                        }
+                        if let Some((from, to)) = rewrite {
+                            resp_head = resp_head.replace(&from, &to);
+                        }
+                        if conn.write_all(resp_head.as_bytes()).is_ok() {
+                            let _ = std::io::copy(&mut ur, &mut conn);
+                        }
+                    }
+                }
+            });
+        }
+    });
+    Front { port, log, written, stop }
+}
+
+/// Runs stevedore, failing the test if it takes longer than `secs` (a hang).
+fn stevedore_within(secs: u64, args: &[&str]) -> (bool, String) {
+    let home = std::env::temp_dir().join("stevedore-registry-test-home");
+    fs::create_dir_all(&home).unwrap();
+    let err = tempfile::NamedTempFile::new().unwrap();
+    let mut child = Command::new(bin())
+        .args(args)
+        .env("HOME", &home)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("XDG_CONFIG_HOME")
+        .env_remove("DOCKER_CONFIG")
+        .env_remove("REGISTRY_AUTH_FILE")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("stevedore {args:?} still running after {secs} s: {}", fs::read_to_string(err.path()).unwrap_or_default());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    (status.success(), fs::read_to_string(err.path()).unwrap())
+}
+
+/// Which faults a rule has injected already (each fires once).
+#[derive(Clone, Default)]
+struct Once(Arc<Mutex<Vec<String>>>);
+
+impl Once {
+    fn first(&self, key: &str) -> bool {
+        let mut fired = self.0.lock().unwrap();
+        if fired.iter().any(|k| k == key) {
+            return false;
+        }
+        fired.push(key.to_string());
+        true
+    }
+    fn fired(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+#[test]
+fn push_survives_a_fault_on_every_kind_of_request() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let (expected, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
+    let manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/direct:v1", reg.addr())])).unwrap();
+    let layers = manifest["layers"].as_array().unwrap();
+    // The last layer is the last upload of the pass: its PUT completes as the pass ends.
+    let last_layer = layers.last().unwrap()["digest"].as_str().unwrap().to_string();
+
+    for (chunk, bearer) in [("64M", false), ("64K", true)] {
+        let once = Once::default();
+        let faults = once.clone();
+        let last = format!("digest={}", last_layer.replace(':', "%3A"));
+        let front = start_front(Some(reg.port), move |req| {
+            let (m, p) = (req.method.as_str(), req.path.as_str());
+            if bearer && p.starts_with("/token") {
+                if faults.first("token 503") {
+                    return Act::Reply("503 Service Unavailable", "Retry-After: 1\r\n".into(), vec![]);
+                }
+                let want = format!("Basic {}", stevedore::registry::auth::base64_encode(b"user:pw"));
+                return if req.header("authorization") == Some(want.as_str()) {
+                    Act::Reply("200 OK", "Content-Type: application/json\r\n".into(), format!("{{\"token\":\"{TOKEN}\"}}").into_bytes())
+                } else {
+                    Act::Reply("401 Unauthorized", String::new(), vec![])
+                };
+            }
+            if bearer && req.header("authorization") != Some(&format!("Bearer {TOKEN}")) {
+                let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{}/token\",service=\"test\"\r\n", req.port);
+                return Act::Reply("401 Unauthorized", challenge, vec![]);
+            }
+            let fault = match m {
+                "HEAD" if p.contains("/blobs/") => faults.first("HEAD 429").then(|| Act::Reply("429 Too Many Requests", "Retry-After: 1\r\n".into(), vec![])),
+                "POST" if p.contains("/blobs/uploads/") => faults.first("POST reset").then_some(Act::Reset),
+                "PATCH" => faults.first("PATCH reset").then_some(Act::Reset),
+                "PUT" if p.contains(&last) => faults.first("last PUT 500").then(|| Act::Reply("500 Internal Server Error", String::new(), vec![])),
+                "PUT" if p.contains("/manifests/") => faults.first("manifest reset").then_some(Act::Reset),
+                _ => None,
+            };
+            fault.unwrap_or(Act::Forward(None))
+        });
+        let repo = format!("faulty{}", front.port);
+        let dest = format!("docker://127.0.0.1:{}/{repo}:v1", front.port);
+        let mut args = vec!["--chunk-size", chunk];
+        if bearer {
+            args.extend(["--creds", "user:pw"]);
+        }
+        let (digest, stderr) = push(&conf, &dest, &args);
+        assert_eq!(digest, expected, "{stderr}");
+        assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+        // The PUT that got the 500 was retried in a new upload session.
+        let last = format!("digest={}", last_layer.replace(':', "%3A"));
+        let sessions: Vec<String> = front.log().iter().filter(|(l, _)| l.starts_with("PUT ") && l.contains(&last)).map(|(l, _)| l.split('?').next().unwrap().to_string()).collect();
+        assert!(sessions.len() == 2 && sessions[0] != sessions[1], "{sessions:?}");
+        let mut want = vec!["HEAD 429", "POST reset", "last PUT 500", "manifest reset"];
+        if bearer {
+            want.extend(["token 503", "PATCH reset"]);
+        }
+        let fired = once.fired();
+        for w in want {
+            assert!(fired.iter().any(|f| f == w), "fault {w:?} was not injected: {fired:?}");
+        }
+        // What landed is whole: skopeo copies it out and the layers hash to their diff_ids.
+        let out = dir.path().join(format!("{repo}.tar"));
+        skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{}/{repo}:v1", reg.addr()), &format!("docker-archive:{}", out.display())]);
+        let image = Image::parse(&fs::read(&out).unwrap());
+        assert_eq!(image.layer_count(), layers.len());
+        for i in 0..image.layer_count() {
+            assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
+        }
+    }
+}
+
+const SECRET: &str = "s3cret-pw";
+
+/// A's rule for the credential tests: requires user:SECRET (Basic, or a Bearer token from the
+/// realm at `realm`), sends uploads to `foreign` (their Location) and blob GETs there (307),
+/// HEADs too once `heads` is set; `/v2/echo/` manifests answer 400 with the Authorization
+/// header echoed in the error.
+fn own_origin_rule(realm: Option<u16>, foreign: u16, heads: Arc<AtomicBool>) -> impl Fn(&Req) -> Act + Send + Sync + 'static {
+    move |req| {
+        let auth = req.header("authorization").unwrap_or("");
+        let ok = match realm {
+            None => auth == format!("Basic {}", stevedore::registry::auth::base64_encode(format!("user:{SECRET}").as_bytes())),
+            Some(_) => auth == format!("Bearer {TOKEN}"),
+        };
+        if !ok {
+            let challenge = match realm {
+                None => "WWW-Authenticate: Basic realm=\"test\"\r\n".to_string(),
+                Some(p) => format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{p}/token\",service=\"test\"\r\n"),
+            };
+            return Act::Reply("401 Unauthorized", challenge, vec![]);
+        }
+        let (m, p) = (req.method.as_str(), req.path.as_str());
+        if p.starts_with("/v2/echo/") {
+            let body = json!({"errors": [{"code": "DENIED", "message": format!("you sent {auth}")}]});
+            return Act::Reply("400 Bad Request", "Content-Type: application/json\r\n".into(), body.to_string().into_bytes());
+        }
+        if (m == "GET" || (m == "HEAD" && heads.load(Ordering::SeqCst))) && p.contains("/blobs/sha256:") {
+            return Act::Reply("307 Temporary Redirect", format!("Location: http://127.0.0.1:{foreign}{p}\r\n"), vec![]);
+        }
+        if m == "POST" && p.contains("/blobs/uploads/") {
+            return Act::Forward(Some((format!("127.0.0.1:{}", req.port), format!("127.0.0.1:{foreign}"))));
+        }
+        Act::Forward(None)
+    }
+}
+
+#[test]
+fn credentials_go_to_the_registry_origin_only() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let basic = basic_secret();
+    // B: another origin (blob storage, an upload service) in front of the same registry.
+    let foreign = start_front(Some(reg.port), |_| Act::Forward(None));
+    let realm = token_server();
+    let creds = format!("user:{SECRET}");
+    for bearer in [false, true] {
+        let heads = Arc::new(AtomicBool::new(false));
+        let own = start_front(Some(reg.port), own_origin_rule(bearer.then_some(realm.port), foreign.port, heads.clone()));
+        let before = foreign.log().len();
+        // Uploads in monolithic PUTs and in PATCH chunks (at B, from the upload Location), and
+        // a pull (blob GETs redirected to B).
+        for (repo, chunk) in [("a", "64M"), ("b", "64K")] {
+            let dest = format!("docker://127.0.0.1:{}/{repo}{}:v1", own.port, own.port);
+            let (_, stderr) = push(&conf, &dest, &["--chunk-size", chunk, "--creds", &creds]);
+            assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+        }
+        let pulled = dir.path().join("p.tar");
+        let src = format!("docker://127.0.0.1:{}/a{}:v1", own.port, own.port);
+        ok(stevedore(&["pull", &src, "--insecure", "-q", "--creds", &creds, "-o", pulled.to_str().unwrap()], &[]), "pull");
+        assert_eq!(Image::parse(&fs::read(&pulled).unwrap()).layer_count(), 8);
+        let check = |kinds: &[&str]| {
+            let seen = foreign.log()[before..].to_vec();
+            let leaked: Vec<_> = seen.iter().filter(|(_, a)| a.is_some()).collect();
+            assert!(leaked.is_empty(), "credentials sent to another origin: {leaked:?}");
+            for kind in kinds {
+                assert!(seen.iter().any(|(l, _)| l.starts_with(kind)), "no {kind}at the other origin: {seen:?}");
+            }
+        };
+        check(&["PUT ", "PATCH ", "GET "]);
+        // A push that finds every blob (HEADs redirected to B).
+        heads.store(true, Ordering::SeqCst);
+        let (_, stderr) = push(&conf, &format!("docker://127.0.0.1:{}/a{}:v2", own.port, own.port), &["--creds", &creds]);
+        assert!(summary(&stderr).starts_with("summary: 9 blobs: 0 uploaded (0 bytes), 0 mounted, 9 existed"), "{stderr}");
+        check(&["HEAD "]);
+        // The token server sees the password, never the token; the registry sees the token.
+        assert!(realm.log().iter().all(|(_, a)| a.as_deref().map_or(true, |a| a == basic)), "{:?}", realm.log());
+        if bearer {
+            assert!(own.log().iter().any(|(_, a)| a.as_deref() == Some(&format!("Bearer {TOKEN}"))));
+            assert!(own.log().iter().all(|(_, a)| a.as_deref() != Some(basic.as_str())), "the password went to the registry, not the realm");
+        }
+    }
+}
+
+fn basic_secret() -> String {
+    format!("Basic {}", stevedore::registry::auth::base64_encode(format!("user:{SECRET}").as_bytes()))
+}
+
+/// A token server that gives TOKEN for user:SECRET.
+fn token_server() -> Front {
+    let want = basic_secret();
+    start_front(None, move |req| {
+        if req.header("authorization") == Some(want.as_str()) {
+            Act::Reply("200 OK", "Content-Type: application/json\r\n".into(), format!("{{\"token\":\"{TOKEN}\"}}").into_bytes())
+        } else {
+            Act::Reply("401 Unauthorized", String::new(), vec![])
+        }
+    })
+}
+
+#[test]
+fn a_refusal_by_another_origin_is_not_blamed_on_the_credentials() {
+    let (upstream, _, _) = hostile_registry();
+    // B, where the registry redirects blob reads, refuses them all.
+    let foreign = start_front(None, |_| Act::Reply("401 Unauthorized", "WWW-Authenticate: Basic realm=\"storage\"\r\n".into(), vec![]));
+    let realm = token_server();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.tar");
+    let creds = format!("user:{SECRET}");
+    let secrets = [SECRET.to_string(), basic_secret()["Basic ".len()..].to_string(), TOKEN.to_string()];
+    for bearer in [false, true] {
+        let own = start_front(Some(upstream.port), own_origin_rule(bearer.then_some(realm.port), foreign.port, Arc::new(AtomicBool::new(true))));
+        let pull = |repo: &str| {
+            let image = format!("docker://127.0.0.1:{}/{repo}:v1", own.port);
+            let (success, stderr) = stevedore_within(60, &["pull", &image, "--insecure", "-q", "--arch", "amd64", "--creds", &creds, "-o", out.to_str().unwrap()]);
+            assert!(!success && stderr.trim().lines().count() == 1, "{stderr}");
+            for s in &secrets {
+                assert!(!stderr.contains(s.as_str()), "a secret in: {stderr}");
+            }
+            stderr
+        };
+        // B's 401 is its refusal, not the registry's: say who, and that it got no credentials.
+        let stderr = pull("ok");
+        assert!(stderr.contains(&foreign.origin()) && stderr.contains("no credentials were sent there"), "{stderr}");
+        assert!(!stderr.contains("rejected the credentials"), "{stderr}");
+        assert!(foreign.log().iter().all(|(_, a)| a.is_none()), "credentials sent to another origin: {:?}", foreign.log());
+        // A registry that echoes our Authorization header back in an error: not printed.
+        let stderr = pull("echo");
+        assert!(stderr.contains("DENIED") && stderr.contains("<redacted>"), "{stderr}");
+    }
+}
+
+/// A registry on 127.0.0.1 serving one image (a config and one 1000-byte layer) under any
+/// repository name, hostile in the way the name says (see the test). Returns it and the
+/// layer's and the config's digests.
+fn hostile_registry() -> (Front, String, String) {
+    let layer = vec![b'x'; 1000];
+    let layer_digest = format!("sha256:{}", sha256_hex(&layer));
+    let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}).to_string().into_bytes();
+    let config_digest = format!("sha256:{}", sha256_hex(&config));
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer_digest, "size": layer.len()}],
+    })
+    .to_string()
+    .into_bytes();
+    let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
+    // An index whose entry says the manifest is 100 bytes shorter than it is.
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": manifest_digest, "size": manifest.len() - 100,
+                       "platform": {"architecture": "amd64", "os": "linux"}}],
+    })
+    .to_string()
+    .into_bytes();
+    let (ld, cd) = (layer_digest.clone(), config_digest.clone());
+    let front = start_front(None, move |req| {
+        let p = req.path.as_str();
+        let repo = p.trim_start_matches("/v2/").split('/').next().unwrap_or("");
+        // Up to 1 GiB: far more than any bounded reader takes, little enough to end the test
+        // (with an error) where a reader is not bounded.
+        let endless = |head: &str, unit: &[u8]| Act::Endless { head: head.to_string(), unit: unit.to_vec(), max: 1 << 30 };
+        let until_close = "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n";
+        let is_layer = p.ends_with(&ld) && p.contains("/blobs/");
+        match repo {
+            _ if p == "/v2/" => Act::Reply("200 OK", String::new(), vec![]),
+            _ if p.starts_with("/token") => endless("HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{\"token\":\"", b"aaaaaaaaaaaaaaaa"),
+            "token" => Act::Reply("401 Unauthorized", format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{}/token\"\r\n", req.port), vec![]),
+            "bigmanifest" if p.contains("/manifests/") => endless(until_close, b"{\"a\":\"                        \"}"),
+            "index" if p.ends_with("/manifests/v1") => Act::Reply("200 OK", "Content-Type: application/vnd.oci.image.index.v1+json\r\n".into(), index.clone()),
+            "index" if p.contains("/manifests/") => endless("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: application/vnd.oci.image.manifest.v1+json\r\n\r\n", &manifest),
+            _ if p.contains("/manifests/") => Act::Reply("200 OK", "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n".into(), manifest.clone()),
+            "bigconfig" if p.ends_with(&cd) => endless(until_close, b"{ }"),
+            _ if p.ends_with(&cd) => Act::Reply("200 OK", String::new(), config.clone()),
+            _ if !is_layer => Act::Reply("404 Not Found", String::new(), vec![]),
+            "long" => endless(until_close, &[b'x'; 4096]),
+            "chunked" => endless("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", format!("1000\r\n{}\r\n", "x".repeat(0x1000)).as_bytes()),
+            "length" => Act::Reply("200 OK", String::new(), vec![b'x'; 2000]),
+            "trailers" => endless(&format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3e8\r\n{}\r\n0\r\n", "x".repeat(1000)), b"X-Trailer: again\r\n"),
+            "interim" => endless("", b"HTTP/1.1 100 Continue\r\n\r\n"),
+            _ => Act::Reply("200 OK", String::new(), layer.clone()),
+        }
+    });
+    (front, layer_digest, config_digest)
+}
+
+#[test]
+fn pull_reads_no_more_than_the_descriptors_say() {
+    let (front, layer, config) = hostile_registry();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.tar");
+    let pull = |repo: &str| {
+        let image = format!("docker://127.0.0.1:{}/{repo}:v1", front.port);
+        let before = front.written.load(Ordering::SeqCst);
+        let (success, stderr) = stevedore_within(60, &["pull", &image, "--insecure", "-q", "--retries", "1", "--arch", "amd64", "-o", out.to_str().unwrap()]);
+        (success, stderr, front.written.load(Ordering::SeqCst) - before)
+    };
+    let (success, stderr, _) = pull("ok");
+    assert!(success, "the well-behaved image does not pull: {stderr}");
+    fs::remove_file(&out).unwrap();
+    for (repo, want) in [
+        ("long", vec![layer.as_str(), "longer than the 1000 bytes its descriptor gives"]),
+        ("chunked", vec![layer.as_str(), "longer than the 1000 bytes its descriptor gives"]),
+        ("length", vec![layer.as_str(), "2000 bytes (Content-Length), its descriptor says 1000"]),
+        ("trailers", vec![layer.as_str(), "too many chunked trailers"]),
+        ("interim", vec!["too many interim"]),
+        ("bigconfig", vec![config.as_str(), "longer than the"]),
+        ("bigmanifest", vec!["manifest", "larger than 16777216 bytes"]),
+        ("index", vec!["manifest", "longer than the", "its descriptor gives"]),
+        ("token", vec!["token response is larger than 1 MiB"]),
+    ] {
+        let (success, stderr, written) = pull(repo);
+        assert!(!success, "{repo}: pulled");
+        assert_eq!(stderr.trim().lines().count(), 1, "{repo}: {stderr}");
+        assert!(stderr.starts_with("stevedore: ") && !stderr.contains("panicked"), "{repo}: {stderr}");
+        for w in want {
+            assert!(stderr.contains(w), "{repo}: no {w:?} in: {stderr}");
+        }
+        // What the server managed to write: what was read, plus what the sockets buffer.
+        assert!(written < 64 << 20, "{repo}: the server wrote {written} bytes before the client stopped reading");
+        assert!(!out.exists() && !dir.path().join("out.tar.partial").exists(), "{repo}");
+    }
+}

@@ -5,6 +5,7 @@ use super::auth::{find_creds, parse_challenge, Challenge, Creds, Reference};
 use super::http::{BodyWriter, Client, NetError, Response, Url};
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
+use std::io::Read;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -63,6 +64,8 @@ pub struct Registry {
 pub struct StatusError {
     pub status: u16,
     pub message: String,
+    /// The server's Retry-After (capped), for whoever retries.
+    pub retry_after: Option<Duration>,
 }
 
 impl std::fmt::Display for StatusError {
@@ -82,6 +85,20 @@ pub fn retriable(e: &anyhow::Error) -> bool {
 /// Backoff before try `attempt` (1-based): 0.5 s, 1 s, 2 s, 4 s, ... capped at 15 s.
 pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis((500u64 << attempt.saturating_sub(1).min(5)).min(15_000))
+}
+
+/// Longest Retry-After we honour: a server asking for minutes should not stall a push that long
+/// per try (the tries are bounded anyway).
+const RETRY_AFTER_CAP: Duration = Duration::from_secs(10);
+
+/// A response's Retry-After in seconds (the HTTP-date form falls back to our backoff), capped.
+fn retry_after(resp: &Response) -> Option<Duration> {
+    resp.header("retry-after").and_then(|v| v.trim().parse::<u64>().ok()).map(|s| Duration::from_secs(s).min(RETRY_AFTER_CAP))
+}
+
+/// How long to wait before try `attempt` after `e`: the server's Retry-After if it gave one.
+pub fn retry_delay(e: &anyhow::Error, attempt: u32) -> Duration {
+    e.chain().find_map(|c| c.downcast_ref::<StatusError>().and_then(|s| s.retry_after)).unwrap_or_else(|| backoff(attempt))
 }
 
 /// One line from a registry's error body (`{"errors":[{"code","message"}]}`), if any.
@@ -182,17 +199,19 @@ impl Registry {
         let url = self.url("/v2/")?;
         let mut attempt = 0;
         loop {
-            match self.http.send("GET", &url, &[], &[], self.verify) {
-                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => r.discard(),
+            let wait = match self.http.send("GET", &url, &[], &[], self.verify) {
+                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
+                    let after = retry_after(&r);
+                    r.discard();
+                    after
+                }
                 Ok(r) => return Ok(r),
                 // A TLS handshake with a plain-HTTP server fails for good: no retry.
-                Err(e) if attempt < self.retries && !e.to_string().contains("TLS") => {
-                    let _ = e;
-                }
+                Err(e) if attempt < self.retries && !e.to_string().contains("TLS") => None,
                 Err(e) => return Err(e),
-            }
+            };
             attempt += 1;
-            std::thread::sleep(backoff(attempt));
+            std::thread::sleep(wait.unwrap_or_else(|| backoff(attempt)));
         }
     }
 
@@ -245,7 +264,7 @@ impl Registry {
     }
 
     fn fetch_token(&self, realm: &str, service: Option<&str>) -> Result<String> {
-        let mut url = Url::parse(realm).map_err(|e| anyhow!("registry {}: bad token realm: {e}", self.host))?;
+        let mut url = Url::parse(realm).map_err(|e| anyhow!("{}", self.redact(format!("registry {}: bad token realm: {e}", self.host))))?;
         if url.tls && !self.verify {
             // keep as is: --insecure already relaxes verification below
         }
@@ -286,18 +305,22 @@ impl Registry {
                 }
             }
         }
+        // The credentials go to the realm (the token server) in this request only; the token
+        // it gives goes to the registry's origin only (`headers_for`).
         let mut attempt = 0;
         let resp = loop {
             let r = self.http.send(method, &url, &headers, &body, self.verify);
-            match r {
-                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => r.discard(),
-                Err(e) if attempt < self.retries && e.downcast_ref::<NetError>().is_some() => {
-                    let _ = e;
+            let wait = match r {
+                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
+                    let after = retry_after(&r);
+                    r.discard();
+                    after
                 }
+                Err(e) if attempt < self.retries && e.downcast_ref::<NetError>().is_some() => None,
                 other => break other.map_err(|e| anyhow!("registry {}: cannot get a token: {e:#}", self.host))?,
-            }
+            };
             attempt += 1;
-            std::thread::sleep(backoff(attempt));
+            std::thread::sleep(wait.unwrap_or_else(|| backoff(attempt)));
         };
         match resp.status {
             200 => {}
@@ -313,7 +336,7 @@ impl Registry {
                 bail!("registry {}: token request gave HTTP {s}", self.host);
             }
         }
-        let body = resp.bytes(1 << 20)?;
+        let body = resp.bytes(1 << 20).map_err(|_| anyhow!("registry {}: the token response is larger than 1 MiB", self.host))?;
         let json: Value = serde_json::from_slice(&body).map_err(|_| anyhow!("registry {}: the token response is not JSON", self.host))?;
         json.get("token")
             .or_else(|| json.get("access_token"))
@@ -336,12 +359,40 @@ impl Registry {
         self.creds_note.as_ref().map_or(String::new(), |n| format!(" ({n})"))
     }
 
-    fn headers_with_auth(&self, headers: &[(&str, &str)]) -> Result<Vec<(String, String)>> {
+    /// `headers`, plus Authorization if `url` is on the registry's own origin: an upload
+    /// Location or a redirect may point elsewhere (blob storage), and no credential, basic or
+    /// bearer, goes there (as docker does).
+    fn headers_for(&self, url: &Url, headers: &[(&str, &str)]) -> Result<Vec<(String, String)>> {
         let mut h: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        if let Some(a) = self.auth_header()? {
-            h.push(("Authorization".into(), a));
+        if url.same_origin(&self.base) {
+            if let Some(a) = self.auth_header()? {
+                h.push(("Authorization".into(), a));
+            }
         }
         Ok(h)
+    }
+
+    /// A `Location` header resolved against `base`; a bad one is an error without our secrets
+    /// (a server may echo them into it).
+    pub fn join_location(&self, base: &Url, location: &str) -> Result<Url> {
+        base.join(location).map_err(|e| anyhow!("{}", self.redact(format!("registry {}: bad Location: {e:#}", self.host))))
+    }
+
+    /// `s` (text a server sent, for an error message) with our secrets blanked out, in case
+    /// it echoes a header back.
+    fn redact(&self, s: String) -> String {
+        let mut secrets = Vec::new();
+        if let Some(c) = &self.creds {
+            let basic = c.basic_header();
+            secrets.push(basic.trim_start_matches("Basic ").to_string());
+            secrets.push(c.pass.clone());
+        }
+        if let Ok(auth) = self.auth.try_lock() {
+            if let Auth::Bearer { token: Some(t), .. } = &*auth {
+                secrets.push(t.clone());
+            }
+        }
+        secrets.into_iter().filter(|x| !x.is_empty()).fold(s, |s, x| s.replace(&x, "<redacted>"))
     }
 
     /// A request with an in-memory body, retried on connection errors, 5xx and 429, with a
@@ -350,12 +401,8 @@ impl Registry {
         let mut attempt = 0;
         let mut reauthed = false;
         loop {
-            let same_origin = url.origin() == self.base.origin();
-            let h = if same_origin {
-                self.headers_with_auth(headers)?
-            } else {
-                headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
-            };
+            let same_origin = url.same_origin(&self.base);
+            let h = self.headers_for(url, headers)?;
             let result = self.http.send(method, url, &h, body, self.verify);
             let wait = match result {
                 Ok(r) if r.status == 401 && same_origin => {
@@ -378,7 +425,7 @@ impl Registry {
                     continue;
                 }
                 Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
-                    let after = r.header("retry-after").and_then(|v| v.parse::<u64>().ok()).map(|s| Duration::from_secs(s.min(30)));
+                    let after = retry_after(&r);
                     r.discard();
                     after
                 }
@@ -392,29 +439,56 @@ impl Registry {
     }
 
     /// Starts a request whose body (`len` bytes) the caller streams. Not retried here: the
-    /// caller re-produces the body.
+    /// caller re-produces the body (in a new upload session).
     pub fn start_stream(&self, method: &str, url: &Url, headers: &[(&str, &str)], len: u64) -> Result<BodyWriter> {
-        let h = self.headers_with_auth(headers)?;
+        let h = self.headers_for(url, headers)?;
         self.http.start(method, url, &h, len, self.verify)
     }
 
     /// Turns an unexpected response into an error naming what failed.
     pub fn fail(&self, what: &str, resp: Response) -> anyhow::Error {
         let status = resp.status;
-        if status == 401 {
+        let foreign = !resp.url().same_origin(&self.base);
+        if status == 401 && !foreign {
             resp.discard();
             return self.unauthorized();
         }
+        let retry_after = retry_after(&resp);
         let reason = resp.reason.clone();
+        let origin = resp.url().origin();
         let detail = resp.bytes(64 * 1024).map(|b| error_detail(&b)).unwrap_or_default();
         let detail = if detail.is_empty() { String::new() } else { format!(": {detail}") };
-        anyhow::Error::new(StatusError { status, message: format!("{what}: HTTP {status} {reason}{detail}") })
+        let message = if foreign {
+            // Not the registry refusing our credentials: we never send them to another origin.
+            format!("{what}: {origin} refused with HTTP {status} {reason} (not registry {}'s origin: no credentials were sent there){detail}", self.host)
+        } else {
+            format!("{what}: HTTP {status} {reason}{detail}")
+        };
+        // The reason phrase and the body are the server's words: they may echo our headers.
+        let message = self.redact(message);
+        anyhow::Error::new(StatusError { status, message, retry_after })
+    }
+
+    /// A GET or HEAD, following redirects (to a storage backend: without our Authorization).
+    fn follow(&self, method: &str, mut url: Url, headers: &[(&str, &str)], what: &str) -> Result<Response> {
+        for _ in 0..5 {
+            let resp = self.request(method, &url, headers, &[])?;
+            match resp.status {
+                301 | 302 | 303 | 307 | 308 => {
+                    let loc = resp.header("location").map(str::to_owned);
+                    resp.discard();
+                    url = self.join_location(&url, &loc.ok_or_else(|| anyhow!("{what}: redirect without Location"))?)?;
+                }
+                _ => return Ok(resp),
+            }
+        }
+        bail!("{what}: too many redirects")
     }
 
     /// HEAD a blob: its size if present.
     pub fn blob_exists(&self, repo: &str, digest: &str) -> Result<Option<u64>> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
-        let resp = self.request("HEAD", &url, &[], &[])?;
+        let resp = self.follow("HEAD", url, &[], &format!("checking blob {digest} in {}/{repo}", self.host))?;
         match resp.status {
             200 => Ok(Some(resp.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0))),
             404 => Ok(None),
@@ -463,7 +537,7 @@ impl Registry {
         let loc = resp.header("location").map(str::to_owned);
         resp.discard();
         let loc = loc.ok_or_else(|| anyhow!("registry {}: upload started without a Location", self.host))?;
-        self.base.join(&loc)
+        self.join_location(&self.base, &loc)
     }
 
     /// Uploads a blob held in memory (configs, manifests' blobs): POST, then one PUT.
@@ -482,7 +556,7 @@ impl Registry {
             match result {
                 Err(e) if attempt < self.retries && retriable(&e) => {
                     attempt += 1;
-                    std::thread::sleep(backoff(attempt));
+                    std::thread::sleep(retry_delay(&e, attempt));
                 }
                 other => return other,
             }
@@ -491,6 +565,11 @@ impl Registry {
 
     /// GET a manifest: (bytes, media type, digest of the bytes).
     pub fn get_manifest(&self, repo: &str, reference: &str) -> Result<(Vec<u8>, String, String)> {
+        self.get_manifest_sized(repo, reference, None)
+    }
+
+    /// GET a manifest whose size a descriptor gives (else at most JSON_LIMIT bytes are read).
+    pub fn get_manifest_sized(&self, repo: &str, reference: &str, size: Option<u64>) -> Result<(Vec<u8>, String, String)> {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
         let resp = self.request("GET", &url, &[("Accept", ACCEPT)], &[])?;
         if resp.status != 200 {
@@ -502,7 +581,11 @@ impl Registry {
             return Err(self.fail(&what, resp));
         }
         let media = resp.header("content-type").unwrap_or("").split(';').next().unwrap_or("").trim().to_string();
-        let body = resp.bytes(JSON_LIMIT)?;
+        let what = format!("manifest {}/{repo}:{reference}", self.host);
+        let body = match size {
+            Some(n) => read_sized(resp, n, &what)?,
+            None => resp.bytes(JSON_LIMIT).map_err(|_| anyhow!("{what} is larger than {JSON_LIMIT} bytes"))?,
+        };
         let digest = format!("sha256:{}", crate::image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&body)));
         if reference.starts_with("sha256:") && digest != reference {
             bail!("manifest {}/{repo}@{reference} has digest {digest}: the registry sent the wrong bytes", self.host);
@@ -531,21 +614,42 @@ impl Registry {
 
     /// GET a blob, following redirects (to a storage backend: without our Authorization).
     pub fn get_blob(&self, repo: &str, digest: &str) -> Result<Response> {
-        let mut url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
-        for _ in 0..5 {
-            let resp = self.request("GET", &url, &[], &[])?;
-            match resp.status {
-                200 => return Ok(resp),
-                301 | 302 | 303 | 307 | 308 => {
-                    let loc = resp.header("location").map(str::to_owned);
-                    resp.discard();
-                    url = url.join(&loc.ok_or_else(|| anyhow!("registry {}: redirect without Location", self.host))?)?;
-                }
-                _ => return Err(self.fail(&format!("getting blob {digest} from {}/{repo}", self.host), resp)),
-            }
+        let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
+        let what = format!("getting blob {digest} from {}/{repo}", self.host);
+        let resp = self.follow("GET", url, &[], &what)?;
+        match resp.status {
+            200 => Ok(resp),
+            _ => Err(self.fail(&what, resp)),
         }
-        bail!("registry {}: too many redirects for blob {digest}", self.host)
     }
+}
+
+/// Fails if a response announces a length other than the `size` a descriptor gives.
+pub fn check_length(resp: &Response, size: u64, what: &str) -> Result<()> {
+    match resp.content_length() {
+        Some(n) if n != size => bail!("{what}: the registry announced {n} bytes (Content-Length), its descriptor says {size}"),
+        _ => Ok(()),
+    }
+}
+
+/// Reads a body that must be exactly `size` bytes (a descriptor's): at most `size + 1` bytes
+/// are read, whatever the server sends.
+pub fn read_sized(resp: Response, size: u64, what: &str) -> Result<Vec<u8>> {
+    if size > JSON_LIMIT {
+        bail!("{what} is too large ({size} bytes, at most {JSON_LIMIT})");
+    }
+    check_length(&resp, size, what)?;
+    let mut resp = resp;
+    let mut out = Vec::new();
+    let n = resp.by_ref().take(size + 1).read_to_end(&mut out).map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    if n as u64 > size {
+        bail!("{what} is longer than the {size} bytes its descriptor gives: stopped reading");
+    }
+    if (n as u64) < size {
+        // A body without a length that ends early: as likely a dropped connection as a lie.
+        return Err(anyhow::Error::new(NetError(format!("{what} is {n} bytes, shorter than the {size} bytes its descriptor gives"))));
+    }
+    Ok(out)
 }
 
 /// Adds `digest=` to an upload URL (which may already have a query, e.g. `_state=`).
@@ -566,4 +670,23 @@ pub fn urlencode(s: &str) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_delays() {
+        let status = |s: u16, after: Option<u64>| {
+            anyhow::Error::new(StatusError { status: s, message: format!("HTTP {s}"), retry_after: after.map(Duration::from_secs) }).context("uploading")
+        };
+        assert!(retriable(&status(500, None)) && retriable(&status(429, None)) && !retriable(&status(404, None)));
+        assert!(retriable(&anyhow::Error::new(NetError("reset".into())).context("uploading")));
+        // Retry-After (through a context) beats the backoff; without one, the backoff.
+        assert_eq!(retry_delay(&status(429, Some(2)), 1), Duration::from_secs(2));
+        assert_eq!(retry_delay(&status(503, None), 3), backoff(3));
+        assert_eq!(backoff(1), Duration::from_millis(500));
+        assert_eq!(backoff(30), Duration::from_secs(15));
+    }
 }

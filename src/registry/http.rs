@@ -74,6 +74,12 @@ impl Url {
         }
     }
 
+    /// Whether `other` is on the same origin (scheme, host, port): credentials go to one
+    /// origin only.
+    pub fn same_origin(&self, other: &Url) -> bool {
+        self.tls == other.tls && self.port == other.port && self.host.eq_ignore_ascii_case(&other.host)
+    }
+
     /// Resolves a `Location` header (absolute, or a path) against this URL.
     pub fn join(&self, location: &str) -> Result<Url> {
         if location.starts_with("http://") || location.starts_with("https://") {
@@ -391,6 +397,8 @@ enum BodyKind {
 pub struct Response {
     pub status: u16,
     pub reason: String,
+    /// Where the request went (whose origin answered).
+    url: Url,
     headers: Vec<(String, String)>,
     conn: Option<Conn>,
     body: BodyKind,
@@ -419,6 +427,7 @@ fn read_line(conn: &mut Conn, what: &str) -> Result<String> {
 impl Response {
     fn read(mut conn: Conn, method: &str, url: &Url, pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>, stats: Arc<Mutex<Stats>>) -> Result<Response> {
         let what = format!("{method} {url}");
+        let mut interim = 0;
         let (status, reason, headers) = loop {
             let line = read_line(&mut conn, &what)?;
             let mut parts = line.splitn(3, ' ');
@@ -442,7 +451,12 @@ impl Response {
                 }
             }
             if (100..200).contains(&status) {
-                continue; // 100 Continue and friends: the real response follows
+                // 100 Continue and friends: the real response follows (a few, not forever).
+                interim += 1;
+                if interim > 10 {
+                    return Err(net(&what, "too many interim (1xx) responses"));
+                }
+                continue;
             }
             break (status, reason, headers);
         };
@@ -458,7 +472,7 @@ impl Response {
             BodyKind::UntilClose
         };
         let key = (url.tls, url.host.clone(), url.port);
-        let mut r = Response { status, reason, headers, conn: Some(conn), body, keep_alive, what, pool, key, stats };
+        let mut r = Response { status, reason, url: url.clone(), headers, conn: Some(conn), body, keep_alive, what, pool, key, stats };
         r.maybe_recycle();
         Ok(r)
     }
@@ -466,6 +480,19 @@ impl Response {
     pub fn header(&self, name: &str) -> Option<&str> {
         let name = name.to_ascii_lowercase();
         self.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.as_str())
+    }
+
+    /// The URL this answers (its origin may not be the registry's: redirects, upload locations).
+    pub fn url(&self) -> &Url {
+        &self.url
+    }
+
+    /// The Content-Length the server announced, if it did (and the body is not chunked).
+    pub fn content_length(&self) -> Option<u64> {
+        match self.body {
+            BodyKind::Length(_) | BodyKind::None => self.header("content-length").and_then(|l| l.parse().ok()),
+            _ => None,
+        }
     }
 
     /// `GET`/`HEAD` target for errors: `METHOD URL`.
@@ -494,8 +521,11 @@ impl Response {
         }
     }
 
-    /// Reads the whole body, refusing more than `limit` bytes.
+    /// Reads the whole body, refusing more than `limit` bytes (reading at most `limit + 1`).
     pub fn bytes(mut self, limit: u64) -> Result<Vec<u8>> {
+        if matches!(self.body, BodyKind::Length(_)) && self.content_length().is_some_and(|n| n > limit) {
+            bail!("{}: response larger than {limit} bytes", self.what);
+        }
         let mut out = Vec::new();
         let n = self.by_ref().take(limit + 1).read_to_end(&mut out).map_err(|e| net(&self.what, e))?;
         if n as u64 > limit {
@@ -539,11 +569,16 @@ impl Read for Response {
                         let size = u64::from_str_radix(size.trim(), 16)
                             .map_err(|_| io::Error::new(io::ErrorKind::InvalidData, "bad chunk size"))?;
                         if size == 0 {
-                            // Trailers, then the blank line.
+                            // Trailers, then the blank line; a few, not an endless stream.
+                            let mut trailers = 0;
                             loop {
                                 let mut t = String::new();
                                 if conn.by_ref().take(4096).read_line(&mut t)? == 0 || t.trim().is_empty() {
                                     break;
+                                }
+                                trailers += 1;
+                                if trailers > 100 {
+                                    return Err(io::Error::new(io::ErrorKind::InvalidData, "too many chunked trailers"));
                                 }
                             }
                             *done = true;
@@ -562,6 +597,9 @@ impl Read for Response {
                         if *left_in_chunk == 0 {
                             let mut crlf = [0u8; 2];
                             conn.read_exact(&mut crlf)?;
+                            if crlf != *b"\r\n" {
+                                return Err(io::Error::new(io::ErrorKind::InvalidData, "bad chunk framing"));
+                            }
                         }
                         n
                     }
@@ -639,6 +677,58 @@ mod tests {
         assert_eq!(u.join("/v2/x/blobs/uploads/abc?_state=1").unwrap().to_string(), "http://127.0.0.1:5000/v2/x/blobs/uploads/abc?_state=1");
         assert_eq!(split_host_port("[::1]:5000", 443).unwrap(), ("[::1]".to_string(), 5000));
         assert!(Url::parse("http://user:pw@host/").is_err());
+        // Origins: scheme, host (any case) and port, default ports included.
+        let base = Url::parse("https://Registry.example/v2/").unwrap();
+        assert!(base.same_origin(&Url::parse("https://registry.example:443/v2/x?y").unwrap()));
+        for other in ["http://registry.example/v2/", "https://registry.example:5000/", "https://storage.example/", "https://registry.example.evil/"] {
+            assert!(!base.same_origin(&Url::parse(other).unwrap()), "{other}");
+        }
+        assert!(!base.same_origin(&base.join("//storage.example/blob").unwrap()));
+    }
+
+    /// Framing a hostile server might send: each is an error after a bounded read.
+    #[test]
+    fn hostile_framing_is_bounded() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let replies = [
+            // A Content-Length over the limit: refused before reading the body.
+            "HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\nabc".to_string(),
+            // A chunk not followed by CRLF.
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcXY0\r\n\r\n".to_string(),
+            // Endless trailers (well, 200 of them).
+            format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n{}\r\n", "X: y\r\n".repeat(200)),
+            // Endless interim responses.
+            "HTTP/1.1 100 Continue\r\n\r\n".repeat(50),
+        ];
+        let n = replies.len();
+        let server = std::thread::spawn(move || {
+            for reply in replies {
+                let (s, _) = listener.accept().unwrap();
+                s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+                let mut r = BufReader::new(s.try_clone().unwrap());
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap() == 0 || line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut w = s;
+                let _ = w.write_all(reply.as_bytes());
+            }
+        });
+        let client = Client::new().unwrap();
+        let url = Url::parse(&format!("http://127.0.0.1:{port}/a")).unwrap();
+        let mut errors = Vec::new();
+        for _ in 0..n {
+            let e = client.send("GET", &url, &[], &[], true).and_then(|r| r.bytes(100)).unwrap_err();
+            errors.push(format!("{e:#}"));
+        }
+        server.join().unwrap();
+        assert!(errors[0].contains("larger than 100 bytes"), "{errors:?}");
+        assert!(errors[1].contains("bad chunk framing"), "{errors:?}");
+        assert!(errors[2].contains("too many chunked trailers"), "{errors:?}");
+        assert!(errors[3].contains("too many interim"), "{errors:?}");
     }
 
     /// Chunked and sized bodies on one kept-alive connection, from a scripted server.

@@ -5,7 +5,7 @@
 //! mtime. `prefetch` hashes it and pullImage's fixed-output derivation must produce it again.
 
 use super::auth::Reference;
-use super::client::{backoff, Registry, DOCKER_LIST, JSON_LIMIT};
+use super::client::{check_length, read_sized, retry_delay, Registry, DOCKER_LIST, JSON_LIMIT};
 use super::http::NetError;
 use super::source::sha256_digest;
 use crate::compress::{detect, Compression};
@@ -109,7 +109,7 @@ pub fn resolve(reg: &Registry, reference: &Reference, platform: &Platform) -> Re
     let (bytes, media_type, digest, json) = if is_index(&media_type, &json) {
         let entry = pick_platform(&json, platform, &what)?;
         let d = descriptor(&entry, &what)?;
-        let (b, m, dg) = reg.get_manifest(&reference.repo, &d.digest)?;
+        let (b, m, dg) = reg.get_manifest_sized(&reference.repo, &d.digest, Some(d.size))?;
         let j: Value = serde_json::from_slice(&b).map_err(|e| anyhow!("{what}: manifest {} is not JSON: {e}", d.digest))?;
         if is_index(&m, &j) {
             bail!("{what}: nested indexes are not supported");
@@ -145,7 +145,8 @@ pub fn get_json_blob(reg: &Registry, repo: &str, d: &Descriptor) -> Result<Vec<u
     }
     let mut attempt = 0;
     loop {
-        let result = reg.get_blob(repo, &d.digest).and_then(|r| r.bytes(JSON_LIMIT));
+        let what = format!("blob {} from {}/{repo}", d.digest, reg.host);
+        let result = reg.get_blob(repo, &d.digest).and_then(|r| read_sized(r, d.size, &what));
         match result {
             Ok(b) => {
                 if sha256_digest(&b) != d.digest {
@@ -155,7 +156,7 @@ pub fn get_json_blob(reg: &Registry, repo: &str, d: &Descriptor) -> Result<Vec<u
             }
             Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
                 attempt += 1;
-                std::thread::sleep(backoff(attempt));
+                std::thread::sleep(retry_delay(&e, attempt));
             }
             Err(e) => return Err(e),
         }
@@ -188,11 +189,16 @@ impl<R: Read> Read for Tee<R> {
 /// Downloads blob `d` into `out`, decompressed if `decompress`, verifying its digest and size.
 /// Returns (bytes written, sha256 hex of what was written).
 fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out: &mut dyn Write) -> Result<(u64, String)> {
-    let resp = reg.get_blob(repo, &d.digest)?;
-    let state = Rc::new(RefCell::new((Sha256::new(), 0u64, false)));
-    let mut reader = BufReader::with_capacity(1 << 20, Tee { inner: resp, state: state.clone() });
-    let mut hw = crate::layer::HashingWriter::new(out);
     let what = format!("blob {}", d.digest);
+    let resp = reg.get_blob(repo, &d.digest)?;
+    check_length(&resp, d.size, &format!("{what} from {}/{repo}", reg.host))?;
+    let state = Rc::new(RefCell::new((Sha256::new(), 0u64, false)));
+    // The descriptor's size and one byte more, whatever the server sends (or keeps sending).
+    let body = resp.take(d.size.saturating_add(1));
+    let mut reader = BufReader::with_capacity(1 << 20, Tee { inner: body, state: state.clone() });
+    let mut hw = crate::layer::HashingWriter::new(out);
+    let too_long = || state.borrow().1 > d.size;
+    let overflow = || anyhow!("{what} from {}/{repo} is longer than the {} bytes its descriptor gives: stopped reading", reg.host, d.size);
     let head = reader.fill_buf().map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
     let kind = if decompress { detect(head) } else { Compression::None };
     let copy_result: io::Result<BufReader<Tee<_>>> = (|| {
@@ -215,13 +221,22 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
     })();
     let mut rest = match copy_result {
         Ok(r) => r,
+        // Cut off after size + 1 bytes, a compressed stream may look corrupt: the length is why.
+        Err(_) if too_long() => return Err(overflow()),
         Err(e) if state.borrow().2 => return Err(anyhow::Error::new(NetError(format!("reading {what}: {e}")))),
         Err(e) => return Err(anyhow!("{what}: {e}")),
     };
     // Whatever follows the compressed stream still counts toward the digest.
     io::copy(&mut rest, &mut io::sink()).map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    if too_long() {
+        return Err(overflow());
+    }
     let (_, digest, n) = hw.finish();
     let (hasher, size, _) = state.borrow().clone();
+    if size < d.size {
+        // A body without a length that ends early: as likely a dropped connection as a lie.
+        return Err(anyhow::Error::new(NetError(format!("reading {what}: it ended after {size} of its {} bytes", d.size))));
+    }
     let got = format!("sha256:{}", hex(&hasher.finalize()));
     if got != d.digest || size != d.size {
         bail!("{what} from {}/{repo} does not match its descriptor (got {got}, {size} bytes)", reg.host);
@@ -302,7 +317,7 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
                     Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
                         attempt += 1;
                         progress.say(format!("{}: download failed ({e:#}); retrying", layer.digest));
-                        std::thread::sleep(backoff(attempt));
+                        std::thread::sleep(retry_delay(&e, attempt));
                     }
                     Err(e) => return Err(e),
                 }
@@ -373,7 +388,7 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
                 Ok(()) => break,
                 Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
                     attempt += 1;
-                    std::thread::sleep(backoff(attempt));
+                    std::thread::sleep(retry_delay(&e, attempt));
                 }
                 Err(e) => {
                     let _ = fs::remove_file(&tmp);

@@ -1,7 +1,7 @@
 //! Pushing a plan: HEAD every blob, mount what another repository has, upload the rest
 //! (streamed from the pass, or from files), then the manifests and the tag.
 
-use super::client::{backoff, retriable, with_digest, Registry};
+use super::client::{retriable, retry_delay, with_digest, Registry};
 use super::http::{BodyWriter, Url};
 use super::source::{Blob, BlobData, Plan};
 use crate::compress::{Compressor, Pipeline};
@@ -71,7 +71,7 @@ impl<'r> UploadBody<'r> {
             let loc = resp.header("location").map(str::to_owned);
             resp.discard();
             if let (Some(loc), Some(url)) = (loc, &self.url) {
-                self.url = Some(url.join(&loc)?);
+                self.url = Some(self.reg.join_location(url, &loc)?);
             }
         }
         Ok(())
@@ -250,16 +250,12 @@ impl<'r, 'o> UploadSink<'r, 'o> {
         }
     }
 
-    /// A pipeline error as the upload error behind it, if there is one.
-    fn cause(&self, e: io::Error) -> anyhow::Error {
-        self.error.borrow_mut().take().unwrap_or_else(|| anyhow!("compressing: {e}"))
-    }
-
-    /// Waits for the last uploads.
+    /// Waits for the last uploads. A failed one leaves its cause aside, as a failure during
+    /// the pass does, for `failure` and the retry decision.
     fn finish(&mut self) -> Result<()> {
         let r = self.pipe.wait();
         self.collect();
-        r.map_err(|e| self.cause(e))
+        r.map_err(|e| anyhow!("{e}"))
     }
 
     /// Which item failed and why, if the pass failed in an upload.
@@ -326,7 +322,7 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) ->
                 let e = error.borrow_mut().take().unwrap_or(e);
                 if attempt < reg.retries && retriable(&e) {
                     attempt += 1;
-                    std::thread::sleep(backoff(attempt));
+                    std::thread::sleep(retry_delay(&e, attempt));
                     continue;
                 }
                 return Err(e);
@@ -407,7 +403,7 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
                         *n += 1;
                         let digest = pass_items.get(&index).map(|(d, _)| d.clone()).unwrap_or_default();
                         progress.say(format!("{}: upload failed ({cause:#}); retrying from its start", short(&digest)));
-                        std::thread::sleep(backoff(*n));
+                        std::thread::sleep(retry_delay(&cause, *n));
                         continue;
                     }
                     return Err(cause);
