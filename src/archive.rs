@@ -8,6 +8,8 @@
 //! archive, by another pass in a compressed one). Memory is bounded whatever the archive holds.
 
 use crate::compress::open_decompressed;
+use crate::limits::{check_regular, parse_json, METADATA_VALUES};
+pub use crate::limits::JSON_LIMIT;
 use crate::image::hex;
 use crate::tar::name::{normalize_text, symlink_target};
 use crate::tar::read::{self, Reader, HARDLINK, SYMLINK};
@@ -20,11 +22,6 @@ use std::io::{self, BufReader, Read, Seek, SeekFrom};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
-/// The largest JSON input (a conf, a closure graph, a builder's attributes): real ones are a
-/// few MiB even for closures of thousands of paths.
-pub const INPUT_LIMIT: u64 = 64 << 20;
-/// The largest manifest, config or index read from an image.
-pub const JSON_LIMIT: u64 = 4 << 20;
 /// What the first pass keeps of small JSON-looking members, in all.
 const KEEP_BUDGET: u64 = 16 << 20;
 /// Members an image archive may have; real ones have a few per layer.
@@ -45,34 +42,6 @@ pub struct Resolved {
     /// Where its data starts in the uncompressed archive.
     pub offset: u64,
     pub size: u64,
-}
-
-/// Checks that `path` can be read as a file without blocking (a FIFO or device would hang or
-/// never end).
-pub fn check_regular(path: &Path) -> Result<std::fs::Metadata> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
-    if !meta.is_file() {
-        bail!("{}: not a regular file", path.display());
-    }
-    Ok(meta)
-}
-
-/// Reads a whole file of at most `limit` bytes (a JSON input, say), refusing anything larger or
-/// not a regular file, so that no input can take unbounded memory.
-pub fn read_limited(path: &Path, limit: u64) -> Result<Vec<u8>> {
-    check_regular(path)?;
-    let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    read_all_limited(f, limit).with_context(|| format!("cannot read {}", path.display()))
-}
-
-/// Reads `r` to its end, failing once it passes `limit` bytes.
-pub fn read_all_limited(r: impl Read, limit: u64) -> Result<Vec<u8>> {
-    let mut data = Vec::new();
-    r.take(limit + 1).read_to_end(&mut data)?;
-    if data.len() as u64 > limit {
-        bail!("larger than the limit of {} MiB", limit >> 20);
-    }
-    Ok(data)
 }
 
 /// The members of an image archive.
@@ -258,7 +227,7 @@ impl ArchiveIndex {
     /// Member `name` parsed as JSON.
     pub fn json(&self, name: &str) -> Result<Value> {
         let data = self.bytes(name)?;
-        serde_json::from_slice(&data).map_err(|e| anyhow!("{}: {name} is not valid JSON: {e}", self.path.display()))
+        parse_json(&data, METADATA_VALUES).map_err(|e| anyhow!("{}: {name}: {e:#}", self.path.display()))
     }
 
     /// A reader of one member's bytes: in place in a plain archive, else by a pass to it.
@@ -449,12 +418,11 @@ mod tests {
     }
 
     #[test]
-    fn fifos_and_endless_inputs_are_refused() {
+    fn fifos_are_refused() {
         let d = tempfile::tempdir().unwrap();
         let fifo = d.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         assert!(ArchiveIndex::load(&fifo).unwrap_err().to_string().contains("not a regular file"));
-        assert!(read_limited(&fifo, 10).is_err());
-        assert!(read_all_limited(io::repeat(b'x'), 1 << 20).is_err());
+        assert!(crate::limits::read_limited(&fifo, 10).is_err());
     }
 }

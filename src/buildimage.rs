@@ -155,8 +155,7 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
 
     let checksum = fs::read_to_string(out.join("checksum")).context("cannot read the layer's checksum")?.trim().to_string();
     let mut meta = match attrs.opt_str("baseJson")? {
-        Some(p) => serde_json::from_slice(&fs::read(&p).with_context(|| format!("cannot read {p}"))?)
-            .map_err(|e| anyhow!("{p}: not valid JSON: {e}"))?,
+        Some(p) => crate::limits::read_json_input(Path::new(&p))?,
         None => json!({}),
     };
     if let Value::Object(m) = &mut meta {
@@ -250,8 +249,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     eprintln!("The layer: {size} bytes, {added} members from {} store paths added", paths.len());
 
     let base_json = attrs.str("baseJson")?;
-    let base: Value = serde_json::from_slice(&fs::read(&base_json).with_context(|| format!("cannot read {base_json}"))?)
-        .map_err(|e| anyhow!("{base_json}: not valid JSON: {e}"))?;
+    let base: Value = crate::limits::read_json_input(Path::new(&base_json))?;
     let tag = tag_or_hash(attrs, &out)?;
     let (date, time) = conf::civil_from_unix(mtime);
     let conf_value = json!({

@@ -94,9 +94,9 @@ const KNOWN_FIELDS: &[&str] = &[
 
 impl StreamConf {
     pub fn load(path: &Path, now: &Timestamp) -> Result<Self> {
-        let text = crate::archive::read_limited(path, crate::archive::INPUT_LIMIT).context("the conf")?;
-        let value: Value = serde_json::from_slice(&text)
-            .map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        let text = crate::limits::read_limited(path, crate::limits::INPUT_LIMIT).context("the conf")?;
+        let value: Value = crate::limits::parse_json(&text, crate::limits::INPUT_VALUES)
+            .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Self::from_value(value, now).map_err(|e| anyhow!("{}: {e:#}", path.display()))
     }
 

@@ -12,7 +12,8 @@
 use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
 use crate::layer::{out_err, OutputError};
 use crate::oci::TempDir;
-use crate::archive::{check_regular, check_sha256_digest, read_limited, select_manifest_entry, ArchiveIndex, Region, Resolved, JSON_LIMIT};
+use crate::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex, Region, Resolved};
+use crate::limits::{check_regular, parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
 use crate::tar::read::{self as rd, Entry as ReadEntry, Reader};
 use crate::tar::{self as t, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
@@ -94,7 +95,7 @@ impl Source<'_> {
             Source::Dir(dir) => {
                 let p = dir.join(name);
                 let data = read_limited(&p, JSON_LIMIT)?;
-                serde_json::from_slice(&data).map_err(|e| anyhow!("{}: not valid JSON: {e}", p.display()))
+                parse_json(&data, METADATA_VALUES).map_err(|e| anyhow!("{}: {e:#}", p.display()))
             }
             Source::Archive(idx) => idx.json(name),
         }

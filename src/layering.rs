@@ -372,10 +372,10 @@ impl Pipeline {
         let text = if arg.trim_start().starts_with('[') {
             arg.to_string()
         } else {
-            let bytes = crate::archive::read_limited(std::path::Path::new(arg), crate::archive::INPUT_LIMIT).context("the pipeline")?;
+            let bytes = crate::limits::read_limited(std::path::Path::new(arg), crate::limits::INPUT_LIMIT).context("the pipeline")?;
             String::from_utf8(bytes).map_err(|_| anyhow!("pipeline {arg}: not UTF-8"))?
         };
-        let value: Value = serde_json::from_str(&text).map_err(|e| anyhow!("pipeline: not valid JSON: {e}"))?;
+        let value: Value = crate::limits::parse_json(text.as_bytes(), crate::limits::INPUT_VALUES).context("pipeline")?;
         Self::from_json(&value)
     }
 

@@ -13,6 +13,7 @@ pub mod flatten;
 pub mod image;
 pub mod layer;
 pub mod layering;
+pub mod limits;
 pub mod merge;
 pub mod nixbuild;
 pub mod nixdb;

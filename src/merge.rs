@@ -84,7 +84,7 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
     };
     let read_small = |name: &str| -> Result<Vec<u8>> { idx.bytes(name).map_err(|e| broken(label, format!("{e:#}"))) };
 
-    let manifest: Value = serde_json::from_slice(&read_small("manifest.json")?)
+    let manifest: Value = crate::limits::parse_json(&read_small("manifest.json")?, crate::limits::METADATA_VALUES)
         .map_err(|e| broken(label, format!("manifest.json is not valid JSON: {e}")))?;
     let entries = manifest.as_array().filter(|m| !m.is_empty()).ok_or_else(|| broken(label, "manifest.json lists no image"))?;
     entries
@@ -95,7 +95,7 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
             let config_name = entry.get("Config").and_then(Value::as_str).ok_or_else(|| at("no \"Config\""))?;
             let config = read_small(config_name)?;
             let config_json: Value =
-                serde_json::from_slice(&config).map_err(|e| broken(label, format!("{config_name} is not valid JSON: {e}")))?;
+                crate::limits::parse_json(&config, crate::limits::METADATA_VALUES).map_err(|e| broken(label, format!("{config_name}: {e:#}")))?;
             let layer_names = entry.get("Layers").and_then(Value::as_array).ok_or_else(|| at("no \"Layers\""))?;
             let layers = layer_names
                 .iter()

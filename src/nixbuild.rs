@@ -160,10 +160,10 @@ impl Attrs {
     /// Reads `NIX_ATTRS_JSON_FILE`, or `.attrs.json` in the working directory (older Nix).
     pub fn load() -> Result<Attrs> {
         let path = attrs_path(std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from), std::env::var_os("NIX_BUILD_TOP").map(PathBuf::from));
-        let text = crate::archive::read_limited(&path, crate::archive::INPUT_LIMIT).map_err(|e| {
+        let text = crate::limits::read_limited(&path, crate::limits::INPUT_LIMIT).map_err(|e| {
             anyhow!("{e:#}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true")
         })?;
-        let value: Value = serde_json::from_slice(&text).map_err(|e| anyhow!("{}: not valid JSON: {e}", path.display()))?;
+        let value: Value = crate::limits::parse_json(&text, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Attrs::from_value(value)
     }
 
@@ -426,11 +426,9 @@ fn plan_store_layers(graph: &ClosureGraph, exclude: &[String], max_layers: u64, 
 /// `architecture`, `os`) plus the layering and image fields.
 pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
     let base_path = attrs.str("baseJson")?;
-    let base_text = fs::read(&base_path).with_context(|| format!("cannot read {base_path}"))?;
-    let mut conf = match serde_json::from_slice(&base_text) {
-        Ok(Value::Object(m)) => m,
-        Ok(other) => bail!("{base_path}: expected an object, got {}", kind(&other)),
-        Err(e) => bail!("{base_path}: not valid JSON: {e}"),
+    let mut conf = match crate::limits::read_json_input(Path::new(&base_path))? {
+        Value::Object(m) => m,
+        other => bail!("{base_path}: expected an object, got {}", kind(&other)),
     };
 
     let graph = match attrs.get("closure") {
@@ -445,8 +443,8 @@ pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
     let pipeline = match attrs.get("layeringPipeline") {
         None => None,
         Some(Value::String(file)) => {
-            let text = crate::archive::read_limited(Path::new(file), crate::archive::INPUT_LIMIT).map_err(|e| anyhow!("layeringPipeline: {e:#}"))?;
-            Some(serde_json::from_slice(&text).map_err(|e| anyhow!("layeringPipeline: {file} is not valid JSON: {e}"))?)
+            let text = crate::limits::read_limited(Path::new(file), crate::limits::INPUT_LIMIT).map_err(|e| anyhow!("layeringPipeline: {e:#}"))?;
+            Some(crate::limits::parse_json(&text, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("layeringPipeline: {file}: {e:#}"))?)
         }
         Some(v @ Value::Array(_)) => Some(v.clone()),
         Some(other) => bail!("layeringPipeline: expected a list or a JSON file, got {}", kind(other)),

@@ -99,8 +99,8 @@ fn load_graph(args: &NixDbArgs) -> Result<ClosureGraph> {
         return ClosureGraph::load(&args.closure, args.format);
     };
     let name = args.closure.display();
-    let bytes = crate::archive::read_limited(&args.closure, crate::archive::INPUT_LIMIT).map_err(|e| anyhow!("{e:#}"))?;
-    let value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{name}: not valid JSON: {e}"))?;
+    let bytes = crate::limits::read_limited(&args.closure, crate::limits::INPUT_LIMIT).map_err(|e| anyhow!("{e:#}"))?;
+    let value: serde_json::Value = crate::limits::parse_json(&bytes, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("{name}: {e:#}"))?;
     let list = value.get(key).ok_or_else(|| anyhow!("{name}: no key {key:?}"))?;
     ClosureGraph::from_json_value(list).map_err(|e| anyhow!("{name}: {e:#}"))
 }

@@ -215,7 +215,7 @@ pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Re
     let index_path = dir.join("index.json");
     let mut manifests: Vec<Value> = match fs::read(&index_path) {
         Ok(bytes) => {
-            let index: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{}: not valid JSON: {e}", index_path.display()))?;
+            let index: Value = crate::limits::parse_json(&bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{}: {e:#}", index_path.display()))?;
             index["manifests"].as_array().cloned().unwrap_or_default()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),

@@ -16,7 +16,7 @@ pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/v
 application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Largest manifest or config we accept (the distribution spec suggests 4 MiB for manifests).
-pub const JSON_LIMIT: u64 = 16 << 20;
+pub use crate::limits::JSON_LIMIT;
 
 /// Connection options shared by the subcommands.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -337,7 +337,7 @@ impl Registry {
             }
         }
         let body = resp.bytes(1 << 20).map_err(|_| anyhow!("registry {}: the token response is larger than 1 MiB", self.host))?;
-        let json: Value = serde_json::from_slice(&body).map_err(|_| anyhow!("registry {}: the token response is not JSON", self.host))?;
+        let json: Value = crate::limits::parse_json(&body, crate::limits::METADATA_VALUES).map_err(|_| anyhow!("registry {}: the token response is not JSON", self.host))?;
         json.get("token")
             .or_else(|| json.get("access_token"))
             .and_then(Value::as_str)
@@ -591,7 +591,7 @@ impl Registry {
             bail!("manifest {}/{repo}@{reference} has digest {digest}: the registry sent the wrong bytes", self.host);
         }
         let media = if media.is_empty() || media == "application/json" || media == "text/plain" {
-            serde_json::from_slice::<Value>(&body)
+            crate::limits::parse_json::<Value>(&body, crate::limits::METADATA_VALUES)
                 .ok()
                 .and_then(|v| v.get("mediaType").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or_default()

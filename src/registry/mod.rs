@@ -272,7 +272,7 @@ pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
 
 /// Platform of an image from its config JSON.
 fn platform_of(config: &[u8], what: &str) -> Result<Value> {
-    let c: Value = serde_json::from_slice(config).map_err(|e| anyhow!("{what}: config is not JSON: {e}"))?;
+    let c: Value = crate::limits::parse_json(config, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: config: {e:#}"))?;
     let arch = c.get("architecture").and_then(Value::as_str).filter(|a| !a.is_empty()).ok_or_else(|| anyhow!("{what}: config has no architecture"))?;
     let os = c.get("os").and_then(Value::as_str).filter(|a| !a.is_empty()).unwrap_or("linux");
     let mut p = json!({"architecture": arch, "os": os});
@@ -332,7 +332,7 @@ pub fn run_index(args: &IndexArgs) -> Result<()> {
             }
             Some(r) => {
                 let (bytes, media_type, digest) = reg.get_manifest(&r.repo, r.reference())?;
-                let json: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{image}: manifest is not JSON: {e}"))?;
+                let json: Value = crate::limits::parse_json(&bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{image}: manifest: {e:#}"))?;
                 if json.get("manifests").is_some() {
                     bail!("{image} is already a multi-platform index; list its images instead");
                 }

@@ -105,12 +105,12 @@ fn pick_platform(index: &Value, want: &Platform, what: &str) -> Result<Value> {
 pub fn resolve(reg: &Registry, reference: &Reference, platform: &Platform) -> Result<Resolved> {
     let (bytes, media_type, top_digest) = reg.get_manifest(&reference.repo, reference.reference())?;
     let what = reference.to_string();
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{what}: manifest is not JSON: {e}"))?;
+    let json: Value = crate::limits::parse_json(&bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest: {e:#}"))?;
     let (bytes, media_type, digest, json) = if is_index(&media_type, &json) {
         let entry = pick_platform(&json, platform, &what)?;
         let d = descriptor(&entry, &what)?;
         let (b, m, dg) = reg.get_manifest_sized(&reference.repo, &d.digest, Some(d.size))?;
-        let j: Value = serde_json::from_slice(&b).map_err(|e| anyhow!("{what}: manifest {} is not JSON: {e}", d.digest))?;
+        let j: Value = crate::limits::parse_json(&b, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest {}: {e:#}", d.digest))?;
         if is_index(&m, &j) {
             bail!("{what}: nested indexes are not supported");
         }
@@ -275,7 +275,7 @@ fn pad(size: u64) -> usize {
 /// Writes the Docker archive of `img` to `path` (via a `.partial` file).
 pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag: &str, path: &Path, progress: &Progress) -> Result<()> {
     let config_bytes = get_json_blob(reg, repo, &img.config)?;
-    let config: Value = serde_json::from_slice(&config_bytes).map_err(|e| anyhow!("config {} is not JSON: {e}", img.config.digest))?;
+    let config: Value = crate::limits::parse_json(&config_bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("config {}: {e:#}", img.config.digest))?;
     let diff_ids: Vec<String> = config
         .pointer("/rootfs/diff_ids")
         .and_then(Value::as_array)

@@ -5,7 +5,8 @@
 //! layers) are produced twice: once to learn their compressed digests, once, for the blobs
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
-use crate::archive::{read_limited, ArchiveIndex, JSON_LIMIT};
+use crate::archive::ArchiveIndex;
+use crate::limits::{parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
 use crate::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};
 use crate::image::{hex, ImageSpec, LayerSink, Progress};
@@ -109,7 +110,7 @@ impl Source {
         if meta.is_dir() {
             return Ok(Source::OciDir(path, None));
         }
-        crate::archive::check_regular(&path).map_err(|e| anyhow!("source {e:#}"))?;
+        crate::limits::check_regular(&path).map_err(|e| anyhow!("source {e:#}"))?;
         let mut head = [0u8; 512];
         let n = File::open(&path).and_then(|mut f| f.read(&mut head)).map_err(|e| anyhow!("cannot read source {s}: {e}"))?;
         if head[..n].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
@@ -453,7 +454,7 @@ fn walk(
     if sha256_digest(&bytes) != digest {
         bail!("{what}: blob {digest} does not match its digest");
     }
-    let json: Value = serde_json::from_slice(&bytes).map_err(|e| anyhow!("{what}: manifest {digest} is not JSON: {e}"))?;
+    let json: Value = parse_json(&bytes, METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest {digest}: {e:#}"))?;
     let media_type = json
         .get("mediaType")
         .and_then(Value::as_str)
@@ -489,8 +490,8 @@ fn walk(
 pub fn plan_oci_dir(dir: &Path, reference: Option<&str>) -> Result<Plan<'static>> {
     let what = format!("OCI layout {}", dir.display());
     let index_path = dir.join("index.json");
-    let index: Value = serde_json::from_slice(&read_limited(&index_path, JSON_LIMIT).map_err(|e| anyhow!("{what}: {e:#}"))?)
-        .map_err(|e| anyhow!("{what}: index.json is not JSON: {e}"))?;
+    let index: Value = parse_json(&read_limited(&index_path, JSON_LIMIT).map_err(|e| anyhow!("{what}: {e:#}"))?, METADATA_VALUES)
+        .map_err(|e| anyhow!("{what}: index.json: {e:#}"))?;
     let entry = pick_entry(&index, reference, &what)?;
     let blob_path = |d: &str| dir.join("blobs/sha256").join(&d["sha256:".len()..]);
     let mut json_blob = |d: &str| -> Result<Vec<u8>> {
