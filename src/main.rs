@@ -141,6 +141,9 @@ fn with_output(output: Option<&Path>, write: impl FnOnce(&mut dyn Write) -> Resu
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Stream { conf: conf_path, repo_tag, output, quiet, format, compressor } => {
+            if let Some(tag) = &repo_tag {
+                stevedore::reference::check_repo_tag(tag).map_err(|e| anyhow::anyhow!("--repo_tag: {e}"))?;
+            }
             let now = conf::now();
             let conf = conf::StreamConf::load(&conf_path, &now)?;
             let progress = image::Progress { quiet };
