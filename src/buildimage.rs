@@ -23,7 +23,7 @@
 use crate::conf::{self, StreamConf};
 use crate::flatten::{self, key_of, key_of_name, Selector, Tree};
 use crate::layer::{check_store_path, plan_layer, HashingWriter, Owner};
-use crate::nixbuild::{build_top, command_vars, kind, run_commands, tag_or_hash, write_new, Attrs, STDENV_EPOCH};
+use crate::nixbuild::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
 use crate::rootfs::{self, make_dir, Dirlinks, Owners, PackOptions};
 use crate::rootless::{IdMapping, RunAsRootArgs};
 use crate::store::ClosureGraph;
@@ -183,6 +183,7 @@ fn layer_members(path: &Path) -> Result<(HashSet<Vec<u8>>, u64)> {
 /// `image`: the buildImage archive.
 pub fn image(attrs: &Attrs) -> Result<()> {
     let out = attrs.out()?;
+    let repo_tag = repo_tag(attrs, &out)?;
     let top = build_top()?;
     let now = conf::now();
     let mtime = mtime(attrs)?;
@@ -250,7 +251,6 @@ pub fn image(attrs: &Attrs) -> Result<()> {
 
     let base_json = attrs.str("baseJson")?;
     let base: Value = crate::limits::read_json_input(Path::new(&base_json))?;
-    let tag = tag_or_hash(attrs, &out)?;
     let (date, time) = conf::civil_from_unix(mtime);
     let conf_value = json!({
         "store_layers": [],
@@ -265,7 +265,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
         "mtime": format!("{date}T{time}+00:00"),
         "uid": 0, "gid": 0, "uname": "root", "gname": "root",
         "store_dir": store_dir,
-        "repo_tag": format!("{}:{tag}", attrs.str("imageName")?),
+        "repo_tag": repo_tag,
     });
     let mut conf = StreamConf::from_value(conf_value, &now)?;
     conf.customisation_layer_source = Some(layer_path);

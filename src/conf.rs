@@ -115,8 +115,12 @@ impl StreamConf {
             Some(s) => parse_time(&s, now).map_err(|e| anyhow!("field 'mtime': {e}"))?.unix,
             None => created.unix,
         };
+        // nixpkgs always writes store_layers (empty for an image without store paths); only a
+        // closure graph to plan them from stands in for it.
+        let graph_given = map.get("closure_graph").is_some_and(|g| !g.is_null());
         let store_layers = match map.get("store_layers") {
-            None | Some(Value::Null) => Vec::new(),
+            None | Some(Value::Null) if graph_given => Vec::new(),
+            None => bail!("field 'store_layers' is missing (a list of layers, each a list of store paths; or give 'closure_graph')"),
             Some(Value::Array(layers)) => layers
                 .iter()
                 .enumerate()
@@ -166,7 +170,11 @@ impl StreamConf {
             uname: req_str(&map, "uname")?,
             gname: req_str(&map, "gname")?,
             store_dir: req_str(&map, "store_dir")?,
-            repo_tag: req_str(&map, "repo_tag")?,
+            repo_tag: {
+                let tag = req_str(&map, "repo_tag")?;
+                crate::reference::check_repo_tag(&tag).map_err(|e| anyhow!("field 'repo_tag': {e}"))?;
+                tag
+            },
         })
     }
 }

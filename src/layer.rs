@@ -198,11 +198,9 @@ impl Planner<'_> {
                 path.pop();
             }
         } else if ft.is_file() {
-            if unsafe { libc::geteuid() } != 0 {
-                let c = std::ffi::CString::new(bytes).map_err(|_| anyhow!("NUL in path"))?;
-                if unsafe { libc::access(c.as_ptr(), libc::R_OK) } != 0 {
-                    let err = io::Error::last_os_error();
-                    bail!("cannot read {}: {err}", path.display());
+            if !nix::unistd::geteuid().is_root() {
+                if let Err(errno) = nix::unistd::access(&**path, nix::unistd::AccessFlags::R_OK) {
+                    bail!("cannot read {}: {}", path.display(), io::Error::from(errno));
                 }
             }
             self.push(&name, tar::REGTYPE, mode, meta.len(), b"", (0, 0))?;

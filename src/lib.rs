@@ -19,6 +19,7 @@ pub mod nixbuild;
 pub mod nixdb;
 pub mod oci;
 pub mod pyjson;
+pub mod reference;
 pub mod registry;
 pub mod rootfs;
 pub mod rootless;

@@ -2,8 +2,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 use std::fs::File;
 use std::io::{BufWriter, IsTerminal, Write};
-use std::mem::ManuallyDrop;
-use std::os::fd::FromRawFd;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use stevedore::compress::Compressor;
 use stevedore::{conf, image, layer::OutputError, oci};
@@ -102,9 +101,11 @@ enum Format {
     OciArchive,
 }
 
-fn stdout_file() -> ManuallyDrop<File> {
-    // Write to fd 1 directly: std's stdout is line-buffered, and we write megabytes at a time.
-    ManuallyDrop::new(unsafe { File::from_raw_fd(1) })
+fn stdout_file() -> Result<File> {
+    // Write to fd 1 directly (through a duplicate, which closing leaves stdout open): std's
+    // stdout is line-buffered, and we write megabytes at a time.
+    let fd = std::io::stdout().as_fd().try_clone_to_owned().map_err(|e| anyhow::anyhow!("cannot use stdout: {e}"))?;
+    Ok(File::from(fd))
 }
 
 /// Runs `write` on the output file (written whole or not at all) or on stdout.
@@ -127,11 +128,11 @@ fn with_output(output: Option<&Path>, write: impl FnOnce(&mut dyn Write) -> Resu
             result
         }
         None => {
-            let out = stdout_file();
+            let out = stdout_file()?;
             if out.is_terminal() {
                 bail!("refusing to write an image archive to a terminal; pipe it into `podman load` or use --output");
             }
-            let mut w = BufWriter::with_capacity(1 << 20, &*out);
+            let mut w = BufWriter::with_capacity(1 << 20, &out);
             write(&mut w)?;
             w.flush().map_err(|e| anyhow::Error::new(OutputError(e)))
         }
@@ -141,6 +142,9 @@ fn with_output(output: Option<&Path>, write: impl FnOnce(&mut dyn Write) -> Resu
 fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Stream { conf: conf_path, repo_tag, output, quiet, format, compressor } => {
+            if let Some(tag) = &repo_tag {
+                stevedore::reference::check_repo_tag(tag).map_err(|e| anyhow::anyhow!("--repo_tag: {e}"))?;
+            }
             let now = conf::now();
             let conf = conf::StreamConf::load(&conf_path, &now)?;
             let progress = image::Progress { quiet };

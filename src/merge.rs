@@ -125,6 +125,9 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
                 Some(tags @ Value::Array(items)) if items.iter().all(Value::is_string) => tags.clone(),
                 Some(_) => return Err(at("\"RepoTags\" is not a list of strings")),
             };
+            for tag in repo_tags.as_array().into_iter().flatten().filter_map(Value::as_str) {
+                crate::reference::check_repo_tag(tag).map_err(|e| at(&e.to_string()))?;
+            }
             Ok(ImageEntry { config, repo_tags, layers })
         })
         .collect::<Result<Vec<_>>>()

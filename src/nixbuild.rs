@@ -457,15 +457,14 @@ pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
         eprintln!("store layers: {}", serde_json::to_string_pretty(&store_layers)?);
     }
 
-    let tag = tag_or_hash(attrs, out)?;
-    let image_name = attrs.str("imageName")?;
+    let repo_tag = repo_tag(attrs, out)?;
     let uid = attrs.u64("uid")?;
     let gid = attrs.u64("gid")?;
     conf.insert("store_dir".into(), attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into()).into());
     conf.insert("from_image".into(), from_image.map_or(Value::Null, Value::from));
     conf.insert("store_layers".into(), serde_json::to_value(&store_layers)?);
     conf.insert("customisation_layer".into(), attrs.str("customisationLayer")?.into());
-    conf.insert("repo_tag".into(), format!("{image_name}:{tag}").into());
+    conf.insert("repo_tag".into(), repo_tag.into());
     conf.insert("created".into(), conf_time("created", &attrs.str("created")?, now)?.into());
     conf.insert("mtime".into(), conf_time("mtime", &attrs.str("mtime")?, now)?.into());
     conf.insert("uid".into(), uid.into());
@@ -503,15 +502,25 @@ fn push_script(attrs: &Attrs) -> Result<()> {
     if !shell.starts_with('/') {
         bail!("shell: {shell:?} is not an absolute path");
     }
+    let image_ref = attrs.str("imageRef")?;
+    crate::reference::check_repo_tag(&image_ref).map_err(|e| anyhow!("imageRef: {e}"))?;
     let script = format!(
         "#!{shell}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
          dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\
          exec {} push {} \"$dest\" \"$@\"\n",
-        shell_quote(&attrs.str("imageRef")?),
+        shell_quote(&image_ref),
         shell_quote(&attrs.str("stevedore")?),
         shell_quote(&attrs.str("conf")?)
     );
     write_new(&attrs.out()?, script.as_bytes(), 0o555)
+}
+
+/// `imageName:TAG`, TAG from [`tag_or_hash`], once Docker would read it as an image reference
+/// (the error names nixpkgs' arguments, `name` and `tag`).
+pub(crate) fn repo_tag(attrs: &Attrs, out: &Path) -> Result<String> {
+    let repo_tag = format!("{}:{}", attrs.str("imageName")?, tag_or_hash(attrs, out)?);
+    crate::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("name and tag: {e}"))?;
+    Ok(repo_tag)
 }
 
 /// The attribute `tag`, or as nixpkgs tags an untagged image: the hash part of `out`, the

@@ -10,7 +10,7 @@
 use crate::layer::{py_name_cmp, HashingWriter};
 use crate::tar::{self, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
-use std::ffi::{CString, OsStr};
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::ffi::OsStrExt;
@@ -273,11 +273,8 @@ struct Stat {
 }
 
 fn lstat(path: &Path) -> io::Result<Stat> {
-    let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in path"))?;
-    let mut st: libc::stat = unsafe { std::mem::zeroed() };
-    if unsafe { libc::lstat(c.as_ptr(), &mut st) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // nix calls libc's lstat (as fakeroot needs), not statx as std does.
+    let st = nix::sys::stat::lstat(path)?;
     Ok(Stat {
         mode: st.st_mode,
         uid: st.st_uid as u64,

@@ -680,6 +680,8 @@ fn send_frame(fd: RawFd, tag: u8, payload: &[u8]) {
     buf.push(tag);
     buf.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     buf.extend_from_slice(payload);
+    // SAFETY: the pointer and length are those of `buf`, a live Vec, so the kernel reads only
+    // memory we own. A bad `fd` makes write fail (EBADF), ignored: C then misses a frame.
     unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
 }
 
@@ -744,7 +746,11 @@ fn install_chown_filter() -> io::Result<RawFd> {
     prog.push(stmt(0x06, libc::SECCOMP_RET_ALLOW));
     prog.push(stmt(0x06, libc::SECCOMP_RET_USER_NOTIF));
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and touches no memory of ours.
     cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // SAFETY: `fprog` points at `prog`, whose `len` filters it counts; both live on this stack
+    // until the call returns, and the kernel copies the program. A negative result is checked;
+    // otherwise it is a new descriptor that nothing else owns.
     let fd = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog as *const libc::sock_fprog) };
     if fd < 0 {
         return Err(errno());
@@ -827,6 +833,8 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
         }
     };
     // The memory we read belonged to the caller only if the call is still pending.
+    // SAFETY: NOTIF_ID_VALID reads one u64, and `&req.id` is one, borrowed for the call. A stale
+    // or bad `listener` only makes the ioctl fail.
     if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _, &req.id) } != 0 {
         return Verdict::Return(libc::ESRCH);
     }
@@ -844,10 +852,12 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
     let opened = (|| -> Result<OwnedFd, i32> {
         let open_plain = |p: &str, extra: i32| -> Result<OwnedFd, i32> {
             let c = CString::new(p).map_err(|_| libc::EINVAL)?;
+            // SAFETY: `c` is a NUL-terminated CString that outlives the call.
             let fd = unsafe { libc::open(c.as_ptr(), libc::O_PATH | libc::O_CLOEXEC | extra) };
             if fd < 0 {
                 return Err(errno().raw_os_error().unwrap_or(libc::EIO));
             }
+            // SAFETY: `fd` (not negative) was just returned by open(2); nothing else owns it.
             Ok(unsafe { OwnedFd::from_raw_fd(fd) })
         };
         if path.is_empty() {
@@ -862,15 +872,21 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
             None => None,
         };
         // The caller's own path must not go through magic links: they would resolve as us.
+        // SAFETY: open_how is three u64s, for which all zero bytes is a valid value (and the one
+        // openat2 requires for what we do not set).
         let mut how: libc::open_how = unsafe { std::mem::zeroed() };
         how.flags = (libc::O_PATH | libc::O_CLOEXEC | if follow { 0 } else { libc::O_NOFOLLOW }) as u64;
         how.resolve = libc::RESOLVE_NO_MAGICLINKS;
         let c = CString::new(path.clone()).map_err(|_| libc::EINVAL)?;
         let dirfd = dir.as_ref().map_or(libc::AT_FDCWD, |d| d.as_raw_fd());
+        // SAFETY: `c` is NUL-terminated and `how` is a live open_how whose size is the one passed;
+        // both outlive the call. `dirfd` is AT_FDCWD or the descriptor of `dir`, alive until the
+        // closure returns.
         let fd = unsafe { libc::syscall(libc::SYS_openat2, dirfd, c.as_ptr(), &how as *const libc::open_how, std::mem::size_of::<libc::open_how>()) };
         if fd < 0 {
             return Err(errno().raw_os_error().unwrap_or(libc::EIO));
         }
+        // SAFETY: `fd` (not negative) was just returned by openat2; nothing else owns it.
         Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
     })();
     let fd = match opened {
@@ -880,8 +896,12 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
         Err(libc::ELOOP | libc::EXDEV | libc::ENOSYS) => return Verdict::Continue,
         Err(e) => return Verdict::Return(e),
     };
+    // SAFETY: stat is a C struct of integers, for which all zero bytes is a valid value.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: so is statvfs.
     let mut vfs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is an OwnedFd alive for both calls, and each writes one struct of the type
+    // it is given into a live local of that type.
     if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 || unsafe { libc::fstatvfs(fd.as_raw_fd(), &mut vfs) } != 0 {
         return Verdict::Return(libc::EIO);
     }
@@ -891,8 +911,11 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
     if vfs.f_flag & libc::ST_RDONLY != 0 {
         return Verdict::Return(libc::EROFS);
     }
+    // SAFETY: statx too is a C struct of integers, for which all zero bytes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
+    // SAFETY: `empty` is a NUL-terminated static string (with AT_EMPTY_PATH: `fd` itself, an
+    // OwnedFd alive for the call), and statx writes one statx into `stx`, a live local.
     let has_birth = unsafe { libc::statx(fd.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_BTIME, &mut stx) } == 0 && stx.stx_mask & libc::STATX_BTIME != 0;
     let mut rec = Vec::with_capacity(40);
     rec.extend_from_slice(&st.st_dev.to_le_bytes());
@@ -911,6 +934,8 @@ fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev: u64, frame
         }
         if new != mode {
             if let Ok(p) = CString::new(format!("/proc/self/fd/{}", fd.as_raw_fd())) {
+                // SAFETY: `p` is a NUL-terminated CString that outlives the call. A failure
+                // is ignored: the owner is recorded all the same.
                 unsafe { libc::chmod(p.as_ptr(), new) };
             }
         }
@@ -929,11 +954,16 @@ struct Pins {
 impl Pins {
     fn new() -> Pins {
         // Raise the soft limit on open files to the hard one, keeping room for everything else.
+        // SAFETY: rlimit is two integers: all zero is valid, and getrlimit overwrites it.
         let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
         let mut budget = 0;
+        // SAFETY: getrlimit and setrlimit read or write one rlimit, `lim`, live for each call. If
+        // setrlimit fails the limit stays, and the second getrlimit reads the one that holds.
         if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0 {
             lim.rlim_cur = lim.rlim_max.min(1 << 20);
+            // SAFETY: as above, `lim` is live for the call.
             unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) };
+            // SAFETY: as above.
             unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
             budget = (lim.rlim_cur as usize).saturating_sub(256);
         }
@@ -948,10 +978,14 @@ impl Pins {
 }
 
 fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd, pins: &mut Pins) {
+    // SAFETY: seccomp_notif and seccomp_notif_resp are C structs of integers: all zero bytes is
+    // a valid value, and the one NOTIF_RECV requires of the struct it fills.
     let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: NOTIF_RECV writes one seccomp_notif into `req`, a live local of that type.
     if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut req) } != 0 {
         return; // the caller died meanwhile
     }
+    // SAFETY: as for `req` above.
     let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
     resp.id = req.id;
     match handle_chown(listener, &req, root_dev, frames, pins) {
@@ -959,6 +993,8 @@ fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd, pins: &mut Pins) {
         Verdict::Return(0) => {}
         Verdict::Return(e) => resp.error = -e,
     }
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, `resp`, borrowed for the call. A failure
+    // (the caller died meanwhile) is ignored: there is no one left to answer.
     unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND as _, &resp) };
 }
 
@@ -1031,6 +1067,10 @@ fn loopback_up() {
     }
     let mut req = IfReq { name: [0; 16], flags: 0, pad: [0; 22] };
     req.name[..2].copy_from_slice(b"lo");
+    // SAFETY: socket returns a new descriptor or -1 (checked), which only this block uses and
+    // closes once. SIOCGIFFLAGS and SIOCSIFFLAGS read and write a struct ifreq: IfReq has its
+    // layout (repr(C): a 16-byte name, the flags as a short at offset 16, 40 bytes in all) and
+    // is a live local for both calls. Failures leave lo down, which scripts rarely need.
     unsafe {
         let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
         if s < 0 {
@@ -1082,11 +1122,15 @@ fn init_main(root: &Path, mounts: &Mounts, spec: &ScriptSpec, single: bool, fram
         None,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )?;
+    // SAFETY: S runs no other thread (it is a fresh child of C, which runs none), so the child
+    // cannot inherit a lock another thread held; it ends in execve or _exit, never returning.
     let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop(sock_s);
             let e = exec_script(spec, single, sock_t.as_raw_fd());
             send_frame(frames, FRAME_ERROR, e.as_bytes());
+            // SAFETY: _exit has no preconditions; it skips the destructors and atexit
+            // handlers that belong to S.
             unsafe { libc::_exit(127) }
         }
         ForkResult::Parent { child } => child,
@@ -1105,6 +1149,8 @@ fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
     for c in msg.cmsgs()? {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(&fd) = fds.first() {
+                // SAFETY: the kernel installed `fd` in our table for this SCM_RIGHTS message
+                // just now (with MSG_CMSG_CLOEXEC); nothing else refers to it.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
@@ -1115,6 +1161,13 @@ fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
 /// T: drops into the script. Returns only on failure, with the message to report.
 fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> String {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+    // SAFETY: T runs no other thread, so resetting its signals and descriptors disturbs no
+    // one. rt_sigaction reads a kernel sigaction from `default`: 32 zero bytes, at least its
+    // size (handler, flags, restorer, an 8-byte mask, the sigsetsize passed) on x86_64 and
+    // aarch64, and the old action is not asked for (null). `none` is a live sigset_t that
+    // sigemptyset initialises before sigprocmask reads it. dup2 and fcntl take integers;
+    // fd 1 is replaced under no Rust object of T (T writes to it through nothing but the
+    // script it execs), and `script_fd` is P's open descriptor of the script, inherited.
     unsafe {
         // Signals the caller ignores (Rust ignores SIGPIPE, so `yes | head` would not end;
         // a background job ignores SIGINT) must not reach the script: all back to default.
@@ -1143,6 +1196,8 @@ fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> String {
                 if let Err(e) = sendmsg::<()>(sock, &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None) {
                     return format!("cannot hand the seccomp listener over: {e}");
                 }
+                // SAFETY: `listener` is the descriptor install_chown_filter returned, owned by
+                // nothing else; S has its own copy now, and it is closed once, here.
                 unsafe { libc::close(listener) };
             }
             Err(e) => return format!("cannot install the seccomp filter that records chown: {e}"),
@@ -1211,6 +1266,8 @@ struct Job<'a> {
 /// Runs the script through S; returns its exit code.
 fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Result<i32> {
     let (frames_r, frames_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: C runs no other thread (a child of P, forked while P ran none), so the child
+    // cannot inherit a lock another thread held; it ends in exit_reporting (_exit).
     match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop(frames_r);
@@ -1220,6 +1277,8 @@ fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Resu
             let init = || -> Result<i32> {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 unshare(CloneFlags::CLONE_NEWPID).map_err(|e| anyhow!("cannot create a pid namespace: {e}"))?;
+                // SAFETY: this intermediate process runs no other thread either; the child,
+                // S, ends in exit_reporting (_exit).
                 match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
                     ForkResult::Child => exit_reporting(fw, || init_main(root, &job.mounts, &job.spec, single, fw)),
                     ForkResult::Parent { child } => loop {
@@ -1337,6 +1396,7 @@ fn child_main(job: &Job, ready: OwnedFd, go: OwnedFd, result: OwnedFd) -> i32 {
             | CloneFlags::CLONE_NEWUTS;
         unshare(flags).map_err(|e| anyhow!("cannot create a user namespace: {e}{}", userns_hint()))?;
         // Modes of what the script creates must not depend on the caller (nixpkgs' VM: 022).
+        // SAFETY: umask takes an integer and only sets this process's file mode mask.
         unsafe { libc::umask(0o022) };
         nix::unistd::write(&ready, b"u")?;
         drop(ready);
@@ -1523,10 +1583,15 @@ fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCount
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    // SAFETY: P runs no other thread here: run-as-root starts none, and the threads other
+    // steps use (compression, layer writing) are joined before they return, so the child
+    // cannot inherit a lock another thread held. It ends in _exit (panics caught).
     let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop((ready_r, go_w, res_r));
             let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child_main(job, ready_w, go_r, res_w))).unwrap_or(101);
+            // SAFETY: _exit has no preconditions; it keeps the child from running P's
+            // destructors and atexit handlers (which would remove P's scratch directory).
             unsafe { libc::_exit(code) }
         }
         ForkResult::Parent { child } => child,
@@ -1702,6 +1767,8 @@ fn exit_reporting(fw: RawFd, f: impl FnOnce() -> Result<i32>) -> ! {
         }
         Err(_) => 125,
     };
+    // SAFETY: _exit has no preconditions; a forked child must end without running the
+    // destructors and atexit handlers of the process it was forked from.
     unsafe { libc::_exit(code) }
 }
 

@@ -165,16 +165,28 @@ fn broken_inputs_give_one_line_errors_naming_the_input() {
         b.append_data(&mut h, name, data).unwrap();
     }
     fs::write(&missing_layer, b.into_inner().unwrap()).unwrap();
+    // A tag no loader would take (and that would name a file outside a `repositories` tree).
+    let bad_tag = d.join("bad-tag.tar");
+    let mut b = tar::Builder::new(Vec::new());
+    let manifest = br#"[{"Config": "c.json", "RepoTags": ["ok:1", "../x:1"], "Layers": []}]"#;
+    for (name, data) in [("c.json", &b"{}"[..]), ("manifest.json", &manifest[..])] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_cksum();
+        b.append_data(&mut h, name, data).unwrap();
+    }
+    fs::write(&bad_tag, b.into_inner().unwrap()).unwrap();
     let failing = d.join("failing-stream");
     fs::write(&failing, "#!/bin/sh\necho oops >&2\nexit 3\n").unwrap();
     fs::set_permissions(&failing, fs::Permissions::from_mode(0o755)).unwrap();
     let absent = d.join("absent.tar");
 
-    let cases: [(&Path, &str); 6] = [
+    let cases: [(&Path, &str); 7] = [
         (&text, "not a valid tar archive"),
         (&truncated, "truncated"),
         (&no_manifest, "it has no member \"manifest.json\""),
         (&missing_layer, "it has no member \"1/layer.tar\""),
+        (&bad_tag, "manifest.json, image 1: invalid image reference \"../x:1\": path component \"..\""),
         (&failing, "the stream executable failed (exit status: 3)"),
         (&absent, "cannot open"),
     ];
@@ -190,5 +202,5 @@ fn broken_inputs_give_one_line_errors_naming_the_input() {
         assert!(!err.contains("panicked"), "{err}");
         assert!(!out_path.exists(), "a partial output was left for {}", input.display());
     }
-    assert_eq!(fs::read_dir(d).unwrap().count(), 5, "scratch files were left behind");
+    assert_eq!(fs::read_dir(d).unwrap().count(), 6, "scratch files were left behind");
 }

@@ -294,6 +294,29 @@ fn podman_load(archive: &Path) {
     assert!(out.status.success(), "podman load failed: {}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// Destinations Docker would not read fail at once, in one line, before any connection (no
+/// registry listens on port 1), for `push` and `index` alike.
+#[test]
+fn destinations_are_checked_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let conf = conf.to_str().unwrap();
+    for (dest, why) in [
+        ("docker://127.0.0.1:1/team/a..b:v1", "path component \"a..b\""),
+        ("docker://bad host:1/app:v1", "it contains whitespace or a control character"),
+        ("docker://127.0.0.1:x1/app:v1", "registry \"127.0.0.1:x1\""),
+    ] {
+        for args in [["push", conf, dest], ["index", dest, conf]] {
+            let out = stevedore(&args, &[]);
+            let err = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(1), "{err}");
+            let want = format!("stevedore: destination: invalid image reference {:?}: {why}", &dest["docker://".len()..]);
+            assert!(err.starts_with(&want), "{args:?}: {err}");
+            assert_eq!(err.lines().count(), 1, "{err}");
+        }
+    }
+}
+
 #[test]
 fn push_conf_then_pull_it_back() {
     if !have_tools() {

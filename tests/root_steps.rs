@@ -6,6 +6,7 @@ mod common;
 
 use common::{bin, sha256_hex};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::Read;
 use std::os::unix::fs::{symlink, PermissionsExt};
@@ -573,6 +574,8 @@ fn nixdb_is_accepted_by_nix() {
         return;
     }
     let b = stdout_line(&added);
+    // The graph's builder ends in `exit 0`: bash runs a script's last command in its own place,
+    // and cp closes stdout before it exits, which Nix may answer with SIGKILL.
     let expr = format!(
         r#"let
   b = builtins.storePath "{b}";
@@ -580,7 +583,7 @@ fn nixdb_is_accepted_by_nix() {
         args = [ "-c" "/bin/mkdir $out; echo $b > $out/ref; echo $out > $out/self" ]; inherit b; }};
 in {{ inherit a; graph = builtins.derivation {{ name = "stevedore-nixdb-graph"; system = builtins.currentSystem; builder = "/bin/bash";
      __structuredAttrs = true; exportReferencesGraph.closure = [ a ];
-     args = [ "-c" "source .attrs.sh; /bin/cp .attrs.json \${{outputs[out]}}" ]; }}; }}"#
+     args = [ "-c" "source .attrs.sh; /bin/cp .attrs.json \${{outputs[out]}}; exit 0" ]; }}; }}"#
     );
     fs::write(d.join("closure.nix"), expr).unwrap();
     let built = nix(&["nix-build", "--no-out-link", d.join("closure.nix").to_str().unwrap()]);
@@ -633,23 +636,51 @@ in {{ inherit a; graph = builtins.derivation {{ name = "stevedore-nixdb-graph"; 
     let verify = nix(&["nix-store", "--store", &store, "--verify", "--check-contents"]);
     let said = String::from_utf8_lossy(&verify.stderr);
     assert!(!said.contains("error") && !said.contains("modified") && !said.contains("disappeared"), "{said}");
-    let info = |store: Option<&str>| -> Value {
+    let info = |store: Option<&str>| -> BTreeMap<String, Value> {
         let mut args = vec!["nix", "path-info", "--json", "-r", a.as_str()];
         if let Some(s) = store {
             args.extend(["--store", s]);
         }
-        let mut v: Value = serde_json::from_slice(&nix(&args).stdout).unwrap();
-        for p in v.as_array_mut().unwrap() {
-            let o = p.as_object_mut().unwrap();
-            o.retain(|k, _| ["path", "narHash", "narSize", "references"].contains(&k.as_str()));
-        }
-        v
+        path_infos(serde_json::from_slice(&nix(&args).stdout).unwrap())
     };
     assert_eq!(info(Some(&store)), info(None), "path info differs from the real store's");
     let dead = nix(&["nix-store", "--store", &store, "--gc", "--print-dead"]);
     assert_eq!(stdout_line(&dead), "", "the GC root does not keep the closure alive");
     let roots = stdout_line(&nix(&["nix-store", "--store", &store, "--gc", "--print-roots"]));
     assert!(roots.contains(&want_link), "{roots}");
+}
+
+/// `nix path-info --json` output as path -> {narHash, narSize, references}: a list of objects
+/// with a `path` before Nix 2.19, an object keyed by path since.
+fn path_infos(v: Value) -> BTreeMap<String, Value> {
+    let keep = |info: &Value| -> Value {
+        let mut o = info.as_object().unwrap_or_else(|| panic!("path info is not an object: {info}")).clone();
+        o.retain(|k, _| ["narHash", "narSize", "references"].contains(&k.as_str()));
+        Value::Object(o)
+    };
+    match v {
+        Value::Array(list) => list.iter().map(|p| (p["path"].as_str().expect("path info without a path").to_string(), keep(p))).collect(),
+        Value::Object(map) => map.iter().map(|(path, info)| (path.clone(), keep(info))).collect(),
+        other => panic!("nix path-info --json gave neither a list nor an object: {other}"),
+    }
+}
+
+#[test]
+fn path_info_json_of_every_nix_version() {
+    let a = "/nix/store/0c7a4hbz5ylhypwpjfhcfh1mrnmpr1dq-a";
+    let b = "/nix/store/1c7a4hbz5ylhypwpjfhcfh1mrnmpr1dq-b";
+    let before_2_19 = json!([
+        {"path": a, "narHash": "sha256-AAAA", "narSize": 120, "references": [a, b], "registrationTime": 1, "valid": true},
+        {"path": b, "narHash": "sha256-BBBB", "narSize": 80, "references": [], "ca": "fixed:r:sha256:xyz"}
+    ]);
+    let since_2_19 = json!({
+        b: {"narHash": "sha256-BBBB", "narSize": 80, "references": [], "ca": "fixed:r:sha256:xyz", "signatures": []},
+        a: {"narHash": "sha256-AAAA", "narSize": 120, "references": [a, b], "deriver": null, "ultimate": true}
+    });
+    let want = path_infos(before_2_19);
+    assert_eq!(want.len(), 2);
+    assert_eq!(want[a], json!({"narHash": "sha256-AAAA", "narSize": 120, "references": [a, b]}));
+    assert_eq!(path_infos(since_2_19), want);
 }
 
 fn walk_all(dir: &Path) -> Vec<PathBuf> {

@@ -175,6 +175,20 @@ fn repo_tag_override_and_progress_lines() {
         assert!(err.starts_with("No 'fromImage' provided\nCreating layer 1 from paths: ['"), "{err}");
         assert!(err.contains("Adding manifests...\n") && err.ends_with("Done.\n"), "{err}");
     }
+    // A registry with a port, as nixpkgs names allow; a name without a tag passes as it is.
+    for tag in ["registry.example.com:5000/a/b:tag", "app"] {
+        let out = stream(&conf, &["-t", tag]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(Image::parse(&out.stdout).manifest[0]["RepoTags"], json!([tag]));
+    }
+    for bad in ["app:v1\n", "a/../b:v1", "App:v1", "app:", ""] {
+        let out = stream(&conf, &["-t", bad]);
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(out.stdout.is_empty(), "wrote output despite: {err}");
+        assert!(err.starts_with(&format!("stevedore: --repo_tag: invalid image reference {bad:?}: ")), "{err}");
+        assert_eq!(err.lines().count(), 1, "{err}");
+    }
 }
 
 fn customisation_layer(dir: &Path) -> std::path::PathBuf {
@@ -305,6 +319,23 @@ fn bad_input_gives_one_line_errors() {
     c = base_conf(&fx, vec![p.clone()]);
     c.as_object_mut().unwrap().remove("repo_tag");
     expect_error(&c, d, "field 'repo_tag' is missing");
+    // Docker's reference grammar, with the reference escaped onto the one line.
+    for (tag, why) in [
+        ("app:v1\nX-Injected: 1", "it contains whitespace or a control character"),
+        ("../../etc/app:v1", "path component \"..\""),
+        ("Team/App:v1", "the repository name must be lowercase"),
+        ("app:v1@sha256:0000000000000000000000000000000000000000000000000000000000000000", "a digest"),
+    ] {
+        c = base_conf(&fx, vec![p.clone()]);
+        c["repo_tag"] = json!(tag);
+        expect_error(&c, d, &format!("field 'repo_tag': invalid image reference {tag:?}: {why}"));
+    }
+    // nixpkgs always writes store_layers; without it (and no closure_graph) nothing says what to stream.
+    c = base_conf(&fx, vec![p.clone()]);
+    c.as_object_mut().unwrap().remove("store_layers");
+    expect_error(&c, d, "field 'store_layers' is missing");
+    c["store_layers"] = json!(null);
+    expect_error(&c, d, "field 'store_layers': expected a list of layers, got null");
     c = base_conf(&fx, vec![p.clone()]);
     c["customisation_layer"] = json!(d.join("nowhere"));
     expect_error(&c, d, "nowhere/checksum");

@@ -158,6 +158,7 @@ fn dest_reference(s: &str) -> Result<Reference> {
     if r.digest.is_some() {
         bail!("destination {s:?}: push to a tag, not a digest");
     }
+    crate::reference::check_repo_tag(&s["docker://".len()..]).map_err(|e| anyhow!("destination: {e}"))?;
     Ok(r)
 }
 
@@ -230,6 +231,7 @@ pub fn run_pull(args: &PullArgs) -> Result<()> {
     let name = args.image_name.clone().unwrap_or_else(|| output_name(&reference, &args.image));
     let tag = args.image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
     let repo_tag = format!("{name}:{tag}");
+    crate::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("--image-name and --image-tag: {e}"))?;
     match args.format {
         PullFormat::DockerArchive => pull::write_docker_archive(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
         PullFormat::Oci => pull::write_oci_layout(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
@@ -247,9 +249,11 @@ pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
     let image_name = output_name(&reference, &args.image);
     let final_name = args.final_image_name.clone().unwrap_or_else(|| image_name.clone());
     let final_tag = args.final_image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
+    let final_ref = format!("{final_name}:{final_tag}");
+    crate::reference::check_repo_tag(&final_ref).map_err(|e| anyhow!("--final-image-name and --final-image-tag: {e}"))?;
     let tmp = crate::oci::TempDir::new_in(&std::env::temp_dir())?;
     let out = tmp.0.join("image.tar");
-    pull::write_docker_archive(&reg, &reference.repo, &img, &format!("{final_name}:{final_tag}"), &out, &progress)?;
+    pull::write_docker_archive(&reg, &reference.repo, &img, &final_ref, &out, &progress)?;
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
     let mut f = std::fs::File::open(&out)?;
     std::io::copy(&mut f, &mut hasher)?;

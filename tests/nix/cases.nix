@@ -412,6 +412,15 @@ let
         fromImageTag = "nope";
       };
       emptyName = dockerTools.streamLayeredImage { name = ""; };
+      # Names and tags Docker would not read fail the build, not a later load or push.
+      badName = dockerTools.streamLayeredImage {
+        name = "team/../app";
+        tag = "v1";
+      };
+      badTag = dockerTools.buildImage {
+        name = "app";
+        tag = "v1\nX";
+      };
       created = dockerTools.streamLayeredImage {
         name = "bad";
         created = "yesterday";

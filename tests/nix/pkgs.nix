@@ -9,6 +9,9 @@
   stevedorePrebuilt ? null,
 }:
 let
+  # The script ends in `exit 0`: a shell may run the last command in its own place (bash does,
+  # and it is /bin/sh on some hosts), and coreutils close stdout before they exit, which Nix
+  # may answer with SIGKILL. `-e` still fails the build at the first failing command.
   sh =
     name: script:
     builtins.derivation {
@@ -17,7 +20,7 @@ let
       args = [
         "-e"
         "-c"
-        script
+        "${script}\nexit 0\n"
       ];
       PATH = "/usr/bin:/bin";
     };

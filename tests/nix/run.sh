@@ -355,6 +355,8 @@ test_errors() {
   check_error failingRunAsRoot 'failed with exit code 1'
   check_error missingBaseTag 'no image tagged base:nope (it has: base:latest)'
   check_error emptyName 'name must be a non-empty string'
+  check_error badName 'name and tag: invalid image reference "team/../app:v1": path component ".."'
+  check_error badTag 'name and tag: invalid image reference "app:v1\nX": it contains whitespace or a control character'
   check_error created 'created: "yesterday" is not an ISO-8601 date/time or "now"'
   check_error notDir 'is not a directory (symlinkJoin needs directories)'
   check_error failingCommands 'extraCommands failed'
