@@ -10,7 +10,7 @@
 //! `run-as-root` builds the same tree to lay out the image's root filesystem.
 
 use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
-use crate::layer::{out_err, OutputError};
+use crate::layer::out_err;
 use crate::oci::TempDir;
 use crate::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex, Region, Resolved};
 use crate::limits::{check_regular, parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
@@ -701,22 +701,9 @@ pub fn write_tree<W: Write>(tree: &Tree, layers: &[LayerBlob], w: W, mtime: i64)
     Ok((out.finish()?, entries))
 }
 
-/// Writes a file whole or not at all: into `NAME.partial` beside it, renamed when complete.
+/// Writes a file whole or not at all: into a temporary file beside it, renamed when complete.
 pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>) -> Result<T> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = write(BufWriter::with_capacity(1 << 20, file)).and_then(|(w, value)| {
-        let file = w.into_inner().map_err(|e| anyhow::Error::new(OutputError(e.into_error())))?;
-        file.sync_all().map_err(|e| anyhow::Error::new(OutputError(e)))?;
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))?;
-        Ok(value)
-    });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result
+    crate::fsutil::write_atomically(path, write)
 }
 
 /// `SOURCE_DATE_EPOCH` if set (as in a Nix build), else 1.

@@ -10,6 +10,7 @@ pub mod buildimage;
 pub mod compress;
 pub mod conf;
 pub mod flatten;
+pub mod fsutil;
 pub mod image;
 pub mod layer;
 pub mod layering;

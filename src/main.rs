@@ -111,22 +111,10 @@ fn stdout_file() -> Result<File> {
 /// Runs `write` on the output file (written whole or not at all) or on stdout.
 fn with_output(output: Option<&Path>, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     match output {
-        Some(path) => {
-            let mut tmp_name = path.as_os_str().to_owned();
-            tmp_name.push(".partial");
-            let tmp = PathBuf::from(tmp_name);
-            let file = File::create(&tmp).map_err(|e| anyhow::anyhow!("cannot create {}: {e}", tmp.display()))?;
-            let mut w = BufWriter::with_capacity(1 << 20, file);
-            let result = write(&mut w).and_then(|()| {
-                let file = w.into_inner().map_err(|e| anyhow::Error::new(OutputError(e.into_error())))?;
-                file.sync_all().map_err(|e| anyhow::Error::new(OutputError(e)))?;
-                std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display()))
-            });
-            if result.is_err() {
-                let _ = std::fs::remove_file(&tmp);
-            }
-            result
-        }
+        Some(path) => stevedore::fsutil::write_atomically(path, |mut w| {
+            write(&mut w)?;
+            Ok((w, ()))
+        }),
         None => {
             let out = stdout_file()?;
             if out.is_terminal() {
@@ -198,15 +186,19 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() {
+    // First, before any thread starts: every thread inherits the blocked signals.
+    stevedore::fsutil::install_signal_cleanup();
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
-        if let Some(OutputError(io)) = e.downcast_ref::<OutputError>() {
-            if io.kind() == std::io::ErrorKind::BrokenPipe {
-                eprintln!("stevedore: the reader closed the output before the image was complete");
-                std::process::exit(141);
-            }
+    let (code, message) = match run(cli) {
+        Ok(()) => (0, None),
+        Err(e) if e.downcast_ref::<OutputError>().is_some_and(|OutputError(io)| io.kind() == std::io::ErrorKind::BrokenPipe) => {
+            (141, Some("the reader closed the output before the image was complete".to_string()))
         }
-        eprintln!("stevedore: {e:#}");
-        std::process::exit(1);
-    }
+        Err(e) => (1, Some(format!("{e:#}"))),
+    };
+    stevedore::fsutil::exit(code, || {
+        if let Some(m) = message {
+            eprintln!("stevedore: {m}");
+        }
+    })
 }

@@ -1,17 +1,28 @@
 //! OCI image layouts (a directory, or that directory as a tar: `oci-archive`), with each layer
 //! compressed on its own (none, gzip or zstd), deterministically.
+//!
+//! Several processes may write into one layout at once. Blobs are written to temporary files
+//! of their own in the layout's top directory (not in `blobs/sha256`, where `umoci gc` takes
+//! every name for a digest) and renamed into place once complete and fsynced; two writers of
+//! one blob write the same bytes, so either rename may win. `index.json` is updated under an
+//! exclusive lock on the layout directory, re-read under it, and replaced by a rename.
 
 use crate::compress::{Compressor, Pipeline};
+use crate::fsutil::{self, create_temp, TempPath};
 use crate::image::{hex, ImageSpec, LayerInfo, LayerSink, Progress};
-use crate::layer::{out_err, HashingWriter};
+use crate::layer::{out_err, HashingWriter, OutputError};
 use crate::tar::{Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+
+/// Scratch directories; here for the modules that have always taken them from here.
+pub use crate::fsutil::TempDir;
 
 pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -37,9 +48,10 @@ pub fn layer_media_type(c: Compressor) -> String {
 }
 
 /// A layer blob being written: compressed bytes into a temporary file, hashed on the way.
+/// Dropped unfinished (an error, a pipeline torn down), it removes the file.
 struct BlobOut {
     w: HashingWriter<BufWriter<File>>,
-    tmp: PathBuf,
+    tmp: TempPath,
 }
 
 impl Write for BlobOut {
@@ -51,12 +63,15 @@ impl Write for BlobOut {
     }
 }
 
+fn buf_file(buf: BufWriter<File>) -> std::io::Result<File> {
+    buf.into_inner().map_err(|e| e.into_error())
+}
+
 /// Moves a complete blob to its digest's name; returns (digest hex, size).
 fn finish_blob(blobs: &Path, out: BlobOut) -> std::io::Result<(String, u64)> {
     let (buf, digest, size) = out.w.finish();
-    buf.into_inner().map_err(|e| e.into_error())?;
     let digest = hex(&digest);
-    fs::rename(&out.tmp, blobs.join(&digest))?;
+    out.tmp.persist(buf_file(buf)?, &blobs.join(&digest))?;
     Ok((digest, size))
 }
 
@@ -65,11 +80,10 @@ type BlobPipeline = Pipeline<BlobOut, (String, u64), Box<dyn FnMut(BlobOut) -> s
 /// Writes each layer, compressed, into `blobs/sha256/`. Layers are compressed by one pipeline:
 /// the next layer's tar is made while the last pieces of earlier ones are still compressing.
 struct BlobSink {
-    blobs: PathBuf,
+    /// The layout, where the temporary files go.
+    root: PathBuf,
     compressor: Compressor,
     pipe: BlobPipeline,
-    /// Temporary files made, to remove on failure (renamed ones are gone already).
-    tmps: Vec<PathBuf>,
     /// diff_ids of closed layers whose blob is not complete yet, oldest first.
     pending: std::collections::VecDeque<String>,
     /// Compressed descriptors by diff_id.
@@ -79,14 +93,13 @@ struct BlobSink {
 }
 
 impl BlobSink {
-    fn new(blobs: PathBuf, compressor: Compressor) -> BlobSink {
-        let dir = blobs.clone();
-        let done: Box<dyn FnMut(BlobOut) -> std::io::Result<(String, u64)>> = Box::new(move |out| finish_blob(&dir, out));
+    fn new(root: &Path, compressor: Compressor) -> BlobSink {
+        let blobs = root.join("blobs/sha256");
+        let done: Box<dyn FnMut(BlobOut) -> std::io::Result<(String, u64)>> = Box::new(move |out| finish_blob(&blobs, out));
         BlobSink {
-            blobs,
+            root: root.to_owned(),
             compressor,
             pipe: Pipeline::new(compressor, done),
-            tmps: Vec::new(),
             pending: Default::default(),
             by_diff_id: HashMap::new(),
             started: std::time::Instant::now(),
@@ -109,19 +122,11 @@ impl BlobSink {
         self.collect();
         Ok(())
     }
-
-    fn remove_partials(&self) {
-        for tmp in &self.tmps {
-            let _ = fs::remove_file(tmp);
-        }
-    }
 }
 
 impl LayerSink for BlobSink {
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
-        let tmp = self.blobs.join(format!(".partial-{}", self.tmps.len()));
-        let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        self.tmps.push(tmp.clone());
+        let (file, tmp) = create_temp(&self.root, OsStr::new("blob")).with_context(|| format!("cannot create a file in {}", self.root.display()))?;
         let w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
         self.pipe.begin(BlobOut { w, tmp }).map_err(out_err)
     }
@@ -143,7 +148,8 @@ impl LayerSink for BlobSink {
 pub fn put_blob(layout: &Path, media_type: &str, data: &[u8]) -> Result<Descriptor> {
     let digest = hex(&Sha256::digest(data));
     let path = layout.join("blobs/sha256").join(&digest);
-    fs::write(&path, data).with_context(|| format!("cannot write {}", path.display()))?;
+    let (mut file, tmp) = create_temp(layout, OsStr::new("blob")).with_context(|| format!("cannot create a file in {}", layout.display()))?;
+    file.write_all(data).and_then(|()| tmp.persist(file, &path)).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(Descriptor { media_type: media_type.into(), digest: format!("sha256:{digest}"), size: data.len() as u64 })
 }
 
@@ -172,15 +178,12 @@ pub fn manifest_json(config: &Descriptor, layers: &[Descriptor]) -> String {
 pub fn write_layout(spec: &ImageSpec, dir: &Path, compressor: Compressor, repo_tag: &str, progress: &Progress) -> Result<WrittenImage> {
     let blobs = dir.join("blobs/sha256");
     fs::create_dir_all(&blobs).with_context(|| format!("cannot create {}", blobs.display()))?;
-    let mut sink = BlobSink::new(blobs, compressor);
-    let layers: Vec<LayerInfo> = match spec.emit_layers(&mut sink, progress).and_then(|l| sink.finish().map(|()| l)) {
-        Ok(layers) => layers,
-        Err(e) => {
-            // Nothing writes once emit_layers has failed: the files can go, open or not.
-            sink.remove_partials();
-            return Err(e);
-        }
-    };
+    let mut sink = BlobSink::new(dir, compressor);
+    // On failure the unfinished blobs' temporary files go with the sink.
+    let layers: Vec<LayerInfo> = spec.emit_layers(&mut sink, progress).and_then(|l| sink.finish().map(|()| l)).map_err(|e| match e.downcast_ref::<OutputError>() {
+        Some(OutputError(io)) => anyhow!("cannot write a layer blob into {}: {io}", dir.display()),
+        None => e,
+    })?;
     if compressor != Compressor::None && sink.raw_bytes > 0 {
         let packed: u64 = sink.by_diff_id.values().map(|d| d.size).sum();
         let mib = |n: u64| n as f64 / (1024.0 * 1024.0);
@@ -201,7 +204,6 @@ pub fn write_layout(spec: &ImageSpec, dir: &Path, compressor: Compressor, repo_t
     let config = put_blob(dir, CONFIG_TYPE, spec.config_json(&layers).as_bytes())?;
     let manifest = put_blob(dir, MANIFEST_TYPE, manifest_json(&config, &layer_descs).as_bytes())?;
     add_to_index(dir, &manifest, Some(repo_tag))?;
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     Ok(WrittenImage {
         manifest,
         config,
@@ -210,8 +212,29 @@ pub fn write_layout(spec: &ImageSpec, dir: &Path, compressor: Compressor, repo_t
     })
 }
 
-/// Adds a manifest (or index) to the layout's `index.json`, replacing one of the same name.
+/// The `oci-layout` file we write.
+const LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
+
+/// Adds a manifest (or index) to the layout's `index.json`, replacing one of the same name
+/// (and writes `oci-layout` unless it is there already). Safe with other writers at once: the
+/// index is read and replaced under an exclusive lock on the layout, so no entry is lost, and
+/// replaced whole by a rename, so a failure (a full disk) leaves the old one.
 pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Result<()> {
+    // The blobs' renames must be on disk before an index that names them is.
+    let blobs = dir.join("blobs/sha256");
+    fsutil::sync_dir(&blobs).with_context(|| format!("cannot sync {}", blobs.display()))?;
+    // Locking the directory, not a file in it: neither umoci nor containers/image lock a
+    // layout at all, so there is no lock of theirs to share, and users of both expect a
+    // layout to hold oci-layout, index.json and blobs/ only, not a lock file for good.
+    let _lock = fsutil::lock_dir(dir)?;
+    let layout_path = dir.join("oci-layout");
+    let layout_ok = fs::read(&layout_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
+        .is_some_and(|v| v["imageLayoutVersion"] == "1.0.0");
+    if !layout_ok {
+        fsutil::write_file_atomically(&layout_path, LAYOUT_FILE)?;
+    }
     let index_path = dir.join("index.json");
     let mut manifests: Vec<Value> = match fs::read(&index_path) {
         Ok(bytes) => {
@@ -229,8 +252,7 @@ pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Re
     }
     manifests.push(entry);
     let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests});
-    fs::write(&index_path, serde_json::to_vec(&index)?).with_context(|| format!("cannot write {}", index_path.display()))?;
-    Ok(())
+    fsutil::write_file_atomically(&index_path, &serde_json::to_vec(&index)?)
 }
 
 /// Writes the layout directory `dir` as a tar (an `oci-archive`) to `out`: fixed member order,
@@ -273,22 +295,4 @@ pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
     crate::layer::write_zeros(out, crate::tar::trailer_len(offset))?;
     out.flush().map_err(out_err)?;
     Ok(())
-}
-
-/// A scratch directory removed when dropped.
-pub struct TempDir(pub PathBuf);
-
-impl TempDir {
-    pub fn new_in(parent: &Path) -> Result<TempDir> {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
-        let path = parent.join(format!(".stevedore-{}-{nanos}", std::process::id()));
-        fs::create_dir_all(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
 }

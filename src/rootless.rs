@@ -1596,6 +1596,8 @@ fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCount
         }
         ForkResult::Parent { child } => child,
     };
+    // On a signal, C is killed before its scratch is removed, and what it was writing swept.
+    let _reap = crate::fsutil::ChildGuard::new(child.as_raw(), &[&job.args.out_layer]);
     drop((ready_w, go_r, res_w));
     let mut byte = [0u8; 1];
     let unshared = nix::unistd::read(&ready_r, &mut byte).unwrap_or(0) == 1;

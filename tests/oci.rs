@@ -187,3 +187,128 @@ fn format_errors() {
     let out = stream(&conf, &["--format", "oci-archive", "--compressor", "xz"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("unknown compressor"));
 }
+
+/// Every blob of a layout hashes to its name; nothing but blobs is in `blobs/sha256`.
+fn assert_blobs_intact(layout: &Path) {
+    for e in fs::read_dir(layout.join("blobs/sha256")).unwrap() {
+        let e = e.unwrap();
+        let name = e.file_name().to_string_lossy().into_owned();
+        assert_eq!(sha256_hex(&fs::read(e.path()).unwrap()), name, "blob {name} holds other bytes");
+    }
+}
+
+/// Temporary files or scratch directories left in `dir`.
+fn litter(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("stevedore-") || n.contains("partial") || n.contains(".lock"))
+        .collect()
+}
+
+fn ref_names(layout: &Path) -> Vec<String> {
+    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    index["manifests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn concurrent_writers_into_one_layout_keep_every_tag_and_blob() {
+    // Eight processes, each a different tag, at once. All share a first layer (the same blob,
+    // written eight times at once); each has one of its own.
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = store_paths(&fx);
+    let layout = tmp.path().join("layout");
+    let children: Vec<(String, std::process::Child)> = (0..8)
+        .map(|i| {
+            let conf = write_json(tmp.path(), &format!("conf{i}.json"), &base_conf(&fx, vec![p[..2].to_vec(), vec![p[i].clone()]]));
+            let tag = format!("name:tag{i}");
+            let child = Command::new(bin())
+                .args(["stream", "--quiet", "--format", "oci", "-t", &tag, "-o"])
+                .arg(&layout)
+                .arg(&conf)
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (tag, child)
+        })
+        .collect();
+    let mut tags = Vec::new();
+    for (tag, child) in children {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "{tag}: {}", String::from_utf8_lossy(&out.stderr));
+        tags.push(tag);
+    }
+    let mut names = ref_names(&layout);
+    names.sort();
+    assert_eq!(names, tags, "every writer's tag is in index.json, once");
+    assert_blobs_intact(&layout);
+    assert!(litter(&layout).is_empty(), "left: {:?}", litter(&layout));
+    let umoci = Command::new("umoci").args(["ls", "--layout"]).arg(&layout).output().expect("umoci runs");
+    assert!(umoci.status.success(), "umoci ls: {}", String::from_utf8_lossy(&umoci.stderr));
+    let mut listed: Vec<String> = String::from_utf8(umoci.stdout).unwrap().lines().map(str::to_owned).collect();
+    listed.sort();
+    assert_eq!(listed, tags);
+    for tag in &tags {
+        let out = Command::new("skopeo").args(["inspect", &format!("oci:{}:{tag}", layout.display())]).output().expect("skopeo runs");
+        assert!(out.status.success(), "skopeo inspect {tag}: {}", String::from_utf8_lossy(&out.stderr));
+        let inspect: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(inspect["Layers"].as_array().unwrap().len(), 2, "{tag}");
+    }
+}
+
+/// Runs the binary with file writes past `limit_kib` failing (EFBIG, as a full disk fails them).
+fn stream_with_file_size_limit(conf: &Path, limit_kib: u32, extra: &[&str]) -> std::process::Output {
+    Command::new("bash")
+        .arg("-c")
+        .arg(format!("trap '' XFSZ; ulimit -f {limit_kib}; exec \"$@\""))
+        .arg("bash")
+        .arg(bin())
+        .arg("stream")
+        .arg(conf)
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+#[test]
+fn a_failed_layout_update_leaves_the_old_index() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = store_paths(&fx);
+    let layout = tmp.path().join("layout");
+    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, vec![p[..4].to_vec()]));
+    let out = stream(&conf, &["--format", "oci", "-t", "keep:1", "-o", layout.to_str().unwrap()]);
+    assert!(out.status.success());
+    // An index bigger than the limit (more tags of the same image), so that writing a new one
+    // fails, but the new image's own blobs (no layers: a config and a manifest) fit.
+    let mut index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let entry = index["manifests"][0].clone();
+    for i in 0..200 {
+        let mut e = entry.clone();
+        e["annotations"]["org.opencontainers.image.ref.name"] = Value::from(format!("keep:pad{i}"));
+        index["manifests"].as_array_mut().unwrap().push(e);
+    }
+    fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    let old = fs::read(layout.join("index.json")).unwrap();
+    assert!(old.len() > 32 * 1024);
+    let empty = write_json(tmp.path(), "empty.json", &base_conf(&fx, vec![]));
+    for (conf, what) in [(&empty, "index.json"), (&conf, "a layer blob")] {
+        let out = stream_with_file_size_limit(conf, 16, &["--format", "oci", "-t", "new:1", "-o", layout.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "failing on {what}: {err}");
+        let last = err.lines().last().unwrap_or("");
+        assert!(last.starts_with("stevedore: ") && last.contains("too large"), "failing on {what}: {err}");
+        assert!(!err.contains("panicked"), "{err}");
+        assert!(fs::read(layout.join("index.json")).unwrap() == old, "failing on {what}: the old index.json changed");
+        assert!(litter(&layout).is_empty(), "failing on {what}: left {:?}", litter(&layout));
+        assert_blobs_intact(&layout);
+    }
+    let inspect = Command::new("skopeo").args(["inspect", &format!("oci:{}:keep:1", layout.display())]).output().unwrap();
+    assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
+}
