@@ -22,7 +22,7 @@ pub const METADATA_VALUES: usize = 100_000;
 
 /// Checks that `path` can be read as a file without blocking.
 pub fn check_regular(path: &Path) -> Result<std::fs::Metadata> {
-    let meta = std::fs::metadata(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot read {}", path.display()))?;
     if !meta.is_file() {
         bail!("{}: not a regular file", path.display());
     }

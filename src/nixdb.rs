@@ -256,11 +256,7 @@ pub fn write_db(graph: &ClosureGraph, registration_time: i64, db: &Path) -> Resu
 
 /// Replaces `path` with `data`, through a temporary name.
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    fs::write(&tmp, data).with_context(|| format!("cannot write {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    crate::fsutil::write_file_atomically(path, data)
 }
 
 /// Replaces `link` with a symlink to `target`, through a temporary name.

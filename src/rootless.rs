@@ -1736,10 +1736,7 @@ pub fn run(args: &RunAsRootArgs) -> Result<()> {
     };
     let (digest, counts) = run_in_namespaces(&job, &plans)?;
     if let Some(path) = &args.out_checksum {
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".partial");
-        fs::write(&tmp, format!("{digest}\n")).with_context(|| format!("cannot write {}", PathBuf::from(&tmp).display()))?;
-        fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        crate::fsutil::write_file_atomically(path, format!("{digest}\n").as_bytes())?;
     }
     say(
         args.quiet,

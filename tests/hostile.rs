@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::bin;
+use common::{bin, run, Run};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 use std::fs;
@@ -15,9 +15,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use stevedore::tar::{Header, HeaderEncoder};
-
-/// Peak memory that any run may reach.
-const RSS_LIMIT_KIB: i64 = 100 * 1024;
 
 fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
@@ -90,84 +87,6 @@ fn docker_archive(layers: &[Vec<u8>], diff_ids: Option<Vec<String>>, extra: &[(S
         member(&mut out, None, file(name.as_bytes(), l, 0o644), l);
     }
     end(out)
-}
-
-struct Run {
-    ok: bool,
-    stderr: String,
-    stdout: Vec<u8>,
-    max_rss_kib: i64,
-}
-
-impl Run {
-    fn last_line(&self) -> &str {
-        self.stderr.lines().last().unwrap_or("")
-    }
-
-    /// Failed with a one-line error containing `want`.
-    fn failed_with(&self, want: &str) {
-        assert!(!self.ok, "succeeded, but should have failed with {want:?}");
-        let last = self.last_line();
-        assert!(last.starts_with("stevedore: ") && last.contains(want), "{want:?} not in the last line of {:?}", self.stderr);
-        assert!(!self.stderr.contains("panicked"), "{}", self.stderr);
-    }
-
-    fn succeeded(&self) {
-        assert!(self.ok, "failed: {}", self.stderr);
-    }
-}
-
-/// Runs `cmd` (stdin from `input`, if any) with a time limit, and reports its own peak RSS.
-fn run(mut cmd: Command, input: Option<Box<dyn FnOnce(std::process::ChildStdin) + Send>>, limit: Duration) -> Run {
-    cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).stdin(if input.is_some() { Stdio::piped() } else { Stdio::null() });
-    let mut child = cmd.spawn().expect("stevedore runs");
-    let feeder = input.map(|f| {
-        let stdin = child.stdin.take().unwrap();
-        std::thread::spawn(move || f(stdin))
-    });
-    let mut stdout = child.stdout.take().unwrap();
-    let mut stderr = child.stderr.take().unwrap();
-    let out_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        std::io::Read::read_to_end(&mut stdout, &mut v).ok();
-        v
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut v = Vec::new();
-        std::io::Read::read_to_end(&mut stderr, &mut v).ok();
-        v
-    });
-    let pid = child.id() as libc::pid_t;
-    let started = Instant::now();
-    let (status, rss) = loop {
-        let mut status = 0;
-        // SAFETY: rusage is plain data that wait4 fills in; pid is our own child.
-        let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-        // SAFETY: status and usage are valid for writes; WNOHANG returns at once.
-        let r = unsafe { libc::wait4(pid, &mut status, libc::WNOHANG, &mut usage) };
-        if r == pid {
-            break (status, usage.ru_maxrss);
-        }
-        if started.elapsed() > limit {
-            let _ = child.kill();
-            panic!("{cmd:?} did not finish within {limit:?} (a hang)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    if let Some(f) = feeder {
-        let _ = f.join();
-    }
-    let stdout = out_t.join().unwrap();
-    let stderr = String::from_utf8_lossy(&err_t.join().unwrap()).into_owned();
-    let r = Run { ok: libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0, stderr, stdout, max_rss_kib: rss };
-    assert!(
-        libc::WIFEXITED(status),
-        "{cmd:?} was killed by signal {} (a crash): {}",
-        libc::WTERMSIG(status),
-        r.stderr
-    );
-    assert!(r.max_rss_kib < RSS_LIMIT_KIB, "{cmd:?} peaked at {} MiB: {}", r.max_rss_kib / 1024, r.stderr);
-    r
 }
 
 fn go(cmd: Command) -> Run {

@@ -1339,7 +1339,7 @@ fn pull_reads_no_more_than_the_descriptors_say() {
         ("trailers", vec![layer.as_str(), "too many chunked trailers"]),
         ("interim", vec!["too many interim"]),
         ("bigconfig", vec![config.as_str(), "longer than the"]),
-        ("bigmanifest", vec!["manifest", "larger than 16777216 bytes"]),
+        ("bigmanifest", vec!["manifest", "larger than 4194304 bytes"]),
         ("index", vec!["manifest", "longer than the", "its descriptor gives"]),
         ("token", vec!["token response is larger than 1 MiB"]),
     ] {

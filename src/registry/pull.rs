@@ -17,7 +17,8 @@ use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::fs::{self, File};
 use std::io::{self, BufRead, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::ffi::OsStr;
+use std::path::Path;
 use std::rc::Rc;
 
 #[derive(Debug, Clone)]
@@ -289,9 +290,14 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
     for d in &diff_ids {
         super::auth::check_digest(d).map_err(|e| anyhow!("config {}: {e}", img.config.digest))?;
     }
-    let tmp = partial(path);
-    let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-    let result = (|| -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let stem = path.file_name().ok_or_else(|| anyhow!("{} is not a file name", path.display()))?;
+    let (file, temp) = crate::fsutil::create_temp(dir, stem).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let tmp = temp.path().to_owned();
+    let result = (|| -> Result<File> {
         let mut f = file;
         let mut names = Vec::new();
         let mut written = std::collections::HashSet::new();
@@ -344,26 +350,10 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
         let manifest = json!([{"Config": config_name, "RepoTags": [repo_tag], "Layers": names}]);
         add(&mut f, "manifest.json", &serde_json::to_vec(&manifest)?)?;
         f.write_all(&[0u8; 1024])?;
-        f.sync_all()?;
-        Ok(())
+        Ok(f)
     })();
-    finish_partial(result, &tmp, path)
-}
-
-fn partial(path: &Path) -> PathBuf {
-    let mut s = path.as_os_str().to_owned();
-    s.push(".partial");
-    PathBuf::from(s)
-}
-
-fn finish_partial(result: Result<()>, tmp: &Path, path: &Path) -> Result<()> {
-    match result {
-        Ok(()) => fs::rename(tmp, path).map_err(|e| anyhow!("cannot rename {} to {}: {e}", tmp.display(), path.display())),
-        Err(e) => {
-            let _ = fs::remove_file(tmp);
-            Err(e)
-        }
-    }
+    // Dropping `temp` on an error removes the partial file.
+    temp.persist(result?, path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))
 }
 
 /// Writes the image into the OCI layout at `dir` (blobs as the registry has them).
@@ -377,30 +367,27 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
         if fs::metadata(&path).is_ok_and(|m| m.len() == d.size) {
             continue;
         }
-        let tmp = partial(&path);
         let mut attempt = 0;
         loop {
-            let file = File::create(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
+            // In the layout's top directory: tools take every name under blobs/sha256 for a digest.
+            let (file, temp) = crate::fsutil::create_temp(dir, OsStr::new(&d.digest["sha256:".len()..])).with_context(|| format!("cannot create a file in {}", dir.display()))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            let r = fetch_blob(reg, repo, d, false, &mut w).and_then(|_| w.flush().map_err(|e| anyhow!("cannot write {}: {e}", tmp.display())));
-            drop(w);
+            let r = fetch_blob(reg, repo, d, false, &mut w).and_then(|_| w.into_inner().map_err(|e| anyhow!("cannot write {}: {}", temp.path().display(), e.error())));
             match r {
-                Ok(()) => break,
+                Ok(file) => {
+                    temp.persist(file, &path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+                    break;
+                }
                 Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
                     attempt += 1;
                     std::thread::sleep(retry_delay(&e, attempt));
                 }
-                Err(e) => {
-                    let _ = fs::remove_file(&tmp);
-                    return Err(e);
-                }
+                Err(e) => return Err(e),
             }
         }
-        finish_partial(Ok(()), &tmp, &path)?;
         progress.say(format!("{}: {} bytes", d.digest, d.size));
     }
     let manifest = oci::put_blob(dir, &img.media_type, &img.manifest)?;
-    oci::add_to_index(dir, &manifest, Some(name))?;
-    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    Ok(())
+    // It writes oci-layout too, under the layout's lock.
+    oci::add_to_index(dir, &manifest, Some(name))
 }
