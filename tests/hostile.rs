@@ -90,7 +90,10 @@ fn docker_archive(layers: &[Vec<u8>], diff_ids: Option<Vec<String>>, extra: &[(S
 }
 
 fn go(cmd: Command) -> Run {
-    run(cmd, None, Duration::from_secs(120))
+    let what = format!("{:?}", cmd.get_args().next().unwrap_or_default());
+    let r = run(cmd, None, Duration::from_secs(120));
+    eprintln!("{what}: peak RSS {} KiB", r.max_rss_kib);
+    r
 }
 
 fn stevedore(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
