@@ -12,7 +12,8 @@ use crate::limits::{check_regular, parse_json, METADATA_VALUES};
 pub use crate::limits::JSON_LIMIT;
 use crate::image::hex;
 use crate::tar::name::{normalize_text, symlink_target};
-use crate::tar::read::{self, Reader, HARDLINK, SYMLINK};
+use crate::tar::read::{self, Reader};
+use crate::tar::{LNKTYPE, SYMTYPE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -122,8 +123,8 @@ impl ArchiveIndex {
                 Err(err) => bail!("{}: member {:?}: {err}", path.display(), e.name_lossy()),
             };
             let member = match e.kind {
-                SYMLINK => Member::Link(symlink_target(&name, &e.link).map_err(|err| anyhow!("{}: member {name}: {err}", path.display()))?),
-                HARDLINK => match normalize_text(&e.link) {
+                SYMTYPE => Member::Link(symlink_target(&name, &e.link).map_err(|err| anyhow!("{}: member {name}: {err}", path.display()))?),
+                LNKTYPE => match normalize_text(&e.link) {
                     Ok(Some(t)) => Member::Link(t),
                     Ok(None) => continue,
                     Err(err) => bail!("{}: member {name}: hard link target: {err}", path.display()),

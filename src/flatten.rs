@@ -14,7 +14,7 @@ use crate::layer::out_err;
 use crate::oci::TempDir;
 use crate::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex, Region, Resolved};
 use crate::limits::{check_regular, parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
-use crate::tar::read::{self as rd, Entry as ReadEntry, Reader};
+use crate::tar::read::{Entry as ReadEntry, Reader};
 use crate::tar::{self as t, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -503,7 +503,7 @@ impl Tree {
         let (mode, uid, gid) = (entry.mode, entry.uid, entry.gid);
         let Some(name) = comps.pop() else {
             // The root itself ("./" or "/"): only its metadata can change.
-            if entry.kind == rd::DIR {
+            if entry.kind == t::DIRTYPE {
                 self.root = Node { kind: Kind::Dir, mode, uid, gid };
             }
             return Ok(());
@@ -525,16 +525,16 @@ impl Tree {
             return Ok(());
         }
         let kind = match entry.kind {
-            rd::REG => {
+            t::REGTYPE => {
                 self.next_inode += 1;
                 Kind::File { layer: index, offset: entry.data_offset, size: entry.size, inode: self.next_inode }
             }
-            rd::DIR => Kind::Dir,
-            rd::SYMLINK => Kind::Symlink(entry.link.clone()),
-            rd::FIFO => Kind::Fifo,
-            rd::CHAR => Kind::Char(entry.devmajor, entry.devminor),
-            rd::BLOCK_DEV => Kind::Block(entry.devmajor, entry.devminor),
-            rd::HARDLINK => {
+            t::DIRTYPE => Kind::Dir,
+            t::SYMTYPE => Kind::Symlink(entry.link.clone()),
+            t::FIFOTYPE => Kind::Fifo,
+            t::CHRTYPE => Kind::Char(entry.devmajor, entry.devminor),
+            t::BLKTYPE => Kind::Block(entry.devmajor, entry.devminor),
+            t::LNKTYPE => {
                 let target = &entry.link;
                 let mut tcomps = components(target)?;
                 let tname = tcomps.pop().ok_or_else(|| anyhow!("{}: hard link to the root", String::from_utf8_lossy(path)))?;

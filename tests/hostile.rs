@@ -12,8 +12,8 @@ use std::fs;
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 use stevedore::tar::{Header, HeaderEncoder};
 
 fn hex(d: &[u8]) -> String {
@@ -105,8 +105,7 @@ fn stevedore(args: &[&dyn AsRef<std::ffi::OsStr>]) -> Command {
 }
 
 fn userns_ok() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    (unsafe { libc::geteuid() } == 0) || Command::new("unshare").args(["-U", "true"]).status().is_ok_and(|s| s.success())
+    nix::unistd::geteuid().is_root() || Command::new("unshare").args(["-U", "true"]).status().is_ok_and(|s| s.success())
 }
 
 struct Case {

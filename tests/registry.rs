@@ -908,10 +908,7 @@ impl Front {
 
 /// Resets `s`: SO_LINGER 0, so closing sends RST rather than FIN.
 fn reset(s: TcpStream) {
-    use std::os::fd::AsRawFd;
-    let l = libc::linger { l_onoff: 1, l_linger: 0 };
-    let size = std::mem::size_of::<libc::linger>() as libc::socklen_t;
-    unsafe { libc::setsockopt(s.as_raw_fd(), libc::SOL_SOCKET, libc::SO_LINGER, &l as *const _ as *const libc::c_void, size) };
+    let _ = nix::sys::socket::setsockopt(&s, nix::sys::socket::sockopt::Linger, &libc::linger { l_onoff: 1, l_linger: 0 });
 }
 
 fn start_front(upstream: Option<u16>, rule: impl Fn(&Req) -> Act + Send + Sync + 'static) -> Front {

@@ -18,7 +18,7 @@ fn ci() -> bool {
 }
 
 fn is_root() -> bool {
-    unsafe { libc::geteuid() == 0 }
+    nix::unistd::geteuid().is_root()
 }
 
 /// A layer tar from (name, kind, data, uid) with kinds d(ir), f(ile), l(ink): data is the target.

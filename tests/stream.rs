@@ -108,8 +108,7 @@ fn awkward_store(root: &Path) -> Vec<String> {
     symlink("ünïcode-target", a.join("unicode-target-link")).unwrap();
     symlink("dangling/nowhere", a.join("dangling")).unwrap();
     symlink("s", a.join("dir-link")).unwrap();
-    let fifo = std::ffi::CString::new(a.join("fifo").to_str().unwrap()).unwrap();
-    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    nix::unistd::mkfifo(&a.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
     // A store path that is a symlink, and one that is a single file.
     let l = store.join("1lllllllllllllllllllllllllllllll-link");
     symlink(&a, &l).unwrap();
@@ -382,7 +381,7 @@ fn bad_input_gives_one_line_errors() {
 
 #[test]
 fn unreadable_file_is_an_error_before_output() {
-    if unsafe { libc::geteuid() } != 0 || Command::new("setpriv").arg("--version").output().is_err() {
+    if !nix::unistd::geteuid().is_root() || Command::new("setpriv").arg("--version").output().is_err() {
         eprintln!("needs root and setpriv to run as another user; skipped");
         return;
     }

@@ -17,6 +17,7 @@ pub const BLOCK: u64 = 512;
 pub const RECORD: u64 = 10240;
 
 pub const REGTYPE: u8 = b'0';
+pub const LNKTYPE: u8 = b'1';
 pub const SYMTYPE: u8 = b'2';
 pub const CHRTYPE: u8 = b'3';
 pub const BLKTYPE: u8 = b'4';

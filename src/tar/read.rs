@@ -15,16 +15,10 @@ pub const MAX_EXTENDED: u64 = 1 << 20;
 /// header or two); more is a malformed or hostile archive.
 const MAX_EXTENSIONS: usize = 8;
 
-pub const REG: u8 = b'0';
-pub const HARDLINK: u8 = b'1';
-pub const SYMLINK: u8 = b'2';
-pub const CHAR: u8 = b'3';
-pub const BLOCK_DEV: u8 = b'4';
-pub const DIR: u8 = b'5';
-pub const FIFO: u8 = b'6';
+pub use super::{BLKTYPE, CHRTYPE, DIRTYPE, FIFOTYPE, LNKTYPE, REGTYPE, SYMTYPE};
 
-/// A member's metadata, extended headers applied. `kind` is one of the constants above, or
-/// another type byte the caller may skip; `\0` and `7` (contiguous) read as [`REG`].
+/// A member's metadata, extended headers applied. `kind` is one of the type constants, or
+/// another type byte the caller may skip; `\0` and `7` (contiguous) read as [`REGTYPE`].
 #[derive(Debug, Clone, Default)]
 pub struct Entry {
     pub name: Vec<u8>,
@@ -43,7 +37,7 @@ pub struct Entry {
 
 impl Entry {
     pub fn is_file(&self) -> bool {
-        self.kind == REG
+        self.kind == REGTYPE
     }
     pub fn name_lossy(&self) -> String {
         String::from_utf8_lossy(&self.name).into_owned()
@@ -242,13 +236,13 @@ impl<R: Read> Reader<R> {
             }
             if e.kind == 0 || e.kind == b'7' {
                 // Old archives mark directories with a trailing slash only.
-                e.kind = if e.kind == 0 && e.name.ends_with(b"/") { DIR } else { REG };
+                e.kind = if e.kind == 0 && e.name.ends_with(b"/") { DIRTYPE } else { REGTYPE };
             }
             if e.name.contains(&0) || e.link.contains(&0) {
                 return Err(Error::Bad(at, format!("member {:?}: a NUL byte in its name or link", e.name_lossy())));
             }
             // Types that carry no data, whatever the size field says (as Go reads them).
-            if matches!(e.kind, HARDLINK | SYMLINK | CHAR | BLOCK_DEV | DIR | FIFO) {
+            if matches!(e.kind, LNKTYPE | SYMTYPE | CHRTYPE | BLKTYPE | DIRTYPE | FIFOTYPE) {
                 e.size = 0;
             }
             e.data_offset = self.pos;
@@ -349,7 +343,7 @@ fn header_entry(block: &[u8; 512], at: u64) -> Result<Entry> {
     let kind = block[156];
     let num = |range: std::ops::Range<usize>, what: &str| number(&block[range], what, at);
     let dev = |v: i128, what: &str| u32::try_from(v).map_err(|_| Error::Bad(at, format!("the {what} field is out of range")));
-    let (devmajor, devminor) = if kind == CHAR || kind == BLOCK_DEV {
+    let (devmajor, devminor) = if kind == CHRTYPE || kind == BLKTYPE {
         (dev(num(329..337, "devmajor")?, "devmajor")?, dev(num(337..345, "devminor")?, "devminor")?)
     } else {
         (0, 0)
@@ -472,7 +466,7 @@ mod tests {
         let names: Vec<String> = got.iter().map(|(e, _)| e.name_lossy()).collect();
         assert_eq!(names, ["a", "dir/", "b-skip", "c"]);
         assert_eq!(got[0].1, b"hello");
-        assert_eq!(got[1].0.kind, DIR);
+        assert_eq!(got[1].0.kind, DIRTYPE);
         assert_eq!(got[3].1, b"x");
         // The same through the seeking reader.
         let mut r = Reader::seekable(io::Cursor::new(&bytes), bytes.len() as u64);
@@ -556,7 +550,7 @@ mod tests {
         h.set_size(0);
         b.append_link(&mut h, "l", "target").unwrap();
         let got = read_all(&b.into_inner().unwrap()).unwrap();
-        assert_eq!(got[0].0.kind, SYMLINK);
+        assert_eq!(got[0].0.kind, SYMTYPE);
         assert_eq!(got[0].0.link, b"target");
         assert_eq!(got[0].0.size, 0);
     }

@@ -3,7 +3,6 @@
 
 use serde_json::{json, Value};
 use std::fs::{self, File};
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -19,8 +18,7 @@ pub fn bin() -> PathBuf {
 pub fn fixture(name: &str, paths: u32, files: u32, big_mib: f64) -> PathBuf {
     let root = PathBuf::from("/tmp/stevedore-test-fixtures");
     fs::create_dir_all(&root).unwrap();
-    let lock = File::create(root.join(".lock")).unwrap();
-    assert_eq!(unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) }, 0);
+    let _lock = nix::fcntl::Flock::lock(File::create(root.join(".lock")).unwrap(), nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e).unwrap();
     let dir = root.join(format!("{name}-{paths}-{files}-{big_mib}"));
     if !dir.join("closure.json").exists() {
         if dir.exists() {
