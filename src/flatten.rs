@@ -18,7 +18,7 @@ use crate::tar::read::{Entry as ReadEntry, Reader};
 use crate::tar::{self as t, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
@@ -272,7 +272,7 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
     Ok(OpenedImage { layers, _scratch: tmp })
 }
 
-/// Paths a flattened image may have: the tree is held in memory (about 150 bytes a path), so
+/// Paths a flattened image may have: the tree is held in memory (about 250 bytes a path), so
 /// this bounds what an image can make us hold.
 pub const MAX_PATHS: usize = 2_000_000;
 
@@ -295,11 +295,14 @@ pub struct Node {
     pub mode: u32,
     pub uid: u64,
     pub gid: u64,
+    /// The last layer that put this path or one below it in place: whiteouts and opaque
+    /// markers of a layer hide only what lower layers had.
+    pub touched: u32,
 }
 
 impl Node {
     fn implicit_dir() -> Node {
-        Node { kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0 }
+        Node { kind: Kind::Dir, mode: 0o755, uid: 0, gid: 0, touched: 0 }
     }
 }
 
@@ -396,7 +399,7 @@ impl Tree {
     /// Resolves a directory path through the tree's symlinks (kept inside the root, as
     /// container runtimes do when they apply a layer). With `create`, missing directories are
     /// made (0755, root-owned); without, a missing or non-directory path gives `None`.
-    fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool, added: &mut HashSet<Vec<u8>>) -> Result<Option<Vec<u8>>> {
+    fn resolve_dir(&mut self, comps: &[Vec<u8>], create: bool, layer: u32) -> Result<Option<Vec<u8>>> {
         let mut out: Vec<Vec<u8>> = Vec::new();
         let mut queue: VecDeque<Vec<u8>> = comps.iter().cloned().collect();
         let mut hops = 0;
@@ -430,8 +433,8 @@ impl Tree {
                 Some(_) if create => bail!("{} is not a directory", display_key(&key)),
                 Some(_) => return Ok(None),
                 None if create => {
-                    self.nodes.insert(key.clone(), Node::implicit_dir());
-                    added.insert(key);
+                    self.touch_ancestors(&key, layer);
+                    self.nodes.insert(key, Node { touched: layer, ..Node::implicit_dir() });
                 }
                 None => return Ok(None),
             }
@@ -450,34 +453,37 @@ impl Tree {
         k
     }
 
-    fn mark_added(added: &mut HashSet<Vec<u8>>, key: &[u8]) {
+    /// Marks the ancestors of `key` as touched by `layer`.
+    fn touch_ancestors(&mut self, key: &[u8], layer: u32) {
         let mut end = key.len();
-        loop {
-            if !added.insert(key[..end].to_vec()) {
-                return;
-            }
-            match key[..end].iter().rposition(|&b| b == SEP) {
-                Some(i) => end = i,
-                None => return,
+        while let Some(i) = key[..end].iter().rposition(|&b| b == SEP) {
+            end = i;
+            match self.nodes.get_mut(&key[..end]) {
+                Some(n) if n.touched != layer => n.touched = layer,
+                _ => return,
             }
         }
     }
 
-    /// Removes the entries below `dir` that this layer did not add (an opaque directory).
-    fn make_opaque(&mut self, dir: &[u8], added: &HashSet<Vec<u8>>) {
-        let doomed: Vec<Vec<u8>> = self.nodes.range(descendants_range(dir)).filter(|(k, _)| !added.contains(*k)).map(|(k, _)| k.clone()).collect();
+    fn touched_by(&self, key: &[u8], layer: u32) -> bool {
+        self.nodes.get(key).is_some_and(|n| n.touched == layer)
+    }
+
+    /// Removes the entries below `dir` that `layer` did not add (an opaque directory).
+    fn make_opaque(&mut self, dir: &[u8], layer: u32) {
+        let doomed: Vec<Vec<u8>> = self.nodes.range(descendants_range(dir)).filter(|(_, n)| n.touched != layer).map(|(k, _)| k.clone()).collect();
         for k in doomed {
             self.nodes.remove(&k);
         }
     }
 
-    fn insert(&mut self, key: Vec<u8>, node: Node, added: &mut HashSet<Vec<u8>>) {
+    fn insert(&mut self, key: Vec<u8>, node: Node, layer: u32) {
         let replaced_dir = matches!(self.nodes.get(&key), Some(Node { kind: Kind::Dir, .. }));
         if replaced_dir && node.kind != Kind::Dir {
             self.remove_subtree(&key);
         }
-        Self::mark_added(added, &key);
-        self.nodes.insert(key, node);
+        self.touch_ancestors(&key, layer);
+        self.nodes.insert(key, Node { touched: layer, ..node });
     }
 
     /// Applies layer number `index` (its uncompressed tar in `blob`) on top of the tree.
@@ -485,11 +491,8 @@ impl Tree {
         let ctx = || format!("layer {} ({})", index + 1, blob.what);
         let file = File::open(&blob.path).with_context(|| format!("cannot open {}", blob.path.display()))?;
         let mut ar = Reader::seekable(BufReader::with_capacity(1 << 16, Region::new(file, blob.offset, blob.len)), blob.len);
-        // What this layer put in place (with ancestors): whiteouts and opaque markers only
-        // hide what lower layers had.
-        let mut added: HashSet<Vec<u8>> = HashSet::new();
         while let Some(entry) = ar.next().map_err(|e| anyhow!("{}: not a valid tar: {e}", ctx()))? {
-            self.apply_entry(index, &entry, &mut added).with_context(ctx)?;
+            self.apply_entry(index, &entry).with_context(ctx)?;
             if self.nodes.len() > MAX_PATHS {
                 bail!("{}: the image has more than {MAX_PATHS} paths", ctx());
             }
@@ -497,26 +500,26 @@ impl Tree {
         Ok(())
     }
 
-    fn apply_entry(&mut self, index: u32, entry: &ReadEntry, added: &mut HashSet<Vec<u8>>) -> Result<()> {
+    fn apply_entry(&mut self, index: u32, entry: &ReadEntry) -> Result<()> {
         let path = &entry.name;
         let mut comps = components(path)?;
         let (mode, uid, gid) = (entry.mode, entry.uid, entry.gid);
         let Some(name) = comps.pop() else {
             // The root itself ("./" or "/"): only its metadata can change.
             if entry.kind == t::DIRTYPE {
-                self.root = Node { kind: Kind::Dir, mode, uid, gid };
+                self.root = Node { kind: Kind::Dir, mode, uid, gid, touched: index };
             }
             return Ok(());
         };
         if name.starts_with(WH_PREFIX) {
-            let Some(dir) = self.resolve_dir(&comps, false, added)? else { return Ok(()) };
+            let Some(dir) = self.resolve_dir(&comps, false, index)? else { return Ok(()) };
             if name == OPAQUE {
-                self.make_opaque(&dir, added);
+                self.make_opaque(&dir, index);
             } else if !name.starts_with(b".wh..wh.") {
                 let target = Self::join(&dir, &name[WH_PREFIX.len()..]);
-                if added.contains(&target) {
+                if self.touched_by(&target, index) {
                     // This layer re-created what it hides: keep its own entries only.
-                    self.make_opaque(&target, added);
+                    self.make_opaque(&target, index);
                 } else {
                     self.remove_subtree(&target);
                 }
@@ -538,12 +541,12 @@ impl Tree {
                 let target = &entry.link;
                 let mut tcomps = components(target)?;
                 let tname = tcomps.pop().ok_or_else(|| anyhow!("{}: hard link to the root", String::from_utf8_lossy(path)))?;
-                let tdir = self.resolve_dir(&tcomps, false, added)?;
+                let tdir = self.resolve_dir(&tcomps, false, index)?;
                 let found = tdir.and_then(|d| self.nodes.get(&Self::join(&d, &tname)).cloned());
                 match found {
                     Some(n @ Node { kind: Kind::File { .. } | Kind::Symlink(_), .. }) => {
-                        let parent = self.resolve_dir(&comps, true, added)?.unwrap_or_default();
-                        self.insert(Self::join(&parent, &name), n, added);
+                        let parent = self.resolve_dir(&comps, true, index)?.unwrap_or_default();
+                        self.insert(Self::join(&parent, &name), n, index);
                         return Ok(());
                     }
                     _ => bail!(
@@ -558,8 +561,8 @@ impl Tree {
                 return Ok(());
             }
         };
-        let parent = self.resolve_dir(&comps, true, added)?.unwrap_or_default();
-        self.insert(Self::join(&parent, &name), Node { kind, mode, uid, gid }, added);
+        let parent = self.resolve_dir(&comps, true, index)?.unwrap_or_default();
+        self.insert(Self::join(&parent, &name), Node { kind, mode, uid, gid, touched: index }, index);
         Ok(())
     }
 
