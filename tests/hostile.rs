@@ -379,3 +379,35 @@ trait Pipe: Sized {
     }
 }
 impl Pipe for Command {}
+
+#[test]
+fn copied_trees_do_not_follow_the_images_links() {
+    if !userns_ok() {
+        eprintln!("skipped: no user namespaces here");
+        return;
+    }
+    let c = Case::new();
+    let host = c.host.as_os_str().as_encoded_bytes();
+    let mut l = Vec::new();
+    member(&mut l, None, with_kind(b"etc", b'2', host), b"");
+    member(&mut l, None, with_kind(b"opt/", b'5', b""), b"");
+    member(&mut l, None, with_kind(b"opt/app", b'2', host), b"");
+    let image = c.write("links.tar", &docker_archive(&[end(l)], None, &[]));
+    let tree = c.path("contents");
+    fs::create_dir_all(tree.join("etc/sub")).unwrap();
+    fs::write(tree.join("etc/sub/conf"), "x\n").unwrap();
+    fs::create_dir_all(tree.join("opt")).unwrap();
+    fs::write(tree.join("opt/app"), "a file where the image has a link\n").unwrap();
+    Command::new("chmod").args(["-R", "a+rX"]).arg(&tree).status().unwrap();
+    let out = c.path("out.tar");
+    for keep in [false, true] {
+        let mut cmd = c.run_as_root(&image, &out);
+        cmd.arg("--layer").arg(&tree);
+        if keep {
+            cmd.arg("--keep-dirlinks");
+        }
+        cmd.pipe(go).succeeded();
+        c.host_is_untouched();
+        fs::remove_file(&out).unwrap();
+    }
+}
