@@ -1266,8 +1266,9 @@ struct Job<'a> {
 /// Runs the script through S; returns its exit code.
 fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Result<i32> {
     let (frames_r, frames_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-    // SAFETY: C runs no other thread (a child of P, forked while P ran none), so the child
-    // cannot inherit a lock another thread held; it ends in exit_reporting (_exit).
+    // SAFETY: C runs no other thread (a fork copies only the calling thread, and C starts
+    // none), so the child cannot inherit a lock another thread held; it ends in
+    // exit_reporting (_exit).
     match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop(frames_r);
@@ -1583,9 +1584,12 @@ fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCount
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: P runs no other thread here: run-as-root starts none, and the threads other
-    // steps use (compression, layer writing) are joined before they return, so the child
-    // cannot inherit a lock another thread held. It ends in _exit (panics caught).
+    // SAFETY: P's only other thread is the signal-cleanup thread (src/fsutil.rs), waiting in
+    // sigwait and holding no lock (it takes the temp-file registry only to clean up, and then
+    // ends the process); run-as-root starts no other, and the threads other steps use
+    // (compression, layer writing) are joined before they return. So the child cannot inherit
+    // a lock another thread held (glibc's fork resets malloc's own). It ends in _exit (panics
+    // caught).
     let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop((ready_r, go_w, res_r));
