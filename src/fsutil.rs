@@ -352,16 +352,23 @@ fn parent_of(path: &Path) -> &Path {
 }
 
 /// Writes a file whole or not at all: into a new temporary file beside it, fsynced, renamed
-/// over it, and the directory fsynced.
+/// over it, and the directory fsynced. An existing output that is not a regular file (a
+/// device such as `/dev/null`, a FIFO) is written in place: renaming over it would replace it.
 pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>) -> Result<T> {
-    let dir = parent_of(path);
-    let name = path.file_name().ok_or_else(|| anyhow!("cannot write {}: not a file name", path.display()))?;
-    let (file, tmp) = create_temp(dir, name).with_context(|| format!("cannot create a file in {}", dir.display()))?;
     // Output errors name the file: "the output" says little when there are several.
     let named = |e: anyhow::Error| match e.downcast_ref::<crate::layer::OutputError>() {
         Some(crate::layer::OutputError(io)) => anyhow!("cannot write {}: {io}", path.display()),
         None => e,
     };
+    if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
+        let file = fs::OpenOptions::new().write(true).open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let (w, value) = write(BufWriter::with_capacity(1 << 20, file)).map_err(named)?;
+        w.into_inner().map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error()))?;
+        return Ok(value);
+    }
+    let dir = parent_of(path);
+    let name = path.file_name().ok_or_else(|| anyhow!("cannot write {}: not a file name", path.display()))?;
+    let (file, tmp) = create_temp(dir, name).with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let (w, value) = write(BufWriter::with_capacity(1 << 20, file)).map_err(named)?;
     let file = w.into_inner().map_err(|e| anyhow!("cannot write {}: {}", path.display(), e.error()))?;
     tmp.persist(file, path).with_context(|| format!("cannot write {}", path.display()))?;
@@ -572,6 +579,29 @@ pub fn exit(code: i32, last_words: impl FnOnce()) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn devices_and_fifos_are_written_in_place() {
+        use std::io::Write;
+        use std::os::unix::fs::FileTypeExt;
+        let d = tempfile::tempdir().unwrap();
+        let fifo = d.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let reader = {
+            let fifo = fifo.clone();
+            std::thread::spawn(move || fs::read(fifo).unwrap())
+        };
+        write_atomically(&fifo, |mut w| {
+            w.write_all(b"through").map_err(crate::layer::out_err)?;
+            Ok((w, ()))
+        })
+        .unwrap();
+        assert_eq!(reader.join().unwrap(), b"through");
+        assert!(fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
+        write_file_atomically(Path::new("/dev/null"), b"gone").unwrap();
+        assert!(fs::symlink_metadata("/dev/null").unwrap().file_type().is_char_device());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 1);
+    }
 
     #[test]
     fn names_parse_back_and_nothing_else_parses() {
