@@ -241,22 +241,54 @@ impl<'c> ImageSpec<'c> {
             }
         }
 
-        for (paths, given) in self.store_layers.iter().zip(&self.given) {
-            let num = layers.len() + 1;
-            if !sink.wants(num - 1) {
-                layers.push(LayerInfo { path: format!("{num}/layer.tar"), diff_id: String::new(), size: 0, paths: given.clone() });
-                continue;
+        // The store layers: planned and read on another thread, which runs ahead across
+        // layer boundaries (see layer::write_layers).
+        let first = layers.len();
+        let wanted: Vec<usize> = (0..self.store_layers.len()).filter(|&i| sink.wants(first + i)).collect();
+        struct Out<'s, 'p> {
+            sink: &'s mut dyn LayerSink,
+            progress: &'p Progress,
+            spec: &'p ImageSpec<'p>,
+            wanted: &'p [usize],
+            first: usize,
+            infos: Vec<Option<(String, u64)>>,
+            started: Instant,
+            files: u64,
+        }
+        impl layer::LayerOut for Out<'_, '_> {
+            fn begin(&mut self, i: usize, size: u64, files: u64) -> Result<()> {
+                let store_index = self.wanted[i];
+                let num = self.first + store_index + 1;
+                self.progress.say(format!("Creating layer {num} from paths: {}", list_repr(&self.spec.given[store_index])));
+                self.started = Instant::now();
+                self.files = files;
+                // The sink learns which layer comes next from `wants`.
+                self.sink.wants(num - 1);
+                self.sink.begin(&format!("{num}/layer.tar"), size)
             }
-            progress.say(format!("Creating layer {num} from paths: {}", list_repr(given)));
-            let layer_started = Instant::now();
-            let plan = plan_layer(paths, &self.owner).with_context(|| format!("layer {num}"))?;
-            let name = format!("{num}/layer.tar");
-            sink.begin(&name, plan.tar_size)?;
-            let digest = layer::write_layer(&plan, &self.owner, sink.out()).with_context(|| format!("layer {num}"))?;
-            let diff_id = hex(&digest);
-            sink.end(plan.tar_size, &diff_id)?;
-            progress.done(&format!("layer {num}, {} files", plan.files), plan.tar_size, layer_started);
-            layers.push(LayerInfo { path: name, diff_id, size: plan.tar_size, paths: given.clone() });
+            fn out(&mut self) -> &mut dyn Write {
+                self.sink.out()
+            }
+            fn end(&mut self, i: usize, size: u64, digest: [u8; 32]) -> Result<()> {
+                let store_index = self.wanted[i];
+                let num = self.first + store_index + 1;
+                let diff_id = hex(&digest);
+                self.sink.end(size, &diff_id)?;
+                self.progress.done(&format!("layer {num}, {} files", self.files), size, self.started);
+                self.infos[store_index] = Some((diff_id, size));
+                Ok(())
+            }
+        }
+        let mut out = Out { sink, progress, spec: self, wanted: &wanted, first, infos: vec![None; self.store_layers.len()], started: Instant::now(), files: 0 };
+        let owner = &self.owner;
+        let plan = |i: usize| plan_layer(&self.store_layers[wanted[i]], owner);
+        let label = |i: usize| format!("layer {}", first + wanted[i] + 1);
+        layer::write_layers(wanted.len(), &plan, &label, owner, &mut out)?;
+        let infos = out.infos;
+        for (store_index, given) in self.given.iter().enumerate() {
+            let num = layers.len() + 1;
+            let (diff_id, size) = infos[store_index].clone().unwrap_or_default();
+            layers.push(LayerInfo { path: format!("{num}/layer.tar"), diff_id, size, paths: given.clone() });
         }
 
         if let Some(c) = &self.custom {

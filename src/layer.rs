@@ -299,7 +299,7 @@ const CHUNKS_IN_FLIGHT: usize = 4;
 struct ChunkSender {
     chunk: Vec<u8>,
     filled: usize,
-    tx: std::sync::mpsc::SyncSender<(Vec<u8>, usize)>,
+    tx: std::sync::mpsc::SyncSender<Piece>,
     pool: std::sync::mpsc::Receiver<Vec<u8>>,
 }
 
@@ -322,7 +322,7 @@ impl ChunkSender {
         }
         let next = self.pool.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
         let full = std::mem::replace(&mut self.chunk, next);
-        self.tx.send((full, self.filled)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
+        self.tx.send(Piece::Data(full, self.filled)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
         self.filled = 0;
         Ok(())
     }
@@ -403,38 +403,116 @@ fn produce(plan: &LayerPlan, owner: &Owner, out: &mut ChunkSender) -> Result<u64
     Ok(offset + trailer)
 }
 
-/// Writes the planned layer to `w` and returns its sha256. One thread reads the store while
-/// the calling thread hashes and writes, so reading overlaps hashing.
-pub fn write_layer<W: Write + ?Sized>(plan: &LayerPlan, owner: &Owner, w: &mut W) -> Result<[u8; 32]> {
+/// What the reading thread hands the writing one: a layer begins (with its planned size), a
+/// chunk of its bytes, it ends.
+enum Piece {
+    Begin(usize, u64, u64),
+    Data(Vec<u8>, usize),
+    End,
+}
+
+/// Where [`write_layers`] puts layers, one after another.
+pub trait LayerOut {
+    /// Layer `i` of the list begins; it will be `tar_size` bytes and hold `files` files.
+    fn begin(&mut self, i: usize, tar_size: u64, files: u64) -> Result<()>;
+    /// Where its bytes go.
+    fn out(&mut self) -> &mut dyn Write;
+    /// Layer `i` is complete; its sha256.
+    fn end(&mut self, i: usize, tar_size: u64, digest: [u8; 32]) -> Result<()>;
+}
+
+/// Plans (with `plan`) and writes the layers `0..count` in order into `out`. One thread plans
+/// and reads the store while the calling thread hashes and writes, and the reader runs on
+/// across layer boundaries, so an image of many layers keeps the overlap a single layer has;
+/// chunk buffers are reused from layer to layer. `label(i)` names layer `i` in errors.
+pub fn write_layers<P: std::borrow::Borrow<LayerPlan> + Send>(
+    count: usize,
+    plan: &(dyn Fn(usize) -> Result<P> + Sync),
+    label: &(dyn Fn(usize) -> String + Sync),
+    owner: &Owner,
+    out: &mut dyn LayerOut,
+) -> Result<()> {
     use std::sync::mpsc::sync_channel;
-    let (tx, rx) = sync_channel::<(Vec<u8>, usize)>(CHUNKS_IN_FLIGHT);
+    let (tx, rx) = sync_channel::<Piece>(CHUNKS_IN_FLIGHT);
     let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
     std::thread::scope(|scope| {
-        let producer = scope.spawn(move || {
+        let producer = scope.spawn(move || -> Result<()> {
             let mut sender = ChunkSender { chunk: vec![0u8; CHUNK], filled: 0, tx, pool: pool_rx };
-            produce(plan, owner, &mut sender)
-        });
-        let mut hasher = Sha256::new();
-        let mut written = 0u64;
-        let mut out_result = Ok(());
-        for (chunk, len) in rx.iter() {
-            hasher.update(&chunk[..len]);
-            if let Err(e) = w.write_all(&chunk[..len]) {
-                out_result = Err(out_err(e));
-                break;
+            for i in 0..count {
+                let p = plan(i).with_context(|| label(i))?;
+                let p = p.borrow();
+                sender.tx.send(Piece::Begin(i, p.tar_size, p.files)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
+                let produced = produce(p, owner, &mut sender).with_context(|| label(i))?;
+                if produced != p.tar_size {
+                    bail!("{}: internal error: planned {} bytes, produced {produced}", label(i), p.tar_size);
+                }
+                sender.tx.send(Piece::End).map_err(|_| anyhow::Error::new(ConsumerGone))?;
             }
-            written += len as u64;
-            let _ = pool_tx.try_send(chunk);
-        }
+            Ok(())
+        });
+        let consumed = (|| -> Result<()> {
+            let mut current: Option<(usize, u64)> = None;
+            let mut hasher = Sha256::new();
+            let mut written = 0u64;
+            for piece in rx.iter() {
+                match piece {
+                    Piece::Begin(i, size, files) => {
+                        out.begin(i, size, files)?;
+                        current = Some((i, size));
+                        hasher = Sha256::new();
+                        written = 0;
+                    }
+                    Piece::Data(chunk, len) => {
+                        hasher.update(&chunk[..len]);
+                        out.out().write_all(&chunk[..len]).map_err(out_err)?;
+                        written += len as u64;
+                        let _ = pool_tx.try_send(chunk);
+                    }
+                    Piece::End => {
+                        let (i, size) = current.take().ok_or_else(|| anyhow!("internal error: a layer ended that did not begin"))?;
+                        if written != size {
+                            bail!("{}: internal error: planned {size} bytes, wrote {written}", label(i));
+                        }
+                        out.end(i, size, std::mem::take(&mut hasher).finalize().into())?;
+                    }
+                }
+            }
+            Ok(())
+        })();
+        // Unblocks the reader if we stopped early; its error (ConsumerGone) is then ours.
         drop(rx);
         let produced = producer.join().map_err(|_| anyhow!("the layer reader thread panicked"))?;
-        out_result?;
-        let produced = produced?;
-        if produced != plan.tar_size || written != produced {
-            bail!("internal error: planned {} bytes, wrote {written}", plan.tar_size);
-        }
-        Ok(hasher.finalize().into())
+        consumed?;
+        produced
     })
+}
+
+/// Writes the planned layer to `w` and returns its sha256 (see [`write_layers`]).
+pub fn write_layer<W: Write + ?Sized>(plan: &LayerPlan, owner: &Owner, w: &mut W) -> Result<[u8; 32]> {
+    struct One<'w, W: Write + ?Sized>(&'w mut W, Option<[u8; 32]>);
+    impl<W: Write + ?Sized> LayerOut for One<'_, W> {
+        fn begin(&mut self, _: usize, _: u64, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn out(&mut self) -> &mut dyn Write {
+            self
+        }
+        fn end(&mut self, _: usize, _: u64, digest: [u8; 32]) -> Result<()> {
+            self.1 = Some(digest);
+            Ok(())
+        }
+    }
+    impl<W: Write + ?Sized> Write for One<'_, W> {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            self.0.write(buf)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            self.0.flush()
+        }
+    }
+    let mut one = One(w, None);
+    write_layers(1, &|_| Ok(plan), &|_| "the layer".to_string(), owner, &mut one)?;
+    one.1.ok_or_else(|| anyhow!("internal error: the layer was not written"))
 }
 
 pub fn write_zeros<W: Write>(w: &mut W, mut n: u64) -> Result<()> {
