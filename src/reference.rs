@@ -1,11 +1,13 @@
 //! Image references that name a repository and tag (`repo_tag` in a conf, `stevedore stream
 //! -t`, the RepoTags of merged images, the Nix builders' `imageName` and `tag`, push
-//! destinations), checked against Docker's grammar (github.com/distribution/reference), so
-//! that a newline, `../` or an uppercase name is refused here, with one message, instead of by
-//! a loader or a registry later (or never, for a file name made from it).
+//! destinations), and the registry references of `push`, `pull`, `prefetch` and `index` (which
+//! may carry a digest), checked against Docker's grammar (github.com/distribution/reference),
+//! so that a newline, `../` or an uppercase name is refused here, with one message, instead of
+//! by a loader or a registry later (or never, for a file name made from it). This is the one
+//! parser of image names: `registry::auth::Reference` is built from `parse_reference`.
 //!
 //! ```text
-//! reference        := name [ ":" tag ]
+//! reference        := name [ ":" tag ] [ "@" digest ]
 //! name             := [ domain "/" ] path-component { "/" path-component }   (255 characters at most)
 //! domain           := host [ ":" port ]
 //! host             := domain-component { "." domain-component } | "[" IPv6 address "]"
@@ -14,11 +16,17 @@
 //! path-component   := [a-z0-9]+ { separator [a-z0-9]+ }
 //! separator        := "." | "_" | "__" | "-"+
 //! tag              := [A-Za-z0-9_][A-Za-z0-9_.-]{0,127}
+//! digest           := "sha256:" [0-9a-f]{64}                                (the only kind we use)
 //! ```
 //!
 //! The tag follows the last `:` after the last `/`, so `registry:5000/app` has none. A name
-//! without a tag passes (loaders read it as `:latest`); a digest (`@sha256:…`) does not: every
-//! place that checks names a tag.
+//! without a tag passes (loaders read it as `:latest`); a digest (`@sha256:…`) passes only
+//! `parse_reference`: every other place that checks names a tag.
+//!
+//! Which component is the registry follows Docker (`splitDockerDomain`): the first of several
+//! components, if it has a `.`, a `:` or a `[`, is `localhost`, or has an uppercase letter;
+//! otherwise the name is on Docker Hub. For a registry reference that component must then be a
+//! valid `domain` (`a_b.c/app` is a fine repository name for a loader, but names no registry).
 
 use anyhow::{bail, Result};
 
@@ -30,23 +38,64 @@ const TAG_MAX: usize = 128;
 /// Checks `NAME[:TAG]` against Docker's reference grammar; the error reads
 /// `invalid image reference "…": why`, with the reference quoted and escaped (one line).
 pub fn check_repo_tag(s: &str) -> Result<()> {
-    match problem(s) {
-        None => Ok(()),
-        Some(why) => bail!("invalid image reference {s:?}: {why}"),
+    match split(s, false) {
+        Ok(_) => Ok(()),
+        Err(why) => bail!("invalid image reference {s:?}: {why}"),
     }
 }
 
-/// What is wrong with `s`, if anything.
-fn problem(s: &str) -> Option<String> {
+/// A reference split as Docker splits it (see the module documentation), borrowing from the
+/// string it was parsed from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Parts<'a> {
+    /// `NAME` as written: without tag and digest, with the registry if it was given.
+    pub name: &'a str,
+    /// The registry's `host[:port]`, if the name has one.
+    pub domain: Option<&'a str>,
+    /// The repository: the name without its registry.
+    pub path: &'a str,
+    pub tag: Option<&'a str>,
+    /// `sha256:` and 64 lowercase hex digits.
+    pub digest: Option<&'a str>,
+}
+
+/// Checks and splits a registry reference, `NAME[:TAG][@DIGEST]` (without a scheme); errors
+/// read as `check_repo_tag`'s.
+pub fn parse_reference(s: &str) -> Result<Parts<'_>> {
+    let parts = match split(s, true) {
+        Ok(p) => p,
+        Err(why) => bail!("invalid image reference {s:?}: {why}"),
+    };
+    if let Some(d) = parts.domain.filter(|d| !domain_ok(d)) {
+        bail!("invalid image reference {s:?}: {}", bad_registry(d));
+    }
+    Ok(parts)
+}
+
+/// Whether `d` is `sha256:` and 64 lowercase hex digits.
+pub fn is_sha256_digest(d: &str) -> bool {
+    d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
+}
+
+fn bad_registry(d: &str) -> String {
+    format!("registry {d:?}: a host name (letters, digits, '-', '.') or [IPv6], then an optional :PORT (digits)")
+}
+
+/// Checks `s` against the grammar (a digest allowed if `digest_ok`) and splits it; the error
+/// says what is wrong.
+fn split(s: &str, digest_ok: bool) -> std::result::Result<Parts<'_>, String> {
     if s.is_empty() {
-        return Some("it is empty".into());
+        return Err("it is empty".into());
     }
     if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Some("it contains whitespace or a control character".into());
+        return Err("it contains whitespace or a control character".into());
     }
-    if s.contains('@') {
-        return Some("a digest (@…) cannot stand for a tag here: give NAME[:TAG]".into());
-    }
+    let (s, digest) = match s.split_once('@') {
+        Some(_) if !digest_ok => return Err("a digest (@…) cannot stand for a tag here: give NAME[:TAG]".into()),
+        Some((_, d)) if !is_sha256_digest(d) => return Err(format!("digest {d:?}: 'sha256:' and 64 lowercase hex digits")),
+        Some((rest, d)) => (rest, Some(d)),
+        None => (s, None),
+    };
     let last_slash = s.rfind('/').map_or(0, |i| i + 1);
     let (name, tag) = match s[last_slash..].rfind(':') {
         Some(i) => (&s[..last_slash + i], Some(&s[last_slash + i + 1..])),
@@ -54,45 +103,47 @@ fn problem(s: &str) -> Option<String> {
     };
     if let Some(tag) = tag {
         if tag.is_empty() {
-            return Some("the tag after ':' is empty".into());
+            return Err("the tag after ':' is empty".into());
         }
         if tag.len() > TAG_MAX {
-            return Some(format!("the tag is longer than {TAG_MAX} characters"));
+            return Err(format!("the tag is longer than {TAG_MAX} characters"));
         }
         let word = |c: u8| c.is_ascii_alphanumeric() || c == b'_';
         if !word(tag.as_bytes()[0]) || !tag.bytes().all(|c| word(c) || c == b'.' || c == b'-') {
-            return Some(format!("tag {tag:?}: letters, digits, '_', '.' and '-', not starting with '.' or '-'"));
+            return Err(format!("tag {tag:?}: letters, digits, '_', '.' and '-', not starting with '.' or '-'"));
         }
     }
     if name.is_empty() {
-        return Some("the name before the tag is empty".into());
+        return Err(if digest.is_some() && tag.is_none() { "the name before the digest is empty" } else { "the name before the tag is empty" }.into());
     }
     if name.len() > NAME_MAX {
-        return Some(format!("the name is longer than {NAME_MAX} characters"));
+        return Err(format!("the name is longer than {NAME_MAX} characters"));
     }
     let components: Vec<&str> = name.split('/').collect();
     if components.iter().any(|c| c.is_empty()) {
-        return Some("the name has an empty component ('/' at an end or '//')".into());
+        return Err("the name has an empty component ('/' at an end or '//')".into());
     }
     // With more components to come, the first may be a registry host instead.
     let path = match components.split_first() {
         Some((first, rest)) if !rest.is_empty() && domain_ok(first) => rest,
-        Some((first, rest)) if !rest.is_empty() && first.contains([':', '[', ']']) => {
-            return Some(format!("registry {first:?}: a host name (letters, digits, '-', '.') or [IPv6], then an optional :PORT (digits)"));
-        }
+        Some((first, rest)) if !rest.is_empty() && first.contains([':', '[', ']']) => return Err(bad_registry(first)),
         _ => &components[..],
     };
     for c in path {
         if !path_component_ok(c) {
             if c.bytes().any(|b| b.is_ascii_uppercase()) {
-                return Some(format!("the repository name must be lowercase ({c:?})"));
+                return Err(format!("the repository name must be lowercase ({c:?})"));
             }
-            return Some(format!(
-                "path component {c:?}: lowercase letters and digits, separated by one '.', one or two '_', or '-'s"
-            ));
+            return Err(format!("path component {c:?}: lowercase letters and digits, separated by one '.', one or two '_', or '-'s"));
         }
     }
-    None
+    // Docker's split: which component names the registry (checked as a host by
+    // `parse_reference`; a loader takes a name that reads as a path either way).
+    let first = components[0];
+    let is_domain = components.len() > 1
+        && (first.contains(['.', ':', '[']) || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase()));
+    let (domain, path) = if is_domain { (Some(first), &name[first.len() + 1..]) } else { (None, name) };
+    Ok(Parts { name, domain, path, tag, digest })
 }
 
 fn lower_alnum(b: u8) -> bool {
@@ -238,5 +289,42 @@ mod tests {
         assert!(e.ends_with("the tag is longer than 128 characters"), "{e}");
         let e = check_repo_tag(&format!("{}/{}:v1", "a".repeat(128), "b".repeat(127))).unwrap_err().to_string();
         assert!(e.ends_with("the name is longer than 255 characters"), "{e}");
+    }
+
+    #[test]
+    fn registry_references_split_as_docker_splits_them() {
+        let d = format!("sha256:{}", "0".repeat(64));
+        let cases: Vec<(String, (&str, Option<&str>, &str, Option<&str>, Option<&str>))> = vec![
+            ("alpine".into(), ("alpine", None, "alpine", None, None)),
+            ("team/app:v1".into(), ("team/app", None, "team/app", Some("v1"), None)),
+            ("localhost/app".into(), ("localhost/app", Some("localhost"), "app", None, None)),
+            ("localhost:5000/a/b:t".into(), ("localhost:5000/a/b", Some("localhost:5000"), "a/b", Some("t"), None)),
+            ("127.0.0.1:5000/x".into(), ("127.0.0.1:5000/x", Some("127.0.0.1:5000"), "x", None, None)),
+            ("[::1]:5000/x:y".into(), ("[::1]:5000/x", Some("[::1]:5000"), "x", Some("y"), None)),
+            ("Registry.Example/app".into(), ("Registry.Example/app", Some("Registry.Example"), "app", None, None)),
+            ("Host/app".into(), ("Host/app", Some("Host"), "app", None, None)),
+            (format!("ghcr.io/o/r@{d}"), ("ghcr.io/o/r", Some("ghcr.io"), "o/r", None, Some(d.as_str()))),
+            (format!("r.example/o:v2@{d}"), ("r.example/o", Some("r.example"), "o", Some("v2"), Some(d.as_str()))),
+        ];
+        for (s, (name, domain, path, tag, digest)) in &cases {
+            let p = parse_reference(s).unwrap_or_else(|e| panic!("{s}: {e:#}"));
+            assert_eq!((p.name, p.domain, p.path, p.tag, p.digest), (*name, *domain, *path, *tag, *digest), "{s}");
+        }
+        for (s, why) in [
+            ("127.0.0.1:5000/team/a..b", "path component \"a..b\""),
+            ("host:5000/Bad", "must be lowercase"),
+            ("host:5000/x@sha256:12", "digest \"sha256:12\""),
+            ("x@md5:abc", "digest"),
+            ("host:5000/x@", "digest \"\""),
+            ("bad host/x", "whitespace"),
+            ("127.0.0.1:x1/app", "registry \"127.0.0.1:x1\""),
+            // A loader takes it as a two-component name; as a registry it is no host.
+            ("a_b.c/app", "registry \"a_b.c\""),
+        ] {
+            let e = parse_reference(s).expect_err(s).to_string();
+            assert!(e.starts_with(&format!("invalid image reference {s:?}: ")) && e.contains(why) && !e.contains('\n'), "{s}: {e}");
+        }
+        assert!(check_repo_tag("a_b.c/app").is_ok());
+        assert!(is_sha256_digest(&d) && !is_sha256_digest(&format!("sha256:{}", "A".repeat(64))) && !is_sha256_digest(&d[..70]));
     }
 }

@@ -315,6 +315,22 @@ fn destinations_are_checked_before_connecting() {
             assert_eq!(err.lines().count(), 1, "{err}");
         }
     }
+    // Sources for pull and prefetch go through the same grammar (with a digest allowed), and a
+    // first component that names a registry must be a host.
+    let out = dir.path().join("out.tar");
+    for (image, why) in [
+        ("docker://127.0.0.1:1/team/a..b:v1", "path component \"a..b\""),
+        ("docker://127.0.0.1:1/a-/b", "path component \"a-\""),
+        ("docker://ho_st.example/app", "registry \"ho_st.example\""),
+        ("docker://127.0.0.1:1/app@sha256:abc", "digest \"sha256:abc\""),
+    ] {
+        for args in [vec!["pull", image, "-o", out.to_str().unwrap()], vec!["prefetch", image]] {
+            let out = stevedore(&args, &[]);
+            let err = String::from_utf8(out.stderr).unwrap();
+            let want = format!("stevedore: invalid image reference {:?}: {why}", &image["docker://".len()..]);
+            assert!(out.status.code() == Some(1) && err.starts_with(&want) && err.lines().count() == 1, "{args:?}: {err}");
+        }
+    }
 }
 
 #[test]
@@ -878,6 +894,11 @@ enum Act {
     Endless { head: String, unit: Vec<u8>, max: u64 },
     /// Reset the connection (RST) instead of answering.
     Reset,
+    /// Answer nothing, holding the connection until the client goes away (or 60 s).
+    Silent,
+    /// Write `head`, then `unit` every `every` until the client goes away (or 60 s): a server
+    /// that is never quite silent.
+    Drip { head: String, unit: Vec<u8>, every: Duration },
 }
 
 /// A scripted HTTP server on 127.0.0.1 (in front of `upstream`, if any), one request per
@@ -958,6 +979,19 @@ fn start_front(upstream: Option<u16>, rule: impl Fn(&Req) -> Act + Send + Sync +
                         drop(r);
                         reset(conn);
                     }
+                    Act::Silent => {
+                        conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
+                        let _ = r.read(&mut [0u8; 1]);
+                    }
+                    Act::Drip { head, unit, every } => {
+                        let until = Instant::now() + Duration::from_secs(60);
+                        let mut ok = conn.write_all(head.as_bytes()).is_ok();
+                        while ok && Instant::now() < until {
+                            std::thread::sleep(every);
+                            ok = conn.write_all(&unit).is_ok();
+                            written.fetch_add(unit.len() as u64, Ordering::SeqCst);
+                        }
+                    }
                     Act::Forward(rewrite) => {
                         let Some(Ok(mut up)) = upstream.map(|p| TcpStream::connect(("127.0.0.1", p))) else { return };
                         up.set_read_timeout(Some(Duration::from_secs(20))).ok();
@@ -999,6 +1033,11 @@ fn start_front(upstream: Option<u16>, rule: impl Fn(&Req) -> Act + Send + Sync +
 
 /// Runs stevedore, failing the test if it takes longer than `secs` (a hang).
 fn stevedore_within(secs: u64, args: &[&str]) -> (bool, String) {
+    stevedore_within_env(secs, args, &[])
+}
+
+/// `stevedore_within` with variables set.
+fn stevedore_within_env(secs: u64, args: &[&str], env: &[(&str, &str)]) -> (bool, String) {
     let home = std::env::temp_dir().join("stevedore-registry-test-home");
     fs::create_dir_all(&home).unwrap();
     let err = tempfile::NamedTempFile::new().unwrap();
@@ -1009,6 +1048,7 @@ fn stevedore_within(secs: u64, args: &[&str]) -> (bool, String) {
         .env_remove("XDG_CONFIG_HOME")
         .env_remove("DOCKER_CONFIG")
         .env_remove("REGISTRY_AUTH_FILE")
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(err.reopen().unwrap())
@@ -1261,7 +1301,16 @@ fn a_refusal_by_another_origin_is_not_blamed_on_the_credentials() {
 /// A registry on 127.0.0.1 serving one image (a config and one 1000-byte layer) under any
 /// repository name, hostile in the way the name says (see the test). Returns it and the
 /// layer's and the config's digests.
-fn hostile_registry() -> (Front, String, String) {
+/// One small image: a 1000-byte layer, its config and manifest, with their digests.
+struct TinyImage {
+    layer: Vec<u8>,
+    layer_digest: String,
+    config: Vec<u8>,
+    config_digest: String,
+    manifest: Vec<u8>,
+}
+
+fn tiny_image() -> TinyImage {
     let layer = vec![b'x'; 1000];
     let layer_digest = format!("sha256:{}", sha256_hex(&layer));
     let config = json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": [layer_digest]}}).to_string().into_bytes();
@@ -1274,6 +1323,11 @@ fn hostile_registry() -> (Front, String, String) {
     })
     .to_string()
     .into_bytes();
+    TinyImage { layer, layer_digest, config, config_digest, manifest }
+}
+
+fn hostile_registry() -> (Front, String, String) {
+    let TinyImage { layer, layer_digest, config, config_digest, manifest } = tiny_image();
     let manifest_digest = format!("sha256:{}", sha256_hex(&manifest));
     // An index whose entry says the manifest is 100 bytes shorter than it is.
     let index = json!({
@@ -1350,5 +1404,228 @@ fn pull_reads_no_more_than_the_descriptors_say() {
         // What the server managed to write: what was read, plus what the sockets buffer.
         assert!(written < 64 << 20, "{repo}: the server wrote {written} bytes before the client stopped reading");
         assert!(!out.exists() && !dir.path().join("out.tar.partial").exists(), "{repo}");
+    }
+}
+
+/// With STEVEDORE_REGISTRY_TIMEOUT=T (1 s here), a registry that says nothing, or drips its
+/// answers, fails a pull in one line within a few T: each request (or blob download) that
+/// times out is tried twice, not `--retries` + 1 (5) times. Silence and drips at every stage:
+/// the ping, a manifest's head, a config read into memory, a layer streamed (a head, then
+/// silence; or bytes below 1 KiB/s), the token server.
+#[test]
+fn silent_and_dripping_registries_fail_in_bounded_time() {
+    let img = tiny_image();
+    let (ld, cd) = (img.layer_digest.clone(), img.config_digest.clone());
+    let (config, layer, manifest) = (img.config.clone(), img.layer.clone(), img.manifest.clone());
+    let front = start_front(None, move |req| {
+        let p = req.path.as_str();
+        let repo = p.trim_start_matches("/v2/").split('/').next().unwrap_or("");
+        let drip = |head: String, unit: &[u8], ms: u64| Act::Drip { head, unit: unit.to_vec(), every: Duration::from_millis(ms) };
+        let sized = |n: usize| format!("HTTP/1.1 200 OK\r\nContent-Length: {n}\r\n\r\n");
+        match repo {
+            _ if p == "/v2/" => Act::Reply("200 OK", String::new(), vec![]),
+            _ if p.starts_with("/token") => Act::Silent,
+            "token" => Act::Reply("401 Unauthorized", format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{}/token\"\r\n", req.port), vec![]),
+            "silent" => Act::Silent,
+            "drip-head" => drip("HTTP/1.1 200 OK\r\n".into(), b"X-Drip: y\r\n", 300),
+            _ if p.contains("/manifests/") => Act::Reply("200 OK", "Content-Type: application/vnd.oci.image.manifest.v1+json\r\n".into(), manifest.clone()),
+            "drip-config" if p.ends_with(&cd) => drip(sized(config.len()), b"{", 100),
+            _ if p.ends_with(&cd) => Act::Reply("200 OK", String::new(), config.clone()),
+            "quiet-layer" if p.ends_with(&ld) => drip(sized(layer.len()), b"", 500),
+            "drip-layer" if p.ends_with(&ld) => drip(sized(layer.len()), b"x", 100),
+            _ if p.ends_with(&ld) => Act::Reply("200 OK", String::new(), layer.clone()),
+            _ => Act::Reply("404 Not Found", String::new(), vec![]),
+        }
+    });
+    let silent_ping = start_front(None, |_| Act::Silent);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out.tar");
+    let env = [("STEVEDORE_REGISTRY_TIMEOUT", "1")];
+    let pull = |port: u16, repo: &str| {
+        let image = format!("docker://127.0.0.1:{port}/{repo}:v1");
+        let started = Instant::now();
+        let (success, stderr) = stevedore_within_env(60, &["pull", &image, "--insecure", "-q", "--arch", "amd64", "-o", out.to_str().unwrap()], &env);
+        (success, stderr, started.elapsed())
+    };
+    let (success, stderr, _) = pull(front.port, "ok");
+    assert!(success, "the well-behaved image does not pull: {stderr}");
+    fs::remove_file(&out).unwrap();
+    let (config_get, layer_get) = (format!("/blobs/{}", img.config_digest), format!("/blobs/{}", img.layer_digest));
+    for (port, repo, stalled, want) in [
+        (silent_ping.port, "ping", "GET /v2/", "cannot reach registry"),
+        (front.port, "silent", "GET /v2/silent/manifests/v1", "manifests/v1"),
+        (front.port, "drip-head", "GET /v2/drip-head/manifests/v1", "manifests/v1"),
+        (front.port, "drip-config", config_get.as_str(), "config"),
+        (front.port, "quiet-layer", layer_get.as_str(), "no data for 1 s"),
+        (front.port, "drip-layer", layer_get.as_str(), "too slow"),
+        (front.port, "token", "GET /token", "cannot get a token"),
+    ] {
+        let log_before = if port == front.port { front.log().len() } else { silent_ping.log().len() };
+        let (success, stderr, took) = pull(port, repo);
+        eprintln!("{repo}: failed after {took:?}: {}", stderr.trim());
+        assert!(!success, "{repo}: pulled");
+        assert_eq!(stderr.trim().lines().count(), 1, "{repo}: {stderr}");
+        assert!(stderr.starts_with("stevedore: ") && !stderr.contains("panicked"), "{repo}: {stderr}");
+        assert!(stderr.contains("STEVEDORE_REGISTRY_TIMEOUT=1") && stderr.contains(want), "{repo}: {stderr}");
+        // Two tries of 1 s, 0.5 s between them, and (--insecure) maybe 1 s of an HTTPS
+        // handshake nobody answers before plain HTTP; the rest is slack for a loaded machine.
+        assert!(took < Duration::from_secs(10), "{repo}: took {took:?}: {stderr}");
+        let log = if port == front.port { front.log() } else { silent_ping.log() };
+        let tries = log[log_before..].iter().filter(|(l, _)| l.contains(stalled)).count();
+        assert_eq!(tries, 2, "{repo}: {stalled} tried {tries} times: {:?}", &log[log_before..]);
+        assert!(!out.exists(), "{repo}");
+    }
+}
+
+/// A registry that takes an upload and never answers it: the push fails in one line within
+/// a few T, the upload tried twice (a new session each time).
+#[test]
+fn a_registry_that_never_answers_an_upload() {
+    let uploads = Arc::new(AtomicUsize::new(0));
+    let n = uploads.clone();
+    let front = start_front(None, move |req| {
+        let (m, p) = (req.method.as_str(), req.path.as_str());
+        match m {
+            _ if p == "/v2/" => Act::Reply("200 OK", String::new(), vec![]),
+            "POST" if p.ends_with("/blobs/uploads/") => {
+                let id = n.fetch_add(1, Ordering::SeqCst);
+                Act::Reply("202 Accepted", format!("Location: {p}session{id}\r\n"), vec![])
+            }
+            "PUT" | "PATCH" => Act::Silent,
+            _ => Act::Reply("404 Not Found", String::new(), vec![]),
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let dest = format!("docker://127.0.0.1:{}/app:v1", front.port);
+    let started = Instant::now();
+    let (success, stderr) = stevedore_within_env(60, &["push", conf.to_str().unwrap(), &dest, "--insecure", "-q"], &[("STEVEDORE_REGISTRY_TIMEOUT", "1")]);
+    let took = started.elapsed();
+    eprintln!("push failed after {took:?}: {}", stderr.trim());
+    assert!(!success && stderr.trim().lines().count() == 1, "{stderr}");
+    assert!(stderr.contains("uploading blob") && stderr.contains("STEVEDORE_REGISTRY_TIMEOUT=1"), "{stderr}");
+    assert!(took < Duration::from_secs(15), "took {took:?}: {stderr}");
+    let puts: Vec<String> = front.log().into_iter().map(|(l, _)| l).filter(|l| l.starts_with("PUT ")).collect();
+    assert_eq!(puts.len(), 2, "{puts:?}");
+    assert_ne!(puts[0].split('?').next(), puts[1].split('?').next(), "{puts:?}");
+}
+
+/// A credential helper that never exits is killed after the timeout, and one that prints
+/// without end is stopped; either is a one-line error naming the helper, never its output.
+#[test]
+fn credential_helpers_that_hang_or_babble_are_stopped() {
+    let dir = tempfile::tempdir().unwrap();
+    let bin = dir.path().join("bin");
+    fs::create_dir(&bin).unwrap();
+    let pid_file = dir.path().join("hang.pid");
+    fake_helper(&bin, "hang", &format!("echo $$ >'{}'; echo SECRET-hang; exec sleep 600", pid_file.display()));
+    fake_helper(&bin, "babble", "while :; do echo 'SECRET-babble'; done");
+    let path = format!("{}:{}", bin.display(), std::env::var("PATH").unwrap());
+    for helper in ["hang", "babble"] {
+        // Nothing listens on port 1: the helper runs before any connection.
+        let config = write_json(dir.path(), "config.json", &json!({"credHelpers": {"127.0.0.1:1": helper}}));
+        let out = dir.path().join("out.tar");
+        let started = Instant::now();
+        let (success, stderr) = stevedore_within_env(
+            60,
+            &["pull", "docker://127.0.0.1:1/app:v1", "--insecure", "-o", out.to_str().unwrap()],
+            &[("REGISTRY_AUTH_FILE", config.to_str().unwrap()), ("PATH", &path), ("STEVEDORE_REGISTRY_TIMEOUT", "1")],
+        );
+        let took = started.elapsed();
+        assert!(!success && stderr.trim().lines().count() == 1, "{helper}: {stderr}");
+        assert!(stderr.contains(&format!("credential helper docker-credential-{helper} (from auth file {})", config.display())), "{stderr}");
+        assert!(!stderr.contains("SECRET"), "{helper}: its output in: {stderr}");
+        let want = if helper == "hang" { "did not finish within 1 s" } else { "printed more than 64 KiB" };
+        assert!(stderr.contains(want), "{stderr}");
+        assert!(took < Duration::from_secs(10), "{helper}: took {took:?}");
+    }
+    let pid = fs::read_to_string(&pid_file).unwrap();
+    assert!(!Path::new(&format!("/proc/{}", pid.trim())).exists(), "the hanging helper (pid {pid}) is still running");
+}
+
+/// Bearer tokens that expire while a push runs (each serves `uses` requests, then the
+/// registry answers 401 with a new challenge): in-memory requests and streamed uploads alike
+/// get a fresh token and go on (an upload from a new session), and the image lands whole. A
+/// registry that refuses every upload whatever the token fails the push in one line, with a
+/// token fetched again once per try, not without end.
+#[test]
+fn expired_tokens_are_refreshed_mid_push() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let (expected, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
+    let manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/direct:v1", reg.addr())])).unwrap();
+    let largest = manifest["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).max().unwrap();
+    // Chunks small enough that the largest layer takes several PATCHes; a token serves as
+    // many requests as that layer's upload needs (POST, the PATCHes, the PUT), so each upload
+    // can finish on a fresh token, but no token lasts the push.
+    let chunk = (largest / 4).max(1024);
+    let uses = 2 + largest.div_ceil(chunk) as usize;
+
+    for refuse_uploads in [false, true] {
+        let issued = Arc::new(AtomicUsize::new(0));
+        let counts: Arc<Mutex<std::collections::HashMap<String, usize>>> = Default::default();
+        let refused: Arc<Mutex<Vec<String>>> = Default::default();
+        let (issued2, refused2) = (issued.clone(), refused.clone());
+        let front = start_front(Some(reg.port), move |req| {
+            let (m, p) = (req.method.as_str(), req.path.as_str());
+            if p.starts_with("/token") {
+                let n = issued2.fetch_add(1, Ordering::SeqCst) + 1;
+                return Act::Reply("200 OK", "Content-Type: application/json\r\n".into(), format!("{{\"token\":\"tok-{n}\"}}").into_bytes());
+            }
+            let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{}/token\",service=\"test\"\r\n", req.port);
+            let Some(token) = req.header("authorization").and_then(|a| a.strip_prefix("Bearer tok-")) else {
+                return Act::Reply("401 Unauthorized", challenge, vec![]);
+            };
+            let used = {
+                let mut c = counts.lock().unwrap();
+                let n = c.entry(token.to_string()).or_default();
+                *n += 1;
+                *n
+            };
+            let streamed = (m == "PATCH" || m == "PUT") && p.contains("/blobs/uploads/");
+            if if refuse_uploads { streamed } else { used > uses } {
+                refused2.lock().unwrap().push(format!("{m} {}", p.split('?').next().unwrap()));
+                let body = json!({"errors": [{"code": "UNAUTHORIZED", "message": "token expired"}]}).to_string().into_bytes();
+                return Act::Reply("401 Unauthorized", format!("{challenge}Content-Type: application/json\r\n"), body);
+            }
+            Act::Forward(None)
+        });
+        let dest = format!("docker://127.0.0.1:{}/expiring{}:v1", front.port, front.port);
+        let chunk_arg = chunk.to_string();
+        let mut args = vec!["push", conf.to_str().unwrap(), &dest, "--insecure", "--chunk-size", &chunk_arg];
+        if refuse_uploads {
+            args.push("-q");
+        }
+        let (success, stderr) = stevedore_within(120, &args);
+        let refused = refused.lock().unwrap().clone();
+        let issued = issued.load(Ordering::SeqCst);
+        if refuse_uploads {
+            assert!(!success && stderr.trim().lines().count() == 1, "{stderr}");
+            assert!(stderr.contains("uploading blob") && stderr.contains("refused our token (HTTP 401)"), "{stderr}");
+            // The first token, and one fresh one for the upload's second try.
+            assert_eq!(issued, 2, "tokens issued: {issued}; refused: {refused:?}");
+            assert_eq!(refused.len(), 2, "{refused:?}");
+            continue;
+        }
+        assert!(success, "{stderr}\nuses {uses}, chunk {chunk}, {issued} tokens; refused: {refused:?}\n{:?}", front.log());
+        assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
+        assert!(issued > 2, "only {issued} tokens for the whole push (uses {uses}, chunk {chunk})");
+        let streamed = refused.iter().filter(|r| (r.starts_with("PATCH ") || r.starts_with("PUT ")) && r.contains("/blobs/uploads/")).count();
+        assert!(streamed > 0, "no upload request met an expired token: {refused:?}");
+        assert!(refused.iter().any(|r| !r.contains("/blobs/uploads/")), "no in-memory request met an expired token: {refused:?}");
+        // What landed is whole.
+        let out = dir.path().join("expiring.tar");
+        let src = format!("docker://{}/expiring{}:v1", reg.addr(), front.port);
+        skopeo(&["copy", "--src-tls-verify=false", &src, &format!("docker-archive:{}", out.display())]);
+        let image = Image::parse(&fs::read(&out).unwrap());
+        for i in 0..image.layer_count() {
+            assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
+        }
+        let (digest, _) = ok(stevedore(&["push", conf.to_str().unwrap(), &format!("docker://{}/expiring{}:v1", reg.addr(), front.port), "--insecure", "-q"], &[]), "push again");
+        assert_eq!(digest, expected);
     }
 }

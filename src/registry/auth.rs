@@ -24,50 +24,22 @@ pub struct Reference {
 }
 
 impl Reference {
-    /// Parses `[docker://]NAME[:TAG][@DIGEST]` with Docker's rules: a first component with a
-    /// dot or a colon, or `localhost`, is a registry; otherwise the image is on Docker Hub.
+    /// Parses `[docker://]NAME[:TAG][@DIGEST]`, checked and split by `crate::reference` (one
+    /// grammar for every image name): a first component with a dot or a colon, `localhost`, or
+    /// an uppercase letter is a registry; otherwise the image is on Docker Hub (`docker.io`,
+    /// one-component names under `library/`).
     pub fn parse(s: &str) -> Result<Reference> {
         let name = s.strip_prefix("docker://").unwrap_or(s);
         if name.is_empty() || name.contains("://") {
             bail!("bad image reference {s:?}: expected docker://REGISTRY/REPO[:TAG|@DIGEST]");
         }
-        let (name, digest) = match name.split_once('@') {
-            Some((n, d)) => {
-                check_digest(d).map_err(|e| anyhow!("bad image reference {s:?}: {e}"))?;
-                (n, Some(d.to_string()))
-            }
-            None => (name, None),
+        let parts = crate::reference::parse_reference(name)?;
+        let registry = match parts.domain {
+            None | Some("index.docker.io" | DOCKER_HUB_API) => DOCKER_HUB.to_string(),
+            Some(d) => d.to_string(),
         };
-        let last_slash = name.rfind('/').map_or(0, |i| i + 1);
-        let (name, tag) = match name[last_slash..].rfind(':') {
-            Some(i) => (&name[..last_slash + i], Some(name[last_slash + i + 1..].to_string())),
-            None => (name, None),
-        };
-        if let Some(t) = &tag {
-            let ok = !t.is_empty()
-                && t.len() <= 128
-                && t.bytes().all(|c| c.is_ascii_alphanumeric() || b"._-".contains(&c))
-                && !t.starts_with(['.', '-']);
-            if !ok {
-                bail!("bad tag {t:?} in image reference {s:?}");
-            }
-        }
-        let (registry, repo) = match name.split_once('/') {
-            Some((first, rest)) if first.contains(['.', ':']) || first == "localhost" => (first.to_string(), rest.to_string()),
-            _ => (DOCKER_HUB.to_string(), name.to_string()),
-        };
-        let registry = if registry == "index.docker.io" || registry == DOCKER_HUB_API { DOCKER_HUB.to_string() } else { registry };
-        let repo = if registry == DOCKER_HUB && !repo.contains('/') { format!("library/{repo}") } else { repo };
-        let repo_ok = !repo.is_empty()
-            && repo.split('/').all(|c| {
-                !c.is_empty()
-                    && c.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"._-".contains(&b))
-                    && c.as_bytes()[0].is_ascii_alphanumeric()
-            });
-        if !repo_ok {
-            bail!("bad repository name {repo:?} in image reference {s:?} (lowercase letters, digits, '.', '_', '-' and '/')");
-        }
-        Ok(Reference { registry, repo, tag, digest })
+        let repo = if registry == DOCKER_HUB && !parts.path.contains('/') { format!("library/{}", parts.path) } else { parts.path.to_string() };
+        Ok(Reference { registry, repo, tag: parts.tag.map(str::to_owned), digest: parts.digest.map(str::to_owned) })
     }
 
     /// Where the API is: Docker Hub's differs from its name.
@@ -104,10 +76,10 @@ impl std::fmt::Display for Reference {
 }
 
 pub fn check_digest(d: &str) -> Result<()> {
-    match d.strip_prefix("sha256:") {
-        Some(h) if h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)) => Ok(()),
-        _ => bail!("not a sha256 digest: {d:?}"),
+    if !crate::reference::is_sha256_digest(d) {
+        bail!("not a sha256 digest: {d:?}");
     }
+    Ok(())
 }
 
 /// A user name and password, and where they came from (which is all that is ever printed).
@@ -254,16 +226,90 @@ fn helper_server_url(reference: &Reference) -> String {
     }
 }
 
-/// Runs `docker-credential-NAME get` with the registry on stdin, as docker does. A helper that
-/// is not installed, or has nothing for the registry, leaves the session anonymous (with a
-/// note); any other failure is an error naming the helper. Nothing the helper prints goes into
-/// a message unless it failed and its output does not look like credentials.
+/// The most a credential helper may print on stdout (credentials are a few hundred bytes), and
+/// the most of its stderr we keep (the rest is read and dropped).
+const HELPER_STDOUT_MAX: usize = 64 * 1024;
+const HELPER_STDERR_KEPT: usize = 4096;
+
+/// Why reading a helper's output stopped early.
+enum HelperStop {
+    Deadline,
+    TooMuch,
+    Io(std::io::Error),
+}
+
+/// Reads a helper's stdout (at most `HELPER_STDOUT_MAX` bytes) and stderr (the first
+/// `HELPER_STDERR_KEPT` bytes kept) until both end, or `deadline`.
+fn read_helper_output(child: &mut std::process::Child, deadline: std::time::Instant) -> std::result::Result<(Vec<u8>, Vec<u8>), HelperStop> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    use std::io::Read as _;
+    use std::os::fd::AsFd;
+    let mut out = child.stdout.take();
+    let mut err = child.stderr.take();
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    let mut buf = [0u8; 8192];
+    while out.is_some() || err.is_some() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(HelperStop::Deadline);
+        }
+        let (out_ready, err_ready) = {
+            let mut fds = Vec::new();
+            if let Some(o) = &out {
+                fds.push(PollFd::new(o.as_fd(), PollFlags::POLLIN));
+            }
+            if let Some(e) = &err {
+                fds.push(PollFd::new(e.as_fd(), PollFlags::POLLIN));
+            }
+            let wait = PollTimeout::try_from(left.max(std::time::Duration::from_millis(1))).unwrap_or(PollTimeout::MAX);
+            match poll(&mut fds, wait) {
+                Ok(_) => {}
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(HelperStop::Io(e.into())),
+            }
+            let ready = |i: usize| fds.get(i).and_then(|f| f.revents()).is_some_and(|r| !r.is_empty());
+            match (out.is_some(), err.is_some()) {
+                (true, true) => (ready(0), ready(1)),
+                (true, false) => (ready(0), false),
+                _ => (false, ready(0)),
+            }
+        };
+        if out_ready {
+            let n = out.as_mut().expect("polled").read(&mut buf).map_err(HelperStop::Io)?;
+            if n == 0 {
+                out = None;
+            } else if stdout.len() + n > HELPER_STDOUT_MAX {
+                return Err(HelperStop::TooMuch);
+            } else {
+                stdout.extend_from_slice(&buf[..n]);
+            }
+        }
+        if err_ready {
+            let n = err.as_mut().expect("polled").read(&mut buf).map_err(HelperStop::Io)?;
+            if n == 0 {
+                err = None;
+            } else {
+                let keep = n.min(HELPER_STDERR_KEPT.saturating_sub(stderr.len()));
+                stderr.extend_from_slice(&buf[..keep]);
+            }
+        }
+    }
+    Ok((stdout, stderr))
+}
+
+/// Runs `docker-credential-NAME get` with the registry on stdin, as docker does, for at most
+/// the registry timeout (`STEVEDORE_REGISTRY_TIMEOUT`, 60 s): a helper that does not finish by
+/// then is killed, and that is an error naming it. A helper that is not installed, or has
+/// nothing for the registry, leaves the session anonymous (with a note); any other failure is
+/// an error naming the helper. Nothing the helper prints goes into a message unless it failed
+/// and its output does not look like credentials.
 fn run_helper(name: &str, reference: &Reference, source: &str) -> Result<Found> {
     use std::io::Write as _;
     use std::process::{Command, Stdio};
     if name.is_empty() || name.contains(['/', '\\']) {
         bail!("{source}: bad credential helper name {name:?}");
     }
+    let timeout = super::http::timeout()?;
     let program = format!("docker-credential-{name}");
     let server = helper_server_url(reference);
     let child = Command::new(&program).arg("get").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
@@ -275,12 +321,37 @@ fn run_helper(name: &str, reference: &Reference, source: &str) -> Result<Found> 
         }
         Err(e) => bail!("cannot run credential helper {program} (from {source}): {e}"),
     };
-    // A helper that exits without reading its input closes the pipe: its exit status says more.
+    let deadline = std::time::Instant::now() + timeout;
+    // A few hundred bytes: the pipe takes them whether or not the helper reads. One that exits
+    // without reading closes the pipe: its exit status says more.
     let _ = child.stdin.take().expect("piped").write_all(server.as_bytes());
-    let out = child.wait_with_output().map_err(|e| anyhow!("credential helper {program}: {e}"))?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    if !out.status.success() {
-        let said = format!("{} {}", stdout.trim(), String::from_utf8_lossy(&out.stderr).trim());
+    let output = read_helper_output(&mut child, deadline);
+    let status = match &output {
+        Ok(_) => loop {
+            match child.try_wait() {
+                Ok(Some(status)) => break Some(status),
+                Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(std::time::Duration::from_millis(10)),
+                Ok(None) => break None,
+                Err(e) => bail!("credential helper {program}: {e}"),
+            }
+        },
+        Err(_) => None,
+    };
+    let Some(status) = status else {
+        // Its output is never shown: it may hold the secret.
+        let _ = child.kill();
+        let _ = child.wait();
+        let why = match output {
+            Err(HelperStop::TooMuch) => format!("printed more than {} KiB", HELPER_STDOUT_MAX / 1024),
+            Err(HelperStop::Io(e)) => format!("could not be read: {e}"),
+            _ => format!("did not finish within {} ({}); stopped it", super::http::seconds(timeout), super::http::TIMEOUT_VAR),
+        };
+        bail!("credential helper {program} (from {source}) {why}");
+    };
+    let (out_bytes, err_bytes) = output.unwrap_or_default();
+    let stdout = String::from_utf8_lossy(&out_bytes);
+    if !status.success() {
+        let said = format!("{} {}", stdout.trim(), String::from_utf8_lossy(&err_bytes).trim());
         if said.to_ascii_lowercase().contains("credentials not found") {
             let note = format!("credential helper {program} has no credentials for {server}: going on without credentials");
             return Ok(Found { creds: None, note: Some(note) });
@@ -291,7 +362,7 @@ fn run_helper(name: &str, reference: &Reference, source: &str) -> Result<Found> 
         } else {
             format!(": {}", line.chars().take(200).collect::<String>())
         };
-        bail!("credential helper {program} failed for {server} ({}){shown}", out.status);
+        bail!("credential helper {program} failed for {server} ({status}){shown}");
     }
     let bad = || anyhow!("credential helper {program} gave no Username and Secret for {server}");
     let json: Value = serde_json::from_str(&stdout).map_err(|_| bad())?;
@@ -425,6 +496,33 @@ mod tests {
         assert!(Reference::parse("docker://host:5000/Bad").is_err());
         assert!(Reference::parse("docker://host:5000/x@sha256:12").is_err());
         assert_eq!(Reference::parse("ghcr.io/o/r").unwrap().reference(), "latest");
+        // Docker Hub's names and defaults, ports, localhost, IPv6, a tag beside a digest.
+        for (s, registry, repo) in [
+            ("docker.io/alpine", "docker.io", "library/alpine"),
+            ("docker://index.docker.io/team/app:v1", "docker.io", "team/app"),
+            ("registry-1.docker.io/library/nix", "docker.io", "library/nix"),
+            ("team/app", "docker.io", "team/app"),
+            ("localhost:5000/app", "localhost:5000", "app"),
+            ("docker://[::1]:5000/a/b", "[::1]:5000", "a/b"),
+            ("Host/app", "Host", "app"),
+        ] {
+            let r = Reference::parse(s).unwrap_or_else(|e| panic!("{s}: {e:#}"));
+            assert_eq!((r.registry.as_str(), r.repo.as_str()), (registry, repo), "{s}");
+        }
+        let r = Reference::parse(&format!("docker://127.0.0.1:5000/a:v1@{d}")).unwrap();
+        assert_eq!((r.tag.as_deref(), r.reference()), (Some("v1"), d.as_str()));
+        // What the old, looser parser let through: the one grammar refuses it, in one line.
+        for (s, why) in [
+            ("docker://127.0.0.1:5000/team/a..b:v1", "path component \"a..b\""),
+            ("docker://127.0.0.1:x1/app", "registry \"127.0.0.1:x1\""),
+            ("docker://ho_st.example/app", "registry \"ho_st.example\""),
+            ("docker://host:5000/a-/b", "path component \"a-\""),
+            ("docker://host:5000//b", "empty component"),
+            ("docker://bad host:1/app", "whitespace"),
+        ] {
+            let e = Reference::parse(s).expect_err(s).to_string();
+            assert!(e.starts_with(&format!("invalid image reference {:?}: ", &s["docker://".len()..])) && e.contains(why), "{s}: {e}");
+        }
     }
 
     #[test]

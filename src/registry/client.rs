@@ -2,7 +2,7 @@
 //! push, pull and index need.
 
 use super::auth::{find_creds, parse_challenge, Challenge, Creds, Reference};
-use super::http::{BodyWriter, Client, NetError, Response, Url};
+use super::http::{io_failure, BodyWriter, Client, NetError, Response, Stalled, Url};
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 use std::io::Read;
@@ -29,7 +29,9 @@ pub struct ConnectArgs {
     /// Allow plain HTTP and unverified TLS (like skopeo's --tls-verify=false).
     #[arg(long)]
     pub insecure: bool,
-    /// How many times to retry a request that failed with a connection error, 5xx or 429.
+    /// How many times to retry a request that failed with a connection error, 5xx or 429 (one
+    /// that timed out is retried once at most; the timeout is STEVEDORE_REGISTRY_TIMEOUT
+    /// seconds, 60 by default).
     #[arg(long, default_value_t = 4, value_name = "N")]
     pub retries: u32,
     /// Print nothing on stderr but errors.
@@ -75,11 +77,99 @@ impl std::fmt::Display for StatusError {
 }
 impl std::error::Error for StatusError {}
 
-/// Whether a failure is worth another try: connection trouble, 5xx, 429.
+/// A 401 with a new Bearer challenge on a request that carried our token (it expired, or
+/// lacks a scope): the token is dropped, and the request (an upload: from a new session) is
+/// worth one more try with a fresh one.
+#[derive(Debug)]
+pub struct Expired(pub String);
+
+impl std::fmt::Display for Expired {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Expired {}
+
+/// Whether a failure is worth another try: connection trouble, a timeout, 5xx, 429, an expired
+/// token.
 pub fn retriable(e: &anyhow::Error) -> bool {
     e.chain().any(|c| {
-        c.downcast_ref::<NetError>().is_some() || c.downcast_ref::<StatusError>().is_some_and(|s| s.status >= 500 || s.status == 429)
+        c.downcast_ref::<NetError>().is_some()
+            || c.downcast_ref::<Stalled>().is_some()
+            || c.downcast_ref::<Expired>().is_some()
+            || c.downcast_ref::<StatusError>().is_some_and(|s| s.status >= 500 || s.status == 429)
     })
+}
+
+/// Whether the server kept us waiting past the timeout (or below the floor).
+pub fn stalled(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<Stalled>().is_some())
+}
+
+fn expired(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.downcast_ref::<Expired>().is_some())
+}
+
+/// The tries of one request, or of one blob upload or download (retried as a whole, its
+/// requests inside not retried on their own, so retries never multiply):
+///
+/// - after a connection failure, 5xx or 429: up to `--retries` (R) more, waiting 0.5 s, 1 s,
+///   2 s, ... (at most 15 s; or the server's Retry-After, at most 10 s) before each;
+/// - of these, one at most after a timeout: a server that kept us waiting twice is not waited
+///   on a third time;
+/// - after an expired token: one more, at once, with a fresh token.
+///
+/// So with timeout T (`STEVEDORE_REGISTRY_TIMEOUT`, 60 s) and R = 4, the longest a registry
+/// can hold one request whose bodies are in memory (each try is bounded by T, see
+/// `http::Paced`) is:
+///
+/// - silent, or dripping: 2 tries that time out, T each, and a 0.5 s wait: 2T + 0.5 s (2 min);
+/// - answering every try with a 5xx just before T: (R + 1) T and the waits, 5T + 40 s at most
+///   (5 min 40 s);
+/// - plus T for the one try again after a 401 with a new challenge, and, if it asks for a token
+///   first, the token request's own worst case (the same), twice at most (the first token, and
+///   a fresh one for an expired one). A redirect is a request of its own (5 at most); with
+///   --insecure, the first contact may spend T on an HTTPS handshake before plain HTTP.
+///
+/// A streamed blob body (an upload, or a download of the size a descriptor gives) adds its
+/// size at the 1 KiB/s floor per try. A command stops at the first request that runs out of
+/// tries; a registry that answers, however slowly, gets a number of requests that grows with
+/// the image (a few per blob), each bounded as above.
+pub struct Tries {
+    max: u32,
+    attempt: u32,
+    stalled: bool,
+    refreshed: bool,
+}
+
+impl Tries {
+    pub fn new(retries: u32) -> Tries {
+        Tries { max: retries, attempt: 0, stalled: false, refreshed: false }
+    }
+
+    /// After failure `e`: how long to wait before the next try, or None to give up.
+    pub fn after_error(&mut self, e: &anyhow::Error) -> Option<Duration> {
+        if expired(e) {
+            return (!std::mem::replace(&mut self.refreshed, true)).then_some(Duration::ZERO);
+        }
+        if self.attempt >= self.max || !retriable(e) {
+            return None;
+        }
+        if stalled(e) && std::mem::replace(&mut self.stalled, true) {
+            return None;
+        }
+        self.attempt += 1;
+        Some(retry_delay(e, self.attempt))
+    }
+
+    /// After a 5xx or 429 answer (with its Retry-After): how long to wait, or None to give up.
+    pub fn after_status(&mut self, after: Option<Duration>) -> Option<Duration> {
+        if self.attempt >= self.max {
+            return None;
+        }
+        self.attempt += 1;
+        Some(after.unwrap_or_else(|| backoff(self.attempt)))
+    }
 }
 
 /// Backoff before try `attempt` (1-based): 0.5 s, 1 s, 2 s, 4 s, ... capped at 15 s.
@@ -197,21 +287,22 @@ impl Registry {
 
     fn ping(&self) -> Result<Response> {
         let url = self.url("/v2/")?;
-        let mut attempt = 0;
+        let mut tries = Tries::new(self.retries);
         loop {
             let wait = match self.http.send("GET", &url, &[], &[], self.verify) {
-                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
-                    let after = retry_after(&r);
-                    r.discard();
-                    after
-                }
+                Ok(r) if r.status >= 500 || r.status == 429 => match tries.after_status(retry_after(&r)) {
+                    Some(w) => {
+                        r.discard();
+                        w
+                    }
+                    None => return Ok(r),
+                },
                 Ok(r) => return Ok(r),
                 // A TLS handshake with a plain-HTTP server fails for good: no retry.
-                Err(e) if attempt < self.retries && !e.to_string().contains("TLS") => None,
-                Err(e) => return Err(e),
+                Err(e) if e.to_string().contains("TLS") => return Err(e),
+                Err(e) => tries.after_error(&e).ok_or(e)?,
             };
-            attempt += 1;
-            std::thread::sleep(wait.unwrap_or_else(|| backoff(attempt)));
+            std::thread::sleep(wait);
         }
     }
 
@@ -307,20 +398,24 @@ impl Registry {
         }
         // The credentials go to the realm (the token server) in this request only; the token
         // it gives goes to the registry's origin only (`headers_for`).
-        let mut attempt = 0;
+        let mut tries = Tries::new(self.retries);
         let resp = loop {
             let r = self.http.send(method, &url, &headers, &body, self.verify);
             let wait = match r {
-                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
-                    let after = retry_after(&r);
-                    r.discard();
-                    after
-                }
-                Err(e) if attempt < self.retries && e.downcast_ref::<NetError>().is_some() => None,
-                other => break other.map_err(|e| anyhow!("registry {}: cannot get a token: {e:#}", self.host))?,
+                Ok(r) if r.status >= 500 || r.status == 429 => match tries.after_status(retry_after(&r)) {
+                    Some(w) => {
+                        r.discard();
+                        w
+                    }
+                    None => break r,
+                },
+                Ok(r) => break r,
+                Err(e) => match tries.after_error(&e) {
+                    Some(w) => w,
+                    None => bail!("registry {}: cannot get a token: {e:#}", self.host),
+                },
             };
-            attempt += 1;
-            std::thread::sleep(wait.unwrap_or_else(|| backoff(attempt)));
+            std::thread::sleep(wait);
         };
         match resp.status {
             200 => {}
@@ -395,10 +490,21 @@ impl Registry {
         secrets.into_iter().filter(|x| !x.is_empty()).fold(s, |s, x| s.replace(&x, "<redacted>"))
     }
 
-    /// A request with an in-memory body, retried on connection errors, 5xx and 429, with a
-    /// token refreshed once on 401. Returns any other response, error statuses included.
+    /// A request with an in-memory body, retried (see `Tries`) on connection errors, timeouts,
+    /// 5xx and 429, with a token refreshed once on 401. Returns any other response, error
+    /// statuses included.
     pub fn request(&self, method: &str, url: &Url, headers: &[(&str, &str)], body: &[u8]) -> Result<Response> {
-        let mut attempt = 0;
+        self.request_tries(method, url, headers, body, self.retries)
+    }
+
+    /// `request` without retries (but with the token refresh), for a step of something its
+    /// caller retries as a whole.
+    fn request_once(&self, method: &str, url: &Url, headers: &[(&str, &str)], body: &[u8]) -> Result<Response> {
+        self.request_tries(method, url, headers, body, 0)
+    }
+
+    fn request_tries(&self, method: &str, url: &Url, headers: &[(&str, &str)], body: &[u8], retries: u32) -> Result<Response> {
+        let mut tries = Tries::new(retries);
         let mut reauthed = false;
         loop {
             let same_origin = url.same_origin(&self.base);
@@ -413,29 +519,35 @@ impl Registry {
                     }
                     reauthed = true;
                     // A new challenge (first auth, an expired token, or a scope we lacked).
-                    if let Some(Challenge::Bearer { scope: Some(s), .. }) = &challenge {
-                        for s in s.split(' ') {
-                            self.add_scope(s.to_string());
-                        }
-                    }
-                    if let (Some(Challenge::Basic), Auth::Basic(_)) = (&challenge, &*self.auth.lock().unwrap()) {
-                        return Err(self.unauthorized());
-                    }
-                    self.set_challenge(challenge)?;
+                    self.reauth(challenge)?;
                     continue;
                 }
-                Ok(r) if (r.status >= 500 || r.status == 429) && attempt < self.retries => {
-                    let after = retry_after(&r);
-                    r.discard();
-                    after
-                }
+                Ok(r) if r.status >= 500 || r.status == 429 => match tries.after_status(retry_after(&r)) {
+                    Some(w) => {
+                        r.discard();
+                        w
+                    }
+                    None => return Ok(r),
+                },
                 Ok(r) => return Ok(r),
-                Err(e) if attempt < self.retries && retriable(&e) => None,
-                Err(e) => return Err(e),
+                Err(e) => tries.after_error(&e).ok_or(e)?,
             };
-            attempt += 1;
-            std::thread::sleep(wait.unwrap_or_else(|| backoff(attempt)));
+            std::thread::sleep(wait);
         }
+    }
+
+    /// Takes a 401's challenge: its scopes join ours, and the next request gets a new token
+    /// (or, for a Basic challenge to Basic credentials, fails: they were refused).
+    fn reauth(&self, challenge: Option<Challenge>) -> Result<()> {
+        if let Some(Challenge::Bearer { scope: Some(s), .. }) = &challenge {
+            for s in s.split(' ') {
+                self.add_scope(s.to_string());
+            }
+        }
+        if let (Some(Challenge::Basic), Auth::Basic(_)) = (&challenge, &*self.auth.lock().unwrap()) {
+            return Err(self.unauthorized());
+        }
+        self.set_challenge(challenge)
     }
 
     /// Starts a request whose body (`len` bytes) the caller streams. Not retried here: the
@@ -450,7 +562,18 @@ impl Registry {
         let status = resp.status;
         let foreign = !resp.url().same_origin(&self.base);
         if status == 401 && !foreign {
+            // On a streamed request (`request` handles its own): a Bearer challenge means a new
+            // token may do, for one more try of the whole upload.
+            let challenge = resp.header("www-authenticate").and_then(parse_challenge);
             resp.discard();
+            if let Some(c @ Challenge::Bearer { .. }) = challenge {
+                if !matches!(*self.auth.lock().unwrap(), Auth::Basic(_)) {
+                    return match self.reauth(Some(c)) {
+                        Ok(()) => anyhow::Error::new(Expired(format!("{what}: registry {} refused our token (HTTP 401)", self.host))),
+                        Err(e) => e,
+                    };
+                }
+            }
             return self.unauthorized();
         }
         let retry_after = retry_after(&resp);
@@ -470,9 +593,9 @@ impl Registry {
     }
 
     /// A GET or HEAD, following redirects (to a storage backend: without our Authorization).
-    fn follow(&self, method: &str, mut url: Url, headers: &[(&str, &str)], what: &str) -> Result<Response> {
+    fn follow(&self, method: &str, mut url: Url, headers: &[(&str, &str)], what: &str, retries: u32) -> Result<Response> {
         for _ in 0..5 {
-            let resp = self.request(method, &url, headers, &[])?;
+            let resp = self.request_tries(method, &url, headers, &[], retries)?;
             match resp.status {
                 301 | 302 | 303 | 307 | 308 => {
                     let loc = resp.header("location").map(str::to_owned);
@@ -488,7 +611,7 @@ impl Registry {
     /// HEAD a blob: its size if present.
     pub fn blob_exists(&self, repo: &str, digest: &str) -> Result<Option<u64>> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
-        let resp = self.follow("HEAD", url, &[], &format!("checking blob {digest} in {}/{repo}", self.host))?;
+        let resp = self.follow("HEAD", url, &[], &format!("checking blob {digest} in {}/{repo}", self.host), self.retries)?;
         match resp.status {
             200 => Ok(Some(resp.header("content-length").and_then(|l| l.parse().ok()).unwrap_or(0))),
             404 => Ok(None),
@@ -527,10 +650,11 @@ impl Registry {
         }
     }
 
-    /// Opens an upload session; returns its URL.
+    /// Opens an upload session; returns its URL. Not retried here: callers retry the upload as
+    /// a whole.
     pub fn start_upload(&self, repo: &str) -> Result<Url> {
         let url = self.url(&format!("/v2/{repo}/blobs/uploads/"))?;
-        let resp = self.request("POST", &url, &[], &[])?;
+        let resp = self.request_once("POST", &url, &[], &[])?;
         if resp.status != 202 {
             return Err(self.fail(&format!("starting an upload to {}/{repo}", self.host), resp));
         }
@@ -542,11 +666,11 @@ impl Registry {
 
     /// Uploads a blob held in memory (configs, manifests' blobs): POST, then one PUT.
     pub fn upload_bytes(&self, repo: &str, digest: &str, data: &[u8]) -> Result<()> {
-        let mut attempt = 0;
+        let mut tries = Tries::new(self.retries);
         loop {
             let result = (|| {
                 let url = with_digest(self.start_upload(repo)?, digest);
-                let resp = self.request("PUT", &url, &[("Content-Type", "application/octet-stream")], data)?;
+                let resp = self.request_once("PUT", &url, &[("Content-Type", "application/octet-stream")], data)?;
                 if resp.status != 201 {
                     return Err(self.fail(&format!("uploading blob {digest}"), resp));
                 }
@@ -554,11 +678,8 @@ impl Registry {
                 Ok(())
             })();
             match result {
-                Err(e) if attempt < self.retries && retriable(&e) => {
-                    attempt += 1;
-                    std::thread::sleep(retry_delay(&e, attempt));
-                }
-                other => return other,
+                Err(e) => std::thread::sleep(tries.after_error(&e).ok_or(e)?),
+                Ok(()) => return Ok(()),
             }
         }
     }
@@ -612,11 +733,12 @@ impl Registry {
         Ok(())
     }
 
-    /// GET a blob, following redirects (to a storage backend: without our Authorization).
+    /// GET a blob, following redirects (to a storage backend: without our Authorization). Not
+    /// retried here: callers retry the download as a whole.
     pub fn get_blob(&self, repo: &str, digest: &str) -> Result<Response> {
         let url = self.url(&format!("/v2/{repo}/blobs/{digest}"))?;
         let what = format!("getting blob {digest} from {}/{repo}", self.host);
-        let resp = self.follow("GET", url, &[], &what)?;
+        let resp = self.follow("GET", url, &[], &what, 0)?;
         match resp.status {
             200 => Ok(resp),
             _ => Err(self.fail(&what, resp)),
@@ -640,8 +762,9 @@ pub fn read_sized(resp: Response, size: u64, what: &str) -> Result<Vec<u8>> {
     }
     check_length(&resp, size, what)?;
     let mut resp = resp;
+    resp.in_memory();
     let mut out = Vec::new();
-    let n = resp.by_ref().take(size + 1).read_to_end(&mut out).map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    let n = resp.by_ref().take(size + 1).read_to_end(&mut out).map_err(|e| io_failure(format!("reading {what}"), &e))?;
     if n as u64 > size {
         bail!("{what} is longer than the {size} bytes its descriptor gives: stopped reading");
     }

@@ -2,7 +2,9 @@
 //! bodies written through `Write` so a layer can be compressed straight into the socket.
 //!
 //! It does only what the registry API needs: Content-Length or chunked responses, no
-//! redirects (the caller follows them), no proxies, no compression.
+//! redirects (the caller follows them), no proxies, no compression. No server can keep it
+//! waiting for long (`Paced`): `STEVEDORE_REGISTRY_TIMEOUT` (60 s) bounds each wait, each
+//! phase of a request, and, with a 1 KiB/s floor, a streamed body.
 
 use anyhow::{anyhow, bail, Context, Result};
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -11,12 +13,43 @@ use std::collections::HashMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
-const IO_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long the server may keep us waiting (see `Paced`); `STEVEDORE_REGISTRY_TIMEOUT` seconds.
+pub const TIMEOUT_VAR: &str = "STEVEDORE_REGISTRY_TIMEOUT";
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The slowest a streamed body may move, in bytes a second, averaged over each stretch of
+/// `timeout` spent waiting on the socket.
+const FLOOR: f64 = 1024.0;
+/// How long a response the server sent before it stopped reading our body may take to arrive.
+const EARLY_RESPONSE: Duration = Duration::from_secs(2);
 
-/// A failure to talk to the server at all (connect, TLS, reset, timeout, truncated response):
+/// The timeout `STEVEDORE_REGISTRY_TIMEOUT` sets: a number of seconds, 60 if unset.
+pub fn timeout() -> Result<Duration> {
+    match std::env::var(TIMEOUT_VAR) {
+        Err(std::env::VarError::NotPresent) => parse_timeout(None),
+        Ok(v) => parse_timeout(Some(&v)),
+        Err(_) => bail!("{TIMEOUT_VAR} is not UTF-8: give a number of seconds"),
+    }
+}
+
+fn parse_timeout(v: Option<&str>) -> Result<Duration> {
+    match v.map(str::trim) {
+        None | Some("") => Ok(DEFAULT_TIMEOUT),
+        Some(t) => match t.parse::<f64>() {
+            Ok(secs) if secs.is_finite() && (0.01..=86_400.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
+            _ => bail!("{TIMEOUT_VAR}={:?}: give a number of seconds, from 0.01 to 86400", v.unwrap_or_default()),
+        },
+    }
+}
+
+/// `d` for messages, to the hundredth: `60 s`, `2.5 s`.
+pub fn seconds(d: Duration) -> String {
+    let s = (d.as_secs_f64() * 100.0).round() / 100.0;
+    format!("{s} s")
+}
+
+/// A failure to talk to the server at all (connect, TLS, reset, truncated response):
 /// worth retrying, unlike an HTTP error status.
 #[derive(Debug)]
 pub struct NetError(pub String);
@@ -28,8 +61,30 @@ impl std::fmt::Display for NetError {
 }
 impl std::error::Error for NetError {}
 
+/// A server that kept us waiting past the timeout, or sent (or took) a body slower than the
+/// floor: worth one more try, not several (see `client::Tries`).
+#[derive(Debug)]
+pub struct Stalled(pub String);
+
+impl std::fmt::Display for Stalled {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+impl std::error::Error for Stalled {}
+
 fn net(what: impl std::fmt::Display, e: impl std::fmt::Display) -> anyhow::Error {
     anyhow::Error::new(NetError(format!("{what}: {e}")))
+}
+
+/// An I/O error on a connection, as a `Stalled` if it is a timeout, else a `NetError`.
+pub fn io_failure(what: impl std::fmt::Display, e: &io::Error) -> anyhow::Error {
+    let message = format!("{what}: {e}");
+    if matches!(e.kind(), io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock) {
+        anyhow::Error::new(Stalled(message))
+    } else {
+        anyhow::Error::new(NetError(message))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,9 +186,124 @@ pub fn split_host_port(authority: &str, default: u16) -> Result<(String, u16)> {
     Ok((host.to_string(), port))
 }
 
+/// A TCP stream that fails when the server keeps us waiting, the one place every read and
+/// write of a connection (TLS records included) goes through. With `timeout` = T
+/// (`STEVEDORE_REGISTRY_TIMEOUT`, 60 s by default):
+///
+/// - no byte may take longer than T to come or go (time spent waiting on the socket);
+/// - each stretch of T spent waiting must move at least T x 1 KiB (`FLOOR`), so a server that
+///   drips a byte every few seconds fails after T of waiting, not never;
+/// - a phase with a deadline (connecting with TLS; a request held in memory with its whole
+///   response; a response head after a streamed body; a body read into memory) must end by it.
+///
+/// Only time spent blocked in the socket counts: a layer we compress slowly while streaming it
+/// into a request is not the server's fault. Every wait is bounded by whichever limit comes
+/// first (the socket timeout is set to it before each call).
+struct Paced {
+    tcp: TcpStream,
+    timeout: Duration,
+    deadline: Option<Instant>,
+    /// Time spent waiting in the current stretch, and the bytes moved in it.
+    busy: Duration,
+    moved: u64,
+    /// Time spent waiting since the last byte moved.
+    quiet: Duration,
+    /// The socket timeouts last set: read, write.
+    set: [Option<Duration>; 2],
+}
+
+impl Paced {
+    fn new(tcp: TcpStream, timeout: Duration) -> Paced {
+        Paced { tcp, timeout, deadline: None, busy: Duration::ZERO, moved: 0, quiet: Duration::ZERO, set: [None, None] }
+    }
+
+    /// Starts a phase: a fresh stretch, and the deadline the whole phase must meet, if any.
+    fn phase(&mut self, deadline: Option<Instant>) {
+        self.deadline = deadline;
+        self.busy = Duration::ZERO;
+        self.moved = 0;
+        self.quiet = Duration::ZERO;
+    }
+
+    fn stalled(&self, why: String) -> io::Error {
+        io::Error::new(io::ErrorKind::TimedOut, format!("{why} ({TIMEOUT_VAR}={})", self.timeout.as_secs_f64()))
+    }
+
+    fn io(&mut self, write: bool, mut op: impl FnMut(&mut TcpStream) -> io::Result<usize>) -> io::Result<usize> {
+        loop {
+            if self.busy >= self.timeout {
+                if (self.moved as f64) < FLOOR * self.timeout.as_secs_f64() {
+                    let dir = if write { "took" } else { "sent" };
+                    return Err(self.stalled(format!("too slow: the server {dir} {} bytes in {} of waiting, less than 1 KiB/s", self.moved, seconds(self.busy))));
+                }
+                self.busy = Duration::ZERO;
+                self.moved = 0;
+            }
+            let start = Instant::now();
+            let mut limit = self.timeout.saturating_sub(self.quiet).min(self.timeout - self.busy);
+            if let Some(d) = self.deadline {
+                let left = d.saturating_duration_since(start);
+                if left.is_zero() {
+                    return Err(self.stalled(format!("no complete answer within {}", seconds(self.timeout))));
+                }
+                limit = limit.min(left);
+            }
+            let limit = limit.max(Duration::from_millis(1));
+            let slot = &mut self.set[write as usize];
+            if *slot != Some(limit) {
+                if write { self.tcp.set_write_timeout(Some(limit))? } else { self.tcp.set_read_timeout(Some(limit))? }
+                *slot = Some(limit);
+            }
+            let r = op(&mut self.tcp);
+            let waited = start.elapsed();
+            self.busy += waited;
+            match r {
+                Ok(n) => {
+                    self.moved += n as u64;
+                    self.quiet = if n > 0 { Duration::ZERO } else { self.quiet + waited };
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                    self.quiet += waited;
+                    if self.quiet >= self.timeout {
+                        let what = if write { "the server took nothing" } else { "no data" };
+                        return Err(self.stalled(format!("{what} for {}", seconds(self.timeout))));
+                    }
+                    // The stretch or the deadline is over: the checks above say which.
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Read for Paced {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.io(false, |t| t.read(buf))
+    }
+}
+
+impl Write for Paced {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.io(true, |t| t.write(buf))
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 enum Stream {
-    Plain(TcpStream),
-    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+    Plain(Paced),
+    Tls(Box<StreamOwned<ClientConnection, Paced>>),
+}
+
+impl Stream {
+    fn paced(&mut self) -> &mut Paced {
+        match self {
+            Stream::Plain(p) => p,
+            Stream::Tls(s) => &mut s.sock,
+        }
+    }
 }
 
 impl Read for Stream {
@@ -178,10 +348,17 @@ pub struct Client {
     tls_unverified: Arc<ClientConfig>,
     pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
     pub stats: Arc<Mutex<Stats>>,
+    /// How long the server may keep us waiting (`Paced`).
+    pub timeout: Duration,
 }
 
 impl Client {
+    /// A client with the timeout `STEVEDORE_REGISTRY_TIMEOUT` gives.
     pub fn new() -> Result<Client> {
+        Client::with_timeout(timeout()?)
+    }
+
+    pub fn with_timeout(timeout: Duration) -> Result<Client> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         // Extra CAs (a private registry's, or a test's) from the variables Nix builds and
@@ -213,19 +390,26 @@ impl Client {
             tls_unverified: Arc::new(tls_unverified),
             pool: Default::default(),
             stats: Default::default(),
+            timeout,
         })
     }
 
-    fn connect(&self, url: &Url, verify: bool) -> Result<Conn> {
+    /// A new connection, TCP and TLS set up by `deadline`.
+    fn connect(&self, url: &Url, verify: bool, deadline: Instant) -> Result<Conn> {
         let host = url.host.trim_start_matches('[').trim_end_matches(']');
         let addrs: Vec<_> = (host, url.port)
             .to_socket_addrs()
             .map_err(|e| net(format!("cannot resolve {}", url.host), e))?
             .collect();
+        let what = format!("cannot connect to {}", url.host_header());
         let mut last = None;
         let mut tcp = None;
         for addr in addrs {
-            match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            match TcpStream::connect_timeout(&addr, left) {
                 Ok(s) => {
                     tcp = Some(s);
                     break;
@@ -233,24 +417,26 @@ impl Client {
                 Err(e) => last = Some(e),
             }
         }
-        let tcp = tcp.ok_or_else(|| {
-            net(format!("cannot connect to {}", url.host_header()), last.map_or("no address".into(), |e| e.to_string()))
-        })?;
-        tcp.set_read_timeout(Some(IO_TIMEOUT)).ok();
-        tcp.set_write_timeout(Some(IO_TIMEOUT)).ok();
+        let tcp = match (tcp, last) {
+            (Some(t), _) => t,
+            (None, Some(e)) => return Err(io_failure(&what, &e)),
+            (None, None) => return Err(net(&what, "no address")),
+        };
         tcp.set_nodelay(true).ok();
+        let mut paced = Paced::new(tcp, self.timeout);
+        paced.phase(Some(deadline));
         let stream = if url.tls {
             let name = ServerName::try_from(host.to_string()).map_err(|_| anyhow!("bad TLS server name {host:?}"))?;
             let config = if verify { self.tls.clone() } else { self.tls_unverified.clone() };
             let conn = ClientConnection::new(config, name).context("TLS setup")?;
-            let mut s = StreamOwned::new(conn, tcp);
+            let mut s = StreamOwned::new(conn, paced);
             // Handshake now, so certificate problems are reported as such.
             while s.conn.is_handshaking() {
-                s.conn.complete_io(&mut s.sock).map_err(|e| net(format!("TLS handshake with {}", url.host_header()), e))?;
+                s.conn.complete_io(&mut s.sock).map_err(|e| io_failure(format!("TLS handshake with {}", url.host_header()), &e))?;
             }
             Stream::Tls(Box::new(s))
         } else {
-            Stream::Plain(tcp)
+            Stream::Plain(paced)
         };
         Ok(BufReader::with_capacity(64 * 1024, stream))
     }
@@ -259,33 +445,42 @@ impl Client {
         self.pool.lock().ok()?.get_mut(&(url.tls, url.host.clone(), url.port))?.pop()
     }
 
-    /// Sends a request with a body in memory. A kept-alive connection that turns out to be
-    /// closed is replaced once, transparently.
+    /// Sends a request with a body in memory; the whole exchange (connecting, the request, the
+    /// response head, and a body read with `bytes` or `discard`) must end within the timeout.
+    /// A kept-alive connection that turns out to be closed is replaced once, transparently,
+    /// within the same deadline (one that timed out is not: that is the server's answer).
     pub fn send(&self, method: &str, url: &Url, headers: &[(String, String)], body: &[u8], verify: bool) -> Result<Response> {
+        let deadline = Instant::now() + self.timeout;
         if let Some(conn) = self.take_pooled(url) {
-            match self.exchange(conn, method, url, headers, body) {
+            match self.exchange(conn, method, url, headers, body, deadline) {
                 Ok(r) => return Ok(r),
                 Err(e) if e.downcast_ref::<NetError>().is_some() => {} // stale: try a new connection
                 Err(e) => return Err(e),
             }
         }
-        let conn = self.connect(url, verify)?;
-        self.exchange(conn, method, url, headers, body)
+        let conn = self.connect(url, verify, deadline)?;
+        self.exchange(conn, method, url, headers, body, deadline)
     }
 
-    fn exchange(&self, conn: Conn, method: &str, url: &Url, headers: &[(String, String)], body: &[u8]) -> Result<Response> {
-        let mut w = self.start_on(conn, method, url, headers, body.len() as u64)?;
-        w.write_all(body).map_err(|e| net(format!("sending {method} {url}"), e))?;
+    fn exchange(&self, conn: Conn, method: &str, url: &Url, headers: &[(String, String)], body: &[u8], deadline: Instant) -> Result<Response> {
+        let mut w = self.start_on(conn, method, url, headers, body.len() as u64, Some(deadline))?;
+        if let Err(e) = w.write_all(body) {
+            return w.early_response().ok_or_else(|| io_failure(format!("sending {method} {url}"), &e));
+        }
         w.finish()
     }
 
-    /// Starts a request whose body (exactly `len` bytes) the caller writes, on a new connection.
+    /// Starts a request whose body (exactly `len` bytes) the caller writes, on a new connection:
+    /// connected within the timeout, the body then moving at the `Paced` floor.
     pub fn start(&self, method: &str, url: &Url, headers: &[(String, String)], len: u64, verify: bool) -> Result<BodyWriter> {
-        let conn = self.connect(url, verify)?;
-        self.start_on(conn, method, url, headers, len)
+        let conn = self.connect(url, verify, Instant::now() + self.timeout)?;
+        self.start_on(conn, method, url, headers, len, None)
     }
 
-    fn start_on(&self, mut conn: Conn, method: &str, url: &Url, headers: &[(String, String)], len: u64) -> Result<BodyWriter> {
+    /// Writes the request head; `deadline` is the exchange's (a body in memory), or None for a
+    /// streamed body (its response head then has the timeout from the body's end).
+    fn start_on(&self, mut conn: Conn, method: &str, url: &Url, headers: &[(String, String)], len: u64, deadline: Option<Instant>) -> Result<BodyWriter> {
+        conn.get_mut().paced().phase(deadline);
         let mut head = format!("{method} {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: stevedore/{}\r\n", url.path, url.host_header(), env!("CARGO_PKG_VERSION"));
         for (k, v) in headers {
             head.push_str(k);
@@ -297,17 +492,20 @@ impl Client {
             head.push_str(&format!("Content-Length: {len}\r\n"));
         }
         head.push_str("\r\n");
-        conn.get_mut().write_all(head.as_bytes()).map_err(|e| net(format!("sending {method} {url}"), e))?;
+        conn.get_mut().write_all(head.as_bytes()).map_err(|e| io_failure(format!("sending {method} {url}"), &e))?;
         if let Ok(mut s) = self.stats.lock() {
             s.requests += 1;
             s.bytes_sent += head.len() as u64;
         }
         Ok(BodyWriter {
             conn: Some(conn),
+            failed: false,
             remaining: len,
             method: method.to_string(),
             url: url.clone(),
             buf: Vec::with_capacity(64 * 1024),
+            deadline,
+            timeout: self.timeout,
             client_pool: self.pool.clone(),
             stats: self.stats.clone(),
         })
@@ -317,26 +515,42 @@ impl Client {
 /// The body of a request being sent; `finish` reads the response.
 pub struct BodyWriter {
     conn: Option<Conn>,
+    /// A write failed: the connection is kept only for `early_response`.
+    failed: bool,
     remaining: u64,
     method: String,
     url: Url,
     buf: Vec<u8>,
+    /// The exchange's deadline (a body in memory), else None.
+    deadline: Option<Instant>,
+    timeout: Duration,
     client_pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
     stats: Arc<Mutex<Stats>>,
 }
 
 impl BodyWriter {
+    fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        if self.failed {
+            return Err(io::Error::other("request already failed"));
+        }
+        let conn = self.conn.as_mut().ok_or_else(|| io::Error::other("request already failed"))?;
+        let r = conn.get_mut().write_all(data);
+        if r.is_err() {
+            self.failed = true;
+        }
+        r?;
+        if let Ok(mut s) = self.stats.lock() {
+            s.bytes_sent += data.len() as u64;
+        }
+        Ok(())
+    }
+
     fn flush_buf(&mut self) -> io::Result<()> {
         if !self.buf.is_empty() {
-            let conn = self.conn.as_mut().ok_or_else(|| io::Error::other("request already failed"))?;
-            let r = conn.get_mut().write_all(&self.buf);
-            if r.is_err() {
-                self.conn = None;
-            }
+            let buf = std::mem::take(&mut self.buf);
+            let r = self.send(&buf);
+            self.buf = buf;
             r?;
-            if let Ok(mut s) = self.stats.lock() {
-                s.bytes_sent += self.buf.len() as u64;
-            }
             self.buf.clear();
         }
         Ok(())
@@ -348,10 +562,26 @@ impl BodyWriter {
             bail!("request body for {} {} is {} bytes short of its length", self.method, self.url, self.remaining);
         }
         let (method, url) = (self.method.clone(), self.url.clone());
-        self.flush_buf().map_err(|e| net(format!("sending {method} {url}"), e))?;
-        let mut conn = self.conn.take().ok_or_else(|| net(format!("{method} {url}"), "connection lost"))?;
-        conn.get_mut().flush().map_err(|e| net(format!("sending {method} {url}"), e))?;
-        Response::read(conn, &method, &url, self.client_pool.clone(), self.stats.clone())
+        let sent = self.flush_buf().and_then(|()| match self.conn.as_mut() {
+            Some(c) if !self.failed => c.get_mut().flush(),
+            _ => Err(io::Error::other("request already failed")),
+        });
+        if let Err(e) = sent {
+            return self.early_response().ok_or_else(|| io_failure(format!("sending {method} {url}"), &e));
+        }
+        let conn = self.conn.take().ok_or_else(|| net(format!("{method} {url}"), "connection lost"))?;
+        let deadline = self.deadline.unwrap_or_else(|| Instant::now() + self.timeout);
+        Response::read(conn, &method, &url, self.client_pool.clone(), self.stats.clone(), deadline, true)
+    }
+
+    /// After a failed write: the error response the server sent before it stopped reading our
+    /// body (a 401 for an expired token, a 413), if one comes at once. Servers answer early
+    /// and close; the answer is still there to read.
+    pub fn early_response(mut self) -> Option<Response> {
+        let conn = self.conn.take()?;
+        let deadline = Instant::now() + self.timeout.min(EARLY_RESPONSE);
+        let r = Response::read(conn, &self.method, &self.url, self.client_pool.clone(), self.stats.clone(), deadline, false).ok()?;
+        (r.status >= 400).then_some(r)
     }
 }
 
@@ -363,20 +593,15 @@ impl Write for BodyWriter {
                 self.method, self.url, self.remaining
             )));
         }
+        if self.failed {
+            return Err(io::Error::other("request already failed"));
+        }
         self.remaining -= data.len() as u64;
         if self.buf.len() + data.len() > self.buf.capacity() {
             self.flush_buf()?;
         }
         if data.len() >= self.buf.capacity() {
-            let conn = self.conn.as_mut().ok_or_else(|| io::Error::other("request already failed"))?;
-            let r = conn.get_mut().write_all(data);
-            if r.is_err() {
-                self.conn = None;
-            }
-            r?;
-            if let Ok(mut s) = self.stats.lock() {
-                s.bytes_sent += data.len() as u64;
-            }
+            self.send(data)?;
         } else {
             self.buf.extend_from_slice(data);
         }
@@ -407,11 +632,13 @@ pub struct Response {
     pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
     key: PoolKey,
     stats: Arc<Mutex<Stats>>,
+    /// When the head was due: a body read into memory is due then too.
+    deadline: Instant,
 }
 
 fn read_line(conn: &mut Conn, what: &str) -> Result<String> {
     let mut line = Vec::new();
-    let n = conn.by_ref().take(64 * 1024).read_until(b'\n', &mut line).map_err(|e| net(what, e))?;
+    let n = conn.by_ref().take(64 * 1024).read_until(b'\n', &mut line).map_err(|e| io_failure(what, &e))?;
     if n == 0 {
         return Err(net(what, "the server closed the connection"));
     }
@@ -425,8 +652,20 @@ fn read_line(conn: &mut Conn, what: &str) -> Result<String> {
 }
 
 impl Response {
-    fn read(mut conn: Conn, method: &str, url: &Url, pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>, stats: Arc<Mutex<Stats>>) -> Result<Response> {
+    /// Reads a response head, which must come by `deadline`; the body is then read under the
+    /// `Paced` floor, or by the same deadline through `bytes` or `discard`. A connection that
+    /// is not `reusable` (its request was cut short) never goes back to the pool.
+    fn read(
+        mut conn: Conn,
+        method: &str,
+        url: &Url,
+        pool: Arc<Mutex<HashMap<PoolKey, Vec<Conn>>>>,
+        stats: Arc<Mutex<Stats>>,
+        deadline: Instant,
+        reusable: bool,
+    ) -> Result<Response> {
         let what = format!("{method} {url}");
+        conn.get_mut().paced().phase(Some(deadline));
         let mut interim = 0;
         let (status, reason, headers) = loop {
             let line = read_line(&mut conn, &what)?;
@@ -472,7 +711,9 @@ impl Response {
             BodyKind::UntilClose
         };
         let key = (url.tls, url.host.clone(), url.port);
-        let mut r = Response { status, reason, url: url.clone(), headers, conn: Some(conn), body, keep_alive, what, pool, key, stats };
+        conn.get_mut().paced().phase(None);
+        let keep_alive = keep_alive && reusable;
+        let mut r = Response { status, reason, url: url.clone(), headers, conn: Some(conn), body, keep_alive, what, pool, key, stats, deadline };
         r.maybe_recycle();
         Ok(r)
     }
@@ -521,13 +762,23 @@ impl Response {
         }
     }
 
-    /// Reads the whole body, refusing more than `limit` bytes (reading at most `limit + 1`).
+    /// The rest of the body is to be read into memory: it must come by the deadline the head had.
+    pub fn in_memory(&mut self) {
+        let deadline = self.deadline;
+        if let Some(conn) = self.conn.as_mut() {
+            conn.get_mut().paced().phase(Some(deadline));
+        }
+    }
+
+    /// Reads the whole body (by the head's deadline), refusing more than `limit` bytes
+    /// (reading at most `limit + 1`).
     pub fn bytes(mut self, limit: u64) -> Result<Vec<u8>> {
         if matches!(self.body, BodyKind::Length(_)) && self.content_length().is_some_and(|n| n > limit) {
             bail!("{}: response larger than {limit} bytes", self.what);
         }
+        self.in_memory();
         let mut out = Vec::new();
-        let n = self.by_ref().take(limit + 1).read_to_end(&mut out).map_err(|e| net(&self.what, e))?;
+        let n = self.by_ref().take(limit + 1).read_to_end(&mut out).map_err(|e| io_failure(&self.what, &e))?;
         if n as u64 > limit {
             bail!("{}: response larger than {limit} bytes", self.what);
         }
@@ -536,6 +787,7 @@ impl Response {
 
     /// Reads and drops the body (so the connection can be reused), ignoring errors.
     pub fn discard(mut self) {
+        self.in_memory();
         let _ = io::copy(&mut self.by_ref().take(1 << 20), &mut io::sink());
     }
 }
@@ -765,5 +1017,124 @@ mod tests {
         assert_eq!(r.bytes(100).unwrap(), b"abc");
         server.join().unwrap();
         assert_eq!(client.stats.lock().unwrap().requests, 2);
+    }
+
+    /// A scripted server for one connection: reads the request head, then hands the socket to
+    /// `then`.
+    fn serve_once(then: impl FnOnce(TcpStream) + Send + 'static) -> Url {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+                    break;
+                }
+            }
+            then(s);
+        });
+        Url::parse(&format!("http://127.0.0.1:{port}/a")).unwrap()
+    }
+
+    /// Writes `head`, then `unit` every `every` until the client goes away.
+    fn drip(head: &'static str, unit: &'static [u8], every: Duration) -> impl FnOnce(TcpStream) + Send + 'static {
+        move |mut s| {
+            let _ = s.write_all(head.as_bytes());
+            while s.write_all(unit).is_ok() {
+                std::thread::sleep(every);
+            }
+        }
+    }
+
+    /// A server that says nothing, or drips its head or its body, fails a request within about
+    /// the timeout, as a `Stalled` error (one line), whatever the socket's own timeouts.
+    #[test]
+    fn slow_servers_time_out() {
+        let t = Duration::from_secs(1);
+        let client = Client::with_timeout(t).unwrap();
+        let silent = |mut s: TcpStream| {
+            let _ = s.read(&mut [0u8; 1]); // until the client goes away
+        };
+        let cases: Vec<(Url, bool, &str)> = vec![
+            // (Silence passes the deadline and the quiet limit together: either may be named.)
+            (serve_once(silent), false, "within 1 s|no data for 1 s"),
+            // A header line every 0.2 s: never 1 s without a byte, but no end to the head (and
+            // below the floor: either may be named).
+            (serve_once(drip("HTTP/1.1 200 OK\r\n", b"X-Drip: y\r\n", Duration::from_millis(200))), false, "within 1 s|too slow"),
+            // A streamed body at about 100 bytes/s.
+            (serve_once(drip("HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b"0123456789", Duration::from_millis(100))), true, "too slow: the server sent"),
+            // The same body read into memory: due with the head.
+            (serve_once(drip("HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n", b"0123456789", Duration::from_millis(100))), false, "within 1 s|too slow"),
+            // A head, then silence.
+            (serve_once(drip("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", b"", Duration::from_secs(100))), true, "no data for 1 s"),
+        ];
+        for (url, stream, want) in cases {
+            let started = Instant::now();
+            let e = client
+                .send("GET", &url, &[], &[], true)
+                .and_then(|mut r| {
+                    if stream {
+                        io::copy(&mut r, &mut io::sink()).map_err(|e| io_failure("reading", &e))?;
+                        Ok(())
+                    } else {
+                        r.bytes(1 << 20).map(drop)
+                    }
+                })
+                .unwrap_err();
+            let took = started.elapsed();
+            let msg = format!("{e:#}");
+            assert!(want.split('|').any(|w| msg.contains(w)) && msg.contains("STEVEDORE_REGISTRY_TIMEOUT=1") && !msg.contains('\n'), "{want}: {msg}");
+            assert!(e.downcast_ref::<Stalled>().is_some(), "{msg}");
+            assert!(took >= Duration::from_millis(900) && took < Duration::from_secs(4), "{want}: took {took:?}");
+        }
+    }
+
+    /// A server that stops reading a streamed request body fails the upload within about the
+    /// timeout; one that answers first (a 401) and closes is heard.
+    #[test]
+    fn uploads_to_servers_that_stop_reading() {
+        let client = Client::with_timeout(Duration::from_secs(1)).unwrap();
+        let chunk = vec![0u8; 1 << 20];
+        let upload = |url: &Url| -> (io::Error, BodyWriter, Duration) {
+            let started = Instant::now();
+            let mut w = client.start("PUT", url, &[], 1 << 30, true).unwrap();
+            loop {
+                if let Err(e) = w.write_all(&chunk) {
+                    return (e, w, started.elapsed());
+                }
+                assert!(started.elapsed() < Duration::from_secs(20), "the upload never failed");
+            }
+        };
+        let url = serve_once(|_s| std::thread::sleep(Duration::from_secs(30)));
+        let (e, w, took) = upload(&url);
+        assert_eq!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        assert!(e.to_string().contains("the server took nothing for 1 s"), "{e}");
+        assert!(took < Duration::from_secs(5), "took {took:?}");
+        drop(w);
+        let url = serve_once(|mut s| {
+            let _ = s.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer realm=\"http://127.0.0.1:1/t\"\r\nContent-Length: 0\r\n\r\n");
+            std::thread::sleep(Duration::from_millis(200));
+            // Closing with our body unread resets the connection.
+        });
+        let (e, w, _) = upload(&url);
+        assert_ne!(e.kind(), io::ErrorKind::TimedOut, "{e}");
+        let r = w.early_response().expect("the early 401 is read");
+        assert_eq!((r.status, r.header("www-authenticate").is_some()), (401, true));
+    }
+
+    #[test]
+    fn timeouts_from_the_environment() {
+        assert_eq!(seconds(Duration::from_secs(60)), "60 s");
+        assert_eq!(seconds(Duration::from_millis(2500)), "2.5 s");
+        assert_eq!(parse_timeout(None).unwrap(), DEFAULT_TIMEOUT);
+        assert_eq!(parse_timeout(Some(" ")).unwrap(), DEFAULT_TIMEOUT);
+        assert_eq!(parse_timeout(Some("2")).unwrap(), Duration::from_secs(2));
+        assert_eq!(parse_timeout(Some("0.5")).unwrap(), Duration::from_millis(500));
+        for bad in ["0", "-1", "x", "NaN", "inf", "1e9", "1 s", "a\nb"] {
+            let e = parse_timeout(Some(bad)).unwrap_err().to_string();
+            assert!(e.starts_with("STEVEDORE_REGISTRY_TIMEOUT=") && !e.contains('\n'), "{bad:?}: {e}");
+        }
     }
 }

@@ -154,11 +154,10 @@ fn dest_reference(s: &str) -> Result<Reference> {
     if !s.starts_with("docker://") {
         bail!("destination {s:?} must be docker://REGISTRY/REPO[:TAG]");
     }
-    let r = Reference::parse(s)?;
+    let r = Reference::parse(s).map_err(|e| anyhow!("destination: {e}"))?;
     if r.digest.is_some() {
         bail!("destination {s:?}: push to a tag, not a digest");
     }
-    crate::reference::check_repo_tag(&s["docker://".len()..]).map_err(|e| anyhow!("destination: {e}"))?;
     Ok(r)
 }
 
@@ -214,12 +213,9 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
 fn output_name(reference: &Reference, given: &str) -> String {
     // The name as the user wrote it, without scheme, tag or digest.
     let s = given.strip_prefix("docker://").unwrap_or(given);
-    let s = s.split('@').next().unwrap_or(s);
-    let last_slash = s.rfind('/').map_or(0, |i| i + 1);
-    match s[last_slash..].rfind(':') {
-        Some(i) => s[..last_slash + i].to_string(),
-        None if s.is_empty() => reference.name(),
-        None => s.to_string(),
+    match crate::reference::parse_reference(s) {
+        Ok(parts) => parts.name.to_string(),
+        Err(_) => reference.name(),
     }
 }
 

@@ -5,8 +5,8 @@
 //! mtime. `prefetch` hashes it and pullImage's fixed-output derivation must produce it again.
 
 use super::auth::Reference;
-use super::client::{check_length, read_sized, retry_delay, Registry, DOCKER_LIST, JSON_LIMIT};
-use super::http::NetError;
+use super::client::{check_length, read_sized, Registry, Tries, DOCKER_LIST, JSON_LIMIT};
+use super::http::{io_failure, NetError};
 use super::source::sha256_digest;
 use crate::compress::{detect, Compression};
 use crate::image::{hex, Progress};
@@ -144,7 +144,7 @@ pub fn get_json_blob(reg: &Registry, repo: &str, d: &Descriptor) -> Result<Vec<u
     if d.size > JSON_LIMIT {
         bail!("config {} is too large ({} bytes)", d.digest, d.size);
     }
-    let mut attempt = 0;
+    let mut tries = Tries::new(reg.retries);
     loop {
         let what = format!("blob {} from {}/{repo}", d.digest, reg.host);
         let result = reg.get_blob(repo, &d.digest).and_then(|r| read_sized(r, d.size, &what));
@@ -155,19 +155,15 @@ pub fn get_json_blob(reg: &Registry, repo: &str, d: &Descriptor) -> Result<Vec<u
                 }
                 return Ok(b);
             }
-            Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
-                attempt += 1;
-                std::thread::sleep(retry_delay(&e, attempt));
-            }
-            Err(e) => return Err(e),
+            Err(e) => std::thread::sleep(tries.after_error(&e).ok_or(e)?),
         }
     }
 }
 
-/// Hashes what passes through, and remembers whether the source (the network) failed.
+/// Hashes what passes through, and remembers how the source (the network) failed, if it did.
 struct Tee<R> {
     inner: R,
-    state: Rc<RefCell<(Sha256, u64, bool)>>,
+    state: Rc<RefCell<(Sha256, u64, Option<io::ErrorKind>)>>,
 }
 
 impl<R: Read> Read for Tee<R> {
@@ -180,7 +176,7 @@ impl<R: Read> Read for Tee<R> {
                 Ok(n)
             }
             Err(e) => {
-                self.state.borrow_mut().2 = true;
+                self.state.borrow_mut().2 = Some(e.kind());
                 Err(e)
             }
         }
@@ -193,14 +189,14 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
     let what = format!("blob {}", d.digest);
     let resp = reg.get_blob(repo, &d.digest)?;
     check_length(&resp, d.size, &format!("{what} from {}/{repo}", reg.host))?;
-    let state = Rc::new(RefCell::new((Sha256::new(), 0u64, false)));
+    let state = Rc::new(RefCell::new((Sha256::new(), 0u64, None)));
     // The descriptor's size and one byte more, whatever the server sends (or keeps sending).
     let body = resp.take(d.size.saturating_add(1));
     let mut reader = BufReader::with_capacity(1 << 20, Tee { inner: body, state: state.clone() });
     let mut hw = crate::layer::HashingWriter::new(out);
     let too_long = || state.borrow().1 > d.size;
     let overflow = || anyhow!("{what} from {}/{repo} is longer than the {} bytes its descriptor gives: stopped reading", reg.host, d.size);
-    let head = reader.fill_buf().map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    let head = reader.fill_buf().map_err(|e| io_failure(format!("reading {what}"), &e))?;
     let kind = if decompress { detect(head) } else { Compression::None };
     let copy_result: io::Result<BufReader<Tee<_>>> = (|| {
         Ok(match kind {
@@ -224,11 +220,15 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
         Ok(r) => r,
         // Cut off after size + 1 bytes, a compressed stream may look corrupt: the length is why.
         Err(_) if too_long() => return Err(overflow()),
-        Err(e) if state.borrow().2 => return Err(anyhow::Error::new(NetError(format!("reading {what}: {e}")))),
+        // The decoder's error for the network's (the same kind, maybe another message).
+        Err(e) if state.borrow().2.is_some() => {
+            let kind = state.borrow().2.unwrap_or(e.kind());
+            return Err(io_failure(format!("reading {what}"), &io::Error::new(kind, e)));
+        }
         Err(e) => return Err(anyhow!("{what}: {e}")),
     };
     // Whatever follows the compressed stream still counts toward the digest.
-    io::copy(&mut rest, &mut io::sink()).map_err(|e| anyhow::Error::new(NetError(format!("reading {what}: {e}"))))?;
+    io::copy(&mut rest, &mut io::sink()).map_err(|e| io_failure(format!("reading {what}"), &e))?;
     if too_long() {
         return Err(overflow());
     }
@@ -309,7 +309,7 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
                 continue;
             }
             let start = f.stream_position()?;
-            let mut attempt = 0;
+            let mut tries = Tries::new(reg.retries);
             let (size, got) = loop {
                 f.seek(SeekFrom::Start(start))?;
                 f.set_len(start)?;
@@ -320,12 +320,11 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
                 drop(w);
                 match r {
                     Ok(x) => break x,
-                    Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
-                        attempt += 1;
+                    Err(e) => {
+                        let Some(wait) = tries.after_error(&e) else { return Err(e) };
                         progress.say(format!("{}: download failed ({e:#}); retrying", layer.digest));
-                        std::thread::sleep(retry_delay(&e, attempt));
+                        std::thread::sleep(wait);
                     }
-                    Err(e) => return Err(e),
                 }
             };
             if format!("sha256:{got}") != *diff_id {
@@ -367,7 +366,7 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
         if fs::metadata(&path).is_ok_and(|m| m.len() == d.size) {
             continue;
         }
-        let mut attempt = 0;
+        let mut tries = Tries::new(reg.retries);
         loop {
             // In the layout's top directory: tools take every name under blobs/sha256 for a digest.
             let (file, temp) = crate::fsutil::create_temp(dir, OsStr::new(&d.digest["sha256:".len()..])).with_context(|| format!("cannot create a file in {}", dir.display()))?;
@@ -378,11 +377,7 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
                     temp.persist(file, &path).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
                     break;
                 }
-                Err(e) if attempt < reg.retries && super::client::retriable(&e) => {
-                    attempt += 1;
-                    std::thread::sleep(retry_delay(&e, attempt));
-                }
-                Err(e) => return Err(e),
+                Err(e) => std::thread::sleep(tries.after_error(&e).ok_or(e)?),
             }
         }
         progress.say(format!("{}: {} bytes", d.digest, d.size));

@@ -1,13 +1,13 @@
 //! Pushing a plan: HEAD every blob, mount what another repository has, upload the rest
 //! (streamed from the pass, or from files), then the manifests and the tag.
 
-use super::client::{retriable, retry_delay, with_digest, Registry};
-use super::http::{BodyWriter, Url};
+use super::client::{with_digest, Registry, Tries};
+use super::http::{io_failure, BodyWriter, Url};
 use super::source::{Blob, BlobData, Plan};
 use crate::compress::{Compressor, Pipeline};
 use crate::image::{hex, LayerSink, Progress};
 use crate::layer::HashingWriter;
-use anyhow::{anyhow, bail, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
@@ -64,7 +64,7 @@ impl<'r> UploadBody<'r> {
     /// Ends the current PATCH and moves on to the URL it returns.
     fn end_chunk(&mut self) -> Result<()> {
         if let Some((body, _)) = self.body.take() {
-            let resp = body.finish()?;
+            let resp = body.finish().with_context(|| format!("uploading blob {}", self.digest))?;
             if resp.status != 202 {
                 return Err(self.reg.fail(&format!("uploading blob {}", self.digest), resp));
             }
@@ -114,7 +114,15 @@ impl<'r> UploadBody<'r> {
             }
             let (w, left) = self.body.as_mut().expect("opened");
             let k = (data.len() as u64).min(*left) as usize;
-            w.write_all(&data[..k]).map_err(|e| anyhow::Error::new(super::http::NetError(format!("uploading blob {}: {e}", self.digest))))?;
+            if let Err(e) = w.write_all(&data[..k]) {
+                // The server may have answered before it stopped reading (an expired token).
+                let (w, _) = self.body.take().expect("opened");
+                let what = format!("uploading blob {}", self.digest);
+                return Err(match w.early_response() {
+                    Some(resp) => self.reg.fail(&what, resp),
+                    None => io_failure(what, &e),
+                });
+            }
             *left -= k as u64;
             self.sent += k as u64;
             data = &data[k..];
@@ -135,7 +143,7 @@ impl<'r> UploadBody<'r> {
                 self.open()?; // an empty blob
             }
             let (body, _) = self.body.take().expect("opened");
-            let resp = body.finish()?;
+            let resp = body.finish().with_context(|| format!("uploading blob {}", self.digest))?;
             if resp.status != 201 {
                 return Err(self.reg.fail(&format!("uploading blob {}", self.digest), resp));
             }
@@ -144,7 +152,7 @@ impl<'r> UploadBody<'r> {
         }
         self.end_chunk()?;
         let url = with_digest(self.url()?, &self.digest);
-        let resp = self.reg.start_stream("PUT", &url, &[("Content-Type", "application/octet-stream")], 0)?.finish()?;
+        let resp = self.reg.start_stream("PUT", &url, &[("Content-Type", "application/octet-stream")], 0)?.finish().with_context(|| format!("completing blob {}", self.digest))?;
         if resp.status != 201 {
             return Err(self.reg.fail(&format!("completing blob {}", self.digest), resp));
         }
@@ -288,7 +296,7 @@ impl LayerSink for UploadSink<'_, '_> {
 
 /// Uploads a blob whose bytes can be read again from the start (memory or a file).
 fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) -> Result<()> {
-    let mut attempt = 0;
+    let mut tries = Tries::new(reg.retries);
     loop {
         let error = Rc::new(RefCell::new(None));
         let result = (|| -> Result<()> {
@@ -320,12 +328,7 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) ->
             Ok(()) => return Ok(()),
             Err(e) => {
                 let e = error.borrow_mut().take().unwrap_or(e);
-                if attempt < reg.retries && retriable(&e) {
-                    attempt += 1;
-                    std::thread::sleep(retry_delay(&e, attempt));
-                    continue;
-                }
-                return Err(e);
+                std::thread::sleep(tries.after_error(&e).ok_or(e)?);
             }
         }
     }
@@ -381,7 +384,7 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
     }
     if !pass_items.is_empty() {
         let pass = plan.pass.ok_or_else(|| anyhow!("internal error: plan has pass blobs but no pass"))?;
-        let mut attempts: HashMap<usize, u32> = HashMap::new();
+        let mut tries: HashMap<usize, Tries> = HashMap::new();
         let quiet = Progress { quiet: true };
         loop {
             let mut sink = UploadSink::new(reg, repo, opts, pass_items.clone(), pass.compressor().unwrap_or(Compressor::None), progress);
@@ -398,15 +401,10 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
                     // A failed write surfaces as an I/O error from the pass; its cause is
                     // kept aside by the upload body, for the oldest item not uploaded.
                     let Some((index, cause)) = sink.failure() else { return Err(e) };
-                    let n = attempts.entry(index).or_default();
-                    if *n < reg.retries && retriable(&cause) {
-                        *n += 1;
-                        let digest = pass_items.get(&index).map(|(d, _)| d.clone()).unwrap_or_default();
-                        progress.say(format!("{}: upload failed ({cause:#}); retrying from its start", short(&digest)));
-                        std::thread::sleep(retry_delay(&cause, *n));
-                        continue;
-                    }
-                    return Err(cause);
+                    let Some(wait) = tries.entry(index).or_insert_with(|| Tries::new(reg.retries)).after_error(&cause) else { return Err(cause) };
+                    let digest = pass_items.get(&index).map(|(d, _)| d.clone()).unwrap_or_default();
+                    progress.say(format!("{}: upload failed ({cause:#}); retrying from its start", short(&digest)));
+                    std::thread::sleep(wait);
                 }
             }
         }
