@@ -472,6 +472,31 @@ fn push_archives_and_layouts_with_mounts() {
     assert_eq!(z, d);
 }
 
+/// The fixture image pushed straight to `reg` as `direct:v1`: its conf, its digest, and the
+/// manifest the registry holds.
+fn direct_image(reg: &Registry, dir: &Path) -> (PathBuf, String, Value) {
+    let conf = fixture_conf(dir, "amd64");
+    let (digest, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
+    let manifest = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/direct:v1", reg.addr())])).unwrap();
+    (conf, digest, manifest)
+}
+
+/// Checks that what landed at `reference` is whole: skopeo copies it out to `out` and every
+/// layer hashes to its diff_id. Returns the layer count.
+fn assert_whole(reference: &str, out: &Path) -> usize {
+    skopeo(&["copy", "--src-tls-verify=false", reference, &format!("docker-archive:{}", out.display())]);
+    let image = Image::parse(&fs::read(out).unwrap());
+    for i in 0..image.layer_count() {
+        assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
+    }
+    image.layer_count()
+}
+
+/// The challenge of a registry whose token realm is `/token` on `port`.
+fn bearer_challenge(port: u16) -> String {
+    format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test\"\r\n")
+}
+
 #[test]
 fn failed_uploads_are_retried() {
     if !have_tools() {
@@ -479,8 +504,7 @@ fn failed_uploads_are_retried() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let conf = fixture_conf(dir.path(), "amd64");
-    let (expected, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
+    let (conf, expected, _) = direct_image(&reg, dir.path());
 
     for (fault, chunk) in [(Fault::Fail503(3), "64K"), (Fault::Drop(2), "64M"), (Fault::Drop(2), "200K")] {
         let proxy = start_proxy(reg.port, fault);
@@ -496,13 +520,7 @@ fn failed_uploads_are_retried() {
         if chunk == "64K" {
             assert!(log.iter().any(|l| l.starts_with("PATCH ")), "no chunked upload: {log:?}");
         }
-        // What landed is whole: skopeo copies it out and the layers hash to their diff_ids.
-        let out = dir.path().join(format!("{repo}.tar"));
-        skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{}/{repo}:v1", reg.addr()), &format!("docker-archive:{}", out.display())]);
-        let image = Image::parse(&fs::read(&out).unwrap());
-        for i in 0..image.layer_count() {
-            assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
-        }
+        assert_whole(&format!("docker://{}/{repo}:v1", reg.addr()), &dir.path().join(format!("{repo}.tar")));
     }
 
     // A registry that never recovers gives up with one line.
@@ -1094,9 +1112,7 @@ fn push_survives_a_fault_on_every_kind_of_request() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let conf = fixture_conf(dir.path(), "amd64");
-    let (expected, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
-    let manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/direct:v1", reg.addr())])).unwrap();
+    let (conf, expected, manifest) = direct_image(&reg, dir.path());
     let layers = manifest["layers"].as_array().unwrap();
     // The last layer is the last upload of the pass: its PUT completes as the pass ends.
     let last_layer = layers.last().unwrap()["digest"].as_str().unwrap().to_string();
@@ -1119,8 +1135,7 @@ fn push_survives_a_fault_on_every_kind_of_request() {
                 };
             }
             if bearer && req.header("authorization") != Some(&format!("Bearer {TOKEN}")) {
-                let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{}/token\",service=\"test\"\r\n", req.port);
-                return Act::Reply("401 Unauthorized", challenge, vec![]);
+                return Act::Reply("401 Unauthorized", bearer_challenge(req.port), vec![]);
             }
             let fault = match m {
                 "HEAD" if p.contains("/blobs/") => faults.first("HEAD 429").then(|| Act::Reply("429 Too Many Requests", "Retry-After: 1\r\n".into(), vec![])),
@@ -1154,13 +1169,8 @@ fn push_survives_a_fault_on_every_kind_of_request() {
             assert!(fired.iter().any(|f| f == w), "fault {w:?} was not injected: {fired:?}");
         }
         // What landed is whole: skopeo copies it out and the layers hash to their diff_ids.
-        let out = dir.path().join(format!("{repo}.tar"));
-        skopeo(&["copy", "--src-tls-verify=false", &format!("docker://{}/{repo}:v1", reg.addr()), &format!("docker-archive:{}", out.display())]);
-        let image = Image::parse(&fs::read(&out).unwrap());
-        assert_eq!(image.layer_count(), layers.len());
-        for i in 0..image.layer_count() {
-            assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
-        }
+        let count = assert_whole(&format!("docker://{}/{repo}:v1", reg.addr()), &dir.path().join(format!("{repo}.tar")));
+        assert_eq!(count, layers.len());
     }
 }
 
@@ -1555,9 +1565,7 @@ fn expired_tokens_are_refreshed_mid_push() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let conf = fixture_conf(dir.path(), "amd64");
-    let (expected, _) = push(&conf, &format!("docker://{}/direct:v1", reg.addr()), &["-q"]);
-    let manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/direct:v1", reg.addr())])).unwrap();
+    let (conf, expected, manifest) = direct_image(&reg, dir.path());
     let largest = manifest["layers"].as_array().unwrap().iter().map(|l| l["size"].as_u64().unwrap()).max().unwrap();
     // Chunks small enough that the largest layer takes several PATCHes; a token serves as
     // many requests as that layer's upload needs (POST, the PATCHes, the PUT), so each upload
@@ -1576,7 +1584,7 @@ fn expired_tokens_are_refreshed_mid_push() {
                 let n = issued2.fetch_add(1, Ordering::SeqCst) + 1;
                 return Act::Reply("200 OK", "Content-Type: application/json\r\n".into(), format!("{{\"token\":\"tok-{n}\"}}").into_bytes());
             }
-            let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{}/token\",service=\"test\"\r\n", req.port);
+            let challenge = bearer_challenge(req.port);
             let Some(token) = req.header("authorization").and_then(|a| a.strip_prefix("Bearer tok-")) else {
                 return Act::Reply("401 Unauthorized", challenge, vec![]);
             };
@@ -1617,14 +1625,7 @@ fn expired_tokens_are_refreshed_mid_push() {
         let streamed = refused.iter().filter(|r| (r.starts_with("PATCH ") || r.starts_with("PUT ")) && r.contains("/blobs/uploads/")).count();
         assert!(streamed > 0, "no upload request met an expired token: {refused:?}");
         assert!(refused.iter().any(|r| !r.contains("/blobs/uploads/")), "no in-memory request met an expired token: {refused:?}");
-        // What landed is whole.
-        let out = dir.path().join("expiring.tar");
-        let src = format!("docker://{}/expiring{}:v1", reg.addr(), front.port);
-        skopeo(&["copy", "--src-tls-verify=false", &src, &format!("docker-archive:{}", out.display())]);
-        let image = Image::parse(&fs::read(&out).unwrap());
-        for i in 0..image.layer_count() {
-            assert_eq!(format!("sha256:{}", sha256_hex(image.layer(i))), image.config["rootfs"]["diff_ids"][i]);
-        }
+        assert_whole(&format!("docker://{}/expiring{}:v1", reg.addr(), front.port), &dir.path().join("expiring.tar"));
         let (digest, _) = ok(stevedore(&["push", conf.to_str().unwrap(), &format!("docker://{}/expiring{}:v1", reg.addr(), front.port), "--insecure", "-q"], &[]), "push again");
         assert_eq!(digest, expected);
     }
