@@ -62,8 +62,8 @@ if [ "${1:-}" = --inside ]; then
       live=0
       for p in /proc/[0-9]*; do
         [ "${p#/proc/}" = 1 ] && continue
-        # Zombies are gone but for their exit status.
-        s=$(<"$p/stat") 2>/dev/null || continue
+        # Zombies are gone but for their exit status. `read`, not $(<...): no subshell to count.
+        read -r s 2>/dev/null <"$p/stat" || continue
         s=${s##*) }
         [ "${s%% *}" = Z ] || { live=1; break; }
       done
