@@ -3,8 +3,9 @@
 # path. The root is cached under $STEVEDORE_ROOT_CACHE (default /var/cache/stevedore) in a
 # directory named after a hash of the package list and of the setup below, so later runs (and
 # other checkouts) reuse it; a change to either makes a new one. Needs root and mmdebstrap
-# (installed from the host's mirror if missing). The root itself is never written by the
-# tests: tests/modern/enter.sh runs them on an overlay above it.
+# (installed from the host's mirror if missing). The mirror is the host's apt one, or
+# STEVEDORE_DEBIAN_MIRROR. The root itself is never written by the tests: tests/modern/enter.sh
+# runs them on an overlay above it.
 set -euo pipefail
 
 suite=trixie
@@ -52,8 +53,8 @@ if [ -e "$root/.complete" ]; then
 fi
 
 # The mirror the host's apt uses (deb822 first, then the one-line format).
-mirror=
-if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+mirror=${STEVEDORE_DEBIAN_MIRROR:-}
+if [ -z "$mirror" ] && [ -f /etc/apt/sources.list.d/debian.sources ]; then
   mirror=$(sed -nE 's/^URIs:[[:space:]]*([^[:space:]]+).*/\1/p' /etc/apt/sources.list.d/debian.sources | grep -v -- -security | head -1)
 fi
 if [ -z "$mirror" ] && [ -f /etc/apt/sources.list ]; then
