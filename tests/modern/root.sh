@@ -11,7 +11,7 @@ set -euo pipefail
 suite=trixie
 packages=(
   # The stack under test.
-  nix-bin podman runc conmon netavark catatonit skopeo umoci docker.io containerd docker-registry
+  nix-bin podman runc conmon netavark catatonit skopeo umoci docker.io docker-cli containerd docker-registry
   # What the tests and fixtures call.
   busybox-static fakeroot proot uidmap python3 time curl zstd ca-certificates openssl
   iproute2 procps util-linux mount
