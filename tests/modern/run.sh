@@ -2,9 +2,9 @@
 # The test suite on the modern stack (Debian 13: Nix 2.26 with a sandboxing nix-daemon and
 # build users, podman 5.4, skopeo 1.18, umoci, docker-registry), from the host:
 #
-#   bash tests/modern/run.sh              # the Rust tests, then the Nix tests
-#   bash tests/modern/run.sh owners app   # only the Nix tests whose names contain these words
-#   STEVEDORE_MODERN_PARTS=rust bash tests/modern/run.sh   # only the Rust tests ("nix": only Nix)
+#   bash tests/modern/run.sh              # the Rust tests, the Nix tests, the Docker tests
+#   bash tests/modern/run.sh owners push  # only the Nix and Docker tests with these words in their names
+#   STEVEDORE_MODERN_PARTS="nix docker" bash tests/modern/run.sh   # only these parts
 #
 # The Rust test binaries and the release binary are built here, on the host, with the host's
 # toolchain (Debian 13's rustc 1.85 is older than Cargo.lock needs), then run inside the root
@@ -16,7 +16,7 @@ repo=$PWD
 list=$(mktemp)
 trap 'rm -f "$list" "$list.json"' EXIT
 
-parts=${STEVEDORE_MODERN_PARTS:-rust nix}
+parts=${STEVEDORE_MODERN_PARTS:-rust nix docker}
 t0=$SECONDS
 root=$(bash tests/modern/root.sh) || { echo "debian13: no root"; echo "0 passed, 1 failed"; exit 1; }
 echo "root: $root (ready in $((SECONDS - t0)) s)"
@@ -36,7 +36,7 @@ for line in open(sys.argv[1]):
 EOF
 [ -s "$list" ] || { echo "no test binaries"; echo "0 passed, 1 failed"; exit 1; }
 bin=${STEVEDORE_BIN:-}
-if [ -z "$bin" ] && [[ " $parts " == *" nix "* ]]; then
+if [ -z "$bin" ] && [[ " $parts " == *" nix "* || " $parts " == *" docker "* ]]; then
   cargo build --release --quiet || { echo "0 passed, 1 failed"; exit 1; }
   bin=$repo/target/release/stevedore
 fi

@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # The test suite on Debian 13's packages; runs inside the root (tests/modern/run.sh enters it).
 # Starts a nix-daemon that builds in its sandbox with build users, as a multi-user install
-# does, then runs the host-built Rust test binaries listed in LIST ("NAME PATH" lines) and
-# tests/nix/run.sh with STEVEDORE_BIN. Its output has cargo's "test result:" lines and the
+# does, then runs the host-built Rust test binaries listed in LIST ("NAME PATH" lines),
+# tests/nix/run.sh with STEVEDORE_BIN, and Docker 26 with both image stores (docker.sh). Its output has cargo's "test result:" lines and the
 # Nix runner's "N passed, N failed" line; the exit status is non-zero if anything failed.
 #
-#   suite.sh LIST STEVEDORE_BIN [WORD...]   # WORDs pick Nix tests, as tests/nix/run.sh's do
-#   STEVEDORE_MODERN_PARTS="rust" ...       # only the Rust tests ("nix": only the Nix ones)
+#   suite.sh LIST STEVEDORE_BIN [WORD...]   # WORDs pick Nix and Docker tests by name
+#   STEVEDORE_MODERN_PARTS="rust nix" ...   # only these parts (of rust, nix, docker)
 set -uo pipefail
 list=$1 bin=$2
 shift 2
 repo=$(cd "$(dirname "$0")/../.." && pwd -P)
-parts=${STEVEDORE_MODERN_PARTS:-rust nix}
+parts=${STEVEDORE_MODERN_PARTS:-rust nix docker}
 status=0
 
 # Written to the overlay, so gone with it. No substituters: nothing can be fetched here.
@@ -48,5 +48,9 @@ fi
 
 if [[ " $parts " == *" nix "* ]]; then
   STEVEDORE_BIN=$bin STEVEDORE_NIX_SANDBOX=1 bash "$repo/tests/nix/run.sh" "$@" || status=1
+fi
+
+if [[ " $parts " == *" docker "* ]]; then
+  bash "$repo/tests/modern/docker.sh" "$bin" "$@" || status=1
 fi
 exit $status
