@@ -15,12 +15,13 @@ logs=()
 trap 'rm -f "${logs[@]}"' EXIT
 status=0
 
-# count LOG: the sum of cargo's "test result" lines and the Nix runner's "N passed, N failed".
+# count LOG: passed, failed and skipped, summed over cargo's "test result" lines and the
+# runners' "N passed, N failed[, N skipped]" lines.
 count() {
   awk '
     /^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
-    /^([a-z]+: )?[0-9]+ passed, [0-9]+ failed/ { n = ($1 ~ /:$/) ? 2 : 1; p += $n; f += $(n+2) }
-    END { print p + 0, f + 0 }' "$1"
+    /^([a-z]+: )?[0-9]+ passed, [0-9]+ failed/ { n = ($1 ~ /:$/) ? 2 : 1; p += $n; f += $(n+2); if ($(n+5) ~ /^skipped/) s += $(n+4) }
+    END { print p + 0, f + 0, s + 0 }' "$1"
 }
 
 debian12() {
@@ -44,12 +45,12 @@ for s in $stacks; do
   echo "=== $s ==="
   ( "$s" ) 2>&1 | tee "$log"
   rc=${PIPESTATUS[0]}
-  read -r p f < <(count "$log")
+  read -r p f k < <(count "$log")
   # A stack that failed without a failing test (a build or setup error) counts one failure.
   if [ "$rc" -ne 0 ] && [ "$f" -eq 0 ]; then f=1; fi
   [ "$f" -eq 0 ] || status=1
   echo "=== $s took $((SECONDS - t0)) s ==="
-  summary+=("$s: $p passed, $f failed")
+  summary+=("$s: $p passed, $f failed$([ "$k" -eq 0 ] || echo ", $k skipped")")
   tp=$((tp + p)) tf=$((tf + f))
 done
 printf '%s\n' "${summary[@]}"
