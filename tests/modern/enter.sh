@@ -107,7 +107,12 @@ for b in "${binds[@]}"; do [[ "$cwd/" == "$b/"* ]] && inside=1; done
 # On the host's disk, not in the root's overlay: its own directories must be able to hold
 # overlay mounts.
 scratch=$(mktemp -d "${STEVEDORE_SCRATCH:-/var/tmp}/stevedore-trixie.XXXXXX")
+# The one thing inside that shows outside: podman and dockerd make cgroups (libpod_parent,
+# docker) in the host's hierarchies, which are shared. Those made meanwhile and left empty go.
+cgroups_before=$(find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort)
 cleanup() {
+  comm -13 <(echo "$cgroups_before") <(find /sys/fs/cgroup -mindepth 1 -type d 2>/dev/null | sort) \
+    | awk '{ print length($0), $0 }' | sort -rn | cut -d' ' -f2- | while read -r d; do rmdir "$d" 2>/dev/null; done
   if [ -n "${KEEP:-}" ]; then echo "enter.sh: kept $scratch" >&2; else rm -rf "$scratch"; fi
 }
 trap cleanup EXIT
