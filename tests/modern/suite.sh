@@ -2,7 +2,8 @@
 # The test suite on Debian 13's packages; runs inside the root (tests/modern/run.sh enters it).
 # Starts a nix-daemon that builds in its sandbox with build users, as a multi-user install
 # does, then runs the host-built Rust test binaries listed in LIST ("NAME PATH" lines),
-# tests/nix/run.sh with STEVEDORE_BIN, and Docker 26 with both image stores (docker.sh). Its output has cargo's "test result:" lines and the
+# tests/nix/run.sh with STEVEDORE_BIN (and an sshd on loopback for its remote build), and
+# Docker 26 with both image stores (docker.sh). Its output has cargo's "test result:" lines and the
 # Nix runner's "N passed, N failed" line; the exit status is non-zero if anything failed.
 #
 #   suite.sh LIST STEVEDORE_BIN [WORD...]   # WORDs pick Nix and Docker tests by name
@@ -47,6 +48,20 @@ if [[ " $parts " == *" rust "* ]]; then
 fi
 
 if [[ " $parts " == *" nix "* ]]; then
+  # A second store for the remote build, over ssh-ng to an sshd on loopback (root's key; the
+  # files go with the overlay).
+  mkdir -p /root/.ssh /run/sshd
+  chmod 700 /root/.ssh
+  ssh-keygen -q -t ed25519 -N '' -f /root/.ssh/id_ed25519
+  cp /root/.ssh/id_ed25519.pub /root/.ssh/authorized_keys
+  ssh-keygen -q -A
+  printf 'Host builder\n  HostName 127.0.0.1\n  Port 2222\n  User root\n  StrictHostKeyChecking accept-new\n  BatchMode yes\n' >/root/.ssh/config
+  if /usr/sbin/sshd -p 2222 -o ListenAddress=127.0.0.1 -o PermitRootLogin=prohibit-password -E /tmp/sshd.log; then
+    export STEVEDORE_NIX_REMOTE_ROOT=/tmp/remote-store
+    export STEVEDORE_NIX_REMOTE="ssh-ng://builder?remote-store=local%3Froot%3D$STEVEDORE_NIX_REMOTE_ROOT"
+  else
+    echo "sshd did not start: $(tail -3 /tmp/sshd.log)"; status=1
+  fi
   STEVEDORE_BIN=$bin STEVEDORE_NIX_SANDBOX=1 bash "$repo/tests/nix/run.sh" "$@" || status=1
 fi
 

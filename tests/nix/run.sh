@@ -650,6 +650,25 @@ for d in sys.stdin.read().split():
     || fail "rebuilt with ${other[*]}: $(grep -v '^warning' "$work/sandbox-check.log" | grep -E 'error|differ' | head -5)"
 }
 
+# A remote build: the image derivations built on a second Nix store over ssh-ng (sshd on
+# loopback, a store under another root; tests/modern/suite.sh sets it up and names it in
+# STEVEDORE_NIX_REMOTE and STEVEDORE_NIX_REMOTE_ROOT) give the same bytes as the local build,
+# as a fleet of builders (Nix's distributed builds, Hydra) would.
+test_remote_build() {
+  local a drv out here
+  for a in helloGz owners redisLike nixDbImage merged ociArchive shellCommand; do
+    drv=$(nix-instantiate "$cases" -A "$a" "${nargs[@]}" 2>"$work/remote-$a.log") || fail "$a: $(tail -3 "$work/remote-$a.log")"
+    out=$(nix build --store "$STEVEDORE_NIX_REMOTE" --eval-store auto "$drv^*" --no-link --print-out-paths 2>>"$work/remote-$a.log") \
+      || fail "$a on the remote: $(grep -v '^warning' "$work/remote-$a.log" | tail -3)"
+    [ -e "$STEVEDORE_NIX_REMOTE_ROOT$out" ] || fail "$a: $out is not in the remote store"
+    # Built there, not copied: the remote store has the build's log.
+    nix-store --store "local?root=$STEVEDORE_NIX_REMOTE_ROOT" --read-log "$drv" 2>/dev/null | grep -q . || fail "$a: no build log in the remote store"
+    here=$(build "$a") || fail "$a: $(tail -3 "$work/$a.log")"
+    expect_eq "$out" "$here" "$a"
+    expect_eq "$(nix-store --store "local?root=$STEVEDORE_NIX_REMOTE_ROOT" -q --hash "$out")" "$(nix-store -q --hash "$here")" "$a's NAR hash"
+  done
+}
+
 # The flake, against a stand-in nixpkgs flake made of tests/nix/pkgs.nix and the binary.
 test_flake() {
   local fake=$work/fake-nixpkgs flake=$work/flake
@@ -742,6 +761,7 @@ t build-env test_build_env
 t sandbox test_sandbox
 t nix-shell test_nix_shell
 t flake test_flake
+[ -z "${STEVEDORE_NIX_REMOTE:-}" ] || t remote-build test_remote_build
 t copy-to-registry test_copy_to_registry
 
 echo "nix tests took $((SECONDS - started)) s"
