@@ -1,7 +1,9 @@
 # A tiny stand-in for nixpkgs, built from the host's tools (no nixpkgs can be fetched here):
 # what nix/default.nix takes from `pkgs`, plus fixture packages for the images under test.
-# Fixtures are builtins.derivation with /bin/sh and absolute host paths, so they only build
-# without the sandbox, as the test machines run Nix.
+# Fixtures are builtins.derivation with /bin/sh and absolute host paths under /usr, so they
+# build without the sandbox, or in it when it has /usr and the library directories
+# (extra-sandbox-paths = /usr /lib /lib64; /bin/sh is Nix's own). Nothing else of the host is
+# there: not /bin (on merged /usr, /usr/bin is the real one), nor /etc (alternatives).
 {
   system ? "x86_64-linux",
   # A prebuilt stevedore (a directory with bin/stevedore), for the flake test's
@@ -44,10 +46,10 @@ let
   '';
 
   wrapper =
-    name: target:
+    name: target: env:
     sh name ''
       mkdir -p $out/bin
-      printf '#!/bin/sh\nPATH="$PATH:/usr/bin:/bin" exec ${target} "$@"\n' > $out/bin/${name}
+      printf '#!/bin/sh\n${env}PATH="$PATH:/usr/bin:/bin" exec ${target} "$@"\n' > $out/bin/${name}
       chmod +x $out/bin/${name}
     '';
 
@@ -65,8 +67,12 @@ let
       cp /usr/bin/dash $out/bin/dash
     '';
     runtimeShell = "${self.dash}/bin/dash";
-    fakeroot = wrapper "fakeroot" "/usr/bin/fakeroot";
-    proot = wrapper "proot" "/usr/bin/proot";
+    # Not /usr/bin/fakeroot: it is a link through /etc/alternatives. In Nix's sandbox (a user
+    # namespace with one uid) a real chown to another uid fails with EINVAL, which Debian's
+    # fakeroot passes on (nixpkgs patches its fakeroot to ignore it, as it ignores EPERM);
+    # FAKEROOTDONTTRYCHOWN has libfakeroot only record the owner, in and out of the sandbox.
+    fakeroot = wrapper "fakeroot" "/usr/bin/fakeroot-sysv" "FAKEROOTDONTTRYCHOWN=1 ";
+    proot = wrapper "proot" "/usr/bin/proot" "";
 
     # A program whose closure is more than itself: hello -> greeting -> busybox.
     greeting = sh "greeting" ''
@@ -191,14 +197,15 @@ let
           inherit (args) pname version;
           meta = args.meta or { };
         };
-    nixfmt-tree = wrapper "treefmt" "/bin/false";
+    nixfmt-tree = wrapper "treefmt" "/usr/bin/false" "";
 
     # The host's bash with its libraries, started through their loader by a busybox script, so
     # it runs in a container that has nothing but the store (for the nix-shell images).
     hostBash = sh "host-bash" ''
       mkdir -p $out/bin $out/lib $out/libexec
-      cp /bin/bash $out/libexec/bash
-      for l in $(ldd /bin/bash | sed -nE 's|.*[ \t](/[^ ]+) \(0x.*|\1|p'); do cp -L "$l" $out/lib/; done
+      cp /usr/bin/bash $out/libexec/bash
+      # ldd is a `#!/bin/bash` script.
+      for l in $(/usr/bin/bash /usr/bin/ldd /usr/bin/bash | sed -nE 's|.*[ \t](/[^ ]+) \(0x.*|\1|p'); do cp -L "$l" $out/lib/; done
       printf '#!${busybox}/bin/sh\nexec %s/lib/ld-linux-x86-64.so.2 --library-path %s/lib %s/libexec/bash "$@"\n' $out $out $out > $out/bin/bash
       chmod +x $out/bin/bash
     '';
