@@ -342,11 +342,10 @@ pub fn select_manifest_entry<'m>(manifest: &'m Value, wanted: Option<&str>, path
 /// `sha256:` and 64 lowercase hex digits, as a digest naming a layer or blob must be (it
 /// becomes part of member and file names).
 pub fn check_sha256_digest(d: &str) -> Result<&str> {
-    let hex = d.strip_prefix("sha256:").ok_or_else(|| anyhow!("digest {d:?} is not sha256"))?;
-    if hex.len() != 64 || !hex.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')) {
+    if !crate::reference::is_sha256_digest(d) {
         bail!("digest {d:?} is not sha256: and 64 lowercase hex digits");
     }
-    Ok(hex)
+    Ok(&d["sha256:".len()..])
 }
 
 #[cfg(test)]

@@ -25,6 +25,14 @@ pub struct Root {
     cached: Option<(Vec<u8>, OwnedFd)>,
 }
 
+/// `rel` as its directory (empty for the root) and its last component.
+pub fn split(rel: &[u8]) -> (&[u8], &[u8]) {
+    match rel.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&rel[..i], &rel[i + 1..]),
+        None => (&b""[..], rel),
+    }
+}
+
 fn bad_component(c: &[u8]) -> bool {
     c.is_empty() || c == b"." || c == b".." || c.contains(&b'/') || c.contains(&0)
 }
@@ -69,10 +77,7 @@ impl Root {
 
     /// The directory holding `rel` and its last component, checked to be a plain name.
     pub fn parent<'a>(&mut self, rel: &'a [u8]) -> io::Result<(BorrowedFd<'_>, &'a OsStr)> {
-        let (dir, name) = match rel.iter().rposition(|&b| b == b'/') {
-            Some(i) => (&rel[..i], &rel[i + 1..]),
-            None => (&b""[..], rel),
-        };
+        let (dir, name) = split(rel);
         if bad_component(name) {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "a path whose last component is not a plain name"));
         }

@@ -269,10 +269,7 @@ fn materialize(tree: &Tree, blobs: &[LayerBlob], root_path: &Path, owners: &mut 
             }
             Kind::File { layer, offset, size, inode } => {
                 if let Some(first) = first_of_inode.get(inode) {
-                    let (first_dir, first_name) = match first.iter().rposition(|&b| b == b'/') {
-                        Some(i) => (&first[..i], &first[i + 1..]),
-                        None => (&b""[..], &first[..]),
-                    };
+                    let (first_dir, first_name) = crate::beneath::split(first);
                     let from = root.open_dir(first_dir).map_err(|e| fail("hard-link", e))?;
                     let (dir, name) = root.parent(&rel).map_err(|e| fail("hard-link", e))?;
                     linkat(&from, OsStr::from_bytes(first_name), dir, name, AtFlags::empty()).map_err(|e| fail("hard-link", e.into()))?;
