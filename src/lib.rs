@@ -1,28 +1,29 @@
 //! stevedore: container images from Nix closures.
 //!
-//! The binary's subcommands are thin wrappers over these modules; the Nix library in `nix/`
-//! runs the binary as the builder of its derivations.
+//! The pipeline, front ends first; each module depends only on those listed after it:
+//!
+//! - `builder`: the Nix builder mode (`stevedore nix ACTION`), the Nix library's derivations.
+//! - `registry`: pushing to and pulling from OCI distribution registries.
+//! - `rootless`: `run-as-root`, root steps in user namespaces without a VM.
+//! - `image`: image configs, the Docker and OCI writers, the image reader, base images, merge.
+//! - `layering`: which store paths go into which layer.
+//! - `rootfs`: building and packing directory trees (customisation layers).
+//! - `nixstore`: store paths, Nix base32, closure graphs, the Nix database.
+//! - `tar`, `compress`: the archive format and the layer compressors.
+//! - `pycompat`: byte-exact reproductions of what nixpkgs' Python scripts print.
+//! - `util`: files written atomically, temporary paths, input limits, hex, progress.
+//!
+//! The binary (`src/main.rs`, `src/cli/`) parses the command line into the typed options these
+//! modules take; the Nix library in `nix/` runs the binary as the builder of its derivations.
 
-pub mod archive;
-pub mod base;
-pub mod beneath;
-pub mod buildimage;
+pub mod builder;
 pub mod compress;
-pub mod conf;
-pub mod flatten;
-pub mod fsutil;
 pub mod image;
-pub mod layer;
 pub mod layering;
-pub mod limits;
-pub mod merge;
-pub mod nixbuild;
-pub mod nixdb;
-pub mod oci;
-pub mod pyjson;
-pub mod reference;
+pub mod nixstore;
+pub mod pycompat;
 pub mod registry;
 pub mod rootfs;
 pub mod rootless;
-pub mod store;
 pub mod tar;
+pub mod util;

@@ -5,7 +5,7 @@ use std::io::{BufWriter, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use stevedore::compress::Compressor;
-use stevedore::{conf, image, layer::OutputError, oci};
+use stevedore::image::{self, conf, layer::OutputError, oci};
 
 #[derive(Parser)]
 #[command(name = "stevedore", version, about = "Container images from Nix closures", max_term_width = 100)]
@@ -68,13 +68,13 @@ enum Command {
     /// Layers are applied in memory (whiteouts and opaque directories honoured, hard links
     /// stored as full files), then written as `tar --sort=name --mtime=@MTIME --numeric-owner`
     /// would write `./`: no extraction, so owners and devices survive without root.
-    Export(stevedore::flatten::ExportArgs),
+    Export(stevedore::image::flatten::ExportArgs),
     /// Write the Nix database for a closure (nix-store --load-db plus nixpkgs' mkDbExtraCommand).
     ///
     /// Under --root: nix/var/nix/db/db.sqlite (schema 10, rows in Nix's order, fixed
     /// registration time, so the bytes are reproducible), nix/var/nix/db/schema, and
     /// nix/var/nix/gcroots/docker/<basename> links to the --roots.
-    Nixdb(stevedore::nixdb::NixDbArgs),
+    Nixdb(stevedore::nixstore::db::NixDbArgs),
     /// Run a script as root over an image's filesystem and write what it changed as a layer
     /// (nixpkgs' runAsRoot, without a VM: user namespaces, no privileges needed).
     ///
@@ -88,10 +88,10 @@ enum Command {
     /// Each IMAGE is a Docker archive (plain, gzip or zstd) or an executable that streams one,
     /// like streamLayeredImage's result. Layers are named by content and written once, however
     /// many images share them; manifest.json lists the images in the order given.
-    Merge(stevedore::merge::MergeArgs),
+    Merge(stevedore::image::merge::MergeArgs),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
-    Nix(stevedore::nixbuild::NixArgs),
+    Nix(stevedore::builder::NixArgs),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -111,7 +111,7 @@ fn stdout_file() -> Result<File> {
 /// Runs `write` on the output file (written whole or not at all) or on stdout.
 fn with_output(output: Option<&Path>, write: impl FnOnce(&mut dyn Write) -> Result<()>) -> Result<()> {
     match output {
-        Some(path) => stevedore::fsutil::write_atomically(path, |mut w| {
+        Some(path) => stevedore::util::files::write_atomically(path, |mut w| {
             write(&mut w)?;
             Ok((w, ()))
         }),
@@ -131,7 +131,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Stream { conf: conf_path, repo_tag, output, quiet, format, compressor } => {
             if let Some(tag) = &repo_tag {
-                stevedore::reference::check_repo_tag(tag).map_err(|e| anyhow::anyhow!("--repo_tag: {e}"))?;
+                stevedore::image::reference::check_repo_tag(tag).map_err(|e| anyhow::anyhow!("--repo_tag: {e}"))?;
             }
             let now = conf::now();
             let conf = conf::StreamConf::load(&conf_path, &now)?;
@@ -172,11 +172,11 @@ fn run(cli: Cli) -> Result<()> {
             // Spooled stream output goes next to the output file, or to the temporary directory.
             let scratch_parent = args.output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
             let scratch = oci::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
-            with_output(args.output.as_deref(), |w| stevedore::merge::merge(&args.images, &scratch.0, w, &progress).map(drop))
+            with_output(args.output.as_deref(), |w| stevedore::image::merge::merge(&args.images, &scratch.0, w, &progress).map(drop))
         }
-        Command::Nix(args) => stevedore::nixbuild::run(&args),
-        Command::Export(args) => stevedore::flatten::export(&args),
-        Command::Nixdb(args) => stevedore::nixdb::run(&args),
+        Command::Nix(args) => stevedore::builder::run(&args),
+        Command::Export(args) => stevedore::image::flatten::export(&args),
+        Command::Nixdb(args) => stevedore::nixstore::db::run(&args),
         Command::RunAsRoot(args) => stevedore::rootless::run(&args),
         Command::Push(args) => stevedore::registry::run_push(&args),
         Command::Pull(args) => stevedore::registry::run_pull(&args),
@@ -187,7 +187,7 @@ fn run(cli: Cli) -> Result<()> {
 
 fn main() {
     // First, before any thread starts: every thread inherits the blocked signals.
-    stevedore::fsutil::install_signal_cleanup();
+    stevedore::util::files::install_signal_cleanup();
     let cli = Cli::parse();
     let (code, message) = match run(cli) {
         Ok(()) => (0, None),
@@ -196,7 +196,7 @@ fn main() {
         }
         Err(e) => (1, Some(format!("{e:#}"))),
     };
-    stevedore::fsutil::exit(code, || {
+    stevedore::util::files::exit(code, || {
         if let Some(m) = message {
             eprintln!("stevedore: {m}");
         }

@@ -227,12 +227,12 @@ fn seeds(dir: &Path) -> Seeds {
 fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
     let mut got = [false; 4];
     let quiet = stevedore::image::Progress { quiet: true };
-    if let Ok(idx) = stevedore::archive::ArchiveIndex::load(path) {
+    if let Ok(idx) = stevedore::image::archive::ArchiveIndex::load(path) {
         got[0] = true;
         let _ = idx.json("manifest.json");
         let _ = idx.json("index.json");
     }
-    if let Ok(base) = stevedore::base::BaseImage::load(path) {
+    if let Ok(base) = stevedore::image::base::BaseImage::load(path) {
         got[1] = base
             .copy_layers(|_, r| {
                 io::copy(r, &mut io::sink())?;
@@ -240,25 +240,25 @@ fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
             })
             .is_ok();
     }
-    if let Ok(img) = stevedore::flatten::open_image(path, &Default::default(), scratch, true) {
-        if let Ok(tree) = stevedore::flatten::Tree::from_layers(&img.layers) {
+    if let Ok(img) = stevedore::image::flatten::open_image(path, &Default::default(), scratch, true) {
+        if let Ok(tree) = stevedore::image::flatten::Tree::from_layers(&img.layers) {
             // Nothing written below a symlink, no name that leaves the root.
             for key in tree.nodes.keys() {
                 let mut prefix = Vec::new();
-                for comp in key.split(|&b| b == stevedore::flatten::SEP) {
+                for comp in key.split(|&b| b == stevedore::image::flatten::SEP) {
                     assert!(comp != b".." && comp != b"." && !comp.is_empty() && !comp.contains(&b'/'), "bad key {key:?}");
                     if !prefix.is_empty() {
                         let parent = tree.nodes.get(&prefix).expect("every parent is in the tree");
-                        assert_eq!(parent.kind, stevedore::flatten::Kind::Dir, "a path below a non-directory: {key:?}");
-                        prefix.push(stevedore::flatten::SEP);
+                        assert_eq!(parent.kind, stevedore::image::flatten::Kind::Dir, "a path below a non-directory: {key:?}");
+                        prefix.push(stevedore::image::flatten::SEP);
                     }
                     prefix.extend_from_slice(comp);
                 }
             }
-            got[2] = stevedore::flatten::write_tree(&tree, &img.layers, io::sink(), 1).is_ok();
+            got[2] = stevedore::image::flatten::write_tree(&tree, &img.layers, io::sink(), 1).is_ok();
         }
     }
-    got[3] = stevedore::merge::merge(&[path.to_owned()], scratch, io::sink(), &quiet).is_ok();
+    got[3] = stevedore::image::merge::merge(&[path.to_owned()], scratch, io::sink(), &quiet).is_ok();
     let _ = stevedore::registry::source::plan_oci_archive(path, None);
     got
 }
@@ -292,7 +292,7 @@ fn fuzz() {
     let seeds = seeds(dir.path());
     let scratch = dir.path().join("scratch");
     fs::create_dir(&scratch).unwrap();
-    let now = stevedore::conf::now();
+    let now = stevedore::image::conf::now();
     let mut rng = Rng(0x5eed_cafe_f00d_0001);
     let mut subprocess_runs = 0;
     let mut reached = [0usize; 4];
@@ -341,8 +341,8 @@ fn fuzz() {
                 let now = now.clone();
                 let bytes = input.clone();
                 guarded(&format!("{case} (conf, seed {seed_case:#x})"), &input, Duration::from_secs(10), move || {
-                    if let Ok(v) = stevedore::limits::parse_json::<serde_json::Value>(&bytes, stevedore::limits::INPUT_VALUES) {
-                        let _ = stevedore::conf::StreamConf::from_value(v, &now);
+                    if let Ok(v) = stevedore::util::limits::parse_json::<serde_json::Value>(&bytes, stevedore::util::limits::INPUT_VALUES) {
+                        let _ = stevedore::image::conf::StreamConf::from_value(v, &now);
                     }
                 });
             }
@@ -350,7 +350,7 @@ fn fuzz() {
                 let input = mutate(&mut r, &seeds.graphs[0], false);
                 let bytes = input.clone();
                 guarded(&format!("{case} (graph, seed {seed_case:#x})"), &input, Duration::from_secs(10), move || {
-                    let _ = stevedore::store::ClosureGraph::parse(&bytes, Default::default());
+                    let _ = stevedore::nixstore::ClosureGraph::parse(&bytes, Default::default());
                 });
             }
         }

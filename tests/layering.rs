@@ -4,7 +4,7 @@ use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use stevedore::layering::{plan_layers, PlanOptions, Strategy};
-use stevedore::store::{nix_base32_encode, ClosureGraph, GraphFormat};
+use stevedore::nixstore::{nix_base32_encode, ClosureGraph, GraphFormat};
 
 fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_stevedore"))

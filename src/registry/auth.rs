@@ -24,7 +24,7 @@ pub struct Reference {
 }
 
 impl Reference {
-    /// Parses `[docker://]NAME[:TAG][@DIGEST]`, checked and split by `crate::reference` (one
+    /// Parses `[docker://]NAME[:TAG][@DIGEST]`, checked and split by `crate::image::reference` (one
     /// grammar for every image name): a first component with a dot or a colon, `localhost`, or
     /// an uppercase letter is a registry; otherwise the image is on Docker Hub (`docker.io`,
     /// one-component names under `library/`).
@@ -33,7 +33,7 @@ impl Reference {
         if name.is_empty() || name.contains("://") {
             bail!("bad image reference {s:?}: expected docker://REGISTRY/REPO[:TAG|@DIGEST]");
         }
-        let parts = crate::reference::parse_reference(name)?;
+        let parts = crate::image::reference::parse_reference(name)?;
         let registry = match parts.domain {
             None | Some("index.docker.io" | DOCKER_HUB_API) => DOCKER_HUB.to_string(),
             Some(d) => d.to_string(),
@@ -76,7 +76,7 @@ impl std::fmt::Display for Reference {
 }
 
 pub fn check_digest(d: &str) -> Result<()> {
-    if !crate::reference::is_sha256_digest(d) {
+    if !crate::image::reference::is_sha256_digest(d) {
         bail!("not a sha256 digest: {d:?}");
     }
     Ok(())

@@ -16,7 +16,7 @@ pub const ACCEPT: &str = "application/vnd.oci.image.index.v1+json, application/v
 application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docker.distribution.manifest.v2+json";
 
 /// Largest manifest or config we accept (the distribution spec suggests 4 MiB for manifests).
-pub use crate::limits::JSON_LIMIT;
+pub use crate::util::limits::JSON_LIMIT;
 
 /// Connection options shared by the subcommands.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -432,7 +432,7 @@ impl Registry {
             }
         }
         let body = resp.bytes(1 << 20).map_err(|_| anyhow!("registry {}: the token response is larger than 1 MiB", self.host))?;
-        let json: Value = crate::limits::parse_json(&body, crate::limits::METADATA_VALUES).map_err(|_| anyhow!("registry {}: the token response is not JSON", self.host))?;
+        let json: Value = crate::util::limits::parse_json(&body, crate::util::limits::METADATA_VALUES).map_err(|_| anyhow!("registry {}: the token response is not JSON", self.host))?;
         json.get("token")
             .or_else(|| json.get("access_token"))
             .and_then(Value::as_str)
@@ -707,12 +707,12 @@ impl Registry {
             Some(n) => read_sized(resp, n, &what)?,
             None => resp.bytes(JSON_LIMIT).map_err(|_| anyhow!("{what} is larger than {JSON_LIMIT} bytes"))?,
         };
-        let digest = format!("sha256:{}", crate::image::hex(&<sha2::Sha256 as sha2::Digest>::digest(&body)));
+        let digest = format!("sha256:{}", crate::util::hex(&<sha2::Sha256 as sha2::Digest>::digest(&body)));
         if reference.starts_with("sha256:") && digest != reference {
             bail!("manifest {}/{repo}@{reference} has digest {digest}: the registry sent the wrong bytes", self.host);
         }
         let media = if media.is_empty() || media == "application/json" || media == "text/plain" {
-            crate::limits::parse_json::<Value>(&body, crate::limits::METADATA_VALUES)
+            crate::util::limits::parse_json::<Value>(&body, crate::util::limits::METADATA_VALUES)
                 .ok()
                 .and_then(|v| v.get("mediaType").and_then(Value::as_str).map(str::to_owned))
                 .unwrap_or_default()

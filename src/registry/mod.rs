@@ -16,7 +16,7 @@ pub mod source;
 
 use crate::compress::Compressor;
 use crate::image::{ImageSpec, Progress};
-use crate::oci::INDEX_TYPE;
+use crate::image::oci::INDEX_TYPE;
 use anyhow::{anyhow, bail, Result};
 use auth::Reference;
 use client::{ConnectArgs, Registry};
@@ -175,13 +175,13 @@ fn push_options(opts: &PushOptionsArgs) -> Result<push::PushOptions> {
 fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
     match Source::parse(source)? {
         Source::Conf(path) => {
-            let conf = crate::conf::StreamConf::load(&path, &crate::conf::now())?;
+            let conf = crate::image::conf::StreamConf::load(&path, &crate::image::conf::now())?;
             let pass = ConfPass { spec: ImageSpec::new(&conf)?, compressor };
             let plan = source::plan_conf(&pass, progress)?;
             f(&plan)
         }
         Source::DockerArchive(path) => {
-            let pass = DockerArchivePass { base: crate::base::BaseImage::load(&path)?, compressor };
+            let pass = DockerArchivePass { base: crate::image::base::BaseImage::load(&path)?, compressor };
             let plan = source::plan_docker_archive(&pass, progress)?;
             f(&plan)
         }
@@ -213,7 +213,7 @@ pub fn run_push(args: &PushArgs) -> Result<()> {
 fn output_name(reference: &Reference, given: &str) -> String {
     // The name as the user wrote it, without scheme, tag or digest.
     let s = given.strip_prefix("docker://").unwrap_or(given);
-    match crate::reference::parse_reference(s) {
+    match crate::image::reference::parse_reference(s) {
         Ok(parts) => parts.name.to_string(),
         Err(_) => reference.name(),
     }
@@ -227,7 +227,7 @@ pub fn run_pull(args: &PullArgs) -> Result<()> {
     let name = args.image_name.clone().unwrap_or_else(|| output_name(&reference, &args.image));
     let tag = args.image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
     let repo_tag = format!("{name}:{tag}");
-    crate::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("--image-name and --image-tag: {e}"))?;
+    crate::image::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("--image-name and --image-tag: {e}"))?;
     match args.format {
         PullFormat::DockerArchive => pull::write_docker_archive(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
         PullFormat::Oci => pull::write_oci_layout(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
@@ -246,8 +246,8 @@ pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
     let final_name = args.final_image_name.clone().unwrap_or_else(|| image_name.clone());
     let final_tag = args.final_image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
     let final_ref = format!("{final_name}:{final_tag}");
-    crate::reference::check_repo_tag(&final_ref).map_err(|e| anyhow!("--final-image-name and --final-image-tag: {e}"))?;
-    let tmp = crate::oci::TempDir::new_in(&std::env::temp_dir())?;
+    crate::image::reference::check_repo_tag(&final_ref).map_err(|e| anyhow!("--final-image-name and --final-image-tag: {e}"))?;
+    let tmp = crate::image::oci::TempDir::new_in(&std::env::temp_dir())?;
     let out = tmp.0.join("image.tar");
     pull::write_docker_archive(&reg, &reference.repo, &img, &final_ref, &out, &progress)?;
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
@@ -272,7 +272,7 @@ pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
 
 /// Platform of an image from its config JSON.
 fn platform_of(config: &[u8], what: &str) -> Result<Value> {
-    let c: Value = crate::limits::parse_json(config, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: config: {e:#}"))?;
+    let c: Value = crate::util::limits::parse_json(config, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: config: {e:#}"))?;
     let arch = c.get("architecture").and_then(Value::as_str).filter(|a| !a.is_empty()).ok_or_else(|| anyhow!("{what}: config has no architecture"))?;
     let os = c.get("os").and_then(Value::as_str).filter(|a| !a.is_empty()).unwrap_or("linux");
     let mut p = json!({"architecture": arch, "os": os});
@@ -332,7 +332,7 @@ pub fn run_index(args: &IndexArgs) -> Result<()> {
             }
             Some(r) => {
                 let (bytes, media_type, digest) = reg.get_manifest(&r.repo, r.reference())?;
-                let json: Value = crate::limits::parse_json(&bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{image}: manifest: {e:#}"))?;
+                let json: Value = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{image}: manifest: {e:#}"))?;
                 if json.get("manifests").is_some() {
                     bail!("{image} is already a multi-platform index; list its images instead");
                 }

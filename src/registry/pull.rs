@@ -9,8 +9,9 @@ use super::client::{check_length, read_sized, Registry, Tries, DOCKER_LIST, JSON
 use super::http::{io_failure, NetError};
 use super::source::sha256_digest;
 use crate::compress::{detect, Compression};
-use crate::image::{hex, Progress};
-use crate::oci::{self, Descriptor, INDEX_TYPE};
+use crate::util::hex;
+use crate::image::{Progress};
+use crate::image::oci::{self, Descriptor, INDEX_TYPE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -106,12 +107,12 @@ fn pick_platform(index: &Value, want: &Platform, what: &str) -> Result<Value> {
 pub fn resolve(reg: &Registry, reference: &Reference, platform: &Platform) -> Result<Resolved> {
     let (bytes, media_type, top_digest) = reg.get_manifest(&reference.repo, reference.reference())?;
     let what = reference.to_string();
-    let json: Value = crate::limits::parse_json(&bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest: {e:#}"))?;
+    let json: Value = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest: {e:#}"))?;
     let (bytes, media_type, digest, json) = if is_index(&media_type, &json) {
         let entry = pick_platform(&json, platform, &what)?;
         let d = descriptor(&entry, &what)?;
         let (b, m, dg) = reg.get_manifest_sized(&reference.repo, &d.digest, Some(d.size))?;
-        let j: Value = crate::limits::parse_json(&b, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest {}: {e:#}", d.digest))?;
+        let j: Value = crate::util::limits::parse_json(&b, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: manifest {}: {e:#}", d.digest))?;
         if is_index(&m, &j) {
             bail!("{what}: nested indexes are not supported");
         }
@@ -193,7 +194,7 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
     // The descriptor's size and one byte more, whatever the server sends (or keeps sending).
     let body = resp.take(d.size.saturating_add(1));
     let mut reader = BufReader::with_capacity(1 << 20, Tee { inner: body, state: state.clone() });
-    let mut hw = crate::layer::HashingWriter::new(out);
+    let mut hw = crate::image::layer::HashingWriter::new(out);
     let too_long = || state.borrow().1 > d.size;
     let overflow = || anyhow!("{what} from {}/{repo} is longer than the {} bytes its descriptor gives: stopped reading", reg.host, d.size);
     let head = reader.fill_buf().map_err(|e| io_failure(format!("reading {what}"), &e))?;
@@ -276,7 +277,7 @@ fn pad(size: u64) -> usize {
 /// Writes the Docker archive of `img` to `path` (via a `.partial` file).
 pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag: &str, path: &Path, progress: &Progress) -> Result<()> {
     let config_bytes = get_json_blob(reg, repo, &img.config)?;
-    let config: Value = crate::limits::parse_json(&config_bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("config {}: {e:#}", img.config.digest))?;
+    let config: Value = crate::util::limits::parse_json(&config_bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("config {}: {e:#}", img.config.digest))?;
     let diff_ids: Vec<String> = config
         .pointer("/rootfs/diff_ids")
         .and_then(Value::as_array)
@@ -295,7 +296,7 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
         _ => Path::new("."),
     };
     let stem = path.file_name().ok_or_else(|| anyhow!("{} is not a file name", path.display()))?;
-    let (file, temp) = crate::fsutil::create_temp(dir, stem).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let (file, temp) = crate::util::files::create_temp(dir, stem).with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let tmp = temp.path().to_owned();
     let result = (|| -> Result<File> {
         let mut f = file;
@@ -369,7 +370,7 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
         let mut tries = Tries::new(reg.retries);
         loop {
             // In the layout's top directory: tools take every name under blobs/sha256 for a digest.
-            let (file, temp) = crate::fsutil::create_temp(dir, OsStr::new(&d.digest["sha256:".len()..])).with_context(|| format!("cannot create a file in {}", dir.display()))?;
+            let (file, temp) = crate::util::files::create_temp(dir, OsStr::new(&d.digest["sha256:".len()..])).with_context(|| format!("cannot create a file in {}", dir.display()))?;
             let mut w = BufWriter::with_capacity(1 << 20, file);
             let r = fetch_blob(reg, repo, d, false, &mut w).and_then(|_| w.into_inner().map_err(|e| anyhow!("cannot write {}: {}", temp.path().display(), e.error())));
             match r {

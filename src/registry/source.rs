@@ -5,13 +5,14 @@
 //! layers) are produced twice: once to learn their compressed digests, once, for the blobs
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
-use crate::archive::ArchiveIndex;
-use crate::limits::{parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
-use crate::base::BaseImage;
+use crate::image::archive::ArchiveIndex;
+use crate::util::limits::{parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
+use crate::image::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};
-use crate::image::{hex, ImageSpec, LayerSink, Progress};
-use crate::layer::{out_err, HashingWriter};
-use crate::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
+use crate::util::hex;
+use crate::image::{ImageSpec, LayerSink, Progress};
+use crate::image::layer::{out_err, HashingWriter};
+use crate::image::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -110,7 +111,7 @@ impl Source {
         if meta.is_dir() {
             return Ok(Source::OciDir(path, None));
         }
-        crate::limits::check_regular(&path).map_err(|e| anyhow!("source {e:#}"))?;
+        crate::util::limits::check_regular(&path).map_err(|e| anyhow!("source {e:#}"))?;
         let mut head = [0u8; 512];
         let n = File::open(&path).and_then(|mut f| f.read(&mut head)).map_err(|e| anyhow!("cannot read source {s}: {e}"))?;
         if head[..n].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {

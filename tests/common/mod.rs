@@ -143,7 +143,7 @@ pub fn compress(data: &[u8], how: &str) -> Vec<u8> {
 
 pub fn sha256_hex(data: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    stevedore::image::hex(&Sha256::digest(data))
+    stevedore::util::hex(&Sha256::digest(data))
 }
 
 /// The oracle's bytes for a store layer (tests/oracle/layer.py, CPython's tarfile).

@@ -12,8 +12,8 @@
 //!
 //! `dominator` is our own strategy (see [`dominator_layers`]).
 
-use crate::conf::kind;
-use crate::store::{ClosureGraph, GraphFormat, StorePath};
+use crate::image::conf::kind;
+use crate::nixstore::{ClosureGraph, GraphFormat, StorePath};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::cmp::Ordering;
@@ -372,10 +372,10 @@ impl Pipeline {
         let text = if arg.trim_start().starts_with('[') {
             arg.to_string()
         } else {
-            let bytes = crate::limits::read_limited(std::path::Path::new(arg), crate::limits::INPUT_LIMIT).context("the pipeline")?;
+            let bytes = crate::util::limits::read_limited(std::path::Path::new(arg), crate::util::limits::INPUT_LIMIT).context("the pipeline")?;
             String::from_utf8(bytes).map_err(|_| anyhow!("pipeline {arg}: not UTF-8"))?
         };
-        let value: Value = crate::limits::parse_json(text.as_bytes(), crate::limits::INPUT_VALUES).context("pipeline")?;
+        let value: Value = crate::util::limits::parse_json(text.as_bytes(), crate::util::limits::INPUT_VALUES).context("pipeline")?;
         Self::from_json(&value)
     }
 
@@ -1162,7 +1162,7 @@ pub fn human_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{nix_base32_encode, PathInfo};
+    use crate::nixstore::{nix_base32_encode, PathInfo};
 
     /// A graph from (name, narSize, references by name); hashes are made from the names so that
     /// paths sort by name.

@@ -71,7 +71,7 @@ fn identify(pid: u32) -> Owner {
         let boot = fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
         let ns = fs::metadata("/proc/self/ns/pid").ok()?;
         let digest = Sha256::digest(format!("{}:{}:{}", boot.trim(), ns.dev(), ns.ino()));
-        let tag = crate::image::hex(&digest[..6]);
+        let tag = crate::util::hex(&digest[..6]);
         Some(Owner { tag, pid, start })
     })();
     known.unwrap_or(Owner { tag: UNKNOWN_TAG.into(), pid, start: 0 })
@@ -356,8 +356,8 @@ fn parent_of(path: &Path) -> &Path {
 /// device such as `/dev/null`, a FIFO) is written in place: renaming over it would replace it.
 pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>) -> Result<T> {
     // Output errors name the file: "the output" says little when there are several.
-    let named = |e: anyhow::Error| match e.downcast_ref::<crate::layer::OutputError>() {
-        Some(crate::layer::OutputError(io)) => anyhow!("cannot write {}: {io}", path.display()),
+    let named = |e: anyhow::Error| match e.downcast_ref::<crate::image::layer::OutputError>() {
+        Some(crate::image::layer::OutputError(io)) => anyhow!("cannot write {}: {io}", path.display()),
         None => e,
     };
     if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
@@ -380,7 +380,7 @@ pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> R
 pub fn write_file_atomically(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     write_atomically(path, |mut w| {
-        w.write_all(data).map_err(crate::layer::out_err)?;
+        w.write_all(data).map_err(crate::image::layer::out_err)?;
         Ok((w, ()))
     })
 }
@@ -592,7 +592,7 @@ mod tests {
             std::thread::spawn(move || fs::read(fifo).unwrap())
         };
         write_atomically(&fifo, |mut w| {
-            w.write_all(b"through").map_err(crate::layer::out_err)?;
+            w.write_all(b"through").map_err(crate::image::layer::out_err)?;
             Ok((w, ()))
         })
         .unwrap();

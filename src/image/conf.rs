@@ -1,7 +1,7 @@
 //! The stream configuration: nixpkgs' `streamLayeredImage` conf JSON, read as is.
 
 use crate::layering::{Pipeline, PlanOptions, Strategy};
-use crate::store::{ClosureGraph, GraphFormat};
+use crate::nixstore::{ClosureGraph, GraphFormat};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::path::{Path, PathBuf};
@@ -94,8 +94,8 @@ const KNOWN_FIELDS: &[&str] = &[
 
 impl StreamConf {
     pub fn load(path: &Path, now: &Timestamp) -> Result<Self> {
-        let text = crate::limits::read_limited(path, crate::limits::INPUT_LIMIT).context("the conf")?;
-        let value: Value = crate::limits::parse_json(&text, crate::limits::INPUT_VALUES)
+        let text = crate::util::limits::read_limited(path, crate::util::limits::INPUT_LIMIT).context("the conf")?;
+        let value: Value = crate::util::limits::parse_json(&text, crate::util::limits::INPUT_VALUES)
             .map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Self::from_value(value, now).map_err(|e| anyhow!("{}: {e:#}", path.display()))
     }
@@ -172,7 +172,7 @@ impl StreamConf {
             store_dir: req_str(&map, "store_dir")?,
             repo_tag: {
                 let tag = req_str(&map, "repo_tag")?;
-                crate::reference::check_repo_tag(&tag).map_err(|e| anyhow!("field 'repo_tag': {e}"))?;
+                crate::image::reference::check_repo_tag(&tag).map_err(|e| anyhow!("field 'repo_tag': {e}"))?;
                 tag
             },
         })

@@ -37,13 +37,15 @@
 //!
 //! `stevedore nix pack ROOT DIR` packs a directory the way the customisation layer is packed.
 
-use crate::base::BaseImage;
+pub mod build_image;
+
+use crate::image::base::BaseImage;
 use crate::compress::Compressor;
-use crate::conf::{self, StreamConf, Timestamp};
+use crate::image::conf::{self, StreamConf, Timestamp};
 use crate::image;
 use crate::layering::{plan_layers, Pipeline, PlanOptions, Strategy};
 use crate::rootfs::{self, Owners, PackOptions};
-use crate::store::ClosureGraph;
+use crate::nixstore::ClosureGraph;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{Map, Value};
 use std::fs::{self, File};
@@ -117,15 +119,15 @@ pub fn run(args: &NixArgs) -> Result<()> {
         Action::StreamScript => stream_script(&Attrs::load()?),
         Action::PushScript => push_script(&Attrs::load()?),
         Action::Archive => archive(&Attrs::load()?),
-        Action::ImageLayer => crate::buildimage::image_layer(&Attrs::load()?),
-        Action::Image => crate::buildimage::image(&Attrs::load()?),
-        Action::Export => crate::buildimage::export(&Attrs::load()?),
+        Action::ImageLayer => crate::builder::build_image::image_layer(&Attrs::load()?),
+        Action::Image => crate::builder::build_image::image(&Attrs::load()?),
+        Action::Export => crate::builder::build_image::export(&Attrs::load()?),
         Action::Merge => merge_images(&Attrs::load()?),
         Action::Files => files(&Attrs::load()?),
         Action::Pack { root, dir, mtime, owners } => {
             let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
             let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners })?;
-            eprintln!("packed {} members, {} bytes, sha256 {}", packed.members, packed.size, image::hex(&packed.digest));
+            eprintln!("packed {} members, {} bytes, sha256 {}", packed.members, packed.size, crate::util::hex(&packed.digest));
             Ok(())
         }
     }
@@ -160,10 +162,10 @@ impl Attrs {
     /// Reads `NIX_ATTRS_JSON_FILE`, or `.attrs.json` in the working directory (older Nix).
     pub fn load() -> Result<Attrs> {
         let path = attrs_path(std::env::var_os("NIX_ATTRS_JSON_FILE").map(PathBuf::from), std::env::var_os("NIX_BUILD_TOP").map(PathBuf::from));
-        let text = crate::limits::read_limited(&path, crate::limits::INPUT_LIMIT).map_err(|e| {
+        let text = crate::util::limits::read_limited(&path, crate::util::limits::INPUT_LIMIT).map_err(|e| {
             anyhow!("{e:#}; `stevedore nix` runs as the builder of a derivation with __structuredAttrs = true")
         })?;
-        let value: Value = crate::limits::parse_json(&text, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
+        let value: Value = crate::util::limits::parse_json(&text, crate::util::limits::INPUT_VALUES).map_err(|e| anyhow!("{}: {e:#}", path.display()))?;
         Attrs::from_value(value)
     }
 
@@ -377,7 +379,7 @@ fn customisation_layer(attrs: &Attrs, inside_fakeroot: bool) -> Result<()> {
     rootfs::join(&contents, &root)?;
     if attrs.bool("includeNixDB")? {
         // Registered at stdenv's SOURCE_DATE_EPOCH, as nixpkgs' mkDbExtraCommand does.
-        crate::buildimage::write_nix_db(attrs, &root, STDENV_EPOCH)?;
+        crate::builder::build_image::write_nix_db(attrs, &root, STDENV_EPOCH)?;
     }
 
     let extra = attrs.opt_str("extraCommands")?.unwrap_or_default();
@@ -426,7 +428,7 @@ fn plan_store_layers(graph: &ClosureGraph, exclude: &[String], max_layers: u64, 
 /// `architecture`, `os`) plus the layering and image fields.
 pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
     let base_path = attrs.str("baseJson")?;
-    let mut conf = match crate::limits::read_json_input(Path::new(&base_path))? {
+    let mut conf = match crate::util::limits::read_json_input(Path::new(&base_path))? {
         Value::Object(m) => m,
         other => bail!("{base_path}: expected an object, got {}", kind(&other)),
     };
@@ -443,8 +445,8 @@ pub fn build_conf(attrs: &Attrs, out: &Path, now: &Timestamp) -> Result<Value> {
     let pipeline = match attrs.get("layeringPipeline") {
         None => None,
         Some(Value::String(file)) => {
-            let text = crate::limits::read_limited(Path::new(file), crate::limits::INPUT_LIMIT).map_err(|e| anyhow!("layeringPipeline: {e:#}"))?;
-            Some(crate::limits::parse_json(&text, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("layeringPipeline: {file}: {e:#}"))?)
+            let text = crate::util::limits::read_limited(Path::new(file), crate::util::limits::INPUT_LIMIT).map_err(|e| anyhow!("layeringPipeline: {e:#}"))?;
+            Some(crate::util::limits::parse_json(&text, crate::util::limits::INPUT_VALUES).map_err(|e| anyhow!("layeringPipeline: {file}: {e:#}"))?)
         }
         Some(v @ Value::Array(_)) => Some(v.clone()),
         Some(other) => bail!("layeringPipeline: expected a list or a JSON file, got {}", kind(other)),
@@ -503,7 +505,7 @@ fn push_script(attrs: &Attrs) -> Result<()> {
         bail!("shell: {shell:?} is not an absolute path");
     }
     let image_ref = attrs.str("imageRef")?;
-    crate::reference::check_repo_tag(&image_ref).map_err(|e| anyhow!("imageRef: {e}"))?;
+    crate::image::reference::check_repo_tag(&image_ref).map_err(|e| anyhow!("imageRef: {e}"))?;
     let script = format!(
         "#!{shell}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
          dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\
@@ -519,7 +521,7 @@ fn push_script(attrs: &Attrs) -> Result<()> {
 /// (the error names nixpkgs' arguments, `name` and `tag`).
 pub(crate) fn repo_tag(attrs: &Attrs, out: &Path) -> Result<String> {
     let repo_tag = format!("{}:{}", attrs.str("imageName")?, tag_or_hash(attrs, out)?);
-    crate::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("name and tag: {e}"))?;
+    crate::image::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("name and tag: {e}"))?;
     Ok(repo_tag)
 }
 
@@ -569,10 +571,10 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
         "oci" | "oci-archive" => {
             let spec = image::ImageSpec::new(conf)?;
             let dir = if format == "oci" { out.to_path_buf() } else { build_top()?.join("oci-layout") };
-            let written = crate::oci::write_layout(&spec, &dir, compressor, &conf.repo_tag, &progress)?;
+            let written = crate::image::oci::write_layout(&spec, &dir, compressor, &conf.repo_tag, &progress)?;
             if format == "oci-archive" {
                 let mut w = create()?;
-                crate::oci::tar_layout(&dir, &mut w, conf.mtime)?;
+                crate::image::oci::tar_layout(&dir, &mut w, conf.mtime)?;
                 w.flush().with_context(|| format!("cannot write {}", out.display()))?;
             }
             progress.say(format!("Done: {}", written.manifest.digest));
@@ -585,10 +587,10 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
 fn merge_images(attrs: &Attrs) -> Result<()> {
     let out = attrs.out()?;
     let images: Vec<PathBuf> = attrs.str_list("images")?.into_iter().map(PathBuf::from).collect();
-    let scratch = crate::oci::TempDir::new_in(&build_top()?)?;
+    let scratch = crate::image::oci::TempDir::new_in(&build_top()?)?;
     let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let progress = image::Progress { quiet: false };
-    let mut w = crate::merge::merge(&images, &scratch.0, BufWriter::with_capacity(1 << 20, file), &progress)?;
+    let mut w = crate::image::merge::merge(&images, &scratch.0, BufWriter::with_capacity(1 << 20, file), &progress)?;
     w.flush().with_context(|| format!("cannot write {}", out.display()))
 }
 

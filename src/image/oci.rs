@@ -8,9 +8,10 @@
 //! exclusive lock on the layout directory, re-read under it, and replaced by a rename.
 
 use crate::compress::{Compressor, Pipeline};
-use crate::fsutil::{self, create_temp, TempPath};
-use crate::image::{hex, ImageSpec, LayerInfo, LayerSink, Progress};
-use crate::layer::{out_err, HashingWriter, OutputError};
+use crate::util::files::{self, create_temp, TempPath};
+use crate::util::hex;
+use crate::image::{ImageSpec, LayerInfo, LayerSink, Progress};
+use crate::image::layer::{out_err, HashingWriter, OutputError};
 use crate::tar::{Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -22,7 +23,7 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// Scratch directories; here for the modules that have always taken them from here.
-pub use crate::fsutil::TempDir;
+pub use crate::util::files::TempDir;
 
 pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const INDEX_TYPE: &str = "application/vnd.oci.image.index.v1+json";
@@ -222,23 +223,23 @@ const LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Result<()> {
     // The blobs' renames must be on disk before an index that names them is.
     let blobs = dir.join("blobs/sha256");
-    fsutil::sync_dir(&blobs).with_context(|| format!("cannot sync {}", blobs.display()))?;
+    files::sync_dir(&blobs).with_context(|| format!("cannot sync {}", blobs.display()))?;
     // Locking the directory, not a file in it: neither umoci nor containers/image lock a
     // layout at all, so there is no lock of theirs to share, and users of both expect a
     // layout to hold oci-layout, index.json and blobs/ only, not a lock file for good.
-    let _lock = fsutil::lock_dir(dir)?;
+    let _lock = files::lock_dir(dir)?;
     let layout_path = dir.join("oci-layout");
     let layout_ok = fs::read(&layout_path)
         .ok()
         .and_then(|b| serde_json::from_slice::<Value>(&b).ok())
         .is_some_and(|v| v["imageLayoutVersion"] == "1.0.0");
     if !layout_ok {
-        fsutil::write_file_atomically(&layout_path, LAYOUT_FILE)?;
+        files::write_file_atomically(&layout_path, LAYOUT_FILE)?;
     }
     let index_path = dir.join("index.json");
     let mut manifests: Vec<Value> = match fs::read(&index_path) {
         Ok(bytes) => {
-            let index: Value = crate::limits::parse_json(&bytes, crate::limits::METADATA_VALUES).map_err(|e| anyhow!("{}: {e:#}", index_path.display()))?;
+            let index: Value = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{}: {e:#}", index_path.display()))?;
             index["manifests"].as_array().cloned().unwrap_or_default()
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
@@ -252,7 +253,7 @@ pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Re
     }
     manifests.push(entry);
     let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests});
-    fsutil::write_file_atomically(&index_path, &serde_json::to_vec(&index)?)
+    files::write_file_atomically(&index_path, &serde_json::to_vec(&index)?)
 }
 
 /// Writes the layout directory `dir` as a tar (an `oci-archive`) to `out`: fixed member order,
@@ -292,7 +293,7 @@ pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
             offset += size + pad;
         }
     }
-    crate::layer::write_zeros(out, crate::tar::trailer_len(offset))?;
+    crate::image::layer::write_zeros(out, crate::tar::trailer_len(offset))?;
     out.flush().map_err(out_err)?;
     Ok(())
 }

@@ -14,10 +14,11 @@
 //! `repositories` is the legacy tag index. Members carry fixed metadata, so the output's bytes
 //! depend on the inputs alone.
 
-use crate::archive::ArchiveIndex;
-use crate::image::{copy_reading, hex, Outer, Progress};
-use crate::layer::HashingWriter;
-use crate::pyjson::dumps_indent4;
+use crate::image::archive::ArchiveIndex;
+use crate::util::hex;
+use crate::image::{copy_reading, Outer, Progress};
+use crate::image::layer::HashingWriter;
+use crate::pycompat::json::dumps_indent4;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -84,7 +85,7 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
     };
     let read_small = |name: &str| -> Result<Vec<u8>> { idx.bytes(name).map_err(|e| broken(label, format!("{e:#}"))) };
 
-    let manifest: Value = crate::limits::parse_json(&read_small("manifest.json")?, crate::limits::METADATA_VALUES)
+    let manifest: Value = crate::util::limits::parse_json(&read_small("manifest.json")?, crate::util::limits::METADATA_VALUES)
         .map_err(|e| broken(label, format!("manifest.json is not valid JSON: {e}")))?;
     let entries = manifest.as_array().filter(|m| !m.is_empty()).ok_or_else(|| broken(label, "manifest.json lists no image"))?;
     entries
@@ -95,7 +96,7 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
             let config_name = entry.get("Config").and_then(Value::as_str).ok_or_else(|| at("no \"Config\""))?;
             let config = read_small(config_name)?;
             let config_json: Value =
-                crate::limits::parse_json(&config, crate::limits::METADATA_VALUES).map_err(|e| broken(label, format!("{config_name}: {e:#}")))?;
+                crate::util::limits::parse_json(&config, crate::util::limits::METADATA_VALUES).map_err(|e| broken(label, format!("{config_name}: {e:#}")))?;
             let layer_names = entry.get("Layers").and_then(Value::as_array).ok_or_else(|| at("no \"Layers\""))?;
             let layers = layer_names
                 .iter()
@@ -126,7 +127,7 @@ fn index(path: &Path, label: &str) -> Result<(ArchiveIndex, Vec<ImageEntry>)> {
                 Some(_) => return Err(at("\"RepoTags\" is not a list of strings")),
             };
             for tag in repo_tags.as_array().into_iter().flatten().filter_map(Value::as_str) {
-                crate::reference::check_repo_tag(tag).map_err(|e| at(&e.to_string()))?;
+                crate::image::reference::check_repo_tag(tag).map_err(|e| at(&e.to_string()))?;
             }
             Ok(ImageEntry { config, repo_tags, layers })
         })

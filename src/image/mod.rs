@@ -5,10 +5,20 @@
 //! (`N/layer.tar`), base layers by their diff_id; `manifest.json`, written last, ties names to
 //! the image. The image config is the one nixpkgs writes, byte for byte.
 
-use crate::base::{merge_env, BaseImage};
-use crate::conf::StreamConf;
-use crate::layer::{self, check_store_path, out_err, plan_layer, HashingWriter, Owner};
-use crate::pyjson::{dumps_indent4, list_repr};
+pub mod archive;
+pub mod base;
+pub mod conf;
+pub mod flatten;
+pub mod layer;
+pub mod merge;
+pub mod oci;
+pub mod reference;
+
+use crate::util::hex;
+use crate::image::base::{merge_env, BaseImage};
+use crate::image::conf::StreamConf;
+use crate::image::layer::{check_store_path, out_err, plan_layer, HashingWriter, Owner};
+use crate::pycompat::json::{dumps_indent4, list_repr};
 use crate::tar::{self, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
@@ -17,16 +27,6 @@ use std::fs::{self, File};
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
-
-pub fn hex(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(DIGITS[(b >> 4) as usize] as char);
-        s.push(DIGITS[(b & 15) as usize] as char);
-    }
-    s
-}
 
 /// One layer of the finished image.
 #[derive(Debug, Clone)]

@@ -10,10 +10,10 @@
 //! `run-as-root` builds the same tree to lay out the image's root filesystem.
 
 use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
-use crate::layer::out_err;
-use crate::oci::TempDir;
-use crate::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex, Region, Resolved};
-use crate::limits::{check_regular, parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
+use crate::image::layer::out_err;
+use crate::image::oci::TempDir;
+use crate::image::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex, Region, Resolved};
+use crate::util::limits::{check_regular, parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
 use crate::tar::read::{Entry as ReadEntry, Reader};
 use crate::tar::{self as t, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
@@ -650,7 +650,7 @@ impl<W: Write> TarOut<W> {
     }
 
     pub fn finish(mut self) -> Result<W> {
-        crate::layer::write_zeros(&mut self.w, t::trailer_len(self.offset))?;
+        crate::image::layer::write_zeros(&mut self.w, t::trailer_len(self.offset))?;
         self.w.flush().map_err(out_err)?;
         Ok(self.w)
     }
@@ -706,7 +706,7 @@ pub fn write_tree<W: Write>(tree: &Tree, layers: &[LayerBlob], w: W, mtime: i64)
 
 /// Writes a file whole or not at all: into a temporary file beside it, renamed when complete.
 pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>) -> Result<T> {
-    crate::fsutil::write_atomically(path, write)
+    crate::util::files::write_atomically(path, write)
 }
 
 /// `SOURCE_DATE_EPOCH` if set (as in a Nix build), else 1.

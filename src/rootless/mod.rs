@@ -3,7 +3,7 @@
 //!
 //! Processes, from the caller down:
 //!
-//! - **P** (the caller) reads the base image into a merged tree ([`crate::flatten::Tree`]),
+//! - **P** (the caller) reads the base image into a merged tree ([`crate::image::flatten::Tree`]),
 //!   forks C and writes C's uid/gid maps from outside, as only the parent namespace can.
 //! - **C** enters new user, mount, network, IPC and UTS namespaces. As root there it lays
 //!   out the root filesystem in a scratch directory (every layer applied, owners set), takes a
@@ -26,10 +26,10 @@
 //! script starts we wait until the clock has moved past every ctime in the snapshot, so even a
 //! same-size rewrite with the old mtime restored is caught.
 
-use crate::beneath::Root;
-use crate::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
-use crate::image::hex;
-use crate::layer::HashingWriter;
+use crate::rootfs::beneath::Root;
+use crate::image::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
+use crate::util::hex;
+use crate::image::layer::HashingWriter;
 use crate::rootfs::{self, Dirlinks};
 use crate::tar::{self as t, Header};
 use anyhow::{anyhow, bail, Context, Result};
@@ -269,7 +269,7 @@ fn materialize(tree: &Tree, blobs: &[LayerBlob], root_path: &Path, owners: &mut 
             }
             Kind::File { layer, offset, size, inode } => {
                 if let Some(first) = first_of_inode.get(inode) {
-                    let (first_dir, first_name) = crate::beneath::split(first);
+                    let (first_dir, first_name) = crate::rootfs::beneath::split(first);
                     let from = root.open_dir(first_dir).map_err(|e| fail("hard-link", e))?;
                     let (dir, name) = root.parent(&rel).map_err(|e| fail("hard-link", e))?;
                     linkat(&from, OsStr::from_bytes(first_name), dir, name, AtFlags::empty()).map_err(|e| fail("hard-link", e.into()))?;
@@ -1581,7 +1581,7 @@ fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCount
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: P's only other thread is the signal-cleanup thread (src/fsutil.rs), waiting in
+    // SAFETY: P's only other thread is the signal-cleanup thread (src/util/files.rs), waiting in
     // sigwait and holding no lock (it takes the temp-file registry only to clean up, and then
     // ends the process); run-as-root starts no other, and the threads other steps use
     // (compression, layer writing) are joined before they return. So the child cannot inherit
@@ -1598,7 +1598,7 @@ fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCount
         ForkResult::Parent { child } => child,
     };
     // On a signal, C is killed before its scratch is removed, and what it was writing swept.
-    let _reap = crate::fsutil::ChildGuard::new(child.as_raw(), &[&job.args.out_layer]);
+    let _reap = crate::util::files::ChildGuard::new(child.as_raw(), &[&job.args.out_layer]);
     drop((ready_w, go_r, res_w));
     let mut byte = [0u8; 1];
     let unshared = nix::unistd::read(&ready_r, &mut byte).unwrap_or(0) == 1;
@@ -1714,7 +1714,7 @@ pub fn run(args: &RunAsRootArgs) -> Result<()> {
 
     let plans = plans(args.id_mapping)?;
     let scratch_parent = flatten::scratch_dir(args.scratch.as_deref());
-    let scratch = crate::oci::TempDir::new_in(&scratch_parent)?;
+    let scratch = crate::image::oci::TempDir::new_in(&scratch_parent)?;
     let (tree, image) = match &args.from_image {
         Some(image) => {
             let sel = Selector { name: args.from_image_name.clone(), tag: args.from_image_tag.clone() };
@@ -1737,7 +1737,7 @@ pub fn run(args: &RunAsRootArgs) -> Result<()> {
     };
     let (digest, counts) = run_in_namespaces(&job, &plans)?;
     if let Some(path) = &args.out_checksum {
-        crate::fsutil::write_file_atomically(path, format!("{digest}\n").as_bytes())?;
+        crate::util::files::write_file_atomically(path, format!("{digest}\n").as_bytes())?;
     }
     say(
         args.quiet,
@@ -1775,7 +1775,7 @@ fn exit_reporting(fw: RawFd, f: impl FnOnce() -> Result<i32>) -> ! {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::flatten::key_of;
+    use crate::image::flatten::key_of;
 
     fn st(ino: u64, dir: bool, ctime: i64) -> Stat {
         Stat { ino, mode: if dir { libc::S_IFDIR | 0o755 } else { libc::S_IFREG | 0o644 }, uid: 0, gid: 0, ctime: (ctime, 0), birth: None }

@@ -8,8 +8,8 @@
 //! `nix/var/nix/gcroots/docker/<basename>` links to the roots. Registration times are fixed, so
 //! the same closure gives the same bytes.
 
-use crate::image::hex;
-use crate::store::{parse_nar_hash, ClosureGraph, GraphFormat};
+use crate::util::hex;
+use crate::nixstore::{parse_nar_hash, ClosureGraph, GraphFormat};
 use anyhow::{anyhow, bail, Context, Result};
 use rusqlite::{params, Connection};
 use std::fs;
@@ -99,8 +99,8 @@ fn load_graph(args: &NixDbArgs) -> Result<ClosureGraph> {
         return ClosureGraph::load(&args.closure, args.format);
     };
     let name = args.closure.display();
-    let bytes = crate::limits::read_limited(&args.closure, crate::limits::INPUT_LIMIT).map_err(|e| anyhow!("{e:#}"))?;
-    let value: serde_json::Value = crate::limits::parse_json(&bytes, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("{name}: {e:#}"))?;
+    let bytes = crate::util::limits::read_limited(&args.closure, crate::util::limits::INPUT_LIMIT).map_err(|e| anyhow!("{e:#}"))?;
+    let value: serde_json::Value = crate::util::limits::parse_json(&bytes, crate::util::limits::INPUT_VALUES).map_err(|e| anyhow!("{name}: {e:#}"))?;
     let list = value.get(key).ok_or_else(|| anyhow!("{name}: no key {key:?}"))?;
     ClosureGraph::from_json_value(list).map_err(|e| anyhow!("{name}: {e:#}"))
 }
@@ -256,7 +256,7 @@ pub fn write_db(graph: &ClosureGraph, registration_time: i64, db: &Path) -> Resu
 
 /// Replaces `path` with `data`, through a temporary name.
 fn write_file(path: &Path, data: &[u8]) -> Result<()> {
-    crate::fsutil::write_file_atomically(path, data)
+    crate::util::files::write_file_atomically(path, data)
 }
 
 /// Replaces `link` with a symlink to `target`, through a temporary name.

@@ -9,6 +9,8 @@
 //! [`ClosureGraph`] keeps the paths sorted, as Nix writes them (it iterates ordered sets), so that
 //! everything planned from a graph is the same whatever order the input came in.
 
+pub mod db;
+
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -263,9 +265,9 @@ impl ClosureGraph {
     pub fn load(file: &Path, format: GraphFormat) -> Result<ClosureGraph> {
         let name = file.display().to_string();
         let bytes = if name == "-" {
-            crate::limits::read_all_limited(std::io::stdin(), crate::limits::INPUT_LIMIT).context("cannot read the graph from stdin")?
+            crate::util::limits::read_all_limited(std::io::stdin(), crate::util::limits::INPUT_LIMIT).context("cannot read the graph from stdin")?
         } else {
-            crate::limits::read_limited(file, crate::limits::INPUT_LIMIT).map_err(|e| anyhow!("graph {e:#}"))?
+            crate::util::limits::read_limited(file, crate::util::limits::INPUT_LIMIT).map_err(|e| anyhow!("graph {e:#}"))?
         };
         Self::parse(&bytes, format).map_err(|e| anyhow!("{name}: {e:#}"))
     }
@@ -511,10 +513,10 @@ fn parse_json(bytes: &[u8]) -> Result<Vec<PathInfo>> {
     // Typed parsing is several times faster than going through Value, and serde's messages
     // name the missing or mistyped field with its line and column.
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'[') {
-        let infos: Vec<JsonInfo> = crate::limits::parse_json(bytes, crate::limits::INPUT_VALUES).map_err(|e| anyhow!("not a closure graph: {e:#}"))?;
+        let infos: Vec<JsonInfo> = crate::util::limits::parse_json(bytes, crate::util::limits::INPUT_VALUES).map_err(|e| anyhow!("not a closure graph: {e:#}"))?;
         return Ok(infos.into_iter().map(PathInfo::from).collect());
     }
-    let value: Value = crate::limits::parse_json(bytes, crate::limits::INPUT_VALUES)?;
+    let value: Value = crate::util::limits::parse_json(bytes, crate::util::limits::INPUT_VALUES)?;
     json_infos(&value)
 }
 

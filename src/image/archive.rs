@@ -8,9 +8,9 @@
 //! archive, by another pass in a compressed one). Memory is bounded whatever the archive holds.
 
 use crate::compress::open_decompressed;
-use crate::limits::{check_regular, parse_json, METADATA_VALUES};
-pub use crate::limits::JSON_LIMIT;
-use crate::image::hex;
+use crate::util::limits::{check_regular, parse_json, METADATA_VALUES};
+pub use crate::util::limits::JSON_LIMIT;
+use crate::util::hex;
 use crate::tar::name::{normalize_text, symlink_target};
 use crate::tar::read::{self, Reader};
 use crate::tar::{LNKTYPE, SYMTYPE};
@@ -235,7 +235,7 @@ impl ArchiveIndex {
     pub fn open_member(&self, m: &Resolved) -> Result<Box<dyn Read + '_>> {
         if !self.compressed {
             let f = File::open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
-            return Ok(Box::new(crate::archive::Region::new(f, m.offset, m.size)));
+            return Ok(Box::new(crate::image::archive::Region::new(f, m.offset, m.size)));
         }
         let mut pass = Pass::open(&self.path, true)?;
         while let Some(e) = pass.next().map_err(|e| self.bad(e))? {
@@ -342,7 +342,7 @@ pub fn select_manifest_entry<'m>(manifest: &'m Value, wanted: Option<&str>, path
 /// `sha256:` and 64 lowercase hex digits, as a digest naming a layer or blob must be (it
 /// becomes part of member and file names).
 pub fn check_sha256_digest(d: &str) -> Result<&str> {
-    if !crate::reference::is_sha256_digest(d) {
+    if !crate::image::reference::is_sha256_digest(d) {
         bail!("digest {d:?} is not sha256: and 64 lowercase hex digits");
     }
     Ok(&d["sha256:".len()..])
@@ -423,6 +423,6 @@ mod tests {
         let fifo = d.path().join("fifo");
         nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
         assert!(ArchiveIndex::load(&fifo).unwrap_err().to_string().contains("not a regular file"));
-        assert!(crate::limits::read_limited(&fifo, 10).is_err());
+        assert!(crate::util::limits::read_limited(&fifo, 10).is_err());
     }
 }

@@ -7,7 +7,9 @@
 //! inside a fakeroot session, which fakes what `lstat` returns, so `chown` in
 //! `fakeRootCommands` shows) or are all root, as they would be seen under fakeroot anyway.
 
-use crate::layer::{py_name_cmp, HashingWriter};
+pub mod beneath;
+
+use crate::image::layer::{py_name_cmp, HashingWriter};
 use crate::tar::{self, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::OsStr;
@@ -408,7 +410,7 @@ pub fn pack<W: Write>(root: &Path, out: W, opts: &PackOptions) -> Result<(W, Pac
     let mut name = b"./".to_vec();
     p.add(&mut path, &mut name)?;
     let trailer = tar::trailer_len(p.w.count);
-    crate::layer::write_zeros(&mut p.w, trailer)?;
+    crate::image::layer::write_zeros(&mut p.w, trailer)?;
     let members = p.members;
     let (w, digest, size) = p.w.finish();
     Ok((w, Packed { size, digest, members }))
@@ -426,7 +428,7 @@ pub fn pack_to_dir(root: &Path, dir: &Path, opts: &PackOptions) -> Result<Packed
         .sync_all()
         .with_context(|| format!("cannot write {}", tar_path.display()))?;
     let checksum = dir.join("checksum");
-    fs::write(&checksum, format!("{}\n", crate::image::hex(&packed.digest)))
+    fs::write(&checksum, format!("{}\n", crate::util::hex(&packed.digest)))
         .with_context(|| format!("cannot write {}", checksum.display()))?;
     Ok(packed)
 }
@@ -508,7 +510,7 @@ mod tests {
         let out = tmp.path().join("out");
         let p = pack_to_dir(&root, &out, &opts).unwrap();
         assert_eq!(fs::read(out.join("layer.tar")).unwrap(), bytes);
-        assert_eq!(fs::read_to_string(out.join("checksum")).unwrap().trim(), crate::image::hex(&p.digest));
+        assert_eq!(fs::read_to_string(out.join("checksum")).unwrap().trim(), crate::util::hex(&p.digest));
     }
 
     fn tree(root: &Path) -> Vec<String> {

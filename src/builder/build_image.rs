@@ -17,16 +17,16 @@
 //!   readable (0555) when the base has none. Attributes: `layer`, `closure`, `fromImage`,
 //!   `fromImageName`, `fromImageTag`, `baseJson`, `created`, `mtime`, `imageName`, `tag` (null:
 //!   the hash of `$out`), `storeDir`, `compressor`, `format`.
-//! - `export` flattens an image into one tar ([`crate::flatten`]): `fromImage`,
+//! - `export` flattens an image into one tar ([`crate::image::flatten`]): `fromImage`,
 //!   `fromImageName`, `fromImageTag`, `mtime`.
 
-use crate::conf::{self, StreamConf};
-use crate::flatten::{self, key_of, key_of_name, Selector, Tree};
-use crate::layer::{check_store_path, plan_layer, HashingWriter, Owner};
-use crate::nixbuild::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
+use crate::image::conf::{self, StreamConf};
+use crate::image::flatten::{self, key_of, key_of_name, Selector, Tree};
+use crate::image::layer::{check_store_path, plan_layer, HashingWriter, Owner};
+use crate::builder::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
 use crate::rootfs::{self, make_dir, Dirlinks, Owners, PackOptions};
 use crate::rootless::{IdMapping, RunAsRootArgs};
-use crate::store::ClosureGraph;
+use crate::nixstore::ClosureGraph;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashSet;
@@ -63,7 +63,7 @@ fn graph(attrs: &Attrs, key: &str) -> Result<ClosureGraph> {
 pub(crate) fn write_nix_db(attrs: &Attrs, root: &Path, registration_time: i64) -> Result<()> {
     let g = graph(attrs, "dbClosure")?;
     let roots = attrs.str_list("dbRoots")?;
-    crate::nixdb::write_tree(&g, root, &roots, registration_time).context("includeNixDB")?;
+    crate::nixstore::db::write_tree(&g, root, &roots, registration_time).context("includeNixDB")?;
     eprintln!("Registered {} store paths in the Nix database", g.len());
     Ok(())
 }
@@ -155,7 +155,7 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
 
     let checksum = fs::read_to_string(out.join("checksum")).context("cannot read the layer's checksum")?.trim().to_string();
     let mut meta = match attrs.opt_str("baseJson")? {
-        Some(p) => crate::limits::read_json_input(Path::new(&p))?,
+        Some(p) => crate::util::limits::read_json_input(Path::new(&p))?,
         None => json!({}),
     };
     if let Value::Object(m) = &mut meta {
@@ -240,17 +240,17 @@ pub fn image(attrs: &Attrs) -> Result<()> {
             key_of_name(name).map_or(true, |k| !present.contains(&k))
         });
         added = plan.entry_count();
-        crate::layer::write_layer(&plan, &owner, &mut w)?;
+        crate::image::layer::write_layer(&plan, &owner, &mut w)?;
     } else {
-        crate::layer::write_zeros(&mut w, crate::tar::trailer_len(layer_end))?;
+        crate::image::layer::write_zeros(&mut w, crate::tar::trailer_len(layer_end))?;
     }
     let (bw, digest, size) = w.finish();
     bw.into_inner().map_err(|e| anyhow!("cannot write {}: {}", final_tar.display(), e.error()))?;
-    fs::write(final_dir.join("checksum"), format!("{}\n", crate::image::hex(&digest))).context("cannot write the checksum")?;
+    fs::write(final_dir.join("checksum"), format!("{}\n", crate::util::hex(&digest))).context("cannot write the checksum")?;
     eprintln!("The layer: {size} bytes, {added} members from {} store paths added", paths.len());
 
     let base_json = attrs.str("baseJson")?;
-    let base: Value = crate::limits::read_json_input(Path::new(&base_json))?;
+    let base: Value = crate::util::limits::read_json_input(Path::new(&base_json))?;
     let (date, time) = conf::civil_from_unix(mtime);
     let conf_value = json!({
         "store_layers": [],
@@ -269,7 +269,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     });
     let mut conf = StreamConf::from_value(conf_value, &now)?;
     conf.customisation_layer_source = Some(layer_path);
-    crate::nixbuild::write_image(&conf, attrs)
+    crate::builder::write_image(&conf, attrs)
 }
 
 /// `export`: exportImage's flattened file system.
