@@ -5,7 +5,9 @@ use std::io::{BufWriter, IsTerminal, Write};
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use stevedore::compress::Compressor;
-use stevedore::image::{self, conf, layer::OutputError, oci};
+use stevedore::image::{self, conf, oci};
+use stevedore::util::io::OutputError;
+use stevedore::util::progress::Progress;
 
 #[derive(Parser)]
 #[command(name = "stevedore", version, about = "Container images from Nix closures", max_term_width = 100)]
@@ -135,7 +137,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             let now = conf::now();
             let conf = conf::StreamConf::load(&conf_path, &now)?;
-            let progress = image::Progress { quiet };
+            let progress = Progress { quiet };
             let compressor = match (format, compressor.as_deref()) {
                 (Format::DockerArchive, None | Some("none")) => Compressor::None,
                 (Format::DockerArchive, Some(_)) => bail!("--compressor applies to OCI formats; Docker archives keep uncompressed layers"),
@@ -168,7 +170,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Layers(args) => stevedore::layering::run(&args),
         Command::Merge(args) => {
-            let progress = image::Progress { quiet: args.quiet };
+            let progress = Progress { quiet: args.quiet };
             // Spooled stream output goes next to the output file, or to the temporary directory.
             let scratch_parent = args.output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
             let scratch = oci::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;

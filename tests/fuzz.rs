@@ -226,7 +226,7 @@ fn seeds(dir: &Path) -> Seeds {
 /// a base image, a flattened tree, a merge).
 fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
     let mut got = [false; 4];
-    let quiet = stevedore::image::Progress { quiet: true };
+    let quiet = stevedore::util::progress::Progress { quiet: true };
     if let Ok(idx) = stevedore::image::archive::ArchiveIndex::load(path) {
         got[0] = true;
         let _ = idx.json("manifest.json");

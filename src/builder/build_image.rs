@@ -22,9 +22,11 @@
 
 use crate::image::conf::{self, StreamConf};
 use crate::image::flatten::{self, key_of, key_of_name, Selector, Tree};
-use crate::image::layer::{check_store_path, plan_layer, HashingWriter, Owner};
+use crate::image::layer::{check_store_path, plan_layer, Owner};
+use crate::util::io::HashingWriter;
 use crate::builder::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
-use crate::rootfs::{self, make_dir, Dirlinks, Owners, PackOptions};
+use crate::rootfs::{self, Dirlinks, Owners, PackOptions};
+use crate::util::files::make_dir;
 use crate::rootless::{IdMapping, RunAsRootArgs};
 use crate::nixstore::ClosureGraph;
 use anyhow::{anyhow, bail, Context, Result};
@@ -242,7 +244,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
         added = plan.entry_count();
         crate::image::layer::write_layer(&plan, &owner, &mut w)?;
     } else {
-        crate::image::layer::write_zeros(&mut w, crate::tar::trailer_len(layer_end))?;
+        crate::util::io::write_zeros(&mut w, crate::tar::trailer_len(layer_end))?;
     }
     let (bw, digest, size) = w.finish();
     bw.into_inner().map_err(|e| anyhow!("cannot write {}: {}", final_tar.display(), e.error()))?;

@@ -375,7 +375,7 @@ fn customisation_layer(attrs: &Attrs, inside_fakeroot: bool) -> Result<()> {
     }
 
     let contents: Vec<PathBuf> = attrs.str_list("contents")?.into_iter().map(PathBuf::from).collect();
-    rootfs::make_dir(&root)?;
+    crate::util::files::make_dir(&root)?;
     rootfs::join(&contents, &root)?;
     if attrs.bool("includeNixDB")? {
         // Registered at stdenv's SOURCE_DATE_EPOCH, as nixpkgs' mkDbExtraCommand does.
@@ -551,7 +551,7 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
     let compressor = attrs.str("compressor")?;
     let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
     let format = attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into());
-    let progress = image::Progress { quiet: false };
+    let progress = crate::util::progress::Progress { quiet: false };
     let create = || -> Result<BufWriter<File>> {
         let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
         Ok(BufWriter::with_capacity(1 << 20, file))
@@ -589,7 +589,7 @@ fn merge_images(attrs: &Attrs) -> Result<()> {
     let images: Vec<PathBuf> = attrs.str_list("images")?.into_iter().map(PathBuf::from).collect();
     let scratch = crate::image::oci::TempDir::new_in(&build_top()?)?;
     let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
-    let progress = image::Progress { quiet: false };
+    let progress = crate::util::progress::Progress { quiet: false };
     let mut w = crate::image::merge::merge(&images, &scratch.0, BufWriter::with_capacity(1 << 20, file), &progress)?;
     w.flush().with_context(|| format!("cannot write {}", out.display()))
 }

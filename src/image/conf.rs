@@ -1,5 +1,6 @@
 //! The stream configuration: nixpkgs' `streamLayeredImage` conf JSON, read as is.
 
+use crate::util::kind;
 use crate::layering::{Pipeline, PlanOptions, Strategy};
 use crate::nixstore::{ClosureGraph, GraphFormat};
 use anyhow::{anyhow, bail, Context, Result};
@@ -218,18 +219,6 @@ fn layering_conf(graph: Value, map: &Map<String, Value>) -> Result<LayeringConf>
         graph,
         options: PlanOptions { strategy, max_layers, base_layers: 0, roots: strings("roots")?, exclude: strings("exclude_paths")? },
     })
-}
-
-/// What kind of JSON value `v` is, for error messages.
-pub fn kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
 
 fn req_str(map: &Map<String, Value>, key: &str) -> Result<String> {

@@ -10,7 +10,7 @@
 //! `run-as-root` builds the same tree to lay out the image's root filesystem.
 
 use crate::compress::{detect, Compression, Compressor, ParallelEncoder};
-use crate::image::layer::out_err;
+use crate::util::io::out_err;
 use crate::image::oci::TempDir;
 use crate::image::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex, Region, Resolved};
 use crate::util::limits::{check_regular, parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
@@ -650,7 +650,7 @@ impl<W: Write> TarOut<W> {
     }
 
     pub fn finish(mut self) -> Result<W> {
-        crate::image::layer::write_zeros(&mut self.w, t::trailer_len(self.offset))?;
+        crate::util::io::write_zeros(&mut self.w, t::trailer_len(self.offset))?;
         self.w.flush().map_err(out_err)?;
         Ok(self.w)
     }

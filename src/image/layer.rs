@@ -8,10 +8,11 @@
 //! Planning only reads metadata (directory listings and `lstat`), so the layer's exact size is
 //! known before any content is read; writing then reads every file once.
 
+use crate::pycompat::py_name_cmp;
+use crate::util::io::out_err;
 use crate::tar::{self, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use sha2::{Digest, Sha256};
-use std::cmp::Ordering;
 use std::ffi::OsStr;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -105,24 +106,6 @@ impl LayerPlan {
             devminor: e.rdev.1,
         }
     }
-}
-
-/// Compares two file names as Python compares the `str`s it decodes them to (UTF-8 with
-/// surrogateescape): by code point. For valid UTF-8 that is plain byte order.
-pub fn py_name_cmp(a: &[u8], b: &[u8]) -> Ordering {
-    if a.is_ascii() && b.is_ascii() {
-        return a.cmp(b);
-    }
-    fn code_points(s: &[u8]) -> impl Iterator<Item = u32> + '_ {
-        s.utf8_chunks().flat_map(|chunk| {
-            chunk
-                .valid()
-                .chars()
-                .map(|c| c as u32)
-                .chain(chunk.invalid().iter().map(|&b| 0xdc00 + b as u32))
-        })
-    }
-    code_points(a).cmp(code_points(b))
 }
 
 /// Normalizes a store path as `pathlib.Path` would (repeated slashes and `.` components
@@ -241,52 +224,6 @@ pub fn plan_layer(paths: &[PathBuf], owner: &Owner) -> Result<LayerPlan> {
     }
     p.plan.tar_size = p.offset + tar::trailer_len(p.offset);
     Ok(p.plan)
-}
-
-/// A writer that hashes and counts what passes through it.
-pub struct HashingWriter<W> {
-    pub inner: W,
-    pub hasher: Sha256,
-    pub count: u64,
-}
-
-impl<W: Write> HashingWriter<W> {
-    pub fn new(inner: W) -> Self {
-        HashingWriter { inner, hasher: Sha256::new(), count: 0 }
-    }
-
-    pub fn finish(self) -> (W, [u8; 32], u64) {
-        (self.inner, self.hasher.finalize().into(), self.count)
-    }
-}
-
-impl<W: Write> Write for HashingWriter<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.hasher.update(&buf[..n]);
-        self.count += n as u64;
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Errors writing to the output, kept apart from errors reading the store, so the caller can
-/// tell a closed pipe from a broken input.
-#[derive(Debug)]
-pub struct OutputError(pub io::Error);
-
-impl std::fmt::Display for OutputError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "cannot write the output: {}", self.0)
-    }
-}
-
-impl std::error::Error for OutputError {}
-
-pub fn out_err(e: io::Error) -> anyhow::Error {
-    anyhow::Error::new(OutputError(e))
 }
 
 /// Chunks of layer bytes travel from the reading thread to the hashing/writing thread in
@@ -515,28 +452,9 @@ pub fn write_layer<W: Write + ?Sized>(plan: &LayerPlan, owner: &Owner, w: &mut W
     one.1.ok_or_else(|| anyhow!("internal error: the layer was not written"))
 }
 
-pub fn write_zeros<W: Write>(w: &mut W, mut n: u64) -> Result<()> {
-    let zeros = [0u8; 4096];
-    while n > 0 {
-        let k = n.min(zeros.len() as u64) as usize;
-        w.write_all(&zeros[..k]).map_err(out_err)?;
-        n -= k as u64;
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn python_order_is_code_point_order() {
-        assert_eq!(py_name_cmp(b"a", b"b"), Ordering::Less);
-        assert_eq!(py_name_cmp("é".as_bytes(), b"z"), Ordering::Greater);
-        // U+FFFD (valid, EF BF BD) sorts after a surrogate-escaped byte (U+DCFF).
-        assert_eq!(py_name_cmp(b"\xff", "\u{fffd}".as_bytes()), Ordering::Less);
-        assert_eq!(py_name_cmp(b"\xff", "\u{d7ff}".as_bytes()), Ordering::Greater);
-    }
 
     #[test]
     fn retain_drops_members_changes_modes_and_resizes() {

@@ -16,8 +16,10 @@
 
 use crate::image::archive::ArchiveIndex;
 use crate::util::hex;
-use crate::image::{copy_reading, Outer, Progress};
-use crate::image::layer::HashingWriter;
+use crate::image::{Outer};
+use crate::util::progress::Progress;
+use crate::util::io::copy_reading;
+use crate::util::io::HashingWriter;
 use crate::pycompat::json::dumps_indent4;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};

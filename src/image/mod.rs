@@ -14,10 +14,14 @@ pub mod merge;
 pub mod oci;
 pub mod reference;
 
+use crate::util::io::{copy_reading, write_zeros};
+use crate::util::progress::Progress;
 use crate::util::hex;
 use crate::image::base::{merge_env, BaseImage};
 use crate::image::conf::StreamConf;
-use crate::image::layer::{check_store_path, out_err, plan_layer, HashingWriter, Owner};
+use crate::image::layer::{check_store_path, plan_layer, Owner};
+use crate::util::io::out_err;
+use crate::util::io::HashingWriter;
 use crate::pycompat::json::{dumps_indent4, list_repr};
 use crate::tar::{self, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
@@ -77,28 +81,9 @@ impl<W: Write> Outer<W> {
     }
 
     pub(crate) fn finish(mut self) -> Result<W> {
-        layer::write_zeros(&mut self.w, tar::trailer_len(self.offset))?;
+        write_zeros(&mut self.w, tar::trailer_len(self.offset))?;
         self.w.flush().map_err(out_err)?;
         Ok(self.w)
-    }
-}
-
-/// Progress on stderr: nixpkgs' lines, then how much and how fast.
-pub struct Progress {
-    pub quiet: bool,
-}
-
-impl Progress {
-    pub fn say(&self, line: impl AsRef<str>) {
-        if !self.quiet {
-            eprintln!("{}", line.as_ref());
-        }
-    }
-
-    fn done(&self, what: &str, bytes: u64, started: Instant) {
-        let secs = started.elapsed().as_secs_f64();
-        let mib = bytes as f64 / (1024.0 * 1024.0);
-        self.say(format!("  {what}: {mib:.1} MiB in {secs:.2} s ({:.0} MiB/s)", mib / secs.max(1e-6)));
     }
 }
 
@@ -363,21 +348,6 @@ pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progr
     progress.done(&format!("image {config_digest:.12}, {} layers", layers.len()), total, started);
     progress.say("Done.");
     Ok(out)
-}
-
-/// Copies until the end of `r`, telling read errors (named by `what`) from output errors.
-pub fn copy_reading<W: Write + ?Sized>(r: &mut impl Read, w: &mut W, buf: &mut [u8], what: impl Fn() -> String) -> Result<u64> {
-    let mut n = 0u64;
-    loop {
-        let k = match r.read(buf) {
-            Ok(0) => return Ok(n),
-            Ok(k) => k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(anyhow!("cannot read {}: {e}", what())),
-        };
-        w.write_all(&buf[..k]).map_err(out_err)?;
-        n += k as u64;
-    }
 }
 
 /// The image config JSON as nixpkgs writes it.

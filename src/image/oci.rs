@@ -10,8 +10,11 @@
 use crate::compress::{Compressor, Pipeline};
 use crate::util::files::{self, create_temp, TempPath};
 use crate::util::hex;
-use crate::image::{ImageSpec, LayerInfo, LayerSink, Progress};
-use crate::image::layer::{out_err, HashingWriter, OutputError};
+use crate::image::{ImageSpec, LayerInfo, LayerSink};
+use crate::util::progress::Progress;
+use crate::util::io::out_err;
+use crate::util::io::OutputError;
+use crate::util::io::HashingWriter;
 use crate::tar::{Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -284,7 +287,7 @@ pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
         offset += hdr.len() as u64;
         if !is_dir {
             let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let n = crate::image::copy_reading(&mut f, out, &mut buf, || path.display().to_string())?;
+            let n = crate::util::io::copy_reading(&mut f, out, &mut buf, || path.display().to_string())?;
             if n != size {
                 bail!("{} changed size while it was being read", path.display());
             }
@@ -293,7 +296,7 @@ pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
             offset += size + pad;
         }
     }
-    crate::image::layer::write_zeros(out, crate::tar::trailer_len(offset))?;
+    crate::util::io::write_zeros(out, crate::tar::trailer_len(offset))?;
     out.flush().map_err(out_err)?;
     Ok(())
 }

@@ -12,7 +12,7 @@
 //!
 //! `dominator` is our own strategy (see [`dominator_layers`]).
 
-use crate::image::conf::kind;
+use crate::util::kind;
 use crate::nixstore::{ClosureGraph, GraphFormat, StorePath};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;

@@ -299,14 +299,14 @@ pub fn write_tree(graph: &ClosureGraph, root: &Path, roots: &[String], registrat
     for c in ["nix", "var", "nix", "db"] {
         dir.push(c);
         if fs::symlink_metadata(&dir).is_err() {
-            crate::rootfs::make_dir(&dir)?;
+            crate::util::files::make_dir(&dir)?;
         }
     }
     let db_dir = dir;
     let gc_dir = root.join("nix/var/nix/gcroots/docker");
     for dir in [gc_dir.parent().expect("has a parent"), &gc_dir] {
         if fs::symlink_metadata(dir).is_err() {
-            crate::rootfs::make_dir(dir)?;
+            crate::util::files::make_dir(dir)?;
         }
     }
     for (path, base) in &named {

@@ -15,7 +15,8 @@ pub mod push;
 pub mod source;
 
 use crate::compress::Compressor;
-use crate::image::{ImageSpec, Progress};
+use crate::image::{ImageSpec};
+use crate::util::progress::Progress;
 use crate::image::oci::INDEX_TYPE;
 use anyhow::{anyhow, bail, Result};
 use auth::Reference;

@@ -10,7 +10,7 @@ use super::http::{io_failure, NetError};
 use super::source::sha256_digest;
 use crate::compress::{detect, Compression};
 use crate::util::hex;
-use crate::image::{Progress};
+use crate::util::progress::Progress;
 use crate::image::oci::{self, Descriptor, INDEX_TYPE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -194,7 +194,7 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
     // The descriptor's size and one byte more, whatever the server sends (or keeps sending).
     let body = resp.take(d.size.saturating_add(1));
     let mut reader = BufReader::with_capacity(1 << 20, Tee { inner: body, state: state.clone() });
-    let mut hw = crate::image::layer::HashingWriter::new(out);
+    let mut hw = crate::util::io::HashingWriter::new(out);
     let too_long = || state.borrow().1 > d.size;
     let overflow = || anyhow!("{what} from {}/{repo} is longer than the {} bytes its descriptor gives: stopped reading", reg.host, d.size);
     let head = reader.fill_buf().map_err(|e| io_failure(format!("reading {what}"), &e))?;

@@ -10,8 +10,10 @@ use crate::util::limits::{parse_json, read_limited, JSON_LIMIT, METADATA_VALUES}
 use crate::image::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};
 use crate::util::hex;
-use crate::image::{ImageSpec, LayerSink, Progress};
-use crate::image::layer::{out_err, HashingWriter};
+use crate::image::{ImageSpec, LayerSink};
+use crate::util::progress::Progress;
+use crate::util::io::out_err;
+use crate::util::io::HashingWriter;
 use crate::image::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -374,7 +376,7 @@ impl LayerPass for DockerArchivePass {
                 Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
             };
             let mut hw = HashingWriter::new(sink.out());
-            crate::image::copy_reading(&mut r, &mut hw, &mut buf, || format!("{}: member {}", self.base.path.display(), layer.member))?;
+            crate::util::io::copy_reading(&mut r, &mut hw, &mut buf, || format!("{}: member {}", self.base.path.display(), layer.member))?;
             let (_, digest, size) = hw.finish();
             let diff_id = hex(&digest);
             if format!("sha256:{diff_id}") != layer.diff_id {
@@ -530,7 +532,7 @@ impl LayerPass for OciArchivePass {
             for (i, _) in self.members.iter().enumerate().filter(|(_, m)| *m == name) {
                 if sink.wants(i) {
                     sink.begin(name, 0)?;
-                    let n = crate::image::copy_reading(&mut &mut *r, sink.out(), &mut buf, || format!("{}: member {name}", path.display()))?;
+                    let n = crate::util::io::copy_reading(&mut &mut *r, sink.out(), &mut buf, || format!("{}: member {name}", path.display()))?;
                     sink.end(n, "")?;
                     break;
                 }

@@ -9,7 +9,8 @@
 
 pub mod beneath;
 
-use crate::image::layer::{py_name_cmp, HashingWriter};
+use crate::pycompat::py_name_cmp;
+use crate::util::io::HashingWriter;
 use crate::tar::{self, Header, HeaderEncoder};
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::OsStr;
@@ -91,12 +92,6 @@ fn join_dir(from: &Path, to: &Path) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Makes the directory `dir` with mode 0755 whatever the umask.
-pub fn make_dir(dir: &Path) -> Result<()> {
-    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    set_mode(dir, 0o755)
 }
 
 fn set_mode(path: &Path, mode: u32) -> Result<()> {
@@ -410,7 +405,7 @@ pub fn pack<W: Write>(root: &Path, out: W, opts: &PackOptions) -> Result<(W, Pac
     let mut name = b"./".to_vec();
     p.add(&mut path, &mut name)?;
     let trailer = tar::trailer_len(p.w.count);
-    crate::image::layer::write_zeros(&mut p.w, trailer)?;
+    crate::util::io::write_zeros(&mut p.w, trailer)?;
     let members = p.members;
     let (w, digest, size) = p.w.finish();
     Ok((w, Packed { size, digest, members }))

@@ -29,7 +29,7 @@
 use crate::rootfs::beneath::Root;
 use crate::image::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
 use crate::util::hex;
-use crate::image::layer::HashingWriter;
+use crate::util::io::HashingWriter;
 use crate::rootfs::{self, Dirlinks};
 use crate::tar::{self as t, Header};
 use anyhow::{anyhow, bail, Context, Result};

@@ -356,8 +356,8 @@ fn parent_of(path: &Path) -> &Path {
 /// device such as `/dev/null`, a FIFO) is written in place: renaming over it would replace it.
 pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> Result<(BufWriter<File>, T)>) -> Result<T> {
     // Output errors name the file: "the output" says little when there are several.
-    let named = |e: anyhow::Error| match e.downcast_ref::<crate::image::layer::OutputError>() {
-        Some(crate::image::layer::OutputError(io)) => anyhow!("cannot write {}: {io}", path.display()),
+    let named = |e: anyhow::Error| match e.downcast_ref::<crate::util::io::OutputError>() {
+        Some(crate::util::io::OutputError(io)) => anyhow!("cannot write {}: {io}", path.display()),
         None => e,
     };
     if fs::metadata(path).is_ok_and(|m| !m.is_file() && !m.is_dir()) {
@@ -380,7 +380,7 @@ pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> R
 pub fn write_file_atomically(path: &Path, data: &[u8]) -> Result<()> {
     use std::io::Write;
     write_atomically(path, |mut w| {
-        w.write_all(data).map_err(crate::image::layer::out_err)?;
+        w.write_all(data).map_err(crate::util::io::out_err)?;
         Ok((w, ()))
     })
 }
@@ -576,6 +576,12 @@ pub fn exit(code: i32, last_words: impl FnOnce()) -> ! {
     std::process::exit(code)
 }
 
+/// Makes the directory `dir` with mode 0755 whatever the umask.
+pub fn make_dir(dir: &Path) -> Result<()> {
+    fs::create_dir(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o755)).with_context(|| format!("cannot chmod {}", dir.display()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -592,7 +598,7 @@ mod tests {
             std::thread::spawn(move || fs::read(fifo).unwrap())
         };
         write_atomically(&fifo, |mut w| {
-            w.write_all(b"through").map_err(crate::image::layer::out_err)?;
+            w.write_all(b"through").map_err(crate::util::io::out_err)?;
             Ok((w, ()))
         })
         .unwrap();

@@ -1,8 +1,12 @@
 //! Small utilities every other module may use: atomic output files and temporary paths
 //! (`files`), input size limits (`limits`), hex.
 
+use serde_json::Value;
+
 pub mod files;
+pub mod io;
 pub mod limits;
+pub mod progress;
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
@@ -13,4 +17,16 @@ pub fn hex(bytes: &[u8]) -> String {
         s.push(DIGITS[(b & 15) as usize] as char);
     }
     s
+}
+
+/// What kind of JSON value `v` is, for error messages.
+pub fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "an object",
+    }
 }
