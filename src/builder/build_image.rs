@@ -27,7 +27,7 @@ use crate::util::io::HashingWriter;
 use crate::builder::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
 use crate::rootfs::{self, Dirlinks, Owners, PackOptions};
 use crate::util::files::make_dir;
-use crate::rootless::{IdMapping, RunAsRootArgs};
+use crate::rootless::{IdMapping, RunAsRoot};
 use crate::nixstore::ClosureGraph;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
@@ -131,7 +131,7 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
             let scratch = top.join("scratch");
             make_dir(&scratch)?;
             let sel = selector(attrs)?;
-            let args = RunAsRootArgs {
+            let args = RunAsRoot {
                 from_image: attrs.opt_str("fromImage")?.map(PathBuf::from),
                 from_image_name: sel.name,
                 from_image_tag: sel.tag,
@@ -278,12 +278,12 @@ pub fn image(attrs: &Attrs) -> Result<()> {
 pub fn export(attrs: &Attrs) -> Result<()> {
     let top = build_top()?;
     let sel = selector(attrs)?;
-    let args = flatten::ExportArgs {
+    let args = flatten::Export {
         from_image: PathBuf::from(attrs.str("fromImage")?),
         from_image_name: sel.name,
         from_image_tag: sel.tag,
         output: attrs.out()?,
-        compressor: "none".into(),
+        compressor: crate::compress::Compressor::None,
         mtime: Some(mtime(attrs)?),
         scratch: Some(top),
         quiet: false,

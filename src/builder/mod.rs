@@ -42,7 +42,8 @@ pub mod build_image;
 use crate::image::base::BaseImage;
 use crate::compress::Compressor;
 use crate::image::conf::{self, StreamConf, Timestamp};
-use crate::image;
+use crate::image::{self, Format};
+use crate::util::shared::Choice;
 use crate::layering::{plan_layers, Pipeline, PlanOptions, Strategy};
 use crate::rootfs::{self, Owners, PackOptions};
 use crate::nixstore::ClosureGraph;
@@ -54,15 +55,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// Arguments of `stevedore nix`.
-#[derive(clap::Args, Debug)]
-pub struct NixArgs {
-    #[command(subcommand)]
-    pub action: Action,
-}
-
 /// What to build (see the module documentation for the attributes each reads).
-#[derive(clap::Subcommand, Debug)]
+#[derive(Debug, Clone)]
 pub enum Action {
     /// Write the attribute `text` to $out.
     Text,
@@ -71,7 +65,6 @@ pub enum Action {
     /// Build the customisation layer ($out/layer.tar and $out/checksum).
     CustomisationLayer {
         /// Second stage, run by the first inside `fakeroot`: run fakeRootCommands, then pack.
-        #[arg(long, hide = true)]
         inside_fakeroot: bool,
     },
     /// Plan the store layers and write the stream conf JSON.
@@ -97,16 +90,15 @@ pub enum Action {
         root: PathBuf,
         dir: PathBuf,
         /// Modification time of every member (Unix seconds).
-        #[arg(long, default_value_t = 1)]
         mtime: i64,
         /// Owners: `root` (0:0 for all) or `fs` (what lstat says, faked inside fakeroot).
-        #[arg(long, default_value = "root", value_parser = ["root", "fs"])]
-        owners: String,
+        owners: Owners,
     },
 }
 
-pub fn run(args: &NixArgs) -> Result<()> {
-    match &args.action {
+/// Builds one action's output from the attributes Nix passed.
+pub fn run(action: &Action) -> Result<()> {
+    match action {
         Action::Text => text(&Attrs::load()?),
         Action::Symlinks => symlinks(&Attrs::load()?),
         Action::CustomisationLayer { inside_fakeroot } => customisation_layer(&Attrs::load()?, *inside_fakeroot),
@@ -125,8 +117,7 @@ pub fn run(args: &NixArgs) -> Result<()> {
         Action::Merge => merge_images(&Attrs::load()?),
         Action::Files => files(&Attrs::load()?),
         Action::Pack { root, dir, mtime, owners } => {
-            let owners = if owners == "fs" { Owners::FromFs } else { Owners::Root };
-            let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners })?;
+            let packed = rootfs::pack_to_dir(root, dir, &PackOptions { mtime: *mtime, owners: *owners })?;
             eprintln!("packed {} members, {} bytes, sha256 {}", packed.members, packed.size, crate::util::hex(&packed.digest));
             Ok(())
         }
@@ -550,14 +541,17 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
     let out = &attrs.out()?;
     let compressor = attrs.str("compressor")?;
     let compressor = Compressor::parse(&compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
-    let format = attrs.opt_str("format")?.unwrap_or_else(|| "docker-archive".into());
+    let format = match attrs.opt_str("format")? {
+        None => Format::DockerArchive,
+        Some(f) => Format::from_name(&f).map_err(|e| anyhow!("format: {e}"))?,
+    };
     let progress = crate::util::progress::Progress { quiet: false };
     let create = || -> Result<BufWriter<File>> {
         let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
         Ok(BufWriter::with_capacity(1 << 20, file))
     };
-    match format.as_str() {
-        "docker-archive" => {
+    match format {
+        Format::DockerArchive => {
             let w = create()?;
             let mut w = match compressor {
                 Compressor::None => image::stream(conf, None, w, &progress)?,
@@ -568,11 +562,11 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
             };
             w.flush().with_context(|| format!("cannot write {}", out.display()))
         }
-        "oci" | "oci-archive" => {
+        Format::Oci | Format::OciArchive => {
             let spec = image::ImageSpec::new(conf)?;
-            let dir = if format == "oci" { out.to_path_buf() } else { build_top()?.join("oci-layout") };
+            let dir = if format == Format::Oci { out.to_path_buf() } else { build_top()?.join("oci-layout") };
             let written = crate::image::oci::write_layout(&spec, &dir, compressor, &conf.repo_tag, &progress)?;
-            if format == "oci-archive" {
+            if format == Format::OciArchive {
                 let mut w = create()?;
                 crate::image::oci::tar_layout(&dir, &mut w, conf.mtime)?;
                 w.flush().with_context(|| format!("cannot write {}", out.display()))?;
@@ -580,7 +574,6 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
             progress.say(format!("Done: {}", written.manifest.digest));
             Ok(())
         }
-        other => bail!("format: {other:?} is not one of docker-archive, oci, oci-archive"),
     }
 }
 

@@ -49,6 +49,10 @@ pub enum Compressor {
     Zstd,
 }
 
+impl crate::util::shared::Choice for Compressor {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[("none", Compressor::None, ""), ("gz", Compressor::Gzip, ""), ("zstd", Compressor::Zstd, "")];
+}
+
 impl Compressor {
     /// Accepts nixpkgs' names (`none`, `gz`, `zstd`) and the long ones.
     pub fn parse(s: &str) -> Result<Self> {
@@ -459,6 +463,16 @@ impl<W: std::io::Write> std::io::Write for ParallelEncoder<W> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_the_nix_librarys() {
+        use crate::util::shared::{names, Choice};
+        let mut ours: Vec<&str> = Compressor::CHOICES.iter().map(|c| c.0).collect();
+        let mut theirs = names("compressors");
+        ours.sort();
+        theirs.sort();
+        assert_eq!(ours, theirs);
+    }
     use std::io::{Read, Write};
 
     fn sample(n: usize) -> Vec<u8> {

@@ -108,14 +108,6 @@ fn blob_name(digest: &str) -> Result<String> {
 
 const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
 
-fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    }
-}
-
 /// The layer blob names of the image an OCI index (`index.json`) points to.
 fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> {
     let index = src.json("index.json")?;
@@ -150,7 +142,7 @@ fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> 
         }
         // A multi-platform index: take this machine's platform, else the first.
         let list = doc["manifests"].as_array().ok_or_else(|| anyhow!("{}: index {digest} lists no manifests", what.display()))?;
-        let native = list.iter().find(|m| m.pointer("/platform/os").and_then(Value::as_str) == Some("linux") && m.pointer("/platform/architecture").and_then(Value::as_str) == Some(go_arch()));
+        let native = list.iter().find(|m| m.pointer("/platform/os").and_then(Value::as_str) == Some("linux") && m.pointer("/platform/architecture").and_then(Value::as_str) == Some(crate::util::shared::host_go_arch()));
         desc = native.or(list.first()).cloned().ok_or_else(|| anyhow!("{}: index {digest} is empty", what.display()))?;
     }
     bail!("{}: indexes nested too deeply", what.display())
@@ -722,41 +714,33 @@ pub fn scratch_dir(given: Option<&Path>) -> PathBuf {
     given.map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
 }
 
-/// Arguments of `stevedore export`.
-#[derive(clap::Args, Debug)]
-pub struct ExportArgs {
+/// What `export` writes: an image's flattened filesystem as one tarball.
+#[derive(Debug, Clone)]
+pub struct Export {
     /// The image: a Docker archive (plain, gzip or zstd), an OCI archive or an OCI layout
     /// directory.
-    #[arg(long, value_name = "IMAGE")]
     pub from_image: PathBuf,
     /// Take the image tagged NAME:TAG (default: the first image).
-    #[arg(long, value_name = "NAME")]
     pub from_image_name: Option<String>,
     /// The tag to go with --from-image-name (default `latest`).
-    #[arg(long, value_name = "TAG", requires = "from_image_name")]
     pub from_image_tag: Option<String>,
     /// The tarball to write (replaced only once complete).
-    #[arg(short, long, value_name = "FILE")]
     pub output: PathBuf,
     /// How to compress it: none, gz or zstd.
-    #[arg(long, value_name = "none|gz|zstd", default_value = "gz")]
-    pub compressor: String,
+    pub compressor: Compressor,
     /// Modification time of every member, in seconds since the epoch (default:
     /// $SOURCE_DATE_EPOCH, else 1).
-    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub mtime: Option<i64>,
     /// Where to decompress compressed layers (default: $TMPDIR, else /tmp).
-    #[arg(long, value_name = "DIR")]
     pub scratch: Option<PathBuf>,
     /// Print nothing on stderr but errors.
-    #[arg(short, long)]
     pub quiet: bool,
 }
 
 /// `stevedore export`: the flattened filesystem of an image as one tarball.
-pub fn export(args: &ExportArgs) -> Result<()> {
+pub fn export(args: &Export) -> Result<()> {
     let started = std::time::Instant::now();
-    let compressor = Compressor::parse(&args.compressor)?;
+    let compressor = args.compressor;
     let mtime = match args.mtime {
         Some(m) => m,
         None => default_mtime()?,

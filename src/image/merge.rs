@@ -34,20 +34,6 @@ use std::process::{Command, Stdio};
 /// The modification time of every output member (1970-01-01T00:00:01Z, as image defaults).
 const MTIME: i64 = 1;
 
-/// Arguments of `stevedore merge`.
-#[derive(clap::Args, Debug)]
-pub struct MergeArgs {
-    /// Docker archives (plain, gzip or zstd) or executables that write one to stdout.
-    #[arg(required = true, value_name = "IMAGE")]
-    pub images: Vec<PathBuf>,
-    /// Write the archive to this file instead of stdout.
-    #[arg(short, long, value_name = "FILE")]
-    pub output: Option<PathBuf>,
-    /// Print nothing on stderr but errors.
-    #[arg(short, long)]
-    pub quiet: bool,
-}
-
 /// A layer of an input image: the member holding it, after following links.
 #[derive(Debug, Clone)]
 struct LayerRef {

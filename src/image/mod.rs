@@ -32,6 +32,25 @@ use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+/// What an image is written as.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// A Docker archive (`docker save` format), compressed whole if at all, as nixpkgs writes it.
+    DockerArchive,
+    /// An OCI image layout directory, layers compressed one by one.
+    Oci,
+    /// An OCI image layout as a tar.
+    OciArchive,
+}
+
+impl crate::util::shared::Choice for Format {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[
+        ("docker-archive", Format::DockerArchive, ""),
+        ("oci", Format::Oci, ""),
+        ("oci-archive", Format::OciArchive, ""),
+    ];
+}
+
 /// One layer of the finished image.
 #[derive(Debug, Clone)]
 pub struct LayerInfo {
@@ -391,4 +410,16 @@ pub fn image_config(conf: &StreamConf, base: Option<&BaseImage>, layers: &[Layer
         ),
     );
     dumps_indent4(&Value::Object(image))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn format_names_are_the_nix_librarys() {
+        use crate::util::shared::{names, Choice};
+        let ours: Vec<&str> = Format::CHOICES.iter().map(|c| c.0).collect();
+        assert_eq!(ours, names("formats"));
+    }
 }

@@ -13,75 +13,12 @@
 //! `dominator` is our own strategy (see [`dominator_layers`]).
 
 use crate::util::kind;
-use crate::nixstore::{ClosureGraph, GraphFormat, StorePath};
+use crate::nixstore::ClosureGraph;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::cmp::Ordering;
 use std::collections::{HashMap, HashSet};
-use std::io::Write;
-use std::path::PathBuf;
 
-/// Arguments of `stevedore layers`.
-#[derive(clap::Args, Debug, Clone)]
-#[command(
-    about = "Plan layers from a closure graph",
-    long_about = "Plan layers from a closure graph.\n\n\
-GRAPH is a closure graph as Nix writes it: exportReferencesGraph under __structuredAttrs (a JSON \
-list of {path, narHash, narSize, closureSize, references}, or a .attrs.json holding it as \
-`graph`), exportReferencesGraph's text format, or closureInfo's `registration` or `store-paths`. \
-`-` reads stdin.\n\n\
-The plan, a JSON list of layers (bottom first), each a list of store paths, goes to stdout; it is \
-what a streamLayeredImage conf holds as `store_layers`. With --explain a table goes there instead.\n\n\
-maxLayers counts as nixpkgs counts it: base image layers (--base-layers) and one customisation \
-layer come off it, and the store paths get the rest."
-)]
-pub struct LayersArgs {
-    /// The closure graph (`-` for stdin).
-    pub graph: PathBuf,
-    /// How to group paths into layers (default: auto, nixpkgs' current default).
-    #[arg(long, value_enum)]
-    pub strategy: Option<StrategyName>,
-    /// A layeringPipeline as JSON (the list nixpkgs' Nix list turns into), or a file holding it.
-    /// Implies --strategy pipeline.
-    #[arg(long, value_name = "FILE_OR_JSON")]
-    pub pipeline: Option<String>,
-    /// The image's layer budget, as nixpkgs' maxLayers.
-    #[arg(long, default_value_t = 100, value_name = "N")]
-    pub max_layers: usize,
-    /// Layers of the base image (fromImage), which come off the budget.
-    #[arg(long, default_value_t = 0, value_name = "N")]
-    pub base_layers: usize,
-    /// Plan only the closure of these paths (repeatable). Without it, the whole graph.
-    #[arg(long = "root", value_name = "PATH")]
-    pub roots: Vec<String>,
-    /// Leave this path out of every layer (repeatable), as nixpkgs' excludePaths.
-    #[arg(long = "exclude", value_name = "PATH")]
-    pub exclude: Vec<String>,
-    /// The graph's format.
-    #[arg(long, value_enum, default_value_t = GraphFormat::Auto)]
-    pub format: GraphFormat,
-    /// Print a table (layer, paths, bytes) instead of the JSON plan.
-    #[arg(long)]
-    pub explain: bool,
-    /// Plan this other closure graph the same way and report the bytes both plans share
-    /// (layers identical in both).
-    #[arg(long, value_name = "OTHER_GRAPH")]
-    pub against: Option<PathBuf>,
-    /// Print nothing on stderr but errors and warnings.
-    #[arg(short, long)]
-    pub quiet: bool,
-}
-
-/// Strategy names for the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum StrategyName {
-    Popularity,
-    Auto,
-    Pipeline,
-    Dominator,
-}
-
-/// How to group store paths into layers.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Strategy {
     /// nixpkgs' popularity contest, then `limit_layers` to the budget.
@@ -1051,98 +988,6 @@ pub fn sharing(graph: &ClosureGraph, plan: &[Vec<String>], other: &[Vec<String>]
     s
 }
 
-// ---------------------------------------------------------------------------------------------
-// The command
-
-impl LayersArgs {
-    /// The plan options these arguments ask for.
-    pub fn plan_options(&self) -> Result<PlanOptions> {
-        let strategy = match (self.strategy, &self.pipeline) {
-            (None | Some(StrategyName::Pipeline), Some(p)) => Strategy::Pipeline(Pipeline::from_arg(p)?),
-            (Some(StrategyName::Pipeline), None) => bail!("--strategy pipeline needs --pipeline"),
-            (Some(s), Some(_)) => bail!("--pipeline goes with --strategy pipeline, not {s:?}"),
-            (None | Some(StrategyName::Auto), None) => Strategy::Auto,
-            (Some(StrategyName::Popularity), None) => Strategy::Popularity,
-            (Some(StrategyName::Dominator), None) => Strategy::Dominator,
-        };
-        Ok(PlanOptions { strategy, max_layers: self.max_layers, base_layers: self.base_layers, roots: self.roots.clone(), exclude: self.exclude.clone() })
-    }
-}
-
-pub fn run(args: &LayersArgs) -> Result<()> {
-    let opts = args.plan_options()?;
-    opts.store_layer_budget()?;
-    let graph = ClosureGraph::load(&args.graph, args.format)?;
-    for p in &opts.exclude {
-        if graph.index_of(p).is_none() && !args.quiet {
-            eprintln!("stevedore: warning: --exclude {p} is not in the graph");
-        }
-    }
-    let started = std::time::Instant::now();
-    let plan = plan_layers(&graph, &opts).map_err(|e| anyhow!("{}: {e:#}", args.graph.display()))?;
-    let elapsed = started.elapsed();
-    // A pipeline sets its own limits, as in nixpkgs; say so when it goes past the budget.
-    if let (Strategy::Pipeline(_), Ok(budget)) = (&opts.strategy, opts.store_layer_budget()) {
-        if plan.len() > budget && !args.quiet {
-            eprintln!("stevedore: warning: the pipeline made {} layers, more than the {budget} maxLayers leaves for store paths", plan.len());
-        }
-    }
-    let against = match &args.against {
-        None => None,
-        Some(other) => {
-            let other_graph = ClosureGraph::load(other, args.format)?;
-            let other_opts = PlanOptions { roots: vec![], ..opts.clone() };
-            let other_plan = plan_layers(&other_graph, &other_opts).map_err(|e| anyhow!("{}: {e:#}", other.display()))?;
-            Some((other.display().to_string(), sharing(&graph, &plan, &other_plan)))
-        }
-    };
-    if !args.quiet {
-        let paths: usize = plan.iter().map(Vec::len).sum();
-        eprintln!("stevedore: {} layers for {paths} store paths in {:.1} ms", plan.len(), elapsed.as_secs_f64() * 1e3);
-        if let Some((name, s)) = &against {
-            eprintln!("stevedore: {}", sharing_line(name, s, plan.len()));
-        }
-    }
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
-    if args.explain {
-        write_explain(&mut out, &graph, &plan, against.as_ref())?;
-    } else {
-        serde_json::to_writer_pretty(&mut out, &plan)?;
-        writeln!(out)?;
-    }
-    out.flush()?;
-    Ok(())
-}
-
-fn sharing_line(name: &str, s: &Sharing, layers: usize) -> String {
-    let pct = if s.total_bytes > 0 { 100.0 * s.shared_bytes as f64 / s.total_bytes as f64 } else { 0.0 };
-    format!(
-        "against {name}: {} of {layers} layers identical, {} of {} shared ({pct:.1}%)",
-        s.shared_layers,
-        human_bytes(s.shared_bytes),
-        human_bytes(s.total_bytes)
-    )
-}
-
-fn write_explain(out: &mut impl Write, graph: &ClosureGraph, plan: &[Vec<String>], against: Option<&(String, Sharing)>) -> Result<()> {
-    let total: u64 = plan.iter().map(|l| layer_bytes(graph, l)).sum();
-    writeln!(out, "{:>5}  {:>6}  {:>14}  {:>6}  contents", "layer", "paths", "bytes", "share")?;
-    for (i, layer) in plan.iter().enumerate() {
-        let bytes = layer_bytes(graph, layer);
-        let pct = if total > 0 { 100.0 * bytes as f64 / total as f64 } else { 0.0 };
-        let first = layer.first().map(|p| StorePath::parse(p).map(|s| s.name).unwrap_or_else(|_| p.clone())).unwrap_or_default();
-        let more = if layer.len() > 1 { format!(" (+{} more)", layer.len() - 1) } else { String::new() };
-        writeln!(out, "{i:>5}  {:>6}  {bytes:>14}  {pct:>5.1}%  {first}{more}", layer.len())?;
-    }
-    let paths: usize = plan.iter().map(Vec::len).sum();
-    writeln!(out, "total: {} layers, {paths} store paths, {} ({total} bytes)", plan.len(), human_bytes(total))?;
-    if let Some((name, s)) = against {
-        writeln!(out, "{}", sharing_line(name, s, plan.len()))?;
-    }
-    Ok(())
-}
-
 /// Bytes in binary units, one decimal.
 pub fn human_bytes(b: u64) -> String {
     const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
@@ -1162,7 +1007,7 @@ pub fn human_bytes(b: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::nixstore::{nix_base32_encode, PathInfo};
+    use crate::nixstore::{nix_base32_encode, PathInfo, StorePath};
 
     /// A graph from (name, narSize, references by name); hashes are made from the names so that
     /// paths sort by name.

@@ -65,41 +65,14 @@ create table if not exists DerivationOutputs (
 create index if not exists IndexDerivationOutputs on DerivationOutputs(path);
 "#;
 
-/// Arguments of `stevedore nixdb`.
-#[derive(clap::Args, Debug)]
-pub struct NixDbArgs {
-    /// Write `nix/var/nix/db` and `nix/var/nix/gcroots/docker` under this directory (the
-    /// customisation layer's root).
-    #[arg(long, value_name = "DIR")]
-    pub root: PathBuf,
-    /// The closure: `exportReferencesGraph` JSON (with `__structuredAttrs`: a list of `{ path,
-    /// narHash, narSize, references }`) or closureInfo's `registration`.
-    #[arg(long, value_name = "FILE")]
-    pub closure: PathBuf,
-    /// The closure file's format (default: guessed from its content).
-    #[arg(long, value_enum, default_value_t = GraphFormat::Auto)]
-    pub format: GraphFormat,
-    /// For a JSON object such as `.attrs.json`: the key holding the closure list.
-    #[arg(long, value_name = "NAME")]
-    pub key: Option<String>,
-    /// Paths to register as GC roots (`nix/var/nix/gcroots/docker/<basename>`); each must be in
-    /// the closure.
-    #[arg(long, value_name = "PATH", num_args = 1.., action = clap::ArgAction::Append)]
-    pub roots: Vec<String>,
-    /// `registrationTime` of every path (nixpkgs sets $SOURCE_DATE_EPOCH).
-    #[arg(long, value_name = "SECONDS", default_value_t = 1, allow_negative_numbers = true)]
-    pub registration_time: i64,
-    /// Print nothing on stderr but errors.
-    #[arg(short, long)]
-    pub quiet: bool,
-}
-
-fn load_graph(args: &NixDbArgs) -> Result<ClosureGraph> {
-    let Some(key) = &args.key else {
-        return ClosureGraph::load(&args.closure, args.format);
+/// The closure in `closure` (in `format`); with `key`, the list under that key of a JSON object
+/// such as `.attrs.json`.
+pub fn load_graph(closure: &Path, format: GraphFormat, key: Option<&str>) -> Result<ClosureGraph> {
+    let Some(key) = key else {
+        return ClosureGraph::load(closure, format);
     };
-    let name = args.closure.display();
-    let bytes = crate::util::limits::read_limited(&args.closure, crate::util::limits::INPUT_LIMIT).map_err(|e| anyhow!("{e:#}"))?;
+    let name = closure.display();
+    let bytes = crate::util::limits::read_limited(closure, crate::util::limits::INPUT_LIMIT).map_err(|e| anyhow!("{e:#}"))?;
     let value: serde_json::Value = crate::util::limits::parse_json(&bytes, crate::util::limits::INPUT_VALUES).map_err(|e| anyhow!("{name}: {e:#}"))?;
     let list = value.get(key).ok_or_else(|| anyhow!("{name}: no key {key:?}"))?;
     ClosureGraph::from_json_value(list).map_err(|e| anyhow!("{name}: {e:#}"))
@@ -267,19 +240,6 @@ fn write_symlink(target: &str, link: &Path) -> Result<()> {
     remove_if_exists(&tmp)?;
     std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("cannot create symlink {}", tmp.display()))?;
     fs::rename(&tmp, link).with_context(|| format!("cannot rename {} to {}", tmp.display(), link.display()))
-}
-
-/// `stevedore nixdb`.
-pub fn run(args: &NixDbArgs) -> Result<()> {
-    let graph = load_graph(args)?;
-    if graph.is_empty() {
-        bail!("{}: the closure is empty", args.closure.display());
-    }
-    write_tree(&graph, &args.root, &args.roots, args.registration_time).map_err(|e| anyhow!("{}: {e:#}", args.closure.display()))?;
-    if !args.quiet {
-        eprintln!("Registered {} paths and {} GC roots under {}", graph.len(), args.roots.len(), args.root.display());
-    }
-    Ok(())
 }
 
 /// Writes `nix/var/nix/db` (schema and database) for `graph` under `root`, and a GC root

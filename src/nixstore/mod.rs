@@ -204,7 +204,7 @@ pub struct PathInfo {
 }
 
 /// The input formats [`ClosureGraph::parse`] reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum GraphFormat {
     /// Guess from the content.
     #[default]
@@ -218,6 +218,16 @@ pub enum GraphFormat {
     ReferencesGraph,
     /// closureInfo's `store-paths`: one path a line, no references.
     StorePaths,
+}
+
+impl crate::util::shared::Choice for GraphFormat {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[
+        ("auto", GraphFormat::Auto, "Guess from the content"),
+        ("json", GraphFormat::Json, "`exportReferencesGraph` under `__structuredAttrs` (or a `.attrs.json` with a `graph` list)"),
+        ("registration", GraphFormat::Registration, "closureInfo's `registration` (`nix-store --load-db`): path, narHash, narSize, deriver, count, references"),
+        ("references-graph", GraphFormat::ReferencesGraph, "`exportReferencesGraph` without structured attrs: path, deriver, count, references"),
+        ("store-paths", GraphFormat::StorePaths, "closureInfo's `store-paths`: one path a line, no references"),
+    ];
 }
 
 /// A node of a [`ClosureGraph`]; references are indices into the graph.

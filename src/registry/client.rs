@@ -18,24 +18,16 @@ application/vnd.docker.distribution.manifest.list.v2+json, application/vnd.docke
 /// Largest manifest or config we accept (the distribution spec suggests 4 MiB for manifests).
 pub use crate::util::limits::JSON_LIMIT;
 
-/// Connection options shared by the subcommands.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct ConnectArgs {
-    /// USER:PASSWORD for the registry (else the auth files: $REGISTRY_AUTH_FILE,
-    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, ~/.docker/config.json,
-    /// with their credential helpers: credHelpers, credsStore).
-    #[arg(long, value_name = "USER:PASS")]
+/// How to reach a registry.
+#[derive(Debug, Clone, Default)]
+pub struct Connect {
+    /// `USER:PASSWORD`; else the auth files and their credential helpers.
     pub creds: Option<String>,
-    /// Allow plain HTTP and unverified TLS (like skopeo's --tls-verify=false).
-    #[arg(long)]
+    /// Allow plain HTTP and unverified TLS.
     pub insecure: bool,
-    /// How many times to retry a request that failed with a connection error, 5xx or 429 (one
-    /// that timed out is retried once at most; the timeout is STEVEDORE_REGISTRY_TIMEOUT
-    /// seconds, 60 by default).
-    #[arg(long, default_value_t = 4, value_name = "N")]
+    /// Retries of a request that failed with a connection error, 5xx or 429.
     pub retries: u32,
     /// Print nothing on stderr but errors.
-    #[arg(short, long)]
     pub quiet: bool,
 }
 
@@ -227,7 +219,7 @@ fn one_line(s: &str) -> String {
 impl Registry {
     /// Opens a session with `reference`'s registry for `scopes`. With `insecure`, HTTPS without
     /// verification is tried first and plain HTTP after, as skopeo does.
-    pub fn connect(reference: &Reference, args: &ConnectArgs, scopes: Vec<String>) -> Result<Registry> {
+    pub fn connect(reference: &Reference, args: &Connect, scopes: Vec<String>) -> Result<Registry> {
         let (creds, creds_note) = match &args.creds {
             Some(c) => (Some(super::auth::parse_creds(c)?), None),
             None => {

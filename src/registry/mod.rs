@@ -20,123 +20,83 @@ use crate::util::progress::Progress;
 use crate::image::oci::INDEX_TYPE;
 use anyhow::{anyhow, bail, Result};
 use auth::Reference;
-use client::{ConnectArgs, Registry};
+pub use client::Connect;
+use client::Registry;
 use pull::Platform;
 use serde_json::{json, Value};
 use source::{BlobData, ConfPass, DockerArchivePass, Plan, Source};
-use std::io::Write;
 use std::path::PathBuf;
 
-#[derive(clap::Args, Debug)]
-pub struct PushArgs {
-    /// What to push: a stream conf JSON file, an OCI layout (`oci:DIR[:REF]` or a directory),
-    /// an oci-archive (`oci-archive:FILE[:REF]`) or a Docker archive (`docker-archive:FILE`);
-    /// a plain file is recognized by its contents.
-    pub source: String,
-    /// Where: `docker://REGISTRY/REPO[:TAG]` (tag `latest` if none).
-    pub dest: String,
-    #[command(flatten)]
-    pub push: PushOptionsArgs,
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-}
-
-#[derive(clap::Args, Debug, Clone)]
-pub struct PushOptionsArgs {
-    /// Try to mount missing blobs from this repository of the same registry (repeatable).
-    #[arg(long = "mount-from", value_name = "REPO")]
+/// How a push compresses and uploads (the `push` and `index` options).
+#[derive(Debug, Clone)]
+pub struct Push {
+    /// Repositories of the same registry to mount missing blobs from.
     pub mount_from: Vec<String>,
-    /// How layers made from a conf or a Docker archive are compressed: none, gz or zstd.
-    #[arg(long, default_value = "gz", value_name = "none|gz|zstd")]
-    pub compressor: String,
-    /// Blobs larger than this many bytes are uploaded in PATCH chunks of this size (suffixes
-    /// K, M, G); smaller ones in one PUT.
-    #[arg(long, default_value = "64M", value_name = "BYTES")]
-    pub chunk_size: String,
+    /// How layers made from a conf or a Docker archive are compressed.
+    pub compressor: Compressor,
+    /// Blobs larger than this go up in PATCH chunks of this size; smaller ones in one PUT.
+    pub chunk_size: u64,
 }
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct PlatformArgs {
-    /// Operating system to pick from a multi-platform image.
-    #[arg(long, default_value = "linux")]
+/// The platform to pick from a multi-platform image.
+#[derive(Debug, Clone)]
+pub struct WantedPlatform {
     pub os: String,
-    /// Architecture to pick (default: this machine's, in Go's names: amd64, arm64, ...).
-    #[arg(long)]
+    /// GOARCH name; this machine's if none.
     pub arch: Option<String>,
-    /// CPU variant to pick (e.g. v7 for arm, v8 for arm64).
-    #[arg(long)]
     pub variant: Option<String>,
 }
 
-impl PlatformArgs {
+impl WantedPlatform {
     fn platform(&self) -> Platform {
         Platform {
             os: self.os.clone(),
-            arch: self.arch.clone().unwrap_or_else(|| pull::host_arch().to_string()),
+            arch: self.arch.clone().unwrap_or_else(|| crate::util::shared::host_go_arch().to_string()),
             variant: self.variant.clone().filter(|v| !v.is_empty()),
         }
     }
 }
 
-#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+/// What `pull` writes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PullFormat {
+    /// A Docker archive, layers decompressed.
     DockerArchive,
+    /// An OCI image layout directory.
     Oci,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct PullArgs {
+impl crate::util::shared::Choice for PullFormat {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] =
+        &[("docker-archive", PullFormat::DockerArchive, ""), ("oci", PullFormat::Oci, "")];
+}
+
+/// A pull: the image, which platform, and the output.
+#[derive(Debug, Clone)]
+pub struct Pull {
     /// `docker://REGISTRY/REPO[:TAG|@DIGEST]`
     pub image: String,
-    #[command(flatten)]
-    pub platform: PlatformArgs,
-    /// Output format: a Docker archive (layers decompressed) or an OCI layout directory.
-    #[arg(long, value_enum, default_value_t = PullFormat::DockerArchive)]
+    pub platform: WantedPlatform,
     pub format: PullFormat,
-    /// Output file (docker-archive) or directory (oci).
-    #[arg(short, long, value_name = "OUT")]
+    /// The output file (docker-archive) or directory (oci).
     pub output: PathBuf,
-    /// Image name recorded in the output (default: the reference's, as written).
-    #[arg(long, value_name = "NAME")]
+    /// The name recorded in the output (default: the reference's, as written).
     pub image_name: Option<String>,
-    /// Tag recorded in the output (default: the reference's tag, or `latest`).
-    #[arg(long, value_name = "TAG")]
+    /// The tag recorded in the output (default: the reference's, or `latest`).
     pub image_tag: Option<String>,
-    #[command(flatten)]
-    pub connect: ConnectArgs,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct PrefetchArgs {
-    /// `docker://REGISTRY/REPO[:TAG|@DIGEST]`
+/// A prefetch: pullImage's arguments for an image, with the hash of its output.
+#[derive(Debug, Clone)]
+pub struct Prefetch {
     pub image: String,
-    #[command(flatten)]
-    pub platform: PlatformArgs,
-    /// finalImageName for pullImage (default: the image name).
-    #[arg(long, value_name = "NAME")]
+    pub platform: WantedPlatform,
     pub final_image_name: Option<String>,
-    /// finalImageTag for pullImage (default: the reference's tag, or `latest`).
-    #[arg(long, value_name = "TAG")]
     pub final_image_tag: Option<String>,
-    #[command(flatten)]
-    pub connect: ConnectArgs,
 }
 
-#[derive(clap::Args, Debug)]
-pub struct IndexArgs {
-    /// Where to push the index: `docker://REGISTRY/REPO[:TAG]`.
-    pub dest: String,
-    /// Per-platform images: `docker://` references on the same registry (already pushed), or
-    /// sources (as for push), which are pushed to the destination repository first.
-    #[arg(required = true)]
-    pub images: Vec<String>,
-    #[command(flatten)]
-    pub push: PushOptionsArgs,
-    #[command(flatten)]
-    pub connect: ConnectArgs,
-}
-
-fn parse_size(s: &str) -> Result<u64> {
+/// A size in bytes with an optional K, M or G suffix.
+pub fn parse_size(s: &str) -> Result<u64> {
     let s = s.trim();
     let (num, mult) = match s.chars().last() {
         Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
@@ -162,14 +122,14 @@ fn dest_reference(s: &str) -> Result<Reference> {
     Ok(r)
 }
 
-fn push_scopes(dest: &Reference, opts: &PushOptionsArgs) -> Vec<String> {
+fn push_scopes(dest: &Reference, opts: &Push) -> Vec<String> {
     let mut scopes = vec![format!("repository:{}:pull,push", dest.repo)];
     scopes.extend(opts.mount_from.iter().map(|r| format!("repository:{r}:pull")));
     scopes
 }
 
-fn push_options(opts: &PushOptionsArgs) -> Result<push::PushOptions> {
-    Ok(push::PushOptions { mount_from: opts.mount_from.clone(), chunk_size: parse_size(&opts.chunk_size)? })
+fn push_options(opts: &Push) -> push::PushOptions {
+    push::PushOptions { mount_from: opts.mount_from.clone(), chunk_size: opts.chunk_size }
 }
 
 /// Builds the plan for `source` and hands it to `f`; plans borrow from the loaded inputs.
@@ -195,20 +155,20 @@ fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: im
     }
 }
 
-pub fn run_push(args: &PushArgs) -> Result<()> {
-    let progress = Progress { quiet: args.connect.quiet };
-    let dest = dest_reference(&args.dest)?;
-    let compressor = Compressor::parse(&args.push.compressor)?;
-    let opts = push_options(&args.push)?;
-    let reg = Registry::connect(&dest, &args.connect, push_scopes(&dest, &args.push))?;
+/// Pushes `source` (a conf, OCI layout, oci-archive or Docker archive) to `dest`
+/// (`docker://REGISTRY/REPO[:TAG]`); returns the manifest's digest.
+pub fn push(source: &str, dest: &str, push: &Push, connect: &Connect) -> Result<String> {
+    let progress = Progress { quiet: connect.quiet };
+    let dest = dest_reference(dest)?;
+    let opts = push_options(push);
+    let reg = Registry::connect(&dest, connect, push_scopes(&dest, push))?;
     let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
-    let digest = with_plan(&args.source, compressor, &progress, |plan| {
+    let digest = with_plan(source, push.compressor, &progress, |plan| {
         push::push_plan(&reg, &dest.repo, Some(&tag), plan, &opts, &progress)?;
         Ok(plan.top().digest.clone())
     })?;
     progress.say(format!("pushed {}:{tag}@{digest}", dest.name()));
-    println!("{digest}");
-    Ok(())
+    Ok(digest)
 }
 
 fn output_name(reference: &Reference, given: &str) -> String {
@@ -220,10 +180,11 @@ fn output_name(reference: &Reference, given: &str) -> String {
     }
 }
 
-pub fn run_pull(args: &PullArgs) -> Result<()> {
-    let progress = Progress { quiet: args.connect.quiet };
+/// Pulls an image into a Docker archive or an OCI layout; returns the manifest's digest.
+pub fn pull(args: &Pull, connect: &Connect) -> Result<String> {
+    let progress = Progress { quiet: connect.quiet };
     let reference = Reference::parse(&args.image)?;
-    let reg = Registry::connect(&reference, &args.connect, vec![format!("repository:{}:pull", reference.repo)])?;
+    let reg = Registry::connect(&reference, connect, vec![format!("repository:{}:pull", reference.repo)])?;
     let img = pull::resolve(&reg, &reference, &args.platform.platform())?;
     let name = args.image_name.clone().unwrap_or_else(|| output_name(&reference, &args.image));
     let tag = args.image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
@@ -234,14 +195,14 @@ pub fn run_pull(args: &PullArgs) -> Result<()> {
         PullFormat::Oci => pull::write_oci_layout(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
     }
     progress.say(format!("pulled {}@{} into {}", reference.name(), img.manifest_digest, args.output.display()));
-    println!("{}", img.manifest_digest);
-    Ok(())
+    Ok(img.manifest_digest)
 }
 
-pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
-    let progress = Progress { quiet: args.connect.quiet };
+/// pullImage's arguments for an image, as a Nix attribute set (nix-prefetch-docker's output).
+pub fn prefetch(args: &Prefetch, connect: &Connect) -> Result<String> {
+    let progress = Progress { quiet: connect.quiet };
     let reference = Reference::parse(&args.image)?;
-    let reg = Registry::connect(&reference, &args.connect, vec![format!("repository:{}:pull", reference.repo)])?;
+    let reg = Registry::connect(&reference, connect, vec![format!("repository:{}:pull", reference.repo)])?;
     let img = pull::resolve(&reg, &reference, &args.platform.platform())?;
     let image_name = output_name(&reference, &args.image);
     let final_name = args.final_image_name.clone().unwrap_or_else(|| image_name.clone());
@@ -267,8 +228,7 @@ pub fn run_prefetch(args: &PrefetchArgs) -> Result<()> {
         text.push_str(&format!("  os = {};\n  arch = {};\n", q(&p.os), q(&p.arch)));
     }
     text.push_str("}\n");
-    std::io::stdout().write_all(text.as_bytes())?;
-    Ok(())
+    Ok(text)
 }
 
 /// Platform of an image from its config JSON.
@@ -297,14 +257,16 @@ fn plan_config(plan: &Plan) -> Result<Vec<u8>> {
     }
 }
 
-pub fn run_index(args: &IndexArgs) -> Result<()> {
-    let progress = Progress { quiet: args.connect.quiet };
-    let dest = dest_reference(&args.dest)?;
-    let compressor = Compressor::parse(&args.push.compressor)?;
-    let opts = push_options(&args.push)?;
-    let mut scopes = push_scopes(&dest, &args.push);
+/// Pushes a multi-platform index of `images` (`docker://` references on the destination's
+/// registry, or sources as for [`push`], pushed first) to `dest`; returns its digest.
+pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> Result<String> {
+    let progress = Progress { quiet: connect.quiet };
+    let dest = dest_reference(dest)?;
+    let compressor = push.compressor;
+    let opts = push_options(push);
+    let mut scopes = push_scopes(&dest, push);
     let mut refs = Vec::new();
-    for image in &args.images {
+    for image in images {
         if image.starts_with("docker://") {
             let r = Reference::parse(image)?;
             if r.registry != dest.registry {
@@ -318,9 +280,9 @@ pub fn run_index(args: &IndexArgs) -> Result<()> {
             refs.push(None);
         }
     }
-    let reg = Registry::connect(&dest, &args.connect, scopes)?;
+    let reg = Registry::connect(&dest, connect, scopes)?;
     let mut entries: Vec<Value> = Vec::new();
-    for (image, r) in args.images.iter().zip(refs) {
+    for (image, r) in images.iter().zip(refs) {
         let (digest, media_type, size, platform) = match r {
             None => {
                 progress.say(format!("pushing {image}"));
@@ -372,8 +334,7 @@ pub fn run_index(args: &IndexArgs) -> Result<()> {
     reg.put_manifest(&dest.repo, &digest, INDEX_TYPE, &bytes)?;
     reg.put_manifest(&dest.repo, &tag, INDEX_TYPE, &bytes)?;
     progress.say(format!("pushed index {}:{tag}@{digest}", dest.name()));
-    println!("{digest}");
-    Ok(())
+    Ok(digest)
 }
 
 fn platform_string(p: &Value) -> String {

@@ -29,18 +29,6 @@ pub struct Platform {
     pub variant: Option<String>,
 }
 
-/// The host's architecture in Go's (and so OCI's) names.
-pub fn host_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "x86" => "386",
-        "powerpc64" => "ppc64le",
-        "loongarch64" => "loong64",
-        other => other,
-    }
-}
-
 /// The image a reference resolves to for a platform.
 pub struct Resolved {
     /// Digest of what the reference names (an index's, for a multi-arch image).

@@ -51,7 +51,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 /// How container ids are mapped to ours.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum IdMapping {
     /// Every id if we can (as root, or with newuidmap/newgidmap and /etc/subuid and
     /// /etc/subgid ranges), else our own uid and gid only, with owners recorded.
@@ -62,69 +62,60 @@ pub enum IdMapping {
     Single,
 }
 
-/// Arguments of `stevedore run-as-root`.
-#[derive(clap::Args, Debug)]
-pub struct RunAsRootArgs {
+impl crate::util::shared::Choice for IdMapping {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[
+        ("auto", IdMapping::Auto, "Every id if we can (as root, or with newuidmap/newgidmap and /etc/subuid and /etc/subgid ranges), else our own uid and gid only, with owners recorded"),
+        ("full", IdMapping::Full, "Every id, or fail"),
+        ("single", IdMapping::Single, "Our own uid and gid as 0, other owners recorded (what an unprivileged build gets)"),
+    ];
+}
+
+/// A run-as-root job: the base image and trees to lay out, the script, where the layer goes
+/// (the `stevedore run-as-root` options mean the same).
+#[derive(Debug, Clone)]
+pub struct RunAsRoot {
     /// The base image (a Docker archive, plain, gzip or zstd, an OCI archive or layout);
     /// without it the script starts from an empty root.
-    #[arg(long, value_name = "IMAGE")]
     pub from_image: Option<PathBuf>,
     /// Take the image tagged NAME:TAG from it (default: the first image).
-    #[arg(long, value_name = "NAME", requires = "from_image")]
     pub from_image_name: Option<String>,
     /// The tag to go with --from-image-name (default `latest`).
-    #[arg(long, value_name = "TAG", requires = "from_image_name")]
     pub from_image_tag: Option<String>,
     /// A directory tree copied onto the root before the script runs (copyToRoot), as
     /// `rsync -ak --chown=0:0 DIR/ ROOT/` would: symlinks to directories become directories,
     /// owners are root. Repeatable; later ones win. Its contents end up in the new layer.
-    #[arg(long = "layer", value_name = "DIR")]
     pub layers: Vec<PathBuf>,
     /// Copy --layer trees as `rsync -aK` (keepContentsDirlinks): symlinks stay symlinks, and
     /// symlinks to directories already in the root are followed.
-    #[arg(long)]
     pub keep_dirlinks: bool,
     /// A store path to bind-mount read-only at the same place (repeatable).
-    #[arg(long = "store-path", value_name = "PATH")]
     pub store_paths: Vec<PathBuf>,
     /// Bind-mount this whole store directory read-only instead (e.g. /nix/store).
-    #[arg(long, value_name = "DIR")]
     pub store_dir: Option<PathBuf>,
     /// The script to run.
-    #[arg(long, value_name = "FILE")]
     pub script: PathBuf,
     /// The shell that runs it, as a path inside the root (a store path's shell, usually).
-    #[arg(long, value_name = "PATH", default_value = "/bin/sh")]
     pub shell: String,
     /// An environment variable for the script (repeatable). The environment is only these,
     /// plus PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin if not given.
-    #[arg(long = "env", value_name = "NAME=VALUE")]
     pub env: Vec<String>,
     /// Commands run after the script (nixpkgs' extraCommands): by `--extra-commands-shell`,
     /// not chrooted, with the root filesystem as working directory and stevedore's own
     /// environment, as root of the namespace. What they change goes into the layer too.
-    #[arg(long, value_name = "FILE")]
     pub extra_commands: Option<PathBuf>,
     /// The shell for --extra-commands, a path outside the image.
-    #[arg(long, value_name = "PATH", default_value = "/bin/sh")]
     pub extra_commands_shell: PathBuf,
     /// Where to write the new layer (a tar; replaced only once complete).
-    #[arg(long, value_name = "FILE")]
     pub out_layer: PathBuf,
     /// Also write the layer's sha256 (hex) to this file. It always goes to stdout.
-    #[arg(long, value_name = "FILE")]
     pub out_checksum: Option<PathBuf>,
     /// Modification time of every member (default: $SOURCE_DATE_EPOCH, else 1).
-    #[arg(long, value_name = "SECONDS", allow_negative_numbers = true)]
     pub mtime: Option<i64>,
     /// How ids are mapped in the user namespace.
-    #[arg(long, value_enum, default_value_t = IdMapping::Auto)]
     pub id_mapping: IdMapping,
     /// Where to lay out the root filesystem (default: $TMPDIR, else /tmp).
-    #[arg(long, value_name = "DIR")]
     pub scratch: Option<PathBuf>,
     /// Print nothing on stderr but errors (the script's output still goes there).
-    #[arg(short, long)]
     pub quiet: bool,
 }
 
@@ -1249,7 +1240,7 @@ fn supervise(child: Pid, listener: Option<OwnedFd>, root_dev: u64, frames: RawFd
 
 /// What C needs, prepared by P before forking.
 struct Job<'a> {
-    args: &'a RunAsRootArgs,
+    args: &'a RunAsRoot,
     tree: &'a Tree,
     blobs: &'a [LayerBlob],
     scratch: &'a Path,
@@ -1643,7 +1634,7 @@ fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCount
 }
 
 /// `stevedore run-as-root`.
-pub fn run(args: &RunAsRootArgs) -> Result<()> {
+pub fn run(args: &RunAsRoot) -> Result<()> {
     let started = std::time::Instant::now();
     let mtime = match args.mtime {
         Some(m) => m,

@@ -7,6 +7,7 @@ pub mod files;
 pub mod io;
 pub mod limits;
 pub mod progress;
+pub mod shared;
 
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {

@@ -1,0 +1,182 @@
+//! The registry commands: push, pull, prefetch, index.
+
+use super::choice;
+use anyhow::Result;
+use std::path::PathBuf;
+use stevedore::compress::Compressor;
+use stevedore::registry::{self, Connect, Prefetch, Pull, PullFormat, Push, WantedPlatform};
+
+#[derive(clap::Args)]
+pub struct PushCmd {
+    /// What to push: a stream conf JSON file, an OCI layout (`oci:DIR[:REF]` or a directory),
+    /// an oci-archive (`oci-archive:FILE[:REF]`) or a Docker archive (`docker-archive:FILE`);
+    /// a plain file is recognized by its contents.
+    pub source: String,
+    /// Where: `docker://REGISTRY/REPO[:TAG]` (tag `latest` if none).
+    pub dest: String,
+    #[command(flatten)]
+    pub push: PushOpts,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+}
+
+#[derive(clap::Args)]
+pub struct PushOpts {
+    /// Try to mount missing blobs from this repository of the same registry (repeatable).
+    #[arg(long = "mount-from", value_name = "REPO")]
+    pub mount_from: Vec<String>,
+    /// How layers made from a conf or a Docker archive are compressed: none, gz or zstd.
+    #[arg(long, default_value = "gz", value_name = "none|gz|zstd")]
+    pub compressor: String,
+    /// Blobs larger than this many bytes are uploaded in PATCH chunks of this size (suffixes
+    /// K, M, G); smaller ones in one PUT.
+    #[arg(long, default_value = "64M", value_name = "BYTES")]
+    pub chunk_size: String,
+}
+
+#[derive(clap::Args)]
+pub struct PlatformOpts {
+    /// Operating system to pick from a multi-platform image.
+    #[arg(long, default_value = "linux")]
+    pub os: String,
+    /// Architecture to pick (default: this machine's, in Go's names: amd64, arm64, ...).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// CPU variant to pick (e.g. v7 for arm, v8 for arm64).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+
+#[derive(clap::Args)]
+pub struct PullCmd {
+    /// `docker://REGISTRY/REPO[:TAG|@DIGEST]`
+    pub image: String,
+    #[command(flatten)]
+    pub platform: PlatformOpts,
+    /// Output format: a Docker archive (layers decompressed) or an OCI layout directory.
+    #[arg(long, value_parser = choice::<PullFormat>(), default_value = "docker-archive")]
+    pub format: PullFormat,
+    /// Output file (docker-archive) or directory (oci).
+    #[arg(short, long, value_name = "OUT")]
+    pub output: PathBuf,
+    /// Image name recorded in the output (default: the reference's, as written).
+    #[arg(long, value_name = "NAME")]
+    pub image_name: Option<String>,
+    /// Tag recorded in the output (default: the reference's tag, or `latest`).
+    #[arg(long, value_name = "TAG")]
+    pub image_tag: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+}
+
+#[derive(clap::Args)]
+pub struct PrefetchCmd {
+    /// `docker://REGISTRY/REPO[:TAG|@DIGEST]`
+    pub image: String,
+    #[command(flatten)]
+    pub platform: PlatformOpts,
+    /// finalImageName for pullImage (default: the image name).
+    #[arg(long, value_name = "NAME")]
+    pub final_image_name: Option<String>,
+    /// finalImageTag for pullImage (default: the reference's tag, or `latest`).
+    #[arg(long, value_name = "TAG")]
+    pub final_image_tag: Option<String>,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+}
+
+#[derive(clap::Args)]
+pub struct IndexCmd {
+    /// Where to push the index: `docker://REGISTRY/REPO[:TAG]`.
+    pub dest: String,
+    /// Per-platform images: `docker://` references on the same registry (already pushed), or
+    /// sources (as for push), which are pushed to the destination repository first.
+    #[arg(required = true)]
+    pub images: Vec<String>,
+    #[command(flatten)]
+    pub push: PushOpts,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+}
+
+/// Connection options shared by the subcommands.
+#[derive(clap::Args)]
+pub struct ConnectOpts {
+    /// USER:PASSWORD for the registry (else the auth files: $REGISTRY_AUTH_FILE,
+    /// $XDG_RUNTIME_DIR/containers/auth.json, ~/.config/containers/auth.json, ~/.docker/config.json,
+    /// with their credential helpers: credHelpers, credsStore).
+    #[arg(long, value_name = "USER:PASS")]
+    pub creds: Option<String>,
+    /// Allow plain HTTP and unverified TLS (like skopeo's --tls-verify=false).
+    #[arg(long)]
+    pub insecure: bool,
+    /// How many times to retry a request that failed with a connection error, 5xx or 429 (one
+    /// that timed out is retried once at most; the timeout is STEVEDORE_REGISTRY_TIMEOUT
+    /// seconds, 60 by default).
+    #[arg(long, default_value_t = 4, value_name = "N")]
+    pub retries: u32,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl PushOpts {
+    fn resolve(&self) -> Result<Push> {
+        Ok(Push { mount_from: self.mount_from.clone(), compressor: Compressor::parse(&self.compressor)?, chunk_size: registry::parse_size(&self.chunk_size)? })
+    }
+}
+
+impl PlatformOpts {
+    fn resolve(&self) -> WantedPlatform {
+        WantedPlatform { os: self.os.clone(), arch: self.arch.clone(), variant: self.variant.clone() }
+    }
+}
+
+impl ConnectOpts {
+    fn resolve(&self) -> Connect {
+        Connect { creds: self.creds.clone(), insecure: self.insecure, retries: self.retries, quiet: self.quiet }
+    }
+}
+
+impl PushCmd {
+    pub fn run(self) -> Result<()> {
+        println!("{}", registry::push(&self.source, &self.dest, &self.push.resolve()?, &self.connect.resolve())?);
+        Ok(())
+    }
+}
+
+impl PullCmd {
+    pub fn run(self) -> Result<()> {
+        let pull = Pull {
+            image: self.image,
+            platform: self.platform.resolve(),
+            format: self.format,
+            output: self.output,
+            image_name: self.image_name,
+            image_tag: self.image_tag,
+        };
+        println!("{}", registry::pull(&pull, &self.connect.resolve())?);
+        Ok(())
+    }
+}
+
+impl PrefetchCmd {
+    pub fn run(self) -> Result<()> {
+        let prefetch = Prefetch {
+            image: self.image,
+            platform: self.platform.resolve(),
+            final_image_name: self.final_image_name,
+            final_image_tag: self.final_image_tag,
+        };
+        print!("{}", registry::prefetch(&prefetch, &self.connect.resolve())?);
+        Ok(())
+    }
+}
+
+impl IndexCmd {
+    pub fn run(self) -> Result<()> {
+        println!("{}", registry::index(&self.dest, &self.images, &self.push.resolve()?, &self.connect.resolve())?);
+        Ok(())
+    }
+}
