@@ -82,6 +82,7 @@ rec {
       # Our extension (enums.json): "docker-archive" (docker-image-NAME.tar[.gz|.zst]), "oci"
       # (an OCI image layout directory, -oci) or "oci-archive" (that layout as a tar, -oci.tar).
       format ? "docker-archive",
+      # The result's meta.
       meta ? { },
     }@args:
     let

@@ -88,6 +88,7 @@ rec {
       layeringPipeline ? null,
       # Print the store layers (on the build's stderr).
       debug ? false,
+      # The result's meta.
       meta ? { },
       # Attributes added to the result (and its passthru).
       passthru ? { },
@@ -243,6 +244,7 @@ rec {
   # archive. Its passthru: streamLayeredImage's without isExe, plus `stream`.
   buildLayeredImage = makeOverridable (
     {
+      # The image's name, as streamLayeredImage's; the output is named after it.
       name,
       # The archive's compression (enums.json): "gz", "none" or "zstd". For OCI outputs,
       # each layer's.
@@ -250,6 +252,7 @@ rec {
       # Our extension (enums.json): "docker-archive" (name.tar[.gz|.zst]), "oci" (an OCI image
       # layout directory, name-oci) or "oci-archive" (that layout as a tar, name-oci.tar).
       format ? "docker-archive",
+      # The archive's meta.
       meta ? { },
       # Every other argument is streamLayeredImage's.
       ...
