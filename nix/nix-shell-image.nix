@@ -1,6 +1,6 @@
 # streamNixShellImage / buildNixShellImage: an image whose shell has the environment
 # `nix-shell` would give for a derivation (nixpkgs' arguments and meaning), built with our
-# streamLayeredImage / buildLayeredImage. Builtins only, like default.nix.
+# streamLayeredImage / buildLayeredImage. Builtins only, like the rest of nix/.
 #
 # What the container gets, following what Nix does for a build and nix-shell on top of it:
 # - Env: the derivation's attributes as Nix passes them to its builder (`args` is not one;
@@ -59,16 +59,26 @@ let
     else
       toString v;
 
+  # streamNixShellImage's arguments (nixpkgs' names and defaults), turned into streamLayeredImage's.
   imageArgs =
     {
+      # The derivation whose build environment the image gives (not one with
+      # __structuredAttrs).
       drv,
+      # The image's name and tag (tag null: the hash part of the conf's output path).
       name ? drv.name + "-env",
       tag ? null,
+      # The build user `nixbld`: who owns /build and runs Cmd, and its home.
       uid ? 1000,
       gid ? 1000,
       homeDirectory ? "/build",
+      # The shell Cmd starts (a bash), which also runs buildDerivation (nixpkgs runs that
+      # with runtimeShell, which need not be in the image).
       shell ? "${pkgs.bashInteractive or pkgs.bash or (throw "dockerTools.streamNixShellImage: the default shell needs pkgs.bashInteractive; pass `shell`")}/bin/bash",
+      # Shell code run in the interactive shell after the shellHook (nix-shell --command).
       command ? null,
+      # Shell code run after the shellHook, then the shell exits (nix-shell --run); not with
+      # command.
       run ? null,
     }:
     let
@@ -216,12 +226,16 @@ let
     };
 in
 {
+  # nixpkgs' streamNixShellImage: a stream executable (streamLayeredImage); arguments: imageArgs.
   streamNixShellImage = args: streamLayeredImage (imageArgs args);
 
+  # nixpkgs' buildNixShellImage: that image stored (buildLayeredImage).
   buildNixShellImage =
     {
       drv,
+      # The archive's compression: "gz", "none" or "zstd".
       compressor ? "gz",
+      # Every other argument is streamNixShellImage's.
       ...
     }@args:
     buildLayeredImage (imageArgs (removeAttrs args [ "compressor" ]) // { inherit compressor; });

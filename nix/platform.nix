@@ -1,5 +1,5 @@
 # Which platform stevedore's derivations build on, and the GOARCH name (what the OCI image spec
-# and registries use) of the platform images are for. Shared by default.nix and pull-image.nix.
+# and registries use) of the platform images are for. Shared by lib.nix and pull-image.nix.
 {
   stevedore,
   pkgs ? { },
@@ -14,21 +14,8 @@ rec {
 
   hostSystem = pkgs.stdenv.hostPlatform.system or pkgs.system or buildSystem;
 
-  goArch = {
-    x86_64-linux = "amd64";
-    aarch64-linux = "arm64";
-    i686-linux = "386";
-    armv5tel-linux = "arm";
-    armv6l-linux = "arm";
-    armv7l-linux = "arm";
-    riscv64-linux = "riscv64";
-    powerpc64le-linux = "ppc64le";
-    s390x-linux = "s390x";
-    mips64el-linux = "mips64le";
-    loongarch64-linux = "loong64";
-    x86_64-darwin = "amd64";
-    aarch64-darwin = "arm64";
-  };
+  # Nix system -> GOARCH, shared with the binary (enums.json).
+  goArch = (builtins.fromJSON (builtins.readFile ./enums.json)).goArch;
 
   # The host's GOARCH, or `fallback` (a caller's throw naming its own argument) if unknown.
   defaultArchitecture = fallback: goArch.${hostSystem} or pkgs.go.GOARCH or fallback;

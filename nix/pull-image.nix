@@ -33,12 +33,16 @@ let
   fakeHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
 in
 {
+  # The image's repository: "ghcr.io/owner/app", "library/nginx" (Docker Hub), ...
   imageName,
   # The digest of what the name refers to (a multi-platform index's digest is fine: the
   # platform is picked from it): `stevedore prefetch` prints it.
   imageDigest,
+  # The output's hash: `sha256` (nixpkgs' older name) or `hash` (SRI), not both; neither: a
+  # fake hash, so that the build fails and prints the real one.
   sha256 ? "",
   hash ? "",
+  # The platform picked from a multi-platform index: os, and arch below.
   os ? "linux",
   # Image architecture; defaults to the host platform's, in Go's names.
   arch ? defaultArchitecture,
@@ -47,6 +51,7 @@ in
   finalImageTag ? "latest",
   # false: allow plain HTTP and unverified TLS (registries on trusted networks).
   tlsVerify ? true,
+  # The output's name.
   name ? fixName "docker-image-${finalImageName}-${finalImageTag}.tar",
 }:
 assert

@@ -1,0 +1,277 @@
+# The internals the dockerTools functions share (not nixpkgs' lib, which stevedore does not
+# use): the derivation helpers, every argument check, output names, and the steps several
+# functions make (the image config, the push script, a stream's archive).
+#
+#   lib = import ./lib.nix { inherit pkgs stevedore; };
+{
+  pkgs ? { },
+  stevedore,
+}:
+let
+  inherit (builtins)
+    all
+    attrNames
+    baseNameOf
+    concatStringsSep
+    filter
+    isAttrs
+    isBool
+    isFunction
+    isInt
+    isList
+    isString
+    mapAttrs
+    substring
+    toJSON
+    ;
+
+  upper = [ "A" "B" "C" "D" "E" "F" "G" "H" "I" "J" "K" "L" "M" "N" "O" "P" "Q" "R" "S" "T" "U" "V" "W" "X" "Y" "Z" ];
+  lower = [ "a" "b" "c" "d" "e" "f" "g" "h" "i" "j" "k" "l" "m" "n" "o" "p" "q" "r" "s" "t" "u" "v" "w" "x" "y" "z" ];
+
+  # A uid or gid: a non-negative integer, or a string of digits (nixpkgs' Python runs int()).
+  isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
+
+  # check ARG OK MESSAGE: one argument check (see argumentChecks).
+  check = arg: ok: message: { inherit arg ok message; };
+in
+rec {
+  inherit pkgs;
+
+  # The enumerations the binary shares (compressors, output formats, GOARCH names).
+  enums = builtins.fromJSON (builtins.readFile ./enums.json);
+
+  stevedoreBin = "${stevedore}/bin/stevedore";
+
+  platform = import ./platform.nix { inherit stevedore pkgs; };
+  inherit (platform) buildSystem hostSystem;
+  defaultArchitecture = platform.defaultArchitecture (
+    throw "dockerTools: no default architecture for ${hostSystem}; pass `architecture`"
+  );
+
+  # A derivation built by `stevedore nix ACTION` from its structured attrs.
+  stevedoreDrv =
+    action: attrs:
+    builtins.derivation (
+      {
+        system = buildSystem;
+        builder = stevedoreBin;
+        args = [
+          "nix"
+          action
+        ];
+        __structuredAttrs = true;
+      }
+      // attrs
+    );
+
+  # Small steps: not worth a binary cache round trip.
+  local = {
+    preferLocalBuild = true;
+    allowSubstitutes = false;
+  };
+
+  toLower = builtins.replaceStrings upper lower;
+
+  # Like lib.makeOverridable: `.override` re-applies the function to changed arguments.
+  makeOverridable =
+    f: args:
+    f args
+    // {
+      override =
+        changes: makeOverridable f (args // (if isFunction changes then changes args else changes));
+    };
+
+  # Attaches passthru attributes and meta to a derivation, as mkDerivation does.
+  withPassthru =
+    drv: passthru: extra:
+    drv // passthru // extra // { inherit passthru; };
+
+  # Tools on PATH for extraCommands / fakeRootCommands: stdenv's usual ones, those pkgs has.
+  commandTools = filter (n: pkgs ? ${n}) [
+    "coreutils"
+    "findutils"
+    "diffutils"
+    "gnused"
+    "gnugrep"
+    "gawk"
+    "gnutar"
+    "gzip"
+    "bzip2"
+    "xz"
+    "getopt"
+  ];
+
+  # A derivation that is only symlinks: { "rel/path" = target; }.
+  symlinkTree =
+    name: links:
+    stevedoreDrv "symlinks" (
+      local
+      // {
+        inherit name links;
+      }
+    );
+
+  # name: text: a store file holding text (writeText).
+  writeText = name: text: stevedoreDrv "text" (local // { inherit name text; });
+
+  # name: { "rel/path" = { text; executable; } or { directory = true; }; }: a store tree.
+  writeFiles = name: files: stevedoreDrv "files" (local // { inherit name files; });
+
+  # --- Errors and argument checks --------------------------------------------------------
+
+  # The error of function `fn` (streamLayeredImage, ...) about the image called `name`.
+  failWith = fn: name: msg: throw "dockerTools.${fn}: image ${toJSON name}: ${msg}";
+
+  # pkgs.ATTR, or an error saying that WHY needs it.
+  need =
+    fail: attr: why:
+    pkgs.${attr} or (fail "${why} needs pkgs.${attr}");
+
+  # Every check of a function's arguments, in the order they run (the first that fails is the
+  # error; a check may read other arguments, `a`). A function runs those of the arguments it
+  # passes to checkArgs. The compressor and format are checked by outputName.
+  argumentChecks = fn: [
+    (check "name" (a: isString a.name && a.name != "") "name must be a non-empty string")
+    (check "tag" (
+      a: a.tag == null || isString a.tag && a.tag != ""
+    ) "tag must be null or a non-empty string")
+    (check "architecture" (a: isString a.architecture) "architecture must be a string")
+    (check "created" (a: isString a.created) "created must be a string (ISO-8601 or \"now\")")
+    (check "uid" (a: isId a.uid) "uid must be a non-negative integer")
+    (check "gid" (a: isId a.gid) "gid must be a non-negative integer")
+    (check "extraCommands" (a: isString a.extraCommands) "extraCommands must be a string")
+    (check "includeNixDB" (a: isBool a.includeNixDB) "includeNixDB must be a boolean")
+    # buildImage's config defaults to null, streamLayeredImage's to { }; both take either.
+    (check "config" (a: isAttrs a.config || a.config == null) (
+      if fn == "buildImage" then
+        "config must be null or an attribute set"
+      else
+        "config must be an attribute set"
+    ))
+    (check "mtime" (a: isString a.mtime) "mtime must be a string (ISO-8601 or \"now\")")
+    (check "uname" (a: isString a.uname) "uname must be a string")
+    (check "gname" (a: isString a.gname) "gname must be a string")
+    (check "maxLayers" (a: isInt a.maxLayers) "maxLayers must be an integer")
+    # nixpkgs ignores maxLayers when a layeringPipeline is given.
+    (check "maxLayers" (a: a.layeringPipeline != null || a.maxLayers > 1) (
+      a: "maxLayers must be greater than 1 (got ${toString a.maxLayers})"
+    ))
+    (check "fakeRootCommands" (a: isString a.fakeRootCommands) "fakeRootCommands must be a string")
+    (check "enableFakechroot" (a: isBool a.enableFakechroot) "enableFakechroot must be a boolean")
+    (check "includeStorePaths" (
+      a: isBool a.includeStorePaths
+    ) "includeStorePaths must be a boolean")
+    (check "layeringPipeline" (
+      a:
+      a.layeringPipeline == null
+      || isList a.layeringPipeline
+      || isString a.layeringPipeline
+      || builtins.isPath a.layeringPipeline
+      || isAttrs a.layeringPipeline
+    ) "layeringPipeline must be null, a list, or a JSON file")
+    (check "runAsRoot" (
+      a: a.runAsRoot == null || isString a.runAsRoot
+    ) "runAsRoot must be null or a string (a shell script)")
+    (check "keepContentsDirlinks" (
+      a: isBool a.keepContentsDirlinks
+    ) "keepContentsDirlinks must be a boolean")
+    (check "fromImageName" (
+      a: a.fromImageName == null || isString a.fromImageName
+    ) "fromImageName must be null or a string")
+    (check "fromImageTag" (
+      a: a.fromImageTag == null || isString a.fromImageTag
+    ) "fromImageTag must be null or a string")
+    (check "fromImageTag" (
+      a: a.fromImageTag == null || a.fromImageName != null
+    ) "fromImageTag needs fromImageName")
+    (check "diskSize" (a: isInt a.diskSize) "diskSize must be an integer")
+    (check "buildVMMemorySize" (
+      a: isInt a.buildVMMemorySize
+    ) "buildVMMemorySize must be an integer")
+  ];
+
+  # checkArgs FN ARGS: true if the arguments in ARGS (a set that has `name`) pass their checks,
+  # else the first failure's error.
+  checkArgs =
+    fn: a:
+    all (
+      c:
+      !(a ? ${c.arg})
+      || c.ok a
+      || failWith fn a.name (if isFunction c.message then c.message a else c.message)
+    ) (argumentChecks fn);
+
+  # File extension of each compressor (enums.json): { gz = ".gz"; none = ""; zstd = ".zst"; }.
+  compressorExt = mapAttrs (_: c: c.extension) enums.compressors;
+
+  checkCompressor =
+    fn: name: compressor:
+    if isString compressor && compressorExt ? ${compressor} then
+      compressorExt.${compressor}
+    else
+      failWith fn name "compressor must be one of ${concatStringsSep ", " (attrNames compressorExt)} (got ${toJSON compressor})";
+
+  # The output's name for an image called `baseName` (checks `format` and `compressor`): a
+  # Docker archive is compressed whole, so it has the compressor's extension; OCI outputs
+  # compress their layers one by one. `format` is our extension (enums.json).
+  outputName =
+    fn: name: baseName: format: compressor:
+    if isString format && enums.formats ? ${format} then
+      baseName
+      + enums.formats.${format}.suffix
+      + (if format == "docker-archive" then checkCompressor fn name compressor else "")
+    else
+      failWith fn name "format must be one of ${concatStringsSep ", " (attrNames enums.formats)} (got ${toJSON format})";
+
+  # --- Steps several functions share -----------------------------------------------------
+
+  # The image's config as nixpkgs writes it with writeText: its references are the closure of
+  # `config`, so the store paths the config names end up in the image.
+  configJson =
+    name: config: architecture:
+    stevedoreDrv "text" (
+      local
+      // {
+        inherit name;
+        text = toJSON {
+          inherit config architecture;
+          os = "linux";
+        };
+      }
+    );
+
+  # The tag, or as nixpkgs tags an untagged image: the hash part of a derivation's output.
+  tagOr =
+    tag: drv:
+    if tag != null then tag else substring 0 32 (baseNameOf (builtins.unsafeDiscardStringContext drv.outPath));
+
+  # `nix run .#image.copyToRegistry [-- docker://REGISTRY/REPO:TAG]`: pushes `source` (a conf
+  # or an archive) straight to a registry, to `imageRef` unless told otherwise.
+  pushScript =
+    shell: baseName: source: imageRef:
+    stevedoreDrv "push-script" (
+      local
+      // {
+        name = "copy-${baseName}-to-registry";
+        inherit shell imageRef;
+        stevedore = stevedoreBin;
+        conf = source;
+      }
+    );
+
+  # Functions that take an image take a stream too (passthru.isExe): its archive is written
+  # first, uncompressed.
+  imageFile =
+    img:
+    if isAttrs img && (img.isExe or false) && img ? conf then
+      stevedoreDrv "archive" (
+        local
+        // {
+          name = "${baseNameOf (img.imageName or "image")}-base.tar";
+          conf = "${img.conf}";
+          compressor = "none";
+        }
+      )
+    else
+      img;
+}
