@@ -227,7 +227,7 @@ fn seeds(dir: &Path) -> Seeds {
 fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
     let mut got = [false; 4];
     let quiet = stevedore::util::progress::Progress { quiet: true };
-    if let Ok(idx) = stevedore::image::archive::ArchiveIndex::load(path) {
+    if let Ok(idx) = stevedore::image::read::ArchiveIndex::load(path) {
         got[0] = true;
         let _ = idx.json("manifest.json");
         let _ = idx.json("index.json");
@@ -240,7 +240,7 @@ fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
             })
             .is_ok();
     }
-    if let Ok(img) = stevedore::image::flatten::open_image(path, &Default::default(), scratch, true) {
+    if let Ok(img) = stevedore::image::read::open_image(path, &Default::default(), scratch, true) {
         if let Ok(tree) = stevedore::image::flatten::Tree::from_layers(&img.layers) {
             // Nothing written below a symlink, no name that leaves the root.
             for key in tree.nodes.keys() {

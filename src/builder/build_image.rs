@@ -21,7 +21,8 @@
 //!   `fromImageName`, `fromImageTag`, `mtime`.
 
 use crate::image::conf::{self, StreamConf};
-use crate::image::flatten::{self, key_of, key_of_name, Selector, Tree};
+use crate::image::flatten::{self, key_of, key_of_name, Tree};
+use crate::image::read::Selector;
 use crate::image::layer::{check_store_path, plan_layer, Owner};
 use crate::util::io::HashingWriter;
 use crate::builder::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
@@ -200,7 +201,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     if let Some(image) = &from_image {
         let scratch = top.join("base");
         make_dir(&scratch)?;
-        let opened = flatten::open_image(image, &sel, &scratch, false).context("fromImage")?;
+        let opened = crate::image::read::open_image(image, &sel, &scratch, false).context("fromImage")?;
         let tree = Tree::from_layers(&opened.layers).context("fromImage")?;
         present.extend(tree.nodes.into_keys());
     }

@@ -580,7 +580,7 @@ pub(crate) fn write_image(conf: &StreamConf, attrs: &Attrs) -> Result<()> {
 fn merge_images(attrs: &Attrs) -> Result<()> {
     let out = attrs.out()?;
     let images: Vec<PathBuf> = attrs.str_list("images")?.into_iter().map(PathBuf::from).collect();
-    let scratch = crate::image::oci::TempDir::new_in(&build_top()?)?;
+    let scratch = crate::util::files::TempDir::new_in(&build_top()?)?;
     let file = File::create(&out).with_context(|| format!("cannot create {}", out.display()))?;
     let progress = crate::util::progress::Progress { quiet: false };
     let mut w = crate::image::merge::merge(&images, &scratch.0, BufWriter::with_capacity(1 << 20, file), &progress)?;

@@ -66,7 +66,7 @@ impl StreamCmd {
                 }
                 let spec = image::ImageSpec::new(&conf)?;
                 let scratch_parent = output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
-                let scratch = oci::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
+                let scratch = stevedore::util::files::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
                 let written = oci::write_layout(&spec, &scratch.0, compressor, &tag, &progress)?;
                 let mut w = w;
                 oci::tar_layout(&scratch.0, &mut w, conf.mtime)?;
@@ -350,7 +350,7 @@ impl MergeCmd {
         let progress = Progress { quiet: self.quiet };
         // Spooled stream output goes next to the output file, or to the temporary directory.
         let scratch_parent = self.output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
-        let scratch = oci::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
+        let scratch = stevedore::util::files::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
         with_output(self.output.as_deref(), |w| image::merge::merge(&self.images, &scratch.0, w, &progress).map(drop))
     }
 }

@@ -1,9 +1,9 @@
 //! Base images (`fromImage`): Docker archives, plain or compressed, indexed once
-//! ([`crate::image::archive`]) and their layers copied in the order they appear, each checked against
+//! ([`crate::image::read`]) and their layers copied in the order they appear, each checked against
 //! its diff_id as it is copied. Outer member order does not matter to loaders: they follow
 //! `manifest.json`.
 
-use crate::image::archive::{check_sha256_digest, select_manifest_entry, ArchiveIndex};
+use crate::image::read::{check_sha256_digest, select_manifest_entry, ArchiveIndex};
 use crate::util::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;

@@ -14,7 +14,7 @@
 //! `repositories` is the legacy tag index. Members carry fixed metadata, so the output's bytes
 //! depend on the inputs alone.
 
-use crate::image::archive::ArchiveIndex;
+use crate::image::read::ArchiveIndex;
 use crate::util::hex;
 use crate::image::{Outer};
 use crate::util::progress::Progress;

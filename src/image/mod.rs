@@ -5,7 +5,7 @@
 //! (`N/layer.tar`), base layers by their diff_id; `manifest.json`, written last, ties names to
 //! the image. The image config is the one nixpkgs writes, byte for byte.
 
-pub mod archive;
+pub mod read;
 pub mod base;
 pub mod conf;
 pub mod flatten;

@@ -5,7 +5,7 @@
 //! layers) are produced twice: once to learn their compressed digests, once, for the blobs
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
-use crate::image::archive::ArchiveIndex;
+use crate::image::read::ArchiveIndex;
 use crate::util::limits::{parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
 use crate::image::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};

@@ -27,7 +27,8 @@
 //! same-size rewrite with the old mtime restored is caught.
 
 use crate::rootfs::beneath::Root;
-use crate::image::flatten::{self, member_name, Kind, LayerBlob, LayerData, Selector, TarOut, Tree, SEP};
+use crate::image::flatten::{self, member_name, Kind, LayerData, TarOut, Tree, SEP};
+use crate::image::read::{LayerBlob, Selector};
 use crate::util::hex;
 use crate::util::io::HashingWriter;
 use crate::rootfs::{self, Dirlinks};
@@ -220,11 +221,11 @@ pub fn run(args: &RunAsRoot) -> Result<()> {
 
     let plans = plans(args.id_mapping)?;
     let scratch_parent = flatten::scratch_dir(args.scratch.as_deref());
-    let scratch = crate::image::oci::TempDir::new_in(&scratch_parent)?;
+    let scratch = crate::util::files::TempDir::new_in(&scratch_parent)?;
     let (tree, image) = match &args.from_image {
         Some(image) => {
             let sel = Selector { name: args.from_image_name.clone(), tag: args.from_image_tag.clone() };
-            let opened = flatten::open_image(image, &sel, &scratch.0, args.quiet)?;
+            let opened = crate::image::read::open_image(image, &sel, &scratch.0, args.quiet)?;
             say(args.quiet, format!("Reading {} layers of {}...", opened.layers.len(), image.display()));
             (Tree::from_layers(&opened.layers)?, Some(opened))
         }

@@ -1,14 +1,16 @@
-//! Image archives: the outer tar of a Docker archive (`docker save`, our streams, merged
-//! archives) or an OCI archive, plain, gzip or zstd. One index of its members serves every
-//! reader (base images, export, merge, push), with one rule for names and links.
+//! Reading images: Docker archives (`docker save`, our streams, merged archives), OCI archives
+//! (plain, gzip or zstd) and OCI layout directories. One index of an archive's members serves
+//! every reader (base images, export, run-as-root, merge, push), with one rule for names and
+//! links; [`open_image`] finds an image's layers by one selection rule.
 //!
 //! A compressed archive cannot be read at random and its manifest may come last (ours put it
 //! there), so one pass indexes every member and keeps the small ones that look like JSON, up to
 //! a total budget; metadata past the budget is read again when asked for (by offset in a plain
 //! archive, by another pass in a compressed one). Memory is bounded whatever the archive holds.
 
-use crate::compress::open_decompressed;
-use crate::util::limits::{check_regular, parse_json, METADATA_VALUES};
+use crate::compress::{detect, open_decompressed, Compression};
+use crate::util::files::TempDir;
+use crate::util::limits::{check_regular, parse_json, read_limited, METADATA_VALUES};
 pub use crate::util::limits::JSON_LIMIT;
 use crate::util::hex;
 use crate::tar::name::{normalize_text, symlink_target};
@@ -19,7 +21,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::File;
-use std::io::{self, BufReader, Read, Seek, SeekFrom};
+use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -235,7 +237,7 @@ impl ArchiveIndex {
     pub fn open_member(&self, m: &Resolved) -> Result<Box<dyn Read + '_>> {
         if !self.compressed {
             let f = File::open(&self.path).with_context(|| format!("cannot open {}", self.path.display()))?;
-            return Ok(Box::new(crate::image::archive::Region::new(f, m.offset, m.size)));
+            return Ok(Box::new(crate::image::read::Region::new(f, m.offset, m.size)));
         }
         let mut pass = Pass::open(&self.path, true)?;
         while let Some(e) = pass.next().map_err(|e| self.bad(e))? {
@@ -346,6 +348,218 @@ pub fn check_sha256_digest(d: &str) -> Result<&str> {
         bail!("digest {d:?} is not sha256: and 64 lowercase hex digits");
     }
     Ok(&d["sha256:".len()..])
+}
+
+/// One layer's uncompressed tar: `len` bytes at `offset` in `path` (a layer member inside a
+/// plain archive is read in place).
+#[derive(Debug, Clone)]
+pub struct LayerBlob {
+    pub path: PathBuf,
+    pub offset: u64,
+    pub len: u64,
+    /// How the image names it (member path or digest), for messages.
+    pub what: String,
+}
+
+/// An image's layers, bottom first, with the scratch directory holding decompressed ones.
+pub struct OpenedImage {
+    pub layers: Vec<LayerBlob>,
+    _scratch: TempDir,
+}
+
+/// Which image of a multi-image archive or layout to take.
+#[derive(Debug, Clone, Default)]
+pub struct Selector {
+    pub name: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl Selector {
+    /// `name:tag` (the tag defaults to `latest`), if a name was given.
+    pub fn wanted(&self) -> Option<String> {
+        self.name.as_ref().map(|n| format!("{n}:{}", self.tag.as_deref().unwrap_or("latest")))
+    }
+}
+
+/// Where an image's JSON and blobs come from: an OCI layout directory or an archive.
+enum Source<'a> {
+    Dir(&'a Path),
+    Archive(&'a ArchiveIndex),
+}
+
+impl Source<'_> {
+    fn json(&self, name: &str) -> Result<Value> {
+        match self {
+            Source::Dir(dir) => {
+                let p = dir.join(name);
+                let data = read_limited(&p, JSON_LIMIT)?;
+                parse_json(&data, METADATA_VALUES).map_err(|e| anyhow!("{}: {e:#}", p.display()))
+            }
+            Source::Archive(idx) => idx.json(name),
+        }
+    }
+}
+
+fn blob_name(digest: &str) -> Result<String> {
+    Ok(format!("blobs/sha256/{}", check_sha256_digest(digest)?))
+}
+
+const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
+
+/// The layer blob names of the image an OCI index (`index.json`) points to.
+fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> {
+    let index = src.json("index.json")?;
+    let manifests = index["manifests"].as_array().ok_or_else(|| anyhow!("{}: index.json lists no manifests", what.display()))?;
+    let chosen = match sel.wanted() {
+        Some(wanted) => {
+            // Layouts name images by tag alone (`oci:DIR:TAG`) or by `name:tag`.
+            let short = sel.tag.as_deref().or(sel.name.as_deref());
+            manifests
+                .iter()
+                .find(|m| {
+                    let ann = |k: &str| m.get("annotations").and_then(|a| a.get(k)).and_then(Value::as_str);
+                    let r = ann("org.opencontainers.image.ref.name");
+                    r == short || r == Some(&wanted) || ann("io.containerd.image.name") == Some(&wanted)
+                })
+                .ok_or_else(|| anyhow!("{}: no image named {wanted}", what.display()))?
+        }
+        None => manifests.first().ok_or_else(|| anyhow!("{}: index.json lists no manifests", what.display()))?,
+    };
+    let mut desc = chosen.clone();
+    for _ in 0..4 {
+        let media = desc["mediaType"].as_str().unwrap_or("");
+        let digest = desc["digest"].as_str().ok_or_else(|| anyhow!("{}: a descriptor has no digest", what.display()))?;
+        let doc = src.json(&blob_name(digest)?)?;
+        let is_index = INDEX_TYPES.contains(&media) || (media.is_empty() && doc.get("manifests").is_some());
+        if !is_index {
+            let layers = doc["layers"].as_array().ok_or_else(|| anyhow!("{}: manifest {digest} has no layers", what.display()))?;
+            return layers
+                .iter()
+                .map(|l| blob_name(l["digest"].as_str().ok_or_else(|| anyhow!("{}: a layer has no digest", what.display()))?))
+                .collect();
+        }
+        // A multi-platform index: take this machine's platform, else the first.
+        let list = doc["manifests"].as_array().ok_or_else(|| anyhow!("{}: index {digest} lists no manifests", what.display()))?;
+        let native = list.iter().find(|m| m.pointer("/platform/os").and_then(Value::as_str) == Some("linux") && m.pointer("/platform/architecture").and_then(Value::as_str) == Some(crate::util::shared::host_go_arch()));
+        desc = native.or(list.first()).cloned().ok_or_else(|| anyhow!("{}: index {digest} is empty", what.display()))?;
+    }
+    bail!("{}: indexes nested too deeply", what.display())
+}
+
+/// The layer member names of the image a Docker archive's `manifest.json` lists.
+fn docker_layers(idx: &ArchiveIndex, sel: &Selector) -> Result<Vec<String>> {
+    let manifest = idx.json("manifest.json")?;
+    let image = select_manifest_entry(&manifest, sel.wanted().as_deref(), &idx.path)?;
+    image["Layers"]
+        .as_array()
+        .ok_or_else(|| anyhow!("{}: manifest.json has no \"Layers\"", idx.path.display()))?
+        .iter()
+        .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| anyhow!("{}: a layer path is not a string", idx.path.display())))
+        .collect()
+}
+
+/// Copies `r` (decompressing it if it is gzip or zstd) into a new scratch file.
+fn decompress_to(mut r: impl Read, dest: &Path, what: &str) -> Result<u64> {
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < 4 {
+        match r.read(&mut head[got..]).with_context(|| format!("cannot read {what}"))? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let chained = (&head[..got]).chain(r);
+    let mut reader: Box<dyn Read> = match detect(&head[..got]) {
+        Compression::None => Box::new(chained),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(chained))),
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(chained).with_context(|| format!("{what}: cannot start zstd decoding"))?),
+    };
+    let mut out = BufWriter::new(File::create(dest).with_context(|| format!("cannot create {}", dest.display()))?);
+    let n = io::copy(&mut reader, &mut out).with_context(|| format!("cannot decompress {what}"))?;
+    out.flush().with_context(|| format!("cannot write {}", dest.display()))?;
+    Ok(n)
+}
+
+/// Opens a base image: a Docker archive (plain, gzip or zstd), an OCI archive, or an OCI
+/// layout directory. Compressed layers are decompressed into a scratch directory under
+/// `scratch`, which lives as long as the returned value.
+pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> Result<OpenedImage> {
+    let tmp = TempDir::new_in(scratch)?;
+    let say = |s: String| {
+        if !quiet {
+            eprintln!("{s}");
+        }
+    };
+    let meta = std::fs::metadata(path).with_context(|| format!("cannot open image {}", path.display()))?;
+    let mut layers = Vec::new();
+    if meta.is_dir() {
+        let names = oci_layers(&Source::Dir(path), sel, path)?;
+        for (i, name) in names.iter().enumerate() {
+            let file = path.join(name);
+            check_regular(&file)?;
+            let mut f = File::open(&file).with_context(|| format!("cannot open layer {}", file.display()))?;
+            let mut head = [0u8; 4];
+            let n = f.read(&mut head).with_context(|| format!("cannot read {}", file.display()))?;
+            if detect(&head[..n]) == Compression::None {
+                let len = f.metadata()?.len();
+                layers.push(LayerBlob { path: file, offset: 0, len, what: name.clone() });
+            } else {
+                say(format!("Decompressing layer {} ({name})...", i + 1));
+                let dest = tmp.0.join(format!("layer-{i}.tar"));
+                f.seek(SeekFrom::Start(0))?;
+                let len = decompress_to(f, &dest, name)?;
+                layers.push(LayerBlob { path: dest, offset: 0, len, what: name.clone() });
+            }
+        }
+        return Ok(OpenedImage { layers, _scratch: tmp });
+    }
+
+    let idx = ArchiveIndex::load(path)?;
+    let names = if idx.contains("manifest.json") {
+        docker_layers(&idx, sel)?
+    } else if idx.contains("index.json") {
+        oci_layers(&Source::Archive(&idx), sel, path)?
+    } else {
+        bail!("{}: neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)", path.display());
+    };
+    let resolved: Vec<Resolved> = names.iter().map(|n| idx.resolve(n)).collect::<Result<_>>()?;
+    // A member may serve several layers; each is read or decompressed once.
+    let mut done: HashMap<String, LayerBlob> = HashMap::new();
+    if idx.compressed {
+        let mut wanted: Vec<String> = resolved.iter().map(|r| r.name.clone()).collect();
+        wanted.sort();
+        wanted.dedup();
+        say(format!("Decompressing {} layers of {}...", wanted.len(), path.display()));
+        idx.for_each_wanted(&wanted, |name, r| {
+            let dest = tmp.0.join(format!("layer-{}.tar", done.len()));
+            let len = decompress_to(r, &dest, name)?;
+            done.insert(name.to_owned(), LayerBlob { path: dest, offset: 0, len, what: name.to_owned() });
+            Ok(true)
+        })?;
+    } else {
+        let f = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        for m in &resolved {
+            if done.contains_key(&m.name) {
+                continue;
+            }
+            let mut head = [0u8; 4];
+            let n = f.read_at(&mut head[..m.size.min(4) as usize], m.offset)?;
+            let blob = if detect(&head[..n]) == Compression::None {
+                LayerBlob { path: path.to_owned(), offset: m.offset, len: m.size, what: m.name.clone() }
+            } else {
+                say(format!("Decompressing layer {}...", m.name));
+                let dest = tmp.0.join(format!("layer-{}.tar", done.len()));
+                let len = decompress_to(Region::new(f.try_clone()?, m.offset, m.size), &dest, &m.name)?;
+                LayerBlob { path: dest, offset: 0, len, what: m.name.clone() }
+            };
+            done.insert(m.name.clone(), blob);
+        }
+    }
+    for m in &resolved {
+        let blob = done.get(&m.name).ok_or_else(|| anyhow!("{}: layer member {} vanished between reads", path.display(), m.name))?;
+        layers.push(blob.clone());
+    }
+    Ok(OpenedImage { layers, _scratch: tmp })
 }
 
 #[cfg(test)]
