@@ -1,6 +1,6 @@
 //! Builder mode: stevedore as the builder of the Nix library's derivations (`stevedore nix ACTION`).
 //!
-//! Every derivation in `nix/default.nix` that does real work has `builder = stevedore` and
+//! Every derivation in `nix/` that does real work has `builder = stevedore` and
 //! `__structuredAttrs = true`, so it needs no shell, coreutils, jq or Python. Nix then gives the
 //! builder no `$out` and no `PATH`: its inputs are in `NIX_ATTRS_JSON_FILE` (or `.attrs.json` in
 //! the build directory), where `outputs.out` is the output path and each
@@ -29,9 +29,9 @@
 //!   `oci`, `oci-archive`) → `$out`, the image.
 //! - `push-script`: `shell`, `stevedore`, `conf` (a conf or an archive), `imageRef` → `$out`,
 //!   an executable that pushes the image.
-//! - `image-layer`, `image`, `export`: buildImage and exportImage (see `buildimage.rs`).
+//! - `image-layer`, `image`, `export`: buildImage and exportImage (see `build_image.rs`).
 //! - `merge`: `images` (Docker archives or stream executables) → `$out`, one archive holding
-//!   them all (see `merge.rs`).
+//!   them all (see `crate::image::merge`).
 //! - `files`: `files = { "rel/path" = { text = "..."; executable = bool; } or { directory = true; }; }`
 //!   → `$out`, a directory of those files (fakeNss-style trees, small scripts in `bin/`).
 //!
