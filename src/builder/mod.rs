@@ -129,14 +129,11 @@ pub struct Attrs {
     map: Map<String, Value>,
 }
 
+/// [`crate::util::kind`] in Nix's words: objects are attribute sets.
 pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
         Value::Object(_) => "an attribute set",
+        other => crate::util::kind(other),
     }
 }
 
