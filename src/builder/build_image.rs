@@ -25,7 +25,8 @@ use crate::image::flatten::{self, key_of, key_of_name, Tree};
 use crate::image::read::Selector;
 use crate::image::layer::{check_store_path, plan_layer, Owner};
 use crate::util::io::HashingWriter;
-use crate::builder::{build_top, command_vars, kind, repo_tag, run_commands, write_new, Attrs, STDENV_EPOCH};
+use super::attrs;
+use super::{build_top, repo_tag, write_new, Commands, STDENV_EPOCH};
 use crate::rootfs::{self, Dirlinks, Owners, PackOptions};
 use crate::util::files::make_dir;
 use crate::rootless::{IdMapping, RunAsRoot};
@@ -37,17 +38,13 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Read};
 use std::path::{Path, PathBuf};
 
-fn mtime(attrs: &Attrs) -> Result<i64> {
-    match attrs.get("mtime") {
-        // The file time nixpkgs' buildImage gives every member.
-        None => Ok(STDENV_EPOCH),
-        Some(Value::Number(n)) => n.as_i64().ok_or_else(|| anyhow!("mtime: expected whole seconds, got {n}")),
-        Some(other) => bail!("mtime: expected a number of seconds, got {}", kind(other)),
-    }
+/// The file time of every member: `mtime`, else the one nixpkgs' buildImage gives.
+fn mtime(mtime: Option<i64>) -> i64 {
+    mtime.unwrap_or(STDENV_EPOCH)
 }
 
-fn selector(attrs: &Attrs) -> Result<Selector> {
-    let sel = Selector { name: attrs.opt_str("fromImageName")?, tag: attrs.opt_str("fromImageTag")? };
+fn selector(name: &Option<String>, tag: &Option<String>) -> Result<Selector> {
+    let sel = Selector { name: name.clone(), tag: tag.clone() };
     if sel.tag.is_some() && sel.name.is_none() {
         bail!("fromImageTag: given without fromImageName");
     }
@@ -55,39 +52,33 @@ fn selector(attrs: &Attrs) -> Result<Selector> {
 }
 
 /// The closure graph exported under `key`, or an empty one.
-fn graph(attrs: &Attrs, key: &str) -> Result<ClosureGraph> {
-    match attrs.get(key) {
+fn graph(value: Option<&Value>, key: &str) -> Result<ClosureGraph> {
+    match value {
         None => Ok(ClosureGraph::default()),
         Some(v) => ClosureGraph::from_json_value(v).with_context(|| format!("{key} (exportReferencesGraph)")),
     }
 }
 
-/// Writes the Nix database of `dbClosure` into the tree at `root` (mkDbExtraCommand).
-pub(crate) fn write_nix_db(attrs: &Attrs, root: &Path, registration_time: i64) -> Result<()> {
-    let g = graph(attrs, "dbClosure")?;
-    let roots = attrs.str_list("dbRoots")?;
-    crate::nixstore::db::write_tree(&g, root, &roots, registration_time).context("includeNixDB")?;
+/// Writes the Nix database of `dbClosure` into the tree at `root` (mkDbExtraCommand), with
+/// `dbRoots` as GC roots.
+pub(crate) fn write_nix_db(db_closure: Option<&Value>, db_roots: &[String], root: &Path, registration_time: i64) -> Result<()> {
+    let g = graph(db_closure, "dbClosure")?;
+    crate::nixstore::db::write_tree(&g, root, db_roots, registration_time).context("includeNixDB")?;
     eprintln!("Registered {} store paths in the Nix database", g.len());
     Ok(())
 }
 
-fn copy_items(attrs: &Attrs) -> Result<(Vec<PathBuf>, Dirlinks)> {
-    let items = attrs.str_list("copyToRoot")?.into_iter().map(PathBuf::from).collect();
-    let dirlinks = if attrs.bool("keepContentsDirlinks")? { Dirlinks::Keep } else { Dirlinks::Copy };
-    Ok((items, dirlinks))
-}
-
 /// `image-layer`: the new layer of a buildImage.
-pub fn image_layer(attrs: &Attrs) -> Result<()> {
-    let out = attrs.out()?;
+pub fn image_layer((out, a): (PathBuf, attrs::ImageLayer)) -> Result<()> {
     let top = build_top()?;
-    let mtime = mtime(attrs)?;
-    let (items, dirlinks) = copy_items(attrs)?;
-    let extra = attrs.opt_str("extraCommands")?.unwrap_or_default();
-    let run_as_root = attrs.opt_str("runAsRoot")?;
+    let mtime = mtime(a.mtime);
+    let items: Vec<PathBuf> = a.copy_to_root.iter().map(PathBuf::from).collect();
+    let dirlinks = if a.keep_contents_dirlinks { Dirlinks::Keep } else { Dirlinks::Copy };
+    let extra = a.extra_commands.clone().unwrap_or_default();
+    let commands = Commands { shell: a.shell.as_deref(), path: a.path.as_deref(), out: &out };
 
     make_dir(&out)?;
-    match run_as_root {
+    match &a.run_as_root {
         None => {
             let root = top.join("layer");
             make_dir(&root)?;
@@ -95,27 +86,29 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
                 eprintln!("Adding {}", item.display());
                 rootfs::copy_to_root(item, &root, dirlinks, &mut |_| Ok(())).context("copyToRoot")?;
             }
-            if attrs.bool("includeNixDB")? {
-                write_nix_db(attrs, &root, mtime)?;
+            if a.include_nix_db {
+                write_nix_db(a.db_closure.as_ref(), &a.db_roots, &root, mtime)?;
             }
             if !extra.is_empty() {
-                run_commands(attrs, "extraCommands", &extra, &root, None)?;
+                commands.run("extraCommands", &extra, &root, None)?;
             }
-            let owners = Owners::Fixed(attrs.u64("uid")?, attrs.u64("gid")?);
+            let uid = a.uid.ok_or_else(|| anyhow!("uid: missing"))?;
+            let gid = a.gid.ok_or_else(|| anyhow!("gid: missing"))?;
+            let owners = Owners::Fixed(uid, gid);
             let packed = rootfs::pack_to_dir(&root, &out, &PackOptions { mtime, owners })?;
             eprintln!("Packed the layer: {} members, {} bytes", packed.members, packed.size);
         }
         Some(script) => {
             // nixpkgs' shellScript: the shell, `set -e`, coreutils and /bin on PATH.
-            let shell = attrs.str("runAsRootShell")?;
-            let path = attrs.opt_str("runAsRootPath")?.unwrap_or_else(|| "/bin".into());
+            let shell = a.run_as_root_shell.clone().ok_or_else(|| anyhow!("runAsRootShell: missing"))?;
+            let path = a.run_as_root_path.as_deref().unwrap_or("/bin");
             let script_file = top.join("run-as-root.sh");
             write_new(&script_file, format!("#!{shell}\nset -e\nexport PATH={path}\n{script}\n").as_bytes(), 0o555)?;
             let mut layers = items.clone();
-            if attrs.bool("includeNixDB")? {
+            if a.include_nix_db {
                 let db_root = top.join("nix-db");
                 make_dir(&db_root)?;
-                write_nix_db(attrs, &db_root, mtime)?;
+                write_nix_db(a.db_closure.as_ref(), &a.db_roots, &db_root, mtime)?;
                 layers.push(db_root);
             }
             let extra_commands = if extra.is_empty() {
@@ -126,25 +119,25 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
                 Some(f)
             };
             // The extra commands run outside the namespace's root, with our environment.
-            for (name, value) in command_vars(attrs)? {
+            for (name, value) in commands.vars() {
                 std::env::set_var(name, value);
             }
             let scratch = top.join("scratch");
             make_dir(&scratch)?;
-            let sel = selector(attrs)?;
+            let sel = selector(&a.from_image_name, &a.from_image_tag)?;
             let args = RunAsRoot {
-                from_image: attrs.opt_str("fromImage")?.map(PathBuf::from),
+                from_image: a.from_image.as_ref().map(PathBuf::from),
                 from_image_name: sel.name,
                 from_image_tag: sel.tag,
                 layers,
                 keep_dirlinks: dirlinks == Dirlinks::Keep,
                 store_paths: Vec::new(),
-                store_dir: Some(PathBuf::from(attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into()))),
+                store_dir: Some(PathBuf::from(a.store_dir.as_deref().unwrap_or("/nix/store"))),
                 script: script_file,
                 shell,
                 env: Vec::new(),
                 extra_commands,
-                extra_commands_shell: PathBuf::from(attrs.opt_str("shell")?.unwrap_or_else(|| "/bin/sh".into())),
+                extra_commands_shell: PathBuf::from(a.shell.as_deref().unwrap_or("/bin/sh")),
                 out_layer: out.join("layer.tar"),
                 out_checksum: Some(out.join("checksum")),
                 mtime: Some(mtime),
@@ -157,8 +150,8 @@ pub fn image_layer(attrs: &Attrs) -> Result<()> {
     }
 
     let checksum = fs::read_to_string(out.join("checksum")).context("cannot read the layer's checksum")?.trim().to_string();
-    let mut meta = match attrs.opt_str("baseJson")? {
-        Some(p) => crate::util::limits::read_json_input(Path::new(&p))?,
+    let mut meta = match &a.base_json {
+        Some(p) => crate::util::limits::read_json_input(Path::new(p))?,
         None => json!({}),
     };
     if let Value::Object(m) = &mut meta {
@@ -184,17 +177,16 @@ fn layer_members(path: &Path) -> Result<(HashSet<Vec<u8>>, u64)> {
 }
 
 /// `image`: the buildImage archive.
-pub fn image(attrs: &Attrs) -> Result<()> {
-    let out = attrs.out()?;
-    let repo_tag = repo_tag(attrs, &out)?;
+pub fn image((out, a): (PathBuf, attrs::Image)) -> Result<()> {
+    let repo_tag = repo_tag(&a.image_name, a.tag.as_deref(), &out)?;
     let top = build_top()?;
     let now = conf::now();
-    let mtime = mtime(attrs)?;
-    let store_dir = attrs.opt_str("storeDir")?.unwrap_or_else(|| "/nix/store".into());
-    let layer_dir = PathBuf::from(attrs.str("layer")?);
+    let mtime = mtime(a.mtime);
+    let store_dir = a.store_dir.clone().unwrap_or_else(|| "/nix/store".into());
+    let layer_dir = PathBuf::from(&a.layer);
     let layer_tar = layer_dir.join("layer.tar");
-    let from_image = attrs.opt_str("fromImage")?.map(PathBuf::from);
-    let sel = selector(attrs)?;
+    let from_image = a.from_image.as_ref().map(PathBuf::from);
+    let sel = selector(&a.from_image_name, &a.from_image_tag)?;
 
     // What the base image and the layer have already: those files are not added again.
     let mut present: HashSet<Vec<u8>> = HashSet::new();
@@ -209,7 +201,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     let (layer_keys, layer_end) = layer_members(&layer_tar)?;
     present.extend(layer_keys);
 
-    let closure = graph(attrs, "closure")?;
+    let closure = graph(a.closure.as_ref(), "closure")?;
     let layer_path = layer_dir.to_string_lossy().into_owned();
     let mut paths = Vec::new();
     for i in 0..closure.len() as u32 {
@@ -252,8 +244,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     fs::write(final_dir.join("checksum"), format!("{}\n", crate::util::hex(&digest))).context("cannot write the checksum")?;
     eprintln!("The layer: {size} bytes, {added} members from {} store paths added", paths.len());
 
-    let base_json = attrs.str("baseJson")?;
-    let base: Value = crate::util::limits::read_json_input(Path::new(&base_json))?;
+    let base: Value = crate::util::limits::read_json_input(Path::new(&a.base_json))?;
     let (date, time) = conf::civil_from_unix(mtime);
     let conf_value = json!({
         "store_layers": [],
@@ -264,7 +255,7 @@ pub fn image(attrs: &Attrs) -> Result<()> {
         "config": base.get("config").cloned().unwrap_or(Value::Null),
         "architecture": base.get("architecture").cloned().unwrap_or_else(|| json!("amd64")),
         "os": base.get("os").cloned().unwrap_or_else(|| json!("linux")),
-        "created": attrs.str("created")?,
+        "created": a.created,
         "mtime": format!("{date}T{time}+00:00"),
         "uid": 0, "gid": 0, "uname": "root", "gname": "root",
         "store_dir": store_dir,
@@ -272,20 +263,20 @@ pub fn image(attrs: &Attrs) -> Result<()> {
     });
     let mut conf = StreamConf::from_value(conf_value, &now)?;
     conf.customisation_layer_source = Some(layer_path);
-    crate::builder::write_image(&conf, attrs)
+    super::layered::write_image(&conf, &out, &a.compressor, a.format.as_deref())
 }
 
 /// `export`: exportImage's flattened file system.
-pub fn export(attrs: &Attrs) -> Result<()> {
+pub fn export((out, a): (PathBuf, attrs::Export)) -> Result<()> {
     let top = build_top()?;
-    let sel = selector(attrs)?;
+    let sel = selector(&a.from_image_name, &a.from_image_tag)?;
     let args = flatten::Export {
-        from_image: PathBuf::from(attrs.str("fromImage")?),
+        from_image: PathBuf::from(&a.from_image),
         from_image_name: sel.name,
         from_image_tag: sel.tag,
-        output: attrs.out()?,
+        output: out,
         compressor: crate::compress::Compressor::None,
-        mtime: Some(mtime(attrs)?),
+        mtime: Some(mtime(a.mtime)),
         scratch: Some(top),
         quiet: false,
     };
