@@ -7,7 +7,10 @@
 //! non-negative integer, ...); errors name the attribute. Nix's own attributes (`builder`,
 //! `system`, `outputs`, `exportReferencesGraph`, ...) are set aside first.
 
+use crate::compress::Compressor;
+use crate::image::Format;
 use crate::util::limits::{parse_json, read_limited, INPUT_LIMIT, INPUT_VALUES};
+use crate::util::shared::Choice;
 use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
@@ -159,6 +162,24 @@ impl Field for Vec<String> {
     }
 }
 
+/// nixpkgs' compressor names (`none`, `gz`, `zstd`).
+impl Field for Compressor {
+    fn read(attrs: &Attrs, key: &str) -> Result<Self> {
+        let name = String::read(attrs, key)?;
+        Compressor::parse(&name).map_err(|_| anyhow!("{key}: {name:?} is not one of none, gz, zstd"))
+    }
+}
+
+/// An output format; absent means a Docker archive.
+impl Field for Format {
+    fn read(attrs: &Attrs, key: &str) -> Result<Self> {
+        match Option::<String>::read(attrs, key)? {
+            None => Ok(Format::DockerArchive),
+            Some(f) => Format::from_name(&f).map_err(|e| anyhow!("{key}: {e}")),
+        }
+    }
+}
+
 /// A value read later by its own rules (a closure graph, a layering pipeline, a tree of files).
 impl Field for Option<Value> {
     fn read(attrs: &Attrs, key: &str) -> Result<Self> {
@@ -306,8 +327,8 @@ action_attrs! {
     /// `archive`: buildLayeredImage's archive from a conf.
     Archive = "archive" {
         conf: String = "conf",
-        compressor: String = "compressor",
-        format: Option<String> = "format",
+        compressor: Compressor = "compressor",
+        format: Format = "format",
         /// Passed for the derivation's name; the conf holds the image's.
         image_name: Option<String> = "imageName",
     }
@@ -355,8 +376,8 @@ action_attrs! {
         store_dir: Option<String> = "storeDir",
         created: String = "created",
         mtime: Option<i64> = "mtime",
-        compressor: String = "compressor",
-        format: Option<String> = "format",
+        compressor: Compressor = "compressor",
+        format: Format = "format",
     }
 }
 

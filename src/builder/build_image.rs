@@ -263,7 +263,7 @@ pub fn image((out, a): (PathBuf, attrs::Image)) -> Result<()> {
     });
     let mut conf = StreamConf::from_value(conf_value, &now)?;
     conf.customisation_layer_source = Some(layer_path);
-    super::layered::write_image(&conf, &out, &a.compressor, a.format.as_deref())
+    super::layered::write_image(&conf, &out, a.compressor, a.format)
 }
 
 /// `export`: exportImage's flattened file system.

@@ -11,7 +11,6 @@ use crate::image::{self, Format};
 use crate::layering::{plan_layers, Pipeline, PlanOptions, Strategy};
 use crate::nixstore::ClosureGraph;
 use crate::rootfs::{self, Owners, PackOptions};
-use crate::util::shared::Choice;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use std::fs::File;
@@ -219,18 +218,13 @@ pub(super) fn push_script((out, a): (PathBuf, attrs::PushScript)) -> Result<()> 
 pub(super) fn archive((out, a): (PathBuf, attrs::Archive)) -> Result<()> {
     let now = conf::now();
     let conf = StreamConf::load(Path::new(&a.conf), &now)?;
-    write_image(&conf, &out, &a.compressor, a.format.as_deref())
+    write_image(&conf, &out, a.compressor, a.format)
 }
 
 /// Writes the image to `out` as `format` says: a Docker archive (the default) compressed whole
 /// by `compressor` (as nixpkgs' buildLayeredImage does), or an OCI image layout directory or
 /// oci-archive with each layer compressed by it.
-pub(crate) fn write_image(conf: &StreamConf, out: &Path, compressor: &str, format: Option<&str>) -> Result<()> {
-    let compressor = Compressor::parse(compressor).map_err(|_| anyhow!("compressor: {compressor:?} is not one of none, gz, zstd"))?;
-    let format = match format {
-        None => Format::DockerArchive,
-        Some(f) => Format::from_name(f).map_err(|e| anyhow!("format: {e}"))?,
-    };
+pub(crate) fn write_image(conf: &StreamConf, out: &Path, compressor: Compressor, format: Format) -> Result<()> {
     let progress = crate::util::progress::Progress { quiet: false };
     let create = || -> Result<BufWriter<File>> {
         let file = File::create(out).with_context(|| format!("cannot create {}", out.display()))?;
