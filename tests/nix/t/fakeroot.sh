@@ -1,8 +1,8 @@
 # The binary under fakeroot, as the library's fakeRootCommands run it.
 # Sourced by tests/nix/run.sh; the helpers are tests/nix/lib.sh's.
 
-# fakeroot-lstat: a chown and a mknod under fakeroot, as an unprivileged user, show in the layer
-# `stevedore nix pack` makes: fakeroot fakes what our (dynamically linked) packer sees via lstat.
+# fakeroot-lstat: a chown and a mknod under fakeroot show in the layer `stevedore nix pack` makes.
+# As an unprivileged user: fakeroot fakes what our (dynamically linked) packer sees through lstat.
 test_fakeroot_lstat() {
   local d=$work/fakeroot
   mkdir -p "$d"

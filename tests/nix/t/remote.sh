@@ -3,8 +3,9 @@
 # sets up.
 # Sourced by tests/nix/run.sh; the helpers are tests/nix/lib.sh's.
 
-# remote-build: images built on the remote store have the local build's paths and NAR hashes, as
-# a fleet of builders (Nix's distributed builds, Hydra) needs.
+# remote-build: images built on the remote store have the local build's paths and NAR hashes.
+# Built there, not copied (the remote store has the build log): as a fleet of builders (Nix's
+# distributed builds, Hydra) would build them.
 test_remote_build() {
   local a drv out here
   for a in helloGz owners redisLike nixDbImage merged ociArchive shellCommand; do
