@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Summarizes a Docker image archive (plain or gzip) as JSON for tests/nix/run.sh.
+"""Summarizes a Docker image archive (plain or gzip) as JSON for the Nix tests (`summary` in
+tests/nix/lib.sh).
 
 Prints {"repo_tags", "config" (the image config), "layers": [{"member", "diff_id",
 "entries": [[name, type, mode, uid, gid, mtime, linkname], ...]}]}.
