@@ -11,8 +11,9 @@ test_copy_to_registry() {
   printf 'version: 0.1\nhttp:\n  addr: 127.0.0.1:%s\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "$port" "$dir" >"$dir/config.yml"
   docker-registry serve "$dir/config.yml" >"$dir/log" 2>&1 &
   local pid=$!
+  # Each test runs in a subshell: EXIT also fires when a failed assertion ends it early.
   # shellcheck disable=SC2064
-  trap "kill $pid 2>/dev/null" RETURN
+  trap "kill $pid 2>/dev/null" EXIT
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
   out=$("$push" "docker://127.0.0.1:$port/team/hello:v1" --insecure -q)
   expect_eq "$(skopeo inspect --tls-verify=false "docker://127.0.0.1:$port/team/hello:v1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Digest"])')" "$out"
