@@ -42,5 +42,9 @@ if [ -z "$bin" ] && [[ " $parts " == *" nix "* || " $parts " == *" docker "* ]];
 fi
 # The list lives in the host's /tmp, which the root does not see; the repository it does.
 cp "$list" "$repo/target/modern-tests.txt"
+rc=0
 STEVEDORE_MODERN_PARTS=$parts STEVEDORE_MODERN_ROOT=$root \
-  bash tests/modern/enter.sh bash tests/modern/suite.sh "$repo/target/modern-tests.txt" "${bin:-none}" "$@"
+  bash tests/modern/enter.sh bash tests/modern/suite.sh "$repo/target/modern-tests.txt" "${bin:-none}" "$@" || rc=$?
+# Say which layer failed when no test did (a crash, a kill, the namespace's teardown).
+[ $rc -eq 0 ] || echo "debian13: the suite exited $rc"
+exit $rc

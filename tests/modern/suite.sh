@@ -43,7 +43,7 @@ if [[ " $parts " == *" rust "* ]]; then
   while read -r name exe; do
     [ -n "$name" ] || continue
     echo "     Running $name ($exe)"
-    (cd "$repo" && CARGO_MANIFEST_DIR=$repo "$exe" --include-ignored) 2>&1 || { status=1; echo "error: test failed, to rerun pass \`--test $name\`"; }
+    (cd "$repo" && CARGO_MANIFEST_DIR=$repo "$exe" --include-ignored) 2>&1 || { echo "error: $name exited $?, to rerun pass \`--test $name\`"; status=1; }
   done <"$list"
 fi
 
@@ -62,10 +62,10 @@ if [[ " $parts " == *" nix "* ]]; then
   else
     echo "sshd did not start: $(tail -3 /tmp/sshd.log)"; status=1
   fi
-  STEVEDORE_BIN=$bin STEVEDORE_NIX_SANDBOX=1 bash "$repo/tests/nix/run.sh" "$@" || status=1
+  STEVEDORE_BIN=$bin STEVEDORE_NIX_SANDBOX=1 bash "$repo/tests/nix/run.sh" "$@" || { echo "suite: tests/nix/run.sh exited $?"; status=1; }
 fi
 
 if [[ " $parts " == *" docker "* ]]; then
-  bash "$repo/tests/modern/docker.sh" "$bin" "$@" || status=1
+  bash "$repo/tests/modern/docker.sh" "$bin" "$@" || { echo "suite: tests/modern/docker.sh exited $?"; status=1; }
 fi
 exit $status
