@@ -6,7 +6,7 @@ use common::*;
 use serde_json::Value;
 use std::fs;
 use std::io::Read;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn blob(layout: &Path, digest: &str) -> Vec<u8> {
@@ -29,13 +29,20 @@ fn decompress(data: &[u8], media_type: &str) -> Vec<u8> {
     out
 }
 
+/// The fixture image of two store layers: the fixture, the conf (written into `dir`), and the
+/// image as a Docker archive.
+fn two_layer_image(dir: &Path) -> (PathBuf, PathBuf, Image) {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let p = store_paths(&fx);
+    let conf = write_json(dir, "conf.json", &base_conf(&fx, vec![p[..4].to_vec(), p[4..].to_vec()]));
+    let docker = Image::parse(&stream_ok(&conf));
+    (fx, conf, docker)
+}
+
 #[test]
 fn layouts_hold_compressed_layers_that_decompress_to_the_diff_ids() {
-    let fx = fixture("compat", 8, 30, 0.0);
     let tmp = tempfile::tempdir().unwrap();
-    let p = store_paths(&fx);
-    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, vec![p[..4].to_vec(), p[4..].to_vec()]));
-    let docker = Image::parse(&stream_ok(&conf));
+    let (_, conf, docker) = two_layer_image(tmp.path());
     for (compressor, suffix) in [("none", ""), ("gz", "+gzip"), ("zstd", "+zstd")] {
         let layout = tmp.path().join(format!("layout-{compressor}"));
         let out = stream(&conf, &["--format", "oci", "--compressor", compressor, "-o", layout.to_str().unwrap()]);
@@ -86,10 +93,75 @@ fn oci_archives_are_the_same_bytes_on_one_core_or_all() {
             .unwrap();
         assert!(one.status.success());
         assert!(all.stdout == one.stdout, "{compressor}: output depends on the number of cores");
-        // An oci-archive is the layout as a tar: index.json first among the JSON files.
+        // An oci-archive is the layout as a tar, index.json first among the JSON files, then
+        // the Docker manifest.json.
         let names: Vec<String> = members(&all.stdout).into_iter().map(|(n, _)| n).collect();
-        assert_eq!(&names[..4], ["oci-layout", "index.json", "blobs/", "blobs/sha256/"]);
+        assert_eq!(&names[..5], ["oci-layout", "index.json", "manifest.json", "blobs/", "blobs/sha256/"]);
     }
+}
+
+/// The member of an oci-archive holding the blob of `digest` (`sha256:<hex>`).
+fn blob_member(digest: &Value) -> String {
+    format!("blobs/sha256/{}", digest.as_str().unwrap().strip_prefix("sha256:").unwrap())
+}
+
+#[test]
+fn oci_archives_carry_a_docker_manifest_naming_their_blobs() {
+    // As `docker save` writes since Docker 25, so that Docker's classic store (which reads only
+    // manifest.json) loads them too: the config and the compressed layer blobs, by member name.
+    let tmp = tempfile::tempdir().unwrap();
+    let (fx, conf, docker) = two_layer_image(tmp.path());
+    let p = store_paths(&fx);
+    for (compressor, tag) in [("gz", None), ("zstd", Some("example.org/team/app:v3")), ("none", None)] {
+        let mut args = vec!["--format", "oci-archive", "--compressor", compressor];
+        args.extend(tag.iter().flat_map(|t| ["-t", *t]));
+        let out = stream(&conf, &args);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let members = members(&out.stdout);
+        // nixpkgs' form of manifest.json (as in a Docker archive), Docker's keys in Docker's order.
+        let raw = String::from_utf8(member(&members, "manifest.json").to_vec()).unwrap();
+        let at = |key: &str| raw.find(&format!("\"{key}\": ")).unwrap_or_else(|| panic!("no {key} in {raw}"));
+        assert!(at("Config") < at("RepoTags") && at("RepoTags") < at("Layers"), "{raw}");
+        assert!(raw.starts_with("[\n    {\n        \"Config\": "), "{raw}");
+        let manifest: Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(manifest.as_array().unwrap().len(), 1);
+        let entry = &manifest[0];
+        assert_eq!(entry["RepoTags"], serde_json::json!([tag.unwrap_or("fixture:latest")]), "{compressor}");
+        // It names what the OCI manifest names, and the archive holds those members.
+        let index: Value = serde_json::from_slice(member(&members, "index.json")).unwrap();
+        let oci: Value = serde_json::from_slice(member(&members, &blob_member(&index["manifests"][0]["digest"]))).unwrap();
+        assert_eq!(entry["Config"], blob_member(&oci["config"]["digest"]));
+        let layers: Vec<String> = oci["layers"].as_array().unwrap().iter().map(|l| blob_member(&l["digest"])).collect();
+        assert_eq!(entry["Layers"], serde_json::json!(layers));
+        // The config is the Docker archive's (same image ID); the layers decompress to its layers.
+        assert!(member(&members, entry["Config"].as_str().unwrap()) == docker.config_bytes, "{compressor}: config");
+        for (i, l) in oci["layers"].as_array().unwrap().iter().enumerate() {
+            let data = member(&members, &layers[i]);
+            assert!(decompress(data, l["mediaType"].as_str().unwrap()) == docker.layer(i), "{compressor}: layer {i}");
+        }
+        // stevedore reads it as the oci-archive it is: `push` of the bare path takes its
+        // compressed blobs as they are, a base image is refused as an OCI image (not failed
+        // later on a compressed layer). With plain layers it is a Docker archive for both.
+        let archive = tmp.path().join(format!("oci-{compressor}.tar"));
+        fs::write(&archive, &out.stdout).unwrap();
+        let source = stevedore::registry::source::Source::parse(archive.to_str().unwrap()).unwrap();
+        let is_oci = matches!(source, stevedore::registry::source::Source::OciArchive(..));
+        assert_eq!(is_oci, compressor != "none", "{compressor}: read as {}", if is_oci { "an oci-archive" } else { "a Docker archive" });
+        let mut base = base_conf(&fx, vec![p[..1].to_vec()]);
+        base["from_image"] = Value::from(archive.to_str().unwrap());
+        let out = stream(&write_json(tmp.path(), "on-base.json", &base), &[]);
+        if compressor == "none" {
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            assert_eq!(Image::parse(&out.stdout).layer_count(), 3);
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(!out.status.success() && err.contains("it is an OCI image, and a base image must be a Docker archive"), "{err}");
+        }
+    }
+    // A layout directory has no manifest.json: only archives need one.
+    let layout = tmp.path().join("layout");
+    assert!(stream(&conf, &["--format", "oci", "-o", layout.to_str().unwrap()]).status.success());
+    assert!(!layout.join("manifest.json").exists());
 }
 
 /// Every file of a layout directory with its contents, by relative path.

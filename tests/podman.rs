@@ -84,14 +84,21 @@ fn busybox_image(dir: &Path, tag: &str) -> std::path::PathBuf {
     write_json(dir, "conf.json", &conf)
 }
 
-#[test]
-fn podman_loads_and_runs_the_streamed_image() {
+/// With the tools there: a scratch directory, a tag of this run's for `name`, and the conf of
+/// busybox_image under that tag.
+fn podman_image(name: &str) -> Option<(tempfile::TempDir, String, std::path::PathBuf)> {
     if !have_tools() {
-        return;
+        return None;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let tag = format!("localhost/stevedore-e2e:{}", std::process::id());
+    let tag = format!("localhost/{name}:{}", std::process::id());
     let conf = busybox_image(tmp.path(), &tag);
+    Some((tmp, tag, conf))
+}
+
+#[test]
+fn podman_loads_and_runs_the_streamed_image() {
+    let Some((tmp, tag, conf)) = podman_image("stevedore-e2e") else { return };
 
     // Stream straight into `podman load`, as a NixOS host does with imageStream.
     let mut streamer = Command::new(bin()).arg("stream").arg(&conf).stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap();
@@ -159,5 +166,35 @@ fn skopeo_and_umoci_read_the_archive() {
     let bb = tmp.path().join("store/4bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox/bin/busybox");
     let inside = rootfs.join(bb.strip_prefix("/").unwrap());
     assert_eq!(fs::read(&inside).unwrap(), fs::read("/bin/busybox").unwrap());
+    make_writable(tmp.path());
+}
+
+#[test]
+fn oci_archives_load_through_either_transport() {
+    // An oci-archive holds a Docker manifest.json too: skopeo reads it as an oci-archive and as
+    // a Docker archive, podman loads it (`podman load` takes the OCI layout; `podman pull
+    // docker-archive:` the manifest.json) and runs it, with the config's digest as image ID.
+    let Some((tmp, tag, conf)) = podman_image("stevedore-oci-both") else { return };
+    let skopeo_json = |args: &[&str]| -> Value { serde_json::from_str(&run_ok(Command::new("skopeo").arg("inspect").args(args))).unwrap() };
+    for c in ["gz", "zstd", "none"] {
+        let archive = tmp.path().join(format!("image-{c}.tar"));
+        let out = Command::new(bin()).arg("stream").arg(&conf).args(["--format", "oci-archive", "--compressor", c, "-o"]).arg(&archive).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let oci = format!("oci-archive:{}", archive.display());
+        let docker = format!("docker-archive:{}", archive.display());
+        let config_digest = skopeo_json(&["--raw", &oci])["config"]["digest"].as_str().unwrap().to_string();
+        assert_eq!(skopeo_json(&["--raw", &docker])["config"]["digest"], config_digest.as_str(), "{c}: the Docker view has another config");
+        assert_eq!(skopeo_json(&["--config", &docker]), skopeo_json(&["--config", &oci]), "{c}");
+        assert_eq!(skopeo_json(&[&docker])["Layers"].as_array().unwrap().len(), 5, "{c}");
+        for load in [&["load", "-i", archive.to_str().unwrap()][..], &["pull", "-q", &docker]] {
+            let _ = podman().args(["rmi", "-f", &tag]).output();
+            run_ok(podman().args(load));
+            let inspect: Value = serde_json::from_str(&run_ok(podman().args(["image", "inspect", &tag]))).unwrap();
+            assert_eq!(format!("sha256:{}", inspect[0]["Id"].as_str().unwrap()), config_digest, "{c}: podman {}", load[0]);
+            let said = run_ok(podman().args(["run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", &tag, "/bin/sh", "-c", "cat /etc/motd"]));
+            assert_eq!(said, "hello\n", "{c}: podman {}", load[0]);
+        }
+    }
+    let _ = podman().args(["rmi", "-f", &tag]).output();
     make_writable(tmp.path());
 }

@@ -248,7 +248,7 @@ pub(crate) fn write_image(conf: &StreamConf, out: &Path, compressor: Compressor,
             let written = crate::image::oci::write_layout(&spec, &dir, compressor, &conf.repo_tag, &progress)?;
             if format == Format::OciArchive {
                 let mut w = create()?;
-                crate::image::oci::tar_layout(&dir, &mut w, conf.mtime)?;
+                crate::image::oci::tar_layout(&dir, &[(&written, &conf.repo_tag)], &mut w, conf.mtime)?;
                 w.flush().with_context(|| format!("cannot write {}", out.display()))?;
             }
             progress.say(format!("Done: {}", written.manifest.digest));

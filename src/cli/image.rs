@@ -69,7 +69,7 @@ impl StreamCmd {
                 let scratch = stevedore::util::files::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
                 let written = oci::write_layout(&spec, &scratch.0, compressor, &tag, &progress)?;
                 let mut w = w;
-                oci::tar_layout(&scratch.0, &mut w, conf.mtime)?;
+                oci::tar_layout(&scratch.0, &[(&written, &tag)], &mut w, conf.mtime)?;
                 progress.say(format!("Done: {}", written.manifest.digest));
                 Ok(())
             }),

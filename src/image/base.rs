@@ -74,7 +74,8 @@ impl BaseImage {
             bail!(broken(path, "it is a directory (an OCI layout?); a base image must be a Docker archive"));
         }
         let index = ArchiveIndex::load(path).map_err(|e| anyhow!("base image {e:#}"))?;
-        if !index.contains("manifest.json") && index.contains("oci-layout") {
+        // An oci-archive with a Docker manifest.json too (stevedore's) still has compressed layers.
+        if index.contains("oci-layout") && (!index.contains("manifest.json") || index.oci_layers_compressed()) {
             bail!(broken(path, "it is an OCI image, and a base image must be a Docker archive (build it with format = \"docker-archive\")"));
         }
         let read_json = |name: &str| index.json(name).map_err(|e| anyhow!("base image {e:#}"));

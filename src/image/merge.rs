@@ -16,7 +16,7 @@
 
 use crate::image::read::ArchiveIndex;
 use crate::util::hex;
-use crate::image::{Outer};
+use crate::image::{docker_manifest_entry, docker_manifest_json, Outer};
 use crate::util::progress::Progress;
 use crate::util::io::copy_reading;
 use crate::util::io::HashingWriter;
@@ -240,13 +240,10 @@ pub fn merge<W: Write>(inputs: &[PathBuf], scratch: &Path, out: W, progress: &Pr
                 tags.insert(t.to_string(), Value::from(id.clone()));
             }
         }
-        manifest.push(json!({
-            "Config": config_name,
-            "RepoTags": image.repo_tags,
-            "Layers": image.layers.iter().map(|l| format!("{}/layer.tar", l.digest)).collect::<Vec<_>>(),
-        }));
+        let layers = image.layers.iter().map(|l| format!("{}/layer.tar", l.digest)).collect();
+        manifest.push(docker_manifest_entry(&config_name, image.repo_tags.clone(), layers));
     }
-    outer.add_bytes("manifest.json", dumps_indent4(&Value::Array(manifest)).as_bytes())?;
+    outer.add_bytes("manifest.json", docker_manifest_json(manifest).as_bytes())?;
     outer.add_bytes("repositories", dumps_indent4(&Value::Object(repositories)).as_bytes())?;
     let out = outer.finish()?;
     progress.say(format!("Done: {} image(s), {} distinct layer(s).", images.len(), written.len()));

@@ -356,17 +356,25 @@ pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progr
     let config_digest = hex(&Sha256::digest(config_json.as_bytes()));
     let config_name = format!("{config_digest}.json");
     outer.add_bytes(&config_name, config_json.as_bytes())?;
-    let manifest = json!([{
-        "Config": config_name,
-        "RepoTags": [repo_tag.unwrap_or(&conf.repo_tag)],
-        "Layers": layers.iter().map(|l| l.path.clone()).collect::<Vec<_>>(),
-    }]);
-    outer.add_bytes("manifest.json", dumps_indent4(&manifest).as_bytes())?;
+    let entry = docker_manifest_entry(&config_name, json!([repo_tag.unwrap_or(&conf.repo_tag)]), layers.iter().map(|l| l.path.clone()).collect());
+    outer.add_bytes("manifest.json", docker_manifest_json(vec![entry]).as_bytes())?;
     let out = outer.finish()?;
     let total: u64 = layers.iter().map(|l| l.size).sum();
     progress.done(&format!("image {config_digest:.12}, {} layers", layers.len()), total, started);
     progress.say("Done.");
     Ok(out)
+}
+
+/// One image of a Docker archive's `manifest.json`: its config and layer members, in the key
+/// order `docker save` and nixpkgs write (`RepoTags` is a list of `name:tag`, or null).
+pub(crate) fn docker_manifest_entry(config: &str, repo_tags: Value, layers: Vec<String>) -> Value {
+    json!({"Config": config, "RepoTags": repo_tags, "Layers": layers})
+}
+
+/// A Docker archive's `manifest.json` listing `entries`, as nixpkgs writes it (Python's
+/// `json.dumps(indent=4)`), so the same images give the same bytes.
+pub(crate) fn docker_manifest_json(entries: Vec<Value>) -> String {
+    dumps_indent4(&Value::Array(entries))
 }
 
 /// The image config JSON as nixpkgs writes it.

@@ -1,5 +1,6 @@
-//! OCI image layouts (a directory, or that directory as a tar: `oci-archive`), with each layer
-//! compressed on its own (none, gzip or zstd), deterministically.
+//! OCI image layouts (a directory, or that directory as a tar: `oci-archive`, with a Docker
+//! `manifest.json` beside the layout as `docker save` writes one), with each layer compressed on
+//! its own (none, gzip or zstd), deterministically.
 //!
 //! Several processes may write into one layout at once. Blobs are written to temporary files
 //! of their own in the layout's top directory (not in `blobs/sha256`, where `umoci gc` takes
@@ -258,25 +259,54 @@ pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Re
     files::write_file_atomically(&index_path, &serde_json::to_vec(&index)?)
 }
 
+impl WrittenImage {
+    /// Its entry in an oci-archive's Docker `manifest.json`: the config and the layers (as
+    /// compressed as the layout holds them) by their blob members, as Docker 25+'s `docker save`
+    /// writes it.
+    pub fn docker_manifest_entry(&self, repo_tag: &str) -> Value {
+        let member = |d: &Descriptor| format!("blobs/sha256/{}", &d.digest["sha256:".len()..]);
+        crate::image::docker_manifest_entry(&member(&self.config), json!([repo_tag]), self.layers.iter().map(member).collect())
+    }
+}
+
+/// What a member of an oci-archive holds.
+enum Holds {
+    Dir,
+    File(PathBuf),
+    Bytes(Vec<u8>),
+}
+
 /// Writes the layout directory `dir` as a tar (an `oci-archive`) to `out`: fixed member order,
-/// owner and mtime, so the same layout gives the same bytes.
-pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
-    let mut names: Vec<(String, bool)> = vec![("oci-layout".into(), false), ("index.json".into(), false), ("blobs/".into(), true), ("blobs/sha256/".into(), true)];
+/// owner and mtime, so the same layout gives the same bytes. Beside the layout it holds a Docker
+/// `manifest.json` listing `images` (each with its tag), as `docker save` has since Docker 25:
+/// Docker's classic image store reads only that.
+pub fn tar_layout<W: Write>(dir: &Path, images: &[(&WrittenImage, &str)], out: &mut W, mtime: i64) -> Result<()> {
+    let manifest = crate::image::docker_manifest_json(images.iter().map(|(image, tag)| image.docker_manifest_entry(tag)).collect());
+    let mut members: Vec<(String, Holds)> = vec![
+        ("oci-layout".into(), Holds::File(dir.join("oci-layout"))),
+        ("index.json".into(), Holds::File(dir.join("index.json"))),
+        ("manifest.json".into(), Holds::Bytes(manifest.into_bytes())),
+        ("blobs/".into(), Holds::Dir),
+        ("blobs/sha256/".into(), Holds::Dir),
+    ];
     let mut blobs: Vec<String> = fs::read_dir(dir.join("blobs/sha256"))?
         .map(|e| e.map(|e| e.file_name().to_string_lossy().into_owned()))
         .collect::<std::io::Result<_>>()?;
     blobs.retain(|b| !b.starts_with('.'));
     blobs.sort();
-    names.extend(blobs.into_iter().map(|b| (format!("blobs/sha256/{b}"), false)));
+    members.extend(blobs.into_iter().map(|b| (format!("blobs/sha256/{b}"), Holds::File(dir.join("blobs/sha256").join(b)))));
     let mut enc = HeaderEncoder::new();
     let mut offset = 0u64;
     let mut hdr = Vec::new();
     let mut buf = vec![0u8; 1 << 20];
-    for (name, is_dir) in names {
-        let path = dir.join(name.trim_end_matches('/'));
-        let size = if is_dir { 0 } else { fs::metadata(&path).with_context(|| format!("cannot stat {}", path.display()))?.len() };
+    for (name, holds) in members {
+        let size = match &holds {
+            Holds::Dir => 0,
+            Holds::File(path) => fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?.len(),
+            Holds::Bytes(data) => data.len() as u64,
+        };
         let mut h = Header::plain_file(name.as_bytes(), size, mtime);
-        if is_dir {
+        if let Holds::Dir = holds {
             h.kind = crate::tar::DIRTYPE;
             h.mode = 0o755;
         }
@@ -284,16 +314,20 @@ pub fn tar_layout<W: Write>(dir: &Path, out: &mut W, mtime: i64) -> Result<()> {
         enc.encode(&h, &mut hdr);
         out.write_all(&hdr).map_err(out_err)?;
         offset += hdr.len() as u64;
-        if !is_dir {
-            let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-            let n = crate::util::io::copy_reading(&mut f, out, &mut buf, || path.display().to_string())?;
-            if n != size {
-                bail!("{} changed size while it was being read", path.display());
+        match holds {
+            Holds::Dir => continue,
+            Holds::File(path) => {
+                let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
+                let n = crate::util::io::copy_reading(&mut f, out, &mut buf, || path.display().to_string())?;
+                if n != size {
+                    bail!("{} changed size while it was being read", path.display());
+                }
             }
-            let pad = crate::tar::padding(size);
-            out.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
-            offset += size + pad;
+            Holds::Bytes(data) => out.write_all(&data).map_err(out_err)?,
         }
+        let pad = crate::tar::padding(size);
+        out.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
+        offset += size + pad;
     }
     crate::util::io::write_zeros(out, crate::tar::trailer_len(offset))?;
     out.flush().map_err(out_err)?;

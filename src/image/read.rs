@@ -189,6 +189,27 @@ impl ArchiveIndex {
         self.members.contains_key(name)
     }
 
+    /// Whether the archive holds an OCI layout (`index.json`) whose images' layers are all
+    /// compressed (gzip or zstd media types). Such an archive that has a Docker `manifest.json`
+    /// too (stevedore's oci-archives; Docker 25+'s `docker save` has one with the containerd
+    /// store) is read through its index, its blobs taken as they are; one with plain layers (the
+    /// classic store's `docker save`) as a Docker archive. False if the index cannot be read.
+    pub fn oci_layers_compressed(&self) -> bool {
+        fn compressed(idx: &ArchiveIndex, desc: &Value, depth: u32) -> Option<bool> {
+            let digest = desc.get("digest")?.as_str()?.strip_prefix("sha256:")?;
+            let doc = idx.json(&format!("blobs/sha256/{digest}")).ok()?;
+            let children = match doc.get("manifests") {
+                Some(list) if depth < 4 => list.as_array()?.iter().map(|d| compressed(idx, d, depth + 1)).collect::<Option<Vec<_>>>()?,
+                Some(_) => return None,
+                None => doc.get("layers")?.as_array()?.iter().map(|l| l.get("mediaType")?.as_str().map(|t| t.ends_with("gzip") || t.ends_with("zstd"))).collect::<Option<Vec<_>>>()?,
+            };
+            Some(!children.is_empty() && children.iter().all(|&c| c))
+        }
+        let Ok(index) = self.json("index.json") else { return false };
+        let Some(list) = index.get("manifests").and_then(Value::as_array).filter(|l| !l.is_empty()) else { return false };
+        list.iter().all(|d| compressed(self, d, 0) == Some(true))
+    }
+
     /// Follows links from member `name` (as a manifest names it) to the member holding bytes.
     pub fn resolve(&self, name: &str) -> Result<Resolved> {
         let mut name = normalize_text(name.as_bytes())

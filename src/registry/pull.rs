@@ -335,7 +335,8 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
         };
         let config_name = format!("{}.json", &img.config.digest["sha256:".len()..]);
         add(&mut f, &config_name, &config_bytes)?;
-        let manifest = json!([{"Config": config_name, "RepoTags": [repo_tag], "Layers": names}]);
+        // Compact, not nixpkgs' indented form: prefetch's hash is of these bytes.
+        let manifest = Value::Array(vec![crate::image::docker_manifest_entry(&config_name, json!([repo_tag]), names)]);
         add(&mut f, "manifest.json", &serde_json::to_vec(&manifest)?)?;
         f.write_all(&[0u8; 1024])?;
         Ok(f)

@@ -119,9 +119,11 @@ impl Source {
         if head[..n].iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
             return Ok(Source::Conf(path));
         }
-        // A tar: a Docker archive has manifest.json (newer ones have index.json too).
+        // A tar: a Docker archive has manifest.json, an oci-archive index.json. Newer ones of
+        // both have both: one whose layers are compressed already is pushed as it is.
         let idx = ArchiveIndex::load(&path).with_context(|| format!("source {s}: not a conf, a Docker archive or an oci-archive"))?;
         match (idx.contains("manifest.json"), idx.contains("index.json")) {
+            (true, true) if idx.oci_layers_compressed() => Ok(Source::OciArchive(path, None)),
             (true, _) => Ok(Source::DockerArchive(path)),
             (false, true) => Ok(Source::OciArchive(path, None)),
             _ => bail!("source {s}: a tar with neither manifest.json (Docker archive) nor index.json (oci-archive)"),
