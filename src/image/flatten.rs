@@ -13,7 +13,7 @@ use crate::compress::{Compressor, ParallelEncoder};
 use crate::util::io::out_err;
 use crate::image::read::{open_image, LayerBlob, Region, Selector};
 use crate::tar::read::{Entry as ReadEntry, Reader};
-use crate::tar::{self as t, Header, HeaderEncoder};
+use crate::tar::{self as t, Header};
 use anyhow::{anyhow, bail, Context, Result};
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
@@ -378,60 +378,8 @@ impl<'a> LayerData<'a> {
     }
 }
 
-/// A tar being written: headers as CPython writes them (PAX when needed), a running offset for
-/// the trailer.
-pub struct TarOut<W: Write> {
-    pub w: W,
-    enc: HeaderEncoder,
-    offset: u64,
-    hdr: Vec<u8>,
-    buf: Vec<u8>,
-    pub entries: u64,
-}
-
-impl<W: Write> TarOut<W> {
-    pub fn new(w: W) -> Self {
-        TarOut { w, enc: HeaderEncoder::new(), offset: 0, hdr: Vec::new(), buf: vec![0u8; 1 << 16], entries: 0 }
-    }
-
-    /// Writes a member; regular files copy exactly `h.size` bytes from `data`.
-    pub fn add(&mut self, h: &Header, data: Option<(&mut dyn Read, &dyn Fn() -> String)>) -> Result<()> {
-        self.hdr.clear();
-        self.enc.encode(h, &mut self.hdr);
-        self.w.write_all(&self.hdr).map_err(out_err)?;
-        self.offset += self.hdr.len() as u64;
-        self.entries += 1;
-        if h.kind != t::REGTYPE {
-            return Ok(());
-        }
-        let mut left = h.size;
-        if let Some((r, what)) = data {
-            while left > 0 {
-                let want = left.min(self.buf.len() as u64) as usize;
-                let n = match r.read(&mut self.buf[..want]) {
-                    Ok(0) => bail!("{} is shorter than its size, {} bytes", what(), h.size),
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => bail!("cannot read {}: {e}", what()),
-                };
-                self.w.write_all(&self.buf[..n]).map_err(out_err)?;
-                left -= n as u64;
-            }
-        } else if left > 0 {
-            bail!("internal error: no data for a {left}-byte member");
-        }
-        let pad = t::padding(h.size);
-        self.w.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
-        self.offset += h.size + pad;
-        Ok(())
-    }
-
-    pub fn finish(mut self) -> Result<W> {
-        crate::util::io::write_zeros(&mut self.w, t::trailer_len(self.offset))?;
-        self.w.flush().map_err(out_err)?;
-        Ok(self.w)
-    }
-}
+/// The tar writer exports and run-as-root's layers go through.
+pub type TarOut<W> = crate::tar::write::Writer<W>;
 
 /// The header of a tree node, with numeric owners and a fixed mtime.
 pub fn node_header<'a>(name: &'a [u8], node: &'a Node, mtime: i64) -> Header<'a> {
@@ -465,19 +413,19 @@ pub fn node_header<'a>(name: &'a [u8], node: &'a Node, mtime: i64) -> Header<'a>
 pub fn write_tree<W: Write>(tree: &Tree, layers: &[LayerBlob], w: W, mtime: i64) -> Result<(W, u64)> {
     let mut data = LayerData::new(layers);
     let mut out = TarOut::new(w);
-    out.add(&node_header(b"./", &tree.root, mtime), None)?;
+    out.member(&node_header(b"./", &tree.root, mtime), None)?;
     for (key, node) in &tree.nodes {
         let name = member_name(key, node.kind == Kind::Dir);
         let h = node_header(&name, node, mtime);
         if let Kind::File { layer, offset, size, .. } = node.kind {
             let mut r = data.reader(layer, offset, size)?;
             let what = || format!("{} in layer {}", display_key(key), layer + 1);
-            out.add(&h, Some((&mut r, &what)))?;
+            out.member(&h, Some((&mut r, &what)))?;
         } else {
-            out.add(&h, None)?;
+            out.member(&h, None)?;
         }
     }
-    let entries = out.entries;
+    let entries = out.members();
     Ok((out.finish()?, entries))
 }
 

@@ -200,7 +200,7 @@ pub fn merge<W: Write>(inputs: &[PathBuf], scratch: &Path, out: W, progress: &Pr
             let digest = &wanted[name];
             let size = sizes[name];
             outer.begin_member(&format!("{digest}/layer.tar"), size)?;
-            let mut hw = HashingWriter::new(&mut outer.w);
+            let mut hw = HashingWriter::new(outer.tar.get_mut());
             let copied = copy_reading(&mut entry.take(size), &mut hw, &mut buf, || format!("member {name} of image {label}"))?;
             let (_, again, _) = hw.finish();
             if copied != size || hex(&again) != *digest {

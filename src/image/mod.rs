@@ -14,16 +14,15 @@ pub mod merge;
 pub mod oci;
 pub mod reference;
 
-use crate::util::io::{copy_reading, write_zeros};
+use crate::util::io::copy_reading;
 use crate::util::progress::Progress;
 use crate::util::hex;
 use crate::image::base::{merge_env, BaseImage};
 use crate::image::conf::StreamConf;
 use crate::image::layer::{check_store_path, plan_layer, Owner};
-use crate::util::io::out_err;
 use crate::util::io::HashingWriter;
 use crate::pycompat::json::{dumps_indent4, list_repr};
-use crate::tar::{self, Header, HeaderEncoder};
+use crate::tar::{self, Header};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -63,46 +62,33 @@ pub struct LayerInfo {
     pub paths: Vec<String>,
 }
 
-/// The outer archive: member headers and padding, with a running offset for the trailer.
+/// The outer archive of a Docker archive: plain-file members, all with one mtime.
 pub(crate) struct Outer<W: Write> {
-    pub(crate) w: W,
-    enc: HeaderEncoder,
-    offset: u64,
+    pub(crate) tar: tar::write::Writer<W>,
     mtime: i64,
 }
 
 impl<W: Write> Outer<W> {
     /// An archive whose members all carry `mtime`.
     pub(crate) fn new(w: W, mtime: i64) -> Self {
-        Outer { w, enc: HeaderEncoder::new(), offset: 0, mtime }
+        Outer { tar: tar::write::Writer::new(w), mtime }
     }
 
+    /// A member of `size` bytes, which the caller writes to `self.tar.get_mut()`.
     pub(crate) fn begin_member(&mut self, name: &str, size: u64) -> Result<()> {
-        let h = Header::plain_file(name.as_bytes(), size, self.mtime);
-        let mut buf = Vec::with_capacity(1024);
-        self.enc.encode(&h, &mut buf);
-        self.w.write_all(&buf).map_err(out_err)?;
-        self.offset += buf.len() as u64;
-        Ok(())
+        self.tar.header(&Header::plain_file(name.as_bytes(), size, self.mtime))
     }
 
     pub(crate) fn end_member(&mut self, size: u64) -> Result<()> {
-        let pad = tar::padding(size);
-        self.w.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
-        self.offset += size + pad;
-        Ok(())
+        self.tar.end_data(size)
     }
 
     pub(crate) fn add_bytes(&mut self, name: &str, data: &[u8]) -> Result<()> {
-        self.begin_member(name, data.len() as u64)?;
-        self.w.write_all(data).map_err(out_err)?;
-        self.end_member(data.len() as u64)
+        self.tar.bytes(&Header::plain_file(name.as_bytes(), data.len() as u64, self.mtime), data)
     }
 
-    pub(crate) fn finish(mut self) -> Result<W> {
-        write_zeros(&mut self.w, tar::trailer_len(self.offset))?;
-        self.w.flush().map_err(out_err)?;
-        Ok(self.w)
+    pub(crate) fn finish(self) -> Result<W> {
+        self.tar.finish()
     }
 }
 
@@ -338,7 +324,7 @@ impl<W: Write> LayerSink for Outer<W> {
         self.begin_member(name, size)
     }
     fn out(&mut self) -> &mut dyn Write {
-        &mut self.w
+        self.tar.get_mut()
     }
     fn end(&mut self, size: u64, _diff_id: &str) -> Result<()> {
         self.end_member(size)

@@ -16,7 +16,7 @@ use crate::util::progress::Progress;
 use crate::util::io::out_err;
 use crate::util::io::OutputError;
 use crate::util::io::HashingWriter;
-use crate::tar::{Header, HeaderEncoder};
+use crate::tar::Header;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -295,10 +295,7 @@ pub fn tar_layout<W: Write>(dir: &Path, images: &[(&WrittenImage, &str)], out: &
     blobs.retain(|b| !b.starts_with('.'));
     blobs.sort();
     members.extend(blobs.into_iter().map(|b| (format!("blobs/sha256/{b}"), Holds::File(dir.join("blobs/sha256").join(b)))));
-    let mut enc = HeaderEncoder::new();
-    let mut offset = 0u64;
-    let mut hdr = Vec::new();
-    let mut buf = vec![0u8; 1 << 20];
+    let mut tar = crate::tar::write::Writer::new(out);
     for (name, holds) in members {
         let size = match &holds {
             Holds::Dir => 0,
@@ -306,30 +303,19 @@ pub fn tar_layout<W: Write>(dir: &Path, images: &[(&WrittenImage, &str)], out: &
             Holds::Bytes(data) => data.len() as u64,
         };
         let mut h = Header::plain_file(name.as_bytes(), size, mtime);
-        if let Holds::Dir = holds {
-            h.kind = crate::tar::DIRTYPE;
-            h.mode = 0o755;
-        }
-        hdr.clear();
-        enc.encode(&h, &mut hdr);
-        out.write_all(&hdr).map_err(out_err)?;
-        offset += hdr.len() as u64;
         match holds {
-            Holds::Dir => continue,
+            Holds::Dir => {
+                h.kind = crate::tar::DIRTYPE;
+                h.mode = 0o755;
+                tar.member(&h, None)?;
+            }
             Holds::File(path) => {
                 let mut f = File::open(&path).with_context(|| format!("cannot open {}", path.display()))?;
-                let n = crate::util::io::copy_reading(&mut f, out, &mut buf, || path.display().to_string())?;
-                if n != size {
-                    bail!("{} changed size while it was being read", path.display());
-                }
+                tar.member(&h, Some((&mut f, &|| path.display().to_string())))?;
             }
-            Holds::Bytes(data) => out.write_all(&data).map_err(out_err)?,
+            Holds::Bytes(data) => tar.bytes(&h, &data)?,
         }
-        let pad = crate::tar::padding(size);
-        out.write_all(&[0u8; 512][..pad as usize]).map_err(out_err)?;
-        offset += size + pad;
     }
-    crate::util::io::write_zeros(out, crate::tar::trailer_len(offset))?;
-    out.flush().map_err(out_err)?;
+    tar.finish()?;
     Ok(())
 }

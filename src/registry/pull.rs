@@ -234,33 +234,6 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
     Ok((n, hex(&digest)))
 }
 
-/// A ustar header for a regular file; sizes of 8 GiB and more use the base-256 form, so the
-/// header is always 512 bytes and can be rewritten in place.
-fn tar_header(name: &str, size: u64) -> [u8; 512] {
-    let mut h = [0u8; 512];
-    h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..107].copy_from_slice(b"0000644");
-    h[108..115].copy_from_slice(b"0000000");
-    h[116..123].copy_from_slice(b"0000000");
-    if size < 8u64.pow(11) {
-        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-    } else {
-        h[124] = 0x80;
-        h[128..136].copy_from_slice(&size.to_be_bytes());
-    }
-    h[136..147].copy_from_slice(b"00000000000");
-    h[156] = b'0';
-    h[257..263].copy_from_slice(b"ustar\0");
-    h[263..265].copy_from_slice(b"00");
-    h[148..156].copy_from_slice(b"        ");
-    let sum: u32 = h.iter().map(|&b| b as u32).sum();
-    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    h
-}
-
-fn pad(size: u64) -> usize {
-    ((512 - size % 512) % 512) as usize
-}
 
 /// Writes the Docker archive of `img` to `path` (via a `.partial` file).
 pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag: &str, path: &Path, progress: &Progress) -> Result<()> {
@@ -319,18 +292,18 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
             if format!("sha256:{got}") != *diff_id {
                 bail!("layer {} decompresses to sha256:{got}, but the config says {diff_id}", layer.digest);
             }
-            f.write_all(&[0u8; 512][..pad(size)])?;
+            f.write_all(&[0u8; 512][..crate::tar::padding(size) as usize])?;
             let end = f.stream_position()?;
             f.seek(SeekFrom::Start(start))?;
-            f.write_all(&tar_header(&name, size))?;
+            f.write_all(&crate::tar::fixed_file_header(&name, size))?;
             f.seek(SeekFrom::Start(end))?;
             progress.say(format!("{}: {} bytes, {size} uncompressed", layer.digest, layer.size));
         }
         let mut add = |f: &mut File, name: &str, data: &[u8]| -> io::Result<()> {
             buf.clear();
-            buf.extend_from_slice(&tar_header(name, data.len() as u64));
+            buf.extend_from_slice(&crate::tar::fixed_file_header(name, data.len() as u64));
             buf.extend_from_slice(data);
-            buf.extend_from_slice(&[0u8; 512][..pad(data.len() as u64)]);
+            buf.extend_from_slice(&[0u8; 512][..crate::tar::padding(data.len() as u64) as usize]);
             f.write_all(&buf)
         };
         let config_name = format!("{}.json", &img.config.digest["sha256:".len()..]);

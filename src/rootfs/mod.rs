@@ -11,7 +11,8 @@ pub mod beneath;
 
 use crate::pycompat::py_name_cmp;
 use crate::util::io::HashingWriter;
-use crate::tar::{self, Header, HeaderEncoder};
+use crate::tar::write::Writer;
+use crate::tar::{self, Header};
 use anyhow::{anyhow, bail, Context, Result};
 use std::ffi::OsStr;
 use std::fs::{self, File};
@@ -296,16 +297,13 @@ pub struct Packed {
 }
 
 struct Packer<'a, W: Write> {
-    w: HashingWriter<W>,
-    enc: HeaderEncoder,
-    hdr: Vec<u8>,
-    buf: Vec<u8>,
+    tar: Writer<HashingWriter<W>>,
     opts: &'a PackOptions,
-    members: u64,
 }
 
 impl<W: Write> Packer<'_, W> {
-    fn member(&mut self, name: &[u8], st: &Stat, kind: u8, size: u64, link: &[u8]) -> Result<()> {
+    /// Writes a member's header (and, for a regular file, its data from `data`).
+    fn member(&mut self, name: &[u8], st: &Stat, kind: u8, size: u64, link: &[u8], data: Option<(&mut dyn Read, &dyn Fn() -> String)>) -> Result<()> {
         let (uid, gid) = match self.opts.owners {
             Owners::Root => (0, 0),
             Owners::FromFs => (st.uid, st.gid),
@@ -325,11 +323,7 @@ impl<W: Write> Packer<'_, W> {
             devmajor: st.rdev.0,
             devminor: st.rdev.1,
         };
-        self.hdr.clear();
-        self.enc.encode(&h, &mut self.hdr);
-        self.w.write_all(&self.hdr).context("cannot write the layer")?;
-        self.members += 1;
-        Ok(())
+        self.tar.member(&h, data)
     }
 
     /// Adds `path` (named `name` in the tar) and everything below it.
@@ -340,7 +334,7 @@ impl<W: Write> Packer<'_, W> {
                 if !name.ends_with(b"/") {
                     name.push(b'/');
                 }
-                self.member(name, &st, tar::DIRTYPE, 0, b"")?;
+                self.member(name, &st, tar::DIRTYPE, 0, b"", None)?;
                 let mut children: Vec<Vec<u8>> = Vec::new();
                 for e in fs::read_dir(&*path).with_context(|| format!("cannot list directory {}", path.display()))? {
                     let e = e.with_context(|| format!("cannot list directory {}", path.display()))?;
@@ -359,30 +353,17 @@ impl<W: Write> Packer<'_, W> {
                 name.truncate(base);
             }
             libc::S_IFREG => {
-                self.member(name, &st, tar::REGTYPE, st.size, b"")?;
                 let mut f = File::open(&*path).with_context(|| format!("cannot open {}", path.display()))?;
-                let mut left = st.size;
-                while left > 0 {
-                    let want = left.min(self.buf.len() as u64) as usize;
-                    let n = match f.read(&mut self.buf[..want]) {
-                        Ok(0) => bail!("{} shrank while it was being packed", path.display()),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => bail!("cannot read {}: {e}", path.display()),
-                    };
-                    self.w.write_all(&self.buf[..n]).context("cannot write the layer")?;
-                    left -= n as u64;
-                }
-                let pad = tar::padding(st.size) as usize;
-                self.w.write_all(&[0u8; 512][..pad]).context("cannot write the layer")?;
+                let what = || path.display().to_string();
+                self.member(name, &st, tar::REGTYPE, st.size, b"", Some((&mut f, &what)))?;
             }
             libc::S_IFLNK => {
                 let target = fs::read_link(&*path).with_context(|| format!("cannot read link {}", path.display()))?;
-                self.member(name, &st, tar::SYMTYPE, 0, target.as_os_str().as_bytes())?;
+                self.member(name, &st, tar::SYMTYPE, 0, target.as_os_str().as_bytes(), None)?;
             }
-            libc::S_IFCHR => self.member(name, &st, tar::CHRTYPE, 0, b"")?,
-            libc::S_IFBLK => self.member(name, &st, tar::BLKTYPE, 0, b"")?,
-            libc::S_IFIFO => self.member(name, &st, tar::FIFOTYPE, 0, b"")?,
+            libc::S_IFCHR => self.member(name, &st, tar::CHRTYPE, 0, b"", None)?,
+            libc::S_IFBLK => self.member(name, &st, tar::BLKTYPE, 0, b"", None)?,
+            libc::S_IFIFO => self.member(name, &st, tar::FIFOTYPE, 0, b"", None)?,
             // GNU tar skips sockets too: a tar member cannot hold one.
             libc::S_IFSOCK => eprintln!("warning: {}: skipping a socket", path.display()),
             other => bail!("{}: unknown file type {other:o}", path.display()),
@@ -393,21 +374,12 @@ impl<W: Write> Packer<'_, W> {
 
 /// Packs the tree at `root` into `out` as a layer tar: `./`, then everything below it.
 pub fn pack<W: Write>(root: &Path, out: W, opts: &PackOptions) -> Result<(W, Packed)> {
-    let mut p = Packer {
-        w: HashingWriter::new(out),
-        enc: HeaderEncoder::new(),
-        hdr: Vec::with_capacity(2048),
-        buf: vec![0u8; 1 << 20],
-        opts,
-        members: 0,
-    };
+    let mut p = Packer { tar: Writer::new(HashingWriter::new(out)), opts };
     let mut path = root.to_path_buf();
     let mut name = b"./".to_vec();
     p.add(&mut path, &mut name)?;
-    let trailer = tar::trailer_len(p.w.count);
-    crate::util::io::write_zeros(&mut p.w, trailer)?;
-    let members = p.members;
-    let (w, digest, size) = p.w.finish();
+    let members = p.tar.members();
+    let (w, digest, size) = p.tar.finish()?.finish();
     Ok((w, Packed { size, digest, members }))
 }
 

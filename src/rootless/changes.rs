@@ -382,7 +382,7 @@ pub(super) fn write_changes(root: &Path, changes: &[Change], owners: &Owners, ou
         let root_meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;
         let (uid, gid) = owners.of(&root_meta);
         let mut h = Header { uid, gid, mode: root_meta.mode() & 0o7777, kind: t::DIRTYPE, ..Header::plain_file(b"./", 0, mtime) };
-        tar.add(&h, None)?;
+        tar.member(&h, None)?;
         for change in changes {
             match change {
                 Change::Whiteout(key) | Change::Opaque(key) => {
@@ -395,7 +395,7 @@ pub(super) fn write_changes(root: &Path, changes: &[Change], owners: &Owners, ou
                     let full = if dir.is_empty() { leaf } else { [dir, &[SEP], &leaf].concat() };
                     let name = member_name(&full, false);
                     h = Header { mode: 0, ..Header::plain_file(&name, 0, mtime) };
-                    tar.add(&h, None)?;
+                    tar.member(&h, None)?;
                     if matches!(change, Change::Whiteout(_)) {
                         counts.whiteouts += 1;
                     } else {
@@ -447,9 +447,9 @@ pub(super) fn write_changes(root: &Path, changes: &[Change], owners: &Owners, ou
                     if kind == t::REGTYPE {
                         let mut f = File::from(beneath.open_at(&rel, OFlag::O_RDONLY, 0).with_context(|| format!("cannot open {}", path.display()))?);
                         let what = || path.display().to_string();
-                        tar.add(&h, Some((&mut f, &what)))?;
+                        tar.member(&h, Some((&mut f, &what)))?;
                     } else {
-                        tar.add(&h, None)?;
+                        tar.member(&h, None)?;
                     }
                     counts.entries += 1;
                 }

@@ -11,6 +11,7 @@ use std::io::{self, Write};
 
 pub mod name;
 pub mod read;
+pub mod write;
 
 pub const BLOCK: u64 = 512;
 /// Python pads a closed archive to a multiple of this (tar's default blocking factor 20).
@@ -290,6 +291,32 @@ fn ustar_block(h: &Header, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
     let sum: u32 = block.iter().map(|&b| b as u32).sum();
     let chk = format!("{:06o}\0", sum);
     block[148..155].copy_from_slice(chk.as_bytes());
+}
+
+/// A bare ustar header for a regular file (mode 0644, owner 0, mtime 0, no names), always one
+/// block: sizes of 8 GiB and more use the base-256 form, so the header can be rewritten in
+/// place once the data's size is known. `pull` writes its archives with it (not with
+/// [`HeaderEncoder`]'s CPython form), and prefetch hashes are over those bytes.
+pub fn fixed_file_header(name: &str, size: u64) -> [u8; 512] {
+    let mut h = [0u8; 512];
+    h[..name.len()].copy_from_slice(name.as_bytes());
+    h[100..107].copy_from_slice(b"0000644");
+    h[108..115].copy_from_slice(b"0000000");
+    h[116..123].copy_from_slice(b"0000000");
+    if size < 8u64.pow(11) {
+        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+    } else {
+        h[124] = 0x80;
+        h[128..136].copy_from_slice(&size.to_be_bytes());
+    }
+    h[136..147].copy_from_slice(b"00000000000");
+    h[156] = b'0';
+    h[257..263].copy_from_slice(b"ustar\0");
+    h[263..265].copy_from_slice(b"00");
+    h[148..156].copy_from_slice(b"        ");
+    let sum: u32 = h.iter().map(|&b| b as u32).sum();
+    h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    h
 }
 
 #[cfg(test)]
