@@ -144,12 +144,15 @@ pub(super) fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String,
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: P's only other thread is the signal-cleanup thread (src/util/files.rs), waiting in
-    // sigwait and holding no lock (it takes the temp-file registry only to clean up, and then
-    // ends the process); run-as-root starts no other, and the threads other steps use
-    // (compression, layer writing) are joined before they return. So the child cannot inherit
-    // a lock another thread held (glibc's fork resets malloc's own). It ends in _exit (panics
-    // caught).
+    // SAFETY: after this fork C does far more than async-signal-safe calls (all of its work).
+    // That is sound as no other thread of P can be inside a lock or half-way through changing
+    // memory: P's only other thread is the signal-cleanup thread (src/util/files.rs); run-as-root
+    // starts none, and the threads other steps use (compression, layer writing) are joined
+    // before those return. The signal thread waits in sigwait holding nothing, unless a signal
+    // came: then it holds the temp-file registry, and perhaps stderr, while it ends P; C could
+    // at worst block on them (never see what they guard half-changed) and is ended by its
+    // parent-death signal or, once P is gone, by the `ready` or `go` pipe. glibc's fork leaves
+    // malloc usable in the child. C ends in _exit (panics caught).
     let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop((ready_r, go_w, res_r));
