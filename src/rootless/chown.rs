@@ -80,8 +80,12 @@ pub(super) fn install_chown_filter() -> io::Result<RawFd> {
     prog.push(stmt(0x06, libc::SECCOMP_RET_ALLOW));
     prog.push(stmt(0x06, libc::SECCOMP_RET_USER_NOTIF));
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and touches no memory of ours.
-    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // prctl is variadic, and the C library reads all four arguments as unsigned long (va_arg):
+    // they must be passed as such, not as the ints plain literals would be.
+    let (one, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only (of the type read, above) and
+    // touches no memory of ours.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) })?;
     // SAFETY: `fprog` points at `prog`, whose `len` filters it counts; both live on this stack
     // until the call returns, and the kernel copies (and checks) the program. A negative result
     // is checked; otherwise it is a new descriptor that nothing else owns.
