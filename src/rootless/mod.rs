@@ -374,6 +374,16 @@ mod tests {
     }
 
     #[test]
+    fn no_fork_with_other_threads_running() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new().name("other-thread".into()).spawn(move || rx.recv().is_ok()).unwrap();
+        let e = check_threads().map_err(|e| e.to_string());
+        drop(tx);
+        t.join().unwrap();
+        assert!(e.as_ref().is_err_and(|e| e.contains("(other-thread)")), "{e:?}");
+    }
+
+    #[test]
     fn usual_id_coverage() {
         assert!(covers_usual_ids("         0          0 4294967295\n"));
         assert!(covers_usual_ids("0 1000 1\n1 100000 65536\n"));
