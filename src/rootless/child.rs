@@ -21,8 +21,10 @@ pub(super) struct Job<'a> {
 pub(super) fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owners) -> Result<i32> {
     let (frames_r, frames_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
     // SAFETY: C runs no other thread (a fork copies only the calling thread, and C starts
-    // none), so the child cannot inherit a lock another thread held; it ends in
-    // exit_reporting (_exit).
+    // none: laying out and scanning the root and copying the --layer trees run on its one
+    // thread), so the child cannot inherit a lock or half-updated state of another
+    // thread and may run any code. It ends in exit_reporting (_exit): it never returns into
+    // C's code.
     match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop(frames_r);
@@ -32,8 +34,8 @@ pub(super) fn run_script(job: &Job, root: &Path, single: bool, owners: &mut Owne
             let init = || -> Result<i32> {
                 nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)?;
                 unshare(CloneFlags::CLONE_NEWPID).map_err(|e| anyhow!("cannot create a pid namespace: {e}"))?;
-                // SAFETY: this intermediate process runs no other thread either; the child,
-                // S, ends in exit_reporting (_exit).
+                // SAFETY: this intermediate process, forked from single-threaded C, starts
+                // no thread either; the child, S, ends in exit_reporting (_exit).
                 match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
                     ForkResult::Child => exit_reporting(fw, || init_main(root, &job.mounts, &job.spec, single, fw)),
                     ForkResult::Parent { child } => loop {

@@ -80,11 +80,15 @@ pub(super) fn install_chown_filter() -> io::Result<RawFd> {
     prog.push(stmt(0x06, libc::SECCOMP_RET_ALLOW));
     prog.push(stmt(0x06, libc::SECCOMP_RET_USER_NOTIF));
     let fprog = libc::sock_fprog { len: prog.len() as u16, filter: prog.as_mut_ptr() };
-    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only and touches no memory of ours.
-    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) })?;
+    // prctl is variadic, and the C library reads all four arguments as unsigned long (va_arg):
+    // they must be passed as such, not as the ints plain literals would be.
+    let (one, zero): (libc::c_ulong, libc::c_ulong) = (1, 0);
+    // SAFETY: PR_SET_NO_NEW_PRIVS takes integer arguments only (of the type read, above) and
+    // touches no memory of ours.
+    cvt(unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, one, zero, zero, zero) })?;
     // SAFETY: `fprog` points at `prog`, whose `len` filters it counts; both live on this stack
-    // until the call returns, and the kernel copies the program. A negative result is checked;
-    // otherwise it is a new descriptor that nothing else owns.
+    // until the call returns, and the kernel copies (and checks) the program. A negative result
+    // is checked; otherwise it is a new descriptor that nothing else owns.
     let fd = unsafe { libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER, &fprog as *const libc::sock_fprog) };
     if fd < 0 {
         return Err(errno());
@@ -167,8 +171,8 @@ pub(super) fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev:
         }
     };
     // The memory we read belonged to the caller only if the call is still pending.
-    // SAFETY: NOTIF_ID_VALID reads one u64, and `&req.id` is one, borrowed for the call. A stale
-    // or bad `listener` only makes the ioctl fail.
+    // SAFETY: NOTIF_ID_VALID reads one u64, and `&req.id` is one, borrowed for the call.
+    // `listener` is S's listener, which `supervise` keeps open while it serves.
     if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_ID_VALID as _, &req.id) } != 0 {
         return Verdict::Return(libc::ESRCH);
     }
@@ -245,11 +249,14 @@ pub(super) fn handle_chown(listener: RawFd, req: &libc::seccomp_notif, root_dev:
     if vfs.f_flag & libc::ST_RDONLY != 0 {
         return Verdict::Return(libc::EROFS);
     }
+    // statx(2) writes the kernel's struct statx whole: 256 bytes, new fields taking spare room.
+    const _: () = assert!(std::mem::size_of::<libc::statx>() == 256);
     // SAFETY: statx too is a C struct of integers, for which all zero bytes is a valid value.
     let mut stx: libc::statx = unsafe { std::mem::zeroed() };
     let empty = c"";
     // SAFETY: `empty` is a NUL-terminated static string (with AT_EMPTY_PATH: `fd` itself, an
-    // OwnedFd alive for the call), and statx writes one statx into `stx`, a live local.
+    // OwnedFd alive for the call), and statx writes one struct statx, of the size asserted
+    // above, into `stx`, a live local of that type.
     let has_birth = unsafe { libc::statx(fd.as_raw_fd(), empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_BTIME, &mut stx) } == 0 && stx.stx_mask & libc::STATX_BTIME != 0;
     let mut rec = Vec::with_capacity(40);
     rec.extend_from_slice(&st.st_dev.to_le_bytes());
@@ -315,11 +322,14 @@ pub(super) fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd, pins: &mu
     // SAFETY: seccomp_notif and seccomp_notif_resp are C structs of integers: all zero bytes is
     // a valid value, and the one NOTIF_RECV requires of the struct it fills.
     let mut req: libc::seccomp_notif = unsafe { std::mem::zeroed() };
-    // SAFETY: NOTIF_RECV writes one seccomp_notif into `req`, a live local of that type.
+    // SAFETY: NOTIF_RECV writes one seccomp_notif into `req`, a live local of that type: the
+    // ioctl number encodes size_of::<seccomp_notif>(), and the kernel accepts it only if that
+    // is the size of the struct it copies out. `listener` is open, as in handle_chown.
     if unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut req) } != 0 {
         return; // the caller died meanwhile
     }
-    // SAFETY: as for `req` above.
+    // SAFETY: as for `req` above: integers, all zero valid (and what the kernel wants of the
+    // fields not set here).
     let mut resp: libc::seccomp_notif_resp = unsafe { std::mem::zeroed() };
     resp.id = req.id;
     match handle_chown(listener, &req, root_dev, frames, pins) {
@@ -327,7 +337,8 @@ pub(super) fn serve_one(listener: RawFd, root_dev: u64, frames: RawFd, pins: &mu
         Verdict::Return(0) => {}
         Verdict::Return(e) => resp.error = -e,
     }
-    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp, `resp`, borrowed for the call. A failure
-    // (the caller died meanwhile) is ignored: there is no one left to answer.
+    // SAFETY: NOTIF_SEND reads one seccomp_notif_resp (its size encoded in the ioctl number, as
+    // for NOTIF_RECV), `resp`, borrowed for the call. A failure (the caller died meanwhile) is
+    // ignored: there is no one left to answer.
     unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_SEND as _, &resp) };
 }

@@ -138,18 +138,59 @@ pub(super) fn apply_plan(pid: Pid, plan: &MapPlan) -> Result<()> {
     }
 }
 
+/// The name of the signal-cleanup thread (`util::files::install_signal_cleanup`) as the
+/// kernel keeps it: thread names are cut to 15 bytes.
+const SIGNAL_THREAD: &str = "stevedore-signa";
+
+/// Fails unless this is the process's only thread but for the signal-cleanup one: C runs the
+/// whole of run-as-root after the fork, which is sound only if no other thread can hold a
+/// lock or be half-way through changing memory at that moment. Only this thread could start
+/// another, so what this finds holds at the fork. A thread just joined may linger in
+/// /proc/self/task for a moment (past its last user-space instruction): looked at again.
+pub(super) fn check_threads() -> Result<()> {
+    let me = nix::unistd::gettid().as_raw().to_string();
+    let mut tries = 0;
+    loop {
+        let tasks = fs::read_dir("/proc/self/task").context("cannot list this process's threads in /proc/self/task")?;
+        let mut others = Vec::new();
+        for task in tasks {
+            let task = task.context("cannot list this process's threads in /proc/self/task")?;
+            if task.file_name().to_str() == Some(me.as_str()) {
+                continue;
+            }
+            match fs::read_to_string(task.path().join("comm")) {
+                Ok(comm) if comm.trim_end_matches('\n') == SIGNAL_THREAD => {}
+                Ok(comm) => others.push(format!("{} ({})", task.file_name().to_string_lossy(), comm.trim_end())),
+                Err(_) => {} // ended meanwhile
+            }
+        }
+        if others.is_empty() {
+            return Ok(());
+        }
+        tries += 1;
+        if tries == 50 {
+            bail!("run-as-root must fork from a process running no other thread, but these run: {}", others.join(", "));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Forks C, maps its ids, and waits for its one-line report.
 pub(super) fn run_in_namespaces(job: &Job, plans: &[MapPlan]) -> Result<(String, LayerCounts)> {
     use nix::fcntl::OFlag;
     let (ready_r, ready_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (go_r, go_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (res_r, res_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: P's only other thread is the signal-cleanup thread (src/util/files.rs), waiting in
-    // sigwait and holding no lock (it takes the temp-file registry only to clean up, and then
-    // ends the process); run-as-root starts no other, and the threads other steps use
-    // (compression, layer writing) are joined before they return. So the child cannot inherit
-    // a lock another thread held (glibc's fork resets malloc's own). It ends in _exit (panics
-    // caught).
+    check_threads()?;
+    // SAFETY: after this fork C does far more than async-signal-safe calls (all of its work).
+    // That is sound as no other thread of P can be inside a lock or half-way through changing
+    // memory: check_threads just found none but the signal-cleanup thread (src/util/files.rs),
+    // and only this thread could start one (the threads other steps use, compression and layer
+    // writing, are joined before those return). The signal thread waits in sigwait holding
+    // nothing, unless a signal came: then it holds the temp-file registry, and perhaps stderr,
+    // while it ends P; C could at worst block on them (never see what they guard half-changed)
+    // and is ended by its parent-death signal or, once P is gone, by the `ready` or `go` pipe.
+    // glibc's fork leaves malloc usable in the child. C ends in _exit (panics caught).
     let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop((ready_r, go_w, res_r));

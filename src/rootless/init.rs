@@ -132,23 +132,26 @@ pub(super) fn loopback_up() {
         flags: libc::c_short,
         pad: [u8; 22],
     }
+    // The kernel copies a whole struct ifreq in and out (the name, then a union of 24 bytes).
+    const _: () = assert!(std::mem::size_of::<IfReq>() == std::mem::size_of::<libc::ifreq>());
     let mut req = IfReq { name: [0; 16], flags: 0, pad: [0; 22] };
     req.name[..2].copy_from_slice(b"lo");
-    // SAFETY: socket returns a new descriptor or -1 (checked), which only this block uses and
-    // closes once. SIOCGIFFLAGS and SIOCSIFFLAGS read and write a struct ifreq: IfReq has its
-    // layout (repr(C): a 16-byte name, the flags as a short at offset 16, 40 bytes in all) and
-    // is a live local for both calls. Failures leave lo down, which scripts rarely need.
-    unsafe {
-        let s = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
-        if s < 0 {
-            return;
-        }
-        if libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req) == 0 {
-            req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
-            libc::ioctl(s, libc::SIOCSIFFLAGS as _, &req);
-        }
-        libc::close(s);
+    // SAFETY: socket takes integers only and returns a new descriptor or -1 (checked).
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return;
     }
+    // SAFETY: `s` is the socket just made, open until the close below. SIOCGIFFLAGS writes a
+    // struct ifreq: IfReq has its layout (repr(C): the 16-byte name, ifr_flags as a short at
+    // offset 16, and its size, asserted above) and `req` is a live local, borrowed for the call.
+    if unsafe { libc::ioctl(s, libc::SIOCGIFFLAGS as _, &mut req) } == 0 {
+        req.flags |= (libc::IFF_UP | libc::IFF_RUNNING) as libc::c_short;
+        // SAFETY: as above; SIOCSIFFLAGS only reads `req`. A failure leaves lo down, which
+        // scripts rarely need.
+        unsafe { libc::ioctl(s, libc::SIOCSIFFLAGS as _, &req) };
+    }
+    // SAFETY: `s` came from socket above, nothing else owns it, and it is closed once, here.
+    unsafe { libc::close(s) };
 }
 
 /// S: mounts, pivots into the root, runs T and supervises it. Returns T's exit code (or
@@ -189,15 +192,17 @@ pub(super) fn init_main(root: &Path, mounts: &Mounts, spec: &ScriptSpec, single:
         None,
         nix::sys::socket::SockFlag::SOCK_CLOEXEC,
     )?;
-    // SAFETY: S runs no other thread (it is a fresh child of C, which runs none), so the child
-    // cannot inherit a lock another thread held; it ends in execve or _exit, never returning.
+    // SAFETY: S runs no other thread (forked from the intermediate, itself forked from C, and
+    // none of the three starts one), so the child, T, cannot inherit a lock or half-updated
+    // state of another thread and may run any code. It ends in execve or _exit: it never
+    // returns into S's code.
     let child = match unsafe { fork() }.map_err(|e| anyhow!("fork failed: {e}"))? {
         ForkResult::Child => {
             drop(sock_s);
             let e = exec_script(spec, single, sock_t.as_raw_fd());
             send_frame(frames, FRAME_ERROR, e.as_bytes());
             // SAFETY: _exit has no preconditions; it skips the destructors and atexit
-            // handlers that belong to S.
+            // handlers, which belong to S.
             unsafe { libc::_exit(127) }
         }
         ForkResult::Parent { child } => child,
@@ -217,7 +222,8 @@ pub(super) fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
         if let ControlMessageOwned::ScmRights(fds) = c {
             if let Some(&fd) = fds.first() {
                 // SAFETY: the kernel installed `fd` in our table for this SCM_RIGHTS message
-                // just now (with MSG_CMSG_CLOEXEC); nothing else refers to it.
+                // just now (with MSG_CMSG_CLOEXEC); nothing else refers to it, so it is ours to
+                // own and close.
                 return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
             }
         }
@@ -228,29 +234,41 @@ pub(super) fn recv_fd(sock: RawFd) -> Result<OwnedFd> {
 /// T: drops into the script. Returns only on failure, with the message to report.
 pub(super) fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> String {
     let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    // SAFETY: T runs no other thread, so resetting its signals and descriptors disturbs no
-    // one. rt_sigaction reads a kernel sigaction from `default`: 32 zero bytes, at least its
-    // size (handler, flags, restorer, an 8-byte mask, the sigsetsize passed) on x86_64 and
-    // aarch64, and the old action is not asked for (null). `none` is a live sigset_t that
-    // sigemptyset initialises before sigprocmask reads it. dup2 and fcntl take integers;
-    // fd 1 is replaced under no Rust object of T (T writes to it through nothing but the
-    // script it execs), and `script_fd` is P's open descriptor of the script, inherited.
-    unsafe {
-        // Signals the caller ignores (Rust ignores SIGPIPE, so `yes | head` would not end;
-        // a background job ignores SIGINT) must not reach the script: all back to default.
-        // The raw call, since glibc's wrappers refuse its own signals 32 and 33; an all-zero
-        // kernel sigaction is SIG_DFL with no flags and an empty mask on every architecture.
-        let default = [0u64; 4];
-        for sig in 1..=64 {
-            if sig != libc::SIGKILL && sig != libc::SIGSTOP {
-                libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null_mut::<u64>(), 8usize);
-            }
+    // Signals the caller ignores (Rust ignores SIGPIPE, so `yes | head` would not end; a
+    // background job ignores SIGINT) must not reach the script: all back to default. The raw
+    // call, since glibc's wrappers refuse its own signals 32 and 33; an all-zero kernel
+    // sigaction is SIG_DFL with no flags and an empty mask on every architecture.
+    let default = [0u64; 4];
+    for sig in 1..=64 {
+        if sig != libc::SIGKILL && sig != libc::SIGSTOP {
+            // SAFETY: rt_sigaction copies one kernel struct sigaction from `default`: handler,
+            // flags, restorer and the 8-byte mask are 32 bytes on x86_64 and aarch64, and
+            // `default` is 32 live bytes; 8 is the sigset size the kernel requires, and the old
+            // action is not asked for (null). No handler of ours is replaced under a thread
+            // using it: T runs no other thread, and glibc's own signals (32, 33) serve only
+            // cancellation and set*id across threads, which T never uses before it execs.
+            unsafe { libc::syscall(libc::SYS_rt_sigaction, sig, default.as_ptr(), std::ptr::null_mut::<u64>(), 8usize) };
         }
-        let mut none: libc::sigset_t = std::mem::zeroed();
+    }
+    // SAFETY: sigset_t is an array of integers, for which all zero bytes is a valid value.
+    let mut none: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `none` is a live sigset_t, made empty by sigemptyset before sigprocmask reads it;
+    // the old mask is not asked for (null).
+    unsafe {
         libc::sigemptyset(&mut none);
         libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
-        // The script's output is progress, not product: stdout goes to stderr.
-        libc::dup2(2, 1);
+    }
+    // The script's output is progress, not product: stdout goes to stderr.
+    // SAFETY: dup2 takes integers. What it closes, fd 1, is owned by no OwnedFd or File of T:
+    // std opens /dev/null on fds 0-2 at startup if they are closed, so none of our own files
+    // can have been given fd 1, and std's Stdout only writes to the number (T writes nothing
+    // to it before it execs).
+    unsafe { libc::dup2(2, 1) };
+    // SAFETY: F_GETFD and F_SETFD take integers and change only the close-on-exec flag of
+    // `script_fd`: P's descriptor of the script (the File `run` holds across
+    // run_in_namespaces), open when P forked C and inherited through every fork since, so it
+    // still names the script here. The shell reads it through /proc/self/fd after the exec.
+    unsafe {
         let flags = libc::fcntl(spec.script_fd, libc::F_GETFD);
         libc::fcntl(spec.script_fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
     }
@@ -264,7 +282,8 @@ pub(super) fn exec_script(spec: &ScriptSpec, single: bool, sock: RawFd) -> Strin
                     return format!("cannot hand the seccomp listener over: {e}");
                 }
                 // SAFETY: `listener` is the descriptor install_chown_filter returned, owned by
-                // nothing else; S has its own copy now, and it is closed once, here.
+                // nothing else, and closed once, here; the message sent holds its own reference
+                // to the listener until S receives it.
                 unsafe { libc::close(listener) };
             }
             Err(e) => return format!("cannot install the seccomp filter that records chown: {e}"),

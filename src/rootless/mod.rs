@@ -25,6 +25,11 @@
 //! The diff needs no overlayfs: a file changed if its inode or ctime changed, and before the
 //! script starts we wait until the clock has moved past every ctime in the snapshot, so even a
 //! same-size rewrite with the old mtime restored is caught.
+//!
+//! Every `unsafe` here says why it is sound in a `// SAFETY:` comment (tests/source_rules.rs
+//! checks all of src/, clippy this module).
+
+#![deny(clippy::undocumented_unsafe_blocks)]
 
 use crate::rootfs::beneath::Root;
 use crate::image::flatten::{self, member_name, Kind, LayerData, TarOut, Tree, SEP};
@@ -371,6 +376,16 @@ mod tests {
                 "-var/lib/f",
             ]
         );
+    }
+
+    #[test]
+    fn no_fork_with_other_threads_running() {
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::Builder::new().name("other-thread".into()).spawn(move || rx.recv().is_ok()).unwrap();
+        let e = check_threads().map_err(|e| e.to_string());
+        drop(tx);
+        t.join().unwrap();
+        assert!(e.as_ref().is_err_and(|e| e.contains("(other-thread)")), "{e:?}");
     }
 
     #[test]
