@@ -118,10 +118,6 @@ pub fn image_layer((out, a): (PathBuf, attrs::ImageLayer)) -> Result<()> {
                 write_new(&f, format!("set -e\n{extra}\n").as_bytes(), 0o444)?;
                 Some(f)
             };
-            // The extra commands run outside the namespace's root, with our environment.
-            for (name, value) in commands.vars() {
-                std::env::set_var(name, value);
-            }
             let scratch = top.join("scratch");
             make_dir(&scratch)?;
             let sel = selector(&a.from_image_name, &a.from_image_tag)?;
@@ -138,6 +134,8 @@ pub fn image_layer((out, a): (PathBuf, attrs::ImageLayer)) -> Result<()> {
                 env: Vec::new(),
                 extra_commands,
                 extra_commands_shell: PathBuf::from(a.shell.as_deref().unwrap_or("/bin/sh")),
+                // They run outside the namespace's root, with our environment and these.
+                extra_commands_env: commands.vars().into_iter().map(|(k, v)| (k.to_string(), v)).collect(),
                 out_layer: out.join("layer.tar"),
                 out_checksum: Some(out.join("checksum")),
                 mtime: Some(mtime),

@@ -461,6 +461,7 @@ impl RunAsRootCmd {
             env: self.env,
             extra_commands: self.extra_commands,
             extra_commands_shell: self.extra_commands_shell,
+            extra_commands_env: Vec::new(),
             out_layer: self.out_layer,
             out_checksum: self.out_checksum,
             mtime: self.mtime,

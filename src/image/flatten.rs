@@ -378,8 +378,6 @@ impl<'a> LayerData<'a> {
     }
 }
 
-/// The tar writer exports and run-as-root's layers go through.
-pub type TarOut<W> = crate::tar::write::Writer<W>;
 
 /// The header of a tree node, with numeric owners and a fixed mtime.
 pub fn node_header<'a>(name: &'a [u8], node: &'a Node, mtime: i64) -> Header<'a> {
@@ -412,7 +410,7 @@ pub fn node_header<'a>(name: &'a [u8], node: &'a Node, mtime: i64) -> Header<'a>
 /// regular files.
 pub fn write_tree<W: Write>(tree: &Tree, layers: &[LayerBlob], w: W, mtime: i64) -> Result<(W, u64)> {
     let mut data = LayerData::new(layers);
-    let mut out = TarOut::new(w);
+    let mut out = crate::tar::write::Writer::new(w);
     out.member(&node_header(b"./", &tree.root, mtime), None)?;
     for (key, node) in &tree.nodes {
         let name = member_name(key, node.kind == Kind::Dir);

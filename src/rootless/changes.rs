@@ -376,7 +376,7 @@ pub struct LayerCounts {
 /// Writes the changes under `root` as a layer tar to `out` and returns its sha256.
 pub(super) fn write_changes(root: &Path, changes: &[Change], owners: &Owners, out: &Path, mtime: i64) -> Result<([u8; 32], LayerCounts)> {
     flatten::write_atomically(out, |w| {
-        let mut tar = TarOut::new(HashingWriter::new(w));
+        let mut tar = Writer::new(HashingWriter::new(w));
         let mut beneath = Root::open(root).with_context(|| format!("cannot open {}", root.display()))?;
         let mut counts = LayerCounts::default();
         let root_meta = fs::symlink_metadata(root).with_context(|| format!("cannot stat {}", root.display()))?;

@@ -118,6 +118,7 @@ pub(super) fn in_namespace(job: &Job, root: &Path, single: bool) -> Result<(Stri
         let stderr = io::stderr().as_fd().try_clone_to_owned().context("cannot duplicate stderr")?;
         let status = std::process::Command::new(&job.args.extra_commands_shell)
             .arg(extra)
+            .envs(job.args.extra_commands_env.iter().map(|(k, v)| (k, v)))
             .current_dir(root)
             .stdout(stderr)
             .status()

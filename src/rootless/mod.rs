@@ -32,7 +32,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 use crate::rootfs::beneath::Root;
-use crate::image::flatten::{self, member_name, Kind, LayerData, TarOut, Tree, SEP};
+use crate::image::flatten::{self, member_name, Kind, LayerData, Tree, SEP};
+use crate::tar::write::Writer;
 use crate::image::read::{LayerBlob, Selector};
 use crate::util::hex;
 use crate::util::io::HashingWriter;
@@ -122,6 +123,9 @@ pub struct RunAsRoot {
     pub extra_commands: Option<PathBuf>,
     /// The shell for --extra-commands, a path outside the image.
     pub extra_commands_shell: PathBuf,
+    /// Variables the extra commands get on top of our environment (the builder's `PATH`,
+    /// `out`, `SOURCE_DATE_EPOCH`).
+    pub extra_commands_env: Vec<(String, std::ffi::OsString)>,
     /// Where to write the new layer (a tar; replaced only once complete).
     pub out_layer: PathBuf,
     /// Also write the layer's sha256 (hex) to this file. It always goes to stdout.
