@@ -430,22 +430,12 @@ const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "appl
 /// The layer blob names of the image an OCI index (`index.json`) points to.
 fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> {
     let index = src.json("index.json")?;
-    let manifests = index["manifests"].as_array().ok_or_else(|| anyhow!("{}: index.json lists no manifests", what.display()))?;
-    let chosen = match sel.wanted() {
-        Some(wanted) => {
-            // Layouts name images by tag alone (`oci:DIR:TAG`) or by `name:tag`.
-            let short = sel.tag.as_deref().or(sel.name.as_deref());
-            manifests
-                .iter()
-                .find(|m| {
-                    let ann = |k: &str| m.get("annotations").and_then(|a| a.get(k)).and_then(Value::as_str);
-                    let r = ann("org.opencontainers.image.ref.name");
-                    r == short || r == Some(&wanted) || ann("io.containerd.image.name") == Some(&wanted)
-                })
-                .ok_or_else(|| anyhow!("{}: no image named {wanted}", what.display()))?
-        }
-        None => manifests.first().ok_or_else(|| anyhow!("{}: index.json lists no manifests", what.display()))?,
+    let wanted: Vec<String> = match sel.wanted() {
+        // Layouts name images by `name:tag`, or by tag alone (`oci:DIR:TAG`).
+        Some(full) => vec![full, sel.tag.clone().or(sel.name.clone()).unwrap_or_default()],
+        None => Vec::new(),
     };
+    let chosen = select_index_entry(&index, &wanted, &what.display().to_string())?;
     let mut desc = chosen.clone();
     for _ in 0..4 {
         let media = desc["mediaType"].as_str().unwrap_or("");
@@ -465,6 +455,47 @@ fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> 
         desc = native.or(list.first()).cloned().ok_or_else(|| anyhow!("{}: index {digest} is empty", what.display()))?;
     }
     bail!("{}: indexes nested too deeply", what.display())
+}
+
+/// The entry of an OCI index (`index.json`'s `manifests`) an image is asked for by, with one rule
+/// for every reader (export, run-as-root, base images, push):
+///
+/// - by name: the entries whose `org.opencontainers.image.ref.name` or `io.containerd.image.name`
+///   is one of `wanted`, or whose name is `NAME:TAG` for a bare tag wanted (and the other way
+///   round: a bare-tag name for `NAME:TAG` wanted), as skopeo's `oci:DIR:REF` finds them;
+/// - unnamed: the only entry.
+///
+/// No match, or several entries of different images, is an error that lists the names.
+pub fn select_index_entry<'m>(index: &'m Value, wanted: &[String], what: &str) -> Result<&'m Value> {
+    let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index.json lists no manifests"))?;
+    fn ann<'v>(m: &'v Value, k: &str) -> Option<&'v str> {
+        m.get("annotations").and_then(|a| a.get(k)).and_then(Value::as_str)
+    }
+    let names = || {
+        let mut n: Vec<&str> = manifests.iter().filter_map(|m| ann(m, "org.opencontainers.image.ref.name").or(ann(m, "io.containerd.image.name"))).collect();
+        n.dedup();
+        if n.is_empty() { "none named".to_string() } else { n.join(", ") }
+    };
+    let Some(first) = wanted.first() else {
+        return match manifests.as_slice() {
+            [] => bail!("{what}: index.json lists no manifests"),
+            [only] => Ok(only),
+            _ => bail!("{what}: index.json lists {} images; name one (names: {})", manifests.len(), names()),
+        };
+    };
+    let tag_of = |n: &str| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(_, t)| t.to_string());
+    let matches = |m: &Value| {
+        [ann(m, "org.opencontainers.image.ref.name"), ann(m, "io.containerd.image.name")].into_iter().flatten().any(|n| {
+            wanted.iter().any(|w| n == w || (!w.contains(':') && tag_of(n).as_deref() == Some(w.as_str())) || (!n.contains(':') && tag_of(w).as_deref() == Some(n)))
+        })
+    };
+    let found: Vec<&Value> = manifests.iter().filter(|m| matches(m)).collect();
+    match found.as_slice() {
+        [] => bail!("{what}: no image named {first} (names: {})", names()),
+        [one] => Ok(one),
+        [one, rest @ ..] if rest.iter().all(|m| m.get("digest") == one.get("digest")) => Ok(one),
+        many => bail!("{what}: {} images match {first}; name one of them in full (names: {})", many.len(), names()),
+    }
 }
 
 /// The layer member names of the image a Docker archive's `manifest.json` lists.
@@ -586,6 +617,22 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn one_rule_picks_index_entries() {
+        let entry = |name: &str, digest: &str| serde_json::json!({"digest": digest, "annotations": {"org.opencontainers.image.ref.name": name}});
+        let index = serde_json::json!({"manifests": [entry("team/app:v1", "sha256:a"), entry("team/app:v2", "sha256:b"), entry("v1", "sha256:c")]});
+        let pick = |w: &[&str]| select_index_entry(&index, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "x").map(|m| m["digest"].as_str().unwrap().to_string());
+        assert_eq!(pick(&["team/app:v2"]).unwrap(), "sha256:b");
+        // A bare tag that two images have: ambiguous, the error lists the names.
+        let e = pick(&["v1"]).unwrap_err().to_string();
+        assert!(e.contains("2 images match v1") && e.contains("team/app:v1, team/app:v2, v1"), "{e}");
+        assert!(pick(&["nope"]).unwrap_err().to_string().starts_with("x: no image named nope"));
+        // Unnamed: only a single image is taken.
+        assert!(pick(&[]).unwrap_err().to_string().contains("lists 3 images"));
+        let one = serde_json::json!({"manifests": [entry("a:b", "sha256:d")]});
+        assert!(select_index_entry(&one, &[], "x").is_ok());
+    }
 
     fn archive(entries: &[(&str, &[u8])], links: &[(&str, &str)]) -> tempfile::NamedTempFile {
         let mut b = tar::Builder::new(Vec::new());

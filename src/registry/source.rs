@@ -80,10 +80,14 @@ pub enum Source {
 }
 
 fn split_ref(s: &str) -> (PathBuf, Option<String>) {
-    // `DIR:REF`: only split when the part before the last colon exists, so paths with colons
-    // still work when they name an existing file.
-    if let Some((p, r)) = s.rsplit_once(':') {
-        if !Path::new(s).exists() && Path::new(p).exists() && !r.contains('/') {
+    // `PATH:REF`, REF itself possibly `NAME:TAG` (as skopeo reads `oci:DIR:REF`): split at the
+    // first colon whose left part exists, so paths with colons still work.
+    if Path::new(s).exists() {
+        return (PathBuf::from(s), None);
+    }
+    for (i, _) in s.match_indices(':') {
+        let (p, r) = (&s[..i], &s[i + 1..]);
+        if !r.is_empty() && Path::new(p).exists() {
             return (PathBuf::from(p), Some(r.to_string()));
         }
     }
@@ -423,22 +427,9 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress)
 // ---------------------------------------------------------------------------------------------
 // OCI layouts: blobs are ready; walk index -> manifests -> blobs.
 
-/// Picks the entry of `index.json` to push: the one named `reference`, or the only one.
 fn pick_entry(index: &Value, reference: Option<&str>, what: &str) -> Result<Value> {
-    let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index.json has no manifests"))?;
-    let name_of = |m: &Value| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str).map(str::to_owned);
-    match reference {
-        Some(r) => manifests
-            .iter()
-            .find(|m| name_of(m).as_deref() == Some(r) || name_of(m).is_some_and(|n| n.rsplit_once(':').is_some_and(|(_, t)| t == r)))
-            .cloned()
-            .ok_or_else(|| anyhow!("{what}: no image named {r:?} in index.json")),
-        None if manifests.len() == 1 => Ok(manifests[0].clone()),
-        None => {
-            let names: Vec<String> = manifests.iter().filter_map(name_of).collect();
-            bail!("{what}: index.json lists {} images; name one with :REF (names: {})", manifests.len(), names.join(", "))
-        }
-    }
+    let wanted: Vec<String> = reference.map(str::to_owned).into_iter().collect();
+    crate::image::read::select_index_entry(index, &wanted, what).cloned()
 }
 
 /// Walks from a descriptor down to blobs. `json_blob(digest)` returns a manifest's bytes.
