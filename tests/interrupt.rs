@@ -4,6 +4,11 @@
 //!
 //! A run is held mid-write by a customisation layer whose `layer.tar` is a FIFO nobody writes:
 //! the store layers are written, then the process waits on it. Exports are held up by size.
+//!
+//! stevedore keeps ignoring a signal it was started ignoring (`nohup`, a background job), and
+//! this test may itself run so (`nohup cargo test`, a CI runner ignoring SIGINT): every run the
+//! tests signal starts with SIGHUP, SIGINT and SIGTERM at their defaults, and one that does not
+//! end soon after its signal is killed and fails the test instead of hanging it.
 
 mod common;
 
@@ -12,8 +17,11 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
 use std::fs;
+use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 /// A conf whose customisation layer never arrives: the run stops inside the image.
@@ -33,8 +41,56 @@ fn quick_conf(dir: &Path) -> PathBuf {
     write_json(dir, "quick.json", &base_conf(&fx, vec![store_paths(&fx)[..2].to_vec()]))
 }
 
+/// The signals the tests send, back at their defaults in `cmd`'s process, whatever this test
+/// process inherited: a signal ignored here would be ignored there too, and stevedore keeps it so.
+fn with_default_signals(cmd: &mut Command) -> &mut Command {
+    // SAFETY: the closure runs in the forked child before exec, and calls only signal(2), which
+    // is async-signal-safe; it allocates nothing and touches no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            for sig in [libc::SIGHUP, libc::SIGINT, libc::SIGTERM] {
+                if libc::signal(sig, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        })
+    }
+}
+
 fn start(args: &[&str]) -> Child {
-    Command::new(bin()).args(args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+    with_default_signals(Command::new(bin()).args(args)).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap()
+}
+
+/// How long a signalled run may take to clean up and exit.
+const STOP_LIMIT: Duration = Duration::from_secs(60);
+
+/// Waits for `child` and its stderr, for at most `limit`; one still running then is killed and
+/// the test fails.
+fn wait_at_most(mut child: Child, limit: Duration, what: &str) -> Output {
+    let (tx, rx) = mpsc::channel();
+    let stderr = child.stderr.take();
+    std::thread::spawn(move || {
+        let mut buf = Vec::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_end(&mut buf);
+        }
+        let _ = tx.send(buf);
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: still running after {limit:?}, killed");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let stderr = rx.recv_timeout(limit.saturating_sub(started.elapsed())).unwrap_or_else(|_| panic!("{what}: its stderr is still open after {limit:?}"));
+    Output { status, stdout: Vec::new(), stderr }
 }
 
 /// Names in `dir` made by stevedore's temporary naming scheme (or the old `.partial` one).
@@ -71,7 +127,7 @@ fn signal(child: &Child, sig: Signal) {
 /// Signals `child`, which must then exit 128 + the signal saying why, without a panic.
 fn interrupt(child: Child, sig: Signal) -> Output {
     signal(&child, sig);
-    let out = child.wait_with_output().unwrap();
+    let out = wait_at_most(child, STOP_LIMIT, &format!("after {sig}"));
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(128 + sig as i32), "{sig}: {err}");
     assert!(err.trim_end().ends_with(&format!("stevedore: stopped by {sig}")), "{sig}: {err}");
@@ -280,15 +336,13 @@ fn signals_ignored_at_start_stay_ignored() {
     let tmp = tempfile::tempdir().unwrap();
     let conf = stuck_conf(tmp.path());
     let target = tmp.path().join("image.tar");
-    let mut child = Command::new("bash")
-        .arg("-c")
-        .arg("trap '' TERM; exec \"$@\"")
-        .arg("bash")
-        .arg(bin())
-        .args(["stream", conf.to_str().unwrap(), "-o", target.to_str().unwrap()])
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // bash cannot trap what it was started ignoring: it starts with the defaults.
+    let mut child = with_default_signals(
+        Command::new("bash").arg("-c").arg("trap '' TERM; exec \"$@\"").arg("bash").arg(bin()).args(["stream", conf.to_str().unwrap(), "-o", target.to_str().unwrap()]),
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
     wait_for_litter(tmp.path(), &mut child, |n| n.starts_with(".image.tar.stevedore-"));
     signal(&child, Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(500));

@@ -17,6 +17,9 @@ packages=(
   iproute2 procps util-linux mount
   # For the ssh-ng remote build (a later milestone).
   openssh-server openssh-client
+  # The MSRV build (suite.sh's msrv-build): Debian 13's own Rust, and the C compiler that
+  # ring, zstd-sys and rusqlite's bundled SQLite build with.
+  cargo rustc gcc libc6-dev
 )
 
 # Runs in the new root (through chroot: only plain file edits here) before it is kept.

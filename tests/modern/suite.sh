@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # The test suite on Debian 13's packages; runs inside the root (tests/modern/run.sh enters it).
 # Starts a nix-daemon that builds in its sandbox with build users, as a multi-user install
-# does, then runs the host-built Rust test binaries listed in LIST ("NAME PATH" lines),
-# tests/nix/run.sh with STEVEDORE_BIN (and an sshd on loopback for its remote build), and
-# Docker 26 with both image stores (docker.sh). Its output has cargo's "test result:" lines and the
-# Nix runner's "N passed, N failed" line; the exit status is non-zero if anything failed.
+# does, then runs the host-built Rust test binaries listed in LIST ("NAME PATH" lines), builds
+# stevedore with Debian 13's own cargo and rustc (msrv), runs tests/nix/run.sh with
+# STEVEDORE_BIN (and an sshd on loopback for its remote build), and Docker 26 with both image
+# stores (docker.sh). Its output has cargo's "test result:" lines and the other parts'
+# "[msrv: ]N passed, N failed" lines; the exit status is non-zero if anything failed.
 #
 #   suite.sh LIST STEVEDORE_BIN [WORD...]   # WORDs pick Nix and Docker tests by name
-#   STEVEDORE_MODERN_PARTS="rust nix" ...   # only these parts (of rust, nix, docker)
+#   STEVEDORE_MODERN_PARTS="rust nix" ...   # only these parts (of rust, msrv, nix, docker)
 set -uo pipefail
 list=$1 bin=$2
 shift 2
 repo=$(cd "$(dirname "$0")/../.." && pwd -P)
-parts=${STEVEDORE_MODERN_PARTS:-rust nix docker}
+parts=${STEVEDORE_MODERN_PARTS:-rust msrv nix docker}
 status=0
 
 # Written to the overlay, so gone with it. No substituters: nothing can be fetched here.
@@ -45,6 +46,37 @@ if [[ " $parts " == *" rust "* ]]; then
     echo "     Running $name ($exe)"
     (cd "$repo" && CARGO_MANIFEST_DIR=$repo "$exe" --include-ignored) 2>&1 || { echo "error: $name exited $?, to rerun pass \`--test $name\`"; status=1; }
   done <"$list"
+fi
+
+if [[ " $parts " == *" msrv "* ]]; then
+  # Cargo.toml's rust-version is Debian 13's Rust, and is what builds stevedore here: `apt install
+  # cargo` on Debian 13 builds it. Offline, from the crates run.sh vendored (target/msrv/vendor),
+  # into target/msrv/target, kept between runs. msrv-build: the library and the binary, as a
+  # user builds them; msrv-check-tests: the tests, examples and dev-dependencies compile too.
+  msrv_pass=0 msrv_fail=0
+  msrv() {
+    local name=$1 t0=$SECONDS
+    shift
+    if (cd "$repo" && cargo "$@" --locked --offline --target-dir target/msrv/target \
+      --config 'source.crates-io.replace-with="msrv-vendor"' \
+      --config "source.msrv-vendor.directory=\"$repo/target/msrv/vendor\"") >"/tmp/$name.log" 2>&1; then
+      msrv_pass=$((msrv_pass + 1)); echo "ok   $name (rustc $have, $((SECONDS - t0)) s)"
+    else
+      tail -30 "/tmp/$name.log"
+      msrv_fail=$((msrv_fail + 1)); echo "FAIL $name (rustc $have, $((SECONDS - t0)) s)"; status=1
+    fi
+  }
+  want=$(sed -nE 's/^rust-version[[:space:]]*=[[:space:]]*"([0-9.]+)".*/\1/p' "$repo/Cargo.toml" | head -1)
+  have=$(rustc --version | awk '{ print $2 }')
+  # The same major.minor: a rust-version lowered below what is built here would go untested.
+  if [ -z "$want" ] || [ "$(echo "$want" | cut -d. -f1-2)" != "$(echo "$have" | cut -d. -f1-2)" ]; then
+    echo "FAIL msrv-build: Cargo.toml's rust-version is [$want], Debian 13's rustc $have"
+    msrv_fail=1 status=1
+  else
+    msrv msrv-build build
+    msrv msrv-check-tests check --tests --examples
+  fi
+  echo "msrv: $msrv_pass passed, $msrv_fail failed"
 fi
 
 if [[ " $parts " == *" nix "* ]]; then
