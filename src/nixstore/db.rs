@@ -152,10 +152,11 @@ fn sqlite_leftovers(db: &Path) -> Vec<PathBuf> {
 /// Writes the database for `graph` to `db` (through a temporary name; nothing else is left).
 pub fn write_db(graph: &ClosureGraph, registration_time: i64, db: &Path) -> Result<()> {
     let dir = db.parent().ok_or_else(|| anyhow!("{} has no parent directory", db.display()))?;
-    let tmp = dir.join(".db.sqlite.partial");
-    for p in std::iter::once(tmp.clone()).chain(sqlite_leftovers(&tmp)) {
-        remove_if_exists(&p)?;
-    }
+    let dir = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+    // A temporary file of util::files' (unique, removed on error or signal); SQLite opens the
+    // empty file as a new database.
+    let (file, temp) = crate::util::files::create_temp(dir, std::ffi::OsStr::new("db.sqlite")).with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    let tmp = temp.path().to_path_buf();
     let result = (|| -> Result<()> {
         let sql = |e: rusqlite::Error| anyhow!("{}: {e}", tmp.display());
         let mut conn = Connection::open(&tmp).map_err(sql)?;
@@ -211,20 +212,19 @@ pub fn write_db(graph: &ClosureGraph, registration_time: i64, db: &Path) -> Resu
         if let Some(left) = sqlite_leftovers(&tmp).into_iter().find(|p| p.exists()) {
             bail!("SQLite left {} behind", left.display());
         }
-        let f = fs::File::open(&tmp)?;
-        f.sync_all().with_context(|| format!("cannot sync {}", tmp.display()))?;
         // A journal left beside an older database would be replayed onto ours.
         for p in sqlite_leftovers(db) {
             remove_if_exists(&p)?;
         }
-        fs::rename(&tmp, db).with_context(|| format!("cannot rename {} to {}", tmp.display(), db.display()))
+        Ok(())
     })();
-    if result.is_err() {
-        for p in std::iter::once(tmp.clone()).chain(sqlite_leftovers(&tmp)) {
+    if let Err(e) = result {
+        for p in sqlite_leftovers(&tmp) {
             let _ = fs::remove_file(p);
         }
+        return Err(e);
     }
-    result
+    temp.persist(file, db).with_context(|| format!("cannot rename {} to {}", tmp.display(), db.display()))
 }
 
 /// Replaces `path` with `data`, through a temporary name.
@@ -234,12 +234,7 @@ fn write_file(path: &Path, data: &[u8]) -> Result<()> {
 
 /// Replaces `link` with a symlink to `target`, through a temporary name.
 fn write_symlink(target: &str, link: &Path) -> Result<()> {
-    let mut tmp = link.as_os_str().to_owned();
-    tmp.push(".partial");
-    let tmp = PathBuf::from(tmp);
-    remove_if_exists(&tmp)?;
-    std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("cannot create symlink {}", tmp.display()))?;
-    fs::rename(&tmp, link).with_context(|| format!("cannot rename {} to {}", tmp.display(), link.display()))
+    crate::util::files::replace_symlink(target, link)
 }
 
 /// Writes `nix/var/nix/db` (schema and database) for `graph` under `root`, and a GC root

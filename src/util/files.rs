@@ -338,6 +338,18 @@ impl Drop for TempPath {
     }
 }
 
+/// Replaces `link` with a symlink to `target` in one rename, made under a temporary name of
+/// the scheme (which a sweep removes if we die between the two steps).
+pub fn replace_symlink(target: &str, link: &Path) -> Result<()> {
+    let stem = link.file_name().ok_or_else(|| anyhow!("{} has no file name", link.display()))?;
+    let tmp = parent_of(link).join(new_name(Some(stem)));
+    std::os::unix::fs::symlink(target, &tmp).with_context(|| format!("cannot create symlink {}", tmp.display()))?;
+    fs::rename(&tmp, link).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        anyhow!("cannot rename {} to {}: {e}", tmp.display(), link.display())
+    })
+}
+
 /// fsyncs a directory, so that renames into it survive a crash. Filesystems that cannot sync
 /// directories are let be.
 pub fn sync_dir(dir: &Path) -> io::Result<()> {
