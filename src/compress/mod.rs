@@ -1,5 +1,6 @@
-//! Reading archives that may be compressed: plain tar, gzip or zstd, told apart by their
-//! first bytes rather than by file name.
+//! Compression: reading archives that may be compressed (plain tar, gzip or zstd, told apart by
+//! their first bytes rather than by file name), and the layer compressors, gzip in independent
+//! deflate pieces and zstd, spread over threads with byte-identical output for any thread count.
 
 use anyhow::{bail, Context, Result};
 use std::fs::File;

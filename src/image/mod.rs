@@ -1,7 +1,12 @@
-//! The Docker image archive (`docker save` format, Image Spec v1.2), streamed in one pass.
+//! Images: what they hold and how they are written and read. Here, the image spec built from a
+//! stream conf ([`ImageSpec`], the config nixpkgs writes), the layer sinks, and the Docker
+//! archive writer; beside it the conf (`conf`), store-path layers (`layer`), the OCI writer
+//! (`oci`), the one image reader (`read`), base images (`base`), merged archives (`merge`),
+//! flattened filesystems (`flatten`) and image references (`reference`).
 //!
-//! Each layer's size is known from its plan before its bytes are produced, so a layer is written
-//! straight into the outer archive while it is hashed. Our own layers are named by their position
+//! The Docker image archive (`docker save` format, Image Spec v1.2) is streamed in one pass.
+//! Each layer's size is known from its plan before its bytes are produced, so a layer is
+//! written straight into the outer archive while it is hashed. Our own layers are named by their position
 //! (`N/layer.tar`), base layers by their diff_id; `manifest.json`, written last, ties names to
 //! the image. The image config is the one nixpkgs writes, byte for byte.
 
