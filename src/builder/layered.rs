@@ -244,13 +244,14 @@ pub(crate) fn write_image(conf: &StreamConf, out: &Path, compressor: Compressor,
         }
         Format::Oci | Format::OciArchive => {
             let spec = image::ImageSpec::new(conf)?;
-            let dir = if format == Format::Oci { out.to_path_buf() } else { build_top()?.join("oci-layout") };
-            let written = crate::image::oci::write_layout(&spec, &dir, compressor, &conf.repo_tag, &progress)?;
-            if format == Format::OciArchive {
+            let written = if format == Format::Oci {
+                crate::image::oci::write_layout(&spec, out, compressor, &conf.repo_tag, &progress)?
+            } else {
                 let mut w = create()?;
-                crate::image::oci::tar_layout(&dir, &[(&written, &conf.repo_tag)], &mut w, conf.mtime)?;
+                let written = crate::image::oci::write_archive(&spec, &build_top()?, compressor, &conf.repo_tag, &mut w, conf.mtime, &progress)?;
                 w.flush().with_context(|| format!("cannot write {}", out.display()))?;
-            }
+                written
+            };
             progress.say(format!("Done: {}", written.manifest.digest));
             Ok(())
         }

@@ -66,10 +66,8 @@ impl StreamCmd {
                 }
                 let spec = image::ImageSpec::new(&conf)?;
                 let scratch_parent = output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
-                let scratch = stevedore::util::files::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
-                let written = oci::write_layout(&spec, &scratch.0, compressor, &tag, &progress)?;
                 let mut w = w;
-                oci::tar_layout(&scratch.0, &[(&written, &tag)], &mut w, conf.mtime)?;
+                let written = oci::write_archive(&spec, scratch_parent.unwrap_or(&std::env::temp_dir()), compressor, &tag, &mut w, conf.mtime, &progress)?;
                 progress.say(format!("Done: {}", written.manifest.digest));
                 Ok(())
             }),

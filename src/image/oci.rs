@@ -319,3 +319,12 @@ pub fn tar_layout<W: Write>(dir: &Path, images: &[(&WrittenImage, &str)], out: &
     tar.finish()?;
     Ok(())
 }
+
+/// Writes the image as an oci-archive to `out`: an OCI layout staged in a temporary directory
+/// under `scratch`, then [`tar_layout`] of it.
+pub fn write_archive<W: Write>(spec: &ImageSpec, scratch: &Path, compressor: Compressor, repo_tag: &str, out: &mut W, mtime: i64, progress: &Progress) -> Result<WrittenImage> {
+    let staged = crate::util::files::TempDir::new_in(scratch)?;
+    let written = write_layout(spec, &staged.0, compressor, repo_tag, progress)?;
+    tar_layout(&staged.0, &[(&written, repo_tag)], out, mtime)?;
+    Ok(written)
+}

@@ -7,9 +7,9 @@
 //! errors name the input.
 
 use super::{padding, trailer_len, Header, HeaderEncoder, REGTYPE};
-use crate::util::io::{out_err, write_zeros};
+use crate::util::io::{copy_reading, out_err, write_zeros};
 use anyhow::{anyhow, bail, Result};
-use std::io::{self, Read, Write};
+use std::io::{Read, Write};
 
 pub struct Writer<W: Write> {
     w: W,
@@ -79,25 +79,17 @@ impl<W: Write> Writer<W> {
         if h.kind != REGTYPE {
             return Ok(());
         }
-        let mut left = h.size;
         match data {
             Some((r, what)) => {
                 if self.buf.is_empty() {
                     self.buf = vec![0u8; 1 << 20];
                 }
-                while left > 0 {
-                    let want = left.min(self.buf.len() as u64) as usize;
-                    let n = match r.read(&mut self.buf[..want]) {
-                        Ok(0) => bail!("{} shrank while it was being read ({} bytes expected)", what(), h.size),
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => bail!("cannot read {}: {e}", what()),
-                    };
-                    self.w.write_all(&self.buf[..n]).map_err(out_err)?;
-                    left -= n as u64;
+                let n = copy_reading(&mut r.take(h.size), &mut self.w, &mut self.buf, what)?;
+                if n < h.size {
+                    bail!("{} shrank while it was being read ({} bytes expected)", what(), h.size);
                 }
             }
-            None if left > 0 => return Err(anyhow!("internal error: no data for a {left}-byte member")),
+            None if h.size > 0 => return Err(anyhow!("internal error: no data for a {}-byte member", h.size)),
             None => {}
         }
         self.end_data(h.size)
