@@ -67,7 +67,7 @@ impl StreamCmd {
                 let spec = image::ImageSpec::new(&conf)?;
                 let scratch_parent = output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
                 let mut w = w;
-                let written = oci::write_archive(&spec, scratch_parent.unwrap_or(&std::env::temp_dir()), compressor, &tag, &mut w, conf.mtime, &progress)?;
+                let written = oci::write_archive(&spec, scratch_parent.unwrap_or(&stevedore::util::settings::get().temp_dir), compressor, &tag, &mut w, conf.mtime, &progress)?;
                 progress.say(format!("Done: {}", written.manifest.digest));
                 Ok(())
             }),
@@ -348,7 +348,7 @@ impl MergeCmd {
         let progress = Progress { quiet: self.quiet };
         // Spooled stream output goes next to the output file, or to the temporary directory.
         let scratch_parent = self.output.as_deref().and_then(|o| o.parent()).filter(|p| !p.as_os_str().is_empty());
-        let scratch = stevedore::util::files::TempDir::new_in(scratch_parent.unwrap_or(&std::env::temp_dir()))?;
+        let scratch = stevedore::util::files::TempDir::new_in(scratch_parent.unwrap_or(&stevedore::util::settings::get().temp_dir))?;
         with_output(self.output.as_deref(), |w| image::merge::merge(&self.images, &scratch.0, w, &progress).map(drop))
     }
 }

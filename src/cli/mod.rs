@@ -1,6 +1,7 @@
 //! The command line: clap's argument structs and thin `run` functions that resolve them into
 //! the library's typed options. Nothing below this module sees clap.
 
+mod environment;
 mod image;
 mod registry;
 
@@ -143,6 +144,7 @@ fn run(cli: Cli) -> Result<()> {
 pub fn main() {
     // First, before any thread starts: every thread inherits the blocked signals.
     stevedore::util::files::install_signal_cleanup();
+    stevedore::util::settings::install(environment::settings(|n| std::env::var_os(n)));
     let cli = Cli::parse();
     let (code, message) = match run(cli) {
         Ok(()) => (0, None),

@@ -193,13 +193,10 @@ fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<
 type ChunkResult = (u64, std::io::Result<Vec<u8>>, flate2::Crc);
 type Job = (u64, Vec<u8>, bool);
 
-/// How many threads compress: `STEVEDORE_THREADS` if it is a positive number, else one per
-/// core (at most 16). Output bytes never depend on it.
+/// How many threads compress (`STEVEDORE_THREADS`, else one per core, at most 16). Output
+/// bytes never depend on it.
 pub fn threads() -> usize {
-    match std::env::var("STEVEDORE_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok()) {
-        Some(n) if n > 0 => n.min(256),
-        _ => std::thread::available_parallelism().map_or(1, |n| n.get()).min(16),
-    }
+    crate::util::settings::get().threads
 }
 
 /// One output stream of a pipeline (a layer): its chunks are the global sequence numbers

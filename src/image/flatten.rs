@@ -434,15 +434,12 @@ pub fn write_atomically<T>(path: &Path, write: impl FnOnce(BufWriter<File>) -> R
 
 /// `SOURCE_DATE_EPOCH` if set (as in a Nix build), else 1.
 pub fn default_mtime() -> Result<i64> {
-    match std::env::var("SOURCE_DATE_EPOCH") {
-        Ok(v) => v.trim().parse().map_err(|_| anyhow!("SOURCE_DATE_EPOCH is not a number: {v:?}")),
-        Err(_) => Ok(1),
-    }
+    crate::util::settings::get().default_mtime()
 }
 
 /// The scratch directory: `--scratch`, else `$TMPDIR`, else `/tmp`.
 pub fn scratch_dir(given: Option<&Path>) -> PathBuf {
-    given.map(Path::to_owned).unwrap_or_else(std::env::temp_dir)
+    given.map(Path::to_owned).unwrap_or_else(|| crate::util::settings::get().temp_dir.clone())
 }
 
 /// What `export` writes: an image's flattened filesystem as one tarball.

@@ -6,7 +6,6 @@
 
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
-use std::path::PathBuf;
 
 /// Docker Hub's names: what users write, and where its API lives.
 const DOCKER_HUB: &str = "docker.io";
@@ -114,26 +113,6 @@ pub fn parse_creds(s: &str) -> Result<Creds> {
     Ok(Creds { user: user.into(), pass: pass.into(), identity_token: false, source: "--creds".into() })
 }
 
-/// The auth files, in the order skopeo and podman read them.
-fn auth_files() -> Vec<PathBuf> {
-    let mut files = Vec::new();
-    let var = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(f) = var("REGISTRY_AUTH_FILE") {
-        files.push(f);
-    }
-    if let Some(d) = var("XDG_RUNTIME_DIR") {
-        files.push(d.join("containers/auth.json"));
-    }
-    let home = var("HOME");
-    if let Some(d) = var("XDG_CONFIG_HOME").or_else(|| home.as_ref().map(|h| h.join(".config"))) {
-        files.push(d.join("containers/auth.json"));
-    }
-    if let Some(d) = var("DOCKER_CONFIG").or_else(|| home.as_ref().map(|h| h.join(".docker"))) {
-        files.push(d.join("config.json"));
-    }
-    files
-}
-
 /// Keys an `auths` entry may use for a registry: `host`, `https://host`, `host/v1/` forms,
 /// and for Docker Hub its historical index URL.
 fn normalize_key(key: &str) -> String {
@@ -160,7 +139,7 @@ pub struct Found {
 /// an empty `auths` entry beside a helper, so an entry only counts if it holds credentials.
 pub fn find_creds(reference: &Reference) -> Result<Found> {
     let full = reference.name();
-    for file in auth_files() {
+    for file in &crate::util::settings::get().auth_files {
         let text = match std::fs::read(&file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -309,7 +288,7 @@ fn run_helper(name: &str, reference: &Reference, source: &str) -> Result<Found> 
     if name.is_empty() || name.contains(['/', '\\']) {
         bail!("{source}: bad credential helper name {name:?}");
     }
-    let timeout = super::http::timeout()?;
+    let timeout = crate::util::settings::get().registry_timeout()?;
     let program = format!("docker-credential-{name}");
     let server = helper_server_url(reference);
     let child = Command::new(&program).arg("get").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn();
@@ -344,7 +323,7 @@ fn run_helper(name: &str, reference: &Reference, source: &str) -> Result<Found> 
         let why = match output {
             Err(HelperStop::TooMuch) => format!("printed more than {} KiB", HELPER_STDOUT_MAX / 1024),
             Err(HelperStop::Io(e)) => format!("could not be read: {e}"),
-            _ => format!("did not finish within {} ({}); stopped it", super::http::seconds(timeout), super::http::TIMEOUT_VAR),
+            _ => format!("did not finish within {} ({}); stopped it", super::http::seconds(timeout), crate::util::settings::REGISTRY_TIMEOUT_VAR),
         };
         bail!("credential helper {program} (from {source}) {why}");
     };

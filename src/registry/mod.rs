@@ -209,7 +209,7 @@ pub fn prefetch(args: &Prefetch, connect: &Connect) -> Result<String> {
     let final_tag = args.final_image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
     let final_ref = format!("{final_name}:{final_tag}");
     crate::image::reference::check_repo_tag(&final_ref).map_err(|e| anyhow!("--final-image-name and --final-image-tag: {e}"))?;
-    let tmp = crate::util::files::TempDir::new_in(&std::env::temp_dir())?;
+    let tmp = crate::util::files::TempDir::new_in(&crate::util::settings::get().temp_dir)?;
     let out = tmp.0.join("image.tar");
     pull::write_docker_archive(&reg, &reference.repo, &img, &final_ref, &out, &progress)?;
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();

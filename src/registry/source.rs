@@ -210,9 +210,7 @@ pub struct DigestCache {
 
 impl DigestCache {
     pub fn open() -> DigestCache {
-        let var = |n: &str| std::env::var_os(n).filter(|v| !v.is_empty()).map(PathBuf::from);
-        let dir = var("XDG_CACHE_HOME").or_else(|| var("HOME").map(|h| h.join(".cache")));
-        let path = dir.map(|d| d.join("stevedore/layer-digests"));
+        let path = crate::util::settings::get().digest_cache.clone();
         let mut map = HashMap::new();
         if let Some(text) = path.as_ref().and_then(|p| fs::read_to_string(p).ok()) {
             for line in text.lines() {

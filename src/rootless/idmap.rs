@@ -69,7 +69,7 @@ pub(super) fn subid_range(file: &str, name: Option<&str>, id: u32) -> Option<(u6
 }
 
 pub(super) fn on_path(tool: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(tool).is_file()))
+    crate::util::settings::get().search_path.iter().any(|d| d.join(tool).is_file())
 }
 
 pub(super) fn plans(mode: IdMapping) -> Result<Vec<MapPlan>> {

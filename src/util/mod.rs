@@ -1,5 +1,5 @@
 //! Small utilities every other module may use: atomic output files and temporary paths
-//! (`files`), input size limits (`limits`), hex.
+//! (`files`), input size limits (`limits`), what the environment set (`settings`), hex.
 
 use serde_json::Value;
 
@@ -7,6 +7,7 @@ pub mod files;
 pub mod io;
 pub mod limits;
 pub mod progress;
+pub mod settings;
 pub mod shared;
 
 /// Lower-case hex of `bytes`.

@@ -20,33 +20,11 @@ mod body;
 pub use url::*;
 pub use body::*;
 
-/// How long the server may keep us waiting (see `Paced`); `STEVEDORE_REGISTRY_TIMEOUT` seconds.
-pub const TIMEOUT_VAR: &str = "STEVEDORE_REGISTRY_TIMEOUT";
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// The slowest a streamed body may move, in bytes a second, averaged over each stretch of
 /// `timeout` spent waiting on the socket.
 const FLOOR: f64 = 1024.0;
 /// How long a response the server sent before it stopped reading our body may take to arrive.
 const EARLY_RESPONSE: Duration = Duration::from_secs(2);
-
-/// The timeout `STEVEDORE_REGISTRY_TIMEOUT` sets: a number of seconds, 60 if unset.
-pub fn timeout() -> Result<Duration> {
-    match std::env::var(TIMEOUT_VAR) {
-        Err(std::env::VarError::NotPresent) => parse_timeout(None),
-        Ok(v) => parse_timeout(Some(&v)),
-        Err(_) => bail!("{TIMEOUT_VAR} is not UTF-8: give a number of seconds"),
-    }
-}
-
-fn parse_timeout(v: Option<&str>) -> Result<Duration> {
-    match v.map(str::trim) {
-        None | Some("") => Ok(DEFAULT_TIMEOUT),
-        Some(t) => match t.parse::<f64>() {
-            Ok(secs) if secs.is_finite() && (0.01..=86_400.0).contains(&secs) => Ok(Duration::from_secs_f64(secs)),
-            _ => bail!("{TIMEOUT_VAR}={:?}: give a number of seconds, from 0.01 to 86400", v.unwrap_or_default()),
-        },
-    }
-}
 
 /// `d` for messages, to the hundredth: `60 s`, `2.5 s`.
 pub fn seconds(d: Duration) -> String {
@@ -132,7 +110,7 @@ impl Paced {
     }
 
     fn stalled(&self, why: String) -> io::Error {
-        io::Error::new(io::ErrorKind::TimedOut, format!("{why} ({TIMEOUT_VAR}={})", self.timeout.as_secs_f64()))
+        io::Error::new(io::ErrorKind::TimedOut, format!("{why} ({}={})", crate::util::settings::REGISTRY_TIMEOUT_VAR, self.timeout.as_secs_f64()))
     }
 
     fn io(&mut self, write: bool, mut op: impl FnMut(&mut TcpStream) -> io::Result<usize>) -> io::Result<usize> {
@@ -259,9 +237,9 @@ pub struct Client {
 }
 
 impl Client {
-    /// A client with the timeout `STEVEDORE_REGISTRY_TIMEOUT` gives.
+    /// A client with the registry timeout of the settings (`STEVEDORE_REGISTRY_TIMEOUT`).
     pub fn new() -> Result<Client> {
-        Client::with_timeout(timeout()?)
+        Client::with_timeout(crate::util::settings::get().registry_timeout()?)
     }
 
     pub fn with_timeout(timeout: Duration) -> Result<Client> {
@@ -269,15 +247,12 @@ impl Client {
         let mut roots = RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
         // Extra CAs (a private registry's, or a test's) from the variables Nix builds and
         // OpenSSL-based tools honour.
-        for var in ["SSL_CERT_FILE", "NIX_SSL_CERT_FILE"] {
-            if let Some(path) = std::env::var_os(var).filter(|p| !p.is_empty()) {
-                use rustls::pki_types::pem::PemObject;
-                let certs = CertificateDer::pem_file_iter(&path)
-                    .map_err(|e| anyhow!("cannot read {var}={}: {e}", path.to_string_lossy()))?;
-                for cert in certs {
-                    let cert = cert.map_err(|e| anyhow!("{var}={}: bad PEM: {e}", path.to_string_lossy()))?;
-                    let _ = roots.add(cert);
-                }
+        for (var, path) in &crate::util::settings::get().ca_files {
+            use rustls::pki_types::pem::PemObject;
+            let certs = CertificateDer::pem_file_iter(path).map_err(|e| anyhow!("cannot read {var}={}: {e}", path.to_string_lossy()))?;
+            for cert in certs {
+                let cert = cert.map_err(|e| anyhow!("{var}={}: bad PEM: {e}", path.to_string_lossy()))?;
+                let _ = roots.add(cert);
             }
         }
         let tls = ClientConfig::builder_with_provider(provider.clone())
@@ -663,16 +638,8 @@ mod tests {
     }
 
     #[test]
-    fn timeouts_from_the_environment() {
+    fn seconds_for_messages() {
         assert_eq!(seconds(Duration::from_secs(60)), "60 s");
         assert_eq!(seconds(Duration::from_millis(2500)), "2.5 s");
-        assert_eq!(parse_timeout(None).unwrap(), DEFAULT_TIMEOUT);
-        assert_eq!(parse_timeout(Some(" ")).unwrap(), DEFAULT_TIMEOUT);
-        assert_eq!(parse_timeout(Some("2")).unwrap(), Duration::from_secs(2));
-        assert_eq!(parse_timeout(Some("0.5")).unwrap(), Duration::from_millis(500));
-        for bad in ["0", "-1", "x", "NaN", "inf", "1e9", "1 s", "a\nb"] {
-            let e = parse_timeout(Some(bad)).unwrap_err().to_string();
-            assert!(e.starts_with("STEVEDORE_REGISTRY_TIMEOUT=") && !e.contains('\n'), "{bad:?}: {e}");
-        }
     }
 }
