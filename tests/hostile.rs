@@ -256,9 +256,7 @@ fn names_above_the_root_are_refused_and_links_stay_inside() {
     // Extract it as an unsuspecting user would, with Python's tarfile.
     let target = c.path("extracted");
     fs::create_dir(&target).unwrap();
-    let py = format!(
-        "import tarfile,sys\nt=tarfile.open(sys.argv[1])\nfor m in t.getmembers():\n  print(m.name, m.type)\nt.extractall(sys.argv[2])\n"
-    );
+    let py = "import tarfile,sys\nt=tarfile.open(sys.argv[1])\nfor m in t.getmembers():\n  print(m.name, m.type)\nt.extractall(sys.argv[2])\n".to_string();
     let o = Command::new("python3").args(["-c", &py]).arg(&out).arg(&target).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let inside = target.join(c.host.strip_prefix("/").unwrap());
@@ -354,14 +352,14 @@ fn base_layers_must_match_their_diff_ids() {
     assert_eq!(sneaky.len(), 71);
     let upper = format!("sha256:{}", sha(&l).to_uppercase());
     for (name, id) in [("sneaky.tar", sneaky), ("upper.tar", upper)] {
-        let image = c.write(name, &docker_archive(&[l.clone()], Some(vec![id]), &[]));
+        let image = c.write(name, &docker_archive(std::slice::from_ref(&l), Some(vec![id]), &[]));
         c.stream_from(&image, Some(&out)).pipe(go).failed_with("bad diff_id");
         no_output(&out);
     }
     // A well-formed diff_id that is not the layer's: found while the layer is copied, before
     // manifest.json is written.
     let wrong = format!("sha256:{}", "0".repeat(64));
-    let image = c.write("wrong.tar", &docker_archive(&[l.clone()], Some(vec![wrong]), &[]));
+    let image = c.write("wrong.tar", &docker_archive(std::slice::from_ref(&l), Some(vec![wrong]), &[]));
     c.stream_from(&image, Some(&out)).pipe(go).failed_with("diff_id");
     no_output(&out);
     let r = c.stream_from(&image, None).pipe(go);

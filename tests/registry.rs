@@ -1252,7 +1252,7 @@ fn credentials_go_to_the_registry_origin_only() {
         assert!(summary(&stderr).starts_with("summary: 9 blobs: 0 uploaded (0 bytes), 0 mounted, 9 existed"), "{stderr}");
         check(&["HEAD "]);
         // The token server sees the password, never the token; the registry sees the token.
-        assert!(realm.log().iter().all(|(_, a)| a.as_deref().map_or(true, |a| a == basic)), "{:?}", realm.log());
+        assert!(realm.log().iter().all(|(_, a)| a.as_deref().is_none_or(|a| a == basic)), "{:?}", realm.log());
         if bearer {
             assert!(own.log().iter().any(|(_, a)| a.as_deref() == Some(&format!("Bearer {TOKEN}"))));
             assert!(own.log().iter().all(|(_, a)| a.as_deref() != Some(basic.as_str())), "the password went to the registry, not the realm");

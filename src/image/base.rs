@@ -110,7 +110,7 @@ impl BaseImage {
                 format!("manifest.json lists {} layers but the config has {} diff_ids", layer_paths.len(), diff_ids.len())
             ));
         }
-        if !image_json.get("config").map_or(true, |c| c.is_object() || c.is_null()) {
+        if !image_json.get("config").is_none_or(|c| c.is_object() || c.is_null()) {
             bail!(broken(path, format!("{config_name}: \"config\" is not an object")));
         }
         let mut layers: Vec<BaseLayer> = Vec::new();

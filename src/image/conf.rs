@@ -150,7 +150,7 @@ impl StreamConf {
         if !matches!(config, Value::Object(_) | Value::Null) {
             bail!("field 'config': expected an object, got {}", kind(&config));
         }
-        if map.get("from_image_tag").is_some_and(|t| !t.is_null()) && map.get("from_image_name").map_or(true, Value::is_null) {
+        if map.get("from_image_tag").is_some_and(|t| !t.is_null()) && map.get("from_image_name").is_none_or(Value::is_null) {
             bail!("field 'from_image_tag' needs 'from_image_name'");
         }
         Ok(StreamConf {

@@ -202,7 +202,7 @@ fn domain_ok(d: &str) -> bool {
             && b[b.len() - 1].is_ascii_alphanumeric()
             && b.iter().all(|x| x.is_ascii_alphanumeric() || *x == b'-')
     };
-    host.map_or(true, |h| h.split('.').all(component_ok)) && port.map_or(true, |p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
+    host.is_none_or(|h| h.split('.').all(component_ok)) && port.is_none_or(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()))
 }
 
 #[cfg(test)]

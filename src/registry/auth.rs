@@ -140,7 +140,7 @@ pub struct Found {
 pub fn find_creds(reference: &Reference) -> Result<Found> {
     let full = reference.name();
     for file in &crate::util::settings::get().auth_files {
-        let text = match std::fs::read(&file) {
+        let text = match std::fs::read(file) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
             Err(e) => bail!("cannot read auth file {}: {e}", file.display()),
@@ -160,7 +160,7 @@ pub fn find_creds(reference: &Reference) -> Result<Found> {
         for (key, entry) in json.get("auths").and_then(Value::as_object).into_iter().flatten() {
             let k = normalize_key(key);
             let matches = k == reference.registry || (full.starts_with(&k) && full[k.len()..].starts_with('/'));
-            if matches && best.map_or(true, |(len, _)| k.len() > len) {
+            if matches && best.is_none_or(|(len, _)| k.len() > len) {
                 best = Some((k.len(), entry));
             }
         }

@@ -182,7 +182,7 @@ impl DigestSink {
 impl LayerSink for DigestSink {
     fn wants(&mut self, index: usize) -> bool {
         self.index = index;
-        self.only.as_ref().map_or(true, |o| o.contains(&index))
+        self.only.as_ref().is_none_or(|o| o.contains(&index))
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
         self.pipe.begin(HashingWriter::new(io::sink())).map_err(out_err)

@@ -99,7 +99,7 @@ fn ascii_replace(s: &[u8], out: &mut Vec<u8>) {
         for c in chunk.valid().chars() {
             out.push(if c.is_ascii() { c as u8 } else { b'?' });
         }
-        out.extend(std::iter::repeat(b'?').take(chunk.invalid().len()));
+        out.extend(std::iter::repeat_n(b'?', chunk.invalid().len()));
     }
 }
 

@@ -156,7 +156,8 @@ impl<R: Read> Reader<R> {
         Ok(data)
     }
 
-    /// The next member, or `None` after the last.
+    /// The next member, or `None` after the last. Not an `Iterator`: a member borrows the reader.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Option<Entry>> {
         if self.done {
             return Ok(None);

@@ -154,7 +154,7 @@ fn alive(owner: &Owner, me: &Owner) -> bool {
         return owner.start == me.start;
     }
     match fs::read_to_string(format!("/proc/{}/stat", owner.pid)) {
-        Ok(stat) => parse_stat(&stat).map_or(true, |(_, start)| start == owner.start),
+        Ok(stat) => parse_stat(&stat).is_none_or(|(_, start)| start == owner.start),
         Err(e) => e.kind() != io::ErrorKind::NotFound,
     }
 }
