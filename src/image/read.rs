@@ -20,7 +20,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::fs::File;
+use std::fs::{self, File};
 use std::io::{self, BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -402,33 +402,59 @@ impl Selector {
     }
 }
 
-/// Where an image's JSON and blobs come from: an OCI layout directory or an archive.
-enum Source<'a> {
+/// Where an OCI image's JSON and blobs come from: a layout directory or an archive (an
+/// oci-archive's members). Every OCI reader (export, run-as-root, base images, push) reads through it.
+pub enum OciStore<'a> {
     Dir(&'a Path),
     Archive(&'a ArchiveIndex),
 }
 
-impl Source<'_> {
-    fn json(&self, name: &str) -> Result<Value> {
+impl OciStore<'_> {
+    /// The layout or archive, for messages: `OCI layout DIR`, `oci-archive FILE`.
+    pub fn what(&self) -> String {
         match self {
-            Source::Dir(dir) => {
+            OciStore::Dir(dir) => format!("OCI layout {}", dir.display()),
+            OciStore::Archive(idx) => format!("oci-archive {}", idx.path.display()),
+        }
+    }
+
+    /// The bytes of metadata file `name` (`index.json`, `blobs/sha256/HEX`), at most [`JSON_LIMIT`].
+    pub fn bytes(&self, name: &str) -> Result<Vec<u8>> {
+        match self {
+            OciStore::Dir(dir) => read_limited(&dir.join(name), JSON_LIMIT),
+            OciStore::Archive(idx) => idx.bytes(name),
+        }
+    }
+
+    pub fn json(&self, name: &str) -> Result<Value> {
+        match self {
+            OciStore::Dir(dir) => {
                 let p = dir.join(name);
                 let data = read_limited(&p, JSON_LIMIT)?;
                 parse_json(&data, METADATA_VALUES).map_err(|e| anyhow!("{}: {e:#}", p.display()))
             }
-            Source::Archive(idx) => idx.json(name),
+            OciStore::Archive(idx) => idx.json(name),
+        }
+    }
+
+    /// The size of blob file or member `name`.
+    pub fn size(&self, name: &str) -> Result<u64> {
+        match self {
+            OciStore::Dir(dir) => Ok(fs::metadata(dir.join(name)).with_context(|| format!("{}: {name}", self.what()))?.len()),
+            OciStore::Archive(idx) => Ok(idx.resolve(name).with_context(|| format!("{}: no {name}", self.what()))?.size),
         }
     }
 }
 
-fn blob_name(digest: &str) -> Result<String> {
+/// The file or member name of blob `digest` (checked to be `sha256:` and 64 hex digits).
+pub fn blob_name(digest: &str) -> Result<String> {
     Ok(format!("blobs/sha256/{}", check_sha256_digest(digest)?))
 }
 
 const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
 
 /// The layer blob names of the image an OCI index (`index.json`) points to.
-fn oci_layers(src: &Source, sel: &Selector, what: &Path) -> Result<Vec<String>> {
+fn oci_layers(src: &OciStore, sel: &Selector, what: &Path) -> Result<Vec<String>> {
     let index = src.json("index.json")?;
     let wanted: Vec<String> = match sel.wanted() {
         // Layouts name images by `name:tag`, or by tag alone (`oci:DIR:TAG`).
@@ -545,7 +571,7 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
     let meta = std::fs::metadata(path).with_context(|| format!("cannot open image {}", path.display()))?;
     let mut layers = Vec::new();
     if meta.is_dir() {
-        let names = oci_layers(&Source::Dir(path), sel, path)?;
+        let names = oci_layers(&OciStore::Dir(path), sel, path)?;
         for (i, name) in names.iter().enumerate() {
             let file = path.join(name);
             check_regular(&file)?;
@@ -570,7 +596,7 @@ pub fn open_image(path: &Path, sel: &Selector, scratch: &Path, quiet: bool) -> R
     let names = if idx.contains("manifest.json") {
         docker_layers(&idx, sel)?
     } else if idx.contains("index.json") {
-        oci_layers(&Source::Archive(&idx), sel, path)?
+        oci_layers(&OciStore::Archive(&idx), sel, path)?
     } else {
         bail!("{}: neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)", path.display());
     };

@@ -15,7 +15,8 @@ pub mod push;
 pub mod source;
 
 use crate::compress::Compressor;
-use crate::image::{ImageSpec};
+use crate::image::read::{ArchiveIndex, OciStore};
+use crate::image::ImageSpec;
 use crate::util::progress::Progress;
 use crate::image::oci::INDEX_TYPE;
 use anyhow::{anyhow, bail, Result};
@@ -146,9 +147,11 @@ fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: im
             let plan = source::plan_docker_archive(&pass, progress)?;
             f(&plan)
         }
-        Source::OciDir(dir, r) => f(&source::plan_oci_dir(&dir, r.as_deref())?),
+        Source::OciDir(dir, r) => f(&source::plan_oci(&OciStore::Dir(&dir), r.as_deref())?.0),
         Source::OciArchive(path, r) => {
-            let (mut plan, pass) = source::plan_oci_archive(&path, r.as_deref())?;
+            let index = ArchiveIndex::load(&path)?;
+            let (mut plan, members) = source::plan_oci(&OciStore::Archive(&index), r.as_deref())?;
+            let pass = source::OciArchivePass { index, members };
             plan.pass = Some(&pass);
             f(&plan)
         }

@@ -5,8 +5,8 @@
 //! layers) are produced twice: once to learn their compressed digests, once, for the blobs
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
-use crate::image::read::ArchiveIndex;
-use crate::util::limits::{parse_json, read_limited, JSON_LIMIT, METADATA_VALUES};
+use crate::image::read::{blob_name, ArchiveIndex, OciStore};
+use crate::util::limits::{parse_json, METADATA_VALUES};
 use crate::image::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};
 use crate::util::hex;
@@ -425,15 +425,11 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress)
 // ---------------------------------------------------------------------------------------------
 // OCI layouts: blobs are ready; walk index -> manifests -> blobs.
 
-fn pick_entry(index: &Value, reference: Option<&str>, what: &str) -> Result<Value> {
-    let wanted: Vec<String> = reference.map(str::to_owned).into_iter().collect();
-    crate::image::read::select_index_entry(index, &wanted, what).cloned()
-}
-
-/// Walks from a descriptor down to blobs. `json_blob(digest)` returns a manifest's bytes.
+/// Walks from a descriptor down to blobs: every manifest of an index, so a push carries all
+/// platforms (unlike a reader, which takes one).
 fn walk(
     desc: &Value,
-    json_blob: &mut dyn FnMut(&str) -> Result<Vec<u8>>,
+    store: &OciStore,
     blobs: &mut Vec<(String, u64, String)>,
     manifests: &mut Vec<ManifestPut>,
     what: &str,
@@ -444,7 +440,7 @@ fn walk(
     }
     let digest = desc.get("digest").and_then(Value::as_str).ok_or_else(|| anyhow!("{what}: a descriptor has no digest"))?.to_string();
     super::auth::check_digest(&digest).map_err(|e| anyhow!("{what}: {e}"))?;
-    let bytes = json_blob(&digest)?;
+    let bytes = store.bytes(&blob_name(&digest)?).map_err(|e| anyhow!("{what}: blob {digest}: {e:#}"))?;
     if sha256_digest(&bytes) != digest {
         bail!("{what}: blob {digest} does not match its digest");
     }
@@ -457,7 +453,7 @@ fn walk(
         .to_string();
     if let Some(children) = json.get("manifests").and_then(Value::as_array) {
         for child in children {
-            walk(child, json_blob, blobs, manifests, what, depth + 1)?;
+            walk(child, store, blobs, manifests, what, depth + 1)?;
         }
     } else {
         let mut add = |d: &Value, kind: &str| -> Result<()> {
@@ -479,30 +475,6 @@ fn walk(
         manifests.push(ManifestPut { bytes, media_type, digest });
     }
     Ok(())
-}
-
-pub fn plan_oci_dir(dir: &Path, reference: Option<&str>) -> Result<Plan<'static>> {
-    let what = format!("OCI layout {}", dir.display());
-    let index_path = dir.join("index.json");
-    let index: Value = parse_json(&read_limited(&index_path, JSON_LIMIT).map_err(|e| anyhow!("{what}: {e:#}"))?, METADATA_VALUES)
-        .map_err(|e| anyhow!("{what}: index.json: {e:#}"))?;
-    let entry = pick_entry(&index, reference, &what)?;
-    let blob_path = |d: &str| dir.join("blobs/sha256").join(&d["sha256:".len()..]);
-    let mut json_blob = |d: &str| -> Result<Vec<u8>> {
-        read_limited(&blob_path(d), JSON_LIMIT).map_err(|e| anyhow!("{what}: blob {d}: {e:#}"))
-    };
-    let (mut found, mut manifests) = (Vec::new(), Vec::new());
-    walk(&entry, &mut json_blob, &mut found, &mut manifests, &what, 0)?;
-    let mut blobs = Vec::new();
-    for (digest, size, kind) in found {
-        let path = blob_path(&digest);
-        let actual = fs::metadata(&path).map_err(|e| anyhow!("{what}: blob {digest}: {e}"))?.len();
-        if actual != size {
-            bail!("{what}: blob {digest} is {actual} bytes, its descriptor says {size}");
-        }
-        blobs.push(Blob { digest, size, data: BlobData::File(path), what: kind });
-    }
-    Ok(Plan { blobs, manifests, pass: None })
 }
 
 /// An oci-archive's big blobs, read from the tar in one pass.
@@ -536,36 +508,38 @@ impl LayerPass for OciArchivePass {
     }
 }
 
-/// Plans an oci-archive: the index keeps the small JSON members (index, manifests, configs);
-/// the other blobs go into a pass.
-pub fn plan_oci_archive(path: &Path, reference: Option<&str>) -> Result<(Plan<'static>, OciArchivePass)> {
-    let what = format!("oci-archive {}", path.display());
-    let idx = ArchiveIndex::load(path)?;
-    let index: Value = idx.json("index.json").map_err(|e| anyhow!("{what}: {e:#}"))?;
-    let entry = pick_entry(&index, reference, &what)?;
-    let member = |d: &str| format!("blobs/sha256/{}", &d["sha256:".len()..]);
-    let mut json_blob = |d: &str| -> Result<Vec<u8>> { idx.bytes(&member(d)).map_err(|e| anyhow!("{what}: JSON blob {d}: {e:#}")) };
+/// Plans an OCI layout or oci-archive: the image `reference` names (see `select_index_entry`),
+/// with every platform of an index. A layout's blobs are read from their files; an archive's
+/// small JSON members are kept and its other blobs listed for one pass (the returned names).
+pub fn plan_oci(store: &OciStore, reference: Option<&str>) -> Result<(Plan<'static>, Vec<String>)> {
+    let what = store.what();
+    let index: Value = store.json("index.json").map_err(|e| anyhow!("{what}: {e:#}"))?;
+    let wanted: Vec<String> = reference.map(str::to_owned).into_iter().collect();
+    let entry = crate::image::read::select_index_entry(&index, &wanted, &what)?;
     let (mut found, mut manifests) = (Vec::new(), Vec::new());
-    walk(&entry, &mut json_blob, &mut found, &mut manifests, &what, 0)?;
-    let mut members = Vec::new();
-    let mut blobs = Vec::new();
+    walk(entry, store, &mut found, &mut manifests, &what, 0)?;
+    let (mut blobs, mut members) = (Vec::new(), Vec::new());
     for (digest, size, kind) in found {
-        let m = member(&digest);
-        let actual = idx.resolve(&m).map_err(|_| anyhow!("{what}: no blob {digest}"))?.size;
+        let name = blob_name(&digest)?;
+        let actual = store.size(&name).map_err(|_| anyhow!("{what}: no blob {digest}"))?;
         if actual != size {
             bail!("{what}: blob {digest} is {actual} bytes, its descriptor says {size}");
         }
-        let data = if kind == "config" {
-            let bytes = idx.bytes(&m)?;
-            if sha256_digest(&bytes) != digest {
-                bail!("{what}: blob {digest} does not match its digest");
+        let data = match store {
+            OciStore::Dir(dir) => BlobData::File(dir.join(&name)),
+            OciStore::Archive(_) if kind == "config" => {
+                let bytes = store.bytes(&name)?;
+                if sha256_digest(&bytes) != digest {
+                    bail!("{what}: blob {digest} does not match its digest");
+                }
+                BlobData::Bytes(bytes)
             }
-            BlobData::Bytes(bytes)
-        } else {
-            members.push(m);
-            BlobData::Pass(members.len() - 1)
+            OciStore::Archive(_) => {
+                members.push(name);
+                BlobData::Pass(members.len() - 1)
+            }
         };
         blobs.push(Blob { digest, size, data, what: kind });
     }
-    Ok((Plan { blobs, manifests, pass: None }, OciArchivePass { index: idx, members }))
+    Ok((Plan { blobs, manifests, pass: None }, members))
 }
