@@ -51,48 +51,28 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-/// What to build (see the module documentation for the attributes each reads).
+/// What to build. Each action but `Pack` reads the attributes of its struct in `attrs`
+/// (`Text` reads `attrs::Text`, and so on), which documents them; `stevedore nix --help` says
+/// what each action makes.
 #[derive(Debug, Clone)]
 pub enum Action {
-    /// Write the attribute `text` to $out.
     Text,
-    /// Make $out a directory of symlinks (attribute `links`).
     Symlinks,
-    /// Build the customisation layer ($out/layer.tar and $out/checksum).
-    CustomisationLayer {
-        /// Second stage, run by the first inside `fakeroot`: run fakeRootCommands, then pack.
-        inside_fakeroot: bool,
-    },
-    /// Plan the store layers and write the stream conf JSON.
-    Conf,
-    /// Write the executable that streams the image.
-    StreamScript,
-    /// An executable that pushes the image to a registry (passthru.copyToRegistry).
-    PushScript,
-    /// Write the image archive, compressed.
-    Archive,
-    /// buildImage's new layer ($out/layer.tar, checksum, json, VERSION).
-    ImageLayer,
-    /// buildImage's image: base layers plus the new layer with its closure.
-    Image,
-    /// exportImage: an image's flattened file system as one tar.
-    Export,
-    /// Merge the images (attribute `images`) into one Docker archive.
-    Merge,
-    /// Make $out a directory of small files (attribute `files`).
     Files,
-    /// Pack the directory ROOT into DIR/layer.tar and DIR/checksum (as the customisation layer).
-    Pack {
-        root: PathBuf,
-        dir: PathBuf,
-        /// Modification time of every member (Unix seconds).
-        mtime: i64,
-        /// Owners: `root` (0:0 for all) or `fs` (what lstat says, faked inside fakeroot).
-        owners: Owners,
-    },
+    /// `inside_fakeroot`: the second stage, which the first runs inside `fakeroot`.
+    CustomisationLayer { inside_fakeroot: bool },
+    Conf,
+    StreamScript,
+    PushScript,
+    Archive,
+    ImageLayer,
+    Image,
+    Export,
+    Merge,
+    /// Pack directory `root` into `dir`/layer.tar and `dir`/checksum, every member at `mtime`.
+    Pack { root: PathBuf, dir: PathBuf, mtime: i64, owners: Owners },
 }
 
-/// Builds one action's output from the attributes Nix passed.
 /// Builds one action's output from the attributes Nix passed.
 pub fn run(action: &Action) -> Result<()> {
     match action {
