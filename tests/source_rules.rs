@@ -1,4 +1,5 @@
-//! Rules the source itself must keep. For now one: every `unsafe` block, `unsafe impl`,
+//! Rules the source itself must keep. Two: the library reads no environment variables and
+//! no clap (only the front ends do), and every `unsafe` block, `unsafe impl`,
 //! `unsafe fn` and `unsafe trait` under src/ says why it is sound, in a comment directly
 //! above it that has `SAFETY:` (for an unsafe fn or trait, a `# Safety` doc section does
 //! too), as clippy's `undocumented_unsafe_blocks` asks. A new one without fails here, named
@@ -311,6 +312,38 @@ fn every_unsafe_says_why_it_is_sound() {
         }
     }
     assert!(problems.is_empty(), "{} of {count} unsafe sites do not say why they are sound:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// Front ends resolve the environment and the command line into typed options
+/// (`src/cli/environment.rs` into `util::settings`); the library below them reads neither.
+/// The builder reads the variables Nix gives a builder (`NIX_ATTRS_JSON_FILE`, `NIX_BUILD_TOP`).
+#[test]
+fn only_front_ends_read_the_environment_or_clap() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    files.sort();
+    let mut problems = Vec::new();
+    for file in &files {
+        let name = file.strip_prefix(root).unwrap_or(file).to_string_lossy().into_owned();
+        if name.starts_with("src/cli/") || name == "src/main.rs" {
+            continue;
+        }
+        let src = fs::read_to_string(file).unwrap();
+        let raw: Vec<&str> = src.lines().collect();
+        for (i, line) in split(&src).code.iter().enumerate() {
+            let compact: String = line.split_whitespace().collect();
+            let env = ["env::var(", "env::var_os(", "env::vars(", "env::vars_os(", "env::temp_dir("].iter().any(|p| compact.contains(p));
+            let builder_var = name.starts_with("src/builder/") && ["\"NIX_ATTRS_JSON_FILE\"", "\"NIX_BUILD_TOP\""].iter().any(|v| raw.get(i).is_some_and(|l| l.contains(v)));
+            if env && !builder_var {
+                problems.push(format!("{name}:{}: reads the environment (put it in util::settings, read by src/cli/environment.rs)", i + 1));
+            }
+            if compact.contains("clap::") {
+                problems.push(format!("{name}:{}: uses clap outside src/cli", i + 1));
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
 }
 
 /// The checker itself, on small sources.
