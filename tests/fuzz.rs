@@ -259,7 +259,9 @@ fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
         }
     }
     got[3] = stevedore::image::merge::merge(&[path.to_owned()], scratch, io::sink(), &quiet).is_ok();
-    let _ = stevedore::registry::source::plan_oci_archive(path, None);
+    if let Ok(index) = stevedore::image::read::ArchiveIndex::load(path) {
+        let _ = stevedore::registry::source::plan_oci(&stevedore::image::read::OciStore::Archive(&index), None);
+    }
     got
 }
 

@@ -1,7 +1,8 @@
 //! nixpkgs' `auto-layer.py`: the largest paths head layers of their own, the rest grouped by the
 //! set of heads that reach them.
 
-use super::*;
+use crate::nixstore::ClosureGraph;
+use std::collections::HashMap;
 
 // auto-layer
 

@@ -1,7 +1,8 @@
 //! Our own strategy: paths grouped under their immediate dominator in the reference graph, so a
 //! layer holds what only one part of the closure needs.
 
-use super::*;
+use crate::nixstore::ClosureGraph;
+use std::collections::HashMap;
 
 // Dominator (ours)
 

@@ -12,12 +12,9 @@
 //!
 //! `dominator` is our own strategy (see [`dominator_layers`]).
 
-use crate::util::kind;
 use crate::nixstore::ClosureGraph;
-use anyhow::{anyhow, bail, Context, Result};
-use serde_json::Value;
-use std::cmp::Ordering;
-use std::collections::{HashMap, HashSet};
+use anyhow::{bail, Result};
+use std::collections::HashSet;
 
 mod popularity;
 mod pipeline;
@@ -159,6 +156,7 @@ pub fn human_bytes(b: u64) -> String {
 mod tests {
     use super::*;
     use crate::nixstore::{nix_base32_encode, PathInfo, StorePath};
+    use std::collections::HashMap;
 
     /// A graph from (name, narSize, references by name); hashes are made from the names so that
     /// paths sort by name.

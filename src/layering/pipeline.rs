@@ -1,7 +1,12 @@
 //! layeringPipeline: the steps of nixpkgs' `flatten-references-graph` (subcomponents, splits,
 //! limits, popularity, reversal, flattening), parsed from their JSON and evaluated on the graph.
 
-use super::*;
+use crate::nixstore::ClosureGraph;
+use crate::util::kind;
+use super::popularity_order;
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::collections::HashMap;
 
 // Pipelines
 

@@ -1,7 +1,7 @@
 //! nixpkgs' popularity contest (`referencesByPopularity`, the `popularity_contest` step), with
 //! Python's arbitrary-precision sums reproduced so ties break as they do there.
 
-use super::*;
+use std::cmp::Ordering;
 
 // Popularity
 
