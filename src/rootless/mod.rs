@@ -26,6 +26,10 @@
 //! script starts we wait until the clock has moved past every ctime in the snapshot, so even a
 //! same-size rewrite with the old mtime restored is caught.
 //!
+//! The files split this one module by process role (`idmap` P, `child` C, `init` S and T,
+//! `chown` the seccomp handler, `changes` the diff); they share this file's syscall imports and
+//! helpers through `use super::*` on purpose, and only this file is the module's interface.
+//!
 //! Every `unsafe` here says why it is sound in a `// SAFETY:` comment (tests/source_rules.rs
 //! checks all of src/, clippy this module).
 
