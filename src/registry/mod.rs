@@ -61,7 +61,7 @@ impl WantedPlatform {
 /// What `pull` writes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PullFormat {
-    /// A Docker archive, layers decompressed.
+    /// A Docker archive, layers decompressed: skopeo's `docker-archive` bytes.
     DockerArchive,
     /// An OCI image layout directory.
     Oci,

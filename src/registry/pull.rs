@@ -450,3 +450,40 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
     // It writes oci-layout too, under the layout's lock.
     oci::add_to_index(dir, &manifest, Some(name))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_compact_escapes_as_encoding_json() {
+        assert_eq!(go_compact("{ \"a\" : [1, \"x <&> y\"],\n \"b\":\"\u{2028}\\\" \"}"), r#"{"a":[1,"x \u003c\u0026\u003e y"],"b":"\u2028\" "}"#);
+    }
+
+    /// What skopeo 1.9 and 1.18 wrote for an image of three layers, the first repeated on top.
+    #[test]
+    fn legacy_layers_are_skopeos() {
+        let (a, b) = ("sha256:d8fc1f70d0729f7e204dc7cd5deaf2b5c40a64ce481d474f85e8f14ab0d56b8e", "sha256:d430de81ae35666bac09ea1d5bb45a1256c1db3b4ea244baeb83183198d7667a");
+        let config = format!(r#"{{"architecture": "amd64", "os": "linux", "rootfs": {{"type": "layers", "diff_ids": ["{a}", "{b}", "{a}"]}}}}"#);
+        let legacy = legacy_layers(config.as_bytes(), &[a.into(), b.into(), a.into()]).unwrap();
+        let ids: Vec<&str> = legacy.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "e1119a972ccacb0818a12345f2e09f0df1ac677d7c785f15ea99c10dbd50fb63",
+                "cb7df4966c55994e2d08dc88359b3befd8155a0912a527ba6c68a19c98e95a95",
+                "41b528edc83dd913f7823f1cc18bfeb6fa481d93a427fc1da9516c49bd2c1c80"
+            ]
+        );
+        assert_eq!(legacy[0].1, r#"{"id":"e1119a972ccacb0818a12345f2e09f0df1ac677d7c785f15ea99c10dbd50fb63"}"#);
+        assert_eq!(
+            legacy[2].1,
+            concat!(
+                r#"{"architecture":"amd64","config":null,"container":null,"container_config":null,"created":null,"docker_version":null,"#,
+                r#""id":"41b528edc83dd913f7823f1cc18bfeb6fa481d93a427fc1da9516c49bd2c1c80","os":"linux","#,
+                r#""parent":"cb7df4966c55994e2d08dc88359b3befd8155a0912a527ba6c68a19c98e95a95"}"#
+            )
+        );
+        assert!(legacy_layers(b"[1]", &[a.into()]).is_err());
+    }
+}
