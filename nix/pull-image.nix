@@ -1,11 +1,11 @@
 # pullImage without skopeo: nixpkgs' `dockerTools.pullImage` (same arguments and defaults), a
-# fixed-output derivation whose builder is `stevedore pull`. It writes a Docker archive with
-# the layers decompressed, a pure function of the image, so `stevedore prefetch` can print the
-# hash ahead of time:
+# fixed-output derivation whose builder is `stevedore pull`. It writes the Docker archive
+# `skopeo copy docker://NAME@DIGEST docker-archive:$out:FINALNAME:FINALTAG` writes, byte for
+# byte (measured against skopeo 1.9 and 1.18, which agree: see README.md, pullImage), so the
+# hashes of existing nixpkgs calls and of nix-prefetch-docker still hold, and
+# `stevedore prefetch` prints them too:
 #
 #   stevedore prefetch docker://ghcr.io/owner/app:v1 [--arch arm64] [--final-image-tag TAG]
-#
-# Hashes from nix-prefetch-docker do not carry over: skopeo writes a different archive.
 #
 #   pullImage = import ./pull-image.nix { inherit stevedore pkgs; };
 #
@@ -29,8 +29,10 @@ let
 
   fixName = name: builtins.replaceStrings [ "/" ":" ] [ "-" "-" ] name;
 
-  # What nixpkgs' fetchers use for "no hash yet": the build fails and prints the real one.
+  # What nixpkgs' fetchers use for "no hash yet" (lib.fakeHash, lib.fakeSha256): the build
+  # fails and prints the real one.
   fakeHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
+  fakeSha256 = "0000000000000000000000000000000000000000000000000000";
 in
 {
   # The image's repository: "ghcr.io/owner/app", "library/nginx" (Docker Hub), ...
@@ -38,10 +40,13 @@ in
   # The digest of what the name refers to (a multi-platform index's digest is fine: the
   # platform is picked from it): `stevedore prefetch` prints it.
   imageDigest,
-  # The output's hash: `sha256` (nixpkgs' older name) or `hash` (SRI), not both; neither: a
-  # fake hash, so that the build fails and prints the real one.
-  sha256 ? "",
-  hash ? "",
+  # The output's hash, as current nixpkgs' pullImage takes it (lib.fetchers.withNormalizedHash):
+  # `hash` (SRI) or `sha256`, not both, "" for a fake one (the build fails and prints the real
+  # one); or `outputHash` with `outputHashAlgo`, and then neither of the others.
+  hash ? null,
+  sha256 ? null,
+  outputHash ? null,
+  outputHashAlgo ? null,
   # The platform picked from a multi-platform index: os, and arch below.
   os ? "linux",
   # Image architecture; defaults to the host platform's, in Go's names.
@@ -54,9 +59,31 @@ in
   # The output's name.
   name ? fixName "docker-image-${finalImageName}-${finalImageTag}.tar",
 }:
-assert
-  (sha256 != "" && hash != "")
-  -> throw "pullImage: give either `sha256` or `hash`, not both";
+let
+  # nixpkgs' precedence: `outputHash` as given; else the one of `hash` and `sha256`.
+  fixedOutput =
+    if outputHash != null then
+      if hash != null || sha256 != null then
+        throw "pullImage: give `outputHash` (with `outputHashAlgo`) or `hash` or `sha256`, not several"
+      else if outputHashAlgo == null && builtins.match "(md5|sha1|sha256|sha512)-.*" outputHash == null then
+        throw "pullImage: `outputHash` ${outputHash} is not an SRI hash: give `outputHashAlgo` too"
+      else
+        { inherit outputHash outputHashAlgo; }
+    else if hash != null && sha256 != null then
+      throw "pullImage: give either `sha256` or `hash`, not both"
+    else if hash != null then
+      {
+        outputHash = if hash == "" then fakeHash else hash;
+        outputHashAlgo = null;
+      }
+    else if sha256 != null then
+      {
+        outputHash = if sha256 == "" then fakeSha256 else sha256;
+        outputHashAlgo = "sha256";
+      }
+    else
+      throw "pullImage: no hash: give `hash` (`stevedore prefetch` prints it; \"\" builds once and prints it)";
+in
 builtins.derivation {
   inherit name imageDigest;
   system = buildSystem;
@@ -83,13 +110,6 @@ builtins.derivation {
   imageName = finalImageName;
   imageTag = finalImageTag;
   outputHashMode = "flat";
-  outputHashAlgo = "sha256";
-  outputHash =
-    if hash != "" then
-      hash
-    else if sha256 != "" then
-      sha256
-    else
-      fakeHash;
+  inherit (fixedOutput) outputHash outputHashAlgo;
   preferLocalBuild = true;
 }

@@ -788,6 +788,184 @@ fn index_pull_platform_and_prefetch() {
     podman_load(&fod);
 }
 
+/// A layer: a tar of `files` (name, contents), as a test image's layer.
+fn tar_layer(files: &[(&str, &[u8])]) -> Vec<u8> {
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_mtime(1);
+        b.append_data(&mut h, name, *data).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+/// Writes an OCI layout at `dir` holding one image: `layers` compressed as `how` (gz, zstd,
+/// none), the config's bytes as `config` makes them from its JSON, OCI media types or Docker
+/// schema 2 ones (`docker`); the manifest is indented (a registry keeps its bytes).
+fn hand_layout(dir: &Path, layers: &[&[u8]], how: &str, config: impl Fn(Value) -> Vec<u8>, docker: bool) {
+    use std::io::Write as _;
+    let blobs = dir.join("blobs/sha256");
+    fs::create_dir_all(&blobs).unwrap();
+    let put = |data: &[u8]| -> String {
+        let hex = sha256_hex(data);
+        fs::write(blobs.join(&hex), data).unwrap();
+        format!("sha256:{hex}")
+    };
+    let layer_type = match (docker, how) {
+        (true, "gz") => "application/vnd.docker.image.rootfs.diff.tar.gzip".to_string(),
+        (true, _) => "application/vnd.docker.image.rootfs.diff.tar".to_string(),
+        (false, "gz") => "application/vnd.oci.image.layer.v1.tar+gzip".to_string(),
+        (false, "zstd") => "application/vnd.oci.image.layer.v1.tar+zstd".to_string(),
+        (false, _) => "application/vnd.oci.image.layer.v1.tar".to_string(),
+    };
+    let (mut descs, mut diff_ids) = (Vec::new(), Vec::new());
+    for l in layers {
+        let blob = match how {
+            "gz" => {
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(l).unwrap();
+                e.finish().unwrap()
+            }
+            "zstd" => zstd::encode_all(*l, 3).unwrap(),
+            _ => l.to_vec(),
+        };
+        descs.push(json!({"mediaType": layer_type, "digest": put(&blob), "size": blob.len()}));
+        diff_ids.push(format!("sha256:{}", sha256_hex(l)));
+    }
+    let config = config(json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": diff_ids}}));
+    let (manifest_type, config_type) = if docker {
+        ("application/vnd.docker.distribution.manifest.v2+json", "application/vnd.docker.container.image.v1+json")
+    } else {
+        ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json")
+    };
+    let manifest = json!({"schemaVersion": 2, "mediaType": manifest_type,
+        "config": {"mediaType": config_type, "digest": put(&config), "size": config.len()}, "layers": descs});
+    let manifest = serde_json::to_vec_pretty(&manifest).unwrap();
+    let top = json!({"mediaType": manifest_type, "digest": put(&manifest), "size": manifest.len()});
+    fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    fs::write(dir.join("index.json"), serde_json::to_vec(&json!({"schemaVersion": 2, "manifests": [top]})).unwrap()).unwrap();
+}
+
+/// The members of a tar as (raw header, data), for naming the first difference.
+fn tar_members(data: &[u8]) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut a = tar::Archive::new(data);
+    a.entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let header = e.header().as_bytes().to_vec();
+            let mut body = Vec::new();
+            e.read_to_end(&mut body).unwrap();
+            (header, body)
+        })
+        .collect()
+}
+
+/// pullImage's archive is skopeo's: for each image (gzip, plain and zstd layers, several
+/// layers, a layer repeated, a config with indentation, HTML characters and U+2028, Docker
+/// schema 2 media types, both platforms of an index, Docker Hub-style short final names),
+/// `pull --format docker-archive` writes the same bytes as nixpkgs' pullImage command,
+/// `skopeo copy docker://NAME@DIGEST docker-archive://OUT:FINALNAME:FINALTAG` (with its flags),
+/// and prefetch's hash is theirs. Whichever skopeo is on PATH: 1.9 on the host, 1.18 in
+/// tests/modern (1.9 cannot write zstd images to a Docker archive: that case is skipped there).
+#[test]
+fn docker_archives_are_skopeos_byte_for_byte() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let arm = fixture_conf(dir.path(), "arm64");
+    for c in ["gz", "none", "zstd"] {
+        push(&conf, &format!("docker://{}/conf-{c}:v1", reg.addr()), &["--compressor", c, "-q"]);
+    }
+    let l1 = tar_layer(&[("etc/a", b"alpha\n"), ("bin/x", &[7u8; 3000])]);
+    let l2 = tar_layer(&[("usr/share/doc/readme", "readme ".repeat(900).as_bytes())]);
+    let l3 = tar_layer(&[("srv/data", &(0..200_000u32).map(|i| (i % 251) as u8).collect::<Vec<_>>())]);
+    let fancy = |mut c: Value| {
+        c["created"] = json!("2024-05-06T07:08:09.123456789Z");
+        c["author"] = json!("A <a@b.c> & co");
+        c["config"] = json!({"Env": ["PATH=/bin", "X=<&>\u{2028}"], "Cmd": ["/bin/x"], "Labels": {"z": "1", "a": "é"}});
+        c["container_config"] = json!({"Cmd": ["sh", "-c", "#(nop) x"]});
+        c["docker_version"] = json!("20.10.7");
+        c["history"] = json!([{"created_by": "x"}, {"created_by": "y", "empty_layer": true}]);
+        let mut text = serde_json::to_string_pretty(&c).unwrap().into_bytes();
+        text.push(b'\n');
+        text
+    };
+    let layouts: [(&str, Vec<&[u8]>, &str, bool); 3] =
+        [("fancy", vec![&l1, &l2, &l3], "gz", false), ("repeat", vec![&l1, &l2, &l1], "gz", false), ("docker", vec![&l2, &l3], "gz", true)];
+    for (name, layers, how, docker) in &layouts {
+        let layout = dir.path().join(name);
+        hand_layout(&layout, layers, how, |c| if *name == "repeat" { serde_json::to_vec(&c).unwrap() } else { fancy(c) }, *docker);
+        ok(stevedore(&["push", &format!("oci:{}", layout.display()), &format!("docker://{}/{name}:v1", reg.addr()), "--insecure", "-q"], &[]), "push layout");
+    }
+    push(&arm, &format!("docker://{}/arm:v1", reg.addr()), &["-q"]);
+    let index = format!("docker://{}/multi:v1", reg.addr());
+    ok(
+        stevedore(&["index", &index, &format!("docker://{}/conf-gz:v1", reg.addr()), &format!("docker://{}/arm:v1", reg.addr()), "--insecure", "-q"], &[]),
+        "index",
+    );
+
+    let cases = [
+        ("conf-gz", "amd64", "example.org/final/app"),
+        ("conf-none", "amd64", "nginx"),
+        ("conf-zstd", "amd64", "team/app"),
+        ("fancy", "amd64", "127.0.0.1:5000/x"),
+        ("repeat", "amd64", "index.docker.io/x"),
+        ("docker", "amd64", "localhost/d"),
+        ("multi", "amd64", "multi"),
+        ("multi", "arm64", "multi"),
+    ];
+    let tmp = dir.path().join("tmp");
+    fs::create_dir_all(&tmp).unwrap();
+    let mut compared = 0;
+    for (repo, arch, final_name) in cases {
+        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{repo}:v1", reg.addr())]);
+        let source = format!("{}/{repo}@sha256:{}", reg.addr(), sha256_hex(&raw));
+        let theirs = dir.path().join(format!("{repo}-{arch}.skopeo.tar"));
+        let ours = dir.path().join(format!("{repo}-{arch}.tar"));
+        // nixpkgs' pullImage builder, but for `--src-tls-verify=false` (tlsVerify = false).
+        let out = Command::new("skopeo")
+            .args(["--insecure-policy", &format!("--tmpdir={}", tmp.display()), "--override-os", "linux", "--override-arch", arch])
+            .args(["copy", "--src-tls-verify=false", &format!("docker://{source}")])
+            .arg(format!("docker-archive://{}:{final_name}:t1", theirs.display()))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() && repo == "conf-zstd" && stderr.contains("zstd compression is not supported") {
+            eprintln!("this skopeo cannot write zstd images to a Docker archive; {repo} skipped");
+            continue;
+        }
+        assert!(out.status.success(), "skopeo copy {source}: {stderr}");
+        let args = ["pull", &format!("docker://{source}"), "--arch", arch, "--image-name", final_name, "--image-tag", "t1", "--insecure", "-q", "-o"];
+        ok(stevedore(&[&args[..], &[ours.to_str().unwrap()]].concat(), &[]), "pull");
+        let (a, b) = (fs::read(&ours).unwrap(), fs::read(&theirs).unwrap());
+        if a != b {
+            let (ma, mb) = (tar_members(&a), tar_members(&b));
+            for (i, (x, y)) in ma.iter().zip(&mb).enumerate() {
+                let name = String::from_utf8_lossy(&y.0[..100]).trim_end_matches('\0').to_string();
+                assert_eq!(x.0, y.0, "{repo}/{arch}: header of member {i} ({name}) differs from skopeo's");
+                assert!(x.1 == y.1, "{repo}/{arch}: member {i} ({name}) differs: {:?} vs skopeo's {:?}", String::from_utf8_lossy(&x.1), String::from_utf8_lossy(&y.1));
+            }
+            panic!("{repo}/{arch}: {} members, skopeo's {}; {} bytes, skopeo's {}", ma.len(), mb.len(), a.len(), b.len());
+        }
+        compared += 1;
+        if repo == "fancy" || repo == "multi" {
+            // prefetch prints the hash of these bytes: a nixpkgs pullImage's.
+            let (text, _) = ok(stevedore(&["prefetch", &format!("docker://{}/{repo}:v1", reg.addr()), "--arch", arch, "--final-image-name", final_name, "--final-image-tag", "t1", "--insecure", "-q"], &[]), "prefetch");
+            use sha2::Digest;
+            let sri = format!("sha256-{}", stevedore::registry::auth::base64_encode(&sha2::Sha256::digest(&b)));
+            assert!(text.contains(&format!("hash = \"{sri}\";")), "{text}");
+        }
+    }
+    assert!(compared >= 7, "only {compared} images compared");
+}
+
 #[test]
 fn pull_image_nix_fixed_output_derivation() {
     if !have_tools() {

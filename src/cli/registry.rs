@@ -54,7 +54,8 @@ pub struct PullCmd {
     pub image: String,
     #[command(flatten)]
     pub platform: PlatformOpts,
-    /// Output format: a Docker archive (layers decompressed) or an OCI layout directory.
+    /// Output format: a Docker archive (skopeo's docker-archive, byte for byte: layers
+    /// decompressed) or an OCI layout directory.
     #[arg(long, value_parser = choice::<PullFormat>(), default_value = "docker-archive")]
     pub format: PullFormat,
     /// Output file (docker-archive) or directory (oci).

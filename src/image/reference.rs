@@ -72,6 +72,23 @@ pub fn parse_reference(s: &str) -> Result<Parts<'_>> {
     Ok(parts)
 }
 
+/// Checks `NAME[:TAG]` and returns the name fully qualified, as skopeo records it in a Docker
+/// archive (distribution/reference's `ParseNormalizedNamed`, then `Name()`): no registry, or
+/// `index.docker.io`, is `docker.io`, where a one-component name goes under `library/`; and the
+/// tag (`latest` if none).
+pub fn normalized_name_tag(s: &str) -> Result<(String, String)> {
+    let parts = parse_reference(s)?;
+    if parts.digest.is_some() {
+        bail!("invalid image reference {s:?}: a digest (@…) cannot stand for a tag here: give NAME[:TAG]");
+    }
+    let domain = match parts.domain {
+        None | Some("index.docker.io") => "docker.io",
+        Some(d) => d,
+    };
+    let library = if domain == "docker.io" && !parts.path.contains('/') { "library/" } else { "" };
+    Ok((format!("{domain}/{library}{}", parts.path), parts.tag.unwrap_or("latest").to_string()))
+}
+
 /// Whether `d` is `sha256:` and 64 lowercase hex digits.
 pub fn is_sha256_digest(d: &str) -> bool {
     d.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c)))
@@ -208,6 +225,18 @@ fn domain_ok(d: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn normalized_names() {
+        let n = |s: &str| normalized_name_tag(s).map(|(n, t)| format!("{n}:{t}")).unwrap();
+        assert_eq!(n("nginx"), "docker.io/library/nginx:latest");
+        assert_eq!(n("team/app:v1"), "docker.io/team/app:v1");
+        assert_eq!(n("index.docker.io/nginx:1"), "docker.io/library/nginx:1");
+        assert_eq!(n("docker.io/library/nginx:1"), "docker.io/library/nginx:1");
+        assert_eq!(n("127.0.0.1:5000/a/b:v2"), "127.0.0.1:5000/a/b:v2");
+        assert_eq!(n("localhost/app"), "localhost/app:latest");
+        assert!(normalized_name_tag("Nginx").is_err() && normalized_name_tag("a@sha256:x").is_err());
+    }
 
     #[test]
     fn accepts_what_docker_accepts() {

@@ -61,7 +61,7 @@ impl WantedPlatform {
 /// What `pull` writes.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub enum PullFormat {
-    /// A Docker archive, layers decompressed.
+    /// A Docker archive, layers decompressed: skopeo's `docker-archive` bytes.
     DockerArchive,
     /// An OCI image layout directory.
     Oci,
@@ -194,7 +194,10 @@ pub fn pull(args: &Pull, connect: &Connect) -> Result<String> {
     let repo_tag = format!("{name}:{tag}");
     crate::image::reference::check_repo_tag(&repo_tag).map_err(|e| anyhow!("--image-name and --image-tag: {e}"))?;
     match args.format {
-        PullFormat::DockerArchive => pull::write_docker_archive(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
+        PullFormat::DockerArchive => {
+            let (name, tag) = crate::image::reference::normalized_name_tag(&repo_tag).map_err(|e| anyhow!("--image-name and --image-tag: {e}"))?;
+            pull::write_docker_archive(&reg, &reference.repo, &img, (&name, &tag), &args.output, &progress)?
+        }
         PullFormat::Oci => pull::write_oci_layout(&reg, &reference.repo, &img, &repo_tag, &args.output, &progress)?,
     }
     progress.say(format!("pulled {}@{} into {}", reference.name(), img.manifest_digest, args.output.display()));
@@ -211,10 +214,10 @@ pub fn prefetch(args: &Prefetch, connect: &Connect) -> Result<String> {
     let final_name = args.final_image_name.clone().unwrap_or_else(|| image_name.clone());
     let final_tag = args.final_image_tag.clone().or(reference.tag.clone()).unwrap_or_else(|| "latest".into());
     let final_ref = format!("{final_name}:{final_tag}");
-    crate::image::reference::check_repo_tag(&final_ref).map_err(|e| anyhow!("--final-image-name and --final-image-tag: {e}"))?;
+    let (name, tag) = crate::image::reference::normalized_name_tag(&final_ref).map_err(|e| anyhow!("--final-image-name and --final-image-tag: {e}"))?;
     let tmp = crate::util::files::TempDir::new_in(&crate::util::settings::get().temp_dir)?;
     let out = tmp.0.join("image.tar");
-    pull::write_docker_archive(&reg, &reference.repo, &img, &final_ref, &out, &progress)?;
+    pull::write_docker_archive(&reg, &reference.repo, &img, (&name, &tag), &out, &progress)?;
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
     let mut f = std::fs::File::open(&out)?;
     std::io::copy(&mut f, &mut hasher)?;

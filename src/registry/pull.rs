@@ -1,8 +1,10 @@
 //! Pulling: resolve a tag or digest (picking a platform from an index), verify every blob, and
 //! write a Docker archive (layers decompressed to their diff_ids) or an OCI layout.
 //!
-//! The Docker archive is a pure function of the image: fixed member order, names, owner and
-//! mtime. `prefetch` hashes it and pullImage's fixed-output derivation must produce it again.
+//! The Docker archive is a pure function of the image and the same bytes as skopeo's
+//! `docker-archive` output (what nixpkgs' pullImage hashes): `prefetch` hashes it, and
+//! pullImage's fixed-output derivation must produce it again, so hashes from nixpkgs-era
+//! pullImage calls and nix-prefetch-docker carry over.
 
 use super::auth::Reference;
 use super::client::{check_length, read_sized, Registry, Tries, DOCKER_LIST, JSON_LIMIT};
@@ -235,8 +237,85 @@ fn fetch_blob(reg: &Registry, repo: &str, d: &Descriptor, decompress: bool, out:
 }
 
 
-/// Writes the Docker archive of `img` to `path` (via a `.partial` file).
-pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag: &str, path: &Path, progress: &Progress) -> Result<()> {
+/// The top-level members of an image config that skopeo copies into the top layer's legacy
+/// `json` (containers/image's docker-archive writer), in this order of names.
+const LEGACY_ATTRS: [&str; 7] = ["architecture", "config", "container", "container_config", "created", "docker_version", "os"];
+
+/// Go's `json.Compact` with HTML escaping, as `json.Marshal` applies it to a raw value: no
+/// whitespace outside strings, `<`, `>`, `&`, U+2028 and U+2029 as `\u` escapes.
+fn go_compact(raw: &str) -> String {
+    let mut out = String::with_capacity(raw.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for c in raw.chars() {
+        match c {
+            '<' => out.push_str("\\u003c"),
+            '>' => out.push_str("\\u003e"),
+            '&' => out.push_str("\\u0026"),
+            '\u{2028}' => out.push_str("\\u2028"),
+            '\u{2029}' => out.push_str("\\u2029"),
+            ' ' | '\t' | '\n' | '\r' if !in_string => {}
+            _ => out.push(c),
+        }
+        if in_string {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == '"' {
+                in_string = false;
+            }
+        } else if c == '"' {
+            in_string = true;
+        }
+    }
+    out
+}
+
+/// An object as Go's `json.Marshal` writes a `map[string]any`: keys in byte order, compact.
+/// Values are JSON text already; keys are plain (no escaping needed).
+fn go_object(mut fields: Vec<(&str, String)>) -> String {
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    let body: Vec<String> = fields.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+    format!("{{{}}}", body.join(","))
+}
+
+/// The legacy per-layer metadata skopeo writes beside the layers, one `(id, json)` per layer
+/// (bottom first): each id is the sha256 of the layer's json with its chain ID in place of the
+/// id, so it depends on the layers below; the top layer's json carries [`LEGACY_ATTRS`] from
+/// the config (`null` where it has none).
+fn legacy_layers(config: &[u8], diff_ids: &[String]) -> Result<Vec<(String, String)>> {
+    let top: std::collections::HashMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_slice(config).map_err(|e| anyhow!("config is not a JSON object: {e}"))?;
+    let quote = |s: &str| format!("\"{s}\"");
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut chain = String::new();
+    for (i, diff_id) in diff_ids.iter().enumerate() {
+        chain = if i == 0 { diff_id.clone() } else { sha256_digest(format!("{chain} {diff_id}").as_bytes()) };
+        let mut fields: Vec<(&str, String)> = Vec::new();
+        if let Some((parent, _)) = out.last() {
+            fields.push(("parent", quote(parent)));
+        }
+        if i + 1 == diff_ids.len() {
+            for attr in LEGACY_ATTRS {
+                fields.push((attr, top.get(attr).map_or_else(|| "null".to_string(), |raw| go_compact(raw.get()))));
+            }
+        }
+        let mut with_chain = fields.clone();
+        with_chain.push(("layer_id", quote(&chain)));
+        let id = sha256_digest(go_object(with_chain).as_bytes())["sha256:".len()..].to_string();
+        fields.push(("id", quote(&id)));
+        out.push((id, go_object(fields)));
+    }
+    Ok(out)
+}
+
+/// Writes the Docker archive of `img` to `path` (via a `.partial` file), byte for byte as
+/// `skopeo copy docker://… docker-archive:PATH:NAME:TAG` writes it (nixpkgs' pullImage, skopeo
+/// 1.9 to 1.18 alike): the layers decompressed as `<diff_id>.tar` (each once), the config as
+/// `<digest>.json`, then per layer a legacy directory (`layer.tar` symlink, `VERSION`, `json`),
+/// `manifest.json` and `repositories`, all with Go's ustar headers. `name` must be normalized
+/// (`image::reference::normalized_name_tag`).
+pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, (name, tag): (&str, &str), path: &Path, progress: &Progress) -> Result<()> {
     let config_bytes = get_json_blob(reg, repo, &img.config)?;
     let config: Value = crate::util::limits::parse_json(&config_bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("config {}: {e:#}", img.config.digest))?;
     let diff_ids: Vec<String> = config
@@ -252,6 +331,7 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
     for d in &diff_ids {
         super::auth::check_digest(d).map_err(|e| anyhow!("config {}: {e}", img.config.digest))?;
     }
+    let legacy = legacy_layers(&config_bytes, &diff_ids).map_err(|e| anyhow!("config {}: {e:#}", img.config.digest))?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -259,13 +339,16 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
     let stem = path.file_name().ok_or_else(|| anyhow!("{} is not a file name", path.display()))?;
     let (file, temp) = crate::util::files::create_temp(dir, stem).with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let tmp = temp.path().to_owned();
+    let header = |name: &str, size: u64, link: Option<&str>| {
+        crate::tar::go_ustar_header(name, size, link).ok_or_else(|| anyhow!("{name}: {size} bytes is more than a Docker archive's ustar header holds ({} at most)", crate::tar::USTAR_SIZE_MAX))
+    };
     let result = (|| -> Result<File> {
         let mut f = file;
         let mut names = Vec::new();
         let mut written = std::collections::HashSet::new();
         let mut buf = Vec::new();
         for (layer, diff_id) in img.layers.iter().zip(&diff_ids) {
-            let name = format!("{}/layer.tar", &diff_id["sha256:".len()..]);
+            let name = format!("{}.tar", &diff_id["sha256:".len()..]);
             names.push(name.clone());
             if !written.insert(diff_id.clone()) {
                 continue;
@@ -292,25 +375,43 @@ pub fn write_docker_archive(reg: &Registry, repo: &str, img: &Resolved, repo_tag
             if format!("sha256:{got}") != *diff_id {
                 bail!("layer {} decompresses to sha256:{got}, but the config says {diff_id}", layer.digest);
             }
+            let head = header(&name, size, None)?;
             f.write_all(&[0u8; 512][..crate::tar::padding(size) as usize])?;
             let end = f.stream_position()?;
             f.seek(SeekFrom::Start(start))?;
-            f.write_all(&crate::tar::fixed_file_header(&name, size))?;
+            f.write_all(&head)?;
             f.seek(SeekFrom::Start(end))?;
             progress.say(format!("{}: {} bytes, {size} uncompressed", layer.digest, layer.size));
         }
-        let mut add = |f: &mut File, name: &str, data: &[u8]| -> io::Result<()> {
+        let mut add = |f: &mut File, name: &str, data: &[u8], link: Option<&str>| -> Result<()> {
             buf.clear();
-            buf.extend_from_slice(&crate::tar::fixed_file_header(name, data.len() as u64));
+            buf.extend_from_slice(&header(name, data.len() as u64, link)?);
             buf.extend_from_slice(data);
             buf.extend_from_slice(&[0u8; 512][..crate::tar::padding(data.len() as u64) as usize]);
-            f.write_all(&buf)
+            Ok(f.write_all(&buf)?)
         };
         let config_name = format!("{}.json", &img.config.digest["sha256:".len()..]);
-        add(&mut f, &config_name, &config_bytes)?;
-        // Compact, not nixpkgs' indented form: prefetch's hash is of these bytes.
+        add(&mut f, &config_name, &config_bytes, None)?;
+        let mut legacy_written = std::collections::HashSet::new();
+        for ((id, json), layer) in legacy.iter().zip(&names) {
+            if legacy_written.insert(id) {
+                add(&mut f, &format!("{id}/layer.tar"), b"", Some(&format!("../{layer}")))?;
+                add(&mut f, &format!("{id}/VERSION"), b"1.0", None)?;
+                add(&mut f, &format!("{id}/json"), json.as_bytes(), None)?;
+            }
+        }
+        // Compact, as Go's encoding/json writes them (the names need no escaping).
+        let repo_tag = format!("{name}:{tag}");
         let manifest = Value::Array(vec![crate::image::docker_manifest_entry(&config_name, json!([repo_tag]), names)]);
-        add(&mut f, "manifest.json", &serde_json::to_vec(&manifest)?)?;
+        add(&mut f, "manifest.json", &serde_json::to_vec(&manifest)?, None)?;
+        let top_id = legacy.last().map(|(id, _)| id.as_str());
+        let mut repositories = serde_json::Map::new();
+        if let Some(id) = top_id {
+            let mut tags = serde_json::Map::new();
+            tags.insert(tag.to_string(), json!(id));
+            repositories.insert(name.to_string(), Value::Object(tags));
+        }
+        add(&mut f, "repositories", &serde_json::to_vec(&Value::Object(repositories))?, None)?;
         f.write_all(&[0u8; 1024])?;
         Ok(f)
     })();
@@ -348,4 +449,41 @@ pub fn write_oci_layout(reg: &Registry, repo: &str, img: &Resolved, name: &str, 
     let manifest = oci::put_blob(dir, &img.media_type, &img.manifest)?;
     // It writes oci-layout too, under the layout's lock.
     oci::add_to_index(dir, &manifest, Some(name))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_compact_escapes_as_encoding_json() {
+        assert_eq!(go_compact("{ \"a\" : [1, \"x <&> y\"],\n \"b\":\"\u{2028}\\\" \"}"), r#"{"a":[1,"x \u003c\u0026\u003e y"],"b":"\u2028\" "}"#);
+    }
+
+    /// What skopeo 1.9 and 1.18 wrote for an image of three layers, the first repeated on top.
+    #[test]
+    fn legacy_layers_are_skopeos() {
+        let (a, b) = ("sha256:d8fc1f70d0729f7e204dc7cd5deaf2b5c40a64ce481d474f85e8f14ab0d56b8e", "sha256:d430de81ae35666bac09ea1d5bb45a1256c1db3b4ea244baeb83183198d7667a");
+        let config = format!(r#"{{"architecture": "amd64", "os": "linux", "rootfs": {{"type": "layers", "diff_ids": ["{a}", "{b}", "{a}"]}}}}"#);
+        let legacy = legacy_layers(config.as_bytes(), &[a.into(), b.into(), a.into()]).unwrap();
+        let ids: Vec<&str> = legacy.iter().map(|(id, _)| id.as_str()).collect();
+        assert_eq!(
+            ids,
+            [
+                "e1119a972ccacb0818a12345f2e09f0df1ac677d7c785f15ea99c10dbd50fb63",
+                "cb7df4966c55994e2d08dc88359b3befd8155a0912a527ba6c68a19c98e95a95",
+                "41b528edc83dd913f7823f1cc18bfeb6fa481d93a427fc1da9516c49bd2c1c80"
+            ]
+        );
+        assert_eq!(legacy[0].1, r#"{"id":"e1119a972ccacb0818a12345f2e09f0df1ac677d7c785f15ea99c10dbd50fb63"}"#);
+        assert_eq!(
+            legacy[2].1,
+            concat!(
+                r#"{"architecture":"amd64","config":null,"container":null,"container_config":null,"created":null,"docker_version":null,"#,
+                r#""id":"41b528edc83dd913f7823f1cc18bfeb6fa481d93a427fc1da9516c49bd2c1c80","os":"linux","#,
+                r#""parent":"cb7df4966c55994e2d08dc88359b3befd8155a0912a527ba6c68a19c98e95a95"}"#
+            )
+        );
+        assert!(legacy_layers(b"[1]", &[a.into()]).is_err());
+    }
 }

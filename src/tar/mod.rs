@@ -293,30 +293,37 @@ fn ustar_block(h: &Header, scratch: &mut Vec<u8>, out: &mut Vec<u8>) {
     block[148..155].copy_from_slice(chk.as_bytes());
 }
 
-/// A bare ustar header for a regular file (mode 0644, owner 0, mtime 0, no names), always one
-/// block: sizes of 8 GiB and more use the base-256 form, so the header can be rewritten in
-/// place once the data's size is known. `pull` writes its archives with it (not with
-/// [`HeaderEncoder`]'s CPython form), and prefetch hashes are over those bytes.
-pub fn fixed_file_header(name: &str, size: u64) -> [u8; 512] {
+/// The largest size a ustar header's octal field holds (8 GiB - 1).
+pub const USTAR_SIZE_MAX: u64 = 8u64.pow(11) - 1;
+
+/// A ustar header as Go's `archive/tar` writes it for skopeo's Docker archives (containers/image
+/// `docker-archive`): mode 0444 for a file, 0 for a symlink (`link`), owner 0:0 with no names,
+/// mtime 0, every numeric field zero-padded octal ending in NUL, devmajor and devminor included.
+/// `pull` writes its archives with it so that their hashes are skopeo's (pullImage's). `None`
+/// for what one ustar block cannot hold (Go would add a PAX header): a name or link of more
+/// than 100 bytes, a size over [`USTAR_SIZE_MAX`].
+pub fn go_ustar_header(name: &str, size: u64, link: Option<&str>) -> Option<[u8; 512]> {
+    let linkname = link.unwrap_or("");
+    if name.len() > 100 || linkname.len() > 100 || size > USTAR_SIZE_MAX {
+        return None;
+    }
     let mut h = [0u8; 512];
     h[..name.len()].copy_from_slice(name.as_bytes());
-    h[100..107].copy_from_slice(b"0000644");
+    h[100..107].copy_from_slice(if link.is_some() { b"0000000" } else { b"0000444" });
     h[108..115].copy_from_slice(b"0000000");
     h[116..123].copy_from_slice(b"0000000");
-    if size < 8u64.pow(11) {
-        h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
-    } else {
-        h[124] = 0x80;
-        h[128..136].copy_from_slice(&size.to_be_bytes());
-    }
+    h[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
     h[136..147].copy_from_slice(b"00000000000");
-    h[156] = b'0';
+    h[156] = if link.is_some() { SYMTYPE } else { REGTYPE };
+    h[157..157 + linkname.len()].copy_from_slice(linkname.as_bytes());
     h[257..263].copy_from_slice(b"ustar\0");
     h[263..265].copy_from_slice(b"00");
+    h[329..336].copy_from_slice(b"0000000");
+    h[337..344].copy_from_slice(b"0000000");
     h[148..156].copy_from_slice(b"        ");
     let sum: u32 = h.iter().map(|&b| b as u32).sum();
     h[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    h
+    Some(h)
 }
 
 #[cfg(test)]

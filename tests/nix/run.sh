@@ -33,7 +33,7 @@ areas=(
   nix-shell   # streamNixShellImage, buildNixShellImage
   flake       # flake.nix
   remote      # remote builds over ssh-ng (with STEVEDORE_NIX_REMOTE)
-  registry    # copyToRegistry
+  registry    # copyToRegistry, pullImage
 )
 # An area file not in the list would silently not run.
 for f in "$(dirname "$0")"/t/*.sh; do

@@ -1,11 +1,10 @@
-# Pushing to a registry: passthru.copyToRegistry, to a docker-registry on loopback.
+# Registries: passthru.copyToRegistry pushes to, and pullImage pulls from, a docker-registry on loopback.
 # Sourced by tests/nix/run.sh; the helpers are tests/nix/lib.sh's.
 
-# copy-to-registry: copyToRegistry pushes (the second time nothing), and skopeo reads the image back
-test_copy_to_registry() {
-  local push dir port out
-  push=$(build hello.copyToRegistry)
-  dir=$work/registry
+# start_registry: starts a docker-registry on a random loopback port (set in $port) serving
+# $work/registry, stopped when the test's subshell exits.
+start_registry() {
+  local dir=$work/registry
   port=$((20000 + RANDOM % 20000))
   mkdir -p "$dir"
   printf 'version: 0.1\nhttp:\n  addr: 127.0.0.1:%s\nstorage:\n  filesystem:\n    rootdirectory: %s\n' "$port" "$dir" >"$dir/config.yml"
@@ -15,6 +14,13 @@ test_copy_to_registry() {
   # shellcheck disable=SC2064
   trap "kill $pid 2>/dev/null" EXIT
   for _ in $(seq 50); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+
+# copy-to-registry: copyToRegistry pushes (the second time nothing), and skopeo reads the image back
+test_copy_to_registry() {
+  local push out
+  push=$(build hello.copyToRegistry)
+  start_registry
   out=$("$push" "docker://127.0.0.1:$port/team/hello:v1" --insecure -q)
   expect_eq "$(skopeo inspect --tls-verify=false "docker://127.0.0.1:$port/team/hello:v1" | python3 -c 'import json,sys; print(json.load(sys.stdin)["Digest"])')" "$out"
   # Unchanged: nothing uploaded the second time.
@@ -26,3 +32,44 @@ test_copy_to_registry() {
   expect_eq "$(skopeo inspect --tls-verify=false "docker://127.0.0.1:$port/team/redis:latest" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d["Digest"], len(d["Layers"]))')" "$out 3"
 }
 t copy-to-registry test_copy_to_registry
+
+# pull-image: pullImage builds what nixpkgs' own builder (skopeo into a docker-archive) writes, so
+# a hash of that archive holds given as `hash`, `sha256` or `outputHash`; prefetch prints it; a
+# fake hash fails naming it; conflicting hash arguments are refused in one line
+test_pull_image() {
+  local push digest hex sri out name
+  push=$(build hello.copyToRegistry)
+  start_registry
+  name=127.0.0.1:$port/team/hello
+  "$push" "docker://$name:v1" --insecure -q >/dev/null
+  digest=sha256:$(skopeo inspect --raw --tls-verify=false "docker://$name:v1" | sha256sum | cut -d' ' -f1)
+  # nixpkgs' pullImage builder (with tlsVerify = false), run by hand.
+  skopeo --insecure-policy --tmpdir="$work" --override-os linux --override-arch amd64 copy \
+    --src-tls-verify=false "docker://$name@$digest" "docker-archive://$work/skopeo.tar:$name:latest" >"$work/skopeo.log" 2>&1
+  hex=$(sha256sum <"$work/skopeo.tar" | cut -d' ' -f1)
+  sri=sha256-$(python3 -c 'import base64,sys; print(base64.b64encode(bytes.fromhex(sys.argv[1])).decode())' "$hex")
+  # pull ARGS [NIX-BUILD-OPTIONS...]: builds pullImage of the image with ARGS added.
+  pull() {
+    nix-build --no-out-link "${@:2}" -E "let c = import $cases { stevedorePath = \"$stevedore_path\"; }; in
+      c.dockerTools.pullImage { imageName = \"$name\"; imageDigest = \"$digest\"; arch = \"amd64\"; tlsVerify = false; $1 }" 2>"$work/pull.log"
+  }
+  out=$(pull "hash = \"$sri\";") || { cat "$work/pull.log" >&2; fail "pullImage with skopeo's hash failed"; }
+  cmp "$out" "$work/skopeo.tar" || fail "pullImage's archive is not skopeo's"
+  # Built again (the output may be from an earlier run), it still has that hash.
+  pull "hash = \"$sri\";" --check >/dev/null || fail "rebuilt: $(tail -3 "$work/pull.log")"
+  expect_eq "$(pull "sha256 = \"$hex\";")" "$out" "sha256"
+  expect_eq "$(pull "outputHash = \"$hex\"; outputHashAlgo = \"sha256\";")" "$out" "outputHash"
+  expect_eq "$(pull "outputHash = \"$sri\"; outputHashAlgo = null;")" "$out" "SRI outputHash"
+  "$stevedore_path/bin/stevedore" prefetch "docker://$name:v1" --arch amd64 --final-image-tag latest --insecure -q >"$work/prefetch.nix"
+  grep -qF "hash = \"$sri\";" "$work/prefetch.nix" || fail "prefetch: $(cat "$work/prefetch.nix")"
+  # A fake hash builds once and the failure names the real one.
+  ! pull 'hash = "";' >/dev/null || fail "a fake hash built"
+  grep -qF "$sri" "$work/pull.log" || fail "no real hash in: $(tail -3 "$work/pull.log")"
+  ! pull "hash = \"$sri\"; sha256 = \"$hex\";" >/dev/null || fail "hash and sha256 together were accepted"
+  grep -q "pullImage: give either .sha256. or .hash., not both" "$work/pull.log" || fail "$(tail -2 "$work/pull.log")"
+  ! pull "outputHash = \"$sri\"; hash = \"$sri\";" >/dev/null || fail "outputHash and hash together were accepted"
+  grep -q "pullImage: give .outputHash." "$work/pull.log" || fail "$(tail -2 "$work/pull.log")"
+  ! pull "" >/dev/null || fail "no hash was accepted"
+  grep -q "pullImage: no hash" "$work/pull.log" || fail "$(tail -2 "$work/pull.log")"
+}
+t pull-image test_pull_image
