@@ -378,6 +378,16 @@ let
       shell = "${pkgs.hostBash}/bin/bash";
     };
 
+    # nixpkgs' nixos/tests/docker-tools.nix, the assertions tests/nix/t/nixos-tests.sh ports
+    # (without a VM: podman, skopeo and Python look at the images).
+    nixos = import ./nixos-cases.nix {
+      inherit
+        pkgs
+        dockerTools
+        stevedore
+        ;
+    };
+
     # Each of these must fail with the message run.sh looks for.
     bad = {
       maxLayers1 = dockerTools.streamLayeredImage {

@@ -6,6 +6,10 @@
 # there: not /bin (on merged /usr, /usr/bin is the real one), nor /etc (alternatives).
 {
   system ? "x86_64-linux",
+  # The platform the packages are for (stdenv.hostPlatform), as a cross package set has it
+  # (pkgsCross.aarch64-multiplatform: "aarch64-linux"). There is no cross compiler here: the
+  # packages stay the build platform's binaries; only what reads the platform sees it.
+  hostSystem ? system,
   # A prebuilt stevedore (a directory with bin/stevedore), for the flake test's
   # rustPlatform.buildRustPackage stand-in.
   stevedorePrebuilt ? null,
@@ -14,18 +18,23 @@ let
   # The script ends in `exit 0`: a shell may run the last command in its own place (bash does,
   # and it is /bin/sh on some hosts), and coreutils close stdout before they exit, which Nix
   # may answer with SIGKILL. `-e` still fails the build at the first failing command.
-  sh =
-    name: script:
-    builtins.derivation {
-      inherit name system;
-      builder = "/bin/sh";
-      args = [
-        "-e"
-        "-c"
-        "${script}\nexit 0\n"
-      ];
-      PATH = "/usr/bin:/bin";
-    };
+  # runCommand NAME ENV SCRIPT: ENV's attributes are the build's environment, as nixpkgs'.
+  runCommand =
+    name: env: script:
+    builtins.derivation (
+      env
+      // {
+        inherit name system;
+        builder = "/bin/sh";
+        args = [
+          "-e"
+          "-c"
+          "${script}\nexit 0\n"
+        ];
+        PATH = "/usr/bin:/bin";
+      }
+    );
+  sh = name: runCommand name { };
 
   # The host's static busybox, copied into the store so images can run it.
   busybox = sh "busybox" ''
@@ -54,8 +63,13 @@ let
     '';
 
   self = {
-    inherit system busybox coreutils;
-    stdenv.hostPlatform.system = system;
+    inherit
+      system
+      busybox
+      coreutils
+      runCommand
+      ;
+    stdenv.hostPlatform.system = hostSystem;
     stdenv.buildPlatform.system = system;
     # nixpkgs' stdenv.shell is bash; busybox's sh has the bash syntax shadowSetup uses.
     stdenv.shell = "${busybox}/bin/sh";
@@ -199,16 +213,38 @@ let
         };
     nixfmt-tree = wrapper "treefmt" "/usr/bin/false" "";
 
-    # The host's bash with its libraries, started through their loader by a busybox script, so
-    # it runs in a container that has nothing but the store (for the nix-shell images).
-    hostBash = sh "host-bash" ''
-      mkdir -p $out/bin $out/lib $out/libexec
-      cp /usr/bin/bash $out/libexec/bash
-      # ldd is a `#!/bin/bash` script.
-      for l in $(/usr/bin/bash /usr/bin/ldd /usr/bin/bash | sed -nE 's|.*[ \t](/[^ ]+) \(0x.*|\1|p'); do cp -L "$l" $out/lib/; done
-      printf '#!${busybox}/bin/sh\nexec %s/lib/ld-linux-x86-64.so.2 --library-path %s/lib %s/libexec/bash "$@"\n' $out $out $out > $out/bin/bash
-      chmod +x $out/bin/bash
+    # Host programs (of /usr/bin) with their libraries, each started through their loader by a
+    # busybox script, so they run where there is nothing but the store: in a container, or in
+    # proot's root under enableFakechroot.
+    hostPrograms =
+      name: programs:
+      sh name ''
+        mkdir -p $out/bin $out/lib $out/libexec
+        for p in ${builtins.concatStringsSep " " programs}; do
+          cp /usr/bin/$p $out/libexec/$p
+          # ldd is a `#!/bin/bash` script.
+          for l in $(/usr/bin/bash /usr/bin/ldd /usr/bin/$p | sed -nE 's|.*[ \t](/[^ ]+) \(0x.*|\1|p'); do cp -L "$l" $out/lib/; done
+          printf '#!${busybox}/bin/sh\nexec %s/lib/ld-linux-x86-64.so.2 --library-path %s/lib %s/libexec/%s "$@"\n' $out $out $out $p > $out/bin/$p
+          chmod +x $out/bin/$p
+        done
+      '';
+    # The host's bash, for the nix-shell images.
+    hostBash = self.hostPrograms "host-bash" [ "bash" ];
+    # What fakeRootCommands need under proot's root: coreutils that run there, and a fakeroot
+    # whose preload library is in the store, so the programs there load it.
+    chrootCoreutils = self.hostPrograms "chroot-coreutils" [
+      "chown"
+      "mkdir"
+      "stat"
+      "touch"
+    ];
+    fakerootLib = sh "fakeroot-lib" ''
+      mkdir -p $out/lib
+      cp /usr/lib/x86_64-linux-gnu/libfakeroot/libfakeroot-sysv.so $out/lib/
     '';
+    storeFakeroot =
+      wrapper "fakeroot" "/usr/bin/fakeroot-sysv --lib ${self.fakerootLib}/lib/libfakeroot-sysv.so"
+        "FAKEROOTDONTTRYCHOWN=1 ";
 
     # A derivation to open a nix-shell image on: two outputs, passAsFile, a stdenv-like setup
     # with runHook, and a shellHook. Its builder is the static busybox, so `buildDerivation`

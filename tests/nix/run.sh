@@ -31,6 +31,7 @@ areas=(
   merge       # mergeImages
   sandbox     # the build environment, in and out of Nix's sandbox
   nix-shell   # streamNixShellImage, buildNixShellImage
+  nixos-tests # what nixpkgs' nixos/tests/docker-tools.nix asserts, without a VM
   flake       # flake.nix
   remote      # remote builds over ssh-ng (with STEVEDORE_NIX_REMOTE)
   registry    # copyToRegistry, pullImage
