@@ -31,6 +31,7 @@ use crate::tar::{self, Header};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
+use std::collections::HashSet;
 use std::fs::{self, File};
 use std::io::{self, BufRead, Read, Write};
 use std::path::{Path, PathBuf};
@@ -71,12 +72,18 @@ pub struct LayerInfo {
 pub(crate) struct Outer<W: Write> {
     pub(crate) tar: tar::write::Writer<W>,
     mtime: i64,
+    /// The layer members written so far (as a [`LayerSink`]): a layer named again (one equal
+    /// to a base layer, whose member is named by its diff_id) is read but not written twice.
+    layers: HashSet<String>,
+    /// Whether the current layer is one already written; its bytes go to `discard`.
+    again: bool,
+    discard: io::Sink,
 }
 
 impl<W: Write> Outer<W> {
     /// An archive whose members all carry `mtime`.
     pub(crate) fn new(w: W, mtime: i64) -> Self {
-        Outer { tar: tar::write::Writer::new(w), mtime }
+        Outer { tar: tar::write::Writer::new(w), mtime, layers: HashSet::new(), again: false, discard: io::sink() }
     }
 
     /// A member of `size` bytes, which the caller writes to `self.tar.get_mut()`.
@@ -326,12 +333,22 @@ fn base_layer_name(diff_id: &str) -> String {
 
 impl<W: Write> LayerSink for Outer<W> {
     fn begin(&mut self, name: &str, size: u64) -> Result<()> {
+        self.again = !self.layers.insert(name.to_string());
+        if self.again {
+            return Ok(());
+        }
         self.begin_member(name, size)
     }
     fn out(&mut self) -> &mut dyn Write {
+        if self.again {
+            return &mut self.discard;
+        }
         self.tar.get_mut()
     }
     fn end(&mut self, size: u64, _diff_id: &str) -> Result<()> {
+        if std::mem::take(&mut self.again) {
+            return Ok(());
+        }
         self.end_member(size)
     }
 }
@@ -420,5 +437,19 @@ mod tests {
         use crate::util::shared::{names, Choice};
         let ours: Vec<&str> = Format::CHOICES.iter().map(|c| c.0).collect();
         assert_eq!(ours, names("formats"));
+    }
+
+    #[test]
+    fn a_layer_named_again_is_not_written_again() {
+        let mut outer = Outer::new(Vec::new(), 1);
+        for data in [&b"first"[..], b"first", b"other"] {
+            let name = if data == b"other" { "b/layer.tar" } else { "a/layer.tar" };
+            outer.begin(name, data.len() as u64).unwrap();
+            outer.out().write_all(data).unwrap();
+            outer.end(data.len() as u64, "").unwrap();
+        }
+        let bytes = outer.finish().unwrap();
+        let names: Vec<String> = ::tar::Archive::new(&bytes[..]).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
+        assert_eq!(names, ["a/layer.tar", "b/layer.tar"]);
     }
 }
