@@ -386,6 +386,7 @@ let
         dockerTools
         stevedore
         ;
+      inherit (cases) emptyImage;
     };
 
     # Each of these must fail with the message run.sh looks for.

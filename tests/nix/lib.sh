@@ -126,6 +126,14 @@ skip() { echo "$*" >"$work/test-$test_name.skip"; exit 0; }
 build() {
   nix-build "$cases" -A "$1" "${nargs[@]}" --no-out-link "${@:2}" 2>"$work/$1.log"
 }
+# built ATTR: build's output path, or the test fails with the end of the build's log.
+built() {
+  build "$1" || fail "$1: $(tail -5 "$work/$1.log")"
+}
+# pkg ATTR: tests/nix/pkgs.nix's ATTR, built; prints its store path.
+pkg() {
+  nix-build "$repo/tests/nix/pkgs.nix" -A "$1" --no-out-link 2>>"$work/pkgs.log"
+}
 # nixeval EXPR: evaluates EXPR with `c` bound to the cases set, prints the JSON result (the log
 # goes to $work/eval.log).
 nixeval() {
@@ -160,6 +168,15 @@ pod() { podman --cgroup-manager=cgroupfs --runtime /usr/sbin/runc "$@"; }
 # podrun [OPTIONS...] IMAGE [CMD...]: runs a throwaway container with no network.
 podrun() {
   pod run --rm --network=none --ulimit nofile=1024:1024 --ulimit nproc=1024:1024 "$@"
+}
+# load_stream EXECUTABLE: runs a stream executable (streamLayeredImage's) into $work, and loads
+# the archive; prints its path.
+load_stream() {
+  local tar
+  tar=$work/$(basename "$1").tar
+  "$1" >"$tar" 2>"$tar.log" || { tail -5 "$tar.log" >&2; return 1; }
+  load "$tar"
+  echo "$tar"
 }
 # load ARCHIVE: podman loads it, remembering the image for cleanup. (An image loaded otherwise,
 # e.g. from a pipe, goes into $work/loaded by hand: `echo NAME:TAG >>"$work/loaded"`.)

@@ -6,6 +6,8 @@
   # nix/ over pkgs.
   dockerTools,
   stevedore,
+  # cases.nix's buildImage of nothing (one layer of only the root directory), default date.
+  emptyImage,
 }:
 let
   inherit (pkgs) busybox hello;
@@ -38,16 +40,11 @@ let
       compressor = "none";
     };
 
-  # The same (empty) layer twice: buildImage over an empty buildImage.
-  empty = dockerTools.buildImage {
-    name = "empty";
-    tag = "latest";
-    compressor = "none";
-  };
+  # The same (empty) layer twice: buildImage of nothing over a buildImage of nothing.
   emptyTwice = dockerTools.buildImage {
     name = "empty-twice";
     tag = "latest";
-    fromImage = empty;
+    fromImage = emptyImage;
     compressor = "none";
   };
 
@@ -104,7 +101,6 @@ let
 in
 {
   inherit
-    empty
     emptyTwice
     twoLayers
     fakeRootRefs
@@ -130,27 +126,13 @@ in
   # nixpkgs' layersUnpackOrder: each runAsRoot sees the layers below it, in order.
   layersUnpackOrder = appendsLetter (appendsLetter (appendsLetter null "a") "b") "c";
 
-  # nixpkgs' repeatedLayerTestImage: a base archive whose manifest names one layer file twice
-  # (as `docker save` may write), under runAsRoot, which unpacks the base. emptyTwice's two
-  # layers are the same bytes, one member name that its archive holds twice; this copy holds
-  # it once, as nixpkgs' fixture makes the two one file.
+  # nixpkgs' repeatedLayerTestImage: a base archive whose manifest names one layer member
+  # twice (as `docker save` may write; emptyTwice's two layers are the same bytes), under
+  # runAsRoot, which unpacks the base.
   repeatedLayers = dockerTools.buildImage {
     name = "repeated-layer-test";
     tag = "latest";
-    fromImage = pkgs.runCommand "image-with-links.tar" { base = emptyTwice; } ''
-      /usr/bin/python3 - "$base" "$out" <<'EOF'
-      import json, sys, tarfile
-      src = tarfile.open(sys.argv[1])
-      layers = json.load(src.extractfile("manifest.json"))[0]["Layers"]
-      assert len(layers) == 2 and layers[0] == layers[1], layers
-      seen = set()
-      with tarfile.open(sys.argv[2], "w") as out:
-          for m in src.getmembers():
-              if m.name not in seen:
-                  seen.add(m.name)
-                  out.addfile(m, src.extractfile(m))
-      EOF
-    '';
+    fromImage = emptyTwice;
     copyToRoot = [ busybox ];
     runAsRoot = "echo 'runAsRoot has run.' > /ran";
     compressor = "none";
@@ -270,12 +252,37 @@ in
     '';
   };
 
-  # buildImage's created: the default, and "now" (nixpkgs' unstableDate).
-  createdDefault = dockerTools.buildImage {
-    name = "stable-date";
+  # nixpkgs' layeredStoreSymlink: a store path that is a symlink stays one.
+  storeSymlink = dockerTools.streamLayeredImage {
+    name = "layeredstoresymlink";
     tag = "latest";
-    compressor = "none";
+    contents = [
+      busybox
+      pkgs.storeSymlink
+    ];
   };
+
+  # nixpkgs' nonRootTestImage: the store layers owned by uid:gid, with those names.
+  nonRoot = dockerTools.streamLayeredImage {
+    name = "non-root-test";
+    tag = "latest";
+    uid = 1000;
+    gid = 1000;
+    uname = "user";
+    gname = "user";
+    contents = [ busybox ];
+    config = {
+      User = "1000:1000";
+      Cmd = [
+        "${busybox}/bin/stat"
+        "-c"
+        "%u:%g"
+        "${busybox}/bin/busybox"
+      ];
+    };
+  };
+
+  # buildImage's created = "now" (nixpkgs' unstableDate); emptyImage has the default.
   createdNow = dockerTools.buildImage {
     name = "unstable-date";
     tag = "latest";

@@ -18,23 +18,18 @@ let
   # The script ends in `exit 0`: a shell may run the last command in its own place (bash does,
   # and it is /bin/sh on some hosts), and coreutils close stdout before they exit, which Nix
   # may answer with SIGKILL. `-e` still fails the build at the first failing command.
-  # runCommand NAME ENV SCRIPT: ENV's attributes are the build's environment, as nixpkgs'.
-  runCommand =
-    name: env: script:
-    builtins.derivation (
-      env
-      // {
-        inherit name system;
-        builder = "/bin/sh";
-        args = [
-          "-e"
-          "-c"
-          "${script}\nexit 0\n"
-        ];
-        PATH = "/usr/bin:/bin";
-      }
-    );
-  sh = name: runCommand name { };
+  sh =
+    name: script:
+    builtins.derivation {
+      inherit name system;
+      builder = "/bin/sh";
+      args = [
+        "-e"
+        "-c"
+        "${script}\nexit 0\n"
+      ];
+      PATH = "/usr/bin:/bin";
+    };
 
   # The host's static busybox, copied into the store so images can run it.
   busybox = sh "busybox" ''
@@ -63,12 +58,7 @@ let
     '';
 
   self = {
-    inherit
-      system
-      busybox
-      coreutils
-      runCommand
-      ;
+    inherit system busybox coreutils;
     stdenv.hostPlatform.system = hostSystem;
     stdenv.buildPlatform.system = system;
     # nixpkgs' stdenv.shell is bash; busybox's sh has the bash syntax shadowSetup uses.
@@ -114,6 +104,9 @@ let
           );
       in
       link 12;
+
+    # A store path that is itself a symlink (to a directory of the store).
+    storeSymlink = sh "store-symlink" "ln -s ${self.greeting} $out";
 
     # For copyToRoot's symlinks to directories (rsync -k or -K): `lib -> lib64`, then a
     # tree with a lib/ directory.
