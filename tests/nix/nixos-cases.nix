@@ -219,6 +219,16 @@ in
     ];
   };
 
+  # nixpkgs' helloOnRootNoStoreFakechroot: includeStorePaths = false under enableFakechroot.
+  noStoreChroot = chrootTools.streamLayeredImage {
+    name = "nostore-chroot";
+    tag = "latest";
+    contents = [ busybox ];
+    config.Cmd = [ "${hello}/bin/hello" ];
+    includeStorePaths = false;
+    enableFakechroot = true;
+  };
+
   # nixpkgs' build-image-with-path and layered-image-with-path: a directory of the test
   # sources, not a derivation.
   barePathImage = dockerTools.buildImage {

@@ -152,14 +152,18 @@ test_nix_shell_no_home() {
 }
 t nix-shell-no-home test_nix_shell_no_home
 
-# no-store-mounted: includeStorePaths = false leaves the program out, so it runs only with the
-# host's store mounted
+# no-store-mounted: includeStorePaths = false (with and without enableFakechroot) leaves the store
+# out, so the program runs only with the host's store mounted
 test_no_store_mounted() {
-  local out
-  out=$(built noStore)
-  load "$(plain "$out")"
-  if podrun nostore:latest >/dev/null 2>&1; then fail "ran without the store"; fi
-  expect_eq "$(podrun -v /nix/store:/nix/store:ro nostore:latest)" "hello from stevedore"
+  local out image
+  load "$(plain "$(built noStore)")"
+  out=$(load_stream "$(built nixos.noStoreChroot)")
+  summary "$out" nostore-chroot
+  expect_eq "$(q nostore-chroot '[e[0] for l in d["layers"] for e in l["entries"] if "nix" in e[0]]')" "[]"
+  for image in nostore:latest nostore-chroot:latest; do
+    if podrun "$image" >/dev/null 2>&1; then fail "$image ran without the store"; fi
+    expect_eq "$(podrun -v /nix/store:/nix/store:ro "$image")" "hello from stevedore" "$image"
+  done
 }
 t no-store-mounted test_no_store_mounted
 
