@@ -73,10 +73,13 @@ let
     '';
   };
 
-  # An untagged buildImage (its tag is the hash of its output path).
+  # An untagged buildImage (its tag is the hash of its output path, as nixpkgs'). Uncompressed:
+  # `nix-build --check` without the sandbox builds at another path and rewrites its hash in
+  # the output, which it cannot do inside gzip (tests/nix/t/sandbox.sh checks so).
   untaggedImage = dockerTools.buildImage {
     name = "bash-no-tag";
     copyToRoot = [ busybox ];
+    compressor = "none";
   };
 
   # For enableFakechroot with a chown: a shell, coreutils and fakeroot's preload library that
