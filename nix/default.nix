@@ -44,7 +44,12 @@ let
   nixShell = import ./nix-shell-image.nix {
     inherit pkgs;
     inherit (layered) streamLayeredImage buildLayeredImage;
-    inherit (lib) writeText writeFiles;
+    inherit (lib)
+      writeText
+      writeFiles
+      setFunctionArgs
+      functionArgs
+      ;
     inherit (helpers) binSh usrBinEnv;
   };
 

@@ -390,6 +390,9 @@ pub fn image_config(conf: &StreamConf, base: Option<&BaseImage>, layers: &[Layer
     let mut image = Map::new();
     image.insert("created".into(), json!(created));
     image.insert("architecture".into(), json!(conf.architecture));
+    if let Some(variant) = &conf.variant {
+        image.insert("variant".into(), json!(variant));
+    }
     image.insert("os".into(), json!(conf.os));
     image.insert("config".into(), config);
     image.insert(
