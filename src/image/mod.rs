@@ -424,4 +424,23 @@ mod tests {
         let ours: Vec<&str> = Format::CHOICES.iter().map(|c| c.0).collect();
         assert_eq!(ours, names("formats"));
     }
+
+    #[test]
+    fn variant_follows_the_architecture_when_given() {
+        let now = crate::image::conf::Timestamp { iso: String::new(), unix: 0 };
+        let conf = |extra: serde_json::Value| {
+            let mut v = json!({"store_layers": [], "architecture": "arm", "created": "1970-01-01T00:00:01Z",
+                "uid": 0, "gid": 0, "uname": "root", "gname": "root", "store_dir": "/nix/store", "repo_tag": "a:b"});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            StreamConf::from_value(v, &now).unwrap()
+        };
+        let with = image_config(&conf(json!({"variant": "v7"})), None, &[]);
+        let keys: Vec<String> = serde_json::from_str::<serde_json::Map<String, Value>>(&with).unwrap().keys().cloned().collect();
+        assert_eq!(keys[..3], ["created", "architecture", "variant"]);
+        assert!(with.contains("\"variant\": \"v7\""), "{with}");
+        // None (or null) writes no field: nixpkgs' config, byte for byte.
+        for c in [conf(json!({})), conf(json!({"variant": null}))] {
+            assert!(!image_config(&c, None, &[]).contains("variant"));
+        }
+    }
 }

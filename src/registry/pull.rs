@@ -486,4 +486,34 @@ mod tests {
         );
         assert!(legacy_layers(b"[1]", &[a.into()]).is_err());
     }
+
+    fn pick(index: &Value, os: &str, arch: &str, variant: Option<&str>) -> Result<String> {
+        let want = Platform { os: os.into(), arch: arch.into(), variant: variant.map(str::to_owned) };
+        pick_platform(index, &want, "img").map(|e| e["digest"].as_str().unwrap_or("").to_owned())
+    }
+
+    // pullImage's `variant` (stevedore pull --variant) picks that entry of an index; arm64's v8
+    // is also what no variant means.
+    #[test]
+    fn variant_picks_the_platform_entry() {
+        let entry = |d: &str, arch: &str, v: Option<&str>| {
+            let mut p = json!({"os": "linux", "architecture": arch});
+            if let Some(v) = v {
+                p["variant"] = json!(v);
+            }
+            json!({"digest": d, "platform": p})
+        };
+        let index = json!({"manifests": [
+            entry("amd", "amd64", None), entry("v6", "arm", Some("v6")), entry("v7", "arm", Some("v7")), entry("a64", "arm64", Some("v8")),
+        ]});
+        assert_eq!(pick(&index, "linux", "arm", Some("v7")).unwrap(), "v7");
+        assert_eq!(pick(&index, "linux", "arm", Some("v6")).unwrap(), "v6");
+        assert_eq!(pick(&index, "linux", "arm64", None).unwrap(), "a64");
+        assert_eq!(pick(&index, "linux", "arm64", Some("v8")).unwrap(), "a64");
+        let e = pick(&index, "linux", "arm", Some("v5")).unwrap_err().to_string();
+        assert_eq!(e, "img has no image for linux/arm/v5 (it has: linux/amd64, linux/arm/v6, linux/arm/v7, linux/arm64/v8)");
+        // An arm64 entry without a variant is v8.
+        let plain = json!({"manifests": [entry("a64", "arm64", None)]});
+        assert_eq!(pick(&plain, "linux", "arm64", Some("v8")).unwrap(), "a64");
+    }
 }
