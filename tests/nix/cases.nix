@@ -27,6 +27,14 @@ let
     };
   };
 
+  variantArgs = {
+    name = "variant";
+    tag = "latest";
+    architecture = "arm";
+    variant = "v7";
+    compressor = "none";
+  };
+
   base = dockerTools.buildLayeredImage {
     name = "base";
     tag = "latest";
@@ -407,20 +415,15 @@ let
         name = "${old.name}-2";
       });
       merged = cases.merged.overrideAttrs { name = "merged-2"; };
-      variantImage = dockerTools.buildImage {
-        name = "variant";
-        tag = "latest";
-        architecture = "arm";
-        variant = "v7";
-        compressor = "none";
-      };
-      variantLayered = dockerTools.buildLayeredImage {
-        name = "variant-layered";
-        tag = "latest";
-        architecture = "arm64";
-        variant = "v8";
-        compressor = "none";
-      };
+      variantImage = dockerTools.buildImage variantArgs;
+      variantLayered = dockerTools.buildLayeredImage (
+        variantArgs
+        // {
+          name = "variant-layered";
+          architecture = "arm64";
+          variant = "v8";
+        }
+      );
     };
     # Evaluated, never built (a pull needs a registry).
     evalOnly.pulled = dockerTools.pullImage {
