@@ -26,9 +26,9 @@ let
     need
     outputName
     pushScript
+    setFunctionArgs
     stevedoreDrv
     tagOr
-    setFunctionArgs
     toLower
     ;
 in

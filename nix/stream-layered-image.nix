@@ -33,10 +33,10 @@ let
     need
     outputName
     pushScript
+    setFunctionArgs
     stevedoreBin
     stevedoreDrv
     tagOr
-    setFunctionArgs
     toLower
     ;
 in
