@@ -97,34 +97,34 @@ mkResult
     open = true;
   }
   (_: {
-  inherit name imageDigest;
-  system = buildSystem;
-  builder = stevedoreBin;
-  args =
-    [
-      "pull"
-      "docker://${imageName}@${imageDigest}"
-      "--os"
-      os
-      "--arch"
-      arch
-      "--format"
-      "docker-archive"
-      "--image-name"
-      finalImageName
-      "--image-tag"
-      finalImageTag
-      "--output"
-      (builtins.placeholder "out")
-    ]
-    ++ (if variant == null then [ ] else [ "--variant" variant ])
-    ++ (if tlsVerify then [ ] else [ "--insecure" ]);
-  # As nixpkgs sets them, for consumers that read them off the derivation.
-  imageName = finalImageName;
-  imageTag = finalImageTag;
-  outputHashMode = "flat";
-  inherit (fixedOutput) outputHash outputHashAlgo;
-  preferLocalBuild = true;
-  passthru = { };
-  meta = { };
-})
+    inherit name imageDigest;
+    system = buildSystem;
+    builder = stevedoreBin;
+    args =
+      [
+        "pull"
+        "docker://${imageName}@${imageDigest}"
+        "--os"
+        os
+        "--arch"
+        arch
+        "--format"
+        "docker-archive"
+        "--image-name"
+        finalImageName
+        "--image-tag"
+        finalImageTag
+        "--output"
+        (builtins.placeholder "out")
+      ]
+      ++ (if variant == null then [ ] else [ "--variant" variant ])
+      ++ (if tlsVerify then [ ] else [ "--insecure" ]);
+    # As nixpkgs sets them, for consumers that read them off the derivation.
+    imageName = finalImageName;
+    imageTag = finalImageTag;
+    outputHashMode = "flat";
+    inherit (fixedOutput) outputHash outputHashAlgo;
+    preferLocalBuild = true;
+    passthru = { };
+    meta = { };
+  })

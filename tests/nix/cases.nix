@@ -429,6 +429,7 @@ let
     evalOnly.pulled = dockerTools.pullImage {
       imageName = "library/busybox";
       imageDigest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+      hash = "";
       arch = "arm";
       variant = "v7";
     };
