@@ -19,21 +19,24 @@ let
     configJson
     defaultArchitecture
     failWith
+    functionArgs
     imageFile
     makeOverridable
+    mkResult
     need
     outputName
     pushScript
+    setFunctionArgs
     stevedoreDrv
     tagOr
     toLower
-    withPassthru
     ;
 in
 rec {
   # nixpkgs' buildImage: a derivation that is the image (a Docker archive unless `format`
   # says otherwise). Its passthru: buildArgs (the arguments), layer (the new layer's
-  # derivation), imageTag, copyToRegistry.
+  # derivation), imageTag, copyToRegistry; overrideAttrs changes the image's derivation (see
+  # lib.nix's mkResult), `.override` the arguments.
   buildImage = makeOverridable (
     {
       # The image's name (a repository: "registry.example/team/app"); lowercased in the image.
@@ -59,6 +62,8 @@ rec {
       config ? null,
       # GOARCH of the image; defaults to the host platform's (pkgs.go.GOARCH for unknown ones).
       architecture ? defaultArchitecture,
+      # The CPU variant ("v7" for arm, ...) in the image's config; null: none.
+      variant ? null,
       # Shell code run as root over the base image plus copyToRoot, as `stdenv.shell` with
       # `set -e` and coreutils on PATH. Ours: in namespaces with the store read-only, /proc, a
       # minimal /dev and a read-only /sys, not in a VM; no KVM needed.
@@ -93,6 +98,7 @@ rec {
           name
           tag
           architecture
+          variant
           created
           uid
           gid
@@ -127,7 +133,7 @@ rec {
       hasRunAsRoot = runAsRoot != null;
       baseImage = if fromImage == null then null else "${imageFile fromImage}";
 
-      baseJson = configJson "${baseName}-config.json" config architecture;
+      baseJson = configJson "${baseName}-config.json" config architecture variant;
 
       # The image's one new layer (nixpkgs' mkPureLayer / mkRootLayer).
       layer = stevedoreDrv "image-layer" (
@@ -176,7 +182,7 @@ rec {
         )
       );
 
-      result = stevedoreDrv "image" {
+      result = mkResult { make = stevedoreDrv "image"; inherit fail; } (final: {
         name = outputName fn name "docker-image-${baseName}" format compressor;
         layer = "${layer}";
         # What the layer refers to (copyToRoot, the config's store paths) goes in with it.
@@ -192,27 +198,22 @@ rec {
           compressor
           format
           tag
+          meta
           ;
-      };
-
-      imageTag = tagOr tag result;
-
-      copyToRegistry = pushScript (need fail "runtimeShell" "copyToRegistry") baseName "${result}" "${toLower name}:${imageTag}";
+        passthru = rec {
+          buildArgs = args;
+          inherit layer;
+          imageTag = tagOr final.tag final.finalPackage;
+          copyToRegistry = pushScript (need fail "runtimeShell" "copyToRegistry") baseName "${final.finalPackage}" "${final.imageName}:${imageTag}";
+        };
+      });
     in
     assert checked;
-    deprecation (
-      withPassthru result
-        {
-          buildArgs = args;
-          inherit layer imageTag copyToRegistry;
-        }
-        {
-          imageName = toLower name;
-          inherit meta;
-        }
-    )
+    deprecation result
   );
 
   # buildImage with includeNixDB = true.
-  buildImageWithNixDb = args: buildImage (args // { includeNixDB = true; });
+  buildImageWithNixDb = setFunctionArgs (args: buildImage (args // { includeNixDB = true; })) (
+    removeAttrs (functionArgs buildImage) [ "includeNixDB" ]
+  );
 }

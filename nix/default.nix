@@ -22,9 +22,11 @@
 #   fakeNss, usrBinEnv, binSh, caCertificates,
 #   shadowSetup                                helpers.nix
 #
-# and what they share: lib.nix (the derivation helpers, every argument check, output names),
+# and what they share: lib.nix (the derivation helpers, the results' mkDerivation API (mkResult:
+# passthru, meta, overrideAttrs), makeOverridable, every argument check, output names),
 # platform.nix (the build platform, the default architecture), enums.json (compressors, output
-# formats and GOARCH names, read by the binary too). package.nix builds the binary.
+# formats, GOARCH names and the attributes Nix reads, read by the binary too). package.nix builds
+# the binary.
 {
   # The package set: nixpkgs, or anything with the attributes the functions use.
   pkgs ? { },
@@ -44,7 +46,12 @@ let
   nixShell = import ./nix-shell-image.nix {
     inherit pkgs;
     inherit (layered) streamLayeredImage buildLayeredImage;
-    inherit (lib) writeText writeFiles;
+    inherit (lib)
+      writeText
+      writeFiles
+      setFunctionArgs
+      functionArgs
+      ;
     inherit (helpers) binSh usrBinEnv;
   };
 

@@ -5,11 +5,12 @@
   lib,
 }:
 let
-  inherit (lib) imageFile stevedoreDrv;
+  inherit (lib) imageFile mkResult stevedoreDrv;
 in
 {
   # nixpkgs' exportImage: a derivation that is the tar, whiteouts and opaque directories
-  # applied, owners kept.
+  # applied, owners kept. Like nixpkgs' (a runCommand), it has passthru and meta (empty) and
+  # overrideAttrs / overrideDerivation (lib.nix's mkResult), and no `.override`.
   exportImage =
     {
       # The image: a Docker archive (plain or compressed), or (ours) a stream executable
@@ -23,8 +24,15 @@ in
       # The VM's disk size in nixpkgs; accepted and unused (no VM here).
       diskSize ? 1024,
     }:
-    stevedoreDrv "export" {
-      inherit name fromImageName fromImageTag;
-      fromImage = "${imageFile fromImage}";
-    };
+    mkResult
+      {
+        make = stevedoreDrv "export";
+        fail = msg: throw "dockerTools.exportImage: ${msg}";
+      }
+      (_: {
+        inherit name fromImageName fromImageTag;
+        fromImage = "${imageFile fromImage}";
+        passthru = { };
+        meta = { };
+      });
 }

@@ -13,7 +13,9 @@ let
     attrNames
     baseNameOf
     concatStringsSep
+    elem
     filter
+    head
     isAttrs
     isBool
     isFunction
@@ -72,19 +74,110 @@ rec {
 
   toLower = builtins.replaceStrings upper lower;
 
-  # Like lib.makeOverridable: `.override` re-applies the function to changed arguments.
-  makeOverridable =
-    f: args:
-    f args
-    // {
-      override =
-        changes: makeOverridable f (args // (if isFunction changes then changes args else changes));
-    };
+  # lib.setFunctionArgs: `f` as a functor that nixpkgs' lib.functionArgs (and so callPackage)
+  # reads as taking `args` (what builtins.functionArgs gives for a lambda: name -> has default).
+  setFunctionArgs = f: args: {
+    __functor = _: f;
+    __functionArgs = args;
+  };
 
-  # Attaches passthru attributes and meta to a derivation, as mkDerivation does.
-  withPassthru =
-    drv: passthru: extra:
-    drv // passthru // extra // { inherit passthru; };
+  # lib.functionArgs: a functor's declared arguments, else the lambda's.
+  functionArgs = f: f.__functionArgs or (builtins.functionArgs f);
+
+  # Like lib.makeOverridable: the function keeps `f`'s arguments (functionArgs), and its result
+  # gets `.override` (re-applies `f` to changed arguments); what its overrideAttrs and
+  # overrideDerivation return keeps `.override`.
+  makeOverridable =
+    f:
+    let
+      mirror = g: setFunctionArgs g (functionArgs f);
+    in
+    mirror (
+      args:
+      let
+        result = f args;
+        # `g` applied to the result of `f`, with `.override` still re-applying `f` first.
+        overrideResult = g: makeOverridable (mirror (a: g (f a))) args;
+      in
+      result
+      // {
+        override =
+          changes: makeOverridable f (args // (if isFunction changes then changes args else changes));
+        overrideAttrs = g: overrideResult (r: r.overrideAttrs g);
+        overrideDerivation = g: overrideResult (r: r.overrideDerivation g);
+      }
+    );
+
+  # A result as mkDerivation makes one: the derivation `make ATTRS` with passthru and meta on it,
+  # and overrideAttrs / overrideDerivation that make it again from changed attributes.
+  #
+  #   mkResult { make; fail; open ? false; extra ? { }; } (final: ATTRS // { passthru; meta; })
+  #
+  # The function gets `final`, the attributes after every override plus `finalPackage` (the
+  # result), so passthru that depends on them (an untagged image's tag) follows overrides.
+  # overrideAttrs takes `old: { ... }`, `final: old: { ... }` or a set. It may change the
+  # attributes the derivation has and add those Nix itself reads (enums.json's nixAttributes);
+  # another name is an error (`fail MESSAGE`) unless `open` (a builder that is not ours and
+  # ignores what it does not read). `extra`: attributes of the result, not of the derivation.
+  mkResult =
+    spec: rattrs:
+    extensible spec (attrNames (
+      removeAttrs (rattrs (throw "mkResult: only names")) [
+        "passthru"
+        "meta"
+      ]
+    )) rattrs;
+
+  extensible =
+    spec: known: rattrs:
+    let
+      final = rattrs final // {
+        finalPackage = result;
+      };
+      attrs = removeAttrs final [
+        "passthru"
+        "meta"
+        "finalPackage"
+      ];
+      unknown = filter (n: !(elem n known || elem n enums.nixAttributes)) (attrNames attrs);
+      drv =
+        if spec.open or false || unknown == [ ] then
+          spec.make attrs
+        else
+          spec.fail "overrideAttrs: ${head unknown} is not an attribute of this derivation (its builder, stevedore, takes ${concatStringsSep ", " known}; Nix's own, such as requiredSystemFeatures, may be added; other values belong in passthru)";
+      passthru = final.passthru or { };
+      result =
+        drv
+        // passthru
+        // spec.extra or { }
+        // {
+          inherit passthru;
+          meta = final.meta or { };
+          overrideAttrs =
+            f:
+            extensible spec known (
+              self:
+              let
+                prev = rattrs self;
+                # As mkDerivation's: `old: changes`, `final: old: changes`, or the changes.
+                changes =
+                  if isFunction f then
+                    (
+                      let
+                        r = f prev;
+                      in
+                      if isFunction r then f self prev else r
+                    )
+                  else
+                    f;
+              in
+              prev // changes
+            );
+          # lib.overrideDerivation: `f` gets the result and gives attributes for the derivation.
+          overrideDerivation = f: result.overrideAttrs (_: f result);
+        };
+    in
+    result;
 
   # Tools on PATH for extraCommands / fakeRootCommands: stdenv's usual ones, those pkgs has.
   commandTools = filter (n: pkgs ? ${n}) [
@@ -136,6 +229,9 @@ rec {
       a: a.tag == null || isString a.tag && a.tag != ""
     ) "tag must be null or a non-empty string")
     (check "architecture" (a: isString a.architecture) "architecture must be a string")
+    (check "variant" (
+      a: a.variant == null || isString a.variant && a.variant != ""
+    ) "variant must be null or a non-empty string")
     (check "created" (a: isString a.created) "created must be a string (ISO-8601 or \"now\")")
     (check "uid" (a: isId a.uid) "uid must be a non-negative integer")
     (check "gid" (a: isId a.gid) "gid must be a non-negative integer")
@@ -226,17 +322,21 @@ rec {
   # --- Steps several functions share -----------------------------------------------------
 
   # The image's config as nixpkgs writes it with writeText: its references are the closure of
-  # `config`, so the store paths the config names end up in the image.
+  # `config`, so the store paths the config names end up in the image. `variant` (null: none)
+  # goes next to the architecture.
   configJson =
-    name: config: architecture:
+    name: config: architecture: variant:
     stevedoreDrv "text" (
       local
       // {
         inherit name;
-        text = toJSON {
-          inherit config architecture;
-          os = "linux";
-        };
+        text = toJSON (
+          {
+            inherit config architecture;
+            os = "linux";
+          }
+          // (if variant == null then { } else { inherit variant; })
+        );
       }
     );
 

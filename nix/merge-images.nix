@@ -4,19 +4,27 @@
   lib,
 }:
 let
-  inherit (lib) stevedoreDrv;
+  inherit (lib) mkResult stevedoreDrv;
 in
 {
   # nixpkgs' mergeImages: a derivation that is an uncompressed Docker archive holding all the
-  # images, each layer stored once.
+  # images, each layer stored once. Like nixpkgs' (a runCommand), it has passthru and meta
+  # (empty) and overrideAttrs / overrideDerivation (lib.nix's mkResult).
   mergeImages =
     # A list of images: archives (plain, gz or zstd) or (ours) stream executables.
     images:
     if builtins.isList images then
-      stevedoreDrv "merge" {
-        name = "merge-docker-images";
-        images = map (i: "${i}") images;
-      }
+      mkResult
+        {
+          make = stevedoreDrv "merge";
+          fail = msg: throw "dockerTools.mergeImages: ${msg}";
+        }
+        (_: {
+          name = "merge-docker-images";
+          images = map (i: "${i}") images;
+          passthru = { };
+          meta = { };
+        })
     else
       throw "dockerTools.mergeImages: expects a list of images";
 }

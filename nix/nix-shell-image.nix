@@ -22,6 +22,9 @@
   writeText,
   # name: { "rel/path" = { text; executable; } or { directory = true; }; }: a store tree.
   writeFiles,
+  # lib.nix's: a functor with declared arguments, and a function's arguments.
+  setFunctionArgs,
+  functionArgs,
   binSh,
   usrBinEnv,
 }:
@@ -227,10 +230,12 @@ let
 in
 {
   # nixpkgs' streamNixShellImage: a stream executable (streamLayeredImage); arguments: imageArgs.
-  streamNixShellImage = args: streamLayeredImage (imageArgs args);
+  streamNixShellImage = setFunctionArgs (args: streamLayeredImage (imageArgs args)) (
+    functionArgs imageArgs
+  );
 
   # nixpkgs' buildNixShellImage: that image stored (buildLayeredImage).
-  buildNixShellImage =
+  buildNixShellImage = setFunctionArgs (
     {
       drv,
       # The archive's compression: "gz", "none" or "zstd".
@@ -238,5 +243,6 @@ in
       # Every other argument is streamNixShellImage's.
       ...
     }@args:
-    buildLayeredImage (imageArgs (removeAttrs args [ "compressor" ]) // { inherit compressor; });
+    buildLayeredImage (imageArgs (removeAttrs args [ "compressor" ]) // { inherit compressor; })
+  ) (functionArgs imageArgs // { compressor = true; });
 }

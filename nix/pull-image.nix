@@ -29,6 +29,9 @@ let
 
   fixName = name: builtins.replaceStrings [ "/" ":" ] [ "-" "-" ] name;
 
+  # The result as mkDerivation's: passthru, meta, overrideAttrs (lib.nix).
+  inherit (import ./lib.nix { inherit stevedore pkgs; }) mkResult;
+
   # What nixpkgs' fetchers use for "no hash yet" (lib.fakeHash, lib.fakeSha256): the build
   # fails and prints the real one.
   fakeHash = "sha256-AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=";
@@ -51,6 +54,9 @@ in
   os ? "linux",
   # Image architecture; defaults to the host platform's, in Go's names.
   arch ? defaultArchitecture,
+  # The CPU variant to pick ("v7", "v8"), as skopeo's --override-variant: else a less capable
+  # one, else an entry without one; null: an entry without a variant (arm64: or v8).
+  variant ? null,
   # Name and tag recorded in the archive.
   finalImageName ? imageName,
   finalImageTag ? "latest",
@@ -84,32 +90,41 @@ let
     else
       throw "pullImage: no hash: give `hash` (`stevedore prefetch` prints it; \"\" builds once and prints it)";
 in
-builtins.derivation {
-  inherit name imageDigest;
-  system = buildSystem;
-  builder = stevedoreBin;
-  args =
-    [
-      "pull"
-      "docker://${imageName}@${imageDigest}"
-      "--os"
-      os
-      "--arch"
-      arch
-      "--format"
-      "docker-archive"
-      "--image-name"
-      finalImageName
-      "--image-tag"
-      finalImageTag
-      "--output"
-      (builtins.placeholder "out")
-    ]
-    ++ (if tlsVerify then [ ] else [ "--insecure" ]);
-  # As nixpkgs sets them, for consumers that read them off the derivation.
-  imageName = finalImageName;
-  imageTag = finalImageTag;
-  outputHashMode = "flat";
-  inherit (fixedOutput) outputHash outputHashAlgo;
-  preferLocalBuild = true;
-}
+# The builder is `stevedore pull`, not structured attributes: overrideAttrs may add any.
+mkResult
+  {
+    make = builtins.derivation;
+    open = true;
+  }
+  (_: {
+    inherit name imageDigest;
+    system = buildSystem;
+    builder = stevedoreBin;
+    args =
+      [
+        "pull"
+        "docker://${imageName}@${imageDigest}"
+        "--os"
+        os
+        "--arch"
+        arch
+        "--format"
+        "docker-archive"
+        "--image-name"
+        finalImageName
+        "--image-tag"
+        finalImageTag
+        "--output"
+        (builtins.placeholder "out")
+      ]
+      ++ (if variant == null then [ ] else [ "--variant" variant ])
+      ++ (if tlsVerify then [ ] else [ "--insecure" ]);
+    # As nixpkgs sets them, for consumers that read them off the derivation.
+    imageName = finalImageName;
+    imageTag = finalImageTag;
+    outputHashMode = "flat";
+    inherit (fixedOutput) outputHash outputHashAlgo;
+    preferLocalBuild = true;
+    passthru = { };
+    meta = { };
+  })

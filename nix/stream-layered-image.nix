@@ -25,17 +25,19 @@ let
     configJson
     defaultArchitecture
     failWith
+    functionArgs
     imageFile
     local
     makeOverridable
+    mkResult
     need
     outputName
     pushScript
+    setFunctionArgs
     stevedoreBin
     stevedoreDrv
     tagOr
     toLower
-    withPassthru
     ;
 in
 rec {
@@ -59,6 +61,8 @@ rec {
       config ? { },
       # GOARCH of the image; defaults to the host platform's (pkgs.go.GOARCH for unknown ones).
       architecture ? defaultArchitecture,
+      # The CPU variant ("v7" for arm, ...) in the image's config; null: none.
+      variant ? null,
       # The image's creation date: ISO-8601, or "now" (not reproducible).
       created ? "1970-01-01T00:00:01Z",
       # File times in the layers: ISO-8601, or "now". nixpkgs dates the customisation layer's
@@ -101,6 +105,7 @@ rec {
           name
           tag
           architecture
+          variant
           created
           uid
           gid
@@ -131,7 +136,7 @@ rec {
         ++ (if useFakeroot then [ "${fakeroot}/bin" ] else [ ])
         ++ (if enableFakechroot then [ "${proot}/bin" ] else [ ]);
 
-      baseJson = configJson "${baseName}-base.json" config architecture;
+      baseJson = configJson "${baseName}-base.json" config architecture variant;
 
       # contents joined into one tree (symlinkJoin), extraCommands run in it, then
       # fakeRootCommands under fakeroot, and the tree packed into layer.tar.
@@ -215,74 +220,91 @@ rec {
 
       imageTag = tagOr tag conf;
 
-      stream = stevedoreDrv "stream-script" (
+      copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}";
+    in
+    assert checked;
+    mkResult
+      {
+        make = stevedoreDrv "stream-script";
+        inherit fail;
+        extra.imageName = toLower name;
+      }
+      (
+        _:
         local
         // {
           name = "stream-${baseName}";
-          inherit shell;
+          inherit shell meta;
           stevedore = stevedoreBin;
           conf = "${conf}";
+          passthru = passthru // {
+            inherit imageTag conf copyToRegistry;
+            # Lets functions that take images tell executables from archives.
+            isExe = true;
+          };
         }
-      );
-
-      copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}";
-
-      allPassthru = passthru // {
-        inherit imageTag conf copyToRegistry;
-        # Lets functions that take images tell executables from archives.
-        isExe = true;
-      };
-    in
-    assert checked;
-    withPassthru stream allPassthru {
-      imageName = toLower name;
-      inherit meta;
-    }
+      )
   );
 
   # nixpkgs' buildLayeredImage: streamLayeredImage's image stored, a derivation that is the
   # archive. Its passthru: streamLayeredImage's without isExe, plus `stream`.
   buildLayeredImage = makeOverridable (
-    {
-      # The image's name, as streamLayeredImage's; the output is named after it.
-      name,
-      # The archive's compression (enums.json): "gz", "none" or "zstd". For OCI outputs,
-      # each layer's.
-      compressor ? "gz",
-      # Our extension (enums.json): "docker-archive" (name.tar[.gz|.zst]), "oci" (an OCI image
-      # layout directory, name-oci) or "oci-archive" (that layout as a tar, name-oci.tar).
-      format ? "docker-archive",
-      # The archive's meta.
-      meta ? { },
-      # Every other argument is streamLayeredImage's.
-      ...
-    }@args:
-    let
-      stream = streamLayeredImage (
-        removeAttrs args [
-          "compressor"
-          "format"
-          "meta"
-        ]
-      );
-      archive = stevedoreDrv "archive" {
-        name = outputName "buildLayeredImage" name (baseNameOf name) format compressor;
-        conf = "${stream.conf}";
-        inherit compressor format;
-        inherit (stream) imageName;
-      };
-      # Not an executable: the archive itself.
-      allPassthru = removeAttrs stream.passthru [ "isExe" ] // {
-        inherit (stream) imageTag;
-        inherit stream;
-      };
-    in
-    withPassthru archive allPassthru {
-      inherit (stream) imageName;
-      inherit meta;
-    }
+    setFunctionArgs
+      (
+        {
+          # The image's name, as streamLayeredImage's; the output is named after it.
+          name,
+          # The archive's compression (enums.json): "gz", "none" or "zstd". For OCI outputs,
+          # each layer's.
+          compressor ? "gz",
+          # Our extension (enums.json): "docker-archive" (name.tar[.gz|.zst]), "oci" (an OCI
+          # image layout directory, name-oci) or "oci-archive" (that layout as a tar,
+          # name-oci.tar).
+          format ? "docker-archive",
+          # The archive's meta.
+          meta ? { },
+          # Every other argument is streamLayeredImage's.
+          ...
+        }@args:
+        let
+          stream = streamLayeredImage (
+            removeAttrs args [
+              "compressor"
+              "format"
+              "meta"
+            ]
+          );
+        in
+        mkResult
+          {
+            make = stevedoreDrv "archive";
+            fail = failWith "buildLayeredImage" name;
+          }
+          (_: {
+            name = outputName "buildLayeredImage" name (baseNameOf name) format compressor;
+            conf = "${stream.conf}";
+            inherit compressor format meta;
+            inherit (stream) imageName;
+            # Not an executable: the archive itself.
+            passthru = removeAttrs stream.passthru [ "isExe" ] // {
+              inherit (stream) imageTag;
+              inherit stream;
+            };
+          })
+      )
+      # Its own arguments and those it passes to streamLayeredImage, as functionArgs reports them.
+      (
+        functionArgs streamLayeredImage
+        // {
+          compressor = true;
+          format = true;
+          meta = true;
+        }
+      )
   );
 
   # buildLayeredImage with includeNixDB = true.
-  buildLayeredImageWithNixDb = args: buildLayeredImage (args // { includeNixDB = true; });
+  buildLayeredImageWithNixDb = setFunctionArgs (
+    args: buildLayeredImage (args // { includeNixDB = true; })
+  ) (removeAttrs (functionArgs buildLayeredImage) [ "includeNixDB" ]);
 }

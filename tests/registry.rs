@@ -747,6 +747,13 @@ fn index_pull_platform_and_prefetch() {
             assert_eq!(d, amd_digest);
         }
     }
+    // --variant (pullImage's variant) picks as skopeo's --override-variant: v8 of arm64 is the
+    // entry without one.
+    let v8 = dir.path().join("v8.tar");
+    ok(stevedore(&["pull", &dest, "--arch", "arm64", "--variant", "v8", "--insecure", "-q", "-o", v8.to_str().unwrap()], &[]), "pull --variant");
+    assert_eq!(fs::read(&v8).unwrap(), fs::read(dir.path().join("arm64.tar")).unwrap());
+    let by_skopeo = skopeo(&["inspect", "--config", "--tls-verify=false", "--override-arch", "arm64", "--override-variant", "v8", &dest]);
+    assert_eq!(serde_json::from_slice::<Value>(&by_skopeo).unwrap()["architecture"], "arm64");
     let out = stevedore(&["pull", &dest, "--arch", "s390x", "--insecure", "-q", "-o", dir.path().join("x.tar").to_str().unwrap()], &[]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("no image for linux/s390x") && stderr.contains("linux/arm64"), "{stderr}");

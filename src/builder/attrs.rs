@@ -5,7 +5,8 @@
 //!
 //! Values are read with the checks nixpkgs' arguments need (a string, a list of strings, a
 //! non-negative integer, ...); errors name the attribute. Nix's own attributes (`builder`,
-//! `system`, `outputs`, `exportReferencesGraph`, ...) are set aside first.
+//! `system`, `outputs`, `exportReferencesGraph`, ..., as `nix/enums.json` lists them) are set
+//! aside first.
 
 use crate::compress::Compressor;
 use crate::image::Format;
@@ -15,9 +16,12 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{Map, Value};
 use std::path::PathBuf;
 
-/// What Nix itself puts into a derivation's structured attributes, or what every derivation of
-/// ours carries for Nix's sake (not for the builder).
-const NIX_KEYS: &[&str] = &["builder", "system", "name", "args", "outputs", "__structuredAttrs", "preferLocalBuild", "allowSubstitutes", "exportReferencesGraph"];
+/// What Nix itself reads from a derivation's attributes (or what every derivation of ours carries
+/// for Nix's sake), not the builder: `nixAttributes` in `nix/enums.json`, which overrideAttrs in
+/// the Nix library may add too (`requiredSystemFeatures`, `allowedReferences`, ...).
+fn nix_keys() -> Vec<&'static str> {
+    crate::util::shared::list("nixAttributes")
+}
 
 /// A derivation's structured attributes, as Nix wrote them.
 pub struct Attrs {
@@ -77,8 +81,9 @@ impl Attrs {
             Some(Value::Object(g)) => g.keys().map(String::as_str).collect(),
             _ => Vec::new(),
         };
+        let nix = nix_keys();
         for key in self.map.keys() {
-            if !NIX_KEYS.contains(&key.as_str()) && !known.contains(&key.as_str()) && !graphs.contains(&key.as_str()) {
+            if !nix.contains(&key.as_str()) && !known.contains(&key.as_str()) && !graphs.contains(&key.as_str()) {
                 bail!("{key}: not an attribute of `{action}` derivations (they take {}); is nix/ from another version of stevedore?", known.join(", "));
             }
         }
@@ -421,6 +426,9 @@ mod tests {
         assert!(e.starts_with("txet: not an attribute of `text` derivations (they take text)"), "{e}");
         // The graphs a derivation exports come under the names it gives them.
         let a = Attrs::from_value(json!({"images": [], "exportReferencesGraph": {"g": []}, "g": [], "outputs": {"out": "/o"}})).unwrap();
+        assert!(Merge::from_attrs(&a).is_ok());
+        // What Nix reads (an overrideAttrs may add it) is not the builder's business.
+        let a = Attrs::from_value(json!({"images": [], "requiredSystemFeatures": ["kvm"], "allowedReferences": [], "outputs": {"out": "/o"}})).unwrap();
         assert!(Merge::from_attrs(&a).is_ok());
     }
 

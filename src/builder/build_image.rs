@@ -252,6 +252,7 @@ pub fn image((out, a): (PathBuf, attrs::Image)) -> Result<()> {
         "from_image_tag": sel.tag,
         "config": base.get("config").cloned().unwrap_or(Value::Null),
         "architecture": base.get("architecture").cloned().unwrap_or_else(|| json!("amd64")),
+        "variant": base.get("variant").cloned().unwrap_or(Value::Null),
         "os": base.get("os").cloned().unwrap_or_else(|| json!("linux")),
         "created": a.created,
         "mtime": format!("{date}T{time}+00:00"),

@@ -30,7 +30,7 @@ enum Command {
     /// each a list of store paths, bottom first), `customisation_layer` (a directory with
     /// `layer.tar` and its sha256 in `checksum`), `from_image` (null or a base image archive,
     /// plain, gzip or zstd), `config` (the container config, passed through), `architecture`,
-    /// `created` and `mtime` (ISO-8601 or "now"), `uid`, `gid`, `uname`, `gname` (owner of every
+    /// `variant` (optional, ours: the CPU variant in the config), `created` and `mtime` (ISO-8601 or "now"), `uid`, `gid`, `uname`, `gname` (owner of every
     /// file in the store layers), `store_dir` and `repo_tag`.
     ///
     /// Store layers are byte-identical to the ones nixpkgs' stream_layered_image.py writes, so

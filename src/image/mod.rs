@@ -407,6 +407,9 @@ pub fn image_config(conf: &StreamConf, base: Option<&BaseImage>, layers: &[Layer
     let mut image = Map::new();
     image.insert("created".into(), json!(created));
     image.insert("architecture".into(), json!(conf.architecture));
+    if let Some(variant) = &conf.variant {
+        image.insert("variant".into(), json!(variant));
+    }
     image.insert("os".into(), json!(conf.os));
     image.insert("config".into(), config);
     image.insert(
@@ -451,5 +454,24 @@ mod tests {
         let bytes = outer.finish().unwrap();
         let names: Vec<String> = ::tar::Archive::new(&bytes[..]).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect();
         assert_eq!(names, ["a/layer.tar", "b/layer.tar"]);
+    }
+
+    #[test]
+    fn variant_follows_the_architecture_when_given() {
+        let now = crate::image::conf::Timestamp { iso: String::new(), unix: 0 };
+        let conf = |extra: serde_json::Value| {
+            let mut v = json!({"store_layers": [], "architecture": "arm", "created": "1970-01-01T00:00:01Z",
+                "uid": 0, "gid": 0, "uname": "root", "gname": "root", "store_dir": "/nix/store", "repo_tag": "a:b"});
+            v.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+            StreamConf::from_value(v, &now).unwrap()
+        };
+        let with = image_config(&conf(json!({"variant": "v7"})), None, &[]);
+        let keys: Vec<String> = serde_json::from_str::<serde_json::Map<String, Value>>(&with).unwrap().keys().cloned().collect();
+        assert_eq!(keys[..3], ["created", "architecture", "variant"]);
+        assert!(with.contains("\"variant\": \"v7\""), "{with}");
+        // None (or null) writes no field: nixpkgs' config, byte for byte.
+        for c in [conf(json!({})), conf(json!({"variant": null}))] {
+            assert!(!image_config(&c, None, &[]).contains("variant"));
+        }
     }
 }

@@ -233,6 +233,9 @@ pub fn prefetch(args: &Prefetch, connect: &Connect) -> Result<String> {
     if p.os != "linux" || args.platform.arch.is_some() {
         text.push_str(&format!("  os = {};\n  arch = {};\n", q(&p.os), q(&p.arch)));
     }
+    if let Some(variant) = &p.variant {
+        text.push_str(&format!("  variant = {};\n", q(variant)));
+    }
     text.push_str("}\n");
     Ok(text)
 }

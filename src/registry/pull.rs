@@ -56,37 +56,48 @@ fn descriptor(v: &Value, what: &str) -> Result<Descriptor> {
     })
 }
 
-/// Picks the manifest for `want` from an index's entries.
+/// The variants to look for, best first, as containers/image (skopeo's `--override-variant`)
+/// orders them: the one asked for, then those of less capable machines of the architecture (arm:
+/// v7, v6, v5), then an entry without a variant; none asked for: an entry without a variant,
+/// then the architecture's base variant (arm64: v8).
+fn wanted_variants<'a>(arch: &str, want: Option<&'a str>) -> Vec<&'a str> {
+    const LESS_CAPABLE: &[(&str, &[&str])] = &[("arm", &["v7", "v6", "v5"]), ("arm64", &["v8"])];
+    let order: &[&str] = LESS_CAPABLE.iter().find(|(a, _)| *a == arch).map_or(&[], |(_, v)| v);
+    match want {
+        Some(w) => {
+            let mut vs: Vec<&str> = match order.iter().position(|v| *v == w) {
+                Some(i) => order[i..].to_vec(),
+                None => vec![w],
+            };
+            vs.push("");
+            vs
+        }
+        None if arch == "arm64" => vec!["", "v8"],
+        None => vec![""],
+    }
+}
+
+/// Picks the manifest for `want` from an index's entries: the first entry of the best variant
+/// (`wanted_variants`); with no variant asked for and none of those, the architecture's first.
 fn pick_platform(index: &Value, want: &Platform, what: &str) -> Result<Value> {
     let entries = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index has no manifests"))?;
-    let norm_variant = |arch: &str, v: Option<&str>| -> Option<String> {
-        match (arch, v) {
-            ("arm64", None | Some("")) => Some("v8".into()),
-            (_, None | Some("")) => None,
-            (_, Some(v)) => Some(v.to_string()),
-        }
-    };
     let mut candidates = Vec::new();
     let mut available = Vec::new();
     for e in entries {
         let p = e.get("platform");
         let os = p.and_then(|p| p.get("os")).and_then(Value::as_str).unwrap_or("");
         let arch = p.and_then(|p| p.get("architecture")).and_then(Value::as_str).unwrap_or("");
-        let variant = p.and_then(|p| p.get("variant")).and_then(Value::as_str);
-        available.push(format!("{os}/{arch}{}", variant.map(|v| format!("/{v}")).unwrap_or_default()));
-        if os != want.os || arch != want.arch {
-            continue;
-        }
-        match &want.variant {
-            Some(v) if norm_variant(arch, Some(v)) != norm_variant(arch, variant) => continue,
-            _ => candidates.push((norm_variant(arch, variant), e)),
+        let variant = p.and_then(|p| p.get("variant")).and_then(Value::as_str).unwrap_or("");
+        available.push(format!("{os}/{arch}{}", if variant.is_empty() { String::new() } else { format!("/{variant}") }));
+        if os == want.os && arch == want.arch {
+            candidates.push((variant, e));
         }
     }
-    // Without --variant, prefer the entry with the default (or no) variant, then the first.
-    let chosen = candidates
+    let wanted = wanted_variants(&want.arch, want.variant.as_deref());
+    let chosen = wanted
         .iter()
-        .find(|(v, _)| v.is_none() || v.as_deref() == Some("v8"))
-        .or(candidates.first())
+        .find_map(|w| candidates.iter().find(|(v, _)| v == w))
+        .or(if want.variant.is_none() { candidates.first() } else { None })
         .map(|(_, e)| (*e).clone());
     chosen.ok_or_else(|| {
         let wanted = format!("{}/{}{}", want.os, want.arch, want.variant.as_ref().map(|v| format!("/{v}")).unwrap_or_default());
@@ -485,5 +496,45 @@ mod tests {
             )
         );
         assert!(legacy_layers(b"[1]", &[a.into()]).is_err());
+    }
+
+    fn pick(index: &Value, os: &str, arch: &str, variant: Option<&str>) -> Result<String> {
+        let want = Platform { os: os.into(), arch: arch.into(), variant: variant.map(str::to_owned) };
+        pick_platform(index, &want, "img").map(|e| e["digest"].as_str().unwrap_or("").to_owned())
+    }
+
+    // pullImage's `variant` (stevedore pull --variant) picks the entry skopeo's
+    // --override-variant picks: that variant, else a less capable one, else none.
+    #[test]
+    fn variant_picks_the_platform_entry() {
+        let entry = |d: &str, arch: &str, v: Option<&str>| {
+            let mut p = json!({"os": "linux", "architecture": arch});
+            if let Some(v) = v {
+                p["variant"] = json!(v);
+            }
+            json!({"digest": d, "platform": p})
+        };
+        let index = json!({"manifests": [
+            entry("amd", "amd64", None), entry("v6", "arm", Some("v6")), entry("v7", "arm", Some("v7")), entry("a64", "arm64", Some("v8")),
+        ]});
+        assert_eq!(pick(&index, "linux", "arm", Some("v7")).unwrap(), "v7");
+        assert_eq!(pick(&index, "linux", "arm", Some("v6")).unwrap(), "v6");
+        assert_eq!(pick(&index, "linux", "arm64", None).unwrap(), "a64");
+        assert_eq!(pick(&index, "linux", "arm64", Some("v8")).unwrap(), "a64");
+        // v8 is not arm's (nothing less capable is known), v5 has nothing to fall back on.
+        for v in ["v8", "v5"] {
+            let e = pick(&index, "linux", "arm", Some(v)).unwrap_err().to_string();
+            assert_eq!(e, format!("img has no image for linux/arm/{v} (it has: linux/amd64, linux/arm/v6, linux/arm/v7, linux/arm64/v8)"));
+        }
+        // Less capable variants, then none; no variant asked for: none first, then arm64's v8.
+        let older = json!({"manifests": [entry("plain", "arm", None), entry("v6", "arm", Some("v6"))]});
+        assert_eq!(pick(&older, "linux", "arm", Some("v7")).unwrap(), "v6");
+        assert_eq!(pick(&older, "linux", "arm", None).unwrap(), "plain");
+        let both = json!({"manifests": [entry("v8", "arm64", Some("v8")), entry("plain", "arm64", None)]});
+        assert_eq!(pick(&both, "linux", "arm64", None).unwrap(), "plain");
+        assert_eq!(pick(&both, "linux", "arm64", Some("v8")).unwrap(), "v8");
+        assert_eq!(pick(&json!({"manifests": [entry("plain", "arm64", None)]}), "linux", "arm64", Some("v8")).unwrap(), "plain");
+        // Nothing of the variants skopeo looks for, none asked: the architecture's first.
+        assert_eq!(pick(&index, "linux", "arm", None).unwrap(), "v6");
     }
 }

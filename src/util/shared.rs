@@ -17,6 +17,11 @@ pub fn names(kind: &str) -> Vec<&'static str> {
     enums()[kind].as_object().map(|m| m.keys().map(String::as_str).collect()).unwrap_or_default()
 }
 
+/// The strings of a list (`nixAttributes`), in the file's order.
+pub fn list(kind: &str) -> Vec<&'static str> {
+    enums()[kind].as_array().map(|a| a.iter().filter_map(Value::as_str).collect()).unwrap_or_default()
+}
+
 /// The GOARCH name (what the OCI image spec and registries call an architecture) of a Nix
 /// system such as `x86_64-linux`.
 pub fn go_arch_of(system: &str) -> Option<&'static str> {
@@ -58,6 +63,7 @@ mod tests {
         assert!(enums().is_object());
         assert_eq!(go_arch_of("x86_64-linux"), Some("amd64"));
         assert_eq!(go_arch_of("aarch64-linux"), Some("arm64"));
+        assert!(list("nixAttributes").contains(&"exportReferencesGraph"));
         #[cfg(target_arch = "x86_64")]
         assert_eq!(host_go_arch(), "amd64");
     }

@@ -27,6 +27,14 @@ let
     };
   };
 
+  variantArgs = {
+    name = "variant";
+    tag = "latest";
+    architecture = "arm";
+    variant = "v7";
+    compressor = "none";
+  };
+
   base = dockerTools.buildLayeredImage {
     name = "base";
     tag = "latest";
@@ -389,6 +397,58 @@ let
       inherit (cases) emptyImage;
     };
 
+    # The results' mkDerivation API and the variant argument (tests/nix/t/api.sh).
+    api = {
+      # nixpkgs' NixOS test: the image's derivation over itself (two identical layers).
+      repeated = cases.emptyImage.overrideAttrs (_: {
+        fromImage = cases.emptyImage;
+      });
+      # A new name and tag, meta and passthru kept, a Nix attribute added; then `.override`.
+      renamed = cases.helloGz.overrideAttrs (old: {
+        name = "renamed.tar";
+        compressor = "none";
+        requiredSystemFeatures = [ ];
+        meta = old.meta // {
+          description = "renamed";
+        };
+        passthru = old.passthru // {
+          extra = "kept";
+        };
+      });
+      renamedOverridden = cases.api.renamed.override { tag = "v3"; };
+      # The untagged image's tag follows its derivation; final: old: as mkDerivation takes it.
+      untaggedRenamed = cases.emptyUntagged.overrideAttrs (final: old: { name = "${old.name}-2"; });
+      emptyUntagged = cases.emptyUntagged;
+      streamMeta = (dockerTools.streamLayeredImage (helloArgs // { meta.description = "s"; })).overrideAttrs {
+        name = "stream-renamed";
+      };
+      exported = cases.redisRoot.overrideDerivation (old: {
+        name = "${old.name}-2";
+      });
+      merged = cases.merged.overrideAttrs { name = "merged-2"; };
+      variantImage = dockerTools.buildImage variantArgs;
+      variantLayered = dockerTools.buildLayeredImage (
+        variantArgs
+        // {
+          name = "variant-layered";
+          architecture = "arm64";
+          variant = "v8";
+        }
+      );
+    };
+    # Evaluated, never built (a pull needs a registry).
+    evalOnly.pulled = dockerTools.pullImage {
+      imageName = "library/busybox";
+      imageDigest = "sha256:0000000000000000000000000000000000000000000000000000000000000000";
+      hash = "";
+      arch = "arm";
+      variant = "v7";
+    };
+    emptyUntagged = dockerTools.buildImage {
+      name = "empty-untagged";
+      compressor = "none";
+    };
+
     # Each of these must fail with the message run.sh looks for.
     bad = {
       maxLayers1 = dockerTools.streamLayeredImage {
@@ -464,6 +524,13 @@ let
       };
       mergeNotList = dockerTools.mergeImages pkgs.hello;
       mergeBroken = dockerTools.mergeImages [ pkgs.hello ];
+      overrideUnknown = cases.emptyImage.overrideAttrs (_: {
+        postInstall = "true";
+      });
+      variant = dockerTools.streamLayeredImage {
+        name = "bad";
+        variant = 7;
+      };
     };
   };
 in

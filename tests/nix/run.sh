@@ -29,6 +29,7 @@ areas=(
   nix-db      # the Nix database in images
   formats     # OCI output
   merge       # mergeImages
+  api         # overrideAttrs, passthru, meta, functionArgs, variant
   sandbox     # the build environment, in and out of Nix's sandbox
   nix-shell   # streamNixShellImage, buildNixShellImage
   nixos-tests # what nixpkgs' nixos/tests/docker-tools.nix asserts, without a VM

@@ -25,5 +25,7 @@ test_errors() {
   check_error shellStructured 'derivation "structured" uses __structuredAttrs'
   check_error mergeNotList 'dockerTools.mergeImages: expects a list of images'
   check_error mergeBroken '-hello: a directory, not an image archive'
+  check_error overrideUnknown 'dockerTools.buildImage: image "empty": overrideAttrs: postInstall is not an attribute of this derivation'
+  check_error variant 'variant must be null or a non-empty string'
 }
 t errors test_errors
