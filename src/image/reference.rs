@@ -30,6 +30,9 @@
 
 use anyhow::{bail, Result};
 
+/// Docker Hub, as normalised names call it.
+pub const DOCKER_HUB: &str = "docker.io";
+
 /// distribution/reference's `NameTotalLengthMax`.
 const NAME_MAX: usize = 255;
 /// The longest tag the grammar allows.
@@ -72,21 +75,59 @@ pub fn parse_reference(s: &str) -> Result<Parts<'_>> {
     Ok(parts)
 }
 
+/// The registry and repository of a split name as Docker normalises them (`splitDockerDomain`):
+/// no registry, or `index.docker.io`, is Docker Hub, where a one-component repository is
+/// under `library/`.
+pub fn normalized(domain: Option<&str>, path: &str) -> (String, String) {
+    let registry = match domain {
+        None | Some("index.docker.io") => DOCKER_HUB,
+        Some(d) => d,
+    };
+    let repo = if registry == DOCKER_HUB && !path.contains('/') { format!("library/{path}") } else { path.to_string() };
+    (registry.to_string(), repo)
+}
+
 /// Checks `NAME[:TAG]` and returns the name fully qualified, as skopeo records it in a Docker
-/// archive (distribution/reference's `ParseNormalizedNamed`, then `Name()`): no registry, or
-/// `index.docker.io`, is `docker.io`, where a one-component name goes under `library/`; and the
-/// tag (`latest` if none).
+/// archive and containerd stores a loaded image under (distribution/reference's
+/// `ParseNormalizedNamed`, then `Name()`, see [`normalized`]), and the tag (`latest` if none).
 pub fn normalized_name_tag(s: &str) -> Result<(String, String)> {
     let parts = parse_reference(s)?;
     if parts.digest.is_some() {
         bail!("invalid image reference {s:?}: a digest (@…) cannot stand for a tag here: give NAME[:TAG]");
     }
-    let domain = match parts.domain {
-        None | Some("index.docker.io") => "docker.io",
-        Some(d) => d,
-    };
-    let library = if domain == "docker.io" && !parts.path.contains('/') { "library/" } else { "" };
-    Ok((format!("{domain}/{library}{}", parts.path), parts.tag.unwrap_or("latest").to_string()))
+    let (registry, repo) = normalized(parts.domain, parts.path);
+    Ok((format!("{registry}/{repo}"), parts.tag.unwrap_or("latest").to_string()))
+}
+
+/// [`normalized_name_tag`] as one string: `app:v1` is `docker.io/library/app:v1`,
+/// `localhost:5000/x` is `localhost:5000/x:latest`.
+pub fn normalized_repo_tag(s: &str) -> Result<String> {
+    normalized_name_tag(s).map(|(name, tag)| format!("{name}:{tag}"))
+}
+
+/// A fully qualified `REGISTRY/REPO:TAG` as Docker prints it (`FamiliarString`): without
+/// `docker.io/` and `library/`. Other strings are returned as they are.
+pub fn familiar(normalized: &str) -> &str {
+    match normalized.strip_prefix("docker.io/") {
+        Some(rest) => rest.strip_prefix("library/").filter(|r| !r.contains('/')).unwrap_or(rest),
+        None => normalized,
+    }
+}
+
+/// `NAME[:TAG]` with the tag `latest` added if it has none: what Docker and podman load an
+/// untagged name as (both refuse an untagged `RepoTags` entry). A name that does not parse is
+/// returned as it is, for the checks to refuse.
+pub fn with_default_tag(s: &str) -> String {
+    match split(s, false) {
+        Ok(Parts { tag: None, .. }) => format!("{s}:latest"),
+        _ => s.to_string(),
+    }
+}
+
+/// The tag of `NAME:TAG` (after the last `:` after the last `/`), if it has one.
+pub fn tag_of(s: &str) -> Option<&str> {
+    let last_slash = s.rfind('/').map_or(0, |i| i + 1);
+    s[last_slash..].rfind(':').map(|i| &s[last_slash + i + 1..])
 }
 
 /// Whether `d` is `sha256:` and 64 lowercase hex digits.
@@ -318,6 +359,30 @@ mod tests {
         assert!(e.ends_with("the tag is longer than 128 characters"), "{e}");
         let e = check_repo_tag(&format!("{}/{}:v1", "a".repeat(128), "b".repeat(127))).unwrap_err().to_string();
         assert!(e.ends_with("the name is longer than 255 characters"), "{e}");
+    }
+
+    #[test]
+    fn names_normalise_as_containerd_stores_them() {
+        for (given, full, short) in [
+            ("app:tag", "docker.io/library/app:tag", "app:tag"),
+            ("app", "docker.io/library/app:latest", "app:latest"),
+            ("team/app:v1", "docker.io/team/app:v1", "team/app:v1"),
+            ("docker.io/app:v1", "docker.io/library/app:v1", "app:v1"),
+            ("index.docker.io/team/app:v1", "docker.io/team/app:v1", "team/app:v1"),
+            ("ghcr.io/o/app:tag", "ghcr.io/o/app:tag", "ghcr.io/o/app:tag"),
+            ("localhost:5000/x:t", "localhost:5000/x:t", "localhost:5000/x:t"),
+            ("localhost/x", "localhost/x:latest", "localhost/x:latest"),
+            ("app:5000", "docker.io/library/app:5000", "app:5000"),
+        ] {
+            assert_eq!(normalized_repo_tag(given).unwrap(), full, "{given}");
+            assert_eq!(familiar(full), short, "{full}");
+        }
+        assert!(normalized_repo_tag("Bad:x").unwrap_err().to_string().contains("lowercase"));
+        assert_eq!(with_default_tag("app"), "app:latest");
+        assert_eq!(with_default_tag("localhost:5000/app"), "localhost:5000/app:latest");
+        assert_eq!(with_default_tag("app:v1"), "app:v1");
+        assert_eq!(with_default_tag("Bad"), "Bad");
+        assert_eq!((tag_of("a:b"), tag_of("h:5000/a"), tag_of("h:5000/a:t"), tag_of("v1")), (Some("b"), None, Some("t"), None));
     }
 
     #[test]

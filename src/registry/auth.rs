@@ -7,8 +7,8 @@
 use anyhow::{anyhow, bail, Result};
 use serde_json::Value;
 
-/// Docker Hub's names: what users write, and where its API lives.
-const DOCKER_HUB: &str = "docker.io";
+use crate::image::reference::DOCKER_HUB;
+/// Where Docker Hub's API lives (its name is `DOCKER_HUB`).
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,11 +33,8 @@ impl Reference {
             bail!("bad image reference {s:?}: expected docker://REGISTRY/REPO[:TAG|@DIGEST]");
         }
         let parts = crate::image::reference::parse_reference(name)?;
-        let registry = match parts.domain {
-            None | Some("index.docker.io" | DOCKER_HUB_API) => DOCKER_HUB.to_string(),
-            Some(d) => d.to_string(),
-        };
-        let repo = if registry == DOCKER_HUB && !parts.path.contains('/') { format!("library/{}", parts.path) } else { parts.path.to_string() };
+        // The API's host names Docker Hub too.
+        let (registry, repo) = crate::image::reference::normalized(parts.domain.filter(|d| *d != DOCKER_HUB_API), parts.path);
         Ok(Reference { registry, repo, tag: parts.tag.map(str::to_owned), digest: parts.digest.map(str::to_owned) })
     }
 
