@@ -174,11 +174,12 @@ fn repo_tag_override_and_progress_lines() {
         assert!(err.starts_with("No 'fromImage' provided\nCreating layer 1 from paths: ['"), "{err}");
         assert!(err.contains("Adding manifests...\n") && err.ends_with("Done.\n"), "{err}");
     }
-    // A registry with a port, as nixpkgs names allow; a name without a tag passes as it is.
-    for tag in ["registry.example.com:5000/a/b:tag", "app"] {
+    // A registry with a port, as nixpkgs names allow; a name without a tag is NAME:latest
+    // (Docker and podman refuse an untagged RepoTags entry).
+    for (tag, written) in [("registry.example.com:5000/a/b:tag", "registry.example.com:5000/a/b:tag"), ("app", "app:latest"), ("localhost:5000/app", "localhost:5000/app:latest")] {
         let out = stream(&conf, &["-t", tag]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-        assert_eq!(Image::parse(&out.stdout).manifest[0]["RepoTags"], json!([tag]));
+        assert_eq!(Image::parse(&out.stdout).manifest[0]["RepoTags"], json!([written]));
     }
     for bad in ["app:v1\n", "a/../b:v1", "App:v1", "app:", ""] {
         let out = stream(&conf, &["-t", bad]);

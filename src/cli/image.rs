@@ -17,7 +17,7 @@ use stevedore::util::progress::Progress;
 pub struct StreamCmd {
     /// The conf JSON file.
     conf: PathBuf,
-    /// Override the image's repository and tag (`name:tag`).
+    /// Override the image's repository and tag (`name:tag`; a name alone means `name:latest`).
     #[arg(short = 't', long = "repo_tag", visible_alias = "repo-tag", value_name = "NAME:TAG")]
     repo_tag: Option<String>,
     /// Write the archive to this file instead of stdout.
@@ -42,6 +42,7 @@ impl StreamCmd {
         if let Some(tag) = &repo_tag {
             image::reference::check_repo_tag(tag).map_err(|e| anyhow!("--repo_tag: {e}"))?;
         }
+        let repo_tag = repo_tag.map(|t| image::reference::with_default_tag(&t));
         let now = conf::now();
         let conf = conf::StreamConf::load(&conf_path, &now)?;
         let progress = Progress { quiet };

@@ -67,6 +67,7 @@ pub struct StreamConf {
     pub uname: String,
     pub gname: String,
     pub store_dir: String,
+    /// `NAME:TAG`; an untagged name is given the tag `latest` here.
     pub repo_tag: String,
 }
 
@@ -178,7 +179,7 @@ impl StreamConf {
             repo_tag: {
                 let tag = req_str(&map, "repo_tag")?;
                 crate::image::reference::check_repo_tag(&tag).map_err(|e| anyhow!("field 'repo_tag': {e}"))?;
-                tag
+                crate::image::reference::with_default_tag(&tag)
             },
         })
     }
