@@ -139,9 +139,9 @@ fn index_of(layout: &Path) -> Vec<u8> {
     fs::read(layout.join("index.json")).unwrap()
 }
 
-fn ref_names(layout: &Path) -> Vec<String> {
+fn image_names(layout: &Path) -> Vec<String> {
     let index: Value = serde_json::from_slice(&index_of(layout)).unwrap();
-    index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap().to_string()).collect()
+    index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"]["io.containerd.image.name"].as_str().unwrap().to_string()).collect()
 }
 
 fn assert_blobs_intact(layout: &Path) {
@@ -308,7 +308,7 @@ fn the_next_run_removes_what_a_killed_one_left_and_nothing_else() {
     assert!(!litter(&layout).is_empty());
     assert!(Command::new(bin()).args(["stream", "-q", "--format", "oci", "-t", "next:1", "-o"]).arg(&layout).arg(&quick).status().unwrap().success());
     assert_eq!(litter(&layout), Vec::<String>::new());
-    assert_eq!(ref_names(&layout), ["old:1", "next:1"]);
+    assert_eq!(image_names(&layout), ["docker.io/library/old:1", "docker.io/library/next:1"]);
     assert_blobs_intact(&layout);
     let umoci = Command::new("umoci").args(["ls", "--layout"]).arg(&layout).output().unwrap();
     assert!(umoci.status.success(), "{}", String::from_utf8_lossy(&umoci.stderr));

@@ -48,7 +48,11 @@ fn layouts_hold_compressed_layers_that_decompress_to_the_diff_ids() {
         let out = stream(&conf, &["--format", "oci", "--compressor", compressor, "-o", layout.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-        assert_eq!(index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"], "fixture:latest");
+        // Named as containerd names it: the normalised name, and the tag alone as the OCI
+        // spec suggests.
+        let annotations = &index["manifests"][0]["annotations"];
+        assert_eq!(annotations["io.containerd.image.name"], "docker.io/library/fixture:latest");
+        assert_eq!(annotations["org.opencontainers.image.ref.name"], "latest");
         let manifest = json_blob(&layout, index["manifests"][0]["digest"].as_str().unwrap());
         assert_eq!(manifest["mediaType"], "application/vnd.oci.image.manifest.v1+json");
         // The config is the Docker archive's, byte for byte: same image ID.
@@ -67,7 +71,7 @@ fn layouts_hold_compressed_layers_that_decompress_to_the_diff_ids() {
             }
         }
         let inspect: Value = serde_json::from_slice(
-            &Command::new("skopeo").args(["inspect", &format!("oci:{}:fixture:latest", layout.display())]).output().unwrap().stdout,
+            &Command::new("skopeo").args(["inspect", &format!("oci:{}:latest", layout.display())]).output().unwrap().stdout,
         )
         .unwrap_or(Value::Null);
         if inspect != Value::Null {
@@ -239,12 +243,67 @@ fn a_layout_collects_several_images() {
         .as_array()
         .unwrap()
         .iter()
-        .map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap())
+        .map(|m| m["annotations"]["io.containerd.image.name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["b:1", "a:1"], "re-tagging replaces the old entry");
+    assert_eq!(names, ["docker.io/library/b:1", "docker.io/library/a:1"], "re-tagging replaces the old entry, not b's of the same tag");
     // The shared first layer is stored once; the replaced manifest stays as a blob.
     let blobs = fs::read_dir(layout.join("blobs/sha256")).unwrap().count();
     assert_eq!(blobs, 3 + 3 + 3, "3 layers, 3 configs, 3 manifests; got {blobs}");
+}
+
+/// A layout's index.json as stevedore wrote it before containerd's form: `NAME:TAG` in both
+/// annotations.
+fn old_style_index(layout: &Path) {
+    let path = layout.join("index.json");
+    let mut index: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    for m in index["manifests"].as_array_mut().unwrap() {
+        let full = m["annotations"]["io.containerd.image.name"].as_str().unwrap();
+        let short = full.strip_prefix("docker.io/library/").unwrap().to_string();
+        m["annotations"] = serde_json::json!({"io.containerd.image.name": short, "org.opencontainers.image.ref.name": short});
+    }
+    fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+#[test]
+fn readers_find_images_by_name_in_new_and_old_layouts() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let p = store_paths(&fx);
+    let layout = tmp.path().join("layout");
+    for (tag, layers) in [("a:1", vec![p[..2].to_vec()]), ("b:1", vec![p[..2].to_vec(), p[2..3].to_vec()])] {
+        let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, layers));
+        assert!(stream(&conf, &["--format", "oci", "-q", "-t", tag, "-o", layout.to_str().unwrap()]).status.success());
+    }
+    let old = tmp.path().join("old");
+    fs::create_dir_all(old.join("blobs/sha256")).unwrap();
+    for (name, data) in layout_files(&layout) {
+        fs::write(old.join(name.trim_start_matches('/')), data).unwrap();
+    }
+    old_style_index(&old);
+    let b_only = p[2].trim_start_matches('/').to_string();
+    for dir in [&layout, &old] {
+        // export --from-image-name takes NAME:TAG, whichever way the index names it; b has a
+        // store path a lacks.
+        for (name, has_b) in [("a", false), ("b", true), ("docker.io/library/b", true)] {
+            let out = tmp.path().join("fs.tar");
+            let o = Command::new(bin())
+                .args(["export", "-q", "--compressor", "none", "--from-image-name", name, "--from-image-tag", "1", "-o"])
+                .arg(&out)
+                .arg("--from-image")
+                .arg(dir)
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}: {name}: {}", dir.display(), String::from_utf8_lossy(&o.stderr));
+            let names: Vec<String> = members(&fs::read(&out).unwrap()).into_iter().map(|(n, _)| n).collect();
+            assert_eq!(names.iter().any(|n| n.trim_start_matches("./").starts_with(&b_only)), has_b, "{}: {name}", dir.display());
+        }
+        // Without a name, two images are ambiguous; an unknown name lists the names.
+        for (args, said) in [(&[][..], "lists 2 images; name one (names: a:1, b:1)"), (&["--from-image-name", "c"][..], "no image named c:latest (names: a:1, b:1)")] {
+            let o = Command::new(bin()).args(["export", "-q", "-o"]).arg(tmp.path().join("x.tar")).arg("--from-image").arg(dir).args(args).output().unwrap();
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert!(!o.status.success() && err.contains(said) && err.lines().count() == 1, "{}: {err}", dir.display());
+        }
+    }
 }
 
 #[test]
@@ -278,14 +337,10 @@ fn litter(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn ref_names(layout: &Path) -> Vec<String> {
+/// The value of annotation `key` of every entry of a layout's index.
+fn annotations(layout: &Path, key: &str) -> Vec<String> {
     let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
-    index["manifests"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["annotations"]["org.opencontainers.image.ref.name"].as_str().unwrap().to_string())
-        .collect()
+    index["manifests"].as_array().unwrap().iter().map(|m| m["annotations"][key].as_str().unwrap().to_string()).collect()
 }
 
 #[test]
@@ -316,9 +371,12 @@ fn concurrent_writers_into_one_layout_keep_every_tag_and_blob() {
         assert!(out.status.success(), "{tag}: {}", String::from_utf8_lossy(&out.stderr));
         tags.push(tag);
     }
-    let mut names = ref_names(&layout);
+    let mut names = annotations(&layout, "io.containerd.image.name");
     names.sort();
-    assert_eq!(names, tags, "every writer's tag is in index.json, once");
+    let full: Vec<String> = tags.iter().map(|t| format!("docker.io/library/{t}")).collect();
+    assert_eq!(names, full, "every writer's name is in index.json, once");
+    // skopeo and umoci find an image by its tag alone (org.opencontainers.image.ref.name).
+    let tags: Vec<String> = tags.iter().map(|t| t["name:".len()..].to_string()).collect();
     assert_blobs_intact(&layout);
     assert!(litter(&layout).is_empty(), "left: {:?}", litter(&layout));
     let umoci = Command::new("umoci").args(["ls", "--layout"]).arg(&layout).output().expect("umoci runs");
@@ -363,7 +421,7 @@ fn a_failed_layout_update_leaves_the_old_index() {
     let entry = index["manifests"][0].clone();
     for i in 0..200 {
         let mut e = entry.clone();
-        e["annotations"]["org.opencontainers.image.ref.name"] = Value::from(format!("keep:pad{i}"));
+        e["annotations"] = serde_json::json!({"io.containerd.image.name": format!("docker.io/library/keep:pad{i}"), "org.opencontainers.image.ref.name": format!("pad{i}")});
         index["manifests"].as_array_mut().unwrap().push(e);
     }
     fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
@@ -381,6 +439,6 @@ fn a_failed_layout_update_leaves_the_old_index() {
         assert!(litter(&layout).is_empty(), "failing on {what}: left {:?}", litter(&layout));
         assert_blobs_intact(&layout);
     }
-    let inspect = Command::new("skopeo").args(["inspect", &format!("oci:{}:keep:1", layout.display())]).output().unwrap();
+    let inspect = Command::new("skopeo").args(["inspect", &format!("oci:{}:1", layout.display())]).output().unwrap();
     assert!(inspect.status.success(), "{}", String::from_utf8_lossy(&inspect.stderr));
 }

@@ -218,7 +218,8 @@ pub fn write_layout(spec: &ImageSpec, dir: &Path, compressor: Compressor, repo_t
 const LAYOUT_FILE: &[u8] = br#"{"imageLayoutVersion":"1.0.0"}"#;
 
 /// Adds a manifest (or index) to the layout's `index.json`, replacing one of the same name
-/// (and writes `oci-layout` unless it is there already). Safe with other writers at once: the
+/// (`NAME[:TAG]`, compared normalised; the tag `latest` if none), and writes `oci-layout`
+/// unless it is there already. Safe with other writers at once: the
 /// index is read and replaced under an exclusive lock on the layout, so no entry is lost, and
 /// replaced whole by a rename, so a failure (a full disk) leaves the old one.
 pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Result<()> {
@@ -248,9 +249,13 @@ pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Re
     };
     let mut entry = manifest.to_json();
     if let Some(name) = name {
-        // podman and skopeo name loaded images by this annotation; containerd by the other.
-        manifests.retain(|m| m.pointer("/annotations/org.opencontainers.image.ref.name").and_then(Value::as_str) != Some(name));
-        entry["annotations"] = json!({"io.containerd.image.name": name, "org.opencontainers.image.ref.name": name});
+        // As containerd writes them (`ctr images export`): the fully qualified name, which
+        // `ctr images import`, Kubernetes' CRI and podman name the image by, and the OCI
+        // spec's bare tag, which skopeo's `oci:DIR:TAG` and umoci find it by.
+        let full = crate::image::reference::normalized_repo_tag(name)?;
+        let tag = crate::image::reference::tag_of(&full).unwrap_or("latest").to_string();
+        manifests.retain(|m| crate::image::read::EntryName::of(m).full.as_deref() != Some(full.as_str()));
+        entry["annotations"] = json!({"io.containerd.image.name": full, "org.opencontainers.image.ref.name": tag});
     }
     manifests.push(entry);
     let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests});

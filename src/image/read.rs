@@ -456,12 +456,7 @@ const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "appl
 /// The layer blob names of the image an OCI index (`index.json`) points to.
 fn oci_layers(src: &OciStore, sel: &Selector, what: &Path) -> Result<Vec<String>> {
     let index = src.json("index.json")?;
-    let wanted: Vec<String> = match sel.wanted() {
-        // Layouts name images by `name:tag`, or by tag alone (`oci:DIR:TAG`).
-        Some(full) => vec![full, sel.tag.clone().or(sel.name.clone()).unwrap_or_default()],
-        None => Vec::new(),
-    };
-    let chosen = select_index_entry(&index, &wanted, &what.display().to_string())?;
+    let chosen = select_index_entry(&index, sel.wanted().as_deref(), &what.display().to_string())?;
     let mut desc = chosen.clone();
     for _ in 0..4 {
         let media = desc["mediaType"].as_str().unwrap_or("");
@@ -483,44 +478,72 @@ fn oci_layers(src: &OciStore, sel: &Selector, what: &Path) -> Result<Vec<String>
     bail!("{}: indexes nested too deeply", what.display())
 }
 
+/// What an OCI index entry names its image by: the fully qualified `REGISTRY/REPO:TAG`, from
+/// `io.containerd.image.name` (containerd's, and ours) or a `org.opencontainers.image.ref.name`
+/// that is a whole `NAME:TAG` (what stevedore wrote before it wrote containerd's form), and the
+/// tag, from a bare-tag `ref.name` (the OCI form: skopeo's `oci:DIR:TAG`, ours) or the name.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct EntryName {
+    pub full: Option<String>,
+    pub tag: Option<String>,
+}
+
+impl EntryName {
+    pub fn of(m: &Value) -> EntryName {
+        let ann = |k: &str| m.get("annotations").and_then(|a| a.get(k)).and_then(Value::as_str);
+        let normal = |n: &str| crate::image::reference::normalized_repo_tag(n).unwrap_or_else(|_| n.to_string());
+        let ref_name = ann("org.opencontainers.image.ref.name");
+        let bare = ref_name.filter(|r| !r.contains([':', '/']));
+        let full = ann("io.containerd.image.name").or(ref_name.filter(|r| bare != Some(r))).map(normal);
+        let tag = bare.map(str::to_owned).or_else(|| full.as_deref().and_then(crate::image::reference::tag_of).map(str::to_owned));
+        EntryName { full, tag }
+    }
+
+    /// How messages list it: the name as Docker prints it, else the tag.
+    fn shown(&self) -> Option<&str> {
+        self.full.as_deref().map(crate::image::reference::familiar).or(self.tag.as_deref())
+    }
+}
+
 /// The entry of an OCI index (`index.json`'s `manifests`) an image is asked for by, with one rule
 /// for every reader (export, run-as-root, base images, push):
 ///
-/// - by name: the entries whose `org.opencontainers.image.ref.name` or `io.containerd.image.name`
-///   is one of `wanted`, or whose name is `NAME:TAG` for a bare tag wanted (and the other way
-///   round: a bare-tag name for `NAME:TAG` wanted), as skopeo's `oci:DIR:REF` finds them;
-/// - unnamed: the only entry.
+/// - `NAME:TAG` (or `NAME` with a `/`, meaning `:latest`): the entries of that name, compared
+///   normalised (`app:v1` is `docker.io/library/app:v1`); if none has it, the entries named by
+///   that bare tag alone;
+/// - a bare `TAG`, as skopeo's `oci:DIR:TAG`: the entries with that tag, whatever their name;
+/// - nothing: the only entry.
 ///
 /// No match, or several entries of different images, is an error that lists the names.
-pub fn select_index_entry<'m>(index: &'m Value, wanted: &[String], what: &str) -> Result<&'m Value> {
+pub fn select_index_entry<'m>(index: &'m Value, wanted: Option<&str>, what: &str) -> Result<&'m Value> {
     let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index.json lists no manifests"))?;
-    fn ann<'v>(m: &'v Value, k: &str) -> Option<&'v str> {
-        m.get("annotations").and_then(|a| a.get(k)).and_then(Value::as_str)
-    }
+    let named: Vec<EntryName> = manifests.iter().map(EntryName::of).collect();
     let names = || {
-        let mut n: Vec<&str> = manifests.iter().filter_map(|m| ann(m, "org.opencontainers.image.ref.name").or(ann(m, "io.containerd.image.name"))).collect();
+        let mut n: Vec<&str> = named.iter().filter_map(EntryName::shown).collect();
         n.dedup();
         if n.is_empty() { "none named".to_string() } else { n.join(", ") }
     };
-    let Some(first) = wanted.first() else {
+    let Some(wanted) = wanted else {
         return match manifests.as_slice() {
             [] => bail!("{what}: index.json lists no manifests"),
             [only] => Ok(only),
             _ => bail!("{what}: index.json lists {} images; name one (names: {})", manifests.len(), names()),
         };
     };
-    let tag_of = |n: &str| n.rsplit_once(':').filter(|(_, t)| !t.contains('/')).map(|(_, t)| t.to_string());
-    let matches = |m: &Value| {
-        [ann(m, "org.opencontainers.image.ref.name"), ann(m, "io.containerd.image.name")].into_iter().flatten().any(|n| {
-            wanted.iter().any(|w| n == w || (!w.contains(':') && tag_of(n).as_deref() == Some(w.as_str())) || (!n.contains(':') && tag_of(w).as_deref() == Some(n)))
-        })
+    let pick = |keep: &dyn Fn(&EntryName) -> bool| -> Vec<&'m Value> { manifests.iter().zip(&named).filter(|(_, n)| keep(n)).map(|(m, _)| m).collect() };
+    let found = if wanted.contains([':', '/']) {
+        let full = crate::image::reference::normalized_repo_tag(wanted).map_err(|e| anyhow!("{what}: {e}"))?;
+        let tag = crate::image::reference::tag_of(&full);
+        let by_name = pick(&|n| n.full.as_deref() == Some(full.as_str()));
+        if by_name.is_empty() { pick(&|n| n.full.is_none() && n.tag.as_deref() == tag) } else { by_name }
+    } else {
+        pick(&|n| n.tag.as_deref() == Some(wanted))
     };
-    let found: Vec<&Value> = manifests.iter().filter(|m| matches(m)).collect();
     match found.as_slice() {
-        [] => bail!("{what}: no image named {first} (names: {})", names()),
+        [] => bail!("{what}: no image named {wanted} (names: {})", names()),
         [one] => Ok(one),
         [one, rest @ ..] if rest.iter().all(|m| m.get("digest") == one.get("digest")) => Ok(one),
-        many => bail!("{what}: {} images match {first}; name one of them in full (names: {})", many.len(), names()),
+        many => bail!("{what}: {} images match {wanted}; name one of them in full (names: {})", many.len(), names()),
     }
 }
 
@@ -646,18 +669,45 @@ mod tests {
 
     #[test]
     fn one_rule_picks_index_entries() {
-        let entry = |name: &str, digest: &str| serde_json::json!({"digest": digest, "annotations": {"org.opencontainers.image.ref.name": name}});
-        let index = serde_json::json!({"manifests": [entry("team/app:v1", "sha256:a"), entry("team/app:v2", "sha256:b"), entry("v1", "sha256:c")]});
-        let pick = |w: &[&str]| select_index_entry(&index, &w.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "x").map(|m| m["digest"].as_str().unwrap().to_string());
-        assert_eq!(pick(&["team/app:v2"]).unwrap(), "sha256:b");
+        let old = |name: &str, digest: &str| serde_json::json!({"digest": digest, "annotations": {"org.opencontainers.image.ref.name": name}});
+        let new = |full: &str, tag: &str, digest: &str| {
+            serde_json::json!({"digest": digest, "annotations": {"io.containerd.image.name": full, "org.opencontainers.image.ref.name": tag}})
+        };
+        // As stevedore wrote layouts before (the name in both), as it and containerd write them
+        // now, and a bare tag as skopeo's `oci:DIR:TAG` writes it.
+        let index = serde_json::json!({"manifests": [
+            old("team/app:v1", "sha256:a"),
+            new("docker.io/team/app:v2", "v2", "sha256:b"),
+            old("v1", "sha256:c"),
+            new("docker.io/library/hello:v3", "v3", "sha256:d"),
+            new("docker.io/library/other:v3", "v3", "sha256:e"),
+            serde_json::json!({"digest": "sha256:f", "annotations": {"io.containerd.image.name": "hello:v4"}}),
+        ]});
+        let pick = |w: &str| select_index_entry(&index, Some(w), "x").map(|m| m["digest"].as_str().unwrap().to_string());
+        for (w, digest) in [
+            ("team/app:v2", "sha256:b"),
+            ("docker.io/team/app:v2", "sha256:b"),
+            ("team/app:v1", "sha256:a"),
+            ("hello:v3", "sha256:d"),
+            ("docker.io/library/other:v3", "sha256:e"),
+            ("hello:v4", "sha256:f"),
+            ("v2", "sha256:b"),
+            // No entry has this name; one is named by its tag alone.
+            ("somebody/else:v1", "sha256:c"),
+        ] {
+            assert_eq!(pick(w).unwrap(), digest, "{w}");
+        }
         // A bare tag that two images have: ambiguous, the error lists the names.
-        let e = pick(&["v1"]).unwrap_err().to_string();
-        assert!(e.contains("2 images match v1") && e.contains("team/app:v1, team/app:v2, v1"), "{e}");
-        assert!(pick(&["nope"]).unwrap_err().to_string().starts_with("x: no image named nope"));
+        let e = pick("v1").unwrap_err().to_string();
+        assert!(e.contains("2 images match v1") && e.contains("team/app:v1, team/app:v2, v1, hello:v3, other:v3, hello:v4"), "{e}");
+        assert!(pick("v3").unwrap_err().to_string().contains("2 images match v3"));
+        assert!(pick("nope").unwrap_err().to_string().starts_with("x: no image named nope"));
+        assert!(pick("hello:v2").unwrap_err().to_string().starts_with("x: no image named hello:v2"));
+        assert!(pick("Bad:v1").unwrap_err().to_string().contains("lowercase"));
         // Unnamed: only a single image is taken.
-        assert!(pick(&[]).unwrap_err().to_string().contains("lists 3 images"));
-        let one = serde_json::json!({"manifests": [entry("a:b", "sha256:d")]});
-        assert!(select_index_entry(&one, &[], "x").is_ok());
+        assert!(select_index_entry(&index, None, "x").unwrap_err().to_string().contains("lists 6 images"));
+        let one = serde_json::json!({"manifests": [old("a:b", "sha256:d")]});
+        assert!(select_index_entry(&one, None, "x").is_ok());
     }
 
     fn archive(entries: &[(&str, &[u8])], links: &[(&str, &str)]) -> tempfile::NamedTempFile {

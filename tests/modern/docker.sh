@@ -248,15 +248,15 @@ test_ctr_import() {
     ctr_runs "$tag"
   done
   # A short name: ctr normalises a Docker archive's RepoTags, and takes an oci-archive's
-  # io.containerd.image.name annotation as it is written (the name as given; issue 12 is to
-  # write the normalised name there, as containerd does, and then this says docker.io/library/).
+  # io.containerd.image.name annotation as it is written, which is the normalised name, as
+  # containerd writes it: both give the image the one name the CRI looks it up by.
   for a in docker-archive oci-archive; do
     "$bin" stream -q "${img[hello.conf]}" --format "$a" -t hello:v1 -o "$work/short-$a.tar"
   done
   expect_eq "$(imported "$work/short-docker-archive.tar")" "docker.io/library/hello:v1 " "short docker-archive"
   ctr_runs docker.io/library/hello:v1
-  expect_eq "$(imported "$work/short-oci-archive.tar")" "hello:v1 " "short oci-archive"
-  ctr_runs hello:v1
+  expect_eq "$(imported "$work/short-oci-archive.tar")" "docker.io/library/hello:v1 " "short oci-archive"
+  ctr_runs docker.io/library/hello:v1
 }
 
 echo "containerd: $(containerd --version)"
