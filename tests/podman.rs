@@ -198,3 +198,55 @@ fn oci_archives_load_through_either_transport() {
     let _ = podman().args(["rmi", "-f", &tag]).output();
     make_writable(tmp.path());
 }
+
+/// The names of a tar's members, in order, and the RepoTags and Layers of its manifest.json.
+fn archive_names(archive: &Path) -> (Vec<String>, Value) {
+    let members = members(&fs::read(archive).unwrap());
+    let manifest: Value = serde_json::from_slice(member(&members, "manifest.json")).unwrap();
+    (members.into_iter().map(|(n, _)| n).collect(), manifest)
+}
+
+#[test]
+fn a_customisation_layer_equal_to_a_base_layer_is_stored_once() {
+    // The base image's last layer is the customisation layer this image adds again: the same
+    // member name, the same bytes. The archive holds it once and lists it twice, as `docker
+    // save` does; podman loads it.
+    let Some((tmp, tag, conf)) = podman_image("stevedore-same-layer") else { return };
+    let base = tmp.path().join("base.tar");
+    let o = Command::new(bin()).arg("stream").arg(&conf).args(["-q", "-o"]).arg(&base).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let mut derived: Value = serde_json::from_slice(&fs::read(&conf).unwrap()).unwrap();
+    derived["from_image"] = json!(base);
+    derived["store_layers"] = json!([[derived["store_layers"][0][0].clone()]]);
+    let derived = write_json(tmp.path(), "derived.json", &derived);
+    let image = tmp.path().join("image.tar");
+    let o = Command::new(bin()).arg("stream").arg(&derived).arg("-o").arg(&image).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("Layer 7 with customisation has a base layer's bytes; they are stored once"));
+    let (names, manifest) = archive_names(&image);
+    let mut unique = names.clone();
+    unique.sort();
+    unique.dedup();
+    assert_eq!(unique.len(), names.len(), "member names repeat: {names:?}");
+    let layers: Vec<&str> = manifest[0]["Layers"].as_array().unwrap().iter().map(|l| l.as_str().unwrap()).collect();
+    assert_eq!(layers.len(), 7);
+    assert_eq!(layers[4], layers[6], "{layers:?}");
+    let config: Value = serde_json::from_slice(member(&members(&fs::read(&image).unwrap()), manifest[0]["Config"].as_str().unwrap())).unwrap();
+    assert_eq!(config["rootfs"]["diff_ids"][4], config["rootfs"]["diff_ids"][6]);
+    // skopeo reads it; podman loads and runs it.
+    let inspect: Value = serde_json::from_str(&run_ok(Command::new("skopeo").args(["inspect", &format!("docker-archive:{}", image.display())]))).unwrap();
+    assert_eq!(inspect["Layers"].as_array().unwrap().len(), 7);
+    let _ = podman().args(["rmi", "-f", &tag]).output();
+    run_ok(podman().args(["load", "-i"]).arg(&image));
+    let out = run_ok(podman().args(["run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", &tag, "/bin/sh", "-c", "cat /etc/motd"]));
+    assert_eq!(out, "hello\n");
+    let _ = podman().args(["rmi", "-f", &tag]).output();
+    // As an OCI layout the blob is stored once and named twice by the manifest.
+    let layout = tmp.path().join("layout");
+    let o = Command::new(bin()).arg("stream").arg(&derived).args(["-q", "--format", "oci", "-o"]).arg(&layout).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let inspect: Value = serde_json::from_str(&run_ok(Command::new("skopeo").args(["inspect", &format!("oci:{}", layout.display())]))).unwrap();
+    let l = inspect["Layers"].as_array().unwrap();
+    assert_eq!((l.len(), &l[4]), (7, &l[6]));
+    make_writable(tmp.path());
+}

@@ -473,6 +473,51 @@ fn push_archives_and_layouts_with_mounts() {
     assert_eq!(z, d);
 }
 
+#[test]
+fn push_of_a_conf_whose_customisation_layer_is_a_base_layer() {
+    // Both layers are produced once, under the first index: the manifest lists the blob twice.
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let custom = dir.path().join("custom");
+    fs::create_dir_all(&custom).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_size(3);
+    h.set_mode(0o644);
+    b.append_data(&mut h, "etc/x", &b"x!\n"[..]).unwrap();
+    let data = b.into_inner().unwrap();
+    fs::write(custom.join("layer.tar"), &data).unwrap();
+    fs::write(custom.join("checksum"), sha256_hex(&data)).unwrap();
+    let mut conf: Value = serde_json::from_slice(&fs::read(fixture_conf(dir.path(), "amd64")).unwrap()).unwrap();
+    conf["customisation_layer"] = json!(custom);
+    let base_conf = write_json(dir.path(), "base.json", &conf);
+    let base = dir.path().join("base.tar");
+    fs::write(&base, stream_ok(&base_conf)).unwrap();
+    conf["from_image"] = json!(base);
+    conf["store_layers"] = json!([]);
+    let derived = write_json(dir.path(), "derived.json", &conf);
+    let dest = format!("docker://{}/same:v1", reg.addr());
+    // With and without cached digests (the cache is this test's own).
+    let cache = dir.path().join("cache");
+    for _ in 0..2 {
+        let (digest, _) = ok(stevedore(&["push", derived.to_str().unwrap(), &dest, "--insecure", "-q"], &[("XDG_CACHE_HOME", &cache)]), "push");
+        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]);
+        assert_eq!(format!("sha256:{}", sha256_hex(&raw)), digest);
+        let m: Value = serde_json::from_slice(&raw).unwrap();
+        let layers = m["layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 10);
+        assert_eq!(layers[8], layers[9]);
+    }
+    // What the registry holds pulls back to the image streamed.
+    let pulled = dir.path().join("pulled.tar");
+    ok(stevedore(&["pull", &dest, "--insecure", "-q", "-o", pulled.to_str().unwrap()], &[]), "pull");
+    let streamed = Image::parse(&stream_ok(&derived));
+    assert_eq!(Image::parse(&fs::read(&pulled).unwrap()).config_bytes, streamed.config_bytes);
+}
+
 /// The fixture image pushed straight to `reg` as `direct:v1`: its conf, its digest, and the
 /// manifest the registry holds.
 fn direct_image(reg: &Registry, dir: &Path) -> (PathBuf, String, Value) {
