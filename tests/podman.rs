@@ -207,6 +207,41 @@ fn archive_names(archive: &Path) -> (Vec<String>, Value) {
 }
 
 #[test]
+fn an_untagged_name_loads_as_latest() {
+    // Docker and podman refuse an untagged RepoTags entry: `-t NAME` (or a conf's repo_tag
+    // NAME) means NAME:latest, in a Docker archive and in an oci-archive's annotations.
+    let Some((tmp, _, conf)) = podman_image("unused") else { return };
+    let name = format!("stevedore-untagged-{}", std::process::id());
+    let docker = tmp.path().join("docker.tar");
+    let oci = tmp.path().join("oci.tar");
+    for (format, out) in [("docker-archive", &docker), ("oci-archive", &oci)] {
+        let o = Command::new(bin()).arg("stream").arg(&conf).args(["-q", "-t", &name, "--format", format, "-o"]).arg(out).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        assert_eq!(archive_names(out).1[0]["RepoTags"], json!([format!("{name}:latest")]), "{format}");
+    }
+    let index: Value = serde_json::from_slice(member(&members(&fs::read(&oci).unwrap()), "index.json")).unwrap();
+    let annotations = &index["manifests"][0]["annotations"];
+    assert_eq!(annotations["io.containerd.image.name"], format!("docker.io/library/{name}:latest"));
+    assert_eq!(annotations["org.opencontainers.image.ref.name"], "latest");
+    // A conf's untagged repo_tag too.
+    let mut c: Value = serde_json::from_slice(&fs::read(&conf).unwrap()).unwrap();
+    c["repo_tag"] = json!(name);
+    let untagged = write_json(tmp.path(), "untagged.json", &c);
+    let o = Command::new(bin()).arg("stream").arg(&untagged).args(["-q", "-o"]).arg(&docker).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(archive_names(&docker).1[0]["RepoTags"], json!([format!("{name}:latest")]));
+
+    for (archive, loaded) in [(&docker, format!("localhost/{name}:latest")), (&oci, format!("docker.io/library/{name}:latest"))] {
+        let said = run_ok(podman().args(["load", "-i"]).arg(archive));
+        assert!(said.contains(&format!("Loaded image: {loaded}")), "{}: {said}", archive.display());
+        let out = run_ok(podman().args(["run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", &loaded, "/bin/sh", "-c", "cat /etc/motd"]));
+        assert_eq!(out, "hello\n");
+        let _ = podman().args(["rmi", "-f", &loaded]).output();
+    }
+    make_writable(tmp.path());
+}
+
+#[test]
 fn a_customisation_layer_equal_to_a_base_layer_is_stored_once() {
     // The base image's last layer is the customisation layer this image adds again: the same
     // member name, the same bytes. The archive holds it once and lists it twice, as `docker
