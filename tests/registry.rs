@@ -474,6 +474,79 @@ fn push_archives_and_layouts_with_mounts() {
 }
 
 #[test]
+fn push_picks_one_image_of_a_merged_archive_or_layout() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    // Two images (other architectures, other configs), each streamed alone, then merged.
+    let mut singles = Vec::new();
+    for (arch, tag) in [("amd64", "team/one:v1"), ("arm64", "two:v2")] {
+        let conf = fixture_conf(dir.path(), arch);
+        let archive = dir.path().join(format!("{arch}.tar"));
+        ok(stevedore(&["stream", conf.to_str().unwrap(), "-t", tag, "-o", archive.to_str().unwrap(), "-q"], &[]), "stream");
+        let (digest, _) = push(&archive, &format!("docker://{}/single:{arch}", reg.addr()), &["-q"]);
+        singles.push((archive, digest));
+    }
+    let merged = dir.path().join("merged.tar");
+    ok(stevedore(&["merge", "-q", "-o", merged.to_str().unwrap(), singles[0].0.to_str().unwrap(), singles[1].0.to_str().unwrap()], &[]), "merge");
+    let m = merged.display();
+    let dest = format!("docker://{}/picked:v1", reg.addr());
+    for (source, want) in [
+        (format!("docker-archive:{m}:team/one:v1"), &singles[0].1),
+        (format!("docker-archive:{m}:docker.io/team/one:v1"), &singles[0].1),
+        (format!("docker-archive:{m}:two:v2"), &singles[1].1),
+        (format!("docker-archive:{m}:@0"), &singles[0].1),
+        (format!("docker-archive:{m}:@1"), &singles[1].1),
+    ] {
+        let (d, _) = push(Path::new(&source), &dest, &["-q"]);
+        assert_eq!(&d, want, "{source}");
+    }
+    for (source, said) in [
+        (format!("docker-archive:{m}"), format!("source {m}: it holds 2 images; name one as :NAME:TAG or :@N (@0 team/one:v1, @1 two:v2)")),
+        (m.to_string(), format!("source {m}: it holds 2 images; name one as :NAME:TAG or :@N (@0 team/one:v1, @1 two:v2)")),
+        (format!("docker-archive:{m}:two:v1"), format!("source {m}: no image tagged two:v1 (it has: team/one:v1, two:v2)")),
+        (format!("docker-archive:{m}:@2"), format!("source {m}: no image @2: manifest.json lists 2 (@0 to @1)")),
+        (format!("docker-archive:{m}:@x"), format!("source docker-archive:{m}:@x: image index \"@x\": '@' and a number from 0")),
+        (format!("docker-archive:{m}:Two:v2"), format!("source docker-archive:{m}:Two:v2: invalid image reference \"Two:v2\": the repository name must be lowercase (\"Two\")")),
+    ] {
+        let out = stevedore(&["push", &source, &dest, "--insecure", "-q"], &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{source}: pushed");
+        assert_eq!(err.trim_end(), format!("stevedore: {said}"), "{source}");
+    }
+
+    // Layouts holding both, named as stevedore names entries now and as it did before.
+    let layout = dir.path().join("layout");
+    for (arch, tag) in [("amd64", "team/one:v1"), ("arm64", "two:v2")] {
+        let conf = fixture_conf(dir.path(), arch);
+        ok(stevedore(&["stream", conf.to_str().unwrap(), "--format", "oci", "-t", tag, "-o", layout.to_str().unwrap(), "-q"], &[]), "stream");
+    }
+    let old = dir.path().join("old");
+    fs::create_dir_all(&old).unwrap();
+    assert!(Command::new("cp").arg("-a").arg(layout.join(".")).arg(&old).status().unwrap().success());
+    let index_path = old.join("index.json");
+    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
+    for e in index["manifests"].as_array_mut().unwrap() {
+        let full = e["annotations"]["io.containerd.image.name"].as_str().unwrap().trim_start_matches("docker.io/").trim_start_matches("library/").to_string();
+        e["annotations"] = json!({"io.containerd.image.name": full, "org.opencontainers.image.ref.name": full});
+    }
+    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let mut digests = Vec::new();
+    for l in [&layout, &old] {
+        for r in ["team/one:v1", "docker.io/team/one:v1", "v1", "two:v2", "v2"] {
+            let (d, _) = push(Path::new(&format!("oci:{}:{r}", l.display())), &dest, &["-q"]);
+            digests.push((l.display().to_string(), r, d));
+        }
+    }
+    for (l, r, d) in &digests {
+        assert_eq!(d, &digests[if r.ends_with('1') { 0 } else { 3 }].2, "oci:{l}:{r}");
+    }
+    assert_ne!(digests[0].2, digests[3].2);
+}
+
+#[test]
 fn push_of_a_conf_whose_customisation_layer_is_a_base_layer() {
     // Both layers are produced once, under the first index: the manifest lists the blob twice.
     if !have_tools() {

@@ -3,7 +3,7 @@
 //! its diff_id as it is copied. Outer member order does not matter to loaders: they follow
 //! `manifest.json`.
 
-use crate::image::read::{check_sha256_digest, select_manifest_entry, ArchiveIndex};
+use crate::image::read::{check_sha256_digest, select_manifest_entry, ArchiveIndex, ArchivePick};
 use crate::util::hex;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
@@ -29,6 +29,10 @@ pub struct BaseImage {
     pub image_json: Value,
     pub layers: Vec<BaseLayer>,
     index: ArchiveIndex,
+    /// The member holding the config.
+    config_member: String,
+    /// What messages call it: `base image`, or `source` for a push.
+    role: &'static str,
 }
 
 impl std::fmt::Debug for BaseImage {
@@ -37,8 +41,9 @@ impl std::fmt::Debug for BaseImage {
     }
 }
 
-fn broken(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("base image {}: {what}", path.display())
+/// An error about the archive at `path`, read as `role` (`base image`, `source`).
+fn broken(role: &str, path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{role} {}: {what}", path.display())
 }
 
 /// Hashes what passes through, so a base layer is checked against its diff_id as it is copied.
@@ -65,64 +70,70 @@ impl Read for Verify<'_> {
 impl BaseImage {
     /// The first image of the archive at `path`.
     pub fn load(path: &Path) -> Result<Self> {
-        Self::load_selected(path, None)
+        Self::load_selected(path, Some(&ArchivePick::At(0)))
     }
 
-    /// The image tagged `wanted` (`name:tag`) of the archive at `path`, or the first one.
-    pub fn load_selected(path: &Path, wanted: Option<&str>) -> Result<Self> {
+    /// The image of the archive at `path` that `pick` names (see `select_manifest_entry`).
+    pub fn load_selected(path: &Path, pick: Option<&ArchivePick>) -> Result<Self> {
+        Self::load_as(path, pick, "base image")
+    }
+
+    /// As [`Self::load_selected`], for messages that call the archive `role`.
+    pub fn load_as(path: &Path, pick: Option<&ArchivePick>, role: &'static str) -> Result<Self> {
         if path.is_dir() {
-            bail!(broken(path, "it is a directory (an OCI layout?); a base image must be a Docker archive"));
+            bail!(broken(role, path, "it is a directory (an OCI layout?); a base image must be a Docker archive"));
         }
-        let index = ArchiveIndex::load(path).map_err(|e| anyhow!("base image {e:#}"))?;
+        let index = ArchiveIndex::load(path).map_err(|e| anyhow!("{role} {e:#}"))?;
         // An oci-archive with a Docker manifest.json too (stevedore's) still has compressed layers.
         if index.contains("oci-layout") && (!index.contains("manifest.json") || index.oci_layers_compressed()) {
-            bail!(broken(path, "it is an OCI image, and a base image must be a Docker archive (build it with format = \"docker-archive\")"));
+            bail!(broken(role, path, "it is an OCI image, and a base image must be a Docker archive (build it with format = \"docker-archive\")"));
         }
-        let read_json = |name: &str| index.json(name).map_err(|e| anyhow!("base image {e:#}"));
+        let read_json = |name: &str| index.json(name).map_err(|e| anyhow!("{role} {e:#}"));
         let manifest = read_json("manifest.json")?;
-        let first = select_manifest_entry(&manifest, wanted, path).map_err(|e| anyhow!("base image {e}"))?;
+        let first = select_manifest_entry(&manifest, pick, path).map_err(|e| anyhow!("{role} {e}"))?;
         let config_name = first
             .get("Config")
             .and_then(Value::as_str)
-            .ok_or_else(|| broken(path, "manifest.json has no \"Config\""))?;
+            .ok_or_else(|| broken(role, path, "manifest.json has no \"Config\""))?;
         let image_json = read_json(config_name)?;
         let layer_paths: Vec<String> = first
             .get("Layers")
             .and_then(Value::as_array)
-            .ok_or_else(|| broken(path, "manifest.json has no \"Layers\""))?
+            .ok_or_else(|| broken(role, path, "manifest.json has no \"Layers\""))?
             .iter()
-            .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| broken(path, "a layer path in manifest.json is not a string")))
+            .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| broken(role, path, "a layer path in manifest.json is not a string")))
             .collect::<Result<_>>()?;
         let diff_ids: Vec<String> = image_json
             .pointer("/rootfs/diff_ids")
             .and_then(Value::as_array)
-            .ok_or_else(|| broken(path, format!("{config_name} has no rootfs.diff_ids")))?
+            .ok_or_else(|| broken(role, path, format!("{config_name} has no rootfs.diff_ids")))?
             .iter()
             .map(|d| {
                 d.as_str()
                     .and_then(|d| check_sha256_digest(d).ok().map(|_| d.to_owned()))
-                    .ok_or_else(|| broken(path, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
+                    .ok_or_else(|| broken(role, path, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
             })
             .collect::<Result<_>>()?;
         if diff_ids.len() != layer_paths.len() {
             bail!(broken(
+                role,
                 path,
                 format!("manifest.json lists {} layers but the config has {} diff_ids", layer_paths.len(), diff_ids.len())
             ));
         }
         if !image_json.get("config").is_none_or(|c| c.is_object() || c.is_null()) {
-            bail!(broken(path, format!("{config_name}: \"config\" is not an object")));
+            bail!(broken(role, path, format!("{config_name}: \"config\" is not an object")));
         }
         let mut layers: Vec<BaseLayer> = Vec::new();
         for (manifest_path, diff_id) in layer_paths.into_iter().zip(diff_ids) {
-            let m = index.resolve(&manifest_path).map_err(|e| anyhow!("base image {e:#}"))?;
+            let m = index.resolve(&manifest_path).map_err(|e| anyhow!("{role} {e:#}"))?;
             // One member serving two layers must be one layer (it has one digest).
             if let Some(other) = layers.iter().find(|l| l.member == m.name && l.diff_id != diff_id) {
-                bail!(broken(path, format!("layer member {} is given two diff_ids, {} and {diff_id}", m.name, other.diff_id)));
+                bail!(broken(role, path, format!("layer member {} is given two diff_ids, {} and {diff_id}", m.name, other.diff_id)));
             }
             layers.push(BaseLayer { manifest_path, member: m.name, diff_id, size: m.size });
         }
-        Ok(BaseImage { path: path.to_owned(), image_json, layers, index })
+        Ok(BaseImage { path: path.to_owned(), image_json, layers, index, config_member: config_name.to_string(), role })
     }
 
     /// The base image's `Env`, if any.
@@ -135,11 +146,8 @@ impl BaseImage {
     }
 
     /// The raw bytes of the image's config member (the image ID is their digest).
-    pub fn config_bytes(&self, wanted: Option<&str>) -> Result<Vec<u8>> {
-        let manifest = self.index.json("manifest.json")?;
-        let entry = select_manifest_entry(&manifest, wanted, &self.path)?;
-        let name = entry.get("Config").and_then(Value::as_str).ok_or_else(|| broken(&self.path, "manifest.json has no \"Config\""))?;
-        self.index.bytes(name)
+    pub fn config_bytes(&self) -> Result<Vec<u8>> {
+        self.index.bytes(&self.config_member)
     }
 
     /// Calls `f` once for each distinct layer member, in archive order, with a reader of its
@@ -164,11 +172,11 @@ impl BaseImage {
                 // What `f` left unread still counts.
                 io::copy(&mut v, &mut io::sink()).with_context(|| format!("cannot read {}", layer.member))?;
                 if v.read != layer.size {
-                    bail!(broken(&self.path, format!("layer {} is truncated", layer.member)));
+                    bail!(broken(self.role, &self.path, format!("layer {} is truncated", layer.member)));
                 }
                 let got = format!("sha256:{}", hex(&v.hasher.finalize()));
                 if got != layer.diff_id {
-                    bail!(broken(&self.path, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
+                    bail!(broken(self.role, &self.path, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
                 }
                 Ok(true)
             })

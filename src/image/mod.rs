@@ -161,7 +161,8 @@ impl<'c> ImageSpec<'c> {
             mtime: conf.mtime,
         };
         let wanted = conf.from_image_name.as_ref().map(|n| format!("{n}:{}", conf.from_image_tag.as_deref().unwrap_or("latest")));
-        let base = conf.from_image.as_deref().map(|p| BaseImage::load_selected(p, wanted.as_deref())).transpose()?;
+        let pick = crate::image::read::ArchivePick::named_or_first(wanted.as_deref());
+        let base = conf.from_image.as_deref().map(|p| BaseImage::load_selected(p, Some(&pick))).transpose()?;
         let given = match &conf.layering {
             None => conf.store_layers.clone(),
             Some(layering) => {

@@ -347,18 +347,70 @@ impl Seek for Region {
     }
 }
 
-/// The entry of a Docker archive's `manifest.json` tagged `wanted` (`name:tag`), or the first.
-pub fn select_manifest_entry<'m>(manifest: &'m Value, wanted: Option<&str>, path: &Path) -> Result<&'m Value> {
+/// Which image of a Docker archive (an entry of its `manifest.json`) to take, as skopeo's
+/// `docker-archive:PATH[:{NAME:TAG|@N}]` names one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ArchivePick {
+    /// The image with this `RepoTags` entry (compared normalised: `app:v1` is
+    /// `docker.io/library/app:v1`).
+    Tagged(String),
+    /// The image at this 0-based position of `manifest.json`.
+    At(usize),
+}
+
+impl ArchivePick {
+    /// `@N` or `NAME[:TAG]` (the tag `latest` if none).
+    pub fn parse(s: &str) -> Result<ArchivePick> {
+        if let Some(n) = s.strip_prefix('@') {
+            return n.parse().map(ArchivePick::At).map_err(|_| anyhow!("image index {s:?}: '@' and a number from 0"));
+        }
+        crate::image::reference::check_repo_tag(s)?;
+        Ok(ArchivePick::Tagged(s.to_string()))
+    }
+
+    /// `NAME:TAG` if a name was given (`Selector::wanted`), else the first image, as nixpkgs
+    /// takes a base image's.
+    pub fn named_or_first(wanted: Option<&str>) -> ArchivePick {
+        wanted.map_or(ArchivePick::At(0), |w| ArchivePick::Tagged(w.to_string()))
+    }
+}
+
+/// The entry of a Docker archive's `manifest.json` that `pick` names; with none, the only one
+/// (several are an error that lists them: nothing is taken silently). An unknown name lists
+/// the names there are.
+pub fn select_manifest_entry<'m>(manifest: &'m Value, pick: Option<&ArchivePick>, path: &Path) -> Result<&'m Value> {
     let images = manifest.as_array().ok_or_else(|| anyhow!("{}: manifest.json is not a list", path.display()))?;
-    match wanted {
-        Some(wanted) => images
+    let tags = |i: &'m Value| i["RepoTags"].as_array().into_iter().flatten().filter_map(Value::as_str);
+    let listed = || {
+        let all: Vec<String> = images
             .iter()
-            .find(|i| i["RepoTags"].as_array().is_some_and(|t| t.iter().any(|t| t.as_str() == Some(wanted))))
-            .ok_or_else(|| {
-                let tags: Vec<&str> = images.iter().filter_map(|i| i["RepoTags"].as_array()).flatten().filter_map(Value::as_str).collect();
-                anyhow!("{}: no image tagged {wanted} (it has: {})", path.display(), tags.join(", "))
-            }),
-        None => images.first().ok_or_else(|| anyhow!("{}: manifest.json lists no image", path.display())),
+            .enumerate()
+            .map(|(n, i)| {
+                let t: Vec<&str> = tags(i).collect();
+                format!("@{n} {}", if t.is_empty() { "untagged".to_string() } else { t.join(" ") })
+            })
+            .collect();
+        all.join(", ")
+    };
+    let normal = |t: &str| crate::image::reference::normalized_repo_tag(t).unwrap_or_else(|_| t.to_string());
+    match pick {
+        Some(ArchivePick::Tagged(wanted)) => {
+            let want = normal(wanted);
+            images.iter().find(|i| tags(i).any(|t| normal(t) == want)).ok_or_else(|| {
+                let all: Vec<&str> = images.iter().flat_map(tags).collect();
+                let all = if all.is_empty() { "no tags".to_string() } else { all.join(", ") };
+                anyhow!("{}: no image tagged {wanted} (it has: {all})", path.display())
+            })
+        }
+        Some(ArchivePick::At(n)) => images.get(*n).ok_or_else(|| match images.len() {
+            0 => anyhow!("{}: manifest.json lists no image", path.display()),
+            k => anyhow!("{}: no image @{n}: manifest.json lists {k} (@0 to @{})", path.display(), k - 1),
+        }),
+        None => match images.as_slice() {
+            [] => bail!("{}: manifest.json lists no image", path.display()),
+            [only] => Ok(only),
+            _ => bail!("{}: it holds {} images; name one as :NAME:TAG or :@N ({})", path.display(), images.len(), listed()),
+        },
     }
 }
 
@@ -550,7 +602,7 @@ pub fn select_index_entry<'m>(index: &'m Value, wanted: Option<&str>, what: &str
 /// The layer member names of the image a Docker archive's `manifest.json` lists.
 fn docker_layers(idx: &ArchiveIndex, sel: &Selector) -> Result<Vec<String>> {
     let manifest = idx.json("manifest.json")?;
-    let image = select_manifest_entry(&manifest, sel.wanted().as_deref(), &idx.path)?;
+    let image = select_manifest_entry(&manifest, Some(&ArchivePick::named_or_first(sel.wanted().as_deref())), &idx.path)?;
     image["Layers"]
         .as_array()
         .ok_or_else(|| anyhow!("{}: manifest.json has no \"Layers\"", idx.path.display()))?

@@ -142,8 +142,8 @@ fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: im
             let plan = source::plan_conf(&pass, progress)?;
             f(&plan)
         }
-        Source::DockerArchive(path) => {
-            let pass = DockerArchivePass { base: crate::image::base::BaseImage::load(&path)?, compressor };
+        Source::DockerArchive(path, pick) => {
+            let pass = DockerArchivePass { base: crate::image::base::BaseImage::load_as(&path, pick.as_ref(), "source")?, compressor };
             let plan = source::plan_docker_archive(&pass, progress)?;
             f(&plan)
         }

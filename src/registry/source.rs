@@ -5,7 +5,7 @@
 //! layers) are produced twice: once to learn their compressed digests, once, for the blobs
 //! the registry lacks, straight into the upload. Nothing is staged on disk.
 
-use crate::image::read::{blob_name, ArchiveIndex, OciStore};
+use crate::image::read::{blob_name, ArchiveIndex, ArchivePick, OciStore};
 use crate::util::limits::{parse_json, METADATA_VALUES};
 use crate::image::base::BaseImage;
 use crate::compress::{detect, Compression, Compressor, Pipeline};
@@ -76,7 +76,8 @@ pub enum Source {
     Conf(PathBuf),
     OciDir(PathBuf, Option<String>),
     OciArchive(PathBuf, Option<String>),
-    DockerArchive(PathBuf),
+    /// With the image to take of a multi-image archive, if given.
+    DockerArchive(PathBuf, Option<ArchivePick>),
 }
 
 fn split_ref(s: &str) -> (PathBuf, Option<String>) {
@@ -95,8 +96,9 @@ fn split_ref(s: &str) -> (PathBuf, Option<String>) {
 }
 
 impl Source {
-    /// `oci:DIR[:REF]`, `oci-archive:FILE[:REF]`, `docker-archive:FILE`, or a path: a
-    /// directory is an OCI layout, a JSON file a conf, a tar is told by its members.
+    /// `oci:DIR[:REF]`, `oci-archive:FILE[:REF]`, `docker-archive:FILE[:NAME:TAG|:@N]` (as
+    /// skopeo reads them), or a path: a directory is an OCI layout, a JSON file a conf, a tar
+    /// is told by its members.
     pub fn parse(s: &str) -> Result<Source> {
         if let Some(rest) = s.strip_prefix("oci:") {
             let (p, r) = split_ref(rest);
@@ -107,7 +109,9 @@ impl Source {
             return Ok(Source::OciArchive(p, r));
         }
         if let Some(rest) = s.strip_prefix("docker-archive:") {
-            return Ok(Source::DockerArchive(rest.into()));
+            let (p, r) = split_ref(rest);
+            let pick = r.map(|r| ArchivePick::parse(&r)).transpose().map_err(|e| anyhow!("source {s}: {e:#}"))?;
+            return Ok(Source::DockerArchive(p, pick));
         }
         if let Some(rest) = s.strip_prefix("conf:") {
             return Ok(Source::Conf(rest.into()));
@@ -128,7 +132,7 @@ impl Source {
         let idx = ArchiveIndex::load(&path).with_context(|| format!("source {s}: not a conf, a Docker archive or an oci-archive"))?;
         match (idx.contains("manifest.json"), idx.contains("index.json")) {
             (true, true) if idx.oci_layers_compressed() => Ok(Source::OciArchive(path, None)),
-            (true, _) => Ok(Source::DockerArchive(path)),
+            (true, _) => Ok(Source::DockerArchive(path, None)),
             (false, true) => Ok(Source::OciArchive(path, None)),
             _ => bail!("source {s}: a tar with neither manifest.json (Docker archive) nor index.json (oci-archive)"),
         }
@@ -407,7 +411,7 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress)
         .collect();
     let results = layer_digests(pass, pass.compressor, &diff_ids, progress)?;
     // Byte for byte, so the image ID is kept.
-    let config = pass.base.config_bytes(None)?;
+    let config = pass.base.config_bytes()?;
     let mut blobs = Vec::new();
     let mut descs = Vec::new();
     for (i, layer) in pass.base.layers.iter().enumerate() {
