@@ -9,8 +9,9 @@ use stevedore::registry::{self, Connect, Prefetch, Pull, PullFormat, Push, Wante
 #[derive(clap::Args)]
 pub struct PushCmd {
     /// What to push: a stream conf JSON file, an OCI layout (`oci:DIR[:REF]` or a directory),
-    /// an oci-archive (`oci-archive:FILE[:REF]`) or a Docker archive (`docker-archive:FILE`);
-    /// a plain file is recognized by its contents.
+    /// an oci-archive (`oci-archive:FILE[:REF]`) or a Docker archive
+    /// (`docker-archive:FILE[:NAME:TAG|:@N]`, picking one image of several); a plain file is
+    /// recognized by its contents.
     pub source: String,
     /// Where: `docker://REGISTRY/REPO[:TAG]` (tag `latest` if none).
     pub dest: String,

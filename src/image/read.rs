@@ -508,7 +508,8 @@ const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "appl
 /// The layer blob names of the image an OCI index (`index.json`) points to.
 fn oci_layers(src: &OciStore, sel: &Selector, what: &Path) -> Result<Vec<String>> {
     let index = src.json("index.json")?;
-    let chosen = select_index_entry(&index, sel.wanted().as_deref(), &what.display().to_string())?;
+    let wanted = sel.name.as_deref().map(|n| IndexRef::Name(n, sel.tag.as_deref()));
+    let chosen = select_index_entry(&index, wanted, &what.display().to_string())?;
     let mut desc = chosen.clone();
     for _ in 0..4 {
         let media = desc["mediaType"].as_str().unwrap_or("");
@@ -557,17 +558,28 @@ impl EntryName {
     }
 }
 
+/// How an image of an OCI index is asked for.
+#[derive(Debug, Clone, Copy)]
+pub enum IndexRef<'a> {
+    /// As skopeo reads `oci:DIR:REF`: `NAME:TAG` (or a `NAME` with a `/`), else a bare tag.
+    Ref(&'a str),
+    /// A name and maybe a tag (`latest` if none), as `fromImageName` and `fromImageTag` give
+    /// them. Without a tag the name may also be an entry's bare `ref.name`, as skopeo's
+    /// `oci:DIR:NAME` writes one.
+    Name(&'a str, Option<&'a str>),
+}
+
 /// The entry of an OCI index (`index.json`'s `manifests`) an image is asked for by, with one rule
 /// for every reader (export, run-as-root, base images, push):
 ///
-/// - `NAME:TAG` (or `NAME` with a `/`, meaning `:latest`): the entries of that name, compared
-///   normalised (`app:v1` is `docker.io/library/app:v1`); if none has it, the entries named by
-///   that bare tag alone;
-/// - a bare `TAG`, as skopeo's `oci:DIR:TAG`: the entries with that tag, whatever their name;
+/// - by name (`NAME:TAG`): the entries of that name, compared normalised (`app:v1` is
+///   `docker.io/library/app:v1`); if none has it, the entries named by a bare tag alone that
+///   is TAG (or the NAME given without a tag, see [`IndexRef::Name`]);
+/// - by a bare `TAG`, as skopeo's `oci:DIR:TAG`: the entries with that tag, whatever their name;
 /// - nothing: the only entry.
 ///
 /// No match, or several entries of different images, is an error that lists the names.
-pub fn select_index_entry<'m>(index: &'m Value, wanted: Option<&str>, what: &str) -> Result<&'m Value> {
+pub fn select_index_entry<'m>(index: &'m Value, wanted: Option<IndexRef>, what: &str) -> Result<&'m Value> {
     let manifests = index.get("manifests").and_then(Value::as_array).ok_or_else(|| anyhow!("{what}: index.json lists no manifests"))?;
     let named: Vec<EntryName> = manifests.iter().map(EntryName::of).collect();
     let names = || {
@@ -582,14 +594,28 @@ pub fn select_index_entry<'m>(index: &'m Value, wanted: Option<&str>, what: &str
             _ => bail!("{what}: index.json lists {} images; name one (names: {})", manifests.len(), names()),
         };
     };
+    // The name wanted (normalised), if any, and the bare tag that may stand for it.
+    let normal = |n: &str| crate::image::reference::normalized_repo_tag(n).map_err(|e| anyhow!("{what}: {e}"));
+    let (full, bare, wanted) = match wanted {
+        IndexRef::Ref(r) if r.contains([':', '/']) => {
+            let full = normal(r)?;
+            let tag = crate::image::reference::tag_of(&full).unwrap_or("latest").to_string();
+            (Some(full), tag, r.to_string())
+        }
+        IndexRef::Ref(r) => (None, r.to_string(), r.to_string()),
+        IndexRef::Name(n, t) => {
+            let given = format!("{n}:{}", t.unwrap_or("latest"));
+            (Some(normal(&given)?), t.unwrap_or(n).to_string(), given)
+        }
+    };
     let pick = |keep: &dyn Fn(&EntryName) -> bool| -> Vec<&'m Value> { manifests.iter().zip(&named).filter(|(_, n)| keep(n)).map(|(m, _)| m).collect() };
-    let found = if wanted.contains([':', '/']) {
-        let full = crate::image::reference::normalized_repo_tag(wanted).map_err(|e| anyhow!("{what}: {e}"))?;
-        let tag = crate::image::reference::tag_of(&full);
-        let by_name = pick(&|n| n.full.as_deref() == Some(full.as_str()));
-        if by_name.is_empty() { pick(&|n| n.full.is_none() && n.tag.as_deref() == tag) } else { by_name }
-    } else {
-        pick(&|n| n.tag.as_deref() == Some(wanted))
+    let by_tag = |n: &EntryName| n.tag.as_deref() == Some(bare.as_str());
+    let found = match &full {
+        Some(full) => {
+            let by_name = pick(&|n| n.full.as_deref() == Some(full.as_str()));
+            if by_name.is_empty() { pick(&|n| n.full.is_none() && by_tag(n)) } else { by_name }
+        }
+        None => pick(&by_tag),
     };
     match found.as_slice() {
         [] => bail!("{what}: no image named {wanted} (names: {})", names()),
@@ -735,7 +761,7 @@ mod tests {
             new("docker.io/library/other:v3", "v3", "sha256:e"),
             serde_json::json!({"digest": "sha256:f", "annotations": {"io.containerd.image.name": "hello:v4"}}),
         ]});
-        let pick = |w: &str| select_index_entry(&index, Some(w), "x").map(|m| m["digest"].as_str().unwrap().to_string());
+        let pick = |w: &str| select_index_entry(&index, Some(IndexRef::Ref(w)), "x").map(|m| m["digest"].as_str().unwrap().to_string());
         for (w, digest) in [
             ("team/app:v2", "sha256:b"),
             ("docker.io/team/app:v2", "sha256:b"),
@@ -756,10 +782,43 @@ mod tests {
         assert!(pick("nope").unwrap_err().to_string().starts_with("x: no image named nope"));
         assert!(pick("hello:v2").unwrap_err().to_string().starts_with("x: no image named hello:v2"));
         assert!(pick("Bad:v1").unwrap_err().to_string().contains("lowercase"));
+        // By name (fromImageName, export --from-image-name): the tag is latest if none, and a
+        // name without a tag may be an entry's bare ref.name (skopeo's oci:DIR:NAME).
+        let by_name = |n: &str, t: Option<&str>| select_index_entry(&index, Some(IndexRef::Name(n, t)), "x").map(|m| m["digest"].as_str().unwrap().to_string());
+        assert_eq!(by_name("hello", Some("v3")).unwrap(), "sha256:d");
+        assert_eq!(by_name("nobody", Some("v2")).unwrap_err().to_string().lines().count(), 1);
+        let skopeo = serde_json::json!({"manifests": [old("x", "sha256:a"), new("docker.io/library/y:latest", "latest", "sha256:b")]});
+        let pick_in = |n: &str, t: Option<&str>| select_index_entry(&skopeo, Some(IndexRef::Name(n, t)), "x").map(|m| m["digest"].as_str().unwrap().to_string());
+        assert_eq!(pick_in("x", None).unwrap(), "sha256:a");
+        assert_eq!(pick_in("y", None).unwrap(), "sha256:b");
+        assert!(pick_in("x", Some("latest")).unwrap_err().to_string().contains("no image named x:latest (names: x, y:latest)"));
         // Unnamed: only a single image is taken.
         assert!(select_index_entry(&index, None, "x").unwrap_err().to_string().contains("lists 6 images"));
         let one = serde_json::json!({"manifests": [old("a:b", "sha256:d")]});
         assert!(select_index_entry(&one, None, "x").is_ok());
+    }
+
+    #[test]
+    fn one_rule_picks_docker_archive_images() {
+        let m = serde_json::json!([{"RepoTags": ["team/one:v1"]}, {"RepoTags": null}, {"RepoTags": ["two:v2", "docker.io/two:v3"]}]);
+        let path = Path::new("m.tar");
+        let pick = |p: Option<&str>| {
+            let p = p.map(|p| ArchivePick::parse(p).unwrap());
+            select_manifest_entry(&m, p.as_ref(), path).map(|e| m.as_array().unwrap().iter().position(|x| x == e).unwrap())
+        };
+        for (p, at) in [("team/one:v1", 0), ("docker.io/team/one:v1", 0), ("two:v3", 2), ("docker.io/library/two:v2", 2), ("@1", 1), ("@0", 0)] {
+            assert_eq!(pick(Some(p)).unwrap(), at, "{p}");
+        }
+        let e = pick(None).unwrap_err().to_string();
+        assert_eq!(e, "m.tar: it holds 3 images; name one as :NAME:TAG or :@N (@0 team/one:v1, @1 untagged, @2 two:v2 docker.io/two:v3)");
+        assert_eq!(pick(Some("one:v1")).unwrap_err().to_string(), "m.tar: no image tagged one:v1 (it has: team/one:v1, two:v2, docker.io/two:v3)");
+        assert_eq!(pick(Some("@3")).unwrap_err().to_string(), "m.tar: no image @3: manifest.json lists 3 (@0 to @2)");
+        for bad in ["@", "@-1", "@x", "Two:v2", "a:b@sha256:00"] {
+            assert!(ArchivePick::parse(bad).is_err(), "{bad}");
+        }
+        assert_eq!(ArchivePick::named_or_first(None), ArchivePick::At(0));
+        let one = serde_json::json!([{"RepoTags": ["a:b"]}]);
+        assert!(select_manifest_entry(&one, None, path).is_ok());
     }
 
     fn archive(entries: &[(&str, &[u8])], links: &[(&str, &str)]) -> tempfile::NamedTempFile {

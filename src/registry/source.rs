@@ -520,7 +520,7 @@ impl LayerPass for OciArchivePass {
 pub fn plan_oci(store: &OciStore, reference: Option<&str>) -> Result<(Plan<'static>, Vec<String>)> {
     let what = store.what();
     let index: Value = store.json("index.json").map_err(|e| anyhow!("{what}: {e:#}"))?;
-    let entry = crate::image::read::select_index_entry(&index, reference, &what)?;
+    let entry = crate::image::read::select_index_entry(&index, reference.map(crate::image::read::IndexRef::Ref), &what)?;
     let (mut found, mut manifests) = (Vec::new(), Vec::new());
     walk(entry, store, &mut found, &mut manifests, &what, 0)?;
     let (mut blobs, mut members) = (Vec::new(), Vec::new());

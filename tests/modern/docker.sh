@@ -138,6 +138,18 @@ test_load_merged() {
   expect_eq "$(docker run --rm --network none merge-three:latest)" "three"
 }
 
+# A name without a tag (-t NAME) is NAME:latest in either archive: docker refuses an untagged
+# RepoTags entry, and an oci-archive's index names it docker.io/library/NAME:latest.
+test_load_untagged() {
+  local a
+  for a in docker-archive oci-archive; do
+    "$bin" stream -q "${img[hello.conf]}" --format "$a" -t hello-untagged -o "$work/untagged-$a.tar"
+    docker rmi -f hello-untagged:latest >/dev/null 2>&1 || true
+    expect_eq "$(loaded -i "$work/untagged-$a.tar")" "hello-untagged:latest" "$a"
+    runs hello-untagged:latest
+  done
+}
+
 # The digest of an oci-archive's (only) OCI manifest.
 oci_manifest_digest() { echo "sha256:$(skopeo inspect --raw "oci-archive:$1" | sha256sum | cut -d' ' -f1)"; }
 
@@ -275,6 +287,7 @@ for s in classic containerd; do
   fi
   t "docker-$s-load-docker-archives" test_load_docker_archives
   t "docker-$s-load-merged" test_load_merged
+  t "docker-$s-load-untagged" test_load_untagged
   t "docker-$s-load-oci-archives" test_load_oci_archives
   t "docker-$s-image-id" test_image_id
   t "docker-$s-save-round-trip" test_save_round_trip
