@@ -548,7 +548,7 @@ fn push_picks_one_image_of_a_merged_archive_or_layout() {
 
 #[test]
 fn push_of_a_conf_whose_customisation_layer_is_a_base_layer() {
-    // Both layers are produced once, under the first index: the manifest lists the blob twice.
+    // The manifest lists the one blob twice.
     if !have_tools() {
         return;
     }

@@ -207,14 +207,8 @@ impl<'c> ImageSpec<'c> {
     /// Writes every layer into `sink`: the base image's (in the order they sit in its archive),
     /// then the store layers, then the customisation layer. Returns them in image order; a
     /// store layer the sink did not want has an empty `diff_id` (it was never produced).
-    ///
-    /// A layer whose member name an earlier layer has (names come from digests, so its bytes
-    /// are the same: a base image's repeated layer, a customisation layer equal to a base
-    /// layer) is produced once, under the first index with that name, as `docker save` writes
-    /// a layer once and lists it twice; see [`first_of_name`].
     pub fn emit_layers(&self, sink: &mut dyn LayerSink, progress: &Progress) -> Result<Vec<LayerInfo>> {
         let mut layers: Vec<LayerInfo> = Vec::new();
-        let mut produced: HashSet<String> = HashSet::new();
         match &self.base {
             None => progress.say("No 'fromImage' provided"),
             Some(base) => {
@@ -222,9 +216,8 @@ impl<'c> ImageSpec<'c> {
                 let mut buf = vec![0u8; 1 << 20];
                 base.copy_layers(|layer, reader| {
                     num += 1;
-                    // Members are read in archive order; the index is the first in image order.
-                    let index = base.layers.iter().position(|l| l.diff_id == layer.diff_id).unwrap_or(0);
-                    if !produced.insert(base_layer_name(&layer.diff_id)) || !sink.wants(index) {
+                    let index = base.layers.iter().position(|l| l.member == layer.member).unwrap_or(0);
+                    if !sink.wants(index) {
                         return Ok(());
                     }
                     progress.say(format!("Adding base layer {num} from {}", layer.manifest_path));
@@ -303,18 +296,11 @@ impl<'c> ImageSpec<'c> {
 
         if let Some(c) = &self.custom {
             let name = format!("{}/layer.tar", c.checksum);
-            // Bytes a base layer has were written already; they are still checked.
-            let stored = produced.contains(&name);
-            if stored || sink.wants(layers.len()) {
-                if stored {
-                    progress.say(format!("Layer {} with customisation has a base layer's bytes; they are stored once", layers.len() + 1));
-                } else {
-                    progress.say(format!("Creating layer {} with customisation...", layers.len() + 1));
-                    sink.begin(&name, c.size)?;
-                }
+            if sink.wants(layers.len()) {
+                progress.say(format!("Creating layer {} with customisation...", layers.len() + 1));
+                sink.begin(&name, c.size)?;
                 let mut file = File::open(&c.tar).with_context(|| format!("cannot open {}", c.tar.display()))?;
-                let mut discard = io::sink();
-                let mut hw = HashingWriter::new(if stored { &mut discard as &mut dyn Write } else { sink.out() });
+                let mut hw = HashingWriter::new(sink.out());
                 let mut buf = vec![0u8; 1 << 20];
                 let copied = copy_reading(&mut file, &mut hw, &mut buf, || c.tar.display().to_string())?;
                 let (_, digest, _) = hw.finish();
@@ -324,9 +310,7 @@ impl<'c> ImageSpec<'c> {
                 if hex(&digest) != c.checksum {
                     bail!("{}: checksum file says {} but layer.tar hashes to {}", c.dir.display(), c.checksum, hex(&digest));
                 }
-                if !stored {
-                    sink.end(c.size, &c.checksum)?;
-                }
+                sink.end(c.size, &c.checksum)?;
             }
             layers.push(LayerInfo {
                 path: name,
@@ -346,12 +330,6 @@ impl<'c> ImageSpec<'c> {
 
 fn base_layer_name(diff_id: &str) -> String {
     format!("{}/layer.tar", &diff_id["sha256:".len()..])
-}
-
-/// The index of the layer `emit_layers` produced layer `i` under: the first with its member
-/// name.
-pub fn first_of_name(layers: &[LayerInfo], i: usize) -> usize {
-    layers.iter().position(|l| l.path == layers[i].path).unwrap_or(i)
 }
 
 impl<W: Write> LayerSink for Outer<W> {

@@ -349,11 +349,9 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, progress: &Progress) -> Result<Plan
     let mut blobs = Vec::new();
     let mut descs = Vec::new();
     for i in 0..layers.len() {
-        // A layer whose bytes an earlier one has was produced under that one's index.
-        let first = crate::image::first_of_name(&layers, i);
-        let (digest, size) = digests.get(&first).cloned().ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        let (digest, size) = digests.get(&i).cloned().ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
         descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size });
-        blobs.push(Blob { digest, size, data: BlobData::Pass(first), what: format!("layer {}", i + 1) });
+        blobs.push(Blob { digest, size, data: BlobData::Pass(i), what: format!("layer {}", i + 1) });
     }
     let config = pass.spec.config_json(&layers).into_bytes();
     let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
