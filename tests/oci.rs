@@ -227,17 +227,24 @@ fn many_layers_compress_in_parallel_to_the_same_layout_on_any_thread_count() {
     }
 }
 
+/// `dir/layout`, with the images `tagged` (a tag, and indexes into the fixture's store paths
+/// per layer) streamed into it one after another; and the store paths.
+fn layout_of(dir: &Path, tagged: &[(&str, &[std::ops::Range<usize>])]) -> (PathBuf, Vec<String>) {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let p = store_paths(&fx);
+    let layout = dir.join("layout");
+    for (tag, layers) in tagged {
+        let conf = write_json(dir, "conf.json", &base_conf(&fx, layers.iter().map(|r| p[r.clone()].to_vec()).collect()));
+        let out = stream(&conf, &["--format", "oci", "-q", "-t", tag, "-o", layout.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    (layout, p)
+}
+
 #[test]
 fn a_layout_collects_several_images() {
-    let fx = fixture("compat", 8, 30, 0.0);
     let tmp = tempfile::tempdir().unwrap();
-    let p = store_paths(&fx);
-    let layout = tmp.path().join("layout");
-    for (tag, layers) in [("a:1", vec![p[..2].to_vec()]), ("b:1", vec![p[..2].to_vec(), p[2..3].to_vec()]), ("a:1", vec![p[3..4].to_vec()])] {
-        let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, layers));
-        let out = stream(&conf, &["--format", "oci", "-t", tag, "-o", layout.to_str().unwrap()]);
-        assert!(out.status.success());
-    }
+    let (layout, _) = layout_of(tmp.path(), &[("a:1", &[0..2]), ("b:1", &[0..2, 2..3]), ("a:1", &[3..4])]);
     let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     let names: Vec<&str> = index["manifests"]
         .as_array()
@@ -251,35 +258,11 @@ fn a_layout_collects_several_images() {
     assert_eq!(blobs, 3 + 3 + 3, "3 layers, 3 configs, 3 manifests; got {blobs}");
 }
 
-/// A layout's index.json as stevedore wrote it before containerd's form: `NAME:TAG` in both
-/// annotations.
-fn old_style_index(layout: &Path) {
-    let path = layout.join("index.json");
-    let mut index: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
-    for m in index["manifests"].as_array_mut().unwrap() {
-        let full = m["annotations"]["io.containerd.image.name"].as_str().unwrap();
-        let short = full.strip_prefix("docker.io/library/").unwrap().to_string();
-        m["annotations"] = serde_json::json!({"io.containerd.image.name": short, "org.opencontainers.image.ref.name": short});
-    }
-    fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
-}
-
 #[test]
 fn readers_find_images_by_name_in_new_and_old_layouts() {
-    let fx = fixture("compat", 8, 30, 0.0);
     let tmp = tempfile::tempdir().unwrap();
-    let p = store_paths(&fx);
-    let layout = tmp.path().join("layout");
-    for (tag, layers) in [("a:1", vec![p[..2].to_vec()]), ("b:1", vec![p[..2].to_vec(), p[2..3].to_vec()])] {
-        let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, layers));
-        assert!(stream(&conf, &["--format", "oci", "-q", "-t", tag, "-o", layout.to_str().unwrap()]).status.success());
-    }
-    let old = tmp.path().join("old");
-    fs::create_dir_all(old.join("blobs/sha256")).unwrap();
-    for (name, data) in layout_files(&layout) {
-        fs::write(old.join(name.trim_start_matches('/')), data).unwrap();
-    }
-    old_style_index(&old);
+    let (layout, p) = layout_of(tmp.path(), &[("a:1", &[0..2]), ("b:1", &[0..2, 2..3])]);
+    let old = old_style_copy(&layout, &tmp.path().join("old"));
     let b_only = p[2].trim_start_matches('/').to_string();
     for dir in [&layout, &old] {
         // export --from-image-name takes NAME:TAG, whichever way the index names it; b has a

@@ -523,16 +523,7 @@ fn push_picks_one_image_of_a_merged_archive_or_layout() {
         let conf = fixture_conf(dir.path(), arch);
         ok(stevedore(&["stream", conf.to_str().unwrap(), "--format", "oci", "-t", tag, "-o", layout.to_str().unwrap(), "-q"], &[]), "stream");
     }
-    let old = dir.path().join("old");
-    fs::create_dir_all(&old).unwrap();
-    assert!(Command::new("cp").arg("-a").arg(layout.join(".")).arg(&old).status().unwrap().success());
-    let index_path = old.join("index.json");
-    let mut index: Value = serde_json::from_slice(&fs::read(&index_path).unwrap()).unwrap();
-    for e in index["manifests"].as_array_mut().unwrap() {
-        let full = e["annotations"]["io.containerd.image.name"].as_str().unwrap().trim_start_matches("docker.io/").trim_start_matches("library/").to_string();
-        e["annotations"] = json!({"io.containerd.image.name": full, "org.opencontainers.image.ref.name": full});
-    }
-    fs::write(&index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+    let old = old_style_copy(&layout, &dir.path().join("old"));
     let mut digests = Vec::new();
     for l in [&layout, &old] {
         for r in ["team/one:v1", "docker.io/team/one:v1", "v1", "two:v2", "v2"] {

@@ -240,3 +240,18 @@ pub fn run(mut cmd: Command, input: Option<Box<dyn FnOnce(std::process::ChildStd
     r
 }
 
+/// A copy at `to` of the OCI layout `from` with its index.json as stevedore wrote it before
+/// containerd's form: the familiar `NAME:TAG` in both name annotations.
+pub fn old_style_copy(from: &Path, to: &Path) -> PathBuf {
+    fs::create_dir_all(to).unwrap();
+    assert!(Command::new("cp").arg("-a").arg(from.join(".")).arg(to).status().unwrap().success());
+    let path = to.join("index.json");
+    let mut index: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    for m in index["manifests"].as_array_mut().unwrap() {
+        let full = m["annotations"]["io.containerd.image.name"].as_str().unwrap();
+        let short = full.trim_start_matches("docker.io/").trim_start_matches("library/").to_string();
+        m["annotations"] = serde_json::json!({"io.containerd.image.name": short, "org.opencontainers.image.ref.name": short});
+    }
+    fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
+    to.to_owned()
+}
