@@ -227,14 +227,14 @@ fn many_layers_compress_in_parallel_to_the_same_layout_on_any_thread_count() {
     }
 }
 
-/// `dir/layout`, with the images `tagged` (a tag, and indexes into the fixture's store paths
-/// per layer) streamed into it one after another; and the store paths.
-fn layout_of(dir: &Path, tagged: &[(&str, &[std::ops::Range<usize>])]) -> (PathBuf, Vec<String>) {
+/// `dir/layout`, with the images `tagged` (a tag, and per layer the start and end of a run of
+/// the fixture's store paths) streamed into it one after another; and the store paths.
+fn layout_of(dir: &Path, tagged: &[(&str, &[(usize, usize)])]) -> (PathBuf, Vec<String>) {
     let fx = fixture("compat", 8, 30, 0.0);
     let p = store_paths(&fx);
     let layout = dir.join("layout");
     for (tag, layers) in tagged {
-        let conf = write_json(dir, "conf.json", &base_conf(&fx, layers.iter().map(|r| p[r.clone()].to_vec()).collect()));
+        let conf = write_json(dir, "conf.json", &base_conf(&fx, layers.iter().map(|&(a, b)| p[a..b].to_vec()).collect()));
         let out = stream(&conf, &["--format", "oci", "-q", "-t", tag, "-o", layout.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
@@ -244,7 +244,7 @@ fn layout_of(dir: &Path, tagged: &[(&str, &[std::ops::Range<usize>])]) -> (PathB
 #[test]
 fn a_layout_collects_several_images() {
     let tmp = tempfile::tempdir().unwrap();
-    let (layout, _) = layout_of(tmp.path(), &[("a:1", &[0..2]), ("b:1", &[0..2, 2..3]), ("a:1", &[3..4])]);
+    let (layout, _) = layout_of(tmp.path(), &[("a:1", &[(0, 2)]), ("b:1", &[(0, 2), (2, 3)]), ("a:1", &[(3, 4)])]);
     let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
     let names: Vec<&str> = index["manifests"]
         .as_array()
@@ -261,7 +261,7 @@ fn a_layout_collects_several_images() {
 #[test]
 fn readers_find_images_by_name_in_new_and_old_layouts() {
     let tmp = tempfile::tempdir().unwrap();
-    let (layout, p) = layout_of(tmp.path(), &[("a:1", &[0..2]), ("b:1", &[0..2, 2..3])]);
+    let (layout, p) = layout_of(tmp.path(), &[("a:1", &[(0, 2)]), ("b:1", &[(0, 2), (2, 3)])]);
     let old = old_style_copy(&layout, &tmp.path().join("old"));
     let b_only = p[2].trim_start_matches('/').to_string();
     for dir in [&layout, &old] {
