@@ -71,6 +71,106 @@ pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(data)))
 }
 
+/// Which manifest media types a push writes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ManifestFormat {
+    /// OCI image manifests and indexes.
+    Oci,
+    /// Docker's image manifest schema 2 and manifest lists, for clients that read no other.
+    V2s2,
+}
+
+impl crate::util::shared::Choice for ManifestFormat {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[("oci", ManifestFormat::Oci, ""), ("v2s2", ManifestFormat::V2s2, "")];
+}
+
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar";
+
+/// The Docker media type of a layer given as `t` (OCI or Docker already).
+fn docker_layer_type(t: &str, what: &str) -> Result<String> {
+    let (base, compression) = match t.rsplit_once(['+', '.']) {
+        Some((b, c @ ("gzip" | "zstd"))) => (b, Some(c)),
+        _ => (t, None),
+    };
+    let docker = match base {
+        "application/vnd.oci.image.layer.v1.tar" | DOCKER_LAYER => DOCKER_LAYER,
+        "application/vnd.oci.image.layer.nondistributable.v1.tar" | DOCKER_FOREIGN_LAYER => DOCKER_FOREIGN_LAYER,
+        _ => bail!("{what}: layer media type {t} has no Docker schema 2 form"),
+    };
+    match compression {
+        None => Ok(docker.to_string()),
+        Some("gzip") => Ok(format!("{docker}.gzip")),
+        _ => bail!("{what}: a zstd layer, and Docker's schema 2 has no zstd (push with --compressor gz or none, or --manifest-format oci)"),
+    }
+}
+
+/// Rewrites the plan's manifests as Docker schema 2 manifests and manifest lists (new bytes,
+/// so new digests; the blobs are the same). Indexes come after the manifests they list, and
+/// take their new digests.
+pub fn into_docker_manifests(plan: &mut Plan) -> Result<()> {
+    let mut renamed: HashMap<String, (String, u64, &'static str)> = HashMap::new();
+    for m in &mut plan.manifests {
+        let what = format!("manifest {}", m.digest);
+        let doc: Value = parse_json(&m.bytes, METADATA_VALUES).map_err(|e| anyhow!("{what}: {e:#}"))?;
+        let desc = |d: &Value, media_type: String| -> Result<Value> {
+            let digest = d.get("digest").and_then(Value::as_str).ok_or_else(|| anyhow!("{what}: a descriptor has no digest"))?;
+            let size = d.get("size").and_then(Value::as_u64).ok_or_else(|| anyhow!("{what}: descriptor {digest} has no size"))?;
+            let mut out = serde_json::json!({"mediaType": media_type, "digest": digest, "size": size});
+            for key in ["urls", "platform"] {
+                if let Some(v) = d.get(key) {
+                    out[key] = v.clone();
+                }
+            }
+            Ok(out)
+        };
+        let (converted, media_type) = if let Some(list) = doc.get("manifests").and_then(Value::as_array) {
+            let entries = list
+                .iter()
+                .map(|e| {
+                    let digest = e.get("digest").and_then(Value::as_str).unwrap_or_default();
+                    match renamed.get(digest) {
+                        Some((d, size, t)) => {
+                            let mut out = desc(e, t.to_string())?;
+                            out["digest"] = Value::from(d.as_str());
+                            out["size"] = Value::from(*size);
+                            Ok(out)
+                        }
+                        None => bail!("{what}: lists {digest}, which this push does not carry"),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (serde_json::json!({"schemaVersion": 2, "mediaType": super::client::DOCKER_LIST, "manifests": entries}), super::client::DOCKER_LIST)
+        } else {
+            let config = doc.get("config").ok_or_else(|| anyhow!("{what}: no config"))?;
+            match config.get("mediaType").and_then(Value::as_str) {
+                Some(CONFIG_TYPE | DOCKER_CONFIG) | None => {}
+                Some(t) => bail!("{what}: config media type {t} is not an image config; Docker schema 2 cannot carry it"),
+            }
+            let layers = doc
+                .get("layers")
+                .and_then(Value::as_array)
+                .ok_or_else(|| anyhow!("{what}: no layers"))?
+                .iter()
+                .map(|l| desc(l, docker_layer_type(l.get("mediaType").and_then(Value::as_str).unwrap_or(""), &what)?))
+                .collect::<Result<Vec<_>>>()?;
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": super::client::DOCKER_MANIFEST,
+                "config": desc(config, DOCKER_CONFIG.into())?,
+                "layers": layers,
+            });
+            (manifest, super::client::DOCKER_MANIFEST)
+        };
+        let bytes = serde_json::to_vec(&converted)?;
+        let digest = sha256_digest(&bytes);
+        renamed.insert(m.digest.clone(), (digest.clone(), bytes.len() as u64, media_type));
+        *m = ManifestPut { bytes, media_type: media_type.into(), digest };
+    }
+    Ok(())
+}
+
 /// A source as given on the command line.
 pub enum Source {
     Conf(PathBuf),
