@@ -340,13 +340,18 @@ fn fifos_and_endless_inputs_end_in_errors() {
     run(stevedore(&[&"stream", &fifo]), None, Duration::from_secs(20)).failed_with("not a regular file");
 }
 
+/// A layer tar holding one small file.
+fn hello_layer() -> Vec<u8> {
+    let mut l = Vec::new();
+    member(&mut l, None, file(b"hello", b"hi\n", 0o644), b"hi\n");
+    end(l)
+}
+
 #[test]
 fn base_layers_must_match_their_diff_ids() {
     let c = Case::new();
     let out = c.path("out.tar");
-    let mut l = Vec::new();
-    member(&mut l, None, file(b"hello", b"hi\n", 0o644), b"hi\n");
-    let l = end(l);
+    let l = hello_layer();
     // A diff_id that is no digest names an output member: refused.
     let sneaky = format!("sha256:../../x/layer.tar{}", "a".repeat(64 - "../../x/layer.tar".len()));
     assert_eq!(sneaky.len(), 71);
@@ -396,9 +401,7 @@ fn oci_layout(dir: &Path, blob: &[u8], diff_id: &str, tamper: impl FnOnce(&mut s
 fn compressed_and_oci_base_layers_are_checked_too() {
     let c = Case::new();
     let out = c.path("out.tar");
-    let mut l = Vec::new();
-    member(&mut l, None, file(b"hello", b"hi\n", 0o644), b"hi\n");
-    let l = end(l);
+    let l = hello_layer();
     let good = format!("sha256:{}", sha(&l));
     let wrong = format!("sha256:{}", "0".repeat(64));
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
