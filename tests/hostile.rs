@@ -434,7 +434,8 @@ fn compressed_and_oci_base_layers_are_checked_too() {
     no_output(&out);
     // Manifests that lie: a layer's size, a media type that is no tar, a config that is not
     // the blob its digest names, a config that is no image's.
-    let cases: [(&str, Box<dyn FnOnce(&mut serde_json::Value)>, &str); 4] = [
+    type Tamper = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: [(&str, Tamper, &str); 4] = [
         ("size", Box::new(|m| m["layers"][0]["size"] = json!(3)), "but the manifest says 3"),
         ("type", Box::new(|m| m["layers"][0]["mediaType"] = json!("application/vnd.oci.image.layer.v1.tar+encrypted")), "is not a tar, gzip or zstd layer"),
         ("config", Box::new(|m| m["config"]["digest"] = json!(format!("sha256:{}", sha(b"{}")))), "does not match its digest"),
