@@ -234,8 +234,8 @@ fn read_archive(path: &Path, scratch: &Path) -> [bool; 4] {
     }
     if let Ok(base) = stevedore::image::base::BaseImage::load(path) {
         got[1] = base
-            .copy_layers(|_, r| {
-                io::copy(r, &mut io::sink())?;
+            .copy_layers(|_, bytes| {
+                io::copy(bytes.sized()?.1, &mut io::sink())?;
                 Ok(())
             })
             .is_ok();

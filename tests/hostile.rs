@@ -340,13 +340,18 @@ fn fifos_and_endless_inputs_end_in_errors() {
     run(stevedore(&[&"stream", &fifo]), None, Duration::from_secs(20)).failed_with("not a regular file");
 }
 
+/// A layer tar holding one small file.
+fn hello_layer() -> Vec<u8> {
+    let mut l = Vec::new();
+    member(&mut l, None, file(b"hello", b"hi\n", 0o644), b"hi\n");
+    end(l)
+}
+
 #[test]
 fn base_layers_must_match_their_diff_ids() {
     let c = Case::new();
     let out = c.path("out.tar");
-    let mut l = Vec::new();
-    member(&mut l, None, file(b"hello", b"hi\n", 0o644), b"hi\n");
-    let l = end(l);
+    let l = hello_layer();
     // A diff_id that is no digest names an output member: refused.
     let sneaky = format!("sha256:../../x/layer.tar{}", "a".repeat(64 - "../../x/layer.tar".len()));
     assert_eq!(sneaky.len(), 71);
@@ -369,6 +374,82 @@ fn base_layers_must_match_their_diff_ids() {
     // lying config would load as a broken image.
     c.merge(&image, &out).pipe(go).failed_with("diff_id");
     no_output(&out);
+}
+
+/// An OCI layout at `dir` with one layer `blob` (as stored), whose config gives `diff_id`;
+/// `tamper` may change the manifest before it is written.
+fn oci_layout(dir: &Path, blob: &[u8], diff_id: &str, tamper: impl FnOnce(&mut serde_json::Value)) {
+    fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
+    let put = |data: &[u8]| {
+        fs::write(dir.join("blobs/sha256").join(sha(data)), data).unwrap();
+        format!("sha256:{}", sha(data))
+    };
+    let config = serde_json::to_vec(&json!({"architecture": "amd64", "os": "linux", "config": {}, "rootfs": {"type": "layers", "diff_ids": [diff_id]}})).unwrap();
+    let mut manifest = json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": put(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": put(blob), "size": blob.len()}],
+    });
+    tamper(&mut manifest);
+    let manifest = serde_json::to_vec(&manifest).unwrap();
+    let index = json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": put(&manifest), "size": manifest.len()}]});
+    fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion": "1.0.0"}"#).unwrap();
+}
+
+#[test]
+fn compressed_and_oci_base_layers_are_checked_too() {
+    let c = Case::new();
+    let out = c.path("out.tar");
+    let l = hello_layer();
+    let good = format!("sha256:{}", sha(&l));
+    let wrong = format!("sha256:{}", "0".repeat(64));
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(&l).unwrap();
+    let gz = gz.finish().unwrap();
+    let zst = zstd::encode_all(&l[..], 3).unwrap();
+    // Sound ones, gzip and zstd, stream.
+    for (name, blob) in [("gz", &gz), ("zst", &zst)] {
+        let layout = c.path(&format!("layout-{name}"));
+        oci_layout(&layout, blob, &good, |_| {});
+        c.stream_from(&layout, Some(&out)).pipe(go).succeeded();
+        fs::remove_file(&out).unwrap();
+    }
+    // A compressed layer that is not its diff_id: found while it is decompressed, before any
+    // output; likewise a compressed Docker archive member.
+    let layout = c.path("layout-wrong");
+    oci_layout(&layout, &gz, &wrong, |_| {});
+    c.stream_from(&layout, Some(&out)).pipe(go).failed_with("diff_id");
+    no_output(&out);
+    let r = c.stream_from(&layout, None).pipe(go);
+    r.failed_with("diff_id");
+    assert!(!r.stdout.windows(13).any(|w| w == b"manifest.json"), "the partial stream has a manifest");
+    let image = c.write("zst-member.tar", &docker_archive(std::slice::from_ref(&zst), Some(vec![wrong.clone()]), &[]));
+    c.stream_from(&image, Some(&out)).pipe(go).failed_with("diff_id");
+    no_output(&out);
+    // A gzip stream cut short.
+    let layout = c.path("layout-cut");
+    oci_layout(&layout, &gz[..gz.len() / 2], &good, |_| {});
+    c.stream_from(&layout, Some(&out)).pipe(go).failed_with("base image");
+    no_output(&out);
+    // Manifests that lie: a layer's size, a media type that is no tar, a config that is not
+    // the blob its digest names, a config that is no image's.
+    type Tamper = Box<dyn FnOnce(&mut serde_json::Value)>;
+    let cases: [(&str, Tamper, &str); 4] = [
+        ("size", Box::new(|m| m["layers"][0]["size"] = json!(3)), "but the manifest says 3"),
+        ("type", Box::new(|m| m["layers"][0]["mediaType"] = json!("application/vnd.oci.image.layer.v1.tar+encrypted")), "is not a tar, gzip or zstd layer"),
+        ("config", Box::new(|m| m["config"]["digest"] = json!(format!("sha256:{}", sha(b"{}")))), "does not match its digest"),
+        ("artifact", Box::new(|m| m["config"]["mediaType"] = json!("application/vnd.cncf.helm.config.v1+json")), "is not a container image's"),
+    ];
+    for (name, tamper, needle) in cases {
+        let layout = c.path(&format!("layout-{name}"));
+        oci_layout(&layout, &gz, &good, tamper);
+        if name == "config" {
+            fs::write(layout.join(format!("blobs/sha256/{}", sha(b"{}"))), b"{ }").unwrap();
+        }
+        c.stream_from(&layout, Some(&out)).pipe(go).failed_with(needle);
+        no_output(&out);
+    }
 }
 
 trait Pipe: Sized {

@@ -284,3 +284,64 @@ fn a_customisation_layer_equal_to_a_base_layer_is_stored_once() {
     assert_eq!((l.len(), &l[4]), (7, &l[6]));
     make_writable(tmp.path());
 }
+
+#[test]
+fn skopeo_made_oci_bases_carry_their_layers_into_images_podman_runs() {
+    // Bases as skopeo writes them (oci-archive and layout directory, layers gzip or zstd; a
+    // layout with plain layers from stevedore): stevedore builds on each, its base layers decompressed to their diff_ids in the
+    // Docker archive and recompressed in the OCI output, and podman runs both.
+    let Some((tmp, tag, conf)) = podman_image("stevedore-oci-base") else { return };
+    let base = tmp.path().join("base.tar");
+    let out = Command::new(bin()).arg("stream").arg(&conf).arg("-q").arg("-o").arg(&base).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let base_diff_ids = Image::parse(&fs::read(&base).unwrap()).config["rootfs"]["diff_ids"].clone();
+    let fx = fixture("compat", 8, 30, 0.0);
+    let ours = store_paths(&fx)[5].clone();
+    let run = |image: &str| -> String {
+        let script = format!("cat /etc/motd; echo $GREETING; ls {ours} | wc -l");
+        run_ok(podman().args(["run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", image, "/bin/sh", "-c", &script]))
+    };
+    let files = fs::read_dir(&ours).unwrap().count();
+    for (transport, compress) in [("oci-archive", "gzip"), ("oci-archive", "zstd"), ("oci", "gzip"), ("oci", "zstd"), ("oci", "")] {
+        let case = format!("{transport} {compress}");
+        let made = tmp.path().join(format!("base-{transport}-{compress}"));
+        let dest = match compress {
+            "" => format!("{transport}:{}", made.display()),
+            _ => format!("{transport}:{}:base", made.display()),
+        };
+        if compress.is_empty() {
+            // skopeo 1.9 compresses OCI layers whatever it is told: plain ones are ours.
+            run_ok(Command::new(bin()).arg("stream").arg(&conf).args(["-q", "--format", "oci", "--compressor", "none", "-t", "base:base", "-o"]).arg(&made));
+        } else {
+            run_ok(Command::new("skopeo").args(["copy", "-q", "--dest-compress", "--dest-compress-format", compress]).arg(format!("docker-archive:{}", base.display())).arg(&dest));
+        }
+        let raw: Value = serde_json::from_str(&run_ok(Command::new("skopeo").args(["inspect", "--raw", &dest]))).unwrap();
+        let suffix = if compress.is_empty() { ".tar" } else { compress };
+        assert!(raw["layers"].as_array().unwrap().iter().all(|l| l["mediaType"].as_str().unwrap().ends_with(suffix)), "{case}: {raw}");
+        let mut c = base_conf(&fx, vec![vec![ours.clone()]]);
+        c["from_image"] = json!(made);
+        c["repo_tag"] = json!(tag);
+        let c = write_json(tmp.path(), "on-base.json", &c);
+        let _ = podman().args(["rmi", "-f", &tag]).output();
+        let mut streamer = Command::new(bin()).arg("stream").arg(&c).arg("-q").stdout(Stdio::piped()).spawn().unwrap();
+        let load = podman().args(["load"]).stdin(streamer.stdout.take().unwrap()).output().unwrap();
+        assert!(streamer.wait().unwrap().success(), "{case}");
+        assert!(load.status.success(), "{case}: podman load: {}", String::from_utf8_lossy(&load.stderr));
+        assert_eq!(run(&tag), format!("hello\nhi\n{files}\n"), "{case}");
+        let inspect: Value = serde_json::from_str(&run_ok(podman().args(["image", "inspect", &tag]))).unwrap();
+        let layers = inspect[0]["RootFS"]["Layers"].as_array().unwrap();
+        assert_eq!(layers.len(), 6, "{case}");
+        assert_eq!(json!(layers[..5]), base_diff_ids, "{case}: the base layers keep their diff_ids");
+        // The OCI output, zstd: the same diff_ids.
+        let archive = tmp.path().join("on-base.oci.tar");
+        let out = Command::new(bin()).arg("stream").arg(&c).args(["-q", "--format", "oci-archive", "--compressor", "zstd", "-o"]).arg(&archive).output().unwrap();
+        assert!(out.status.success(), "{case}: {}", String::from_utf8_lossy(&out.stderr));
+        let _ = podman().args(["rmi", "-f", &tag]).output();
+        run_ok(podman().args(["load", "-i"]).arg(&archive));
+        assert_eq!(run(&tag), format!("hello\nhi\n{files}\n"), "{case}: oci-archive");
+        let again: Value = serde_json::from_str(&run_ok(podman().args(["image", "inspect", &tag]))).unwrap();
+        assert_eq!(again[0]["RootFS"]["Layers"], inspect[0]["RootFS"]["Layers"], "{case}: oci-archive");
+    }
+    let _ = podman().args(["rmi", "-f", &tag]).output();
+    make_writable(tmp.path());
+}

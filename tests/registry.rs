@@ -1925,3 +1925,92 @@ fn expired_tokens_are_refreshed_mid_push() {
         assert_eq!(digest, expected);
     }
 }
+
+/// The Docker CLI to check with: `STEVEDORE_TEST_DOCKER`, else `docker` on PATH, if it runs.
+fn docker_cli() -> Option<PathBuf> {
+    let cli = std::env::var_os("STEVEDORE_TEST_DOCKER").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("docker"));
+    Command::new(&cli).arg("--version").output().ok().filter(|o| o.status.success()).map(|_| cli)
+}
+
+#[test]
+fn v2s2_manifests_for_docker_only_clients() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let raw = |dest: &str| -> Value { serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", dest])).unwrap() };
+    // A runnable image: busybox as a store path.
+    let bb = dir.path().join("store/5bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox");
+    fs::create_dir_all(bb.join("bin")).unwrap();
+    fs::copy("/bin/busybox", bb.join("bin/busybox")).unwrap();
+    let mut conf = base_conf(dir.path(), vec![vec![bb.to_str().unwrap().into()]]);
+    conf["store_dir"] = json!(dir.path().join("store"));
+    conf["config"] = json!({"Cmd": [bb.join("bin/busybox"), "echo", "v2s2 runs"]});
+    let conf = write_json(dir.path(), "busybox.json", &conf);
+    let dest = format!("docker://{}/v2s2:gz", reg.addr());
+    let (digest, _) = push(&conf, &dest, &["--manifest-format", "v2s2", "-q"]);
+    let m = raw(&dest);
+    assert_eq!(m["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    assert_eq!(m["config"]["mediaType"], "application/vnd.docker.container.image.v1+json");
+    assert_eq!(m["layers"][0]["mediaType"], "application/vnd.docker.image.rootfs.diff.tar.gzip");
+    assert_eq!(format!("sha256:{}", sha256_hex(&skopeo(&["inspect", "--raw", "--tls-verify=false", &dest]))), digest);
+    assert_whole(&dest, &dir.path().join("whole.tar"));
+    // The OCI default is unchanged, and its blobs are the v2s2 image's.
+    let (oci_digest, _) = push(&conf, &format!("docker://{}/v2s2:oci", reg.addr()), &["-q"]);
+    let oci = raw(&format!("docker://{}/v2s2:oci", reg.addr()));
+    assert_eq!(oci["mediaType"], "application/vnd.oci.image.manifest.v1+json");
+    assert_ne!(oci_digest, digest);
+    assert_eq!(oci["layers"][0]["digest"], m["layers"][0]["digest"]);
+    assert_eq!(oci["config"]["digest"], m["config"]["digest"]);
+    // Uncompressed layers are `.tar`; an OCI layout pushed as v2s2 is the same manifest as its conf.
+    let plain = format!("docker://{}/v2s2:plain", reg.addr());
+    push(&conf, &plain, &["--manifest-format", "v2s2", "--compressor", "none", "-q"]);
+    assert_eq!(raw(&plain)["layers"][0]["mediaType"], "application/vnd.docker.image.rootfs.diff.tar");
+    let layout = dir.path().join("layout");
+    assert!(stream(&conf, &["--format", "oci", "-o", layout.to_str().unwrap(), "-q"]).status.success());
+    let (from_layout, _) = push(&layout, &format!("docker://{}/v2s2:layout", reg.addr()), &["--manifest-format", "v2s2", "-q"]);
+    assert_eq!(from_layout, digest);
+    // zstd has no Docker form: refused at once (before connecting), or for a zstd source's blobs.
+    let out = stevedore(&["push", conf.to_str().unwrap(), "docker://127.0.0.1:1/x:y", "--manifest-format", "v2s2", "--compressor", "zstd"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.lines().count() == 1 && err.contains("zstd"), "{err}");
+    let zstd = dir.path().join("zstd-oci.tar");
+    assert!(stream(&conf, &["--format", "oci-archive", "--compressor", "zstd", "-o", zstd.to_str().unwrap(), "-q"]).status.success());
+    let out = stevedore(&["push", zstd.to_str().unwrap(), &format!("docker://{}/v2s2:zstd", reg.addr()), "--manifest-format", "v2s2", "--insecure"], &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("zstd layer") && err.contains("no zstd"), "{err}");
+    // An index: a Docker manifest list of Docker manifests.
+    let arm = fixture_conf(dir.path(), "arm64");
+    let list = format!("docker://{}/v2s2:multi", reg.addr());
+    ok(stevedore(&["index", &list, conf.to_str().unwrap(), arm.to_str().unwrap(), "--manifest-format", "v2s2", "--insecure", "-q"], &[]), "index");
+    let l = raw(&list);
+    assert_eq!(l["mediaType"], "application/vnd.docker.distribution.manifest.list.v2+json");
+    assert_eq!(l["manifests"][0]["digest"], digest.as_str());
+    for e in l["manifests"].as_array().unwrap() {
+        assert_eq!(e["mediaType"], "application/vnd.docker.distribution.manifest.v2+json");
+    }
+    // podman pulls and runs it.
+    if Command::new("podman").arg("--version").output().is_ok() {
+        let podman = |args: &[&str]| -> String {
+            let out = Command::new("podman").args(["--cgroup-manager=cgroupfs", "--runtime", "/usr/sbin/runc"]).args(args).output().unwrap();
+            assert!(out.status.success(), "podman {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8(out.stdout).unwrap()
+        };
+        let image = format!("{}/v2s2:gz", reg.addr());
+        podman(&["pull", "-q", "--tls-verify=false", &image]);
+        assert_eq!(podman(&["run", "--rm", "--network=none", "--ulimit", "nofile=1024:1024", "--ulimit", "nproc=1024:1024", &image]), "v2s2 runs\n");
+        podman(&["rmi", "-f", &image]);
+    }
+    // The Docker CLI (Docker 20.10's `docker manifest inspect` reads Docker manifests only).
+    if let Some(cli) = docker_cli() {
+        let config = dir.path().join("docker-config");
+        fs::create_dir_all(&config).unwrap();
+        for (reference, media_type) in [("v2s2:gz", "application/vnd.docker.distribution.manifest.v2+json"), ("v2s2:multi", "application/vnd.docker.distribution.manifest.list.v2+json")] {
+            let out = Command::new(&cli).env("DOCKER_CONFIG", &config).args(["manifest", "inspect", "--insecure", &format!("{}/{reference}", reg.addr())]).output().unwrap();
+            assert!(out.status.success(), "{cli:?} manifest inspect {reference}: {}", String::from_utf8_lossy(&out.stderr));
+            let got: Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(got["mediaType"], media_type, "{reference}");
+        }
+    }
+}

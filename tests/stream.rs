@@ -368,9 +368,9 @@ fn bad_input_gives_one_line_errors() {
     h.set_cksum();
     b.append_data(&mut h, "oci-layout", &layout[..]).unwrap();
     fs::write(&garbage, b.into_inner().unwrap()).unwrap();
-    expect_error(&c, d, "it is an OCI image, and a base image must be a Docker archive");
+    expect_error(&c, d, "neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)");
     c["from_image"] = json!(d);
-    expect_error(&c, d, "it is a directory (an OCI layout?)");
+    expect_error(&c, d, "index.json");
 
     // Not JSON at all.
     let bad = d.join("notjson.json");

@@ -4,7 +4,7 @@ use super::choice;
 use anyhow::Result;
 use std::path::PathBuf;
 use stevedore::compress::Compressor;
-use stevedore::registry::{self, Connect, Prefetch, Pull, PullFormat, Push, WantedPlatform};
+use stevedore::registry::{self, Connect, ManifestFormat, Prefetch, Pull, PullFormat, Push, WantedPlatform};
 
 #[derive(clap::Args)]
 pub struct PushCmd {
@@ -33,6 +33,10 @@ pub struct PushOpts {
     /// K, M, G); smaller ones in one PUT.
     #[arg(long, default_value = "64M", value_name = "BYTES")]
     pub chunk_size: String,
+    /// Manifest media types: OCI, or Docker's schema 2 (manifest lists for indexes), for
+    /// clients that read only those; v2s2 has no zstd layers.
+    #[arg(long, value_parser = choice::<ManifestFormat>(), default_value = "oci", value_name = "oci|v2s2")]
+    pub manifest_format: ManifestFormat,
 }
 
 #[derive(clap::Args)]
@@ -125,7 +129,7 @@ pub struct ConnectOpts {
 
 impl PushOpts {
     fn resolve(&self) -> Result<Push> {
-        Ok(Push { mount_from: self.mount_from.clone(), compressor: Compressor::parse(&self.compressor)?, chunk_size: registry::parse_size(&self.chunk_size)? })
+        Ok(Push { mount_from: self.mount_from.clone(), compressor: Compressor::parse(&self.compressor)?, chunk_size: registry::parse_size(&self.chunk_size)?, manifest_format: self.manifest_format })
     }
 }
 

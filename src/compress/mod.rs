@@ -24,6 +24,27 @@ pub fn detect(head: &[u8]) -> Compression {
     }
 }
 
+/// A reader of `r`'s bytes decompressed (gzip or zstd, told by its first bytes; plain bytes
+/// are passed through), and what they were.
+pub fn decoder<'a>(mut r: impl Read + 'a) -> std::io::Result<(Compression, Box<dyn Read + 'a>)> {
+    // A reader may return fewer bytes than asked; the magic needs four.
+    let mut head = [0u8; 4];
+    let mut got = 0;
+    while got < head.len() {
+        match r.read(&mut head[got..])? {
+            0 => break,
+            n => got += n,
+        }
+    }
+    let kind = detect(&head[..got]);
+    let chained = std::io::Cursor::new(head).take(got as u64).chain(r);
+    Ok(match kind {
+        Compression::None => (kind, Box::new(chained)),
+        Compression::Gzip => (kind, Box::new(flate2::read::MultiGzDecoder::new(chained))),
+        Compression::Zstd => (kind, Box::new(zstd::stream::read::Decoder::new(chained)?)),
+    })
+}
+
 /// Opens `path` and returns a reader of its decompressed bytes.
 pub fn open_decompressed(path: &Path) -> Result<Box<dyn Read>> {
     let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;

@@ -1,26 +1,42 @@
-//! Base images (`fromImage`): Docker archives, plain or compressed, indexed once
-//! ([`crate::image::read`]) and their layers copied in the order they appear, each checked against
-//! its diff_id as it is copied. Outer member order does not matter to loaders: they follow
-//! `manifest.json`.
+//! Base images (`fromImage`): Docker archives (plain or compressed whole, their layer members
+//! plain or compressed, as Docker 25+'s `docker save` writes them with the containerd store),
+//! OCI archives and OCI layout directories, indexed once ([`crate::image::read`]). Their layers
+//! are copied in the order they are stored, each checked against its diff_id as it is copied.
+//! Outer member order does not matter to loaders: they follow `manifest.json`.
+//!
+//! A compressed layer's uncompressed size is only known once it is decompressed, and a Docker
+//! archive member's size comes before its bytes: such a layer is decompressed into a scratch
+//! file first (one at a time, so the disk holds at most one layer's worth).
 
-use crate::image::read::{check_sha256_digest, select_manifest_entry, ArchiveIndex, ArchivePick};
+use crate::image::read::{blob_name, check_sha256_digest, oci_manifest, select_manifest_entry, ArchiveIndex, ArchivePick, OciStore, Selector};
+use crate::util::files::TempDir;
 use crate::util::hex;
+use crate::util::io::{copy_reading, HashingWriter};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use std::io::{self, Read};
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone)]
 pub struct BaseLayer {
     /// The layer's path as the base manifest names it (used in history comments).
     pub manifest_path: String,
-    /// The member that holds its bytes, after following links.
+    /// The member (or, in a layout directory, the file under it) that holds its bytes, after
+    /// following links.
     pub member: String,
     /// `sha256:<hex>` from the base config's `rootfs.diff_ids`.
     pub diff_id: String,
+    /// The member's size as stored (compressed, if it is).
     pub size: u64,
+}
+
+/// Where the layers and config are: an archive's members or a layout directory's files.
+enum Store {
+    Archive(ArchiveIndex),
+    Dir(PathBuf),
 }
 
 pub struct BaseImage {
@@ -28,11 +44,8 @@ pub struct BaseImage {
     /// The base image's config JSON (`config`, `rootfs`, `history`, ...).
     pub image_json: Value,
     pub layers: Vec<BaseLayer>,
-    index: ArchiveIndex,
-    /// The member holding the config.
-    config_member: String,
-    /// What messages call it: `base image`, or `source` for a push.
-    role: &'static str,
+    config_name: String,
+    store: Store,
 }
 
 impl std::fmt::Debug for BaseImage {
@@ -41,99 +54,261 @@ impl std::fmt::Debug for BaseImage {
     }
 }
 
-/// An error about the archive at `path`, read as `role` (`base image`, `source`).
-fn broken(role: &str, path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("{role} {}: {what}", path.display())
+fn broken(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("base image {}: {what}", path.display())
 }
+
+/// Layer media types whose blobs are a tar (plain, gzip or zstd, told by their bytes).
+fn is_layer_type(t: &str) -> bool {
+    let t = [".gzip", ".zstd", "+gzip", "+zstd"].iter().find_map(|s| t.strip_suffix(s)).unwrap_or(t);
+    [
+        "application/vnd.oci.image.layer.v1.tar",
+        "application/vnd.oci.image.layer.nondistributable.v1.tar",
+        "application/vnd.docker.image.rootfs.diff.tar",
+        "application/vnd.docker.image.rootfs.foreign.diff.tar",
+    ]
+    .contains(&t)
+}
+
+const CONFIG_TYPES: [&str; 2] = ["application/vnd.oci.image.config.v1+json", "application/vnd.docker.container.image.v1+json"];
 
 /// Hashes what passes through, so a base layer is checked against its diff_id as it is copied.
 struct Verify<'a> {
-    inner: &'a mut dyn Read,
+    inner: Box<dyn Read + 'a>,
     hasher: Sha256,
     read: u64,
-    head: Vec<u8>,
 }
 
 impl Read for Verify<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         self.hasher.update(&buf[..n]);
-        if self.head.len() < 4 {
-            let k = n.min(4 - self.head.len());
-            self.head.extend_from_slice(&buf[..k]);
-        }
         self.read += n as u64;
         Ok(n)
     }
 }
 
+enum State<'a> {
+    Unread,
+    /// Read as it comes and hashed, checked once the caller is done; `plain` when stored
+    /// uncompressed (then its size is the member's too).
+    Hashed { v: Verify<'a>, plain: bool },
+    /// Decompressed into a scratch file, and checked there already.
+    Spooled(BufReader<File>),
+}
+
+/// One base layer's bytes as [`BaseImage::copy_layers`] hands them over: uncompressed, by
+/// [`Self::sized`] or [`Self::stream`]. A layer neither is called for is not read.
+pub struct LayerBytes<'a> {
+    layer: &'a BaseLayer,
+    base: &'a Path,
+    raw: Option<Box<dyn Read + 'a>>,
+    scratch: &'a mut Option<TempDir>,
+    state: State<'a>,
+}
+
+impl<'a> LayerBytes<'a> {
+    /// The uncompressed tar with its size, for a sink that needs the size first: read in place
+    /// when stored plain; a compressed one is decompressed into a scratch file (under the
+    /// settings' temporary directory) and checked against its diff_id before it is returned.
+    pub fn sized(&mut self) -> Result<(u64, &mut dyn Read)> {
+        self.open(true)?;
+        Ok(match &mut self.state {
+            State::Hashed { v, .. } => (self.layer.size, v as &mut dyn Read),
+            State::Spooled(f) => {
+                let len = f.get_ref().metadata().with_context(|| format!("{}: cannot stat the decompressed {}", self.base.display(), self.layer.member))?.len();
+                (len, f as &mut dyn Read)
+            }
+            State::Unread => unreachable!("opened above"),
+        })
+    }
+
+    /// The uncompressed tar, decompressed as it is read (checked once the caller is done).
+    pub fn stream(&mut self) -> Result<&mut dyn Read> {
+        self.open(false)?;
+        Ok(match &mut self.state {
+            State::Hashed { v, .. } => v,
+            State::Spooled(f) => f,
+            State::Unread => unreachable!("opened above"),
+        })
+    }
+
+    fn open(&mut self, spool: bool) -> Result<()> {
+        let what = || format!("{}: member {}", self.base.display(), self.layer.member);
+        let raw = self.raw.take().ok_or_else(|| anyhow!("internal error: {} opened twice", what()))?;
+        let (kind, inner) = crate::compress::decoder(raw).map_err(|e| anyhow!("cannot read {}: {e}", what()))?;
+        let plain = kind == crate::compress::Compression::None;
+        let mut v = Verify { inner, hasher: Sha256::new(), read: 0 };
+        if plain || !spool {
+            self.state = State::Hashed { v, plain };
+            return Ok(());
+        }
+        let dir = match self.scratch {
+            Some(d) => d,
+            None => self.scratch.insert(TempDir::new_in(&crate::util::settings::get().temp_dir)?),
+        };
+        let dest = dir.0.join("layer.tar");
+        let file = File::create(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
+        let mut w = HashingWriter::new(BufWriter::with_capacity(1 << 20, file));
+        let mut buf = vec![0u8; 1 << 20];
+        copy_reading(&mut v, &mut w, &mut buf, || format!("{} (decompressing it)", what())).map_err(|e| match e.downcast_ref::<crate::util::io::OutputError>() {
+            Some(o) => anyhow!("cannot write {}: {}", dest.display(), o.0),
+            None => e,
+        })?;
+        let (bw, _, _) = w.finish();
+        bw.into_inner().map_err(|e| anyhow!("cannot write {}: {}", dest.display(), e.error()))?;
+        self.check(v)?;
+        let f = File::open(&dest).with_context(|| format!("cannot open {}", dest.display()))?;
+        self.state = State::Spooled(BufReader::with_capacity(1 << 20, f));
+        Ok(())
+    }
+
+    fn check(&self, v: Verify) -> Result<()> {
+        check(self.layer, self.base, v)
+    }
+
+    /// After the caller: what it left unread of a layer it read still counts.
+    fn finish(self) -> Result<()> {
+        let LayerBytes { layer, base, state, .. } = self;
+        let State::Hashed { mut v, plain } = state else { return Ok(()) };
+        io::copy(&mut v, &mut io::sink()).map_err(|e| anyhow!("cannot read {}: member {}: {e}", base.display(), layer.member))?;
+        if plain && v.read != layer.size {
+            bail!(broken(base, format!("layer {} is truncated", layer.member)));
+        }
+        check(layer, base, v)
+    }
+}
+
+fn check(layer: &BaseLayer, base: &Path, v: Verify) -> Result<()> {
+    let got = format!("sha256:{}", hex(&v.hasher.finalize()));
+    if got != layer.diff_id {
+        bail!(broken(base, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
+    }
+    Ok(())
+}
+
+/// The `sha256:` diff_ids of an image config.
+fn diff_ids(path: &Path, config_name: &str, image_json: &Value) -> Result<Vec<String>> {
+    image_json
+        .pointer("/rootfs/diff_ids")
+        .and_then(Value::as_array)
+        .ok_or_else(|| broken(path, format!("{config_name} has no rootfs.diff_ids")))?
+        .iter()
+        .map(|d| {
+            d.as_str()
+                .and_then(|d| check_sha256_digest(d).ok().map(|_| d.to_owned()))
+                .ok_or_else(|| broken(path, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
+        })
+        .collect()
+}
+
 impl BaseImage {
-    /// The first image of the archive at `path`.
+    /// The only (or, in a Docker archive, the first) image at `path`.
     pub fn load(path: &Path) -> Result<Self> {
-        Self::load_selected(path, Some(&ArchivePick::At(0)))
+        Self::load_selected(path, &Selector::default())
     }
 
-    /// The image of the archive at `path` that `pick` names (see `select_manifest_entry`).
-    pub fn load_selected(path: &Path, pick: Option<&ArchivePick>) -> Result<Self> {
-        Self::load_as(path, pick, "base image")
+    /// The image `sel` picks at `path` (by the rules of [`select_manifest_entry`] in a Docker
+    /// archive, of [`crate::image::read::select_index_entry`] in an OCI one).
+    pub fn load_selected(path: &Path, sel: &Selector) -> Result<Self> {
+        // Without a name, a Docker archive's first image, as nixpkgs takes a base image's.
+        Self::load_with(path, sel, Some(ArchivePick::named_or_first(sel.wanted().as_deref())))
     }
 
-    /// As [`Self::load_selected`], for messages that call the archive `role`.
-    pub fn load_as(path: &Path, pick: Option<&ArchivePick>, role: &'static str) -> Result<Self> {
-        if path.is_dir() {
-            bail!(broken(role, path, "it is a directory (an OCI layout?); a base image must be a Docker archive"));
-        }
-        let index = ArchiveIndex::load(path).map_err(|e| anyhow!("{role} {e:#}"))?;
-        // An oci-archive with a Docker manifest.json too (stevedore's) still has compressed layers.
-        if index.contains("oci-layout") && (!index.contains("manifest.json") || index.oci_layers_compressed()) {
-            bail!(broken(role, path, "it is an OCI image, and a base image must be a Docker archive (build it with format = \"docker-archive\")"));
-        }
-        let read_json = |name: &str| index.json(name).map_err(|e| anyhow!("{role} {e:#}"));
-        let manifest = read_json("manifest.json")?;
-        let first = select_manifest_entry(&manifest, pick, path).map_err(|e| anyhow!("{role} {e}"))?;
-        let config_name = first
-            .get("Config")
-            .and_then(Value::as_str)
-            .ok_or_else(|| broken(role, path, "manifest.json has no \"Config\""))?;
-        let image_json = read_json(config_name)?;
-        let layer_paths: Vec<String> = first
-            .get("Layers")
-            .and_then(Value::as_array)
-            .ok_or_else(|| broken(role, path, "manifest.json has no \"Layers\""))?
-            .iter()
-            .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| broken(role, path, "a layer path in manifest.json is not a string")))
-            .collect::<Result<_>>()?;
-        let diff_ids: Vec<String> = image_json
-            .pointer("/rootfs/diff_ids")
-            .and_then(Value::as_array)
-            .ok_or_else(|| broken(role, path, format!("{config_name} has no rootfs.diff_ids")))?
-            .iter()
-            .map(|d| {
-                d.as_str()
-                    .and_then(|d| check_sha256_digest(d).ok().map(|_| d.to_owned()))
-                    .ok_or_else(|| broken(role, path, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
-            })
-            .collect::<Result<_>>()?;
+    /// The image `pick` names (none: the only one) of a Docker archive, or the only image of
+    /// an OCI one, as `push docker-archive:FILE[:NAME:TAG|:@N]` asks for it.
+    pub fn load_picked(path: &Path, pick: Option<&ArchivePick>) -> Result<Self> {
+        Self::load_with(path, &Selector::default(), pick.cloned())
+    }
+
+    fn load_with(path: &Path, sel: &Selector, pick: Option<ArchivePick>) -> Result<Self> {
+        let store = if path.is_dir() {
+            Store::Dir(path.to_owned())
+        } else {
+            Store::Archive(ArchiveIndex::load(path).map_err(|e| anyhow!("base image {e:#}"))?)
+        };
+        // (config member, its JSON, layers by member path, given sizes where the manifest has them)
+        let (config_name, image_json, layer_paths, sizes) = match &store {
+            Store::Archive(index) if index.contains("manifest.json") => {
+                let manifest = index.json("manifest.json").map_err(|e| anyhow!("base image {e:#}"))?;
+                let first = select_manifest_entry(&manifest, pick.as_ref(), path).map_err(|e| anyhow!("base image {e}"))?;
+                let config_name = first.get("Config").and_then(Value::as_str).ok_or_else(|| broken(path, "manifest.json has no \"Config\""))?.to_owned();
+                let image_json = index.json(&config_name).map_err(|e| anyhow!("base image {e:#}"))?;
+                let layer_paths: Vec<String> = first
+                    .get("Layers")
+                    .and_then(Value::as_array)
+                    .ok_or_else(|| broken(path, "manifest.json has no \"Layers\""))?
+                    .iter()
+                    .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| broken(path, "a layer path in manifest.json is not a string")))
+                    .collect::<Result<_>>()?;
+                let n = layer_paths.len();
+                (config_name, image_json, layer_paths, vec![None; n])
+            }
+            Store::Archive(index) if !index.contains("index.json") => {
+                bail!(broken(path, "neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)"))
+            }
+            Store::Archive(_) | Store::Dir(_) => {
+                let oci = match &store {
+                    Store::Archive(index) => OciStore::Archive(index),
+                    Store::Dir(dir) => OciStore::Dir(dir),
+                };
+                let (manifest, digest) = oci_manifest(&oci, sel, path).map_err(|e| anyhow!("base image {e:#}"))?;
+                let config = manifest.get("config").ok_or_else(|| broken(path, format!("manifest {digest} has no config")))?;
+                if let Some(t) = config.get("mediaType").and_then(Value::as_str).filter(|t| !CONFIG_TYPES.contains(t)) {
+                    bail!(broken(path, format!("manifest {digest}: config media type {t} is not a container image's")));
+                }
+                let config_digest = config.get("digest").and_then(Value::as_str).ok_or_else(|| broken(path, format!("manifest {digest}: the config has no digest")))?;
+                let config_name = blob_name(config_digest).map_err(|e| broken(path, format!("manifest {digest}: config: {e}")))?;
+                let bytes = oci.bytes(&config_name).map_err(|e| anyhow!("base image {e:#}"))?;
+                if format!("sha256:{}", hex(&Sha256::digest(&bytes))) != config_digest {
+                    bail!(broken(path, format!("{config_name} does not match its digest")));
+                }
+                let image_json = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| broken(path, format!("{config_name}: {e:#}")))?;
+                let mut layer_paths = Vec::new();
+                let mut sizes = Vec::new();
+                for l in manifest.get("layers").and_then(Value::as_array).ok_or_else(|| broken(path, format!("manifest {digest} has no layers")))? {
+                    if let Some(t) = l.get("mediaType").and_then(Value::as_str).filter(|t| !is_layer_type(t)) {
+                        bail!(broken(path, format!("manifest {digest}: layer media type {t} is not a tar, gzip or zstd layer")));
+                    }
+                    let d = l.get("digest").and_then(Value::as_str).ok_or_else(|| broken(path, format!("manifest {digest}: a layer has no digest")))?;
+                    layer_paths.push(blob_name(d).map_err(|e| broken(path, format!("manifest {digest}: layer: {e}")))?);
+                    sizes.push(l.get("size").and_then(Value::as_u64));
+                }
+                (config_name, image_json, layer_paths, sizes)
+            }
+        };
+        let diff_ids = diff_ids(path, &config_name, &image_json)?;
         if diff_ids.len() != layer_paths.len() {
             bail!(broken(
-                role,
                 path,
-                format!("manifest.json lists {} layers but the config has {} diff_ids", layer_paths.len(), diff_ids.len())
+                format!("the manifest lists {} layers but the config has {} diff_ids", layer_paths.len(), diff_ids.len())
             ));
         }
         if !image_json.get("config").is_none_or(|c| c.is_object() || c.is_null()) {
-            bail!(broken(role, path, format!("{config_name}: \"config\" is not an object")));
+            bail!(broken(path, format!("{config_name}: \"config\" is not an object")));
         }
         let mut layers: Vec<BaseLayer> = Vec::new();
-        for (manifest_path, diff_id) in layer_paths.into_iter().zip(diff_ids) {
-            let m = index.resolve(&manifest_path).map_err(|e| anyhow!("{role} {e:#}"))?;
-            // One member serving two layers must be one layer (it has one digest).
-            if let Some(other) = layers.iter().find(|l| l.member == m.name && l.diff_id != diff_id) {
-                bail!(broken(role, path, format!("layer member {} is given two diff_ids, {} and {diff_id}", m.name, other.diff_id)));
+        for ((manifest_path, diff_id), given) in layer_paths.into_iter().zip(diff_ids).zip(sizes) {
+            let (member, size) = match &store {
+                Store::Archive(index) => {
+                    let m = index.resolve(&manifest_path).map_err(|e| anyhow!("base image {e:#}"))?;
+                    (m.name, m.size)
+                }
+                Store::Dir(dir) => {
+                    let meta = crate::util::limits::check_regular(&dir.join(&manifest_path)).map_err(|e| anyhow!("base image {e:#}"))?;
+                    (manifest_path.clone(), meta.len())
+                }
+            };
+            if given.is_some_and(|g| g != size) {
+                bail!(broken(path, format!("layer {member} is {size} bytes, but the manifest says {}", given.unwrap_or_default())));
             }
-            layers.push(BaseLayer { manifest_path, member: m.name, diff_id, size: m.size });
+            // One member serving two layers must be one layer (it has one digest).
+            if let Some(other) = layers.iter().find(|l| l.member == member && l.diff_id != diff_id) {
+                bail!(broken(path, format!("layer member {member} is given two diff_ids, {} and {diff_id}", other.diff_id)));
+            }
+            layers.push(BaseLayer { manifest_path, member, diff_id, size });
         }
-        Ok(BaseImage { path: path.to_owned(), image_json, layers, index, config_member: config_name.to_string(), role })
+        Ok(BaseImage { path: path.to_owned(), image_json, layers, config_name, store })
     }
 
     /// The base image's `Env`, if any.
@@ -145,42 +320,44 @@ impl BaseImage {
             .unwrap_or_default()
     }
 
-    /// The raw bytes of the image's config member (the image ID is their digest).
+    /// The raw bytes of the image's config (the image ID is their digest).
     pub fn config_bytes(&self) -> Result<Vec<u8>> {
-        self.index.bytes(&self.config_member)
+        match &self.store {
+            Store::Archive(index) => index.bytes(&self.config_name),
+            Store::Dir(dir) => crate::util::limits::read_limited(&dir.join(&self.config_name), crate::image::read::JSON_LIMIT),
+        }
     }
 
-    /// Calls `f` once for each distinct layer member, in archive order, with a reader of its
-    /// bytes. A layer `f` reads from is checked against its diff_id: what `f` leaves unread is
-    /// read too, and a layer whose bytes do not match is an error after `f` returns (so a
-    /// caller writing an archive fails before its manifest is written). A compressed member's
-    /// diff_id is that of its decompressed bytes, which only a decompressing `f` can check.
-    pub fn copy_layers(&self, mut f: impl FnMut(&BaseLayer, &mut dyn Read) -> Result<()>) -> Result<()> {
+    /// Calls `f` once for each distinct layer member, in the order they are stored, with its
+    /// bytes. A layer `f` reads is checked against its diff_id: what `f` leaves unread is read
+    /// too, and a layer whose bytes do not match is an error by the time `f` returns (so a
+    /// caller writing an archive fails before its manifest is written).
+    pub fn copy_layers(&self, mut f: impl FnMut(&BaseLayer, &mut LayerBytes) -> Result<()>) -> Result<()> {
         let mut by_member: HashMap<&str, &BaseLayer> = HashMap::new();
         for l in &self.layers {
             by_member.entry(l.member.as_str()).or_insert(l);
         }
-        let wanted: Vec<String> = by_member.keys().map(|k| k.to_string()).collect();
-        self.index
-            .for_each_wanted(&wanted, |name, r| {
-                let layer = by_member[name];
-                let mut v = Verify { inner: r, hasher: Sha256::new(), read: 0, head: Vec::new() };
-                f(layer, &mut v)?;
-                if v.read == 0 || crate::compress::detect(&v.head) != crate::compress::Compression::None {
-                    return Ok(true);
-                }
-                // What `f` left unread still counts.
-                io::copy(&mut v, &mut io::sink()).with_context(|| format!("cannot read {}", layer.member))?;
-                if v.read != layer.size {
-                    bail!(broken(self.role, &self.path, format!("layer {} is truncated", layer.member)));
-                }
-                let got = format!("sha256:{}", hex(&v.hasher.finalize()));
-                if got != layer.diff_id {
-                    bail!(broken(self.role, &self.path, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
-                }
-                Ok(true)
-            })
-            .context("reading the base image's layers")
+        let mut scratch: Option<TempDir> = None;
+        let mut one = |layer: &BaseLayer, raw: Box<dyn Read + '_>, scratch: &mut Option<TempDir>| -> Result<()> {
+            let mut bytes = LayerBytes { layer, base: &self.path, raw: Some(raw), scratch, state: State::Unread };
+            f(layer, &mut bytes)?;
+            bytes.finish()
+        };
+        match &self.store {
+            Store::Archive(index) => {
+                let wanted: Vec<String> = by_member.keys().map(|k| k.to_string()).collect();
+                index.for_each_wanted(&wanted, |name, r| one(by_member[name], Box::new(r), &mut scratch).map(|()| true))
+            }
+            Store::Dir(dir) => {
+                let mut seen = std::collections::HashSet::new();
+                self.layers.iter().filter(|l| seen.insert(l.member.as_str())).try_for_each(|layer| {
+                    let file = dir.join(&layer.member);
+                    let r = File::open(&file).with_context(|| format!("cannot open {}", file.display()))?;
+                    one(layer, Box::new(BufReader::with_capacity(1 << 16, r).take(layer.size)), &mut scratch)
+                })
+            }
+        }
+        .context("reading the base image's layers")
     }
 }
 

@@ -33,7 +33,8 @@ use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::io::{self, BufRead, Read, Write};
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -160,9 +161,8 @@ impl<'c> ImageSpec<'c> {
             gname: conf.gname.clone(),
             mtime: conf.mtime,
         };
-        let wanted = conf.from_image_name.as_ref().map(|n| format!("{n}:{}", conf.from_image_tag.as_deref().unwrap_or("latest")));
-        let pick = crate::image::read::ArchivePick::named_or_first(wanted.as_deref());
-        let base = conf.from_image.as_deref().map(|p| BaseImage::load_selected(p, Some(&pick))).transpose()?;
+        let sel = crate::image::read::Selector { name: conf.from_image_name.clone(), tag: conf.from_image_tag.clone() };
+        let base = conf.from_image.as_deref().map(|p| BaseImage::load_selected(p, &sel)).transpose()?;
         let given = match &conf.layering {
             None => conf.store_layers.clone(),
             Some(layering) => {
@@ -214,30 +214,30 @@ impl<'c> ImageSpec<'c> {
             Some(base) => {
                 let mut num = 0;
                 let mut buf = vec![0u8; 1 << 20];
-                base.copy_layers(|layer, reader| {
+                // Uncompressed sizes, known once a layer is read (a stored size otherwise).
+                let mut sizes: HashMap<String, u64> = HashMap::new();
+                base.copy_layers(|layer, bytes| {
                     num += 1;
                     let index = base.layers.iter().position(|l| l.member == layer.member).unwrap_or(0);
                     if !sink.wants(index) {
                         return Ok(());
                     }
                     progress.say(format!("Adding base layer {num} from {}", layer.manifest_path));
-                    sink.begin(&base_layer_name(&layer.diff_id), layer.size)?;
+                    let (size, reader) = bytes.sized()?;
+                    sink.begin(&base_layer_name(&layer.diff_id), size)?;
                     let what = || format!("base image {}: member {}", base.path.display(), layer.member);
-                    let mut r = std::io::BufReader::with_capacity(1 << 16, reader.take(layer.size));
-                    if crate::compress::detect(r.fill_buf().map_err(|e| anyhow!("cannot read {}: {e}", what()))?) != crate::compress::Compression::None {
-                        bail!("{}: a compressed layer member; a base image's layers must be plain tar here", what());
-                    }
-                    let copied = copy_reading(&mut r, sink.out(), &mut buf, what)?;
-                    if copied != layer.size {
+                    let copied = copy_reading(&mut reader.take(size), sink.out(), &mut buf, what)?;
+                    if copied != size {
                         bail!("{} is truncated", what());
                     }
-                    sink.end(layer.size, &layer.diff_id["sha256:".len()..])
+                    sizes.insert(layer.member.clone(), size);
+                    sink.end(size, &layer.diff_id["sha256:".len()..])
                 })?;
                 for layer in &base.layers {
                     layers.push(LayerInfo {
                         path: base_layer_name(&layer.diff_id),
                         diff_id: layer.diff_id["sha256:".len()..].to_string(),
-                        size: layer.size,
+                        size: sizes.get(layer.member.as_str()).copied().unwrap_or(layer.size),
                         paths: vec![layer.manifest_path.clone()],
                     });
                 }

@@ -505,23 +505,26 @@ pub fn blob_name(digest: &str) -> Result<String> {
 
 const INDEX_TYPES: [&str; 2] = ["application/vnd.oci.image.index.v1+json", "application/vnd.docker.distribution.manifest.list.v2+json"];
 
-/// The layer blob names of the image an OCI index (`index.json`) points to.
-fn oci_layers(src: &OciStore, sel: &Selector, what: &Path) -> Result<Vec<String>> {
+/// The manifest of the image an OCI index (`index.json`) points to, chosen by
+/// [`select_index_entry`] (in a multi-platform index, this machine's platform, else the first),
+/// with its digest. Every document read on the way must match the digest that names it.
+pub fn oci_manifest(src: &OciStore, sel: &Selector, what: &Path) -> Result<(Value, String)> {
     let index = src.json("index.json")?;
     let wanted = sel.name.as_deref().map(|n| IndexRef::Name(n, sel.tag.as_deref()));
     let chosen = select_index_entry(&index, wanted, &what.display().to_string())?;
     let mut desc = chosen.clone();
     for _ in 0..4 {
         let media = desc["mediaType"].as_str().unwrap_or("");
-        let digest = desc["digest"].as_str().ok_or_else(|| anyhow!("{}: a descriptor has no digest", what.display()))?;
-        let doc = src.json(&blob_name(digest)?)?;
+        let digest = desc["digest"].as_str().ok_or_else(|| anyhow!("{}: a descriptor has no digest", what.display()))?.to_string();
+        let name = blob_name(&digest)?;
+        let bytes = src.bytes(&name)?;
+        if format!("sha256:{}", hex(&Sha256::digest(&bytes))) != digest {
+            bail!("{}: {name} does not match its digest", what.display());
+        }
+        let doc: Value = parse_json(&bytes, METADATA_VALUES).map_err(|e| anyhow!("{}: {name}: {e:#}", what.display()))?;
         let is_index = INDEX_TYPES.contains(&media) || (media.is_empty() && doc.get("manifests").is_some());
         if !is_index {
-            let layers = doc["layers"].as_array().ok_or_else(|| anyhow!("{}: manifest {digest} has no layers", what.display()))?;
-            return layers
-                .iter()
-                .map(|l| blob_name(l["digest"].as_str().ok_or_else(|| anyhow!("{}: a layer has no digest", what.display()))?))
-                .collect();
+            return Ok((doc, digest));
         }
         // A multi-platform index: take this machine's platform, else the first.
         let list = doc["manifests"].as_array().ok_or_else(|| anyhow!("{}: index {digest} lists no manifests", what.display()))?;
@@ -567,6 +570,16 @@ pub enum IndexRef<'a> {
     /// them. Without a tag the name may also be an entry's bare `ref.name`, as skopeo's
     /// `oci:DIR:NAME` writes one.
     Name(&'a str, Option<&'a str>),
+}
+
+/// The layer blob names of the image an OCI index (`index.json`) points to.
+fn oci_layers(src: &OciStore, sel: &Selector, what: &Path) -> Result<Vec<String>> {
+    let (doc, digest) = oci_manifest(src, sel, what)?;
+    let layers = doc["layers"].as_array().ok_or_else(|| anyhow!("{}: manifest {digest} has no layers", what.display()))?;
+    layers
+        .iter()
+        .map(|l| blob_name(l["digest"].as_str().ok_or_else(|| anyhow!("{}: a layer has no digest", what.display()))?))
+        .collect()
 }
 
 /// The entry of an OCI index (`index.json`'s `manifests`) an image is asked for by, with one rule
@@ -638,21 +651,8 @@ fn docker_layers(idx: &ArchiveIndex, sel: &Selector) -> Result<Vec<String>> {
 }
 
 /// Copies `r` (decompressing it if it is gzip or zstd) into a new scratch file.
-fn decompress_to(mut r: impl Read, dest: &Path, what: &str) -> Result<u64> {
-    let mut head = [0u8; 4];
-    let mut got = 0;
-    while got < 4 {
-        match r.read(&mut head[got..]).with_context(|| format!("cannot read {what}"))? {
-            0 => break,
-            n => got += n,
-        }
-    }
-    let chained = (&head[..got]).chain(r);
-    let mut reader: Box<dyn Read> = match detect(&head[..got]) {
-        Compression::None => Box::new(chained),
-        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(BufReader::new(chained))),
-        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(chained).with_context(|| format!("{what}: cannot start zstd decoding"))?),
-    };
+fn decompress_to(r: impl Read, dest: &Path, what: &str) -> Result<u64> {
+    let (_, mut reader) = crate::compress::decoder(r).with_context(|| format!("cannot read {what}"))?;
     let mut out = BufWriter::new(File::create(dest).with_context(|| format!("cannot create {}", dest.display()))?);
     let n = io::copy(&mut reader, &mut out).with_context(|| format!("cannot decompress {what}"))?;
     out.flush().with_context(|| format!("cannot write {}", dest.display()))?;

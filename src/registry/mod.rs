@@ -25,6 +25,7 @@ pub use client::Connect;
 use client::Registry;
 use pull::Platform;
 use serde_json::{json, Value};
+pub use source::ManifestFormat;
 use source::{BlobData, ConfPass, DockerArchivePass, Plan, Source};
 use std::path::PathBuf;
 
@@ -37,6 +38,18 @@ pub struct Push {
     pub compressor: Compressor,
     /// Blobs larger than this go up in PATCH chunks of this size; smaller ones in one PUT.
     pub chunk_size: u64,
+    /// OCI manifests, or Docker schema 2 ones.
+    pub manifest_format: ManifestFormat,
+}
+
+impl Push {
+    /// Options that cannot go together, refused before anything is read or sent.
+    fn check(&self) -> Result<()> {
+        if self.manifest_format == ManifestFormat::V2s2 && self.compressor == Compressor::Zstd {
+            bail!("--manifest-format v2s2 cannot carry zstd layers (Docker's schema 2 has no zstd); use --compressor gz or none");
+        }
+        Ok(())
+    }
 }
 
 /// The platform to pick from a multi-platform image.
@@ -133,27 +146,32 @@ fn push_options(opts: &Push) -> push::PushOptions {
     push::PushOptions { mount_from: opts.mount_from.clone(), chunk_size: opts.chunk_size }
 }
 
-/// Builds the plan for `source` and hands it to `f`; plans borrow from the loaded inputs.
-fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
+/// Builds the plan for `source` (its manifests in `format`) and hands it to `f`; plans borrow
+/// from the loaded inputs.
+fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
+    let finish = |mut plan: Plan| -> Result<T> {
+        if format == ManifestFormat::V2s2 {
+            source::into_docker_manifests(&mut plan).map_err(|e| anyhow!("{source}: {e:#}"))?;
+        }
+        f(&plan)
+    };
     match Source::parse(source)? {
         Source::Conf(path) => {
             let conf = crate::image::conf::StreamConf::load(&path, &crate::image::conf::now())?;
             let pass = ConfPass { spec: ImageSpec::new(&conf)?, compressor };
-            let plan = source::plan_conf(&pass, progress)?;
-            f(&plan)
+            finish(source::plan_conf(&pass, progress)?)
         }
         Source::DockerArchive(path, pick) => {
-            let pass = DockerArchivePass { base: crate::image::base::BaseImage::load_as(&path, pick.as_ref(), "source")?, compressor };
-            let plan = source::plan_docker_archive(&pass, progress)?;
-            f(&plan)
+            let pass = DockerArchivePass { base: crate::image::base::BaseImage::load_picked(&path, pick.as_ref())?, compressor };
+            finish(source::plan_docker_archive(&pass, progress)?)
         }
-        Source::OciDir(dir, r) => f(&source::plan_oci(&OciStore::Dir(&dir), r.as_deref())?.0),
+        Source::OciDir(dir, r) => finish(source::plan_oci(&OciStore::Dir(&dir), r.as_deref())?.0),
         Source::OciArchive(path, r) => {
             let index = ArchiveIndex::load(&path)?;
             let (mut plan, members) = source::plan_oci(&OciStore::Archive(&index), r.as_deref())?;
             let pass = source::OciArchivePass { index, members };
             plan.pass = Some(&pass);
-            f(&plan)
+            finish(plan)
         }
     }
 }
@@ -163,10 +181,11 @@ fn with_plan<T>(source: &str, compressor: Compressor, progress: &Progress, f: im
 pub fn push(source: &str, dest: &str, push: &Push, connect: &Connect) -> Result<String> {
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
+    push.check()?;
     let opts = push_options(push);
     let reg = Registry::connect(&dest, connect, push_scopes(&dest, push))?;
     let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
-    let digest = with_plan(source, push.compressor, &progress, |plan| {
+    let digest = with_plan(source, push.compressor, push.manifest_format, &progress, |plan| {
         push::push_plan(&reg, &dest.repo, Some(&tag), plan, &opts, &progress)?;
         Ok(plan.top().digest.clone())
     })?;
@@ -271,6 +290,7 @@ fn plan_config(plan: &Plan) -> Result<Vec<u8>> {
 pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> Result<String> {
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
+    push.check()?;
     let compressor = push.compressor;
     let opts = push_options(push);
     let mut scopes = push_scopes(&dest, push);
@@ -295,7 +315,7 @@ pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> R
         let (digest, media_type, size, platform) = match r {
             None => {
                 progress.say(format!("pushing {image}"));
-                with_plan(image, compressor, &progress, |plan| {
+                with_plan(image, compressor, push.manifest_format, &progress, |plan| {
                     let platform = platform_of(&plan_config(plan).map_err(|e| anyhow!("{image}: {e}"))?, image)?;
                     push::push_plan(&reg, &dest.repo, None, plan, &opts, &progress)?;
                     let top = plan.top();
@@ -336,12 +356,16 @@ pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> R
         progress.say(format!("{image}: {digest} for {}", platform_string(&platform)));
         entries.push(json!({"mediaType": media_type, "digest": digest, "size": size, "platform": platform}));
     }
-    let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": entries});
+    let index_type = match push.manifest_format {
+        ManifestFormat::Oci => INDEX_TYPE,
+        ManifestFormat::V2s2 => client::DOCKER_LIST,
+    };
+    let index = json!({"schemaVersion": 2, "mediaType": index_type, "manifests": entries});
     let bytes = serde_json::to_vec(&index)?;
     let digest = source::sha256_digest(&bytes);
     let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
-    reg.put_manifest(&dest.repo, &digest, INDEX_TYPE, &bytes)?;
-    reg.put_manifest(&dest.repo, &tag, INDEX_TYPE, &bytes)?;
+    reg.put_manifest(&dest.repo, &digest, index_type, &bytes)?;
+    reg.put_manifest(&dest.repo, &tag, index_type, &bytes)?;
     progress.say(format!("pushed index {}:{tag}@{digest}", dest.name()));
     Ok(digest)
 }

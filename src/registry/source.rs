@@ -8,7 +8,7 @@
 use crate::image::read::{blob_name, ArchiveIndex, ArchivePick, OciStore};
 use crate::util::limits::{parse_json, METADATA_VALUES};
 use crate::image::base::BaseImage;
-use crate::compress::{detect, Compression, Compressor, Pipeline};
+use crate::compress::{Compressor, Pipeline};
 use crate::util::hex;
 use crate::image::{ImageSpec, LayerSink};
 use crate::util::progress::Progress;
@@ -20,7 +20,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File};
-use std::io::{self, BufRead, BufReader, Read, Write};
+use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// Where a blob's bytes come from.
@@ -69,6 +69,106 @@ impl Plan<'_> {
 
 pub fn sha256_digest(data: &[u8]) -> String {
     format!("sha256:{}", hex(&Sha256::digest(data)))
+}
+
+/// Which manifest media types a push writes.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum ManifestFormat {
+    /// OCI image manifests and indexes.
+    Oci,
+    /// Docker's image manifest schema 2 and manifest lists, for clients that read no other.
+    V2s2,
+}
+
+impl crate::util::shared::Choice for ManifestFormat {
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[("oci", ManifestFormat::Oci, ""), ("v2s2", ManifestFormat::V2s2, "")];
+}
+
+const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+const DOCKER_LAYER: &str = "application/vnd.docker.image.rootfs.diff.tar";
+const DOCKER_FOREIGN_LAYER: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar";
+
+/// The Docker media type of a layer given as `t` (OCI or Docker already).
+fn docker_layer_type(t: &str, what: &str) -> Result<String> {
+    let (base, compression) = match t.rsplit_once(['+', '.']) {
+        Some((b, c @ ("gzip" | "zstd"))) => (b, Some(c)),
+        _ => (t, None),
+    };
+    let docker = match base {
+        "application/vnd.oci.image.layer.v1.tar" | DOCKER_LAYER => DOCKER_LAYER,
+        "application/vnd.oci.image.layer.nondistributable.v1.tar" | DOCKER_FOREIGN_LAYER => DOCKER_FOREIGN_LAYER,
+        _ => bail!("{what}: layer media type {t} has no Docker schema 2 form"),
+    };
+    match compression {
+        None => Ok(docker.to_string()),
+        Some("gzip") => Ok(format!("{docker}.gzip")),
+        _ => bail!("{what}: a zstd layer, and Docker's schema 2 has no zstd (push with --compressor gz or none, or --manifest-format oci)"),
+    }
+}
+
+/// Rewrites the plan's manifests as Docker schema 2 manifests and manifest lists (new bytes,
+/// so new digests; the blobs are the same). Indexes come after the manifests they list, and
+/// take their new digests.
+pub fn into_docker_manifests(plan: &mut Plan) -> Result<()> {
+    let mut renamed: HashMap<String, (String, u64, &'static str)> = HashMap::new();
+    for m in &mut plan.manifests {
+        let what = format!("manifest {}", m.digest);
+        let doc: Value = parse_json(&m.bytes, METADATA_VALUES).map_err(|e| anyhow!("{what}: {e:#}"))?;
+        let desc = |d: &Value, media_type: String| -> Result<Value> {
+            let digest = d.get("digest").and_then(Value::as_str).ok_or_else(|| anyhow!("{what}: a descriptor has no digest"))?;
+            let size = d.get("size").and_then(Value::as_u64).ok_or_else(|| anyhow!("{what}: descriptor {digest} has no size"))?;
+            let mut out = serde_json::json!({"mediaType": media_type, "digest": digest, "size": size});
+            for key in ["urls", "platform"] {
+                if let Some(v) = d.get(key) {
+                    out[key] = v.clone();
+                }
+            }
+            Ok(out)
+        };
+        let (converted, media_type) = if let Some(list) = doc.get("manifests").and_then(Value::as_array) {
+            let entries = list
+                .iter()
+                .map(|e| {
+                    let digest = e.get("digest").and_then(Value::as_str).unwrap_or_default();
+                    match renamed.get(digest) {
+                        Some((d, size, t)) => {
+                            let mut out = desc(e, t.to_string())?;
+                            out["digest"] = Value::from(d.as_str());
+                            out["size"] = Value::from(*size);
+                            Ok(out)
+                        }
+                        None => bail!("{what}: lists {digest}, which this push does not carry"),
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            (serde_json::json!({"schemaVersion": 2, "mediaType": super::client::DOCKER_LIST, "manifests": entries}), super::client::DOCKER_LIST)
+        } else {
+            let config = doc.get("config").ok_or_else(|| anyhow!("{what}: no config"))?;
+            match config.get("mediaType").and_then(Value::as_str) {
+                Some(CONFIG_TYPE | DOCKER_CONFIG) | None => {}
+                Some(t) => bail!("{what}: config media type {t} is not an image config; Docker schema 2 cannot carry it"),
+            }
+            let layers = doc
+                .get("layers")
+                .and_then(Value::as_array)
+                .ok_or_else(|| anyhow!("{what}: no layers"))?
+                .iter()
+                .map(|l| desc(l, docker_layer_type(l.get("mediaType").and_then(Value::as_str).unwrap_or(""), &what)?))
+                .collect::<Result<Vec<_>>>()?;
+            let manifest = serde_json::json!({
+                "schemaVersion": 2,
+                "mediaType": super::client::DOCKER_MANIFEST,
+                "config": desc(config, DOCKER_CONFIG.into())?,
+                "layers": layers,
+            });
+            (manifest, super::client::DOCKER_MANIFEST)
+        };
+        let bytes = serde_json::to_vec(&converted)?;
+        let digest = sha256_digest(&bytes);
+        renamed.insert(m.digest.clone(), (digest.clone(), bytes.len() as u64, media_type));
+        *m = ManifestPut { bytes, media_type: media_type.into(), digest };
+    }
+    Ok(())
 }
 
 /// A source as given on the command line.
@@ -370,27 +470,17 @@ pub struct DockerArchivePass {
 impl LayerPass for DockerArchivePass {
     fn run(&self, sink: &mut dyn LayerSink, _progress: &Progress) -> Result<()> {
         let mut buf = vec![0u8; 1 << 20];
-        self.base.copy_layers(|layer, reader| {
+        self.base.copy_layers(|layer, bytes| {
             let index = self.base.layers.iter().position(|l| l.member == layer.member).unwrap_or(0);
             if !sink.wants(index) {
                 return Ok(());
             }
+            // The registry needs no size first: decompressed as it goes, checked by copy_layers.
             sink.begin(&layer.member, layer.size)?;
-            let mut r = BufReader::with_capacity(1 << 20, reader.take(layer.size));
-            let head = r.fill_buf().with_context(|| format!("reading {}", layer.member))?;
-            let mut r: Box<dyn Read> = match detect(head) {
-                Compression::None => Box::new(r),
-                Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(r)),
-                Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(r)?),
-            };
             let mut hw = HashingWriter::new(sink.out());
-            crate::util::io::copy_reading(&mut r, &mut hw, &mut buf, || format!("{}: member {}", self.base.path.display(), layer.member))?;
+            crate::util::io::copy_reading(&mut bytes.stream()?, &mut hw, &mut buf, || format!("{}: member {}", self.base.path.display(), layer.member))?;
             let (_, digest, size) = hw.finish();
-            let diff_id = hex(&digest);
-            if format!("sha256:{diff_id}") != layer.diff_id {
-                bail!("{}: layer {} does not match its diff_id {}", self.base.path.display(), layer.member, layer.diff_id);
-            }
-            sink.end(size, &diff_id)
+            sink.end(size, &hex(&digest))
         })
     }
     fn compressor(&self) -> Option<Compressor> {

@@ -226,6 +226,51 @@ test_push() {
   runs "$ours"
 }
 
+# A `docker save` archive as a base image: the classic store saves plain layers; containerd's
+# saves the blobs as they were loaded, here gzip and zstd members (Docker 25+'s OCI layout with a
+# manifest.json naming them). stevedore builds on each (no layers of its own: the hello conf's
+# Cmd runs from the base's layers), keeps the diff_ids, and the result loads and runs.
+test_save_as_base() {
+  local c saved conf out kinds
+  for c in gz zstd; do
+    docker rmi -f "$tag" >/dev/null 2>&1 || true
+    loaded -i "$work/oci-$c.tar" >/dev/null
+    saved=$work/saved-base-$store-$c.tar
+    docker save "$tag" -o "$saved"
+    kinds=$(python3 - "$saved" <<'PY'
+import json, sys, tarfile
+t = tarfile.open(sys.argv[1])
+names = json.load(t.extractfile("manifest.json"))[0]["Layers"]
+def kind(n):
+    h = t.extractfile(t.getmember(n) if not t.getmember(n).issym() else t.getmember(n)).read(4)
+    return "gzip" if h[:2] == b"\x1f\x8b" else "zstd" if h == b"\x28\xb5\x2f\xfd" else "tar"
+print(" ".join(sorted({kind(n) for n in names})))
+PY
+)
+    if [ "$store" = classic ]; then
+      expect_eq "$kinds" "tar" "classic save, from $c"
+    else
+      expect_eq "$kinds" "${c/gz/gzip}" "containerd save, from $c"
+    fi
+    conf=$work/on-saved-$store-$c.json
+    python3 - "${img[hello.conf]}" "$saved" "$conf" <<'PY'
+import json, sys
+c = json.load(open(sys.argv[1]))
+c.update(from_image=sys.argv[2], store_layers=[], customisation_layer=None, repo_tag="stevedore.test/on-saved:v1")
+c.pop("layering", None)
+json.dump(c, open(sys.argv[3], "w"))
+PY
+    for f in docker-archive oci-archive; do
+      out=$work/on-saved-$store-$c-$f.tar
+      "$bin" stream -q "$conf" --format "$f" -o "$out" || fail "stream on $saved ($f)"
+      expect_eq "$(skopeo inspect --config "$f:$out" | python3 -c 'import json,sys; print(json.load(sys.stdin)["rootfs"]["diff_ids"])')" "$diff_ids" "diff_ids on $c base, $f"
+      docker rmi -f stevedore.test/on-saved:v1 >/dev/null 2>&1 || true
+      expect_eq "$(loaded -i "$out")" "stevedore.test/on-saved:v1" "load on $c base, $f"
+      runs stevedore.test/on-saved:v1
+    done
+  done
+}
+
 # containerd of its own, not dockerd's: its root and state in the scratch directories, no CRI.
 ctr_sock=/run/stevedore-containerd/containerd.sock
 start_containerd() {
@@ -292,6 +337,7 @@ for s in classic containerd; do
   t "docker-$s-image-id" test_image_id
   t "docker-$s-save-round-trip" test_save_round_trip
   t "docker-$s-push" test_push
+  t "docker-$s-save-as-base" test_save_as_base
   stop_daemon
 done
 [ "$failed" -eq 0 ] || echo "failed: ${failures[*]}"

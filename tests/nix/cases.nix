@@ -327,6 +327,26 @@ let
       format = "oci";
     };
 
+    # OCI images as bases: the zstd oci-archive under streamLayeredImage, the gzip OCI layout
+    # (a directory, no manifest.json) under buildImage.
+    onOciArchive = dockerTools.streamLayeredImage {
+      name = "on-oci-archive";
+      tag = "latest";
+      fromImage = cases.ociArchive;
+      contents = [ busybox ];
+      config.Cmd = [
+        "${busybox}/bin/sh"
+        "-c"
+        "${hello}/bin/hello; echo $FOO"
+      ];
+    };
+    onOciLayout = dockerTools.buildImage {
+      name = "on-oci-layout";
+      tag = "latest";
+      fromImage = cases.ociLayout;
+      config.Cmd = [ "${hello}/bin/hello" ];
+    };
+
     # mergeImages: a gzipped archive, a stream executable and a zstd archive, all with busybox.
     merged = dockerTools.mergeImages [
       (dockerTools.buildLayeredImage helloArgs)

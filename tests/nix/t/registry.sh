@@ -26,6 +26,9 @@ test_copy_to_registry() {
   # Unchanged: nothing uploaded the second time.
   out=$("$push" "docker://127.0.0.1:$port/team/hello:v1" --insecure 2>&1)
   [[ "$out" == *": 0 uploaded"* ]] || fail "second push uploaded blobs: $out"
+  # Push options pass through: Docker schema 2 manifests for Docker-only clients.
+  out=$("$push" "docker://127.0.0.1:$port/team/hello:v2s2" --insecure -q --manifest-format v2s2)
+  expect_eq "$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/hello:v2s2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mediaType"])')" "application/vnd.docker.distribution.manifest.v2+json"
   # buildImage's copyToRegistry pushes its (gzipped) archive.
   push=$(build redisLike.copyToRegistry)
   out=$("$push" "docker://127.0.0.1:$port/team/redis:latest" --insecure -q)
