@@ -46,6 +46,8 @@ pub struct BaseImage {
     pub layers: Vec<BaseLayer>,
     config_name: String,
     store: Store,
+    /// What messages call it: `base image`, or `source` when it is pushed.
+    role: &'static str,
 }
 
 impl std::fmt::Debug for BaseImage {
@@ -54,8 +56,18 @@ impl std::fmt::Debug for BaseImage {
     }
 }
 
-fn broken(path: &Path, what: impl std::fmt::Display) -> anyhow::Error {
-    anyhow!("base image {}: {what}", path.display())
+/// An archive as messages name it: `base image PATH`, or `source PATH` when it is pushed.
+#[derive(Clone, Copy)]
+struct Who<'a>(&'static str, &'a Path);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        write!(f, "{} {}", self.0, self.1.display())
+    }
+}
+
+fn broken(who: Who, what: impl std::fmt::Display) -> anyhow::Error {
+    anyhow!("{who}: {what}")
 }
 
 /// Layer media types whose blobs are a tar (plain, gzip or zstd, told by their bytes).
@@ -101,7 +113,7 @@ enum State<'a> {
 /// [`Self::sized`] or [`Self::stream`]. A layer neither is called for is not read.
 pub struct LayerBytes<'a> {
     layer: &'a BaseLayer,
-    base: &'a Path,
+    who: Who<'a>,
     raw: Option<Box<dyn Read + 'a>>,
     scratch: &'a mut Option<TempDir>,
     state: State<'a>,
@@ -116,7 +128,7 @@ impl<'a> LayerBytes<'a> {
         Ok(match &mut self.state {
             State::Hashed { v, .. } => (self.layer.size, v as &mut dyn Read),
             State::Spooled(f) => {
-                let len = f.get_ref().metadata().with_context(|| format!("{}: cannot stat the decompressed {}", self.base.display(), self.layer.member))?.len();
+                let len = f.get_ref().metadata().with_context(|| format!("{}: cannot stat the decompressed {}", self.who.1.display(), self.layer.member))?.len();
                 (len, f as &mut dyn Read)
             }
             State::Unread => unreachable!("opened above"),
@@ -134,7 +146,7 @@ impl<'a> LayerBytes<'a> {
     }
 
     fn open(&mut self, spool: bool) -> Result<()> {
-        let what = || format!("{}: member {}", self.base.display(), self.layer.member);
+        let what = || format!("{}: member {}", self.who.1.display(), self.layer.member);
         let raw = self.raw.take().ok_or_else(|| anyhow!("internal error: {} opened twice", what()))?;
         let (kind, inner) = crate::compress::decoder(raw).map_err(|e| anyhow!("cannot read {}: {e}", what()))?;
         let plain = kind == crate::compress::Compression::None;
@@ -164,40 +176,40 @@ impl<'a> LayerBytes<'a> {
     }
 
     fn check(&self, v: Verify) -> Result<()> {
-        check(self.layer, self.base, v)
+        check(self.layer, self.who, v)
     }
 
     /// After the caller: what it left unread of a layer it read still counts.
     fn finish(self) -> Result<()> {
-        let LayerBytes { layer, base, state, .. } = self;
+        let LayerBytes { layer, who, state, .. } = self;
         let State::Hashed { mut v, plain } = state else { return Ok(()) };
-        io::copy(&mut v, &mut io::sink()).map_err(|e| anyhow!("cannot read {}: member {}: {e}", base.display(), layer.member))?;
+        io::copy(&mut v, &mut io::sink()).map_err(|e| anyhow!("cannot read {}: member {}: {e}", who.1.display(), layer.member))?;
         if plain && v.read != layer.size {
-            bail!(broken(base, format!("layer {} is truncated", layer.member)));
+            bail!(broken(who, format!("layer {} is truncated", layer.member)));
         }
-        check(layer, base, v)
+        check(layer, who, v)
     }
 }
 
-fn check(layer: &BaseLayer, base: &Path, v: Verify) -> Result<()> {
+fn check(layer: &BaseLayer, who: Who, v: Verify) -> Result<()> {
     let got = format!("sha256:{}", hex(&v.hasher.finalize()));
     if got != layer.diff_id {
-        bail!(broken(base, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
+        bail!(broken(who, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
     }
     Ok(())
 }
 
 /// The `sha256:` diff_ids of an image config.
-fn diff_ids(path: &Path, config_name: &str, image_json: &Value) -> Result<Vec<String>> {
+fn diff_ids(who: Who, config_name: &str, image_json: &Value) -> Result<Vec<String>> {
     image_json
         .pointer("/rootfs/diff_ids")
         .and_then(Value::as_array)
-        .ok_or_else(|| broken(path, format!("{config_name} has no rootfs.diff_ids")))?
+        .ok_or_else(|| broken(who, format!("{config_name} has no rootfs.diff_ids")))?
         .iter()
         .map(|d| {
             d.as_str()
                 .and_then(|d| check_sha256_digest(d).ok().map(|_| d.to_owned()))
-                .ok_or_else(|| broken(path, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
+                .ok_or_else(|| broken(who, format!("{config_name}: bad diff_id {d} (not sha256: and 64 lowercase hex digits)")))
         })
         .collect()
 }
@@ -212,103 +224,104 @@ impl BaseImage {
     /// archive, of [`crate::image::read::select_index_entry`] in an OCI one).
     pub fn load_selected(path: &Path, sel: &Selector) -> Result<Self> {
         // Without a name, a Docker archive's first image, as nixpkgs takes a base image's.
-        Self::load_with(path, sel, Some(ArchivePick::named_or_first(sel.wanted().as_deref())))
+        Self::load_with(path, sel, Some(ArchivePick::named_or_first(sel.wanted().as_deref())), "base image")
     }
 
     /// The image `pick` names (none: the only one) of a Docker archive, or the only image of
     /// an OCI one, as `push docker-archive:FILE[:NAME:TAG|:@N]` asks for it.
     pub fn load_picked(path: &Path, pick: Option<&ArchivePick>) -> Result<Self> {
-        Self::load_with(path, &Selector::default(), pick.cloned())
+        Self::load_with(path, &Selector::default(), pick.cloned(), "source")
     }
 
-    fn load_with(path: &Path, sel: &Selector, pick: Option<ArchivePick>) -> Result<Self> {
+    fn load_with(path: &Path, sel: &Selector, pick: Option<ArchivePick>, role: &'static str) -> Result<Self> {
+        let who = Who(role, path);
         let store = if path.is_dir() {
             Store::Dir(path.to_owned())
         } else {
-            Store::Archive(ArchiveIndex::load(path).map_err(|e| anyhow!("base image {e:#}"))?)
+            Store::Archive(ArchiveIndex::load(path).map_err(|e| anyhow!("{role} {e:#}"))?)
         };
         // (config member, its JSON, layers by member path, given sizes where the manifest has them)
         let (config_name, image_json, layer_paths, sizes) = match &store {
             Store::Archive(index) if index.contains("manifest.json") => {
-                let manifest = index.json("manifest.json").map_err(|e| anyhow!("base image {e:#}"))?;
-                let first = select_manifest_entry(&manifest, pick.as_ref(), path).map_err(|e| anyhow!("base image {e}"))?;
-                let config_name = first.get("Config").and_then(Value::as_str).ok_or_else(|| broken(path, "manifest.json has no \"Config\""))?.to_owned();
-                let image_json = index.json(&config_name).map_err(|e| anyhow!("base image {e:#}"))?;
+                let manifest = index.json("manifest.json").map_err(|e| anyhow!("{role} {e:#}"))?;
+                let first = select_manifest_entry(&manifest, pick.as_ref(), path).map_err(|e| anyhow!("{role} {e}"))?;
+                let config_name = first.get("Config").and_then(Value::as_str).ok_or_else(|| broken(who, "manifest.json has no \"Config\""))?.to_owned();
+                let image_json = index.json(&config_name).map_err(|e| anyhow!("{role} {e:#}"))?;
                 let layer_paths: Vec<String> = first
                     .get("Layers")
                     .and_then(Value::as_array)
-                    .ok_or_else(|| broken(path, "manifest.json has no \"Layers\""))?
+                    .ok_or_else(|| broken(who, "manifest.json has no \"Layers\""))?
                     .iter()
-                    .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| broken(path, "a layer path in manifest.json is not a string")))
+                    .map(|l| l.as_str().map(str::to_owned).ok_or_else(|| broken(who, "a layer path in manifest.json is not a string")))
                     .collect::<Result<_>>()?;
                 let n = layer_paths.len();
                 (config_name, image_json, layer_paths, vec![None; n])
             }
             Store::Archive(index) if !index.contains("index.json") => {
-                bail!(broken(path, "neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)"))
+                bail!(broken(who, "neither a Docker archive (no manifest.json) nor an OCI archive (no index.json)"))
             }
             Store::Archive(_) | Store::Dir(_) => {
                 let oci = match &store {
                     Store::Archive(index) => OciStore::Archive(index),
                     Store::Dir(dir) => OciStore::Dir(dir),
                 };
-                let (manifest, digest) = oci_manifest(&oci, sel, path).map_err(|e| anyhow!("base image {e:#}"))?;
-                let config = manifest.get("config").ok_or_else(|| broken(path, format!("manifest {digest} has no config")))?;
+                let (manifest, digest) = oci_manifest(&oci, sel, path).map_err(|e| anyhow!("{role} {e:#}"))?;
+                let config = manifest.get("config").ok_or_else(|| broken(who, format!("manifest {digest} has no config")))?;
                 if let Some(t) = config.get("mediaType").and_then(Value::as_str).filter(|t| !CONFIG_TYPES.contains(t)) {
-                    bail!(broken(path, format!("manifest {digest}: config media type {t} is not a container image's")));
+                    bail!(broken(who, format!("manifest {digest}: config media type {t} is not a container image's")));
                 }
-                let config_digest = config.get("digest").and_then(Value::as_str).ok_or_else(|| broken(path, format!("manifest {digest}: the config has no digest")))?;
-                let config_name = blob_name(config_digest).map_err(|e| broken(path, format!("manifest {digest}: config: {e}")))?;
-                let bytes = oci.bytes(&config_name).map_err(|e| anyhow!("base image {e:#}"))?;
+                let config_digest = config.get("digest").and_then(Value::as_str).ok_or_else(|| broken(who, format!("manifest {digest}: the config has no digest")))?;
+                let config_name = blob_name(config_digest).map_err(|e| broken(who, format!("manifest {digest}: config: {e}")))?;
+                let bytes = oci.bytes(&config_name).map_err(|e| anyhow!("{role} {e:#}"))?;
                 if format!("sha256:{}", hex(&Sha256::digest(&bytes))) != config_digest {
-                    bail!(broken(path, format!("{config_name} does not match its digest")));
+                    bail!(broken(who, format!("{config_name} does not match its digest")));
                 }
-                let image_json = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| broken(path, format!("{config_name}: {e:#}")))?;
+                let image_json = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| broken(who, format!("{config_name}: {e:#}")))?;
                 let mut layer_paths = Vec::new();
                 let mut sizes = Vec::new();
-                for l in manifest.get("layers").and_then(Value::as_array).ok_or_else(|| broken(path, format!("manifest {digest} has no layers")))? {
+                for l in manifest.get("layers").and_then(Value::as_array).ok_or_else(|| broken(who, format!("manifest {digest} has no layers")))? {
                     if let Some(t) = l.get("mediaType").and_then(Value::as_str).filter(|t| !is_layer_type(t)) {
-                        bail!(broken(path, format!("manifest {digest}: layer media type {t} is not a tar, gzip or zstd layer")));
+                        bail!(broken(who, format!("manifest {digest}: layer media type {t} is not a tar, gzip or zstd layer")));
                     }
-                    let d = l.get("digest").and_then(Value::as_str).ok_or_else(|| broken(path, format!("manifest {digest}: a layer has no digest")))?;
-                    layer_paths.push(blob_name(d).map_err(|e| broken(path, format!("manifest {digest}: layer: {e}")))?);
+                    let d = l.get("digest").and_then(Value::as_str).ok_or_else(|| broken(who, format!("manifest {digest}: a layer has no digest")))?;
+                    layer_paths.push(blob_name(d).map_err(|e| broken(who, format!("manifest {digest}: layer: {e}")))?);
                     sizes.push(l.get("size").and_then(Value::as_u64));
                 }
                 (config_name, image_json, layer_paths, sizes)
             }
         };
-        let diff_ids = diff_ids(path, &config_name, &image_json)?;
+        let diff_ids = diff_ids(who, &config_name, &image_json)?;
         if diff_ids.len() != layer_paths.len() {
             bail!(broken(
-                path,
+                who,
                 format!("the manifest lists {} layers but the config has {} diff_ids", layer_paths.len(), diff_ids.len())
             ));
         }
         if !image_json.get("config").is_none_or(|c| c.is_object() || c.is_null()) {
-            bail!(broken(path, format!("{config_name}: \"config\" is not an object")));
+            bail!(broken(who, format!("{config_name}: \"config\" is not an object")));
         }
         let mut layers: Vec<BaseLayer> = Vec::new();
         for ((manifest_path, diff_id), given) in layer_paths.into_iter().zip(diff_ids).zip(sizes) {
             let (member, size) = match &store {
                 Store::Archive(index) => {
-                    let m = index.resolve(&manifest_path).map_err(|e| anyhow!("base image {e:#}"))?;
+                    let m = index.resolve(&manifest_path).map_err(|e| anyhow!("{role} {e:#}"))?;
                     (m.name, m.size)
                 }
                 Store::Dir(dir) => {
-                    let meta = crate::util::limits::check_regular(&dir.join(&manifest_path)).map_err(|e| anyhow!("base image {e:#}"))?;
+                    let meta = crate::util::limits::check_regular(&dir.join(&manifest_path)).map_err(|e| anyhow!("{role} {e:#}"))?;
                     (manifest_path.clone(), meta.len())
                 }
             };
             if given.is_some_and(|g| g != size) {
-                bail!(broken(path, format!("layer {member} is {size} bytes, but the manifest says {}", given.unwrap_or_default())));
+                bail!(broken(who, format!("layer {member} is {size} bytes, but the manifest says {}", given.unwrap_or_default())));
             }
             // One member serving two layers must be one layer (it has one digest).
             if let Some(other) = layers.iter().find(|l| l.member == member && l.diff_id != diff_id) {
-                bail!(broken(path, format!("layer member {member} is given two diff_ids, {} and {diff_id}", other.diff_id)));
+                bail!(broken(who, format!("layer member {member} is given two diff_ids, {} and {diff_id}", other.diff_id)));
             }
             layers.push(BaseLayer { manifest_path, member, diff_id, size });
         }
-        Ok(BaseImage { path: path.to_owned(), image_json, layers, config_name, store })
+        Ok(BaseImage { path: path.to_owned(), image_json, layers, config_name, store, role })
     }
 
     /// The base image's `Env`, if any.
@@ -339,7 +352,7 @@ impl BaseImage {
         }
         let mut scratch: Option<TempDir> = None;
         let mut one = |layer: &BaseLayer, raw: Box<dyn Read + '_>, scratch: &mut Option<TempDir>| -> Result<()> {
-            let mut bytes = LayerBytes { layer, base: &self.path, raw: Some(raw), scratch, state: State::Unread };
+            let mut bytes = LayerBytes { layer, who: Who(self.role, &self.path), raw: Some(raw), scratch, state: State::Unread };
             f(layer, &mut bytes)?;
             bytes.finish()
         };
