@@ -273,7 +273,7 @@ impl BaseImage {
                 let config_digest = config.get("digest").and_then(Value::as_str).ok_or_else(|| broken(who, format!("manifest {digest}: the config has no digest")))?;
                 let config_name = blob_name(config_digest).map_err(|e| broken(who, format!("manifest {digest}: config: {e}")))?;
                 let bytes = oci.bytes(&config_name).map_err(|e| anyhow!("{role} {e:#}"))?;
-                if format!("sha256:{}", hex(&Sha256::digest(&bytes))) != config_digest {
+                if crate::util::sha256_digest(&bytes) != config_digest {
                     bail!(broken(who, format!("{config_name} does not match its digest")));
                 }
                 let image_json = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| broken(who, format!("{config_name}: {e:#}")))?;

@@ -518,7 +518,7 @@ pub fn oci_manifest(src: &OciStore, sel: &Selector, what: &Path) -> Result<(Valu
         let digest = desc["digest"].as_str().ok_or_else(|| anyhow!("{}: a descriptor has no digest", what.display()))?.to_string();
         let name = blob_name(&digest)?;
         let bytes = src.bytes(&name)?;
-        if format!("sha256:{}", hex(&Sha256::digest(&bytes))) != digest {
+        if crate::util::sha256_digest(&bytes) != digest {
             bail!("{}: {name} does not match its digest", what.display());
         }
         let doc: Value = parse_json(&bytes, METADATA_VALUES).map_err(|e| anyhow!("{}: {name}: {e:#}", what.display()))?;

@@ -362,7 +362,7 @@ pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> R
     };
     let index = json!({"schemaVersion": 2, "mediaType": index_type, "manifests": entries});
     let bytes = serde_json::to_vec(&index)?;
-    let digest = source::sha256_digest(&bytes);
+    let digest = crate::util::sha256_digest(&bytes);
     let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
     reg.put_manifest(&dest.repo, &digest, index_type, &bytes)?;
     reg.put_manifest(&dest.repo, &tag, index_type, &bytes)?;

@@ -9,7 +9,7 @@
 use super::auth::Reference;
 use super::client::{check_length, read_sized, Registry, Tries, DOCKER_LIST, JSON_LIMIT};
 use super::http::{io_failure, NetError};
-use super::source::sha256_digest;
+use crate::util::sha256_digest;
 use crate::compress::{detect, Compression};
 use crate::util::hex;
 use crate::util::progress::Progress;

@@ -9,7 +9,7 @@ use crate::image::read::{blob_name, ArchiveIndex, ArchivePick, OciStore};
 use crate::util::limits::{parse_json, METADATA_VALUES};
 use crate::image::base::BaseImage;
 use crate::compress::{Compressor, Pipeline};
-use crate::util::hex;
+use crate::util::{hex, sha256_digest};
 use crate::image::{ImageSpec, LayerSink};
 use crate::util::progress::Progress;
 use crate::util::io::out_err;
@@ -17,7 +17,6 @@ use crate::util::io::HashingWriter;
 use crate::image::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
@@ -65,10 +64,6 @@ impl Plan<'_> {
     pub fn top(&self) -> &ManifestPut {
         self.manifests.last().expect("a plan has a manifest")
     }
-}
-
-pub fn sha256_digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(data)))
 }
 
 /// Which manifest media types a push writes.

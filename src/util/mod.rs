@@ -10,6 +10,12 @@ pub mod progress;
 pub mod settings;
 pub mod shared;
 
+/// `sha256:` and the lower-case hex SHA-256 of `data`: a blob's digest as OCI writes it.
+pub fn sha256_digest(data: &[u8]) -> String {
+    use sha2::Digest as _;
+    format!("sha256:{}", hex(&sha2::Sha256::digest(data)))
+}
+
 /// Lower-case hex of `bytes`.
 pub fn hex(bytes: &[u8]) -> String {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
