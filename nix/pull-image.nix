@@ -10,7 +10,8 @@
 #   pullImage = import ./pull-image.nix { inherit stevedore pkgs; };
 #
 # `stevedore` is the package (a derivation or a directory with bin/stevedore). Only builtins
-# are used; `pkgs` is consulted for the host platform's default architecture and nothing else.
+# are used (lib.nix's helpers too); `pkgs` is consulted for the host platform's default
+# architecture and nothing else.
 # No credentials: like nixpkgs' pullImage, the image must be pullable anonymously (anything
 # given to the builder would end up in the derivation, and so in the store).
 {
@@ -19,18 +20,19 @@
   ...
 }:
 let
-  stevedoreBin = "${stevedore}/bin/stevedore";
-
-  platform = import ./platform.nix { inherit stevedore pkgs; };
-  inherit (platform) buildSystem hostSystem;
+  # The binary, the platform, and the result as mkDerivation's (passthru, meta, overrideAttrs).
+  inherit (import ./lib.nix { inherit stevedore pkgs; })
+    stevedoreBin
+    platform
+    buildSystem
+    hostSystem
+    mkResult
+    ;
   defaultArchitecture = platform.defaultArchitecture (
     throw "pullImage: no default architecture for ${hostSystem}; pass `arch`"
   );
 
   fixName = name: builtins.replaceStrings [ "/" ":" ] [ "-" "-" ] name;
-
-  # The result as mkDerivation's: passthru, meta, overrideAttrs (lib.nix).
-  inherit (import ./lib.nix { inherit stevedore pkgs; }) mkResult;
 
   # What nixpkgs' fetchers use for "no hash yet" (lib.fakeHash, lib.fakeSha256): the build
   # fails and prints the real one.
