@@ -252,8 +252,8 @@ pub fn add_to_index(dir: &Path, manifest: &Descriptor, name: Option<&str>) -> Re
         // As containerd writes them (`ctr images export`): the fully qualified name, which
         // `ctr images import`, Kubernetes' CRI and podman name the image by, and the OCI
         // spec's bare tag, which skopeo's `oci:DIR:TAG` and umoci find it by.
-        let full = crate::image::reference::normalized_repo_tag(name)?;
-        let tag = crate::image::reference::tag_of(&full).unwrap_or("latest").to_string();
+        let (repo, tag) = crate::image::reference::normalized_name_tag(name)?;
+        let full = format!("{repo}:{tag}");
         manifests.retain(|m| crate::image::read::EntryName::of(m).full.as_deref() != Some(full.as_str()));
         entry["annotations"] = json!({"io.containerd.image.name": full, "org.opencontainers.image.ref.name": tag});
     }

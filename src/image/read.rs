@@ -611,9 +611,8 @@ pub fn select_index_entry<'m>(index: &'m Value, wanted: Option<IndexRef>, what: 
     let normal = |n: &str| crate::image::reference::normalized_repo_tag(n).map_err(|e| anyhow!("{what}: {e}"));
     let (full, bare, wanted) = match wanted {
         IndexRef::Ref(r) if r.contains([':', '/']) => {
-            let full = normal(r)?;
-            let tag = crate::image::reference::tag_of(&full).unwrap_or("latest").to_string();
-            (Some(full), tag, r.to_string())
+            let (name, tag) = crate::image::reference::normalized_name_tag(r).map_err(|e| anyhow!("{what}: {e}"))?;
+            (Some(format!("{name}:{tag}")), tag, r.to_string())
         }
         IndexRef::Ref(r) => (None, r.to_string(), r.to_string()),
         IndexRef::Name(n, t) => {
