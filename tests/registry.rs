@@ -347,10 +347,22 @@ fn push_conf_then_pull_it_back() {
     let push_cached = |conf: &Path, dest: &str| {
         ok(stevedore(&["push", conf.to_str().unwrap(), dest, "--insecure"], &[("XDG_CACHE_HOME", &cache)]), "push")
     };
-    let (digest, stderr) = push_cached(&conf, &dest);
+    // Compressed once: each layer goes up from the spool file the digest pass wrote, and the
+    // spool is gone afterwards.
+    let tmp = dir.path().join("tmp");
+    fs::create_dir(&tmp).unwrap();
+    let (digest, stderr) = ok(stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure"], &[("XDG_CACHE_HOME", &cache), ("TMPDIR", &tmp)]), "push");
     assert!(stderr.contains("Compressing 8 layers to learn their digests"), "{stderr}");
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
     assert!(stderr.lines().filter(|l| l.contains(": uploaded ")).count() == 9, "{stderr}");
+    assert_eq!(stderr.lines().filter(|l| l.contains(" bytes (layer ")).count(), 8, "{stderr}");
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "the spool was left behind");
+    // With the digests cached, a registry that lacks the layers gets them made again straight
+    // into the upload: the same blobs.
+    let (other, stderr) = push_cached(&conf, &format!("docker://{}/team/other:v1", reg.addr()));
+    assert_eq!(other, digest);
+    assert!(stderr.contains("Hashing 8 layers") && !stderr.contains("Compressing"), "{stderr}");
+    assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
     // Layers compress side by side on every thread count, to the same blobs.
     for threads in ["1", "16"] {
         let fresh = dir.path().join(format!("cache-{threads}"));
@@ -616,11 +628,15 @@ fn failed_uploads_are_retried() {
     let dir = tempfile::tempdir().unwrap();
     let (conf, expected, _) = direct_image(&reg, dir.path());
 
-    for (fault, chunk) in [(Fault::Fail503(3), "64K"), (Fault::Drop(2), "64M"), (Fault::Drop(2), "200K")] {
+    // Digests cached (layers made again into the upload) or not (uploaded from the spool).
+    let fresh = |name: &str| Some(dir.path().join(name));
+    for (fault, chunk, cache) in [(Fault::Fail503(3), "64K", None), (Fault::Drop(2), "64M", None), (Fault::Drop(2), "200K", None), (Fault::Fail503(3), "64K", fresh("c1")), (Fault::Drop(2), "200K", fresh("c2"))] {
         let proxy = start_proxy(reg.port, fault);
         let repo = format!("flaky{}", proxy.port);
         let dest = format!("docker://127.0.0.1:{}/{repo}:v1", proxy.port);
-        let (digest, stderr) = push(&conf, &dest, &["--chunk-size", chunk]);
+        let args = ["push", conf.to_str().unwrap(), &dest, "--insecure", "--chunk-size", chunk];
+        let env: Vec<(&str, &Path)> = cache.iter().map(|c| ("XDG_CACHE_HOME", c.as_path())).collect();
+        let (digest, stderr) = ok(stevedore(&args, &env), &format!("push to {dest}"));
         assert_eq!(digest, expected);
         assert!(stderr.contains("retrying from its start"), "{stderr}");
         assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
@@ -633,13 +649,19 @@ fn failed_uploads_are_retried() {
         assert_whole(&format!("docker://{}/{repo}:v1", reg.addr()), &dir.path().join(format!("{repo}.tar")));
     }
 
-    // A registry that never recovers gives up with one line.
+    // A registry that never recovers gives up with one line, with digests cached or not (then
+    // the failure comes from the upload beside the digest pass, which stops; no spool is left).
     let proxy = start_proxy(reg.port, Fault::Fail503(1000));
-    let out = stevedore(&["push", conf.to_str().unwrap(), &format!("docker://127.0.0.1:{}/down:v1", proxy.port), "--insecure", "--retries", "1", "-q"], &[]);
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
-    assert!(stderr.contains("503"), "{stderr}");
+    let (cache, tmp) = (dir.path().join("down-cache"), dir.path().join("down-tmp"));
+    fs::create_dir(&tmp).unwrap();
+    for env in [vec![], vec![("XDG_CACHE_HOME", cache.as_path()), ("TMPDIR", tmp.as_path())]] {
+        let out = stevedore(&["push", conf.to_str().unwrap(), &format!("docker://127.0.0.1:{}/down:v1", proxy.port), "--insecure", "--retries", "1", "-q"], &env);
+        assert!(!out.status.success());
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains("503"), "{stderr}");
+    }
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "the spool was left behind");
 }
 
 #[test]

@@ -26,7 +26,7 @@ use client::Registry;
 use pull::Platform;
 use serde_json::{json, Value};
 pub use source::ManifestFormat;
-use source::{BlobData, ConfPass, DockerArchivePass, Plan, Source};
+use source::{BlobData, ConfPass, DockerArchivePass, Plan, Source, Spool};
 use std::path::PathBuf;
 
 /// How a push compresses and uploads (the `push` and `index` options).
@@ -146,9 +146,9 @@ fn push_options(opts: &Push) -> push::PushOptions {
     push::PushOptions { mount_from: opts.mount_from.clone(), chunk_size: opts.chunk_size }
 }
 
-/// Builds the plan for `source` (its manifests in `format`) and hands it to `f`; plans borrow
-/// from the loaded inputs.
-fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
+/// Builds the plan for `source` (its manifests in `format`; layers compressed to learn their
+/// digests kept in `spool`) and hands it to `f`; plans borrow from the loaded inputs.
+fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, spool: Option<&Spool>, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
     let finish = |mut plan: Plan| -> Result<T> {
         if format == ManifestFormat::V2s2 {
             source::into_docker_manifests(&mut plan).map_err(|e| anyhow!("{source}: {e:#}"))?;
@@ -159,11 +159,11 @@ fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, pr
         Source::Conf(path) => {
             let conf = crate::image::conf::StreamConf::load(&path, &crate::image::conf::now())?;
             let pass = ConfPass { spec: ImageSpec::new(&conf)?, compressor };
-            finish(source::plan_conf(&pass, progress)?)
+            finish(source::plan_conf(&pass, spool, progress)?)
         }
         Source::DockerArchive(path, pick) => {
             let pass = DockerArchivePass { base: crate::image::base::BaseImage::load_picked(&path, pick.as_ref())?, compressor };
-            finish(source::plan_docker_archive(&pass, progress)?)
+            finish(source::plan_docker_archive(&pass, spool, progress)?)
         }
         Source::OciDir(dir, r) => finish(source::plan_oci(&OciStore::Dir(&dir), r.as_deref())?.0),
         Source::OciArchive(path, r) => {
@@ -176,19 +176,39 @@ fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, pr
     }
 }
 
+/// Plans `source` and pushes it to `repo` (and `tag`), then hands the plan to `then`. Layers
+/// compressed to learn their digests go up from the spool while the plan is still being made.
+fn push_source<T>(reg: &Registry, repo: &str, tag: Option<&str>, source: &str, push: &Push, progress: &Progress, then: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
+    let opts = push_options(push);
+    let (ready, spooled) = std::sync::mpsc::channel();
+    let spool = Spool::new(ready)?;
+    std::thread::scope(|scope| {
+        let mut early = Some(scope.spawn(|| push::upload_spooled(reg, repo, spooled, &spool, &opts, progress)));
+        let joined = |handle: std::thread::ScopedJoinHandle<'_, Result<push::Settled>>| handle.join().unwrap_or_else(|_| Err(anyhow!("internal error: the upload thread panicked")));
+        let planned = with_plan(source, push.compressor, push.manifest_format, Some(&spool), progress, |plan| {
+            spool.close();
+            let settled = joined(early.take().expect("joined once"))?;
+            push::push_plan(reg, repo, tag, plan, &opts, settled, progress)?;
+            then(plan)
+        });
+        spool.close();
+        match (planned, early.take().map(joined)) {
+            // The pass stopped because an upload failed: that is the cause to tell.
+            (Err(_), Some(Err(upload))) => Err(upload),
+            (planned, _) => planned,
+        }
+    })
+}
+
 /// Pushes `source` (a conf, OCI layout, oci-archive or Docker archive) to `dest`
 /// (`docker://REGISTRY/REPO[:TAG]`); returns the manifest's digest.
 pub fn push(source: &str, dest: &str, push: &Push, connect: &Connect) -> Result<String> {
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
     push.check()?;
-    let opts = push_options(push);
     let reg = Registry::connect(&dest, connect, push_scopes(&dest, push))?;
     let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
-    let digest = with_plan(source, push.compressor, push.manifest_format, &progress, |plan| {
-        push::push_plan(&reg, &dest.repo, Some(&tag), plan, &opts, &progress)?;
-        Ok(plan.top().digest.clone())
-    })?;
+    let digest = push_source(&reg, &dest.repo, Some(&tag), source, push, &progress, |plan| Ok(plan.top().digest.clone()))?;
     progress.say(format!("pushed {}:{tag}@{digest}", dest.name()));
     Ok(digest)
 }
@@ -291,8 +311,6 @@ pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> R
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
     push.check()?;
-    let compressor = push.compressor;
-    let opts = push_options(push);
     let mut scopes = push_scopes(&dest, push);
     let mut refs = Vec::new();
     for image in images {
@@ -315,9 +333,8 @@ pub fn index(dest: &str, images: &[String], push: &Push, connect: &Connect) -> R
         let (digest, media_type, size, platform) = match r {
             None => {
                 progress.say(format!("pushing {image}"));
-                with_plan(image, compressor, push.manifest_format, &progress, |plan| {
+                push_source(&reg, &dest.repo, None, image, push, &progress, |plan| {
                     let platform = platform_of(&plan_config(plan).map_err(|e| anyhow!("{image}: {e}"))?, image)?;
-                    push::push_plan(&reg, &dest.repo, None, plan, &opts, &progress)?;
                     let top = plan.top();
                     Ok((top.digest.clone(), top.media_type.clone(), top.bytes.len() as u64, platform))
                 })?

@@ -1,19 +1,22 @@
 //! Pushing a plan: HEAD every blob, mount what another repository has, upload the rest
-//! (streamed from the pass, or from files), then the manifests and the tag.
+//! (from files, the spooled layers as soon as the digest pass completes each, or streamed from
+//! the pass), then the manifests and the tag.
 
 use super::client::{with_digest, Registry, Tries};
 use super::http::{io_failure, BodyWriter, Url};
-use super::source::{Blob, BlobData, Plan};
+use super::source::{Blob, BlobData, Plan, Spool, Spooled};
 use crate::compress::{Compressor, Pipeline};
 use crate::util::hex;
 use crate::image::{LayerSink};
 use crate::util::progress::Progress;
 use crate::util::io::HashingWriter;
 use anyhow::{anyhow, bail, Context, Result};
+use sha2::{Digest, Sha256};
 use std::cell::RefCell;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, Read, Write};
 use std::rc::Rc;
+use std::sync::mpsc::Receiver;
 use std::time::Instant;
 
 pub struct PushOptions {
@@ -296,14 +299,35 @@ impl LayerSink for UploadSink<'_, '_> {
     }
 }
 
-/// Uploads a blob whose bytes can be read again from the start (memory or a file).
-fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) -> Result<()> {
+/// A writer that hashes what passes, if asked to.
+struct Verifying<W> {
+    inner: W,
+    hasher: Option<Sha256>,
+}
+
+impl<W: Write> Write for Verifying<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(data)?;
+        if let Some(h) = &mut self.hasher {
+            h.update(&data[..n]);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// Uploads a blob whose bytes can be read again from the start (memory or a file), checking
+/// its digest on the way if `verify` (not for the spool's files, which were hashed as they were
+/// written; the registry checks every digest anyway).
+fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions, verify: bool, progress: &Progress) -> Result<()> {
     let mut tries = Tries::new(reg.retries);
     loop {
         let error = Rc::new(RefCell::new(None));
         let result = (|| -> Result<()> {
             let mut body = upload_body(reg, repo, &blob.digest, blob.size, opts, error.clone());
-            let mut hw = HashingWriter::new(&mut body);
+            let mut hw = Verifying { inner: &mut body, hasher: verify.then(Sha256::new) };
             match &blob.data {
                 BlobData::Bytes(b) => hw.write_all(b)?,
                 BlobData::File(p) => {
@@ -319,10 +343,11 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) ->
                 }
                 BlobData::Pass(_) => bail!("internal error: pass blob uploaded directly"),
             }
-            let (_, digest, _) = hw.finish();
-            let got = format!("sha256:{}", hex(&digest));
-            if got != blob.digest {
-                bail!("blob {} has digest {got}: the file changed or is corrupt", blob.digest);
+            if let Some(hasher) = hw.hasher {
+                let got = format!("sha256:{}", hex(&hasher.finalize()));
+                if got != blob.digest {
+                    bail!("blob {} has digest {got}: the file changed or is corrupt", blob.digest);
+                }
             }
             body.complete()
         })();
@@ -330,40 +355,84 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions) ->
             Ok(()) => return Ok(()),
             Err(e) => {
                 let e = error.borrow_mut().take().unwrap_or(e);
-                std::thread::sleep(tries.after_error(&e).ok_or(e)?);
+                let wait = tries.after_error(&e).ok_or(e)?;
+                progress.say(format!("{}: upload failed; retrying from its start", short(&blob.digest)));
+                std::thread::sleep(wait);
             }
         }
     }
 }
 
+/// Whether `blob` still has to be uploaded: not if the registry has it in `repo` already or
+/// can mount it from one of `--mount-from`'s repositories (counted in `summary`).
+fn needs_upload(reg: &Registry, repo: &str, digest: &str, what: &str, size: u64, opts: &PushOptions, summary: &mut Summary, progress: &Progress) -> Result<bool> {
+    summary.blobs += 1;
+    if reg.blob_exists(repo, digest)?.is_some() {
+        progress.say(format!("{}: exists ({what}, {})", short(digest), mib(size)));
+        summary.existed += 1;
+        return Ok(false);
+    }
+    for from in &opts.mount_from {
+        if from != repo && reg.mount(repo, digest, from)? {
+            progress.say(format!("{}: mounted from {from} ({what}, {})", short(digest), mib(size)));
+            summary.mounted += 1;
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Blobs a push dealt with before its plan was complete.
+#[derive(Default)]
+pub struct Settled {
+    pub digests: HashSet<String>,
+    pub summary: Summary,
+}
+
+/// Uploads the layers the plan's digest pass spools, each as soon as it is complete (while the
+/// pass compresses the next ones), and removes their files. Runs until the spool is closed; on
+/// a failure it tells the spool, so the pass stops, and returns the cause.
+pub fn upload_spooled(reg: &Registry, repo: &str, ready: Receiver<Spooled>, spool: &Spool, opts: &PushOptions, progress: &Progress) -> Result<Settled> {
+    let mut settled = Settled::default();
+    let result = (|| -> Result<()> {
+        for layer in ready {
+            if settled.digests.contains(&layer.digest) {
+                let _ = std::fs::remove_file(&layer.path);
+                continue;
+            }
+            if needs_upload(reg, repo, &layer.digest, &layer.what, layer.size, opts, &mut settled.summary, progress)? {
+                let blob = Blob { digest: layer.digest.clone(), size: layer.size, data: BlobData::File(layer.path.clone()), what: layer.what };
+                upload_direct(reg, repo, &blob, opts, false, progress)?;
+                progress.say(format!("{}: uploaded {} bytes ({})", short(&blob.digest), blob.size, blob.what));
+                settled.summary.uploaded += 1;
+                settled.summary.uploaded_bytes += blob.size;
+            }
+            let _ = std::fs::remove_file(&layer.path);
+            settled.digests.insert(layer.digest);
+        }
+        Ok(())
+    })();
+    match result {
+        Ok(()) => Ok(settled),
+        Err(e) => {
+            spool.fail();
+            Err(e)
+        }
+    }
+}
+
 /// Pushes everything in `plan` to `repo`, then puts its manifests (children by digest, the
-/// top one by digest and then by `tag`, if any).
-pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opts: &PushOptions, progress: &Progress) -> Result<Summary> {
+/// top one by digest and then by `tag`, if any). Blobs in `settled` were dealt with already.
+pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opts: &PushOptions, settled: Settled, progress: &Progress) -> Result<Summary> {
     let started = Instant::now();
-    let mut summary = Summary::default();
-    let mut seen = HashSet::new();
+    let mut summary = settled.summary;
+    let mut seen = settled.digests;
     let mut missing: Vec<&Blob> = Vec::new();
     for blob in &plan.blobs {
         if !seen.insert(blob.digest.clone()) {
             continue;
         }
-        summary.blobs += 1;
-        if reg.blob_exists(repo, &blob.digest)?.is_some() {
-            progress.say(format!("{}: exists ({}, {})", short(&blob.digest), blob.what, mib(blob.size)));
-            summary.existed += 1;
-            continue;
-        }
-        let mut mounted = false;
-        for from in &opts.mount_from {
-            if from != repo && reg.mount(repo, &blob.digest, from)? {
-                progress.say(format!("{}: mounted from {from} ({}, {})", short(&blob.digest), blob.what, mib(blob.size)));
-                mounted = true;
-                break;
-            }
-        }
-        if mounted {
-            summary.mounted += 1;
-        } else {
+        if needs_upload(reg, repo, &blob.digest, &blob.what, blob.size, opts, &mut summary, progress)? {
             missing.push(blob);
         }
     }
@@ -377,7 +446,7 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
             }
             _ if blob.what == "config" => {}
             _ => {
-                upload_direct(reg, repo, blob, opts)?;
+                upload_direct(reg, repo, blob, opts, true, progress)?;
                 progress.say(format!("{}: uploaded {} bytes", short(&blob.digest), blob.size));
                 summary.uploaded += 1;
                 summary.uploaded_bytes += blob.size;
@@ -414,7 +483,7 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
     // Configs last among blobs: a registry may check a manifest's blobs, never the reverse.
     for blob in &missing {
         if blob.what == "config" && !matches!(blob.data, BlobData::Pass(_)) {
-            upload_direct(reg, repo, blob, opts)?;
+            upload_direct(reg, repo, blob, opts, true, progress)?;
             progress.say(format!("{}: uploaded {} bytes (config)", short(&blob.digest), blob.size));
             summary.uploaded += 1;
             summary.uploaded_bytes += blob.size;

@@ -2,8 +2,10 @@
 //! a Docker archive, each turned into a `Plan` (blobs and manifests with their digests).
 //!
 //! Layers that are made on the fly (a conf's store layers, a Docker archive's uncompressed
-//! layers) are produced twice: once to learn their compressed digests, once, for the blobs
-//! the registry lacks, straight into the upload. Nothing is staged on disk.
+//! layers) are compressed once to learn their digests. A push keeps them in a `Spool` on disk
+//! as they are made and uploads from there, each as soon as it is complete. A layer whose
+//! digest the cache knew is only hashed; if the registry lacks it, it is made again, straight
+//! into the upload.
 
 use crate::image::read::{blob_name, ArchiveIndex, ArchivePick, OciStore};
 use crate::util::limits::{parse_json, METADATA_VALUES};
@@ -21,6 +23,10 @@ use std::collections::HashMap;
 use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::Mutex;
+use crate::util::files::TempDir;
 
 /// Where a blob's bytes come from.
 pub enum BlobData {
@@ -237,54 +243,158 @@ impl Source {
 // ---------------------------------------------------------------------------------------------
 // Layers made on the fly: pass 1 learns their compressed digests.
 
-type HashPipeline = Pipeline<HashingWriter<io::Sink>, ([u8; 32], u64), fn(HashingWriter<io::Sink>) -> io::Result<([u8; 32], u64)>>;
-
-fn hash_only(w: HashingWriter<io::Sink>) -> io::Result<([u8; 32], u64)> {
-    let (_, digest, size) = w.finish();
-    Ok((digest, size))
+/// Compressed layers kept on disk by the pass that learns their digests, so a push compresses
+/// each layer once: the upload reads the file. Each file is handed over (`ready`) as soon as it is
+/// complete, so it can go up while later layers are still being compressed; whoever takes it
+/// removes it when done, and what is left goes with the directory.
+pub struct Spool {
+    dir: TempDir,
+    ready: Mutex<Option<Sender<Spooled>>>,
+    /// Set by the consumer when it failed: the pass stops at the next layer.
+    failed: AtomicBool,
+    next: AtomicUsize,
 }
 
-/// Compresses and hashes each layer, keeping nothing. One pipeline for all layers, so small
-/// layers compress in parallel too.
-struct DigestSink {
+/// A complete spooled layer.
+pub struct Spooled {
+    pub digest: String,
+    pub size: u64,
+    pub path: PathBuf,
+    /// For progress lines, e.g. `layer 3`.
+    pub what: String,
+}
+
+impl Spool {
+    /// A spool in the temporary directory (`TMPDIR`), telling `ready` of each layer.
+    pub fn new(ready: Sender<Spooled>) -> Result<Spool> {
+        let dir = TempDir::new_in(&crate::util::settings::get().temp_dir)?;
+        Ok(Spool { dir, ready: Mutex::new(Some(ready)), failed: AtomicBool::new(false), next: AtomicUsize::new(0) })
+    }
+
+    fn create(&self) -> Result<Kept> {
+        let path = self.dir.path().join(format!("layer-{}", self.next.fetch_add(1, Ordering::Relaxed)));
+        let file = File::create(&path).map_err(|e| anyhow!("cannot create {} to keep a compressed layer: {e}", path.display()))?;
+        Ok(Kept::File(io::BufWriter::with_capacity(1 << 20, file), path))
+    }
+
+    fn hand_over(&self, layer: Spooled) {
+        if let Some(tx) = self.ready.lock().ok().as_ref().and_then(|g| g.as_ref()) {
+            let _ = tx.send(layer);
+        }
+    }
+
+    /// No more layers: the consumer sees the end.
+    pub fn close(&self) {
+        if let Ok(mut g) = self.ready.lock() {
+            g.take();
+        }
+    }
+
+    /// The consumer gave up: the pass stops.
+    pub fn fail(&self) {
+        self.failed.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Where the digest pass puts a compressed layer: nowhere (only its digest is wanted), or a
+/// spool file.
+enum Kept {
+    Nothing,
+    File(io::BufWriter<File>, PathBuf),
+}
+
+impl Write for Kept {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Kept::Nothing => Ok(buf.len()),
+            Kept::File(f, path) => f.write(buf).map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e} (TMPDIR chooses where compressed layers are kept)", path.display()))),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Kept::Nothing => Ok(()),
+            Kept::File(f, _) => f.flush(),
+        }
+    }
+}
+
+/// A compressed layer's digest and size, and its spool file if it was kept.
+type Hashed = ([u8; 32], u64, Option<PathBuf>);
+
+type HashPipeline = Pipeline<HashingWriter<Kept>, Hashed, fn(HashingWriter<Kept>) -> io::Result<Hashed>>;
+
+fn hashed(w: HashingWriter<Kept>) -> io::Result<Hashed> {
+    let (kept, digest, size) = w.finish();
+    let path = match kept {
+        Kept::Nothing => None,
+        Kept::File(f, path) => {
+            f.into_inner().map_err(|e| io::Error::new(e.error().kind(), format!("cannot write {}: {}", path.display(), e.error())))?;
+            Some(path)
+        }
+    };
+    Ok((digest, size, path))
+}
+
+/// A layer the digest pass learnt: its descriptor, diff_id (hex) and spool file, if kept.
+struct Learnt {
+    digest: String,
+    size: u64,
+    diff_id: String,
+    kept: Option<PathBuf>,
+}
+
+/// Compresses and hashes each layer, keeping it in the spool if there is one. One pipeline for
+/// all layers, so small layers compress in parallel too.
+struct DigestSink<'s> {
     /// Only these items (None: all).
     only: Option<std::collections::HashSet<usize>>,
     index: usize,
     pipe: HashPipeline,
     /// Closed items not hashed yet, oldest first: (item, diff_id hex).
     pending: std::collections::VecDeque<(usize, String)>,
-    /// By item: (compressed descriptor, diff_id hex).
-    results: HashMap<usize, (String, u64, String)>,
+    results: HashMap<usize, Learnt>,
+    spool: Option<&'s Spool>,
 }
 
-impl DigestSink {
-    fn new(compressor: Compressor, only: Option<std::collections::HashSet<usize>>) -> DigestSink {
-        let pipe = Pipeline::new(compressor, hash_only as fn(_) -> _);
-        DigestSink { only, index: 0, pipe, pending: Default::default(), results: HashMap::new() }
+impl<'s> DigestSink<'s> {
+    fn new(compressor: Compressor, only: Option<std::collections::HashSet<usize>>, spool: Option<&'s Spool>) -> DigestSink<'s> {
+        let pipe = Pipeline::new(compressor, hashed as fn(_) -> _);
+        DigestSink { only, index: 0, pipe, pending: Default::default(), results: HashMap::new(), spool }
     }
 
     fn collect(&mut self) {
-        for (digest, size) in self.pipe.take_finished() {
+        for (digest, size, kept) in self.pipe.take_finished() {
             let (index, diff_id) = self.pending.pop_front().expect("a finished layer was closed");
-            self.results.insert(index, (format!("sha256:{}", hex(&digest)), size, diff_id));
+            let digest = format!("sha256:{}", hex(&digest));
+            if let (Some(spool), Some(path)) = (self.spool, &kept) {
+                spool.hand_over(Spooled { digest: digest.clone(), size, path: path.clone(), what: format!("layer {}", index + 1) });
+            }
+            self.results.insert(index, Learnt { digest, size, diff_id, kept });
         }
     }
 
     /// Waits for the last layers; returns the results by item.
-    fn finish(mut self) -> Result<HashMap<usize, (String, u64, String)>> {
+    fn finish(mut self) -> Result<HashMap<usize, Learnt>> {
         self.pipe.wait().map_err(out_err)?;
         self.collect();
         Ok(self.results)
     }
 }
 
-impl LayerSink for DigestSink {
+impl LayerSink for DigestSink<'_> {
     fn wants(&mut self, index: usize) -> bool {
         self.index = index;
         self.only.as_ref().is_none_or(|o| o.contains(&index))
     }
     fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
-        self.pipe.begin(HashingWriter::new(io::sink())).map_err(out_err)
+        if self.spool.is_some_and(|s| s.failed.load(Ordering::Relaxed)) {
+            bail!("stopped: an upload failed");
+        }
+        let kept = match self.spool {
+            Some(spool) => spool.create()?,
+            None => Kept::Nothing,
+        };
+        self.pipe.begin(HashingWriter::new(kept)).map_err(out_err)
     }
     fn out(&mut self) -> &mut dyn Write {
         &mut self.pipe
@@ -352,16 +462,21 @@ impl DigestCache {
     }
 }
 
+/// What the plan knows of a layer before the push: its compressed digest and size, and the
+/// file it was kept in if it was compressed for this push.
+type Known = (String, u64, Option<PathBuf>);
+
 /// Learns the compressed digest of every item of `pass` whose diff_id (`diff_ids`, by item;
-/// None: not known before producing it) is not cached. Returns (digest, size) by item.
-fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Option<String>], progress: &Progress) -> Result<HashMap<usize, (String, u64)>> {
+/// None: not known before producing it) is not cached, keeping those layers in `spool` if
+/// given. Returns what is known by item.
+fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Option<String>], spool: Option<&Spool>, progress: &Progress) -> Result<HashMap<usize, Known>> {
     let mut cache = DigestCache::open();
     let mut out = HashMap::new();
     let mut misses = std::collections::HashSet::new();
     for (i, d) in diff_ids.iter().enumerate() {
         match d.as_deref().and_then(|d| cache.get(compressor, d)) {
-            Some(hit) => {
-                out.insert(i, hit);
+            Some((digest, size)) => {
+                out.insert(i, (digest, size, None));
             }
             None => {
                 misses.insert(i);
@@ -372,18 +487,27 @@ fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Optio
         return Ok(out);
     }
     progress.say(format!("Compressing {} of {} layers to learn their digests...", misses.len(), diff_ids.len()));
-    let mut sink = DigestSink::new(compressor, Some(misses));
+    let mut sink = DigestSink::new(compressor, Some(misses), spool);
     pass.run(&mut sink, &Progress { quiet: true })?;
-    for (i, (digest, size, diff_id)) in sink.finish()? {
+    for (i, l) in sink.finish()? {
         if let Some(Some(known)) = diff_ids.get(i) {
-            if known.trim_start_matches("sha256:") != diff_id {
-                bail!("layer {} hashes to sha256:{diff_id}, not {known}", i + 1);
+            if known.trim_start_matches("sha256:") != l.diff_id {
+                bail!("layer {} hashes to sha256:{}, not {known}", i + 1, l.diff_id);
             }
         }
-        cache.put(compressor, &diff_id, &digest, size);
-        out.insert(i, (digest, size));
+        cache.put(compressor, &l.diff_id, &l.digest, l.size);
+        out.insert(i, (l.digest, l.size, l.kept));
     }
     Ok(out)
+}
+
+/// A layer's blob: from its spool file if it has one, else made again by the pass.
+fn layer_blob((digest, size, kept): &Known, item: usize, what: String) -> Blob {
+    let data = match kept {
+        Some(path) => BlobData::File(path.clone()),
+        None => BlobData::Pass(item),
+    };
+    Blob { digest: digest.clone(), size: *size, data, what }
 }
 
 /// Produces nothing: lets a pass compute diff_ids (reading and hashing only).
@@ -416,20 +540,21 @@ impl LayerPass for ConfPass<'_> {
     }
 }
 
-/// Plans a conf's image: one digest pass, then the OCI config and manifest.
-pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, progress: &Progress) -> Result<Plan<'a>> {
+/// Plans a conf's image: one digest pass (keeping the compressed layers in `spool`, if given),
+/// then the OCI config and manifest.
+pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, spool: Option<&Spool>, progress: &Progress) -> Result<Plan<'a>> {
     let quiet = Progress { quiet: true };
     let n = pass.spec.layer_count();
     let mut cache = DigestCache::open();
     let (layers, digests) = if cache.is_empty() {
         // Nothing cached: compress every layer once, learning diff_ids on the way.
         progress.say(format!("Compressing {n} layers to learn their digests..."));
-        let mut sink = DigestSink::new(pass.compressor, None);
+        let mut sink = DigestSink::new(pass.compressor, None, spool);
         let layers = pass.spec.emit_layers(&mut sink, &quiet)?;
         let mut digests = HashMap::new();
-        for (i, (digest, size, diff_id)) in sink.finish()? {
-            cache.put(pass.compressor, &diff_id, &digest, size);
-            digests.insert(i, (digest, size));
+        for (i, l) in sink.finish()? {
+            cache.put(pass.compressor, &l.diff_id, &l.digest, l.size);
+            digests.insert(i, (l.digest, l.size, l.kept));
         }
         (layers, digests)
     } else {
@@ -438,15 +563,15 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, progress: &Progress) -> Result<Plan
         progress.say(format!("Hashing {n} layers..."));
         let layers = pass.spec.emit_layers(&mut NullSink(io::sink()), &quiet)?;
         let diff_ids: Vec<Option<String>> = layers.iter().map(|l| Some(l.diff_id.clone())).collect();
-        let digests = layer_digests(pass, pass.compressor, &diff_ids, progress)?;
+        let digests = layer_digests(pass, pass.compressor, &diff_ids, spool, progress)?;
         (layers, digests)
     };
     let mut blobs = Vec::new();
     let mut descs = Vec::new();
     for i in 0..layers.len() {
-        let (digest, size) = digests.get(&i).cloned().ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
-        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size });
-        blobs.push(Blob { digest, size, data: BlobData::Pass(i), what: format!("layer {}", i + 1) });
+        let known = digests.get(&i).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: known.0.clone(), size: known.1 });
+        blobs.push(layer_blob(known, i, format!("layer {}", i + 1)));
     }
     let config = pass.spec.config_json(&layers).into_bytes();
     let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
@@ -483,7 +608,7 @@ impl LayerPass for DockerArchivePass {
     }
 }
 
-pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress) -> Result<Plan<'a>> {
+pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, spool: Option<&Spool>, progress: &Progress) -> Result<Plan<'a>> {
     // The config lists diff_ids, so cached digests are found without reading any layer.
     let diff_ids: Vec<Option<String>> = pass
         .base
@@ -492,7 +617,7 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress)
         .enumerate()
         .map(|(i, l)| (pass.base.layers.iter().position(|m| m.member == l.member) == Some(i)).then(|| l.diff_id.clone()))
         .collect();
-    let results = layer_digests(pass, pass.compressor, &diff_ids, progress)?;
+    let results = layer_digests(pass, pass.compressor, &diff_ids, spool, progress)?;
     // Byte for byte, so the image ID is kept.
     let config = pass.base.config_bytes()?;
     let mut blobs = Vec::new();
@@ -500,9 +625,9 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, progress: &Progress)
     for (i, layer) in pass.base.layers.iter().enumerate() {
         // Layers sharing a member were produced once, under the first index.
         let first = pass.base.layers.iter().position(|l| l.member == layer.member).unwrap_or(i);
-        let (digest, size) = results.get(&first).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
-        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: digest.clone(), size: *size });
-        blobs.push(Blob { digest: digest.clone(), size: *size, data: BlobData::Pass(first), what: format!("layer {}", i + 1) });
+        let known = results.get(&first).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
+        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: known.0.clone(), size: known.1 });
+        blobs.push(layer_blob(known, first, format!("layer {}", i + 1)));
     }
     let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
     blobs.push(Blob { digest: config_desc.digest.clone(), size: config_desc.size, data: BlobData::Bytes(config), what: "config".into() });
