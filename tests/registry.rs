@@ -820,12 +820,23 @@ fn compressed_layers_decompress_to_diff_ids() {
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
     let conf = fixture_conf(dir.path(), "amd64");
-    for (compressor, suffix) in [("gz", "+gzip"), ("zstd", "+zstd"), ("none", "")] {
-        let dest = format!("docker://{}/c-{compressor}:v1", reg.addr());
-        push(&conf, &dest, &["--compressor", compressor, "-q"]);
+    // One digest cache for all: a gzip level of its own must not find the default's digests.
+    let cache = dir.path().join("cache");
+    let mut gz_digests = Vec::new();
+    for (compressor, suffix, extra) in [("gz", "+gzip", None), ("zstd", "+zstd", None), ("none", "", None), ("gz", "+gzip", Some("9")), ("gz", "+gzip", Some("1"))] {
+        let repo = format!("c-{compressor}{}", extra.unwrap_or(""));
+        let dest = format!("docker://{}/{repo}:v1", reg.addr());
+        let mut args = vec!["push", conf.to_str().unwrap(), &dest, "--insecure", "--compressor", compressor, "-q"];
+        if let Some(level) = extra {
+            args.extend(["--gzip-level", level]);
+        }
+        let (digest, _) = ok(stevedore(&args, &[("XDG_CACHE_HOME", &cache)]), "push");
+        if compressor == "gz" {
+            gz_digests.push(digest);
+        }
         // Straight from the registry's API: skopeo would recompress uncompressed layers.
         let manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &dest])).unwrap();
-        let blob = |d: &str| http_get(reg.port, &format!("/v2/c-{compressor}/blobs/{d}"));
+        let blob = |d: &str| http_get(reg.port, &format!("/v2/{repo}/blobs/{d}"));
         let config: Value = serde_json::from_slice(&blob(manifest["config"]["digest"].as_str().unwrap())).unwrap();
         for (i, layer) in manifest["layers"].as_array().unwrap().iter().enumerate() {
             assert_eq!(layer["mediaType"], format!("application/vnd.oci.image.layer.v1.tar{suffix}"));
@@ -838,6 +849,17 @@ fn compressed_layers_decompress_to_diff_ids() {
             };
             assert_eq!(format!("sha256:{}", sha256_hex(&tar)), config["rootfs"]["diff_ids"][i], "{compressor} layer {i}");
         }
+    }
+    gz_digests.dedup();
+    assert_eq!(gz_digests.len(), 3, "gzip levels 4, 9 and 1 gave the same image");
+    // Levels are checked, and only gzip has them.
+    for (args, why) in [(["--compressor", "gz", "--gzip-level", "0"], "use 1 (fastest) to 9"), (["--compressor", "zstd", "--gzip-level", "9"], "gz only")] {
+        let dest = format!("docker://{}/bad:v1", reg.addr());
+        let mut all = vec!["push", conf.to_str().unwrap(), &dest, "--insecure"];
+        all.extend(args);
+        let out = stevedore(&all, &[]);
+        assert!(!out.status.success());
+        assert!(String::from_utf8_lossy(&out.stderr).contains(why), "{}", String::from_utf8_lossy(&out.stderr));
     }
 }
 

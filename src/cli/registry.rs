@@ -29,6 +29,10 @@ pub struct PushOpts {
     /// How layers made from a conf or a Docker archive are compressed: none, gz or zstd.
     #[arg(long, default_value = "gz", value_name = "none|gz|zstd")]
     pub compressor: String,
+    /// Deflate level of gz layers, 1 (fastest) to 9 (smallest; about a quarter the speed and
+    /// 5% smaller than the default 4). Other levels make other blobs, with digests of their own.
+    #[arg(long, value_name = "1-9")]
+    pub gzip_level: Option<u32>,
     /// Blobs larger than this many bytes are uploaded in PATCH chunks of this size (suffixes
     /// K, M, G); smaller ones in one PUT.
     #[arg(long, default_value = "64M", value_name = "BYTES")]
@@ -129,7 +133,7 @@ pub struct ConnectOpts {
 
 impl PushOpts {
     fn resolve(&self) -> Result<Push> {
-        Ok(Push { mount_from: self.mount_from.clone(), compressor: Compressor::parse(&self.compressor)?, chunk_size: registry::parse_size(&self.chunk_size)?, manifest_format: self.manifest_format })
+        Ok(Push { mount_from: self.mount_from.clone(), compressor: Compressor::parse(&self.compressor)?.with_gzip_level(self.gzip_level)?, chunk_size: registry::parse_size(&self.chunk_size)?, manifest_format: self.manifest_format })
     }
 }
 

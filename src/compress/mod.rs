@@ -67,20 +67,50 @@ pub fn open_decompressed(path: &Path) -> Result<Box<dyn Read>> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compressor {
     None,
-    Gzip,
+    /// gzip at this deflate level (1-9; `GZIP_LEVEL` unless the user asks for another).
+    Gzip(u8),
     Zstd,
 }
 
 impl crate::util::shared::Choice for Compressor {
-    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[("none", Compressor::None, ""), ("gz", Compressor::Gzip, ""), ("zstd", Compressor::Zstd, "")];
+    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[("none", Compressor::None, ""), ("gz", Compressor::GZIP, ""), ("zstd", Compressor::Zstd, "")];
 }
 
 impl Compressor {
+    /// gzip at the default level.
+    pub const GZIP: Compressor = Compressor::Gzip(GZIP_LEVEL as u8);
+
+    pub fn is_gzip(self) -> bool {
+        matches!(self, Compressor::Gzip(_))
+    }
+
+    /// The same compressor at deflate level `level` (1-9), for gzip only: a smaller or faster
+    /// encoding than the default, other bytes and so other digests.
+    pub fn with_gzip_level(self, level: Option<u32>) -> Result<Self> {
+        match (self, level) {
+            (c, None) => Ok(c),
+            (Compressor::Gzip(_), Some(l @ 1..=9)) => Ok(Compressor::Gzip(l as u8)),
+            (Compressor::Gzip(_), Some(l)) => bail!("--gzip-level {l}: use 1 (fastest) to 9 (smallest)"),
+            (_, Some(_)) => bail!("--gzip-level applies to --compressor gz only"),
+        }
+    }
+
+    /// Names the encoder's output for caches of digests: the kind, its format version and,
+    /// for gzip at another level than the default, the level.
+    pub fn cache_name(self) -> String {
+        match self {
+            Compressor::None => format!("None-v{}", self.format_version()),
+            Compressor::Gzip(l) if u32::from(l) == GZIP_LEVEL => format!("Gzip-v{}", self.format_version()),
+            Compressor::Gzip(l) => format!("Gzip-v{}-level{l}", self.format_version()),
+            Compressor::Zstd => format!("Zstd-v{}", self.format_version()),
+        }
+    }
+
     /// Accepts nixpkgs' names (`none`, `gz`, `zstd`) and the long ones.
     pub fn parse(s: &str) -> Result<Self> {
         Ok(match s {
             "none" | "" => Compressor::None,
-            "gz" | "gzip" => Compressor::Gzip,
+            "gz" | "gzip" => Compressor::GZIP,
             "zstd" | "zst" => Compressor::Zstd,
             other => bail!("unknown compressor {other:?}: use none, gz or zstd"),
         })
@@ -90,7 +120,7 @@ impl Compressor {
     pub fn media_suffix(self) -> &'static str {
         match self {
             Compressor::None => "",
-            Compressor::Gzip => "+gzip",
+            Compressor::Gzip(_) => "+gzip",
             Compressor::Zstd => "+zstd",
         }
     }
@@ -99,7 +129,7 @@ impl Compressor {
     pub fn format_version(self) -> u32 {
         match self {
             // 2: level 4 instead of 6, incompressible sub-blocks stored.
-            Compressor::Gzip => 2,
+            Compressor::Gzip(_) => 2,
             _ => 1,
         }
     }
@@ -107,7 +137,7 @@ impl Compressor {
     fn chunk_size(self) -> usize {
         match self {
             // Deflate looks back 32 KiB only, so 1 MiB pieces cost almost nothing in ratio.
-            Compressor::Gzip => 1 << 20,
+            Compressor::Gzip(_) => 1 << 20,
             _ => 4 << 20,
         }
     }
@@ -182,14 +212,9 @@ fn stored_blocks(data: &[u8], fin: bool, out: &mut Vec<u8>) {
     }
 }
 
-/// One gzip piece as raw deflate: runs of incompressible sub-blocks are stored, the others
-/// compressed, each run on its own.
-fn deflate_piece(data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
-    deflate_piece_with(data, last, GZIP_LEVEL, true)
-}
 
-/// `deflate_piece` at another level, with or without storing incompressible sub-blocks: for
-/// bench/gzip-levels.
+/// One gzip piece as raw deflate at `level`, incompressible sub-blocks stored if `store` (always
+/// for layers; bench/gzip-levels compares).
 #[doc(hidden)]
 pub fn deflate_piece_with(data: &[u8], last: bool, level: u32, store: bool) -> std::io::Result<Vec<u8>> {
     let mut c = flate2::Compress::new(flate2::Compression::new(level), false);
@@ -219,7 +244,8 @@ pub fn deflate_piece_with(data: &[u8], last: bool, level: u32, store: bool) -> s
 fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
     match kind {
         Compressor::None => Ok(data.to_vec()),
-        Compressor::Gzip => deflate_piece(data, last),
+        // Runs of incompressible sub-blocks stored, the others compressed, each run on its own.
+        Compressor::Gzip(level) => deflate_piece_with(data, last, level.into(), true),
         Compressor::Zstd => zstd::bulk::compress(data, 3),
     }
 }
@@ -292,7 +318,7 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
                     let job = jobs.lock().map(|rx| rx.recv());
                     let Ok(Ok((seq, data, last))) = job else { return };
                     let mut crc = flate2::Crc::new();
-                    if kind == Compressor::Gzip {
+                    if kind.is_gzip() {
                         crc.update(&data);
                     }
                     let out = compress_chunk(kind, &data, last);
@@ -345,7 +371,7 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
         self.check()?;
         assert!(self.is_open(), "Pipeline::end without an open stream");
         // gzip always ends with a final block; zstd needs one (empty) frame for an empty stream.
-        if self.kind == Compressor::Gzip || !self.chunk.is_empty() || self.open_pieces == 0 {
+        if self.kind.is_gzip() || !self.chunk.is_empty() || self.open_pieces == 0 {
             self.dispatch(true)?;
         }
         self.streams.back_mut().expect("open stream").end = Some(self.sent);
@@ -383,7 +409,7 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
                     break;
                 }
                 let mut s = self.streams.pop_front().expect("front exists");
-                if self.kind == Compressor::Gzip {
+                if self.kind.is_gzip() {
                     s.inner.write_all(&s.crc.sum().to_le_bytes())?;
                     s.inner.write_all(&s.crc.amount().to_le_bytes())?;
                 }
@@ -392,7 +418,7 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
             }
             if let Some((data, crc)) = self.waiting.remove(&self.written) {
                 let s = self.streams.front_mut().expect("a piece belongs to a stream");
-                if self.written == s.first && self.kind == Compressor::Gzip {
+                if self.written == s.first && self.kind.is_gzip() {
                     // gzip header: no name, mtime 0, OS "unknown", so bytes never vary.
                     s.inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
                 }
@@ -531,7 +557,7 @@ mod tests {
 
     #[test]
     fn round_trips_and_is_deterministic() {
-        for kind in [Compressor::Gzip, Compressor::Zstd] {
+        for kind in [Compressor::GZIP, Compressor::Zstd] {
             for n in [0usize, 1, 1 << 20, (1 << 20) + 1, 9 << 20] {
                 let data = sample(n);
                 let a = encode(kind, &data, 65536);
@@ -539,7 +565,7 @@ mod tests {
                 assert_eq!(a, b, "{kind:?} {n}: output depends on write sizes");
                 let mut back = Vec::new();
                 match kind {
-                    Compressor::Gzip => flate2::read::GzDecoder::new(&a[..]).read_to_end(&mut back).unwrap(),
+                    Compressor::Gzip(_) => flate2::read::GzDecoder::new(&a[..]).read_to_end(&mut back).unwrap(),
                     _ => zstd::stream::read::Decoder::new(&a[..]).unwrap().read_to_end(&mut back).unwrap(),
                 };
                 assert!(back == data, "{kind:?} {n}: round trip failed");
@@ -553,7 +579,7 @@ mod tests {
     #[test]
     fn thread_count_does_not_change_the_bytes() {
         let data = sample(5 << 20);
-        for kind in [Compressor::Gzip, Compressor::Zstd] {
+        for kind in [Compressor::GZIP, Compressor::Zstd] {
             let one = encode_with(kind, &data, 100_000, 1);
             for threads in [2, 16] {
                 assert!(encode_with(kind, &data, 4096, threads) == one, "{kind:?}: {threads} threads differ from 1");
@@ -577,7 +603,7 @@ mod tests {
         // Many streams of mixed sizes (empty, small, several pieces) through one pipeline: each
         // completes in order with exactly the bytes a lone encoder gives it.
         let sizes = [0usize, 10, 300_000, 0, (1 << 20) + 5, 70, 9 << 20, 1];
-        for kind in [Compressor::Gzip, Compressor::Zstd, Compressor::None] {
+        for kind in [Compressor::GZIP, Compressor::Zstd, Compressor::None] {
             for threads in [1, 2, 5] {
                 let mut p = Pipeline::with_threads(kind, threads, |w: Tagged| Ok((w.0, w.1)));
                 let mut got = Vec::new();
@@ -611,7 +637,7 @@ mod tests {
                 Ok(())
             }
         }
-        let mut p = Pipeline::with_threads(Compressor::Gzip, 2, |w: Failing| Ok(w));
+        let mut p = Pipeline::with_threads(Compressor::GZIP, 2, |w: Failing| Ok(w));
         p.begin(Failing).unwrap();
         p.write_all(&sample(1000)).unwrap();
         let e = p.end().and_then(|()| p.wait()).unwrap_err();
@@ -645,7 +671,7 @@ mod tests {
         assert!(!incompressible(&[]));
         // All random: stored blocks, 5 bytes per 32 KiB over the input.
         let data = random(3 << 20, 1);
-        let gz = encode(Compressor::Gzip, &data, 100_000);
+        let gz = encode(Compressor::GZIP, &data, 100_000);
         assert!(gz.len() > data.len() && gz.len() < data.len() + data.len() / 1000, "{} for {}", gz.len(), data.len());
         assert!(gunzip(&gz) == data);
         // Mixed in one piece, runs of both kinds, the last one either: compressible runs still
@@ -657,7 +683,7 @@ mod tests {
                 data.extend(part);
             }
             data.extend(if tail_random { random(20_000, 99) } else { sample(20_000) });
-            let gz = encode(Compressor::Gzip, &data, 4096);
+            let gz = encode(Compressor::GZIP, &data, 4096);
             assert!(gunzip(&gz) == data, "tail random: {tail_random}");
             assert!(gz.len() < data.len() * 3 / 4, "{} for {}", gz.len(), data.len());
         }
@@ -665,7 +691,16 @@ mod tests {
 
     #[test]
     fn compressor_names() {
-        assert_eq!(Compressor::parse("gz").unwrap(), Compressor::Gzip);
+        assert_eq!(Compressor::parse("gz").unwrap(), Compressor::GZIP);
+        // The default level keeps the digest cache's old keys; other levels have their own.
+        assert_eq!(Compressor::GZIP.cache_name(), "Gzip-v2");
+        assert_eq!(Compressor::Zstd.cache_name(), "Zstd-v1");
+        let best = Compressor::GZIP.with_gzip_level(Some(9)).unwrap();
+        assert_eq!(best, Compressor::Gzip(9));
+        assert_eq!(best.cache_name(), "Gzip-v2-level9");
+        assert!(Compressor::GZIP.with_gzip_level(Some(10)).is_err());
+        assert!(Compressor::Zstd.with_gzip_level(Some(6)).is_err());
+        assert_eq!(Compressor::Zstd.with_gzip_level(None).unwrap(), Compressor::Zstd);
         assert_eq!(Compressor::parse("zstd").unwrap(), Compressor::Zstd);
         assert_eq!(Compressor::parse("none").unwrap(), Compressor::None);
         assert!(Compressor::parse("xz").is_err());

@@ -409,7 +409,7 @@ impl LayerSink for DigestSink<'_> {
 
 /// Compressed digests of layers compressed before, by encoder and diff_id, so a push of a
 /// mostly unchanged image compresses only what changed. The encoder is deterministic, so the
-/// mapping never changes; the key names the encoder's output format (`Compressor::format_version`).
+/// mapping never changes; the key names the encoder's output format (`Compressor::cache_name`).
 /// Kept in `$XDG_CACHE_HOME/stevedore/layer-digests` (or `~/.cache/...`); a missing or
 /// unreadable cache only costs time.
 pub struct DigestCache {
@@ -435,7 +435,7 @@ impl DigestCache {
     }
 
     fn key(c: Compressor, diff_id: &str) -> String {
-        format!("{c:?}-v{}:{}", c.format_version(), diff_id.trim_start_matches("sha256:"))
+        format!("{}:{}", c.cache_name(), diff_id.trim_start_matches("sha256:"))
     }
 
     pub fn is_empty(&self) -> bool {
