@@ -665,6 +665,42 @@ fn failed_uploads_are_retried() {
 }
 
 #[test]
+fn a_full_spool_disk_is_one_clear_error() {
+    if !have_tools() {
+        return;
+    }
+    // A 64 KiB tmpfs as TMPDIR: the first compressed layer does not fit. Needs root (CI is).
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join("small");
+    fs::create_dir(&tmp).unwrap();
+    let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"]).arg(&tmp).status().map(|s| s.success()).unwrap_or(false);
+    if !mounted {
+        eprintln!("skipping: cannot mount a tmpfs");
+        return;
+    }
+    struct Unmount<'a>(&'a Path);
+    impl Drop for Unmount<'_> {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(self.0).status();
+        }
+    }
+    let _unmount = Unmount(&tmp);
+    let reg = Registry::start(None);
+    let conf = fixture_conf(dir.path(), "amd64");
+    let cache = dir.path().join("cache");
+    let dest = format!("docker://{}/full:v1", reg.addr());
+    let out = stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure", "--compressor", "none", "-q"], &[("XDG_CACHE_HOME", &cache), ("TMPDIR", &tmp)]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("TMPDIR") && stderr.contains(tmp.to_str().unwrap()), "{stderr}");
+    assert_eq!(fs::read_dir(&tmp).unwrap().count(), 0, "the spool was left behind");
+    // No tag was pushed.
+    let out = Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &dest]).output().unwrap();
+    assert!(!out.status.success());
+}
+
+#[test]
 fn basic_and_bearer_auth() {
     if !have_tools() {
         return;

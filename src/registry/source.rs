@@ -14,7 +14,6 @@ use crate::compress::{Compressor, Pipeline};
 use crate::util::{hex, sha256_digest};
 use crate::image::{ImageSpec, LayerSink};
 use crate::util::progress::Progress;
-use crate::util::io::out_err;
 use crate::util::io::HashingWriter;
 use crate::image::oci::{self, Descriptor, CONFIG_TYPE, INDEX_TYPE, MANIFEST_TYPE};
 use anyhow::{anyhow, bail, Context, Result};
@@ -307,15 +306,24 @@ impl Write for Kept {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Kept::Nothing => Ok(buf.len()),
-            Kept::File(f, path) => f.write(buf).map_err(|e| io::Error::new(e.kind(), format!("cannot write {}: {e} (TMPDIR chooses where compressed layers are kept)", path.display()))),
+            Kept::File(f, path) => f.write(buf).map_err(|e| spool_error(path, e)),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Kept::Nothing => Ok(()),
-            Kept::File(f, _) => f.flush(),
+            Kept::File(f, path) => f.flush().map_err(|e| spool_error(path, e)),
         }
     }
+}
+
+fn spool_error(path: &Path, e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot keep a compressed layer in {}: {e} (TMPDIR chooses where)", path.display()))
+}
+
+/// A failure of the digest pipeline: nothing is written but the spool, whose errors say so.
+fn spool_failed(e: io::Error) -> anyhow::Error {
+    anyhow!("{e}")
 }
 
 /// A compressed layer's digest and size, and its spool file if it was kept.
@@ -328,7 +336,7 @@ fn hashed(w: HashingWriter<Kept>) -> io::Result<Hashed> {
     let path = match kept {
         Kept::Nothing => None,
         Kept::File(f, path) => {
-            f.into_inner().map_err(|e| io::Error::new(e.error().kind(), format!("cannot write {}: {}", path.display(), e.error())))?;
+            f.into_inner().map_err(|e| spool_error(&path, e.into_error()))?;
             Some(path)
         }
     };
@@ -375,7 +383,7 @@ impl<'s> DigestSink<'s> {
 
     /// Waits for the last layers; returns the results by item.
     fn finish(mut self) -> Result<HashMap<usize, Learnt>> {
-        self.pipe.wait().map_err(out_err)?;
+        self.pipe.wait().map_err(spool_failed)?;
         self.collect();
         Ok(self.results)
     }
@@ -394,14 +402,14 @@ impl LayerSink for DigestSink<'_> {
             Some(spool) => spool.create()?,
             None => Kept::Nothing,
         };
-        self.pipe.begin(HashingWriter::new(kept)).map_err(out_err)
+        self.pipe.begin(HashingWriter::new(kept)).map_err(spool_failed)
     }
     fn out(&mut self) -> &mut dyn Write {
         &mut self.pipe
     }
     fn end(&mut self, _size: u64, diff_id: &str) -> Result<()> {
         self.pending.push_back((self.index, diff_id.to_string()));
-        self.pipe.end().map_err(out_err)?;
+        self.pipe.end().map_err(spool_failed)?;
         self.collect();
         Ok(())
     }
