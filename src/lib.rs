@@ -25,5 +25,6 @@ pub mod pycompat;
 pub mod registry;
 pub mod rootfs;
 pub mod rootless;
+pub mod serve;
 pub mod tar;
 pub mod util;

@@ -51,6 +51,7 @@ enum Command {
     Prefetch(registry::PrefetchCmd),
     /// Combine per-platform images into one multi-platform index and push it.
     Index(registry::IndexCmd),
+    Serve(registry::ServeCmd),
     /// Write an image's flattened filesystem as one tarball (nixpkgs' exportImage).
     ///
     /// Layers are applied in memory (whiteouts and opaque directories honoured, hard links
@@ -138,6 +139,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pull(c) => c.run(),
         Command::Prefetch(c) => c.run(),
         Command::Index(c) => c.run(),
+        Command::Serve(c) => c.run(),
     }
 }
 

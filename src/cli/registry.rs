@@ -1,4 +1,4 @@
-//! The registry commands: push, pull, prefetch, index.
+//! The registry commands: push, pull, prefetch, index, serve.
 
 use super::choice;
 use anyhow::Result;
@@ -188,5 +188,44 @@ impl IndexCmd {
     pub fn run(self) -> Result<()> {
         println!("{}", registry::index(&self.dest, &self.images, &self.push.resolve()?, &self.connect.resolve())?);
         Ok(())
+    }
+}
+
+#[derive(clap::Args)]
+pub struct ServeCmd {
+    /// Images to serve, each `[NAME[:TAG]=]CONF`: a stream conf (`./result` of
+    /// streamLayeredImage's `conf`, or any conf file), re-read at every manifest request; without
+    /// NAME, the conf's repo_tag names it.
+    #[arg(required = true, value_name = "IMAGE")]
+    pub images: Vec<String>,
+    /// Address to listen on; port 0 picks a free one. The address is printed on stdout.
+    #[arg(long, default_value = "127.0.0.1:5000", value_name = "HOST:PORT")]
+    pub listen: String,
+    /// Connections served at once; more wait their turn.
+    #[arg(long, default_value_t = 32, value_name = "N")]
+    pub max_connections: usize,
+    /// Print nothing on stderr but errors (otherwise a line per request).
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl ServeCmd {
+    pub fn run(self) -> Result<()> {
+        use stevedore::serve;
+        let images = self.images.iter().map(|i| serve::Served::parse(i)).collect::<Result<Vec<_>>>()?;
+        let listener = std::net::TcpListener::bind(&self.listen).map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", self.listen))?;
+        let addr = listener.local_addr()?;
+        {
+            use std::io::Write as _;
+            let mut out = std::io::stdout();
+            writeln!(out, "{addr}")?;
+            out.flush()?;
+        }
+        let progress = stevedore::util::progress::Progress { quiet: self.quiet };
+        for i in &images {
+            progress.say(format!("serving {addr}/{}:{} from {}", i.name, i.tag, i.conf.display()));
+        }
+        let opts = serve::ServeOptions { max_connections: self.max_connections, timeout: std::time::Duration::from_secs(60) };
+        serve::serve(listener, images, opts, progress)
     }
 }

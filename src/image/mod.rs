@@ -13,6 +13,7 @@
 pub mod read;
 pub mod base;
 pub mod conf;
+pub mod digests;
 pub mod flatten;
 pub mod layer;
 pub mod merge;
@@ -317,6 +318,55 @@ impl<'c> ImageSpec<'c> {
                 size: c.size,
                 paths: vec![self.conf.customisation_layer_source.clone().unwrap_or_else(|| c.dir.to_string_lossy().into_owned())],
             });
+        }
+        Ok(layers)
+    }
+
+    /// The image's layers with their diff_ids and uncompressed sizes, reading and hashing only
+    /// the layers `cache` does not know (and remembering those). The customisation layer's
+    /// diff_id is its checksum file's.
+    pub fn describe_layers(&self, cache: &mut digests::DigestCache, progress: &Progress) -> Result<Vec<LayerInfo>> {
+        let mut keys: Vec<Option<String>> = Vec::new();
+        if let Some(base) = &self.base {
+            keys.extend(base.layers.iter().map(|l| digests::base_layer_key(&base.path, &l.member)));
+        }
+        keys.extend(self.store_layers.iter().map(|paths| digests::layer_key(paths, &self.owner)));
+        let known: Vec<Option<(String, u64)>> = keys.iter().map(|k| k.as_deref().and_then(|k| cache.get(k))).collect();
+        /// Hashes (emit_layers does) what the cache lacks, and nothing else.
+        struct Unknown<'k>(&'k [Option<(String, u64)>], io::Sink);
+        impl LayerSink for Unknown<'_> {
+            fn wants(&mut self, index: usize) -> bool {
+                matches!(self.0.get(index), Some(None))
+            }
+            fn begin(&mut self, _: &str, _: u64) -> Result<()> {
+                Ok(())
+            }
+            fn out(&mut self) -> &mut dyn Write {
+                &mut self.1
+            }
+            fn end(&mut self, _: u64, _: &str) -> Result<()> {
+                Ok(())
+            }
+        }
+        let mut layers = self.emit_layers(&mut Unknown(&known, io::sink()), progress)?;
+        let nbase = self.base.as_ref().map_or(0, |b| b.layers.len());
+        for (i, layer) in layers.iter_mut().enumerate().take(keys.len()) {
+            // A repeated base member was read once, under its first index.
+            let first = match &self.base {
+                Some(base) if i < nbase => base.layers.iter().position(|l| l.member == base.layers[i].member).unwrap_or(i),
+                _ => i,
+            };
+            match &known[first] {
+                Some((diff_id, size)) => {
+                    layer.diff_id = diff_id.trim_start_matches("sha256:").to_string();
+                    layer.size = *size;
+                }
+                None => {
+                    if let Some(key) = &keys[first] {
+                        cache.put(key, &format!("sha256:{}", layer.diff_id), layer.size);
+                    }
+                }
+            }
         }
         Ok(layers)
     }

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::Mutex;
 use crate::util::files::TempDir;
+use crate::image::digests::compressed_key;
 
 /// Where a blob's bytes come from.
 pub enum BlobData {
@@ -415,61 +416,6 @@ impl LayerSink for DigestSink<'_> {
     }
 }
 
-/// Compressed digests of layers compressed before, by encoder and diff_id, so a push of a
-/// mostly unchanged image compresses only what changed. The encoder is deterministic, so the
-/// mapping never changes; the key names the encoder's output format (`Compressor::cache_name`).
-/// Kept in `$XDG_CACHE_HOME/stevedore/layer-digests` (or `~/.cache/...`); a missing or
-/// unreadable cache only costs time.
-pub struct DigestCache {
-    path: Option<PathBuf>,
-    map: HashMap<String, (String, u64)>,
-}
-
-impl DigestCache {
-    pub fn open() -> DigestCache {
-        let path = crate::util::settings::get().digest_cache.clone();
-        let mut map = HashMap::new();
-        if let Some(text) = path.as_ref().and_then(|p| fs::read_to_string(p).ok()) {
-            for line in text.lines() {
-                let f: Vec<&str> = line.split(' ').collect();
-                if let [key, digest, size] = f[..] {
-                    if let (Ok(size), Ok(())) = (size.parse(), super::auth::check_digest(digest)) {
-                        map.insert(key.to_string(), (digest.to_string(), size));
-                    }
-                }
-            }
-        }
-        DigestCache { path, map }
-    }
-
-    fn key(c: Compressor, diff_id: &str) -> String {
-        format!("{}:{}", c.cache_name(), diff_id.trim_start_matches("sha256:"))
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.map.is_empty()
-    }
-
-    pub fn get(&self, c: Compressor, diff_id: &str) -> Option<(String, u64)> {
-        self.map.get(&Self::key(c, diff_id)).cloned()
-    }
-
-    pub fn put(&mut self, c: Compressor, diff_id: &str, digest: &str, size: u64) {
-        let key = Self::key(c, diff_id);
-        if self.map.insert(key.clone(), (digest.to_string(), size)).is_some() {
-            return;
-        }
-        if let Some(path) = &self.path {
-            use std::io::Write as _;
-            let _ = path.parent().map(fs::create_dir_all);
-            // One short append per line: concurrent pushes interleave whole lines.
-            if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
-                let _ = f.write_all(format!("{key} {digest} {size}\n").as_bytes());
-            }
-        }
-    }
-}
-
 /// What the plan knows of a layer before the push: its compressed digest and size, and the
 /// file it was kept in if it was compressed for this push.
 type Known = (String, u64, Option<PathBuf>);
@@ -478,11 +424,11 @@ type Known = (String, u64, Option<PathBuf>);
 /// None: not known before producing it) is not cached, keeping those layers in `spool` if
 /// given. Returns what is known by item.
 fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Option<String>], spool: Option<&Spool>, progress: &Progress) -> Result<HashMap<usize, Known>> {
-    let mut cache = DigestCache::open();
+    let mut cache = crate::image::digests::DigestCache::open();
     let mut out = HashMap::new();
     let mut misses = std::collections::HashSet::new();
     for (i, d) in diff_ids.iter().enumerate() {
-        match d.as_deref().and_then(|d| cache.get(compressor, d)) {
+        match d.as_deref().and_then(|d| cache.get(&compressed_key(compressor, d))) {
             Some((digest, size)) => {
                 out.insert(i, (digest, size, None));
             }
@@ -503,7 +449,7 @@ fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Optio
                 bail!("layer {} hashes to sha256:{}, not {known}", i + 1, l.diff_id);
             }
         }
-        cache.put(compressor, &l.diff_id, &l.digest, l.size);
+        cache.put(&compressed_key(compressor, &l.diff_id), &l.digest, l.size);
         out.insert(i, (l.digest, l.size, l.kept));
     }
     Ok(out)
@@ -553,7 +499,7 @@ impl LayerPass for ConfPass<'_> {
 pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, spool: Option<&Spool>, progress: &Progress) -> Result<Plan<'a>> {
     let quiet = Progress { quiet: true };
     let n = pass.spec.layer_count();
-    let mut cache = DigestCache::open();
+    let mut cache = crate::image::digests::DigestCache::open();
     let (layers, digests) = if cache.is_empty() {
         // Nothing cached: compress every layer once, learning diff_ids on the way.
         progress.say(format!("Compressing {n} layers to learn their digests..."));
@@ -561,7 +507,7 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, spool: Option<&Spool>, progress: &P
         let layers = pass.spec.emit_layers(&mut sink, &quiet)?;
         let mut digests = HashMap::new();
         for (i, l) in sink.finish()? {
-            cache.put(pass.compressor, &l.diff_id, &l.digest, l.size);
+            cache.put(&compressed_key(pass.compressor, &l.diff_id), &l.digest, l.size);
             digests.insert(i, (l.digest, l.size, l.kept));
         }
         (layers, digests)

@@ -1,0 +1,371 @@
+//! `stevedore serve`: a read-only registry (distribution API v2, the pull side) that serves
+//! images made from stream confs when they are asked for. A manifest is built from its conf at
+//! each request (so a rebuilt `result` is served at once), its layers' diff_ids coming from the
+//! digest cache (`image::digests`: store paths never change, so an unchanged layer is never read
+//! to be hashed again); layers are uncompressed, their digests their diff_ids, and a blob is
+//! streamed from the store when it is fetched. Clients (`docker pull`, `podman pull`, `ctr pull`,
+//! skopeo) fetch only the layers they lack: on loopback, the fastest way into any runtime.
+
+pub mod http;
+
+use crate::compress::Compressor;
+use crate::image::conf::{self, StreamConf};
+use crate::image::digests::DigestCache;
+use crate::image::oci::{self, Descriptor, CONFIG_TYPE, MANIFEST_TYPE};
+use crate::image::{ImageSpec, LayerSink};
+use crate::util::progress::Progress;
+use crate::util::sha256_digest;
+use anyhow::{anyhow, bail, Result};
+use http::{Request, Window};
+use serde_json::json;
+use std::collections::HashMap;
+use std::io::{self, BufReader, BufWriter, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+/// An image to serve: `name:tag`, made from a stream conf.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub name: String,
+    pub tag: String,
+    pub conf: PathBuf,
+}
+
+impl Served {
+    /// `[NAME[:TAG]=]CONF`; without a name, the conf's `repo_tag` (read now) names it.
+    pub fn parse(arg: &str) -> Result<Served> {
+        let (named, conf) = match arg.split_once('=') {
+            Some((n, c)) => (Some(n), PathBuf::from(c)),
+            None => (None, PathBuf::from(arg)),
+        };
+        let repo_tag = match named {
+            Some(n) => n.to_string(),
+            None => StreamConf::load(&conf, &conf::now())?.repo_tag,
+        };
+        let tagged = crate::image::reference::with_default_tag(&repo_tag);
+        let parts = crate::image::reference::parse_reference(&tagged).map_err(|e| anyhow!("{arg}: {e:#}"))?;
+        Ok(Served { name: parts.path.to_string(), tag: parts.tag.unwrap_or("latest").to_string(), conf })
+    }
+}
+
+pub struct ServeOptions {
+    /// Connections served at once; more wait to be accepted.
+    pub max_connections: usize,
+    /// How long a connection may sit idle, or a write wait.
+    pub timeout: Duration,
+}
+
+/// Where a blob listed by a manifest built here comes from.
+#[derive(Clone)]
+enum Blob {
+    Config(Arc<Vec<u8>>),
+    /// Layer `index` of the image `conf` describes, `size` bytes.
+    Layer { conf: Arc<StreamConf>, index: usize, size: u64 },
+}
+
+/// Entries kept of manifests built before; past this, the maps start again (blobs are found
+/// again by building the images anew).
+const MAX_ENTRIES: usize = 100_000;
+
+struct State {
+    images: Vec<Served>,
+    blobs: Mutex<HashMap<String, Blob>>,
+    /// Manifest bytes by digest, with the repository they were built for.
+    manifests: Mutex<HashMap<String, (String, Arc<Vec<u8>>)>>,
+    cache: Mutex<DigestCache>,
+    progress: Progress,
+}
+
+/// A failed request: its status, the registry error code and a message.
+struct Failure(u16, &'static str, String);
+
+impl State {
+    /// Builds `img`'s manifest and remembers what it lists.
+    fn build(&self, img: &Served) -> Result<(String, Arc<Vec<u8>>)> {
+        let conf = Arc::new(StreamConf::load(&img.conf, &conf::now())?);
+        let spec = ImageSpec::new(&conf)?;
+        let quiet = Progress { quiet: true };
+        let layers = {
+            let mut cache = self.cache.lock().map_err(|_| anyhow!("internal error: digest cache lock"))?;
+            spec.describe_layers(&mut cache, &quiet)?
+        };
+        let config = Arc::new(spec.config_json(&layers).into_bytes());
+        let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
+        let descs: Vec<Descriptor> = layers
+            .iter()
+            .map(|l| Descriptor { media_type: oci::layer_media_type(Compressor::None), digest: format!("sha256:{}", l.diff_id), size: l.size })
+            .collect();
+        let manifest = Arc::new(oci::manifest_json(&config_desc, &descs).into_bytes());
+        let digest = sha256_digest(&manifest);
+        {
+            let mut blobs = self.blobs.lock().map_err(|_| anyhow!("internal error: blob map lock"))?;
+            if blobs.len() > MAX_ENTRIES {
+                blobs.clear();
+            }
+            // Last to first, so a layer listed twice is made from its first place.
+            for (index, d) in descs.iter().enumerate().rev() {
+                blobs.insert(d.digest.clone(), Blob::Layer { conf: conf.clone(), index, size: d.size });
+            }
+            blobs.insert(config_desc.digest.clone(), Blob::Config(config));
+        }
+        let mut manifests = self.manifests.lock().map_err(|_| anyhow!("internal error: manifest map lock"))?;
+        if manifests.len() > MAX_ENTRIES {
+            manifests.clear();
+        }
+        manifests.insert(digest.clone(), (img.name.clone(), manifest.clone()));
+        Ok((digest, manifest))
+    }
+
+    fn images_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Served> + 'a {
+        self.images.iter().filter(move |i| i.name == name)
+    }
+
+    fn manifest(&self, name: &str, reference: &str) -> Result<(String, Arc<Vec<u8>>), Failure> {
+        let fail = |e: anyhow::Error| Failure(500, "UNKNOWN", format!("{name}:{reference}: {e:#}"));
+        if self.images_named(name).next().is_none() {
+            return Err(Failure(404, "NAME_UNKNOWN", format!("no image named {name} is served here")));
+        }
+        if reference.starts_with("sha256:") {
+            let known = |s: &State| s.manifests.lock().ok().and_then(|m| m.get(reference).filter(|(n, _)| n == name).map(|(_, b)| b.clone()));
+            if let Some(bytes) = known(self) {
+                return Ok((reference.to_string(), bytes));
+            }
+            // Asked for a manifest built before a restart (or forgotten): build them again.
+            for img in self.images_named(name) {
+                self.build(img).map_err(fail)?;
+            }
+            return known(self).map(|b| (reference.to_string(), b)).ok_or_else(|| Failure(404, "MANIFEST_UNKNOWN", format!("{name}@{reference} is not served here (any more)")));
+        }
+        let img = self.images_named(name).find(|i| i.tag == reference).ok_or_else(|| Failure(404, "MANIFEST_UNKNOWN", format!("{name} has no tag {reference} here")))?;
+        self.build(img).map_err(fail)
+    }
+
+    fn blob(&self, name: &str, digest: &str) -> Result<Blob, Failure> {
+        if self.images_named(name).next().is_none() {
+            return Err(Failure(404, "NAME_UNKNOWN", format!("no image named {name} is served here")));
+        }
+        let known = |s: &State| s.blobs.lock().ok().and_then(|b| b.get(digest).cloned());
+        if let Some(b) = known(self) {
+            return Ok(b);
+        }
+        for img in self.images_named(name) {
+            self.build(img).map_err(|e| Failure(500, "UNKNOWN", format!("{name}: {e:#}")))?;
+        }
+        known(self).ok_or_else(|| Failure(404, "BLOB_UNKNOWN", format!("{name} has no blob {digest} here")))
+    }
+}
+
+/// Writes layer `index` of the image `conf` describes into `w` (a store layer is planned and
+/// read again; nothing else of the image is read). Returns its diff_id; fails also when `w`
+/// stops taking bytes (a range is complete).
+fn write_layer(conf: &StreamConf, index: usize, w: &mut dyn Write) -> Result<String> {
+    struct One<'w> {
+        index: usize,
+        out: &'w mut dyn Write,
+        diff_id: Option<String>,
+    }
+    impl LayerSink for One<'_> {
+        fn wants(&mut self, index: usize) -> bool {
+            index == self.index
+        }
+        fn begin(&mut self, _: &str, _: u64) -> Result<()> {
+            Ok(())
+        }
+        fn out(&mut self) -> &mut dyn Write {
+            &mut *self.out
+        }
+        fn end(&mut self, _: u64, diff_id: &str) -> Result<()> {
+            self.diff_id = Some(diff_id.to_string());
+            Ok(())
+        }
+    }
+    let spec = ImageSpec::new(conf)?;
+    let mut one = One { index, out: w, diff_id: None };
+    spec.emit_layers(&mut one, &Progress { quiet: true })?;
+    if one.diff_id.is_none() {
+        // The customisation layer is not made by emit_layers unless wanted; it is.
+        bail!("internal error: layer {} was not produced", index + 1);
+    }
+    Ok(one.diff_id.unwrap_or_default())
+}
+
+fn error_body(code: &str, message: &str) -> Vec<u8> {
+    serde_json::to_vec(&json!({"errors": [{"code": code, "message": message}]})).unwrap_or_default()
+}
+
+/// Answers one request: its status and the body bytes sent. An error means the connection
+/// must close (a write failed, or a layer failed after its head was sent).
+fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Result<(u16, u64)> {
+    let head_only = req.method == "HEAD";
+    let keep = req.keep_alive;
+    let send = |w: &mut BufWriter<TcpStream>, status: u16, headers: &[(&str, String)], body: &[u8]| -> io::Result<(u16, u64)> {
+        http::write_head(w, status, headers, body.len() as u64, keep)?;
+        if !head_only {
+            w.write_all(body)?;
+        }
+        w.flush()?;
+        Ok((status, body.len() as u64))
+    };
+    let json_type = ("Content-Type", "application/json".to_string());
+    let fail = |w: &mut BufWriter<TcpStream>, f: Failure| {
+        state.progress.say(format!("{} {}: {}", req.method, req.path, f.2));
+        send(w, f.0, &[json_type.clone()], &error_body(f.1, &f.2))
+    };
+    if req.method != "GET" && req.method != "HEAD" {
+        return fail(w, Failure(405, "UNSUPPORTED", format!("{} is not served: this registry is read-only", req.method)));
+    }
+    let path = req.path.as_str();
+    if path == "/v2/" || path == "/v2" {
+        return send(w, 200, &[json_type.clone()], b"{}");
+    }
+    if path == "/v2/_catalog" {
+        let mut names: Vec<&str> = state.images.iter().map(|i| i.name.as_str()).collect();
+        names.sort();
+        names.dedup();
+        return send(w, 200, &[json_type.clone()], &serde_json::to_vec(&json!({"repositories": names})).unwrap_or_default());
+    }
+    let Some(rest) = path.strip_prefix("/v2/") else {
+        return fail(w, Failure(404, "NOT_FOUND", format!("{path}: not a registry API path")));
+    };
+    if let Some(name) = rest.strip_suffix("/tags/list") {
+        if state.images_named(name).next().is_none() {
+            return fail(w, Failure(404, "NAME_UNKNOWN", format!("no image named {name} is served here")));
+        }
+        let tags: Vec<&str> = state.images_named(name).map(|i| i.tag.as_str()).collect();
+        return send(w, 200, &[json_type.clone()], &serde_json::to_vec(&json!({"name": name, "tags": tags})).unwrap_or_default());
+    }
+    if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
+        return match state.manifest(name, reference) {
+            Ok((digest, bytes)) => send(w, 200, &[("Content-Type", MANIFEST_TYPE.to_string()), ("Docker-Content-Digest", digest)], &bytes),
+            Err(f) => fail(w, f),
+        };
+    }
+    let Some((name, digest)) = rest.rsplit_once("/blobs/") else {
+        return fail(w, Failure(404, "NOT_FOUND", format!("{path}: not a registry API path")));
+    };
+    let blob = match state.blob(name, digest) {
+        Ok(b) => b,
+        Err(f) => return fail(w, f),
+    };
+    let total = match &blob {
+        Blob::Config(b) => b.len() as u64,
+        Blob::Layer { size, .. } => *size,
+    };
+    let (start, end, status) = match http::range(req.header("range"), total) {
+        Ok(None) => (0, total, 200),
+        Ok(Some((a, b))) => (a, b, 206),
+        Err(()) => {
+            http::write_head(w, 416, &[("Content-Range", format!("bytes */{total}"))], 0, keep)?;
+            w.flush()?;
+            return Ok((416, 0));
+        }
+    };
+    let mut headers = vec![
+        ("Content-Type", "application/octet-stream".to_string()),
+        ("Docker-Content-Digest", digest.to_string()),
+        ("Accept-Ranges", "bytes".to_string()),
+    ];
+    if status == 206 {
+        headers.push(("Content-Range", format!("bytes {start}-{}/{total}", end - 1)));
+    }
+    http::write_head(w, status, &headers, end - start, keep)?;
+    if head_only {
+        w.flush()?;
+        return Ok((status, 0));
+    }
+    match blob {
+        Blob::Config(b) => w.write_all(&b[start as usize..end as usize])?,
+        Blob::Layer { conf, index, .. } => {
+            let mut win = Window { inner: &mut *w, pos: 0, start, end };
+            let made = write_layer(&conf, index, &mut win);
+            let complete = win.pos >= end;
+            match made {
+                Ok(diff_id) if status == 200 && format!("sha256:{diff_id}") != digest => {
+                    state.progress.say(format!("{name}: layer {} came out as sha256:{diff_id}, not {digest}: its store paths changed", index + 1));
+                    return Err(io::Error::other("layer changed"));
+                }
+                Ok(_) => {}
+                Err(_) if complete => {}
+                Err(e) => {
+                    // The head is out: all that is left is to drop the connection.
+                    state.progress.say(format!("{name}: layer {}: {e:#}", index + 1));
+                    return Err(io::Error::other("layer failed"));
+                }
+            }
+        }
+    }
+    w.flush()?;
+    Ok((status, end - start))
+}
+
+fn serve_connection(state: &State, stream: TcpStream, opts: &ServeOptions) {
+    let _ = stream.set_read_timeout(Some(opts.timeout));
+    let _ = stream.set_write_timeout(Some(opts.timeout));
+    let _ = stream.set_nodelay(true);
+    let Ok(write_half) = stream.try_clone() else { return };
+    let mut r = BufReader::new(stream);
+    let mut w = BufWriter::with_capacity(1 << 20, write_half);
+    loop {
+        let req = match http::read_request(&mut r) {
+            Ok(req) => req,
+            Err(http::ReadError::Closed) => return,
+            Err(http::ReadError::Bad(why)) => {
+                let body = error_body("BAD_REQUEST", &why);
+                let _ = http::write_head(&mut w, 400, &[("Content-Type", "application/json".into())], body.len() as u64, false);
+                let _ = w.write_all(&body);
+                let _ = w.flush();
+                return;
+            }
+        };
+        let started = Instant::now();
+        let result = respond(state, &req, &mut w);
+        if let Ok((status, bytes)) = &result {
+            state.progress.say(format!("{} {} {status} {bytes} bytes {:.3} s", req.method, req.path, started.elapsed().as_secs_f64()));
+        }
+        if result.is_err() || !req.keep_alive {
+            return;
+        }
+    }
+}
+
+/// Serves `images` on `listener` until the process is stopped. At most `max_connections`
+/// connections are served at once; the others wait in the listen queue.
+pub fn serve(listener: TcpListener, images: Vec<Served>, opts: ServeOptions, progress: Progress) -> Result<()> {
+    let state = State { images, blobs: Mutex::default(), manifests: Mutex::default(), cache: Mutex::new(DigestCache::open()), progress };
+    let slots = (Mutex::new(0usize), Condvar::new());
+    let max = opts.max_connections.max(1);
+    std::thread::scope(|scope| -> Result<()> {
+        loop {
+            {
+                let (count, freed) = &slots;
+                let mut n = count.lock().map_err(|_| anyhow!("internal error: connection count lock"))?;
+                while *n >= max {
+                    n = freed.wait(n).map_err(|_| anyhow!("internal error: connection count lock"))?;
+                }
+                *n += 1;
+            }
+            let stream = match listener.accept() {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    if let Ok(mut n) = slots.0.lock() {
+                        *n -= 1;
+                    }
+                    // Out of file descriptors and the like: wait a little rather than spin.
+                    state.progress.say(format!("cannot accept a connection: {e}"));
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            let (state, slots, opts) = (&state, &slots, &opts);
+            scope.spawn(move || {
+                serve_connection(state, stream, opts);
+                if let Ok(mut n) = slots.0.lock() {
+                    *n -= 1;
+                }
+                slots.1.notify_one();
+            });
+        }
+    })
+}
