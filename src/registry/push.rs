@@ -365,7 +365,8 @@ fn upload_direct(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions, ve
 
 /// Whether `blob` still has to be uploaded: not if the registry has it in `repo` already or
 /// can mount it from one of `--mount-from`'s repositories (counted in `summary`).
-fn needs_upload(reg: &Registry, repo: &str, digest: &str, what: &str, size: u64, opts: &PushOptions, summary: &mut Summary, progress: &Progress) -> Result<bool> {
+fn needs_upload(reg: &Registry, repo: &str, blob: &Blob, opts: &PushOptions, summary: &mut Summary, progress: &Progress) -> Result<bool> {
+    let (digest, what, size) = (&blob.digest, &blob.what, blob.size);
     summary.blobs += 1;
     if reg.blob_exists(repo, digest)?.is_some() {
         progress.say(format!("{}: exists ({what}, {})", short(digest), mib(size)));
@@ -400,8 +401,8 @@ pub fn upload_spooled(reg: &Registry, repo: &str, ready: Receiver<Spooled>, spoo
                 let _ = std::fs::remove_file(&layer.path);
                 continue;
             }
-            if needs_upload(reg, repo, &layer.digest, &layer.what, layer.size, opts, &mut settled.summary, progress)? {
-                let blob = Blob { digest: layer.digest.clone(), size: layer.size, data: BlobData::File(layer.path.clone()), what: layer.what };
+            let blob = Blob { digest: layer.digest.clone(), size: layer.size, data: BlobData::File(layer.path.clone()), what: layer.what };
+            if needs_upload(reg, repo, &blob, opts, &mut settled.summary, progress)? {
                 upload_direct(reg, repo, &blob, opts, false, progress)?;
                 progress.say(format!("{}: uploaded {} bytes ({})", short(&blob.digest), blob.size, blob.what));
                 settled.summary.uploaded += 1;
@@ -432,7 +433,7 @@ pub fn push_plan(reg: &Registry, repo: &str, tag: Option<&str>, plan: &Plan, opt
         if !seen.insert(blob.digest.clone()) {
             continue;
         }
-        if needs_upload(reg, repo, &blob.digest, &blob.what, blob.size, opts, &mut summary, progress)? {
+        if needs_upload(reg, repo, blob, opts, &mut summary, progress)? {
             missing.push(blob);
         }
     }

@@ -112,34 +112,39 @@ pub fn write_head(w: &mut impl Write, status: u16, headers: &[(&str, String)], l
     w.write_all(head.as_bytes())
 }
 
+/// A `Range` that cannot be satisfied (answered with 416).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Unsatisfiable;
+
 /// A byte range of a body of `total` bytes asked for with `Range: bytes=A-B`, `A-` or `-N`:
-/// Ok(None) for the whole body, Err(()) if it cannot be satisfied. Several ranges are answered
-/// with the whole body, which RFC 9110 allows.
-pub fn range(value: Option<&str>, total: u64) -> Result<Option<(u64, u64)>, ()> {
+/// Ok(None) for the whole body. Several ranges are answered with the whole body, which RFC 9110
+/// allows.
+pub fn range(value: Option<&str>, total: u64) -> Result<Option<(u64, u64)>, Unsatisfiable> {
     let Some(spec) = value.and_then(|v| v.trim().strip_prefix("bytes=")) else { return Ok(None) };
     if spec.contains(',') {
         return Ok(None);
     }
-    let (a, b) = spec.split_once('-').ok_or(())?;
+    let bad = |_| Unsatisfiable;
+    let (a, b) = spec.split_once('-').ok_or(Unsatisfiable)?;
     let (start, end) = match (a.trim(), b.trim()) {
         ("", n) => {
-            let n: u64 = n.parse().map_err(drop)?;
+            let n: u64 = n.parse().map_err(bad)?;
             if n == 0 {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (total.saturating_sub(n), total)
         }
-        (a, "") => (a.parse().map_err(drop)?, total),
+        (a, "") => (a.parse().map_err(bad)?, total),
         (a, b) => {
-            let (a, b): (u64, u64) = (a.parse().map_err(drop)?, b.parse().map_err(drop)?);
+            let (a, b): (u64, u64) = (a.parse().map_err(bad)?, b.parse().map_err(bad)?);
             if b < a {
-                return Err(());
+                return Err(Unsatisfiable);
             }
             (a, (b + 1).min(total))
         }
     };
     if start >= total {
-        return Err(());
+        return Err(Unsatisfiable);
     }
     Ok(Some((start, end)))
 }
@@ -196,9 +201,9 @@ mod tests {
         assert_eq!(range(Some("bytes=-3"), 10), Ok(Some((7, 10))));
         assert_eq!(range(Some("bytes=8-100"), 10), Ok(Some((8, 10))));
         assert_eq!(range(Some("bytes=0-1,4-5"), 10), Ok(None));
-        assert_eq!(range(Some("bytes=10-"), 10), Err(()));
-        assert_eq!(range(Some("bytes=4-2"), 10), Err(()));
-        assert_eq!(range(Some("bytes=x-"), 10), Err(()));
+        assert_eq!(range(Some("bytes=10-"), 10), Err(Unsatisfiable));
+        assert_eq!(range(Some("bytes=4-2"), 10), Err(Unsatisfiable));
+        assert_eq!(range(Some("bytes=x-"), 10), Err(Unsatisfiable));
         assert_eq!(range(Some("items=0-1"), 10), Ok(None));
     }
 

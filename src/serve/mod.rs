@@ -69,11 +69,14 @@ enum Blob {
 /// again by building the images anew).
 const MAX_ENTRIES: usize = 100_000;
 
+/// A manifest built: the repository it was built for, its bytes.
+type Built = (String, Arc<Vec<u8>>);
+
 struct State {
     images: Vec<Served>,
     blobs: Mutex<HashMap<String, Blob>>,
     /// Manifest bytes by digest, with the repository they were built for.
-    manifests: Mutex<HashMap<String, (String, Arc<Vec<u8>>)>>,
+    manifests: Mutex<HashMap<String, Built>>,
     cache: Mutex<DigestCache>,
     progress: Progress,
 }
@@ -208,23 +211,23 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
         w.flush()?;
         Ok((status, body.len() as u64))
     };
-    let json_type = ("Content-Type", "application/json".to_string());
+    let json_type = || [("Content-Type", "application/json".to_string())];
     let fail = |w: &mut BufWriter<TcpStream>, f: Failure| {
         state.progress.say(format!("{} {}: {}", req.method, req.path, f.2));
-        send(w, f.0, &[json_type.clone()], &error_body(f.1, &f.2))
+        send(w, f.0, &json_type(), &error_body(f.1, &f.2))
     };
     if req.method != "GET" && req.method != "HEAD" {
         return fail(w, Failure(405, "UNSUPPORTED", format!("{} is not served: this registry is read-only", req.method)));
     }
     let path = req.path.as_str();
     if path == "/v2/" || path == "/v2" {
-        return send(w, 200, &[json_type.clone()], b"{}");
+        return send(w, 200, &json_type(), b"{}");
     }
     if path == "/v2/_catalog" {
         let mut names: Vec<&str> = state.images.iter().map(|i| i.name.as_str()).collect();
         names.sort();
         names.dedup();
-        return send(w, 200, &[json_type.clone()], &serde_json::to_vec(&json!({"repositories": names})).unwrap_or_default());
+        return send(w, 200, &json_type(), &serde_json::to_vec(&json!({"repositories": names})).unwrap_or_default());
     }
     let Some(rest) = path.strip_prefix("/v2/") else {
         return fail(w, Failure(404, "NOT_FOUND", format!("{path}: not a registry API path")));
@@ -234,7 +237,7 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
             return fail(w, Failure(404, "NAME_UNKNOWN", format!("no image named {name} is served here")));
         }
         let tags: Vec<&str> = state.images_named(name).map(|i| i.tag.as_str()).collect();
-        return send(w, 200, &[json_type.clone()], &serde_json::to_vec(&json!({"name": name, "tags": tags})).unwrap_or_default());
+        return send(w, 200, &json_type(), &serde_json::to_vec(&json!({"name": name, "tags": tags})).unwrap_or_default());
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         return match state.manifest(name, reference) {
@@ -256,7 +259,7 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
     let (start, end, status) = match http::range(req.header("range"), total) {
         Ok(None) => (0, total, 200),
         Ok(Some((a, b))) => (a, b, 206),
-        Err(()) => {
+        Err(http::Unsatisfiable) => {
             http::write_head(w, 416, &[("Content-Range", format!("bytes */{total}"))], 0, keep)?;
             w.flush()?;
             return Ok((416, 0));
