@@ -361,7 +361,7 @@ fn push_conf_then_pull_it_back() {
     // into the upload: the same blobs.
     let (other, stderr) = push_cached(&conf, &format!("docker://{}/team/other:v1", reg.addr()));
     assert_eq!(other, digest);
-    assert!(stderr.contains("Hashing 8 layers") && !stderr.contains("Compressing"), "{stderr}");
+    assert!(stderr.contains("Looking up the digests of 8 layers") && !stderr.contains("Compressing"), "{stderr}");
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 9 uploaded"), "{stderr}");
     // Layers compress side by side on every thread count, to the same blobs.
     for threads in ["1", "16"] {
@@ -393,7 +393,7 @@ fn push_conf_then_pull_it_back() {
     let (again, stderr) = push_cached(&conf, &dest);
     assert_eq!(again, digest);
     assert!(summary(&stderr).starts_with("summary: 9 blobs: 0 uploaded (0 bytes), 0 mounted, 9 existed"), "{stderr}");
-    assert!(stderr.contains("Hashing 8 layers") && !stderr.contains("Compressing"), "{stderr}");
+    assert!(stderr.contains("Looking up the digests of 8 layers") && !stderr.contains("Compressing"), "{stderr}");
     // Two store paths moved into one layer: that layer and the config are all that go up.
     let mut changed: Value = serde_json::from_slice(&fs::read(&conf).unwrap()).unwrap();
     let layers = changed["store_layers"].as_array_mut().unwrap();

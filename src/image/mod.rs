@@ -322,15 +322,32 @@ impl<'c> ImageSpec<'c> {
         Ok(layers)
     }
 
-    /// The image's layers with their diff_ids and uncompressed sizes, reading and hashing only
-    /// the layers `cache` does not know (and remembering those). The customisation layer's
-    /// diff_id is its checksum file's.
-    pub fn describe_layers(&self, cache: &mut digests::DigestCache, progress: &Progress) -> Result<Vec<LayerInfo>> {
+    /// The digest-cache keys of the base and store layers, in image order (None: a path that
+    /// cannot be examined); the customisation layer has none.
+    fn layer_keys(&self) -> Vec<Option<String>> {
         let mut keys: Vec<Option<String>> = Vec::new();
         if let Some(base) = &self.base {
             keys.extend(base.layers.iter().map(|l| digests::base_layer_key(&base.path, &l.member)));
         }
         keys.extend(self.store_layers.iter().map(|paths| digests::layer_key(paths, &self.owner)));
+        keys
+    }
+
+    /// Remembers in `cache` the diff_ids and sizes of `layers` (as emit_layers returned them,
+    /// every layer produced), so `describe_layers` need not read them again.
+    pub fn remember_layers(&self, cache: &mut digests::DigestCache, layers: &[LayerInfo]) {
+        for (key, layer) in self.layer_keys().iter().zip(layers) {
+            if let (Some(key), false) = (key, layer.diff_id.is_empty()) {
+                cache.put(key, &format!("sha256:{}", layer.diff_id), layer.size);
+            }
+        }
+    }
+
+    /// The image's layers with their diff_ids and uncompressed sizes, reading and hashing only
+    /// the layers `cache` does not know (and remembering those). The customisation layer's
+    /// diff_id is its checksum file's.
+    pub fn describe_layers(&self, cache: &mut digests::DigestCache, progress: &Progress) -> Result<Vec<LayerInfo>> {
+        let keys = self.layer_keys();
         let known: Vec<Option<(String, u64)>> = keys.iter().map(|k| k.as_deref().and_then(|k| cache.get(k))).collect();
         /// Hashes (emit_layers does) what the cache lacks, and nothing else.
         struct Unknown<'k>(&'k [Option<(String, u64)>], io::Sink);
@@ -356,18 +373,12 @@ impl<'c> ImageSpec<'c> {
                 Some(base) if i < nbase => base.layers.iter().position(|l| l.member == base.layers[i].member).unwrap_or(i),
                 _ => i,
             };
-            match &known[first] {
-                Some((diff_id, size)) => {
-                    layer.diff_id = diff_id.trim_start_matches("sha256:").to_string();
-                    layer.size = *size;
-                }
-                None => {
-                    if let Some(key) = &keys[first] {
-                        cache.put(key, &format!("sha256:{}", layer.diff_id), layer.size);
-                    }
-                }
+            if let Some((diff_id, size)) = &known[first] {
+                layer.diff_id = diff_id.trim_start_matches("sha256:").to_string();
+                layer.size = *size;
             }
         }
+        self.remember_layers(cache, &layers);
         Ok(layers)
     }
 

@@ -464,21 +464,6 @@ fn layer_blob((digest, size, kept): &Known, item: usize, what: String) -> Blob {
     Blob { digest: digest.clone(), size: *size, data, what }
 }
 
-/// Produces nothing: lets a pass compute diff_ids (reading and hashing only).
-struct NullSink(io::Sink);
-
-impl LayerSink for NullSink {
-    fn begin(&mut self, _name: &str, _size: u64) -> Result<()> {
-        Ok(())
-    }
-    fn out(&mut self) -> &mut dyn Write {
-        &mut self.0
-    }
-    fn end(&mut self, _size: u64, _diff_id: &str) -> Result<()> {
-        Ok(())
-    }
-}
-
 /// A stream conf's layers (base image, store layers, customisation layer).
 pub struct ConfPass<'c> {
     pub spec: ImageSpec<'c>,
@@ -510,12 +495,14 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, spool: Option<&Spool>, progress: &P
             cache.put(&compressed_key(pass.compressor, &l.diff_id), &l.digest, l.size);
             digests.insert(i, (l.digest, l.size, l.kept));
         }
+        pass.spec.remember_layers(&mut cache, &layers);
         (layers, digests)
     } else {
-        // A cheap pass (tar + sha256, no compression) gives the diff_ids that find cached
-        // digests; only the other layers are compressed.
-        progress.say(format!("Hashing {n} layers..."));
-        let layers = pass.spec.emit_layers(&mut NullSink(io::sink()), &quiet)?;
+        // The diff_ids find cached digests: known ones from the store paths (nothing read),
+        // the others from a cheap pass (tar + sha256, no compression). Only layers whose
+        // compressed digest is not cached are compressed.
+        progress.say(format!("Looking up the digests of {n} layers..."));
+        let layers = pass.spec.describe_layers(&mut cache, &quiet)?;
         let diff_ids: Vec<Option<String>> = layers.iter().map(|l| Some(l.diff_id.clone())).collect();
         let digests = layer_digests(pass, pass.compressor, &diff_ids, spool, progress)?;
         (layers, digests)
