@@ -51,7 +51,15 @@ enum Command {
     Prefetch(registry::PrefetchCmd),
     /// Combine per-platform images into one multi-platform index and push it.
     Index(registry::IndexCmd),
+    /// Serve images made from confs as a read-only registry (pull only), on loopback by default.
+    ///
+    /// Manifests are made from the confs at each request; layers go uncompressed, streamed
+    /// from the store, so clients fetch only the layers they lack.
     Serve(registry::ServeCmd),
+    /// Load an image into podman, Docker or containerd, sending only the layers it lacks.
+    ///
+    /// The runtime pulls the image from a loopback registry that lives for the one pull.
+    Load(registry::LoadCmd),
     /// Write an image's flattened filesystem as one tarball (nixpkgs' exportImage).
     ///
     /// Layers are applied in memory (whiteouts and opaque directories honoured, hard links
@@ -140,6 +148,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Prefetch(c) => c.run(),
         Command::Index(c) => c.run(),
         Command::Serve(c) => c.run(),
+        Command::Load(c) => c.run(),
     }
 }
 

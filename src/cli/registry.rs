@@ -226,6 +226,31 @@ impl ServeCmd {
             progress.say(format!("serving {addr}/{}:{} from {}", i.name, i.tag, i.conf.display()));
         }
         let opts = serve::ServeOptions { max_connections: self.max_connections, timeout: std::time::Duration::from_secs(60) };
-        serve::serve(listener, images, opts, progress)
+        serve::Server::new(images, progress).run(listener, opts)
+    }
+}
+
+#[derive(clap::Args)]
+pub struct LoadCmd {
+    /// The image: a stream conf (streamLayeredImage's `conf`, or any conf file).
+    pub source: PathBuf,
+    /// The runtime to load into.
+    #[arg(long, value_parser = choice::<stevedore::serve::load::Runtime>(), default_value = "podman")]
+    pub into: stevedore::serve::load::Runtime,
+    /// The name to give the image (`NAME[:TAG]`); the conf's repo_tag by default.
+    #[arg(short = 't', long = "tag", value_name = "NAME:TAG")]
+    pub name: Option<String>,
+    /// containerd's namespace (`k8s.io` for Kubernetes' images).
+    #[arg(long, default_value = "default", value_name = "NS")]
+    pub namespace: String,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+impl LoadCmd {
+    pub fn run(self) -> Result<()> {
+        let opts = stevedore::serve::load::LoadOptions { runtime: self.into, name: self.name, namespace: self.namespace };
+        stevedore::serve::load::load(self.source, &opts, &stevedore::util::progress::Progress { quiet: self.quiet })
     }
 }

@@ -7,6 +7,7 @@
 //! skopeo) fetch only the layers they lack: on loopback, the fastest way into any runtime.
 
 pub mod http;
+pub mod load;
 
 use crate::compress::Compressor;
 use crate::image::conf::{self, StreamConf};
@@ -22,6 +23,7 @@ use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -72,8 +74,16 @@ const MAX_ENTRIES: usize = 100_000;
 /// A manifest built: the repository it was built for, its bytes.
 type Built = (String, Arc<Vec<u8>>);
 
+/// What was sent: layer bodies (whole or in part) and their bytes.
+#[derive(Default)]
+pub struct Stats {
+    pub layers: AtomicU64,
+    pub layer_bytes: AtomicU64,
+}
+
 struct State {
     images: Vec<Served>,
+    stats: Arc<Stats>,
     blobs: Mutex<HashMap<String, Blob>>,
     /// Manifest bytes by digest, with the repository they were built for.
     manifests: Mutex<HashMap<String, Built>>,
@@ -281,6 +291,8 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
     match blob {
         Blob::Config(b) => w.write_all(&b[start as usize..end as usize])?,
         Blob::Layer { conf, index, .. } => {
+            state.stats.layers.fetch_add(1, Ordering::Relaxed);
+            state.stats.layer_bytes.fetch_add(end - start, Ordering::Relaxed);
             let mut win = Window { inner: &mut *w, pos: 0, start, end };
             let made = write_layer(&conf, index, &mut win);
             let complete = win.pos >= end;
@@ -333,42 +345,57 @@ fn serve_connection(state: &State, stream: TcpStream, opts: &ServeOptions) {
     }
 }
 
-/// Serves `images` on `listener` until the process is stopped. At most `max_connections`
-/// connections are served at once; the others wait in the listen queue.
-pub fn serve(listener: TcpListener, images: Vec<Served>, opts: ServeOptions, progress: Progress) -> Result<()> {
-    let state = State { images, blobs: Mutex::default(), manifests: Mutex::default(), cache: Mutex::new(DigestCache::open()), progress };
-    let slots = (Mutex::new(0usize), Condvar::new());
-    let max = opts.max_connections.max(1);
-    std::thread::scope(|scope| -> Result<()> {
-        loop {
-            {
-                let (count, freed) = &slots;
-                let mut n = count.lock().map_err(|_| anyhow!("internal error: connection count lock"))?;
-                while *n >= max {
-                    n = freed.wait(n).map_err(|_| anyhow!("internal error: connection count lock"))?;
+/// A registry of `images`, ready to serve.
+pub struct Server {
+    state: State,
+    /// What it sent, readable while it runs.
+    pub stats: Arc<Stats>,
+}
+
+impl Server {
+    pub fn new(images: Vec<Served>, progress: Progress) -> Server {
+        let stats = Arc::new(Stats::default());
+        let state = State { images, stats: stats.clone(), blobs: Mutex::default(), manifests: Mutex::default(), cache: Mutex::new(DigestCache::open()), progress };
+        Server { state, stats }
+    }
+
+    /// Serves on `listener` until the process is stopped. At most `max_connections`
+    /// connections are served at once; the others wait in the listen queue.
+    pub fn run(self, listener: TcpListener, opts: ServeOptions) -> Result<()> {
+        let state = self.state;
+        let slots = (Mutex::new(0usize), Condvar::new());
+        let max = opts.max_connections.max(1);
+        std::thread::scope(|scope| -> Result<()> {
+            loop {
+                {
+                    let (count, freed) = &slots;
+                    let mut n = count.lock().map_err(|_| anyhow!("internal error: connection count lock"))?;
+                    while *n >= max {
+                        n = freed.wait(n).map_err(|_| anyhow!("internal error: connection count lock"))?;
+                    }
+                    *n += 1;
                 }
-                *n += 1;
-            }
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
-                Err(e) => {
+                let stream = match listener.accept() {
+                    Ok((s, _)) => s,
+                    Err(e) => {
+                        if let Ok(mut n) = slots.0.lock() {
+                            *n -= 1;
+                        }
+                        // Out of file descriptors and the like: wait a little rather than spin.
+                        state.progress.say(format!("cannot accept a connection: {e}"));
+                        std::thread::sleep(Duration::from_millis(100));
+                        continue;
+                    }
+                };
+                let (state, slots, opts) = (&state, &slots, &opts);
+                scope.spawn(move || {
+                    serve_connection(state, stream, opts);
                     if let Ok(mut n) = slots.0.lock() {
                         *n -= 1;
                     }
-                    // Out of file descriptors and the like: wait a little rather than spin.
-                    state.progress.say(format!("cannot accept a connection: {e}"));
-                    std::thread::sleep(Duration::from_millis(100));
-                    continue;
-                }
-            };
-            let (state, slots, opts) = (&state, &slots, &opts);
-            scope.spawn(move || {
-                serve_connection(state, stream, opts);
-                if let Ok(mut n) = slots.0.lock() {
-                    *n -= 1;
-                }
-                slots.1.notify_one();
-            });
-        }
-    })
+                    slots.1.notify_one();
+                });
+            }
+        })
+    }
 }
