@@ -359,6 +359,19 @@ rec {
       }
     );
 
+  # `nix run .#image.copyToPodman` (copyToDockerDaemon, copyToContainerd): loads the image of
+  # `conf` into that runtime, sending only the layers it lacks (`stevedore load`).
+  loadScript =
+    shell: baseName: conf: runtime:
+    stevedoreDrv "load-script" (
+      local
+      // {
+        name = "copy-${baseName}-to-${runtime}";
+        inherit shell conf runtime;
+        stevedore = stevedoreBin;
+      }
+    );
+
   # Functions that take an image take a stream too (passthru.isExe): its archive is written
   # first, uncompressed.
   imageFile =

@@ -27,6 +27,7 @@ let
     failWith
     functionArgs
     imageFile
+    loadScript
     local
     makeOverridable
     mkResult
@@ -43,7 +44,8 @@ in
 rec {
   # nixpkgs' streamLayeredImage: a derivation that is an executable writing a Docker archive
   # (`./result | docker load`; `./result --help` lists `stevedore stream`'s options). Its
-  # passthru: imageTag, conf (what the executable reads), copyToRegistry, isExe = true.
+  # passthru: imageTag, conf (what the executable reads), copyToRegistry, copyToPodman,
+  # copyToDockerDaemon, copyToContainerd, isExe = true.
   streamLayeredImage = makeOverridable (
     {
       # The image's name (a repository: "registry.example/team/app"); lowercased in the image.
@@ -221,6 +223,9 @@ rec {
       imageTag = tagOr tag conf;
 
       copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}";
+      copyToPodman = loadScript shell baseName "${conf}" "podman";
+      copyToDockerDaemon = loadScript shell baseName "${conf}" "docker";
+      copyToContainerd = loadScript shell baseName "${conf}" "containerd";
     in
     assert checked;
     mkResult
@@ -238,7 +243,14 @@ rec {
           stevedore = stevedoreBin;
           conf = "${conf}";
           passthru = passthru // {
-            inherit imageTag conf copyToRegistry;
+            inherit
+              imageTag
+              conf
+              copyToRegistry
+              copyToPodman
+              copyToDockerDaemon
+              copyToContainerd
+              ;
             # Lets functions that take images tell executables from archives.
             isExe = true;
           };

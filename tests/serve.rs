@@ -261,3 +261,45 @@ fn a_broken_conf_is_an_error_response_not_a_dead_server() {
     assert!(!out.status.success());
     assert_eq!(String::from_utf8_lossy(&out.stderr).trim().lines().count(), 1);
 }
+
+#[test]
+fn load_into_podman_sends_only_what_it_lacks() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture("serve-load", 6, 20, 0.0);
+    let paths = store_paths(&fx);
+    let layers: Vec<Vec<String>> = paths.iter().map(|p| vec![p.clone()]).collect();
+    let mut c = base_conf(&fx, layers.clone());
+    c["repo_tag"] = json!("stevedore-load-test:v1");
+    let conf = write_json(dir.path(), "conf.json", &c);
+    let Some(_) = podman(&["images"]) else { return };
+    let _ = Command::new("podman").args(["rmi", "-f", "localhost/stevedore-load-test:v1", "localhost/stevedore-load-test:streamed"]).output();
+    let cache = dir.path().join("cache");
+    let load = |conf: &Path| -> String {
+        let out = Command::new(bin()).args(["load", "--into", "podman"]).arg(conf).env("XDG_CACHE_HOME", &cache).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "load failed: {stderr}");
+        stderr.lines().find(|l| l.starts_with("loaded ")).unwrap_or_else(|| panic!("no summary: {stderr}")).to_string()
+    };
+    let summary = load(&conf);
+    assert!(summary.contains(&format!("{} layers sent", layers.len())), "{summary}");
+    // The same image `stream | podman load` gives, under the conf's name.
+    let archive = dir.path().join("stream.tar");
+    let out = Command::new(bin()).args(["stream", "-t", "stevedore-load-test:streamed", "-o"]).arg(&archive).arg(&conf).output().unwrap();
+    assert!(out.status.success());
+    podman(&["load", "-q", "-i", archive.to_str().unwrap()]);
+    let id = |r: &str| String::from_utf8(podman(&["image", "inspect", "--format", "{{.Id}}", r]).unwrap().stdout).unwrap().trim().to_string();
+    assert_eq!(id("localhost/stevedore-load-test:v1"), id("localhost/stevedore-load-test:streamed"));
+    // The loopback name is gone.
+    let names = String::from_utf8(podman(&["images", "--format", "{{.Repository}}:{{.Tag}}"]).unwrap().stdout).unwrap();
+    assert!(!names.lines().any(|n| n.starts_with("127.0.0.1:") && n.contains("stevedore-load-test")), "{names}");
+    assert!(load(&conf).contains(" 0 layers sent"));
+    // One store path moved: one layer goes.
+    let mut changed = c.clone();
+    let mut moved = layers[..layers.len() - 2].to_vec();
+    moved.push(paths[paths.len() - 2..].to_vec());
+    changed["store_layers"] = json!(moved);
+    let changed_conf = write_json(dir.path(), "changed.json", &changed);
+    let summary = load(&changed_conf);
+    assert!(summary.contains(" 1 layers sent"), "{summary}");
+    let _ = Command::new("podman").args(["rmi", "-f", "localhost/stevedore-load-test:v1", "localhost/stevedore-load-test:streamed"]).output();
+}

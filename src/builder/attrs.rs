@@ -329,6 +329,17 @@ action_attrs! {
 }
 
 action_attrs! {
+    /// `load-script`: passthru.copyToPodman, copyToDockerDaemon, copyToContainerd.
+    LoadScript = "load-script" {
+        shell: String = "shell",
+        stevedore: String = "stevedore",
+        conf: String = "conf",
+        /// `podman`, `docker` or `containerd`.
+        runtime: String = "runtime",
+    }
+}
+
+action_attrs! {
     /// `archive`: buildLayeredImage's archive from a conf.
     Archive = "archive" {
         conf: String = "conf",

@@ -214,6 +214,23 @@ pub(super) fn push_script((out, a): (PathBuf, attrs::PushScript)) -> Result<()> 
     write_new(&out, script.as_bytes(), 0o555)
 }
 
+/// `load-script`: an executable that runs `stevedore load CONF --into RUNTIME [OPTIONS]`.
+pub(super) fn load_script((out, a): (PathBuf, attrs::LoadScript)) -> Result<()> {
+    use crate::util::shared::Choice;
+    check_shell(&a.shell)?;
+    crate::serve::load::Runtime::from_name(&a.runtime).map_err(|e| anyhow!("runtime: {e:#}"))?;
+    let script = format!(
+        "#!{}\n# Loads the image into {}, sending only the layers it lacks: [stevedore load options].\n\
+         exec {} load --into {} {} \"$@\"\n",
+        a.shell,
+        a.runtime,
+        shell_quote(&a.stevedore),
+        shell_quote(&a.runtime),
+        shell_quote(&a.conf)
+    );
+    write_new(&out, script.as_bytes(), 0o555)
+}
+
 /// `archive`: the image of a conf, as `format` and `compressor` say.
 pub(super) fn archive((out, a): (PathBuf, attrs::Archive)) -> Result<()> {
     let now = conf::now();

@@ -29,6 +29,8 @@
 //!   `oci`, `oci-archive`) → `$out`, the image.
 //! - `push-script`: `shell`, `stevedore`, `conf` (a conf or an archive), `imageRef` → `$out`,
 //!   an executable that pushes the image.
+//! - `load-script`: `shell`, `stevedore`, `conf`, `runtime` (`podman`, `docker`, `containerd`)
+//!   → `$out`, an executable that loads the image into that runtime (`stevedore load`).
 //! - `image-layer`, `image`, `export`: buildImage and exportImage (see `build_image.rs`).
 //! - `merge`: `images` (Docker archives or stream executables) → `$out`, one archive holding
 //!   them all (see `crate::image::merge`).
@@ -64,6 +66,7 @@ pub enum Action {
     Conf,
     StreamScript,
     PushScript,
+    LoadScript,
     Archive,
     ImageLayer,
     Image,
@@ -83,6 +86,7 @@ pub fn run(action: &Action) -> Result<()> {
         Action::Conf => layered::conf(attrs::Conf::load()?),
         Action::StreamScript => layered::stream_script(attrs::StreamScript::load()?),
         Action::PushScript => layered::push_script(attrs::PushScript::load()?),
+        Action::LoadScript => layered::load_script(attrs::LoadScript::load()?),
         Action::Archive => layered::archive(attrs::Archive::load()?),
         Action::Merge => layered::merge_images(attrs::Merge::load()?),
         Action::ImageLayer => build_image::image_layer(attrs::ImageLayer::load()?),

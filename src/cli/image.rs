@@ -295,6 +295,8 @@ pub enum NixCmd {
     StreamScript,
     /// An executable that pushes the image to a registry (passthru.copyToRegistry).
     PushScript,
+    /// An executable that loads the image into a runtime (passthru.copyToPodman and the like).
+    LoadScript,
     /// Write the image archive, compressed.
     Archive,
     /// buildImage's new layer ($out/layer.tar, checksum, json, VERSION).
@@ -486,6 +488,7 @@ impl From<NixCmd> for stevedore::builder::Action {
             NixCmd::Conf => Action::Conf,
             NixCmd::StreamScript => Action::StreamScript,
             NixCmd::PushScript => Action::PushScript,
+            NixCmd::LoadScript => Action::LoadScript,
             NixCmd::Archive => Action::Archive,
             NixCmd::ImageLayer => Action::ImageLayer,
             NixCmd::Image => Action::Image,

@@ -132,6 +132,27 @@ test_load_docker_archives() {
   runs "$tag"
 }
 
+# stevedore load: Docker pulls from a loopback serve; the image is what docker load makes of the
+# same image (layers, config; on the classic store the same ID), and a second load sends nothing.
+test_stevedore_load() {
+  local out want_layers want_config
+  docker rmi -f "$tag" >/dev/null 2>&1 || true
+  loaded -i "${img[helloNone]}" >/dev/null
+  want_layers=$(docker image inspect --format '{{json .RootFS.Layers}}' "$tag")
+  want_config=$(docker image inspect --format '{{json .Config}}' "$tag")
+  docker rmi -f "$tag" >/dev/null
+  out=$("$bin" load --into docker "${img[hello.conf]}" 2>&1) || fail "stevedore load: $out"
+  echo "$out"
+  runs "$tag"
+  expect_eq "$(docker image inspect --format '{{json .RootFS.Layers}}' "$tag")" "$want_layers" "layers"
+  expect_eq "$(docker image inspect --format '{{json .Config}}' "$tag")" "$want_config" "config"
+  [ "$store" != classic ] || expect_eq "$(docker image inspect --format '{{.Id}}' "$tag")" "$config_digest" "classic ID"
+  out=$("$bin" load --into docker "${img[hello.conf]}" 2>&1) || fail "stevedore load again: $out"
+  echo "$out"
+  [[ "$out" == *" 0 layers sent"* ]] || fail "the second load sent layers: $out"
+  ! docker images --format '{{.Repository}}' | grep -q '^127\.0\.0\.1:' || fail "the loopback name was left: $(docker images)"
+}
+
 test_load_merged() {
   expect_eq "$(loaded -i "${img[merged]}" | tr '\n' ' ')" "$tag merge-two:latest merge-three:latest " "merged"
   expect_eq "$(docker run --rm --network none merge-two:latest)" "two"
@@ -316,9 +337,24 @@ test_ctr_import() {
   ctr_runs docker.io/library/hello:v1
 }
 
+# stevedore load into containerd (ctr pulls from a loopback serve), into an empty namespace.
+test_ctr_load() {
+  local out old
+  ctr_() { ctr -a "$ctr_sock" -n stevedore-load "$@"; }
+  old=$(ctr_ images ls -q)
+  [ -z "$old" ] || ctr_ images rm $old >/dev/null
+  out=$(CONTAINERD_ADDRESS=$ctr_sock "$bin" load --into containerd --namespace stevedore-load "${img[hello.conf]}" 2>&1) || fail "stevedore load: $out"
+  echo "$out"
+  expect_eq "$(ctr_ images ls -q | tr '\n' ' ')" "$tag " "names after load"
+  expect_eq "$(ctr_ run --rm "$tag" "stevedore-$RANDOM")" "hello from stevedore" "ctr run"
+  out=$(CONTAINERD_ADDRESS=$ctr_sock "$bin" load --into containerd --namespace stevedore-load "${img[hello.conf]}" 2>&1) || fail "stevedore load again: $out"
+  [[ "$out" == *" 0 layers sent"* ]] || fail "the second load sent layers: $out"
+}
+
 echo "containerd: $(containerd --version)"
 if start_containerd; then
   t "ctr-import" test_ctr_import
+  t "ctr-stevedore-load" test_ctr_load
   stop_daemon
 else
   failed=$((failed + 1)); failures+=("ctr-start")
@@ -338,6 +374,7 @@ for s in classic containerd; do
   t "docker-$s-save-round-trip" test_save_round_trip
   t "docker-$s-push" test_push
   t "docker-$s-save-as-base" test_save_as_base
+  t "docker-$s-stevedore-load" test_stevedore_load
   stop_daemon
 done
 [ "$failed" -eq 0 ] || echo "failed: ${failures[*]}"

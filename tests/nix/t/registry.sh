@@ -76,3 +76,23 @@ test_pull_image() {
   grep -q "pullImage: no hash" "$work/pull.log" || fail "$(tail -2 "$work/pull.log")"
 }
 t pull-image test_pull_image
+
+# copy-to-podman: passthru.copyToPodman loads the image (the image podman runs is the one a stream
+# loads), the second time sending no layer; copyToDockerDaemon and copyToContainerd are scripts
+# that run `stevedore load` for their runtime
+test_copy_to_podman() {
+  local load out
+  load=$(build hello.copyToPodman)
+  pod rmi -f registry.example/team/hello:v1 >/dev/null 2>&1 || true
+  echo registry.example/team/hello:v1 >>"$work/loaded"
+  out=$("$load" 2>&1) || fail "copyToPodman: $out"
+  [[ "$out" == *"loaded registry.example/team/hello:v1 into podman"* ]] || fail "$out"
+  expect_eq "$(podrun registry.example/team/hello:v1)" "hello from stevedore"
+  out=$("$load" 2>&1) || fail "copyToPodman again: $out"
+  [[ "$out" == *" 0 layers sent"* ]] || fail "the second load sent layers: $out"
+  for rt in DockerDaemon:docker Containerd:containerd; do
+    load=$(build "hello.copyTo${rt%%:*}")
+    grep -q -- "load --into '\?${rt#*:}'\? " "$load" || fail "copyTo${rt%%:*}: $(cat "$load")"
+  done
+}
+t copy-to-podman test_copy_to_podman
