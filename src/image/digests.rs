@@ -8,7 +8,8 @@
 //! - `layer_key`: a layer's diff_id and size, by what determines its bytes: the store paths it
 //!   holds (each with its inode and change time, so a path deleted and built again, perhaps
 //!   to other bytes, is a new key), the owner and mtime its members get, and the version of the
-//!   tar writer. Store paths never change once made, so that is enough to skip reading them.
+//!   tar writer. Store paths never change once made, so that is enough to skip reading them;
+//!   a path that is writable (not a store path as Nix leaves it) gets no key and is read.
 
 use super::layer::Owner;
 use crate::compress::Compressor;
@@ -81,9 +82,13 @@ pub fn compressed_key(c: Compressor, diff_id: &str) -> String {
     format!("{}:{}", c.cache_name(), diff_id.trim_start_matches("sha256:"))
 }
 
-/// What identifies a file or directory on this machine until it is replaced.
+/// What identifies a file or directory on this machine until it is replaced. None for a
+/// writable one: only what cannot change in place (store paths are read-only) is keyed so.
 fn identity(h: &mut Sha256, path: &Path) -> Option<()> {
     let m = fs::symlink_metadata(path).ok()?;
+    if !m.file_type().is_symlink() && m.mode() & 0o222 != 0 {
+        return None;
+    }
     h.update(path.as_os_str().as_encoded_bytes());
     h.update([0]);
     for n in [m.dev(), m.ino(), m.ctime() as u64, m.ctime_nsec() as u64, m.size()] {
@@ -128,6 +133,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = dir.path().join("aaaa-a");
         fs::create_dir(&a).unwrap();
+        // Writable: no key; read-only, as the store leaves paths: a key.
+        assert!(layer_key(std::slice::from_ref(&a), &owner()).is_none());
+        let read_only = |p: &Path| fs::set_permissions(p, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+        read_only(&a);
         let k = layer_key(std::slice::from_ref(&a), &owner()).unwrap();
         assert_eq!(layer_key(std::slice::from_ref(&a), &owner()).unwrap(), k);
         let mut other = owner();
@@ -138,6 +147,7 @@ mod tests {
         let b = dir.path().join("keep");
         fs::create_dir(&b).unwrap();
         fs::create_dir(&a).unwrap();
+        read_only(&a);
         assert_ne!(layer_key(std::slice::from_ref(&a), &owner()).unwrap(), k);
         assert!(layer_key(&[dir.path().join("missing")], &owner()).is_none());
     }
