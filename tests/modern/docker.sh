@@ -135,14 +135,19 @@ test_load_docker_archives() {
 # stevedore load: Docker pulls from a loopback serve; the image is what docker load makes of the
 # same image (layers, config; on the classic store the same ID), and a second load sends nothing.
 test_stevedore_load() {
-  local out want_layers want_config
+  local out want_layers want_config before
   docker rmi -f "$tag" >/dev/null 2>&1 || true
   loaded -i "${img[helloNone]}" >/dev/null
   want_layers=$(docker image inspect --format '{{json .RootFS.Layers}}' "$tag")
   want_config=$(docker image inspect --format '{{json .Config}}' "$tag")
-  docker rmi -f "$tag" >/dev/null
+  # No image may keep the layers: this load must send them.
+  # shellcheck disable=SC2046
+  docker rmi -f $(docker images -aq) >/dev/null 2>&1 || true
+  before=$(docker images --format '{{.Repository}}:{{.Tag}}' | sort)
   out=$("$bin" load --into docker "${img[hello.conf]}" 2>&1) || fail "stevedore load: $out"
   echo "$out"
+  # (containerd's store may still hold the blobs of removed images until its GC runs.)
+  [ "$store" != classic ] || [[ "$out" != *" 0 layers sent"* ]] || fail "the first load sent no layers: $out"
   runs "$tag"
   expect_eq "$(docker image inspect --format '{{json .RootFS.Layers}}' "$tag")" "$want_layers" "layers"
   expect_eq "$(docker image inspect --format '{{json .Config}}' "$tag")" "$want_config" "config"
@@ -150,7 +155,7 @@ test_stevedore_load() {
   out=$("$bin" load --into docker "${img[hello.conf]}" 2>&1) || fail "stevedore load again: $out"
   echo "$out"
   [[ "$out" == *" 0 layers sent"* ]] || fail "the second load sent layers: $out"
-  ! docker images --format '{{.Repository}}' | grep -q '^127\.0\.0\.1:' || fail "the loopback name was left: $(docker images)"
+  expect_eq "$(docker images --format '{{.Repository}}:{{.Tag}}' | grep -v "^$tag\$" | sort)" "$before" "names besides $tag (the loopback name must go)"
 }
 
 test_load_merged() {
