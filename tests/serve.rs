@@ -303,3 +303,49 @@ fn load_into_podman_sends_only_what_it_lacks() {
     assert!(summary.contains(" 1 layers sent"), "{summary}");
     let _ = Command::new("podman").args(["rmi", "-f", "localhost/stevedore-load-test:v1", "localhost/stevedore-load-test:streamed"]).output();
 }
+
+#[test]
+fn archives_and_layouts_are_served_as_they_are() {
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture("serve", 8, 30, 0.0);
+    let layers: Vec<Vec<String>> = store_paths(&fx).into_iter().map(|p| vec![p]).collect();
+    let conf = write_json(dir.path(), "conf.json", &base_conf(&fx, layers));
+    let streamed = Image::parse(&stream_ok(&conf));
+    let archive = dir.path().join("image.tar");
+    fs::write(&archive, stream_ok(&conf)).unwrap();
+    let layout = dir.path().join("layout");
+    let out = Command::new(bin()).arg("stream").arg(&conf).args(["-q", "--format", "oci", "--compressor", "zstd", "-o"]).arg(&layout).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let server = Server::start(&[format!("a:v1={}", archive.display()), format!("l:v1=oci:{}", layout.display())], &dir.path().join("cache"));
+
+    // The Docker archive: its config byte for byte, its layers uncompressed (digest = diff_id).
+    let (code, _, m) = server.get("/v2/a/manifests/v1", "");
+    assert_eq!(code, 200);
+    let m: Value = serde_json::from_slice(&m).unwrap();
+    assert_eq!(server.get(&format!("/v2/a/blobs/{}", m["config"]["digest"].as_str().unwrap()), "").2, streamed.config_bytes);
+    for (i, l) in m["layers"].as_array().unwrap().iter().enumerate() {
+        assert_eq!(l["digest"], streamed.config["rootfs"]["diff_ids"][i]);
+    }
+    let (code, _, body) = server.get(&format!("/v2/a/blobs/{}", m["layers"][1]["digest"].as_str().unwrap()), "Range: bytes=512-1535\r\n");
+    assert_eq!(code, 206);
+    assert!(body == streamed.layer(1)[512..1536]);
+
+    // The layout: its own manifest and blobs.
+    let index: Value = serde_json::from_slice(&fs::read(layout.join("index.json")).unwrap()).unwrap();
+    let digest = index["manifests"][0]["digest"].as_str().unwrap();
+    let (code, headers, m) = server.get("/v2/l/manifests/v1", "");
+    assert_eq!(code, 200);
+    assert_eq!(header(&headers, "docker-content-digest"), Some(digest));
+    assert_eq!(m, fs::read(layout.join("blobs/sha256").join(&digest[7..])).unwrap());
+    let m: Value = serde_json::from_slice(&m).unwrap();
+    let layer = m["layers"][0]["digest"].as_str().unwrap();
+    assert_eq!(server.get(&format!("/v2/l/blobs/{layer}"), "").2, fs::read(layout.join("blobs/sha256").join(&layer[7..])).unwrap());
+    let out = Command::new("skopeo").args(["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/l:v1", server.addr)]).output().unwrap();
+    assert!(out.status.success());
+
+    // Unnamed, an archive is refused in one line.
+    let out = Command::new(bin()).args(["serve", "--listen", "127.0.0.1:0"]).arg(&archive).output().unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.trim().lines().count() == 1 && stderr.contains("name the image"), "{stderr}");
+}

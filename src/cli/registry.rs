@@ -193,9 +193,9 @@ impl IndexCmd {
 
 #[derive(clap::Args)]
 pub struct ServeCmd {
-    /// Images to serve, each `[NAME[:TAG]=]CONF`: a stream conf (`./result` of
-    /// streamLayeredImage's `conf`, or any conf file), re-read at every manifest request; without
-    /// NAME, the conf's repo_tag names it.
+    /// Images to serve, each `[NAME[:TAG]=]SOURCE`: a stream conf (streamLayeredImage's
+    /// `conf`, or any conf file), re-read at every manifest request, whose repo_tag names it
+    /// without NAME; or, named, a Docker archive, an OCI layout or an oci-archive.
     #[arg(required = true, value_name = "IMAGE")]
     pub images: Vec<String>,
     /// Address to listen on; port 0 picks a free one. The address is printed on stdout.
@@ -223,7 +223,7 @@ impl ServeCmd {
         }
         let progress = stevedore::util::progress::Progress { quiet: self.quiet };
         for i in &images {
-            progress.say(format!("serving {addr}/{}:{} from {}", i.name, i.tag, i.conf.display()));
+            progress.say(format!("serving {addr}/{}:{} from {}", i.name, i.tag, i.what()));
         }
         let opts = serve::ServeOptions { max_connections: self.max_connections, timeout: std::time::Duration::from_secs(60) };
         serve::Server::new(images, progress).run(listener, opts)
@@ -232,8 +232,9 @@ impl ServeCmd {
 
 #[derive(clap::Args)]
 pub struct LoadCmd {
-    /// The image: a stream conf (streamLayeredImage's `conf`, or any conf file).
-    pub source: PathBuf,
+    /// The image: a stream conf (streamLayeredImage's `conf`, or any conf file), or, named
+    /// with -t, a Docker archive, an OCI layout or an oci-archive (as push takes them).
+    pub source: String,
     /// The runtime to load into.
     #[arg(long, value_parser = choice::<stevedore::serve::load::Runtime>(), default_value = "podman")]
     pub into: stevedore::serve::load::Runtime,
@@ -251,6 +252,6 @@ pub struct LoadCmd {
 impl LoadCmd {
     pub fn run(self) -> Result<()> {
         let opts = stevedore::serve::load::LoadOptions { runtime: self.into, name: self.name, namespace: self.namespace };
-        stevedore::serve::load::load(self.source, &opts, &stevedore::util::progress::Progress { quiet: self.quiet })
+        stevedore::serve::load::load(&self.source, &opts, &stevedore::util::progress::Progress { quiet: self.quiet })
     }
 }

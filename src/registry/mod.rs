@@ -148,7 +148,7 @@ fn push_options(opts: &Push) -> push::PushOptions {
 
 /// Builds the plan for `source` (its manifests in `format`; layers compressed to learn their
 /// digests kept in `spool`) and hands it to `f`; plans borrow from the loaded inputs.
-fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, spool: Option<&Spool>, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
+pub fn with_plan<T>(source: &str, compressor: Compressor, format: ManifestFormat, spool: Option<&Spool>, progress: &Progress, f: impl FnOnce(&Plan) -> Result<T>) -> Result<T> {
     let finish = |mut plan: Plan| -> Result<T> {
         if format == ManifestFormat::V2s2 {
             source::into_docker_manifests(&mut plan).map_err(|e| anyhow!("{source}: {e:#}"))?;

@@ -9,7 +9,6 @@ use super::{ServeOptions, Served};
 use crate::util::progress::Progress;
 use anyhow::{anyhow, bail, Result};
 use std::net::TcpListener;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -52,13 +51,18 @@ fn run(program: &str, args: &[&str], what: &str) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Loads the image of the stream conf `conf` into the runtime.
-pub fn load(conf: PathBuf, opts: &LoadOptions, progress: &Progress) -> Result<()> {
+/// Loads `source` into the runtime: a stream conf, or an image on disk (a Docker archive, an
+/// OCI layout or archive, as `serve` takes them), which must then be named.
+pub fn load(source: &str, opts: &LoadOptions, progress: &Progress) -> Result<()> {
     let started = Instant::now();
-    let served = Served::parse(&conf.to_string_lossy())?;
-    let target = match &opts.name {
-        Some(n) => crate::image::reference::with_default_tag(n),
-        None => crate::image::reference::with_default_tag(&crate::image::conf::StreamConf::load(&conf, &crate::image::conf::now())?.repo_tag),
+    let served = match &opts.name {
+        Some(n) => Served::parse(&format!("{n}={source}"))?,
+        None => Served::parse(source)?,
+    };
+    let target = match (&opts.name, &served.source) {
+        (Some(n), _) => crate::image::reference::with_default_tag(n),
+        (None, super::Source::Conf(conf)) => crate::image::reference::with_default_tag(&crate::image::conf::StreamConf::load(conf, &crate::image::conf::now())?.repo_tag),
+        (None, super::Source::Image(_)) => bail!("{source}: name the image with -t NAME:TAG"),
     };
     crate::image::reference::check_repo_tag(&target).map_err(|e| anyhow!("image name {target}: {e}"))?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| anyhow!("cannot listen on a loopback port: {e}"))?;

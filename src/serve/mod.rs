@@ -22,33 +22,59 @@ use serde_json::json;
 use std::collections::HashMap;
 use std::io::{self, BufReader, BufWriter, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use crate::registry::ManifestFormat;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-/// An image to serve: `name:tag`, made from a stream conf.
+/// An image to serve: `name:tag`, made from a stream conf, or taken from an image on disk.
 #[derive(Debug, Clone)]
 pub struct Served {
     pub name: String,
     pub tag: String,
-    pub conf: PathBuf,
+    pub source: Source,
+}
+
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A stream conf, made into an image at each request.
+    Conf(PathBuf),
+    /// Anything `stevedore push` takes but a conf (a Docker archive, an OCI layout or archive,
+    /// with skopeo's `docker-archive:`/`oci:`/`oci-archive:` prefixes): its blobs as they are,
+    /// a Docker archive's layers uncompressed, with the config byte for byte.
+    Image(String),
 }
 
 impl Served {
-    /// `[NAME[:TAG]=]CONF`; without a name, the conf's `repo_tag` (read now) names it.
+    /// `[NAME[:TAG]=]SOURCE`; without a name, a conf's `repo_tag` (read now) names it, and
+    /// other sources must be named.
     pub fn parse(arg: &str) -> Result<Served> {
-        let (named, conf) = match arg.split_once('=') {
-            Some((n, c)) => (Some(n), PathBuf::from(c)),
-            None => (None, PathBuf::from(arg)),
+        // A path that exists is a path, even with a `=` in it.
+        let (named, given) = match arg.split_once('=') {
+            Some((n, c)) if !Path::new(arg).exists() => (Some(n), c),
+            _ => (None, arg),
         };
-        let repo_tag = match named {
-            Some(n) => n.to_string(),
-            None => StreamConf::load(&conf, &conf::now())?.repo_tag,
+        let source = match crate::registry::source::Source::parse(given)? {
+            crate::registry::source::Source::Conf(path) => Source::Conf(path),
+            _ => Source::Image(given.to_string()),
+        };
+        let repo_tag = match (named, &source) {
+            (Some(n), _) => n.to_string(),
+            (None, Source::Conf(path)) => StreamConf::load(path, &conf::now())?.repo_tag,
+            (None, Source::Image(_)) => bail!("{given}: name the image: NAME:TAG={given}"),
         };
         let tagged = crate::image::reference::with_default_tag(&repo_tag);
         let parts = crate::image::reference::parse_reference(&tagged).map_err(|e| anyhow!("{arg}: {e:#}"))?;
-        Ok(Served { name: parts.path.to_string(), tag: parts.tag.unwrap_or("latest").to_string(), conf })
+        Ok(Served { name: parts.path.to_string(), tag: parts.tag.unwrap_or("latest").to_string(), source })
+    }
+
+    /// Where it comes from, for messages.
+    pub fn what(&self) -> String {
+        match &self.source {
+            Source::Conf(p) => p.display().to_string(),
+            Source::Image(s) => s.clone(),
+        }
     }
 }
 
@@ -65,6 +91,8 @@ enum Blob {
     Config(Arc<Vec<u8>>),
     /// Layer `index` of the image `conf` describes, `size` bytes.
     Layer { conf: Arc<StreamConf>, index: usize, size: u64 },
+    /// A blob of an image on disk (`Source::Image`), found again in its plan when fetched.
+    Planned { source: String, size: u64, layer: bool },
 }
 
 /// Entries kept of manifests built before; past this, the maps start again (blobs are found
@@ -97,7 +125,11 @@ struct Failure(u16, &'static str, String);
 impl State {
     /// Builds `img`'s manifest and remembers what it lists.
     fn build(&self, img: &Served) -> Result<(String, Arc<Vec<u8>>)> {
-        let conf = Arc::new(StreamConf::load(&img.conf, &conf::now())?);
+        let conf_path = match &img.source {
+            Source::Conf(p) => p,
+            Source::Image(source) => return self.build_planned(img, source),
+        };
+        let conf = Arc::new(StreamConf::load(conf_path, &conf::now())?);
         let spec = ImageSpec::new(&conf)?;
         let quiet = Progress { quiet: true };
         let layers = {
@@ -129,6 +161,36 @@ impl State {
         }
         manifests.insert(digest.clone(), (img.name.clone(), manifest.clone()));
         Ok((digest, manifest))
+    }
+
+    /// An image on disk: its plan (as a push with layers uncompressed makes it) gives the
+    /// manifests and blobs. Child manifests of an index are kept too, found by digest.
+    fn build_planned(&self, img: &Served, source: &str) -> Result<(String, Arc<Vec<u8>>)> {
+        let quiet = Progress { quiet: true };
+        let (top, children, blobs) = crate::registry::with_plan(source, Compressor::None, ManifestFormat::Oci, None, &quiet, |plan| {
+            let top = plan.top();
+            let children: Vec<(String, Vec<u8>)> = plan.manifests.iter().map(|m| (m.digest.clone(), m.bytes.clone())).collect();
+            let blobs: Vec<(String, u64, bool)> = plan.blobs.iter().map(|b| (b.digest.clone(), b.size, b.what != "config")).collect();
+            Ok(((top.digest.clone(), top.bytes.clone()), children, blobs))
+        })?;
+        {
+            let mut map = self.blobs.lock().map_err(|_| anyhow!("internal error: blob map lock"))?;
+            if map.len() > MAX_ENTRIES {
+                map.clear();
+            }
+            for (digest, size, layer) in blobs {
+                map.insert(digest, Blob::Planned { source: source.to_string(), size, layer });
+            }
+        }
+        let mut manifests = self.manifests.lock().map_err(|_| anyhow!("internal error: manifest map lock"))?;
+        if manifests.len() > MAX_ENTRIES {
+            manifests.clear();
+        }
+        for (digest, bytes) in children {
+            manifests.insert(digest, (img.name.clone(), Arc::new(bytes)));
+        }
+        let top_bytes = manifests.get(&top.0).map(|(_, b)| b.clone()).unwrap_or_else(|| Arc::new(top.1));
+        Ok((top.0, top_bytes))
     }
 
     fn images_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Served> + 'a {
@@ -204,6 +266,67 @@ fn write_layer(conf: &StreamConf, index: usize, w: &mut dyn Write) -> Result<Str
     Ok(one.diff_id.unwrap_or_default())
 }
 
+/// A manifest's media type, from its `mediaType` (an OCI manifest if it has none).
+fn media_type(manifest: &[u8]) -> String {
+    serde_json::from_slice::<serde_json::Value>(manifest)
+        .ok()
+        .and_then(|v| v.get("mediaType").and_then(|t| t.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| MANIFEST_TYPE.to_string())
+}
+
+/// Writes bytes `start..end` of the blob `digest` of the image on disk `source` into `w`.
+fn write_planned(source: &str, digest: &str, start: u64, end: u64, w: &mut dyn Write) -> Result<()> {
+    use crate::registry::source::BlobData;
+    let quiet = Progress { quiet: true };
+    crate::registry::with_plan(source, Compressor::None, ManifestFormat::Oci, None, &quiet, |plan| {
+        let blob = plan.blobs.iter().find(|b| b.digest == digest).ok_or_else(|| anyhow!("{source}: no blob {digest} any more"))?;
+        match &blob.data {
+            BlobData::Bytes(b) => w.write_all(&b[start as usize..end as usize])?,
+            BlobData::File(p) => {
+                use std::io::{Read, Seek};
+                let mut f = std::fs::File::open(p).map_err(|e| anyhow!("cannot open {}: {e}", p.display()))?;
+                f.seek(io::SeekFrom::Start(start)).map_err(|e| anyhow!("cannot read {}: {e}", p.display()))?;
+                let copied = io::copy(&mut f.take(end - start), w)?;
+                if copied != end - start {
+                    bail!("{} is shorter than its descriptor says", p.display());
+                }
+            }
+            BlobData::Pass(i) => {
+                let pass = plan.pass.ok_or_else(|| anyhow!("internal error: a pass blob without a pass"))?;
+                let mut win = Window { inner: w, pos: 0, start, end };
+                let mut one = OneItem { index: *i, out: &mut win };
+                match pass.run(&mut one, &quiet) {
+                    Ok(()) => {}
+                    Err(_) if win.pos >= end => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
+/// Takes item `index` of a pass into `out`, nothing else.
+struct OneItem<'w> {
+    index: usize,
+    out: &'w mut dyn Write,
+}
+
+impl LayerSink for OneItem<'_> {
+    fn wants(&mut self, index: usize) -> bool {
+        index == self.index
+    }
+    fn begin(&mut self, _: &str, _: u64) -> Result<()> {
+        Ok(())
+    }
+    fn out(&mut self) -> &mut dyn Write {
+        &mut *self.out
+    }
+    fn end(&mut self, _: u64, _: &str) -> Result<()> {
+        Ok(())
+    }
+}
+
 fn error_body(code: &str, message: &str) -> Vec<u8> {
     serde_json::to_vec(&json!({"errors": [{"code": code, "message": message}]})).unwrap_or_default()
 }
@@ -251,7 +374,7 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
     }
     if let Some((name, reference)) = rest.rsplit_once("/manifests/") {
         return match state.manifest(name, reference) {
-            Ok((digest, bytes)) => send(w, 200, &[("Content-Type", MANIFEST_TYPE.to_string()), ("Docker-Content-Digest", digest)], &bytes),
+            Ok((digest, bytes)) => send(w, 200, &[("Content-Type", media_type(&bytes)), ("Docker-Content-Digest", digest)], &bytes),
             Err(f) => fail(w, f),
         };
     }
@@ -264,7 +387,7 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
     };
     let total = match &blob {
         Blob::Config(b) => b.len() as u64,
-        Blob::Layer { size, .. } => *size,
+        Blob::Layer { size, .. } | Blob::Planned { size, .. } => *size,
     };
     let (start, end, status) = match http::range(req.header("range"), total) {
         Ok(None) => (0, total, 200),
@@ -290,6 +413,16 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
     }
     match blob {
         Blob::Config(b) => w.write_all(&b[start as usize..end as usize])?,
+        Blob::Planned { source, layer, .. } => {
+            if layer {
+                state.stats.layers.fetch_add(1, Ordering::Relaxed);
+                state.stats.layer_bytes.fetch_add(end - start, Ordering::Relaxed);
+            }
+            if let Err(e) = write_planned(&source, digest, start, end, &mut *w) {
+                state.progress.say(format!("{name}: blob {digest}: {e:#}"));
+                return Err(io::Error::other("blob failed"));
+            }
+        }
         Blob::Layer { conf, index, .. } => {
             state.stats.layers.fetch_add(1, Ordering::Relaxed);
             state.stats.layer_bytes.fetch_add(end - start, Ordering::Relaxed);
