@@ -301,6 +301,13 @@ fn load_into_podman_sends_only_what_it_lacks() {
     let changed_conf = write_json(dir.path(), "changed.json", &changed);
     let summary = load(&changed_conf);
     assert!(summary.contains(" 1 layers sent"), "{summary}");
+    // Images (and their layers) removed meanwhile: the runtime asks for what it lost, and the
+    // image is whole again.
+    let _ = Command::new("podman").args(["rmi", "-f", "localhost/stevedore-load-test:v1", "localhost/stevedore-load-test:streamed"]).output();
+    let summary = load(&conf);
+    assert!(summary.contains(&format!("{} layers sent", layers.len())), "{summary}");
+    podman(&["load", "-q", "-i", archive.to_str().unwrap()]);
+    assert_eq!(id("localhost/stevedore-load-test:v1"), id("localhost/stevedore-load-test:streamed"));
     let _ = Command::new("podman").args(["rmi", "-f", "localhost/stevedore-load-test:v1", "localhost/stevedore-load-test:streamed"]).output();
 }
 
