@@ -236,34 +236,10 @@ impl State {
 /// read again; nothing else of the image is read). Returns its diff_id; fails also when `w`
 /// stops taking bytes (a range is complete).
 fn write_layer(conf: &StreamConf, index: usize, w: &mut dyn Write) -> Result<String> {
-    struct One<'w> {
-        index: usize,
-        out: &'w mut dyn Write,
-        diff_id: Option<String>,
-    }
-    impl LayerSink for One<'_> {
-        fn wants(&mut self, index: usize) -> bool {
-            index == self.index
-        }
-        fn begin(&mut self, _: &str, _: u64) -> Result<()> {
-            Ok(())
-        }
-        fn out(&mut self) -> &mut dyn Write {
-            &mut *self.out
-        }
-        fn end(&mut self, _: u64, diff_id: &str) -> Result<()> {
-            self.diff_id = Some(diff_id.to_string());
-            Ok(())
-        }
-    }
     let spec = ImageSpec::new(conf)?;
-    let mut one = One { index, out: w, diff_id: None };
+    let mut one = OneItem { index, out: w, diff_id: None };
     spec.emit_layers(&mut one, &Progress { quiet: true })?;
-    if one.diff_id.is_none() {
-        // The customisation layer is not made by emit_layers unless wanted; it is.
-        bail!("internal error: layer {} was not produced", index + 1);
-    }
-    Ok(one.diff_id.unwrap_or_default())
+    one.diff_id.ok_or_else(|| anyhow!("internal error: layer {} was not produced", index + 1))
 }
 
 /// A manifest's media type, from its `mediaType` (an OCI manifest if it has none).
@@ -294,7 +270,7 @@ fn write_planned(source: &str, digest: &str, start: u64, end: u64, w: &mut dyn W
             BlobData::Pass(i) => {
                 let pass = plan.pass.ok_or_else(|| anyhow!("internal error: a pass blob without a pass"))?;
                 let mut win = Window { inner: w, pos: 0, start, end };
-                let mut one = OneItem { index: *i, out: &mut win };
+                let mut one = OneItem { index: *i, out: &mut win, diff_id: None };
                 match pass.run(&mut one, &quiet) {
                     Ok(()) => {}
                     Err(_) if win.pos >= end => {}
@@ -306,10 +282,12 @@ fn write_planned(source: &str, digest: &str, start: u64, end: u64, w: &mut dyn W
     })
 }
 
-/// Takes item `index` of a pass into `out`, nothing else.
+/// Takes item `index` of a pass (or layer `index` of an image) into `out`, nothing else, and
+/// keeps its diff_id.
 struct OneItem<'w> {
     index: usize,
     out: &'w mut dyn Write,
+    diff_id: Option<String>,
 }
 
 impl LayerSink for OneItem<'_> {
@@ -322,7 +300,8 @@ impl LayerSink for OneItem<'_> {
     fn out(&mut self) -> &mut dyn Write {
         &mut *self.out
     }
-    fn end(&mut self, _: u64, _: &str) -> Result<()> {
+    fn end(&mut self, _: u64, diff_id: &str) -> Result<()> {
+        self.diff_id = Some(diff_id.to_string());
         Ok(())
     }
 }
