@@ -109,9 +109,45 @@ pub struct Stats {
     pub layer_bytes: AtomicU64,
 }
 
+/// Layers made at once (each holds a few MiB of buffers, and reads the store); more requests
+/// wait their turn, so memory stays flat however many connections a client opens.
+const LAYERS_AT_ONCE: usize = 4;
+
+/// A counting semaphore.
+struct Slots {
+    used: Mutex<usize>,
+    freed: Condvar,
+    max: usize,
+}
+
+impl Slots {
+    fn new(max: usize) -> Slots {
+        Slots { used: Mutex::new(0), freed: Condvar::new(), max: max.max(1) }
+    }
+
+    fn acquire(&self) -> SlotGuard<'_> {
+        let mut n = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        while *n >= self.max {
+            n = self.freed.wait(n).unwrap_or_else(|e| e.into_inner());
+        }
+        *n += 1;
+        SlotGuard(self)
+    }
+}
+
+struct SlotGuard<'s>(&'s Slots);
+
+impl Drop for SlotGuard<'_> {
+    fn drop(&mut self) {
+        *self.0.used.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+        self.0.freed.notify_one();
+    }
+}
+
 struct State {
     images: Vec<Served>,
     stats: Arc<Stats>,
+    layers_at_once: Slots,
     blobs: Mutex<HashMap<String, Blob>>,
     /// Manifest bytes by digest, with the repository they were built for.
     manifests: Mutex<HashMap<String, Built>>,
@@ -393,6 +429,7 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
     match blob {
         Blob::Config(b) => w.write_all(&b[start as usize..end as usize])?,
         Blob::Planned { source, layer, .. } => {
+            let _slot = state.layers_at_once.acquire();
             if layer {
                 state.stats.layers.fetch_add(1, Ordering::Relaxed);
                 state.stats.layer_bytes.fetch_add(end - start, Ordering::Relaxed);
@@ -403,6 +440,7 @@ fn respond(state: &State, req: &Request, w: &mut BufWriter<TcpStream>) -> io::Re
             }
         }
         Blob::Layer { conf, index, .. } => {
+            let _slot = state.layers_at_once.acquire();
             state.stats.layers.fetch_add(1, Ordering::Relaxed);
             state.stats.layer_bytes.fetch_add(end - start, Ordering::Relaxed);
             let mut win = Window { inner: &mut *w, pos: 0, start, end };
@@ -433,7 +471,7 @@ fn serve_connection(state: &State, stream: TcpStream, opts: &ServeOptions) {
     let _ = stream.set_nodelay(true);
     let Ok(write_half) = stream.try_clone() else { return };
     let mut r = BufReader::new(stream);
-    let mut w = BufWriter::with_capacity(1 << 20, write_half);
+    let mut w = BufWriter::with_capacity(256 << 10, write_half);
     loop {
         let req = match http::read_request(&mut r) {
             Ok(req) => req,
@@ -467,7 +505,7 @@ pub struct Server {
 impl Server {
     pub fn new(images: Vec<Served>, progress: Progress) -> Server {
         let stats = Arc::new(Stats::default());
-        let state = State { images, stats: stats.clone(), blobs: Mutex::default(), manifests: Mutex::default(), cache: Mutex::new(DigestCache::open()), progress };
+        let state = State { images, stats: stats.clone(), layers_at_once: Slots::new(LAYERS_AT_ONCE), blobs: Mutex::default(), manifests: Mutex::default(), cache: Mutex::new(DigestCache::open()), progress };
         Server { state, stats }
     }
 
@@ -475,37 +513,24 @@ impl Server {
     /// connections are served at once; the others wait in the listen queue.
     pub fn run(self, listener: TcpListener, opts: ServeOptions) -> Result<()> {
         let state = self.state;
-        let slots = (Mutex::new(0usize), Condvar::new());
-        let max = opts.max_connections.max(1);
+        let connections = Slots::new(opts.max_connections);
         std::thread::scope(|scope| -> Result<()> {
             loop {
-                {
-                    let (count, freed) = &slots;
-                    let mut n = count.lock().map_err(|_| anyhow!("internal error: connection count lock"))?;
-                    while *n >= max {
-                        n = freed.wait(n).map_err(|_| anyhow!("internal error: connection count lock"))?;
-                    }
-                    *n += 1;
-                }
+                let slot = connections.acquire();
                 let stream = match listener.accept() {
                     Ok((s, _)) => s,
                     Err(e) => {
-                        if let Ok(mut n) = slots.0.lock() {
-                            *n -= 1;
-                        }
+                        drop(slot);
                         // Out of file descriptors and the like: wait a little rather than spin.
                         state.progress.say(format!("cannot accept a connection: {e}"));
                         std::thread::sleep(Duration::from_millis(100));
                         continue;
                     }
                 };
-                let (state, slots, opts) = (&state, &slots, &opts);
+                let (state, opts) = (&state, &opts);
                 scope.spawn(move || {
+                    let _slot = slot;
                     serve_connection(state, stream, opts);
-                    if let Ok(mut n) = slots.0.lock() {
-                        *n -= 1;
-                    }
-                    slots.1.notify_one();
                 });
             }
         })
