@@ -226,18 +226,43 @@ pub fn plan_layer(paths: &[PathBuf], owner: &Owner) -> Result<LayerPlan> {
     Ok(p.plan)
 }
 
-/// Chunks of layer bytes travel from the reading thread to the hashing/writing thread in
-/// buffers of this size; a few are in flight at once, so memory stays flat.
+/// Chunks of layer bytes travel from the reading thread to the writing and hashing threads in
+/// buffers of this size.
 const CHUNK: usize = 1 << 20;
 const CHUNKS_IN_FLIGHT: usize = 4;
+/// Buffers the reader may have out at once, queued for writing or hashing: the memory bound. A
+/// layer's bytes wait here while the writer waits for the layer before it to be hashed, so the
+/// next one is hashed meanwhile. A single layer (what `serve` makes per request) has no next
+/// one, and gets a few.
+const BUFFERS: usize = 32;
+const BUFFERS_FOR_ONE: usize = CHUNKS_IN_FLIGHT + 2;
+/// Layers hashed side by side (one thread each), as far as `STEVEDORE_THREADS` allows.
+const HASHERS: usize = 2;
+
+/// A filled chunk, shared by the writer and a hasher; back to the pool when both are done.
+struct Buf {
+    data: Vec<u8>,
+    len: usize,
+    pool: std::sync::mpsc::Sender<Vec<u8>>,
+}
+
+impl Drop for Buf {
+    fn drop(&mut self) {
+        let _ = self.pool.send(std::mem::take(&mut self.data));
+    }
+}
 
 /// The reading side of the pipeline: fills chunks with headers and file contents (read straight
 /// into the chunk, no extra copy) and hands full ones over.
 struct ChunkSender {
     chunk: Vec<u8>,
     filled: usize,
-    tx: std::sync::mpsc::SyncSender<Piece>,
+    tx: std::sync::mpsc::SyncSender<Msg>,
     pool: std::sync::mpsc::Receiver<Vec<u8>>,
+    pool_tx: std::sync::mpsc::Sender<Vec<u8>>,
+    /// Buffers made so far; past `most`, the reader waits for one to come back.
+    made: usize,
+    most: usize,
 }
 
 /// The writing side went away (it failed, e.g. on a closed pipe, and will report why).
@@ -257,9 +282,17 @@ impl ChunkSender {
         if self.filled == 0 {
             return Ok(());
         }
-        let next = self.pool.try_recv().unwrap_or_else(|_| vec![0u8; CHUNK]);
+        let next = match self.pool.try_recv() {
+            Ok(b) => b,
+            Err(_) if self.made < self.most => {
+                self.made += 1;
+                vec![0u8; CHUNK]
+            }
+            Err(_) => self.pool.recv().map_err(|_| anyhow::Error::new(ConsumerGone))?,
+        };
         let full = std::mem::replace(&mut self.chunk, next);
-        self.tx.send(Piece::Data(full, self.filled)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
+        let buf = Buf { data: full, len: self.filled, pool: self.pool_tx.clone() };
+        self.tx.send(Msg::Piece(Piece::Data(std::sync::Arc::new(buf)))).map_err(|_| anyhow::Error::new(ConsumerGone))?;
         self.filled = 0;
         Ok(())
     }
@@ -344,8 +377,37 @@ fn produce(plan: &LayerPlan, owner: &Owner, out: &mut ChunkSender) -> Result<u64
 /// chunk of its bytes, it ends.
 enum Piece {
     Begin(usize, u64, u64),
-    Data(Vec<u8>, usize),
+    Data(std::sync::Arc<Buf>),
     End,
+}
+
+/// What reaches the writing thread: from the reader, pieces and, last, that it stopped; from
+/// the hashers, a layer's sha256.
+enum Msg {
+    Piece(Piece),
+    ReaderDone,
+    Digest(usize, [u8; 32]),
+}
+
+/// What a hasher thread is told.
+enum HashJob {
+    Start,
+    Data(std::sync::Arc<Buf>),
+    Finish(usize),
+}
+
+/// A layer the writer knows of, in order: its chunks not written yet, whether its end was
+/// read, its digest once hashed.
+struct Pending {
+    i: usize,
+    size: u64,
+    files: u64,
+    chunks: std::collections::VecDeque<std::sync::Arc<Buf>>,
+    begun: bool,
+    complete: bool,
+    written: u64,
+    digest: Option<[u8; 32]>,
+    hasher: usize,
 }
 
 /// Where [`write_layers`] puts layers, one after another.
@@ -359,9 +421,11 @@ pub trait LayerOut {
 }
 
 /// Plans (with `plan`) and writes the layers `0..count` in order into `out`. One thread plans
-/// and reads the store while the calling thread hashes and writes, and the reader runs on
-/// across layer boundaries, so an image of many layers keeps the overlap a single layer has;
-/// chunk buffers are reused from layer to layer. `label(i)` names layer `i` in errors.
+/// and reads the store, running on across layer boundaries; the calling thread writes; up to
+/// `HASHERS` threads hash, each its own layers, so the next layer is hashed while the current
+/// one's hash is finished. Chunk buffers are reused, at most `BUFFERS` of them. `out` sees each
+/// layer begun, written and ended (with its digest) in order, as if one thread did it all.
+/// `label(i)` names layer `i` in errors.
 pub fn write_layers<P: std::borrow::Borrow<LayerPlan> + Send>(
     count: usize,
     plan: &(dyn Fn(usize) -> Result<P> + Sync),
@@ -369,54 +433,109 @@ pub fn write_layers<P: std::borrow::Borrow<LayerPlan> + Send>(
     owner: &Owner,
     out: &mut dyn LayerOut,
 ) -> Result<()> {
-    use std::sync::mpsc::sync_channel;
-    let (tx, rx) = sync_channel::<Piece>(CHUNKS_IN_FLIGHT);
-    let (pool_tx, pool_rx) = sync_channel::<Vec<u8>>(CHUNKS_IN_FLIGHT + 2);
+    use std::sync::mpsc::{channel, sync_channel};
+    let (tx, rx) = sync_channel::<Msg>(CHUNKS_IN_FLIGHT + BUFFERS);
+    let (pool_tx, pool_rx) = channel::<Vec<u8>>();
+    let hashers = crate::util::settings::get().threads.clamp(1, HASHERS);
     std::thread::scope(|scope| {
+        let reader_tx = tx.clone();
         let producer = scope.spawn(move || -> Result<()> {
-            let mut sender = ChunkSender { chunk: vec![0u8; CHUNK], filled: 0, tx, pool: pool_rx };
-            for i in 0..count {
-                let p = plan(i).with_context(|| label(i))?;
-                let p = p.borrow();
-                sender.tx.send(Piece::Begin(i, p.tar_size, p.files)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
-                let produced = produce(p, owner, &mut sender).with_context(|| label(i))?;
-                if produced != p.tar_size {
-                    bail!("{}: internal error: planned {} bytes, produced {produced}", label(i), p.tar_size);
+            let most = if count > 1 { BUFFERS } else { BUFFERS_FOR_ONE };
+            let mut sender = ChunkSender { chunk: vec![0u8; CHUNK], filled: 0, tx: reader_tx, pool: pool_rx, pool_tx, made: 1, most };
+            let read = (|| -> Result<()> {
+                for i in 0..count {
+                    let p = plan(i).with_context(|| label(i))?;
+                    let p = p.borrow();
+                    sender.tx.send(Msg::Piece(Piece::Begin(i, p.tar_size, p.files))).map_err(|_| anyhow::Error::new(ConsumerGone))?;
+                    let produced = produce(p, owner, &mut sender).with_context(|| label(i))?;
+                    if produced != p.tar_size {
+                        bail!("{}: internal error: planned {} bytes, produced {produced}", label(i), p.tar_size);
+                    }
+                    sender.tx.send(Msg::Piece(Piece::End)).map_err(|_| anyhow::Error::new(ConsumerGone))?;
                 }
-                sender.tx.send(Piece::End).map_err(|_| anyhow::Error::new(ConsumerGone))?;
-            }
-            Ok(())
+                Ok(())
+            })();
+            let _ = sender.tx.send(Msg::ReaderDone);
+            read
         });
-        let consumed = (|| -> Result<()> {
-            let mut current: Option<(usize, u64)> = None;
-            let mut hasher = Sha256::new();
-            let mut written = 0u64;
-            for piece in rx.iter() {
-                match piece {
-                    Piece::Begin(i, size, files) => {
-                        out.begin(i, size, files)?;
-                        current = Some((i, size));
-                        hasher = Sha256::new();
-                        written = 0;
-                    }
-                    Piece::Data(chunk, len) => {
-                        hasher.update(&chunk[..len]);
-                        out.out().write_all(&chunk[..len]).map_err(out_err)?;
-                        written += len as u64;
-                        let _ = pool_tx.try_send(chunk);
-                    }
-                    Piece::End => {
-                        let (i, size) = current.take().ok_or_else(|| anyhow!("internal error: a layer ended that did not begin"))?;
-                        if written != size {
-                            bail!("{}: internal error: planned {size} bytes, wrote {written}", label(i));
+        let mut jobs = Vec::new();
+        for _ in 0..hashers {
+            let (job_tx, job_rx) = channel::<HashJob>();
+            let results = tx.clone();
+            scope.spawn(move || {
+                let mut hasher = Sha256::new();
+                for job in job_rx {
+                    match job {
+                        HashJob::Start => hasher = Sha256::new(),
+                        HashJob::Data(buf) => hasher.update(&buf.data[..buf.len]),
+                        HashJob::Finish(i) => {
+                            if results.send(Msg::Digest(i, std::mem::take(&mut hasher).finalize().into())).is_err() {
+                                return;
+                            }
                         }
-                        out.end(i, size, std::mem::take(&mut hasher).finalize().into())?;
                     }
+                }
+            });
+            jobs.push(job_tx);
+        }
+        drop(tx);
+        let consumed = (|| -> Result<()> {
+            let gone = || anyhow!("internal error: a hashing thread stopped");
+            let mut layers: std::collections::VecDeque<Pending> = Default::default();
+            let (mut next_hasher, mut reader_done) = (0, false);
+            while !(reader_done && layers.is_empty()) {
+                let Ok(msg) = rx.recv() else { break };
+                match msg {
+                    Msg::Piece(Piece::Begin(i, size, files)) => {
+                        let hasher = next_hasher;
+                        next_hasher = (next_hasher + 1) % jobs.len();
+                        jobs[hasher].send(HashJob::Start).map_err(|_| gone())?;
+                        layers.push_back(Pending { i, size, files, chunks: Default::default(), begun: false, complete: false, written: 0, digest: None, hasher });
+                    }
+                    Msg::Piece(Piece::Data(buf)) => {
+                        let layer = layers.back_mut().ok_or_else(|| anyhow!("internal error: bytes of no layer"))?;
+                        jobs[layer.hasher].send(HashJob::Data(buf.clone())).map_err(|_| gone())?;
+                        layer.chunks.push_back(buf);
+                    }
+                    Msg::Piece(Piece::End) => {
+                        let layer = layers.back_mut().ok_or_else(|| anyhow!("internal error: a layer ended that did not begin"))?;
+                        layer.complete = true;
+                        jobs[layer.hasher].send(HashJob::Finish(layer.i)).map_err(|_| gone())?;
+                    }
+                    Msg::Digest(i, digest) => {
+                        let layer = layers.iter_mut().find(|l| l.i == i).ok_or_else(|| anyhow!("internal error: a digest of no layer"))?;
+                        layer.digest = Some(digest);
+                    }
+                    Msg::ReaderDone => reader_done = true,
+                }
+                // Write what can be written: the first layer's bytes as they come, then, once
+                // it is hashed, its end, and on to the next.
+                while let Some(front) = layers.front_mut() {
+                    if !front.begun {
+                        out.begin(front.i, front.size, front.files)?;
+                        front.begun = true;
+                    }
+                    while let Some(buf) = front.chunks.pop_front() {
+                        out.out().write_all(&buf.data[..buf.len]).map_err(out_err)?;
+                        front.written += buf.len as u64;
+                    }
+                    let (true, Some(digest)) = (front.complete, front.digest) else { break };
+                    if front.written != front.size {
+                        bail!("{}: internal error: planned {} bytes, wrote {}", label(front.i), front.size, front.written);
+                    }
+                    out.end(front.i, front.size, digest)?;
+                    layers.pop_front();
+                }
+                // The reader stopped inside a layer: it failed, and says why below.
+                if reader_done && layers.front().is_some_and(|l| !l.complete) {
+                    break;
                 }
             }
             Ok(())
         })();
-        // Unblocks the reader if we stopped early; its error (ConsumerGone) is then ours.
+        // Unblocks the reader and the hashers if we stopped early; the reader's error
+        // (ConsumerGone) is then ours.
+        drop(jobs);
         drop(rx);
         let produced = producer.join().map_err(|_| anyhow!("the layer reader thread panicked"))?;
         consumed?;
