@@ -2,6 +2,7 @@
 //! planned store layers, the scripts that stream and push the image, the archive; and
 //! mergeImages.
 
+use crate::image::conf::shell_quote;
 use super::attrs::{self, kind};
 use super::{build_top, parse_time, repo_tag, write_new, Commands, STDENV_EPOCH};
 use crate::compress::Compressor;
@@ -174,9 +175,6 @@ pub fn build_conf(a: &attrs::Conf, out: &Path, now: &Timestamp) -> Result<Value>
 }
 
 /// Single-quotes a word for the shell.
-fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "'\\''"))
-}
 
 fn check_shell(shell: &str) -> Result<()> {
     if !shell.starts_with('/') {
@@ -188,13 +186,7 @@ fn check_shell(shell: &str) -> Result<()> {
 /// `stream-script`: an executable that runs `stevedore stream CONF "$@"`.
 pub(super) fn stream_script((out, a): (PathBuf, attrs::StreamScript)) -> Result<()> {
     check_shell(&a.shell)?;
-    let script = format!(
-        "#!{}\n# Streams the image as a Docker archive to stdout; try --help.\nexec {} stream {} \"$@\"\n",
-        a.shell,
-        shell_quote(&a.stevedore),
-        shell_quote(&a.conf)
-    );
-    write_new(&out, script.as_bytes(), 0o555)
+    write_new(&out, crate::image::conf::stream_script(&a.shell, &a.stevedore, &a.conf).as_bytes(), 0o555)
 }
 
 /// `push-script`: an executable that runs `stevedore push CONF DEST [OPTIONS]`, DEST

@@ -232,8 +232,9 @@ impl ServeCmd {
 
 #[derive(clap::Args)]
 pub struct LoadCmd {
-    /// The image: a stream conf (streamLayeredImage's `conf`, or any conf file), or, named
-    /// with -t, a Docker archive, an OCI layout or an oci-archive (as push takes them).
+    /// The image: a stream conf (streamLayeredImage's `conf`, or any conf file) or the stream
+    /// executable (`./result`), or, named with -t, a Docker archive, an OCI layout or an
+    /// oci-archive (as push takes them).
     pub source: String,
     /// The runtime to load into.
     #[arg(long, value_parser = choice::<stevedore::serve::load::Runtime>(), default_value = "podman")]

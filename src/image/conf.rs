@@ -409,12 +409,80 @@ pub fn civil_from_unix(t: i64) -> (String, String) {
     )
 }
 
+/// `s` quoted for a POSIX shell.
+pub fn shell_quote(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+/// The executable streamLayeredImage builds: `stevedore stream CONF` with the caller's options.
+pub fn stream_script(shell: &str, stevedore: &str, conf: &str) -> String {
+    format!(
+        "#!{shell}\n# Streams the image as a Docker archive to stdout; try --help.\nexec {} stream {} \"$@\"\n",
+        shell_quote(stevedore),
+        shell_quote(conf)
+    )
+}
+
+/// The conf a script of `stream_script`'s making streams, so `load` and `serve` can take the
+/// script (`./result`) for its conf; None for any other text.
+pub fn conf_of_stream_script(text: &str) -> Option<String> {
+    let line = text.lines().find(|l| l.starts_with("exec '"))?;
+    let mut words = Vec::new();
+    let mut rest = line;
+    loop {
+        rest = rest.trim_start_matches(' ');
+        if rest.is_empty() {
+            break;
+        }
+        words.push(shell_word(&mut rest)?);
+    }
+    match words.as_slice() {
+        [exec, _, stream, conf, args] if exec == "exec" && stream == "stream" && args == "\"$@\"" => Some(conf.clone()),
+        _ => None,
+    }
+}
+
+/// The next word of `rest` as `shell_quote` writes words ('quoted' runs and \' quotes), or a bare
+/// one up to a space.
+fn shell_word(rest: &mut &str) -> Option<String> {
+    if !rest.starts_with(['\'', '\\']) {
+        let end = rest.find(' ').unwrap_or(rest.len());
+        let word = rest[..end].to_string();
+        *rest = &rest[end..];
+        return Some(word);
+    }
+    let mut word = String::new();
+    loop {
+        if let Some(r) = rest.strip_prefix('\'') {
+            let end = r.find('\'')?;
+            word.push_str(&r[..end]);
+            *rest = &r[end + 1..];
+        } else if let Some(r) = rest.strip_prefix("\\'") {
+            word.push('\'');
+            *rest = r;
+        } else {
+            return Some(word);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn t(s: &str) -> Timestamp {
         parse_time(s, &Timestamp { iso: "NOW".into(), unix: 42 }).unwrap()
+    }
+
+    #[test]
+    fn stream_scripts_name_their_conf() {
+        for conf in ["/nix/store/abc-conf.json", "/tmp/it's here/conf.json", "/x/'"] {
+            let script = stream_script("/bin/sh", "/nix/store/s-stevedore/bin/stevedore", conf);
+            assert_eq!(conf_of_stream_script(&script).as_deref(), Some(conf), "{script}");
+        }
+        assert_eq!(conf_of_stream_script("#!/bin/sh\nexec python3 stream.py conf.json\n"), None);
+        assert_eq!(conf_of_stream_script("#!/bin/sh\nexec 'x' push 'c' \"$@\"\n"), None);
+        assert_eq!(conf_of_stream_script("#!/bin/sh\nexec 'x' stream 'unterminated \"$@\"\n"), None);
     }
 
     #[test]

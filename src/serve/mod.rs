@@ -55,6 +55,14 @@ impl Served {
             Some((n, c)) if !Path::new(arg).exists() => (Some(n), c),
             _ => (None, arg),
         };
+        // A stream script (`./result` of streamLayeredImage) stands for its conf.
+        let script_conf = std::fs::read(given).ok().filter(|b| b.starts_with(b"#!") && b.len() < 64 * 1024).map(|b| conf::conf_of_stream_script(&String::from_utf8_lossy(&b)));
+        let given = match script_conf {
+            Some(Some(conf)) => conf,
+            Some(None) => bail!("{given}: a script, but not one that runs `stevedore stream`: give its conf (passthru.conf) or the archive it writes"),
+            None => given.to_string(),
+        };
+        let given = given.as_str();
         let source = match crate::registry::source::Source::parse(given)? {
             crate::registry::source::Source::Conf(path) => Source::Conf(path),
             _ => Source::Image(given.to_string()),

@@ -90,6 +90,9 @@ test_copy_to_podman() {
   expect_eq "$(podrun registry.example/team/hello:v1)" "hello from stevedore"
   out=$("$load" 2>&1) || fail "copyToPodman again: $out"
   [[ "$out" == *" 0 layers sent"* ]] || fail "the second load sent layers: $out"
+  # The stream executable itself stands for its conf.
+  out=$("$stevedore_path/bin/stevedore" load "$(build hello)" 2>&1) || fail "load of the stream script: $out"
+  [[ "$out" == *"loaded registry.example/team/hello:v1 into podman: 0 layers sent"* ]] || fail "$out"
   for rt in DockerDaemon:docker Containerd:containerd; do
     load=$(build "hello.copyTo${rt%%:*}")
     grep -q -- "load --into '\?${rt#*:}'\? " "$load" || fail "copyTo${rt%%:*}: $(cat "$load")"
