@@ -174,8 +174,6 @@ pub fn build_conf(a: &attrs::Conf, out: &Path, now: &Timestamp) -> Result<Value>
     Ok(conf)
 }
 
-/// Single-quotes a word for the shell.
-
 fn check_shell(shell: &str) -> Result<()> {
     if !shell.starts_with('/') {
         bail!("shell: {shell:?} is not an absolute path");
