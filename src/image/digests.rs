@@ -28,10 +28,6 @@ pub struct DigestCache {
     map: HashMap<String, (String, u64)>,
 }
 
-fn is_digest(s: &str) -> bool {
-    s.strip_prefix("sha256:").is_some_and(|h| h.len() == 64 && h.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')))
-}
-
 impl DigestCache {
     /// The cache of the settings (`XDG_CACHE_HOME`, `HOME`), or an empty one kept in memory.
     pub fn open() -> DigestCache {
@@ -44,7 +40,7 @@ impl DigestCache {
             for line in text.lines() {
                 let f: Vec<&str> = line.split(' ').collect();
                 if let [key, digest, size] = f[..] {
-                    if let (Ok(size), true) = (size.parse(), is_digest(digest)) {
+                    if let (Ok(size), true) = (size.parse(), super::reference::is_sha256_digest(digest)) {
                         map.insert(key.to_string(), (digest.to_string(), size));
                     }
                 }
