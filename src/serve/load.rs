@@ -7,6 +7,7 @@
 
 use super::{ServeOptions, Served};
 use crate::util::progress::Progress;
+use crate::util::shared::Choice;
 use anyhow::{anyhow, bail, Result};
 use std::net::TcpListener;
 use std::process::{Command, Stdio};
@@ -59,11 +60,8 @@ pub fn load(source: &str, opts: &LoadOptions, progress: &Progress) -> Result<()>
         Some(n) => Served::parse(&format!("{n}={source}"))?,
         None => Served::parse(source)?,
     };
-    let target = match (&opts.name, &served.source) {
-        (Some(n), _) => crate::image::reference::with_default_tag(n),
-        (None, super::Source::Conf(conf)) => crate::image::reference::with_default_tag(&crate::image::conf::StreamConf::load(conf, &crate::image::conf::now())?.repo_tag),
-        (None, super::Source::Image(_)) => bail!("{source}: name the image with -t NAME:TAG"),
-    };
+    // An image on disk without -t fails in parse, which asks for a name.
+    let target = served.repo_tag.clone();
     crate::image::reference::check_repo_tag(&target).map_err(|e| anyhow!("image name {target}: {e}"))?;
     let listener = TcpListener::bind("127.0.0.1:0").map_err(|e| anyhow!("cannot listen on a loopback port: {e}"))?;
     let addr = listener.local_addr()?;
@@ -107,14 +105,4 @@ pub fn load(source: &str, opts: &LoadOptions, progress: &Progress) -> Result<()>
         started.elapsed().as_secs_f64()
     ));
     Ok(())
-}
-
-impl Runtime {
-    fn name(self) -> &'static str {
-        match self {
-            Runtime::Podman => "podman",
-            Runtime::Docker => "docker",
-            Runtime::Containerd => "containerd",
-        }
-    }
 }

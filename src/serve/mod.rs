@@ -31,8 +31,11 @@ use std::time::{Duration, Instant};
 /// An image to serve: `name:tag`, made from a stream conf, or taken from an image on disk.
 #[derive(Debug, Clone)]
 pub struct Served {
+    /// The repository path clients ask for (the name without its registry), and the tag.
     pub name: String,
     pub tag: String,
+    /// The name as given (or the conf's repo_tag), with a tag: what a loaded image is called.
+    pub repo_tag: String,
     pub source: Source,
 }
 
@@ -55,8 +58,9 @@ impl Served {
             Some((n, c)) if !Path::new(arg).exists() => (Some(n), c),
             _ => (None, arg),
         };
-        // A stream script (`./result` of streamLayeredImage) stands for its conf.
-        let script_conf = std::fs::read(given).ok().filter(|b| b.starts_with(b"#!") && b.len() < 64 * 1024).map(|b| conf::conf_of_stream_script(&String::from_utf8_lossy(&b)));
+        // A stream script (`./result` of streamLayeredImage) stands for its conf. Only the
+        // head of a file is read to tell: SOURCE may be a big archive.
+        let script_conf = stream_script_head(Path::new(given)).map(|text| conf::conf_of_stream_script(&text));
         let given = match script_conf {
             Some(Some(conf)) => conf,
             Some(None) => bail!("{given}: a script, but not one that runs `stevedore stream`: give its conf (passthru.conf) or the archive it writes"),
@@ -70,11 +74,12 @@ impl Served {
         let repo_tag = match (named, &source) {
             (Some(n), _) => n.to_string(),
             (None, Source::Conf(path)) => StreamConf::load(path, &conf::now())?.repo_tag,
-            (None, Source::Image(_)) => bail!("{given}: name the image: NAME:TAG={given}"),
+            (None, Source::Image(_)) => bail!("{given}: name the image (NAME:TAG={given} for serve, -t NAME:TAG for load)"),
         };
-        let tagged = crate::image::reference::with_default_tag(&repo_tag);
-        let parts = crate::image::reference::parse_reference(&tagged).map_err(|e| anyhow!("{arg}: {e:#}"))?;
-        Ok(Served { name: parts.path.to_string(), tag: parts.tag.unwrap_or("latest").to_string(), source })
+        let repo_tag = crate::image::reference::with_default_tag(&repo_tag);
+        let parts = crate::image::reference::parse_reference(&repo_tag).map_err(|e| anyhow!("{arg}: {e:#}"))?;
+        let (name, tag) = (parts.path.to_string(), parts.tag.unwrap_or("latest").to_string());
+        Ok(Served { name, tag, repo_tag, source })
     }
 
     /// Where it comes from, for messages.
@@ -84,6 +89,15 @@ impl Served {
             Source::Image(s) => s.clone(),
         }
     }
+}
+
+/// The text of `path` if it is a small file starting with `#!` (a script), else None.
+fn stream_script_head(path: &Path) -> Option<String> {
+    use std::io::Read;
+    const MOST: u64 = 64 * 1024;
+    let mut head = Vec::new();
+    std::fs::File::open(path).ok()?.take(MOST + 1).read_to_end(&mut head).ok()?;
+    (head.starts_with(b"#!") && head.len() as u64 <= MOST).then(|| String::from_utf8_lossy(&head).into_owned())
 }
 
 pub struct ServeOptions {
@@ -188,53 +202,44 @@ impl State {
             .collect();
         let manifest = Arc::new(oci::manifest_json(&config_desc, &descs).into_bytes());
         let digest = sha256_digest(&manifest);
-        {
-            let mut blobs = self.blobs.lock().map_err(|_| anyhow!("internal error: blob map lock"))?;
-            if blobs.len() > MAX_ENTRIES {
-                blobs.clear();
-            }
-            // Last to first, so a layer listed twice is made from its first place.
-            for (index, d) in descs.iter().enumerate().rev() {
-                blobs.insert(d.digest.clone(), Blob::Layer { conf: conf.clone(), index, size: d.size });
-            }
-            blobs.insert(config_desc.digest.clone(), Blob::Config(config));
-        }
-        let mut manifests = self.manifests.lock().map_err(|_| anyhow!("internal error: manifest map lock"))?;
-        if manifests.len() > MAX_ENTRIES {
-            manifests.clear();
-        }
-        manifests.insert(digest.clone(), (img.name.clone(), manifest.clone()));
+        // Last to first, so a layer listed twice is made from its first place.
+        let mut blobs: Vec<(String, Blob)> = descs.iter().enumerate().rev().map(|(index, d)| (d.digest.clone(), Blob::Layer { conf: conf.clone(), index, size: d.size })).collect();
+        blobs.push((config_desc.digest.clone(), Blob::Config(config)));
+        self.remember(img, blobs, vec![(digest.clone(), manifest.clone())])?;
         Ok((digest, manifest))
+    }
+
+    /// Keeps what a build of `img` lists, for the requests that follow: its blobs and its
+    /// manifests by digest. The maps start again past `MAX_ENTRIES`.
+    fn remember(&self, img: &Served, blobs: Vec<(String, Blob)>, manifests: Vec<(String, Arc<Vec<u8>>)>) -> Result<()> {
+        let mut map = self.blobs.lock().map_err(|_| anyhow!("internal error: blob map lock"))?;
+        if map.len() > MAX_ENTRIES {
+            map.clear();
+        }
+        map.extend(blobs);
+        drop(map);
+        let mut map = self.manifests.lock().map_err(|_| anyhow!("internal error: manifest map lock"))?;
+        if map.len() > MAX_ENTRIES {
+            map.clear();
+        }
+        map.extend(manifests.into_iter().map(|(digest, bytes)| (digest, (img.name.clone(), bytes))));
+        Ok(())
     }
 
     /// An image on disk: its plan (as a push with layers uncompressed makes it) gives the
     /// manifests and blobs. Child manifests of an index are kept too, found by digest.
     fn build_planned(&self, img: &Served, source: &str) -> Result<(String, Arc<Vec<u8>>)> {
         let quiet = Progress { quiet: true };
-        let (top, children, blobs) = crate::registry::with_plan(source, Compressor::None, ManifestFormat::Oci, None, &quiet, |plan| {
-            let top = plan.top();
-            let children: Vec<(String, Vec<u8>)> = plan.manifests.iter().map(|m| (m.digest.clone(), m.bytes.clone())).collect();
-            let blobs: Vec<(String, u64, bool)> = plan.blobs.iter().map(|b| (b.digest.clone(), b.size, b.what != "config")).collect();
-            Ok(((top.digest.clone(), top.bytes.clone()), children, blobs))
+        let (top, manifests, blobs) = crate::registry::with_plan(source, Compressor::None, ManifestFormat::Oci, None, &quiet, |plan| {
+            let manifests: Vec<(String, Arc<Vec<u8>>)> = plan.manifests.iter().map(|m| (m.digest.clone(), Arc::new(m.bytes.clone()))).collect();
+            let blobs: Vec<(String, Blob)> =
+                plan.blobs.iter().map(|b| (b.digest.clone(), Blob::Planned { source: source.to_string(), size: b.size, layer: b.what != "config" })).collect();
+            Ok((plan.top().digest.clone(), manifests, blobs))
         })?;
-        {
-            let mut map = self.blobs.lock().map_err(|_| anyhow!("internal error: blob map lock"))?;
-            if map.len() > MAX_ENTRIES {
-                map.clear();
-            }
-            for (digest, size, layer) in blobs {
-                map.insert(digest, Blob::Planned { source: source.to_string(), size, layer });
-            }
-        }
-        let mut manifests = self.manifests.lock().map_err(|_| anyhow!("internal error: manifest map lock"))?;
-        if manifests.len() > MAX_ENTRIES {
-            manifests.clear();
-        }
-        for (digest, bytes) in children {
-            manifests.insert(digest, (img.name.clone(), Arc::new(bytes)));
-        }
-        let top_bytes = manifests.get(&top.0).map(|(_, b)| b.clone()).unwrap_or_else(|| Arc::new(top.1));
-        Ok((top.0, top_bytes))
+        // The top manifest is the plan's last.
+        let top_bytes = manifests.last().map(|(_, b)| b.clone()).ok_or_else(|| anyhow!("internal error: a plan without a manifest"))?;
+        self.remember(img, blobs, manifests)?;
+        Ok((top, top_bytes))
     }
 
     fn images_named<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Served> + 'a {

@@ -52,6 +52,14 @@ pub trait Choice: Sized + Copy + 'static {
             format!("{name:?} is not one of {}", all.join(", "))
         })
     }
+
+    /// The name `self` has in `CHOICES`.
+    fn name(self) -> &'static str
+    where
+        Self: PartialEq,
+    {
+        Self::CHOICES.iter().find(|(_, v, _)| *v == self).map_or("", |(n, _, _)| n)
+    }
 }
 
 #[cfg(test)]
