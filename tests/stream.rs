@@ -161,6 +161,28 @@ fn output_is_deterministic_across_environments() {
 }
 
 #[test]
+fn stream_remembers_diff_ids_for_push_and_load_but_not_inside_a_nix_build() {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let tmp = tempfile::tempdir().unwrap();
+    let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, three_layers(&fx)));
+    let cache = tmp.path().join("cache");
+    let run = |env: &[(&str, &Path)]| {
+        let out = Command::new(bin()).arg("stream").arg(&conf).env("XDG_CACHE_HOME", &cache).envs(env.iter().copied()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        out.stdout
+    };
+    let file = cache.join("stevedore/layer-digests");
+    run(&[("NIX_BUILD_TOP", tmp.path())]);
+    assert!(!cache.exists(), "a stream inside a Nix build wrote the digest cache");
+    let image = Image::parse(&run(&[]));
+    let remembered: Vec<String> = fs::read_to_string(&file).unwrap().lines().map(|l| l.split(' ').nth(1).unwrap().to_string()).collect();
+    let diff_ids: Vec<String> = image.config["rootfs"]["diff_ids"].as_array().unwrap().iter().map(|d| d.as_str().unwrap().to_string()).collect();
+    assert_eq!(remembered, diff_ids);
+    run(&[]);
+    assert_eq!(fs::read_to_string(&file).unwrap().lines().count(), 3, "a second stream added entries again");
+}
+
+#[test]
 fn repo_tag_override_and_progress_lines() {
     let fx = fixture("compat", 8, 30, 0.0);
     let tmp = tempfile::tempdir().unwrap();

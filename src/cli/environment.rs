@@ -39,7 +39,12 @@ pub fn settings(get: impl Fn(&str) -> Option<OsString>) -> Settings {
         // The variables Nix builds and OpenSSL-based tools honour, for a private registry's CA.
         ca_files: ["SSL_CERT_FILE", "NIX_SSL_CERT_FILE"].iter().filter_map(|n| Some((n.to_string(), path(n)?))).collect(),
         auth_files,
-        digest_cache: path("XDG_CACHE_HOME").or_else(|| home.as_ref().map(|h| h.join(".cache"))).map(|d| d.join("stevedore/layer-digests")),
+        // Not inside a Nix build: its HOME is a placeholder that must stay absent, and what a
+        // build learns is no use to later runs anyway.
+        digest_cache: match var("NIX_BUILD_TOP") {
+            Some(_) => None,
+            None => path("XDG_CACHE_HOME").or_else(|| home.as_ref().map(|h| h.join(".cache"))).map(|d| d.join("stevedore/layer-digests")),
+        },
         temp_dir: path("TMPDIR").unwrap_or_else(|| PathBuf::from("/tmp")),
         search_path: var("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default(),
     }
@@ -91,6 +96,7 @@ mod tests {
         let want = ["/a.json", "/run/u/containers/auth.json", "/h/.config/containers/auth.json", "/h/.docker/config.json"];
         assert_eq!(s.auth_files, want.iter().map(PathBuf::from).collect::<Vec<_>>());
         assert_eq!(s.digest_cache, Some(PathBuf::from("/h/.cache/stevedore/layer-digests")));
+        assert_eq!(from(&[("HOME", "/homeless-shelter"), ("NIX_BUILD_TOP", "/build")]).digest_cache, None);
         assert_eq!(from(&[]).temp_dir, PathBuf::from("/tmp"));
     }
 }

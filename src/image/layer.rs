@@ -108,6 +108,12 @@ impl LayerPlan {
     }
 }
 
+/// Whether this process may read any file (asked once: every regular file in a layer needs it).
+fn running_as_root() -> bool {
+    static ROOT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ROOT.get_or_init(|| nix::unistd::geteuid().is_root())
+}
+
 /// Normalizes a store path as `pathlib.Path` would (repeated slashes and `.` components
 /// dropped) and checks that it lies inside `store_dir`.
 pub fn check_store_path(path: &str, store_dir: &str) -> Result<PathBuf> {
@@ -181,7 +187,7 @@ impl Planner<'_> {
                 path.pop();
             }
         } else if ft.is_file() {
-            if !nix::unistd::geteuid().is_root() {
+            if !running_as_root() {
                 if let Err(errno) = nix::unistd::access(&**path, nix::unistd::AccessFlags::R_OK) {
                     bail!("cannot read {}: {}", path.display(), io::Error::from(errno));
                 }

@@ -420,6 +420,8 @@ pub fn stream<W: Write>(conf: &StreamConf, repo_tag: Option<&str>, out: W, progr
     let spec = ImageSpec::new(conf)?;
     let mut outer = Outer::new(out, conf.mtime);
     let layers = spec.emit_layers(&mut outer, progress)?;
+    // What this stream hashed, a later push, load or serve need not hash again.
+    spec.remember_layers(&mut digests::DigestCache::open(), &layers);
     progress.say("Adding manifests...");
     let config_json = spec.config_json(&layers);
     let config_digest = hex(&Sha256::digest(config_json.as_bytes()));
