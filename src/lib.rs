@@ -4,6 +4,7 @@
 //!
 //! - `builder`: the Nix builder mode (`stevedore nix ACTION`), the Nix library's derivations.
 //! - `registry`: pushing to and pulling from OCI distribution registries.
+//! - `supply_chain`: SBOMs (CycloneDX, SPDX) of an image's closure.
 //! - `rootless`: `run-as-root`, root steps in user namespaces without a VM.
 //! - `image`: image configs, the Docker and OCI writers, the image reader, base images, merge.
 //! - `layering`: which store paths go into which layer.
@@ -26,5 +27,6 @@ pub mod registry;
 pub mod rootfs;
 pub mod rootless;
 pub mod serve;
+pub mod supply_chain;
 pub mod tar;
 pub mod util;

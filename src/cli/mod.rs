@@ -4,6 +4,7 @@
 mod environment;
 mod image;
 mod registry;
+mod supply_chain;
 
 use anyhow::{bail, Result};
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
@@ -86,6 +87,11 @@ enum Command {
     /// like streamLayeredImage's result. Layers are named by content and written once, however
     /// many images share them; manifest.json lists the images in the order given.
     Merge(image::MergeCmd),
+    /// Write a software bill of materials (CycloneDX 1.6 or SPDX 2.3 JSON) for an image.
+    ///
+    /// One component per store path in the image, with its narHash, size, references (as
+    /// dependencies) and the layer that holds it; byte-for-byte the same for the same image.
+    Sbom(supply_chain::SbomCmd),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix {
@@ -149,6 +155,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Index(c) => c.run(),
         Command::Serve(c) => c.run(),
         Command::Load(c) => c.run(),
+        Command::Sbom(c) => c.run(),
     }
 }
 

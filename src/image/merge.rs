@@ -156,7 +156,7 @@ fn run_stream(program: &Path, label: &str, spool: &Path, progress: &Progress) ->
 }
 
 /// Splits `name:tag` as Docker does: the tag follows the last `:` after the last `/`.
-fn split_repo_tag(repo_tag: &str) -> (&str, &str) {
+pub(crate) fn split_repo_tag(repo_tag: &str) -> (&str, &str) {
     match repo_tag.rsplit_once(':') {
         Some((name, tag)) if !tag.contains('/') => (name, tag),
         _ => (repo_tag, "latest"),

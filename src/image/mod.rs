@@ -199,6 +199,11 @@ impl<'c> ImageSpec<'c> {
         Ok(ImageSpec { conf, owner, given, store_layers, custom, base })
     }
 
+    /// The store layers' paths, bottom first, as checked against the store directory.
+    pub fn store_layers(&self) -> &[Vec<PathBuf>] {
+        &self.store_layers
+    }
+
     /// How many layers the image has.
     pub fn layer_count(&self) -> usize {
         self.base.as_ref().map_or(0, |b| b.layers.len()) + self.store_layers.len() + usize::from(self.custom.is_some())

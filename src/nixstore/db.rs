@@ -277,6 +277,78 @@ pub fn write_tree(graph: &ClosureGraph, root: &Path, roots: &[String], registrat
     Ok(())
 }
 
+/// A path as a Nix database registers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ValidPath {
+    pub path: String,
+    /// `sha256:<base16>`, as Nix stores it.
+    pub nar_hash: String,
+    pub nar_size: Option<u64>,
+    pub deriver: Option<String>,
+    pub ca: Option<String>,
+    pub sigs: Vec<String>,
+    /// Sorted, itself included when it references itself.
+    pub references: Vec<String>,
+}
+
+/// The default database of this machine's Nix (`NIX_STATE_DIR`, else `/nix/var/nix`).
+pub fn system_db() -> PathBuf {
+    let state = std::env::var_os("NIX_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
+    state.join("db/db.sqlite")
+}
+
+/// Reads `paths` and everything they reference from the database at `db`, read-only (a
+/// database another process holds open in WAL mode is read as it was last committed). A path
+/// the database does not list is an error naming it.
+pub fn read_closure(db: &Path, paths: &[String]) -> Result<Vec<ValidPath>> {
+    use rusqlite::OpenFlags;
+    let sql = |e: rusqlite::Error| anyhow!("Nix database {}: {e}", db.display());
+    if !db.exists() {
+        bail!("Nix database {} does not exist (give a closure graph instead)", db.display());
+    }
+    let flags = OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_URI | OpenFlags::SQLITE_OPEN_NO_MUTEX;
+    // Read-only needs the WAL index to be writable by someone; without, read it as immutable.
+    let conn = Connection::open_with_flags(db, flags)
+        .and_then(|c| c.query_row("select count(*) from ValidPaths limit 1", [], |_| Ok(())).map(|_| c))
+        .or_else(|_| Connection::open_with_flags(format!("file:{}?immutable=1", db.display()), flags))
+        .map_err(sql)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(sql)?;
+    let mut by_path = conn.prepare("select id, hash, narSize, deriver, ca, sigs from ValidPaths where path = ?").map_err(sql)?;
+    let mut refs = conn.prepare("select p.path from Refs r join ValidPaths p on p.id = r.reference where r.referrer = ?").map_err(sql)?;
+    let mut seen = std::collections::BTreeMap::new();
+    let mut todo: Vec<String> = paths.to_vec();
+    while let Some(path) = todo.pop() {
+        if seen.contains_key(&path) {
+            continue;
+        }
+        type Row = (i64, String, Option<i64>, Option<String>, Option<String>, Option<String>);
+        let row: Option<Row> = by_path
+            .query_row([&path], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+            .map(Some)
+            .or_else(|e| if e == rusqlite::Error::QueryReturnedNoRows { Ok(None) } else { Err(e) })
+            .map_err(sql)?;
+        let Some((id, nar_hash, nar_size, deriver, ca, sigs)) = row else {
+            bail!("Nix database {}: {path} is not a valid path there", db.display());
+        };
+        let mut references: Vec<String> = refs.query_map([id], |r| r.get(0)).map_err(sql)?.collect::<Result<_, _>>().map_err(sql)?;
+        references.sort();
+        references.dedup();
+        todo.extend(references.iter().filter(|r| !seen.contains_key(*r)).cloned());
+        let sigs = sigs.unwrap_or_default().split_whitespace().map(str::to_owned).collect();
+        let info = ValidPath {
+            path: path.clone(),
+            nar_hash,
+            nar_size: nar_size.and_then(|n| u64::try_from(n).ok()),
+            deriver: deriver.filter(|d| !d.is_empty()),
+            ca: ca.filter(|c| !c.is_empty()),
+            sigs,
+            references,
+        };
+        seen.insert(path, info);
+    }
+    Ok(seen.into_values().collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,6 +366,25 @@ mod tests {
             {"path": B, "narHash": "sha256-47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU=", "narSize": 7, "closureSize": 1, "references": [C, A]},
         ]);
         ClosureGraph::from_json_value(&v).unwrap()
+    }
+
+    #[test]
+    fn a_written_database_reads_back_as_a_closure() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("db.sqlite");
+        write_db(&graph(), 1, &p).unwrap();
+        // Read-only, as a user who cannot write the WAL index would.
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o555)).unwrap();
+        let got = read_closure(&p, &[B.to_string()]);
+        std::fs::set_permissions(d.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let got = got.unwrap();
+        let paths: Vec<&str> = got.iter().map(|v| v.path.as_str()).collect();
+        assert_eq!(paths, [A, B, C]);
+        assert_eq!(got[2].references, [A, C]);
+        assert_eq!(got[2].nar_size, Some(120));
+        assert!(got[0].nar_hash.starts_with("sha256:") && got[0].nar_hash.len() == 7 + 64);
+        assert!(read_closure(&p, &["/nix/store/3lc9g5s3s8i1pl4gpkmnmn4sxvkqj3sw-d".into()]).unwrap_err().to_string().contains("-d is not a valid path"));
+        assert!(read_closure(&d.path().join("none.sqlite"), &[]).is_err());
     }
 
     #[test]
