@@ -372,6 +372,56 @@ rec {
       }
     );
 
+  # What evaluation knows of a package the user passed (its meta), for the SBOM: license as a
+  # list of { spdxId, fullName }, the first homepage, the description. Anything that is not
+  # an attribute set (a path, a string) has none; a meta that fails to evaluate counts as none.
+  packageMeta =
+    p:
+    let
+      tried = builtins.tryEval (
+        let
+          m = if isAttrs p then p.meta or { } else { };
+          lic = m.license or null;
+          lics = if lic == null then [ ] else if isList lic then lic else [ lic ];
+          norm =
+            l:
+            if isAttrs l then
+              {
+                spdxId = l.spdxId or null;
+                fullName = l.fullName or null;
+              }
+            else
+              {
+                spdxId = null;
+                fullName = toString l;
+              };
+          home = m.homepage or null;
+        in
+        builtins.deepSeq (map norm lics) {
+          path = "${p}";
+          license = map norm lics;
+          homepage = if isString home then home else if isList home && home != [ ] then head home else null;
+          description = if isString (m.description or null) then m.description else null;
+        }
+      );
+    in
+    if tried.success then tried.value else { path = "${p}"; };
+
+  # passthru.sbom (format "cyclonedx") and passthru.spdx: the bill of materials of the image
+  # `conf` describes, made in the sandbox from the graph of its closure.
+  sbomOf =
+    baseName: conf: packages: format:
+    stevedoreDrv "sbom" (
+      local
+      // {
+        name = "${baseName}-sbom.${if format == "spdx" then "spdx" else "cdx"}.json";
+        inherit conf;
+        exportReferencesGraph.closure = [ conf ];
+        packages = map packageMeta packages;
+        sbomFormat = format;
+      }
+    );
+
   # Functions that take an image take a stream too (passthru.isExe): its archive is written
   # first, uncompressed.
   imageFile =

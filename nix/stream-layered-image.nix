@@ -34,6 +34,7 @@ let
     need
     outputName
     pushScript
+    sbomOf
     setFunctionArgs
     stevedoreBin
     stevedoreDrv
@@ -45,7 +46,7 @@ rec {
   # nixpkgs' streamLayeredImage: a derivation that is an executable writing a Docker archive
   # (`./result | docker load`; `./result --help` lists `stevedore stream`'s options). Its
   # passthru: imageTag, conf (what the executable reads), copyToRegistry, copyToPodman,
-  # copyToDockerDaemon, copyToContainerd, isExe = true.
+  # copyToDockerDaemon, copyToContainerd, sbom (CycloneDX 1.6), spdx (SPDX 2.3), isExe = true.
   streamLayeredImage = makeOverridable (
     {
       # The image's name (a repository: "registry.example/team/app"); lowercased in the image.
@@ -226,6 +227,8 @@ rec {
       copyToPodman = loadScript shell baseName "${conf}" "podman";
       copyToDockerDaemon = loadScript shell baseName "${conf}" "docker";
       copyToContainerd = loadScript shell baseName "${conf}" "containerd";
+      sbom = sbomOf baseName "${conf}" contentsList "cyclonedx";
+      spdx = sbomOf baseName "${conf}" contentsList "spdx";
     in
     assert checked;
     mkResult
@@ -250,6 +253,8 @@ rec {
               copyToPodman
               copyToDockerDaemon
               copyToContainerd
+              sbom
+              spdx
               ;
             # Lets functions that take images tell executables from archives.
             isExe = true;

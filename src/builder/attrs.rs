@@ -340,6 +340,19 @@ action_attrs! {
 }
 
 action_attrs! {
+    /// `sbom`: passthru.sbom and passthru.spdx, the image's bill of materials.
+    Sbom = "sbom" {
+        conf: String = "conf",
+        /// The exported graph of the conf's closure (every store path of the image).
+        closure: Option<Value> = "closure",
+        /// `[{ path, license = [{ spdxId, fullName }], homepage, description }]`.
+        packages: Option<Value> = "packages",
+        /// `cyclonedx` or `spdx`.
+        format: String = "sbomFormat",
+    }
+}
+
+action_attrs! {
     /// `archive`: buildLayeredImage's archive from a conf.
     Archive = "archive" {
         conf: String = "conf",

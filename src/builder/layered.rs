@@ -221,6 +221,23 @@ pub(super) fn load_script((out, a): (PathBuf, attrs::LoadScript)) -> Result<()> 
     write_new(&out, script.as_bytes(), 0o555)
 }
 
+/// `sbom`: the image's bill of materials, from the conf and the graph of its closure.
+pub(super) fn sbom((out, a): (PathBuf, attrs::Sbom)) -> Result<()> {
+    use crate::supply_chain::{self, PathInfos, SbomFormat};
+    use crate::util::shared::Choice;
+    let format = SbomFormat::from_name(&a.format).map_err(|e| anyhow!("sbomFormat: {e}"))?;
+    let conf = StreamConf::load(Path::new(&a.conf), &conf::now())?;
+    let graph = a.closure.ok_or_else(|| anyhow!("closure: missing (exportReferencesGraph of the conf)"))?;
+    let graph = crate::nixstore::ClosureGraph::from_json_value(&graph).map_err(|e| anyhow!("closure: {e:#}"))?;
+    let packages = match &a.packages {
+        None => vec![],
+        Some(v) => supply_chain::parse_packages(v)?,
+    };
+    let input = supply_chain::describe(&conf, &PathInfos::Graph(graph), packages, &crate::util::progress::Progress { quiet: true })?;
+    eprintln!("SBOM ({}) of {}:{}: {} store paths in {} layers", a.format, input.name, input.tag, input.objects.len(), input.layers.len());
+    write_new(&out, format.render(&input).as_bytes(), 0o444)
+}
+
 /// `archive`: the image of a conf, as `format` and `compressor` say.
 pub(super) fn archive((out, a): (PathBuf, attrs::Archive)) -> Result<()> {
     let now = conf::now();

@@ -25,6 +25,9 @@
 //!   `stevedore stream CONF "$@"`.
 //! - `customisation-layer` also writes the Nix database when `includeNixDB` (graph `dbClosure`,
 //!   GC roots `dbRoots`).
+//! - `sbom`: `conf`, `closure` (the graph of `[ conf ]`), `packages` (the `meta` of what the user
+//!   passed: `[{ path, license, homepage, description }]`), `sbomFormat` (`cyclonedx`, `spdx`)
+//!   → `$out`, the document (see `crate::supply_chain`).
 //! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`), `format` (`docker-archive`,
 //!   `oci`, `oci-archive`) → `$out`, the image.
 //! - `push-script`: `shell`, `stevedore`, `conf` (a conf or an archive), `imageRef` → `$out`,
@@ -67,6 +70,7 @@ pub enum Action {
     StreamScript,
     PushScript,
     LoadScript,
+    Sbom,
     Archive,
     ImageLayer,
     Image,
@@ -87,6 +91,7 @@ pub fn run(action: &Action) -> Result<()> {
         Action::StreamScript => layered::stream_script(attrs::StreamScript::load()?),
         Action::PushScript => layered::push_script(attrs::PushScript::load()?),
         Action::LoadScript => layered::load_script(attrs::LoadScript::load()?),
+        Action::Sbom => layered::sbom(attrs::Sbom::load()?),
         Action::Archive => layered::archive(attrs::Archive::load()?),
         Action::Merge => layered::merge_images(attrs::Merge::load()?),
         Action::ImageLayer => build_image::image_layer(attrs::ImageLayer::load()?),

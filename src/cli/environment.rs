@@ -4,7 +4,7 @@
 use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
-use stevedore::util::settings::{default_threads, Settings, DEFAULT_REGISTRY_TIMEOUT, REGISTRY_TIMEOUT_VAR as TIMEOUT_VAR};
+use stevedore::util::settings::{default_threads, DEFAULT_NIX_DB, Settings, DEFAULT_REGISTRY_TIMEOUT, REGISTRY_TIMEOUT_VAR as TIMEOUT_VAR};
 
 pub const THREADS_VAR: &str = "STEVEDORE_THREADS";
 
@@ -47,6 +47,7 @@ pub fn settings(get: impl Fn(&str) -> Option<OsString>) -> Settings {
         },
         temp_dir: path("TMPDIR").unwrap_or_else(|| PathBuf::from("/tmp")),
         search_path: var("PATH").map(|p| std::env::split_paths(&p).collect()).unwrap_or_default(),
+        nix_db: path("NIX_STATE_DIR").map_or_else(|| PathBuf::from(DEFAULT_NIX_DB), |d| d.join("db/db.sqlite")),
     }
 }
 
@@ -97,6 +98,8 @@ mod tests {
         assert_eq!(s.auth_files, want.iter().map(PathBuf::from).collect::<Vec<_>>());
         assert_eq!(s.digest_cache, Some(PathBuf::from("/h/.cache/stevedore/layer-digests")));
         assert_eq!(from(&[("HOME", "/homeless-shelter"), ("NIX_BUILD_TOP", "/build")]).digest_cache, None);
+        assert_eq!(from(&[]).nix_db, PathBuf::from("/nix/var/nix/db/db.sqlite"));
+        assert_eq!(from(&[("NIX_STATE_DIR", "/s")]).nix_db, PathBuf::from("/s/db/db.sqlite"));
         assert_eq!(from(&[]).temp_dir, PathBuf::from("/tmp"));
     }
 }

@@ -297,6 +297,8 @@ pub enum NixCmd {
     PushScript,
     /// An executable that loads the image into a runtime (passthru.copyToPodman and the like).
     LoadScript,
+    /// Write the image's bill of materials (passthru.sbom, passthru.spdx).
+    Sbom,
     /// Write the image archive, compressed.
     Archive,
     /// buildImage's new layer ($out/layer.tar, checksum, json, VERSION).
@@ -489,6 +491,7 @@ impl From<NixCmd> for stevedore::builder::Action {
             NixCmd::StreamScript => Action::StreamScript,
             NixCmd::PushScript => Action::PushScript,
             NixCmd::LoadScript => Action::LoadScript,
+            NixCmd::Sbom => Action::Sbom,
             NixCmd::Archive => Action::Archive,
             NixCmd::ImageLayer => Action::ImageLayer,
             NixCmd::Image => Action::Image,

@@ -5,7 +5,7 @@ use anyhow::{anyhow, Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use stevedore::image::conf::{self, StreamConf};
-use stevedore::nixstore::{db, ClosureGraph, GraphFormat};
+use stevedore::nixstore::{ClosureGraph, GraphFormat};
 use stevedore::supply_chain::{self, sbom::PackageMeta, PathInfos, SbomFormat};
 use stevedore::util::progress::Progress;
 
@@ -66,7 +66,7 @@ pub fn path_infos(conf: &StreamConf, graph: Option<&Path>, nix_db: Option<&Path>
             return Ok(PathInfos::Graph(layering.load_graph()?));
         }
     }
-    Ok(PathInfos::NixDb(nix_db.map(Path::to_path_buf).unwrap_or_else(db::system_db)))
+    Ok(PathInfos::NixDb(nix_db.map(Path::to_path_buf).unwrap_or_else(|| stevedore::util::settings::get().nix_db.clone())))
 }
 
 /// The SBOM of the image `conf_path` describes, in `format`.

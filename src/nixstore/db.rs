@@ -291,12 +291,6 @@ pub struct ValidPath {
     pub references: Vec<String>,
 }
 
-/// The default database of this machine's Nix (`NIX_STATE_DIR`, else `/nix/var/nix`).
-pub fn system_db() -> PathBuf {
-    let state = std::env::var_os("NIX_STATE_DIR").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/nix/var/nix"));
-    state.join("db/db.sqlite")
-}
-
 /// Reads `paths` and everything they reference from the database at `db`, read-only (a
 /// database another process holds open in WAL mode is read as it was last committed). A path
 /// the database does not list is an error naming it.

@@ -1,5 +1,5 @@
 //! What the process environment tells the library (thread count, registry timeout,
-//! `SOURCE_DATE_EPOCH`, auth and CA files, cache and scratch directories). The front end reads
+//! `SOURCE_DATE_EPOCH`, auth and CA files, cache and scratch directories, the Nix database). The front end reads
 //! the environment once (`src/cli/environment.rs`) and installs the result here before any
 //! work starts; library code reads these typed values and never the environment itself.
 //! A library user that installs nothing gets `Settings::default()`: no auth files, no extra CAs,
@@ -11,6 +11,9 @@ use std::time::Duration;
 
 /// The variable that sets the registry timeout, named in timeout messages.
 pub const REGISTRY_TIMEOUT_VAR: &str = "STEVEDORE_REGISTRY_TIMEOUT";
+
+/// Where Nix keeps its database when `NIX_STATE_DIR` does not say.
+pub const DEFAULT_NIX_DB: &str = "/nix/var/nix/db/db.sqlite";
 
 /// The registry timeout when nothing sets one.
 pub const DEFAULT_REGISTRY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -34,6 +37,8 @@ pub struct Settings {
     pub temp_dir: PathBuf,
     /// Directories searched for helper programs (`newuidmap`).
     pub search_path: Vec<PathBuf>,
+    /// This machine's Nix database, read for path infos when no closure graph is given.
+    pub nix_db: PathBuf,
 }
 
 impl Default for Settings {
@@ -47,6 +52,7 @@ impl Default for Settings {
             digest_cache: None,
             temp_dir: PathBuf::from("/tmp"),
             search_path: Vec::new(),
+            nix_db: PathBuf::from(DEFAULT_NIX_DB),
         }
     }
 }

@@ -56,6 +56,27 @@ let
     # .override re-applies the function, as with nixpkgs' makeOverridable.
     helloOverridden = (dockerTools.streamLayeredImage helloArgs).override { tag = "v2"; };
 
+    # An image whose contents carry meta, as nixpkgs packages do, for passthru.sbom.
+    withMeta = dockerTools.buildLayeredImage {
+      name = "with-meta";
+      tag = "1";
+      contents = [
+        (busybox
+          // {
+            meta = {
+              description = "Tiny versions of common UNIX utilities";
+              homepage = [ "https://busybox.net" ];
+              license = {
+                spdxId = "GPL-2.0-only";
+                fullName = "GNU General Public License v2.0 only";
+              };
+            };
+          }
+        )
+        hello
+      ];
+    };
+
     owners = dockerTools.buildLayeredImage {
       name = "owners";
       tag = "latest";

@@ -202,3 +202,47 @@ test_untagged() {
   expect_eq "$(q untagged 'd["repo_tags"]')" "['registry.example/untagged:$tag']"
 }
 t untagged test_untagged
+
+# sbom: passthru.sbom and passthru.spdx list every store path of the image with its layer's
+# diff_id (the image's own), nixpkgs' narinfo properties and the contents' meta; reproducible
+test_sbom() {
+  local img cdx spdx
+  img=$(built withMeta)
+  cdx=$(built withMeta.sbom)
+  spdx=$(built withMeta.spdx)
+  [[ "$cdx" == *-with-meta-sbom.cdx.json && "$spdx" == *-with-meta-sbom.spdx.json ]] || fail "names: $cdx $spdx"
+  summary "$img" withmeta
+  python3 - "$cdx" "$spdx" "$work/withmeta.json" <<'EOF2'
+import json, sys
+cdx, spdx, img = (json.load(open(f)) for f in sys.argv[1:4])
+assert cdx["bomFormat"] == "CycloneDX" and cdx["specVersion"] == "1.6", cdx["specVersion"]
+assert cdx["metadata"]["component"]["name"] == "with-meta", cdx["metadata"]["component"]
+comps = {c["name"]: c for c in cdx["components"]}
+assert {"busybox", "hello", "greeting"} <= set(comps), sorted(comps)
+props = lambda c: {p["name"]: p["value"] for p in c["properties"]}
+bb = comps["busybox"]
+assert bb["licenses"][0]["license"]["id"] == "GPL-2.0-only", bb.get("licenses")
+assert bb["description"].startswith("Tiny"), bb.get("description")
+p = props(bb)
+assert p["nix:narinfo:nar_hash"].startswith("sha256:"), p
+assert p["nix:store_path"].startswith("/nix/store/") and p["nix:store_path"].endswith("-busybox"), p
+# Each path's layer diff_id is one of the image's own.
+diff_ids = {l["diff_id"] for l in img["layers"]}
+for c in cdx["components"]:
+    d = props(c)["stevedore:layer:diff_id"]
+    assert d in diff_ids, (c["name"], d, diff_ids)
+# hello depends on greeting, greeting on busybox.
+deps = {d["ref"]: set(d.get("dependsOn", [])) for d in cdx["dependencies"]}
+assert comps["greeting"]["bom-ref"] in deps[comps["hello"]["bom-ref"]], deps
+assert comps["busybox"]["bom-ref"] in deps[comps["greeting"]["bom-ref"]], deps
+assert spdx["spdxVersion"] == "SPDX-2.3", spdx["spdxVersion"]
+names = {p["name"] for p in spdx["packages"]}
+assert {"busybox", "hello", "greeting"} <= names, names
+bb = [p for p in spdx["packages"] if p["name"] == "busybox"][0]
+assert bb["licenseDeclared"] == "GPL-2.0-only", bb
+assert bb["homepage"] == "https://busybox.net", bb
+EOF2
+  build withMeta.sbom --check >/dev/null || fail "sbom: $(tail -3 "$work/withMeta.sbom.log")"
+  build withMeta.spdx --check >/dev/null || fail "spdx: $(tail -3 "$work/withMeta.spdx.log")"
+}
+t sbom test_sbom
