@@ -204,7 +204,7 @@ rec {
           buildArgs = args;
           inherit layer;
           imageTag = tagOr final.tag final.finalPackage;
-          copyToRegistry = pushScript (need fail "runtimeShell" "copyToRegistry") baseName "${final.finalPackage}" "${final.imageName}:${imageTag}";
+          copyToRegistry = pushScript (need fail "runtimeShell" "copyToRegistry") baseName "${final.finalPackage}" "${final.imageName}:${imageTag}" null;
         };
       });
     in

@@ -347,17 +347,47 @@ rec {
 
   # `nix run .#image.copyToRegistry [-- docker://REGISTRY/REPO:TAG]`: pushes `source` (a conf
   # or an archive) straight to a registry, to `imageRef` unless told otherwise.
+  # `.override { sbom = true; }` ("cyclonedx", or "spdx") also attaches the image's SBOM (from
+  # `sboms`: { cyclonedx, spdx } derivations, or null where the function has none) as an OCI
+  # 1.1 artifact; `attach = [ documents ]` attaches others.
   pushScript =
-    shell: baseName: source: imageRef:
-    stevedoreDrv "push-script" (
-      local
-      // {
-        name = "copy-${baseName}-to-registry";
-        inherit shell imageRef;
-        stevedore = stevedoreBin;
-        conf = source;
-      }
-    );
+    shell: baseName: source: imageRef: sboms:
+    makeOverridable (
+      {
+        sbom ? false,
+        attach ? [ ],
+      }:
+      let
+        fail = failWith "copyToRegistry" baseName;
+        format =
+          if sbom == true then
+            "cyclonedx"
+          else if sbom == false || sbom == null then
+            null
+          else if isString sbom && elem sbom [ "cyclonedx" "spdx" ] then
+            sbom
+          else
+            fail "sbom must be true, false, \"cyclonedx\" or \"spdx\" (got ${toJSON sbom})";
+        document =
+          if format == null then
+            [ ]
+          else if sboms == null then
+            fail "this image has no SBOM to attach (sbom = ${toJSON sbom})"
+          else
+            [ "${sboms.${format}}" ];
+      in
+      assert isList attach || fail "attach must be a list of documents (got ${builtins.typeOf attach})";
+      stevedoreDrv "push-script" (
+        local
+        // {
+          name = "copy-${baseName}-to-registry";
+          inherit shell imageRef;
+          stevedore = stevedoreBin;
+          conf = source;
+          attach = document ++ map toString attach;
+        }
+      )
+    ) { };
 
   # `nix run .#image.copyToPodman` (copyToDockerDaemon, copyToContainerd): loads the image of
   # `conf` into that runtime, sending only the layers it lacks (`stevedore load`).

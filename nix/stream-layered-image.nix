@@ -223,7 +223,10 @@ rec {
 
       imageTag = tagOr tag conf;
 
-      copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}";
+      copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}" {
+        cyclonedx = sbom;
+        inherit spdx;
+      };
       copyToPodman = loadScript shell baseName "${conf}" "podman";
       copyToDockerDaemon = loadScript shell baseName "${conf}" "docker";
       copyToContainerd = loadScript shell baseName "${conf}" "containerd";

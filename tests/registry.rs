@@ -2094,3 +2094,99 @@ fn v2s2_manifests_for_docker_only_clients() {
         }
     }
 }
+
+/// push --sbom and --attach: the document goes up as an OCI 1.1 artifact whose subject is the
+/// image, listed (docker-registry 2.8 has no referrers API) in the index tagged
+/// `sha256-<hex>`; pushing again adds nothing twice, two pushes at once both end up listed,
+/// and what cannot be attached fails before anything is sent.
+#[test]
+fn push_attaches_documents_as_referrers() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture("compat", 8, 30, 0.0);
+    let mut conf = base_conf(&fx, vec![]);
+    conf.as_object_mut().unwrap().remove("store_layers");
+    conf["closure_graph"] = json!(fx.join("closure.json"));
+    conf["max_layers"] = json!(4);
+    let conf = write_json(dir.path(), "conf.json", &conf);
+    let doc = |format: &str| {
+        let file = dir.path().join(format!("sbom.{format}.json"));
+        ok(stevedore(&["sbom", conf.to_str().unwrap(), "--format", format, "-q", "-o", file.to_str().unwrap()], &[]), "sbom");
+        file
+    };
+    let (cdx, spdx) = (doc("cyclonedx"), doc("spdx"));
+    let referrers = |repo: &str, digest: &str| -> Vec<Value> {
+        let raw = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/{repo}:sha256-{}", reg.addr(), &digest[7..])]);
+        let index: Value = serde_json::from_slice(&raw).unwrap();
+        assert_eq!(index["mediaType"], "application/vnd.oci.image.index.v1+json");
+        index["manifests"].as_array().unwrap().clone()
+    };
+
+    let dest = format!("docker://{}/team/app:v1", reg.addr());
+    let (digest, stderr) = push(&conf, &dest, &["--sbom", "cyclonedx"]);
+    assert!(stderr.contains(&format!("listed under tag sha256-{}", &digest[7..])), "{stderr}");
+    let list = referrers("team/app", &digest);
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0]["artifactType"], "application/vnd.cyclonedx+json");
+    let artifact = skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/team/app@{}", reg.addr(), list[0]["digest"].as_str().unwrap())]);
+    assert_eq!(list[0]["size"], json!(artifact.len()));
+    let artifact: Value = serde_json::from_slice(&artifact).unwrap();
+    assert_eq!(artifact["subject"]["digest"], digest.as_str());
+    assert_eq!(artifact["config"]["mediaType"], "application/vnd.oci.empty.v1+json");
+    let layer = &artifact["layers"][0];
+    assert_eq!(layer["annotations"]["org.opencontainers.image.title"], "sbom.cdx.json");
+    // The attached document is the one `stevedore sbom` writes for the conf, byte for byte.
+    let blob = http_get(reg.port, &format!("/v2/team/app/blobs/{}", layer["digest"].as_str().unwrap()));
+    assert_eq!(sha256_hex(&blob), sha256_file(&cdx));
+
+    // Again with the same SBOM and an SPDX one from a file: one more entry, not two.
+    let (again, _) = push(&conf, &dest, &["--sbom", "cyclonedx", "--attach", spdx.to_str().unwrap()]);
+    assert_eq!(again, digest);
+    let types: Vec<Value> = referrers("team/app", &digest).iter().map(|m| m["artifactType"].clone()).collect();
+    assert_eq!(types, ["application/vnd.cyclonedx+json", "application/spdx+json"]);
+
+    // The real oras finds them (falling back, as the spec says, from the referrers API to the
+    // tag) and pulls the document back as the file it was pushed as.
+    if let Some(oras) = modern_tool("oras") {
+        let image = format!("{}/team/app@{digest}", reg.addr());
+        let out = Command::new(&oras).args(["discover", "--plain-http", "--format", "json", &image]).output().unwrap();
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "oras discover: {}", String::from_utf8_lossy(&out.stderr));
+        let found: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let mut types: Vec<&str> = found["manifests"].as_array().unwrap_or_else(|| panic!("{said}")).iter().map(|m| m["artifactType"].as_str().unwrap()).collect();
+        types.sort();
+        assert_eq!(types, ["application/spdx+json", "application/vnd.cyclonedx+json"], "{said}");
+        let pulled = dir.path().join("pulled");
+        let artifact = format!("{}/team/app@{}", reg.addr(), list[0]["digest"].as_str().unwrap());
+        let out = Command::new(&oras).args(["pull", "--plain-http", "-o", pulled.to_str().unwrap(), &artifact]).output().unwrap();
+        assert!(out.status.success(), "oras pull: {}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(sha256_file(&pulled.join("sbom.cdx.json")), sha256_file(&cdx));
+    }
+
+    // Two pushes at once, each attaching its own document: both are listed.
+    let dest = format!("docker://{}/team/race:v1", reg.addr());
+    let children: Vec<_> = [&cdx, &spdx]
+        .iter()
+        .map(|f| Command::new(bin()).args(["push", conf.to_str().unwrap(), &dest, "--insecure", "-q", "--attach", f.to_str().unwrap()]).env("HOME", dir.path()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap())
+        .collect();
+    let digests: Vec<String> = children.into_iter().map(|c| ok(c.wait_with_output().unwrap(), "concurrent push").0).collect();
+    assert_eq!(digests[0], digests[1]);
+    assert_eq!(referrers("team/race", &digests[0]).len(), 2);
+
+    // --sbom needs a conf; --attach a document. Both fail before connecting (port 1).
+    let archive = dir.path().join("image.tar");
+    fs::write(&archive, stream_ok(&conf)).unwrap();
+    let nowhere = "docker://127.0.0.1:1/x/y:z";
+    for (args, want) in [
+        (vec!["push", archive.to_str().unwrap(), nowhere, "--sbom", "cyclonedx"], "--sbom: "),
+        (vec!["push", conf.to_str().unwrap(), nowhere, "--attach", archive.to_str().unwrap()], "not a JSON document"),
+        (vec!["push", conf.to_str().unwrap(), nowhere, "--attach", conf.to_str().unwrap()], "neither a CycloneDX nor an SPDX document"),
+    ] {
+        let out = stevedore(&args, &[]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want) && err.trim().lines().count() == 1, "{args:?}: {err}");
+    }
+}

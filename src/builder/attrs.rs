@@ -325,6 +325,8 @@ action_attrs! {
         conf: String = "conf",
         /// `name:tag`, the default destination's repository and tag.
         image_ref: String = "imageRef",
+        /// Documents (passthru.sbom, passthru.spdx) to attach to the pushed image.
+        attach: Vec<String> = "attach",
     }
 }
 

@@ -192,10 +192,11 @@ pub(super) fn stream_script((out, a): (PathBuf, attrs::StreamScript)) -> Result<
 pub(super) fn push_script((out, a): (PathBuf, attrs::PushScript)) -> Result<()> {
     check_shell(&a.shell)?;
     crate::image::reference::check_repo_tag(&a.image_ref).map_err(|e| anyhow!("imageRef: {e}"))?;
+    let attach: String = a.attach.iter().map(|f| format!(" --attach {}", shell_quote(f))).collect();
     let script = format!(
         "#!{}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
          dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\
-         exec {} push {} \"$dest\" \"$@\"\n",
+         exec {} push {} \"$dest\"{attach} \"$@\"\n",
         a.shell,
         shell_quote(&a.image_ref),
         shell_quote(&a.stevedore),

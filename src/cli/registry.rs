@@ -1,10 +1,15 @@
 //! The registry commands: push, pull, prefetch, index, serve.
 
 use super::choice;
-use anyhow::Result;
+use anyhow::{anyhow, bail, Result};
 use std::path::PathBuf;
 use stevedore::compress::Compressor;
+use stevedore::registry::referrers::Attachment;
+use stevedore::registry::source::Source;
 use stevedore::registry::{self, Connect, ManifestFormat, Prefetch, Pull, PullFormat, Push, WantedPlatform};
+use stevedore::supply_chain::SbomFormat;
+use stevedore::util::limits::{read_limited, INPUT_LIMIT};
+use stevedore::util::progress::Progress;
 
 #[derive(clap::Args)]
 pub struct PushCmd {
@@ -17,6 +22,16 @@ pub struct PushCmd {
     pub dest: String,
     #[command(flatten)]
     pub push: PushOpts,
+    /// Attach an SBOM of the image (a conf's: as `stevedore sbom` makes it, path infos from
+    /// the conf's closure graph, else the Nix database) as an OCI 1.1 artifact whose subject
+    /// is the pushed manifest.
+    #[arg(long, value_parser = choice::<SbomFormat>(), value_name = "cyclonedx|spdx")]
+    pub sbom: Option<SbomFormat>,
+    /// Attach this document as an OCI 1.1 artifact whose subject is the pushed manifest: a
+    /// CycloneDX or SPDX JSON SBOM (passthru.sbom) or an in-toto statement, told by its
+    /// content (repeatable).
+    #[arg(long, value_name = "FILE")]
+    pub attach: Vec<PathBuf>,
     #[command(flatten)]
     pub connect: ConnectOpts,
 }
@@ -151,7 +166,23 @@ impl ConnectOpts {
 
 impl PushCmd {
     pub fn run(self) -> Result<()> {
-        println!("{}", registry::push(&self.source, &self.dest, &self.push.resolve()?, &self.connect.resolve())?);
+        let push = self.push.resolve()?;
+        let connect = self.connect.resolve();
+        // Every document is made or read before anything is sent.
+        let mut attachments = Vec::new();
+        if let Some(format) = self.sbom {
+            let conf = match Source::parse(&self.source)? {
+                Source::Conf(path) => path,
+                _ => bail!("--sbom: {} is not a conf; give the image's SBOM with --attach FILE (passthru.sbom)", self.source),
+            };
+            let doc = super::supply_chain::sbom_of_conf(&conf, None, None, Vec::new(), format, &Progress { quiet: connect.quiet })?;
+            attachments.push(Attachment::detect("--sbom", doc.into_bytes())?);
+        }
+        for file in &self.attach {
+            let bytes = read_limited(file, INPUT_LIMIT).map_err(|e| anyhow!("--attach {}: {e:#}", file.display()))?;
+            attachments.push(Attachment::detect(&file.display().to_string(), bytes)?);
+        }
+        println!("{}", registry::push(&self.source, &self.dest, &push, &attachments, &connect)?);
         Ok(())
     }
 }

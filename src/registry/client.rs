@@ -82,6 +82,24 @@ impl std::fmt::Display for Expired {
 }
 impl std::error::Error for Expired {}
 
+/// A manifest the registry does not have (404), named.
+#[derive(Debug)]
+pub struct NotFound(pub String);
+
+impl std::fmt::Display for NotFound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: not found", self.0)
+    }
+}
+impl std::error::Error for NotFound {}
+
+/// What a registry answered a manifest PUT with.
+#[derive(Debug, Default)]
+pub struct ManifestPut {
+    /// `OCI-Subject`: the registry has the referrers API and indexed the manifest's subject.
+    pub oci_subject: Option<String>,
+}
+
 /// Whether a failure is worth another try: connection trouble, a timeout, 5xx, 429, an expired
 /// token.
 pub fn retriable(e: &anyhow::Error) -> bool {
@@ -689,7 +707,7 @@ impl Registry {
             let what = format!("getting manifest {}/{repo}:{reference}", self.host);
             if resp.status == 404 {
                 resp.discard();
-                bail!("{what}: not found");
+                return Err(anyhow::Error::new(NotFound(what)));
             }
             return Err(self.fail(&what, resp));
         }
@@ -715,14 +733,24 @@ impl Registry {
     }
 
     /// PUT a manifest under `reference` (a digest or a tag).
-    pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Result<()> {
+    pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Result<ManifestPut> {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
         let resp = self.request("PUT", &url, &[("Content-Type", media_type)], body)?;
         if resp.status != 201 && resp.status != 200 {
             return Err(self.fail(&format!("putting manifest {}/{repo}:{reference}", self.host), resp));
         }
+        let put = ManifestPut { oci_subject: resp.header("oci-subject").map(|s| s.trim().to_string()) };
         resp.discard();
-        Ok(())
+        Ok(put)
+    }
+
+    /// GET a manifest that may not exist: None if the registry answers 404.
+    pub fn find_manifest(&self, repo: &str, reference: &str) -> Result<Option<(Vec<u8>, String, String)>> {
+        match self.get_manifest(repo, reference) {
+            Ok(m) => Ok(Some(m)),
+            Err(e) if e.downcast_ref::<NotFound>().is_some() => Ok(None),
+            Err(e) => Err(e),
+        }
     }
 
     /// GET a blob, following redirects (to a storage backend: without our Authorization). Not

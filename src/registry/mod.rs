@@ -6,12 +6,14 @@
 //! - `client`: one registry session: retries, tokens, the API calls.
 //! - `source`: what can be pushed (conf, OCI layout, oci-archive, Docker archive) as a plan.
 //! - `push`, `pull`: moving blobs and manifests.
+//! - `referrers`: artifacts about an image (SBOMs, attestations) attached with OCI 1.1 `subject`.
 
 pub mod auth;
 pub mod client;
 pub mod http;
 pub mod pull;
 pub mod push;
+pub mod referrers;
 pub mod source;
 
 use crate::compress::Compressor;
@@ -201,16 +203,23 @@ fn push_source<T>(reg: &Registry, repo: &str, tag: Option<&str>, source: &str, p
 }
 
 /// Pushes `source` (a conf, OCI layout, oci-archive or Docker archive) to `dest`
-/// (`docker://REGISTRY/REPO[:TAG]`); returns the manifest's digest.
-pub fn push(source: &str, dest: &str, push: &Push, connect: &Connect) -> Result<String> {
+/// (`docker://REGISTRY/REPO[:TAG]`), then attaches `attachments` to the image; returns the
+/// manifest's digest.
+pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Attachment], connect: &Connect) -> Result<String> {
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
     push.check()?;
     let reg = Registry::connect(&dest, connect, push_scopes(&dest, push))?;
     let tag = dest.tag.clone().unwrap_or_else(|| "latest".into());
-    let digest = push_source(&reg, &dest.repo, Some(&tag), source, push, &progress, |plan| Ok(plan.top().digest.clone()))?;
-    progress.say(format!("pushed {}:{tag}@{digest}", dest.name()));
-    Ok(digest)
+    let subject = push_source(&reg, &dest.repo, Some(&tag), source, push, &progress, |plan| {
+        let top = plan.top();
+        Ok(referrers::Subject { media_type: top.media_type.clone(), digest: top.digest.clone(), size: top.bytes.len() as u64 })
+    })?;
+    progress.say(format!("pushed {}:{tag}@{}", dest.name(), subject.digest));
+    for att in attachments {
+        referrers::attach(&reg, &dest.repo, &subject, att, &progress)?;
+    }
+    Ok(subject.digest)
 }
 
 fn output_name(reference: &Reference, given: &str) -> String {

@@ -255,3 +255,15 @@ pub fn old_style_copy(from: &Path, to: &Path) -> PathBuf {
     fs::write(&path, serde_json::to_vec(&index).unwrap()).unwrap();
     to.to_owned()
 }
+
+/// A tool that the Debian 13 stack (tests/modern) has and Debian 12 lacks (oras, cosign): its
+/// path if on PATH; None elsewhere, but a failure on the modern stack (STEVEDORE_STACK=debian13),
+/// where a missing tool means a broken root rather than an older machine.
+pub fn modern_tool(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|p| std::env::split_paths(&p).map(|d| d.join(name)).find(|f| f.is_file()));
+    if found.is_none() {
+        assert!(std::env::var("STEVEDORE_STACK").as_deref() != Ok("debian13"), "the Debian 13 root must have {name}");
+        eprintln!("{name} is not installed (Debian 13 has it): its checks are skipped here");
+    }
+    found
+}

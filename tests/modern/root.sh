@@ -12,6 +12,8 @@ suite=trixie
 packages=(
   # The stack under test.
   nix-bin podman runc conmon netavark catatonit skopeo umoci docker.io docker-cli containerd docker-registry
+  # Signatures and referrers, checked with the real clients.
+  cosign oras
   # What the tests and fixtures call.
   busybox-static fakeroot proot uidmap python3 time curl zstd ca-certificates openssl
   iproute2 procps util-linux mount

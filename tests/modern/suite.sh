@@ -15,6 +15,8 @@ shift 2
 repo=$(cd "$(dirname "$0")/../.." && pwd -P)
 parts=${STEVEDORE_MODERN_PARTS:-rust msrv nix docker}
 status=0
+# Tests that need tools only this stack has (oras, cosign) fail rather than skip without them.
+export STEVEDORE_STACK=debian13
 
 # Written to the overlay, so gone with it. No substituters: nothing can be fetched here.
 # sandbox-fallback = false: a sandbox that cannot be set up is an error, not an unsandboxed

@@ -77,6 +77,8 @@ let
       ];
     };
 
+    withMetaPush = cases.withMeta.copyToRegistry.override { sbom = true; };
+
     owners = dockerTools.buildLayeredImage {
       name = "owners";
       tag = "latest";

@@ -36,6 +36,27 @@ test_copy_to_registry() {
 }
 t copy-to-registry test_copy_to_registry
 
+# copy-to-registry-sbom: copyToRegistry.override { sbom = true; } pushes the image and attaches
+# passthru.sbom (the very file) as an artifact listed under the referrers tag; bad values fail
+test_copy_to_registry_sbom() {
+  local push sbom out index artifact layer
+  push=$(built withMetaPush)
+  sbom=$(built withMeta.sbom)
+  grep -qF -- "--attach '$sbom'" "$push" || fail "the script does not attach $sbom: $(cat "$push")"
+  start_registry
+  out=$("$push" "docker://127.0.0.1:$port/team/meta:1" --insecure -q)
+  index=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta:${out/:/-}")
+  artifact=$(python3 -c 'import json,sys; m=json.loads(sys.argv[1])["manifests"]; assert [x["artifactType"] for x in m] == ["application/vnd.cyclonedx+json"], m; print(m[0]["digest"])' "$index")
+  layer=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta@$artifact" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["subject"]["digest"] == sys.argv[1], d; print(d["layers"][0]["digest"])' "$out")
+  curl -sf "http://127.0.0.1:$port/v2/team/meta/blobs/$layer" -o "$work/pushed-sbom.json"
+  cmp -s "$work/pushed-sbom.json" "$sbom" || fail "the attached SBOM is not passthru.sbom"
+  ! nixeval '(c.withMeta.copyToRegistry.override { sbom = "yes"; }).drvPath' >/dev/null || fail "sbom = \"yes\" was accepted"
+  grep -q 'copyToRegistry: image "with-meta": sbom must be true, false, "cyclonedx" or "spdx"' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  ! nixeval '(c.redisLike.copyToRegistry.override { sbom = true; }).drvPath' >/dev/null || fail "buildImage's sbom was accepted"
+  grep -q 'has no SBOM to attach' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+}
+t copy-to-registry-sbom test_copy_to_registry_sbom
+
 # pull-image: pullImage builds what nixpkgs' own builder (skopeo into a docker-archive) writes, so
 # a hash of that archive holds given as `hash`, `sha256` or `outputHash`; prefetch prints it; a
 # fake hash fails naming it; conflicting hash arguments are refused in one line

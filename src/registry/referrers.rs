@@ -1,0 +1,174 @@
+//! Artifacts that refer to an image (an SBOM, an attestation): OCI 1.1 image manifests with an
+//! `artifactType` and a `subject`, found by clients through the registry's referrers API, or,
+//! where the registry has none (it answers the manifest PUT without `OCI-Subject`), through the
+//! referrers tag scheme: an index tagged `sha256-<hex of the subject>` listing them.
+
+use super::client::Registry;
+use crate::image::oci::INDEX_TYPE;
+use crate::util::progress::Progress;
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Map, Value};
+
+/// The media type of OCI manifests, artifacts' included.
+pub const MANIFEST_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
+
+/// The config of an artifact that has none: `{}`, as the image spec defines it.
+pub const EMPTY_TYPE: &str = "application/vnd.oci.empty.v1+json";
+pub const EMPTY_DIGEST: &str = "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+const EMPTY: &[u8] = b"{}";
+
+/// One document to attach: its `artifactType` (also its layer's media type), the file name
+/// clients such as `oras pull` give it, and its bytes.
+#[derive(Debug, Clone)]
+pub struct Attachment {
+    pub artifact_type: String,
+    pub file_name: String,
+    pub bytes: Vec<u8>,
+}
+
+impl Attachment {
+    /// An attachment of a document whose type its content tells: CycloneDX or SPDX JSON, or an
+    /// in-toto statement. `what` names it in errors.
+    pub fn detect(what: &str, bytes: Vec<u8>) -> Result<Attachment> {
+        let v: Value = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: not a JSON document ({e:#})"))?;
+        let field = |k: &str| v.get(k).and_then(Value::as_str);
+        let (artifact_type, file_name) = if field("bomFormat") == Some("CycloneDX") {
+            ("application/vnd.cyclonedx+json", "sbom.cdx.json")
+        } else if field("spdxVersion").is_some_and(|s| s.starts_with("SPDX-")) {
+            ("application/spdx+json", "sbom.spdx.json")
+        } else if field("_type").is_some_and(|s| s.starts_with("https://in-toto.io/Statement/")) {
+            ("application/vnd.in-toto+json", "statement.intoto.json")
+        } else {
+            bail!("{what}: neither a CycloneDX nor an SPDX document nor an in-toto statement (bomFormat, spdxVersion, _type)");
+        };
+        Ok(Attachment { artifact_type: artifact_type.into(), file_name: file_name.into(), bytes })
+    }
+}
+
+/// What an artifact refers to: a manifest's descriptor.
+#[derive(Debug, Clone)]
+pub struct Subject {
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+}
+
+/// The artifact manifest of `att` about `subject`, and its digest. The same document about
+/// the same image gives the same bytes: nothing in it depends on when or where it was made.
+pub fn artifact_manifest(att: &Attachment, subject: &Subject) -> (Vec<u8>, String) {
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": MANIFEST_TYPE,
+        "artifactType": att.artifact_type,
+        "config": {"mediaType": EMPTY_TYPE, "digest": EMPTY_DIGEST, "size": EMPTY.len()},
+        "layers": [{
+            "mediaType": att.artifact_type,
+            "digest": crate::util::sha256_digest(&att.bytes),
+            "size": att.bytes.len(),
+            "annotations": {"org.opencontainers.image.title": att.file_name},
+        }],
+        "subject": {"mediaType": subject.media_type, "digest": subject.digest, "size": subject.size},
+    });
+    let bytes = serde_json::to_vec(&manifest).expect("a JSON value serializes");
+    let digest = crate::util::sha256_digest(&bytes);
+    (bytes, digest)
+}
+
+/// The tag of the referrers index of `subject_digest` (`sha256:HEX` → `sha256-HEX`).
+pub fn referrers_tag(subject_digest: &str) -> String {
+    subject_digest.replacen(':', "-", 1)
+}
+
+/// Uploads `att` (its blob, the empty config, the artifact manifest) to `repo` and makes it
+/// findable from `subject`; returns the artifact manifest's digest.
+pub fn attach(reg: &Registry, repo: &str, subject: &Subject, att: &Attachment, progress: &Progress) -> Result<String> {
+    let (manifest, digest) = artifact_manifest(att, subject);
+    for (blob, data) in [(crate::util::sha256_digest(&att.bytes), att.bytes.as_slice()), (EMPTY_DIGEST.to_string(), EMPTY)] {
+        if reg.blob_exists(repo, &blob)?.is_none() {
+            reg.upload_bytes(repo, &blob, data)?;
+        }
+    }
+    let answered = reg.put_manifest(repo, &digest, MANIFEST_TYPE, &manifest)?;
+    if answered.oci_subject.as_deref() == Some(subject.digest.as_str()) {
+        progress.say(format!("{}: attached {digest} ({}; the registry lists referrers)", subject.digest, att.artifact_type));
+        return Ok(digest);
+    }
+    let entry = json!({"mediaType": MANIFEST_TYPE, "digest": digest, "size": manifest.len(), "artifactType": att.artifact_type});
+    add_to_referrers_tag(reg, repo, &subject.digest, entry)?;
+    progress.say(format!("{}: attached {digest} ({}; listed under tag {})", subject.digest, att.artifact_type, referrers_tag(&subject.digest)));
+    Ok(digest)
+}
+
+/// Adds `entry` to the index tagged for `subject_digest`, keeping what others listed there.
+/// Two pushes may update the tag at once, and a registry without the referrers API has no
+/// conditional PUT either: a writer that read the tag before another's PUT overwrites it a
+/// few milliseconds later. So each writer reads the tag back until it has found its entry
+/// there twice, 100 ms apart, adding it again whenever it is missing: the index that stays
+/// holds every writer's entry.
+fn add_to_referrers_tag(reg: &Registry, repo: &str, subject_digest: &str, entry: Value) -> Result<()> {
+    let tag = referrers_tag(subject_digest);
+    let digest = entry["digest"].as_str().unwrap_or_default().to_string();
+    let mut confirmed = 0;
+    for _ in 0..16 {
+        let mut manifests = current_referrers(reg, repo, &tag)?;
+        if manifests.iter().any(|m| m.get("digest").and_then(Value::as_str) == Some(&digest)) {
+            confirmed += 1;
+            if confirmed == 2 {
+                return Ok(());
+            }
+        } else {
+            confirmed = 0;
+            manifests.push(entry.clone());
+            let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests});
+            reg.put_manifest(repo, &tag, INDEX_TYPE, &serde_json::to_vec(&index)?)?;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    bail!("{}/{repo}:{tag}: the referrers index kept losing {digest} to other writers", reg.host)
+}
+
+/// The manifests the referrers index under `tag` lists (none if there is no such tag).
+fn current_referrers(reg: &Registry, repo: &str, tag: &str) -> Result<Vec<Value>> {
+    let Some((bytes, _, _)) = reg.find_manifest(repo, tag)? else { return Ok(Vec::new()) };
+    let what = format!("{}/{repo}:{tag}", reg.host);
+    let v: Map<String, Value> = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: the referrers index is not JSON: {e:#}"))?;
+    match v.get("manifests") {
+        Some(Value::Array(list)) if list.iter().all(Value::is_object) => Ok(list.clone()),
+        _ => bail!("{what} is not a referrers index (no list of manifests): delete the tag or let its owner fix it"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_config_digest_is_the_spec_one() {
+        assert_eq!(crate::util::sha256_digest(EMPTY), EMPTY_DIGEST);
+    }
+
+    #[test]
+    fn artifact_manifests_are_stable_and_name_their_subject() {
+        let att = Attachment::detect("t", br#"{"bomFormat":"CycloneDX","specVersion":"1.6"}"#.to_vec()).unwrap();
+        assert_eq!(att.artifact_type, "application/vnd.cyclonedx+json");
+        let subject = Subject { media_type: MANIFEST_TYPE.into(), digest: format!("sha256:{}", "a".repeat(64)), size: 123 };
+        let (a, da) = artifact_manifest(&att, &subject);
+        let (b, db) = artifact_manifest(&att, &subject);
+        assert_eq!((a.clone(), da.clone()), (b, db));
+        let v: Value = serde_json::from_slice(&a).unwrap();
+        assert_eq!(v["subject"]["digest"], subject.digest.as_str());
+        assert_eq!(v["config"]["digest"], EMPTY_DIGEST);
+        assert_eq!(v["layers"][0]["size"], att.bytes.len());
+        assert_eq!(referrers_tag(&subject.digest), format!("sha256-{}", "a".repeat(64)));
+    }
+
+    #[test]
+    fn documents_are_told_by_their_content() {
+        assert_eq!(Attachment::detect("t", br#"{"spdxVersion":"SPDX-2.3"}"#.to_vec()).unwrap().file_name, "sbom.spdx.json");
+        assert_eq!(Attachment::detect("t", br#"{"_type":"https://in-toto.io/Statement/v1"}"#.to_vec()).unwrap().artifact_type, "application/vnd.in-toto+json");
+        for bad in [&b"{}"[..], b"[1]", b"not json", b"{\"bomFormat\":7}"] {
+            let e = Attachment::detect("doc.json", bad.to_vec()).unwrap_err().to_string();
+            assert!(e.starts_with("doc.json: "), "{e}");
+        }
+    }
+}
