@@ -33,6 +33,8 @@ let
   # A uid or gid: a non-negative integer, or a string of digits (nixpkgs' Python runs int()).
   isId = v: (isInt v && v >= 0) || (isString v && builtins.match "[0-9]+" v != null);
 
+  hasPrefix = prefix: s: substring 0 (builtins.stringLength prefix) s == prefix;
+
   # check ARG OK MESSAGE: one argument check (see argumentChecks).
   check = arg: ok: message: { inherit arg ok message; };
 in
@@ -356,9 +358,25 @@ rec {
       {
         sbom ? false,
         attach ? [ ],
+        sign ? null,
       }:
       let
         fail = failWith "copyToRegistry" baseName;
+        # The key is named, never copied: a Nix path value or a string with store context
+        # would put it in the world-readable store.
+        key =
+          if sign == null then
+            null
+          else if builtins.isPath sign then
+            fail "sign must be a string (\"/path/to/cosign.key\" or \"env://VAR\"), not a Nix path: that would copy the key into the store"
+          else if !(isString sign) then
+            fail "sign must be a string (\"/path/to/cosign.key\" or \"env://VAR\"), got ${builtins.typeOf sign}"
+          else if builtins.hasContext sign || hasPrefix builtins.storeDir sign then
+            fail "sign must name a key outside the Nix store (everyone can read the store)"
+          else if !(hasPrefix "/" sign || hasPrefix "env://" sign) then
+            fail "sign must be an absolute path or env://VAR (got \"${sign}\")"
+          else
+            sign;
         format =
           if sbom == true then
             "cyclonedx"
@@ -385,6 +403,7 @@ rec {
           stevedore = stevedoreBin;
           conf = source;
           attach = document ++ map toString attach;
+          sign = key;
         }
       )
     ) { };

@@ -239,7 +239,7 @@ fn stevedore(args: &[&str], env: &[(&str, &Path)]) -> Output {
     let home = std::env::temp_dir().join("stevedore-registry-test-home");
     fs::create_dir_all(&home).unwrap();
     let mut c = Command::new(bin());
-    c.args(args).env("HOME", &home).env_remove("XDG_RUNTIME_DIR").env_remove("XDG_CONFIG_HOME").env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE");
+    c.args(args).env("HOME", &home).env_remove("XDG_RUNTIME_DIR").env_remove("XDG_CONFIG_HOME").env_remove("DOCKER_CONFIG").env_remove("REGISTRY_AUTH_FILE").env_remove("COSIGN_PASSWORD");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -832,6 +832,18 @@ fn credential_helpers() {
     // So is an `identitytoken` in an auths entry.
     let (out, stderr) = run(json!({"auths": {host.clone(): {"identitytoken": REFRESH}}}), &format!("docker://{host}/tokens:v2"), true);
     assert!(out.status.success(), "{stderr}");
+}
+
+/// PUTs a manifest to the registry on 127.0.0.1, as a tamperer with push rights could.
+fn http_put_manifest(port: u16, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+    s.write_all(body).unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let head = String::from_utf8_lossy(&all);
+    assert!(head.starts_with("HTTP/1.1 201"), "PUT {repo}:{tag}: {head}");
 }
 
 /// GET from the registry on 127.0.0.1 (a blob: distribution's filesystem driver serves it).
@@ -2188,5 +2200,116 @@ fn push_attaches_documents_as_referrers() {
         let out = stevedore(&args, &[]);
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains(want) && err.trim().lines().count() == 1, "{args:?}: {err}");
+    }
+}
+
+/// `push --sign` signs as `cosign sign --key` does: the `sha256-<hex>.sig` manifest's layer is
+/// a simple-signing payload naming the repository and the digest, its annotation an ECDSA
+/// P-256 signature OpenSSL and cosign accept; signing again adds nothing, another key adds its
+/// own signature beside the first, a tampered signature fails, and a key that cannot sign fails
+/// before anything is sent, without showing the key.
+#[test]
+fn push_signs_as_cosign_does() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = fixture_conf(dir.path(), "amd64");
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let (key, public) = (data.join("cosign.key"), data.join("cosign.pub"));
+    let pass = Path::new("test-pass");
+    let dest = format!("docker://{}/team/app:v1", reg.addr());
+    let signed = |key: &str, env: &[(&str, &Path)]| {
+        let mut env = env.to_vec();
+        env.push(("COSIGN_PASSWORD", pass));
+        ok(stevedore(&["push", conf.to_str().unwrap(), &dest, "--insecure", "--sign", key], &env), "push --sign")
+    };
+    let (digest, stderr) = signed(key.to_str().unwrap(), &[]);
+    let sig_tag = format!("sha256-{}.sig", &digest[7..]);
+    assert!(stderr.contains(&format!("signed (tag {sig_tag})")), "{stderr}");
+    let sig_manifest = || skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/team/app:{sig_tag}", reg.addr())]);
+    let first = sig_manifest();
+    let manifest: Value = serde_json::from_slice(&first).unwrap();
+    let layers = manifest["layers"].as_array().unwrap().clone();
+    assert_eq!(layers.len(), 1, "{manifest}");
+    assert_eq!(layers[0]["mediaType"], "application/vnd.dev.cosign.simplesigning.v1+json");
+    let payload = http_get(reg.port, &format!("/v2/team/app/blobs/{}", layers[0]["digest"].as_str().unwrap()));
+    let claim: Value = serde_json::from_slice(&payload).unwrap();
+    assert_eq!(claim["critical"]["image"]["docker-manifest-digest"], digest.as_str());
+    assert_eq!(claim["critical"]["identity"]["docker-reference"], format!("{}/team/app", reg.addr()));
+    assert_eq!(claim["critical"]["type"], "cosign container image signature");
+    // OpenSSL, which shares no code with us, checks the signature.
+    let openssl_verifies = |public: &Path, layer: &Value| {
+        let sig = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        sig.stdin.as_ref().unwrap().write_all(layer["annotations"]["dev.cosignproject.cosign/signature"].as_str().unwrap().as_bytes()).unwrap();
+        let der = sig.wait_with_output().unwrap().stdout;
+        let (sig_file, payload_file) = (dir.path().join("sig.der"), dir.path().join("payload"));
+        fs::write(&sig_file, der).unwrap();
+        fs::write(&payload_file, &payload).unwrap();
+        let out = Command::new("openssl").args(["dgst", "-sha256", "-verify"]).arg(public).arg("-signature").arg(&sig_file).arg(&payload_file).output().unwrap();
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("Verified OK")
+    };
+    assert!(openssl_verifies(&public, &layers[0]));
+
+    // Signing again (the signature is deterministic) leaves the manifest as it was.
+    signed(key.to_str().unwrap(), &[]);
+    assert_eq!(sig_manifest(), first);
+
+    // A second, unencrypted key from the environment adds its signature beside the first.
+    let openssl = |args: &[&str]| {
+        let out = Command::new("openssl").args(args).current_dir(dir.path()).output().unwrap();
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    openssl(&["genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256", "-out", "second.pem"]);
+    openssl(&["pkey", "-in", "second.pem", "-pubout", "-out", "second.pub"]);
+    openssl(&["ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", "sec1.pem"]);
+    openssl(&["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", "rsa.pem"]);
+    let second = fs::read_to_string(dir.path().join("second.pem")).unwrap();
+    signed("env://SECOND_KEY", &[("SECOND_KEY", Path::new(&second))]);
+    let manifest: Value = serde_json::from_slice(&sig_manifest()).unwrap();
+    let layers = manifest["layers"].as_array().unwrap().clone();
+    assert_eq!(layers.len(), 2, "{manifest}");
+    assert!(openssl_verifies(&public, &layers[0]) && openssl_verifies(&dir.path().join("second.pub"), &layers[1]));
+    assert!(!openssl_verifies(&public, &layers[1]));
+    // So does a SEC1 key.
+    signed(dir.path().join("sec1.pem").to_str().unwrap(), &[]);
+
+    // The real cosign, offline, accepts both keys; after the first key's signature is swapped
+    // for the second key's, it refuses the first.
+    let image = format!("{}/team/app@{digest}", reg.addr());
+    if let Some(cosign) = modern_tool("cosign") {
+        let verify = |public: &Path| {
+            let out = Command::new(&cosign).args(["verify", "--key"]).arg(public).args(["--insecure-ignore-tlog", "--allow-http-registry", "--allow-insecure-registry", &image]).env("HOME", dir.path()).output().unwrap();
+            (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+        };
+        let (good, said) = verify(&public);
+        assert!(good, "cosign verify: {said}");
+        assert!(verify(&dir.path().join("second.pub")).0);
+        let mut tampered = manifest.clone();
+        tampered["layers"] = json!([layers[0].clone()]);
+        tampered["layers"][0]["annotations"]["dev.cosignproject.cosign/signature"] = layers[1]["annotations"]["dev.cosignproject.cosign/signature"].clone();
+        http_put_manifest(reg.port, "team/app", &sig_tag, "application/vnd.oci.image.manifest.v1+json", &serde_json::to_vec(&tampered).unwrap());
+        let (good, said) = verify(&public);
+        assert!(!good, "cosign accepted a tampered signature: {said}");
+    }
+
+    // Keys that cannot sign fail before connecting (port 1), in one line that shows no key.
+    let nowhere = "docker://127.0.0.1:1/x/y:z";
+    let rsa = dir.path().join("rsa.pem");
+    let missing = dir.path().join("missing.key");
+    for (key_arg, env, want) in [
+        (key.to_str().unwrap(), vec![("COSIGN_PASSWORD", Path::new("wrong"))], "wrong passphrase"),
+        (key.to_str().unwrap(), vec![], "set COSIGN_PASSWORD"),
+        (public.to_str().unwrap(), vec![], "a PUBLIC KEY block, not a private key"),
+        (rsa.to_str().unwrap(), vec![], "not an ECDSA P-256 key"),
+        (missing.to_str().unwrap(), vec![], "missing.key"),
+        ("env://STEVEDORE_NO_SUCH_KEY", vec![], "unset"),
+        (conf.to_str().unwrap(), vec![], "not a PEM file"),
+    ] {
+        let out = stevedore(&["push", conf.to_str().unwrap(), nowhere, "--sign", key_arg], &env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains(want) && err.trim().lines().count() == 1, "{key_arg}: {err}");
+        assert!(!err.contains("KEY-----") && !err.contains("eyJrZGYi") && !err.contains("test-pass"), "{err}");
     }
 }

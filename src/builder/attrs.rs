@@ -327,6 +327,8 @@ action_attrs! {
         image_ref: String = "imageRef",
         /// Documents (passthru.sbom, passthru.spdx) to attach to the pushed image.
         attach: Vec<String> = "attach",
+        /// The key to sign with (`--sign`): a path outside the store, or `env://VAR`.
+        sign: Option<String> = "sign",
     }
 }
 

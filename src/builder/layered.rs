@@ -192,7 +192,14 @@ pub(super) fn stream_script((out, a): (PathBuf, attrs::StreamScript)) -> Result<
 pub(super) fn push_script((out, a): (PathBuf, attrs::PushScript)) -> Result<()> {
     check_shell(&a.shell)?;
     crate::image::reference::check_repo_tag(&a.image_ref).map_err(|e| anyhow!("imageRef: {e}"))?;
-    let attach: String = a.attach.iter().map(|f| format!(" --attach {}", shell_quote(f))).collect();
+    let mut attach: String = a.attach.iter().map(|f| format!(" --attach {}", shell_quote(f))).collect();
+    if let Some(key) = &a.sign {
+        // The key's name only: it is read when the script runs, never in the build.
+        if !key.starts_with("env://") && !key.starts_with('/') {
+            bail!("sign: {key:?} is neither an absolute path nor env://VAR");
+        }
+        attach.push_str(&format!(" --sign {}", shell_quote(key)));
+    }
     let script = format!(
         "#!{}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
          dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\

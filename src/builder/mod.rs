@@ -31,7 +31,7 @@
 //! - `archive`: `conf`, `compressor` (`none`, `gz`, `zstd`), `format` (`docker-archive`,
 //!   `oci`, `oci-archive`) → `$out`, the image.
 //! - `push-script`: `shell`, `stevedore`, `conf` (a conf or an archive), `imageRef`, `attach`
-//!   (documents to attach: passthru.sbom) → `$out`,
+//!   (documents to attach: passthru.sbom), `sign` (a key's path or `env://VAR`) → `$out`,
 //!   an executable that pushes the image.
 //! - `load-script`: `shell`, `stevedore`, `conf`, `runtime` (`podman`, `docker`, `containerd`)
 //!   → `$out`, an executable that loads the image into that runtime (`stevedore load`).

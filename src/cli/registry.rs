@@ -2,11 +2,12 @@
 
 use super::choice;
 use anyhow::{anyhow, bail, Result};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use stevedore::compress::Compressor;
 use stevedore::registry::referrers::Attachment;
 use stevedore::registry::source::Source;
 use stevedore::registry::{self, Connect, ManifestFormat, Prefetch, Pull, PullFormat, Push, WantedPlatform};
+use stevedore::supply_chain::sign::Key;
 use stevedore::supply_chain::SbomFormat;
 use stevedore::util::limits::{read_limited, INPUT_LIMIT};
 use stevedore::util::progress::Progress;
@@ -32,6 +33,11 @@ pub struct PushCmd {
     /// content (repeatable).
     #[arg(long, value_name = "FILE")]
     pub attach: Vec<PathBuf>,
+    /// Sign the pushed manifest as `cosign sign --key` does (a `sha256-HEX.sig` tag, which
+    /// `cosign verify --key` checks): KEY is a private key file or `env://VAR` (cosign's
+    /// encrypted key, opened with $COSIGN_PASSWORD, or an unencrypted P-256 PEM key).
+    #[arg(long, value_name = "KEY")]
+    pub sign: Option<String>,
     #[command(flatten)]
     pub connect: ConnectOpts,
 }
@@ -182,9 +188,27 @@ impl PushCmd {
             let bytes = read_limited(file, INPUT_LIMIT).map_err(|e| anyhow!("--attach {}: {e:#}", file.display()))?;
             attachments.push(Attachment::detect(&file.display().to_string(), bytes)?);
         }
-        println!("{}", registry::push(&self.source, &self.dest, &push, &attachments, &connect)?);
+        let key = self.sign.as_deref().map(signing_key).transpose()?;
+        println!("{}", registry::push(&self.source, &self.dest, &push, &attachments, key.as_ref(), &connect)?);
         Ok(())
     }
+}
+
+/// The key `--sign` names, opened before anything is sent. Neither the key nor the passphrase
+/// appears in an error.
+fn signing_key(spec: &str) -> Result<Key> {
+    let text = match spec.strip_prefix("env://") {
+        Some(var) => std::env::var(var).map_err(|_| anyhow!("--sign env://{var}: the variable is unset or not UTF-8"))?,
+        None => {
+            let bytes = read_limited(Path::new(spec), 1 << 20).map_err(|e| anyhow!("--sign {spec}: {e:#}"))?;
+            String::from_utf8(bytes).map_err(|_| anyhow!("--sign {spec}: not a PEM file (not UTF-8)"))?
+        }
+    };
+    let passphrase = std::env::var_os("COSIGN_PASSWORD").map(|p| p.into_encoded_bytes());
+    Key::from_pem(&text, passphrase.as_deref()).map_err(|e| match passphrase {
+        None if text.contains("ENCRYPTED") => anyhow!("--sign {spec}: {e:#} (the key is encrypted: set COSIGN_PASSWORD)"),
+        _ => anyhow!("--sign {spec}: {e:#}"),
+    })
 }
 
 impl PullCmd {

@@ -203,9 +203,9 @@ fn push_source<T>(reg: &Registry, repo: &str, tag: Option<&str>, source: &str, p
 }
 
 /// Pushes `source` (a conf, OCI layout, oci-archive or Docker archive) to `dest`
-/// (`docker://REGISTRY/REPO[:TAG]`), then attaches `attachments` to the image; returns the
-/// manifest's digest.
-pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Attachment], connect: &Connect) -> Result<String> {
+/// (`docker://REGISTRY/REPO[:TAG]`), then signs it with `sign` (as cosign does) and attaches
+/// `attachments` to it; returns the manifest's digest.
+pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Attachment], sign: Option<&crate::supply_chain::sign::Key>, connect: &Connect) -> Result<String> {
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
     push.check()?;
@@ -216,10 +216,19 @@ pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Att
         Ok(referrers::Subject { media_type: top.media_type.clone(), digest: top.digest.clone(), size: top.bytes.len() as u64 })
     })?;
     progress.say(format!("pushed {}:{tag}@{}", dest.name(), subject.digest));
+    if let Some(key) = sign {
+        referrers::sign(&reg, &dest.repo, &subject, &docker_reference(&dest), key, &progress)?;
+    }
     for att in attachments {
         referrers::attach(&reg, &dest.repo, &subject, att, &progress)?;
     }
     Ok(subject.digest)
+}
+
+/// The repository as cosign names it in what it signs (Docker Hub as `index.docker.io`).
+fn docker_reference(dest: &Reference) -> String {
+    let host = if dest.registry == "docker.io" { "index.docker.io" } else { dest.registry.as_str() };
+    format!("{host}/{}", dest.repo)
 }
 
 fn output_name(reference: &Reference, given: &str) -> String {

@@ -1,7 +1,8 @@
-//! Artifacts that refer to an image (an SBOM, an attestation): OCI 1.1 image manifests with an
-//! `artifactType` and a `subject`, found by clients through the registry's referrers API, or,
+//! What refers to an image: artifacts (an SBOM, an attestation) as OCI 1.1 image manifests with
+//! an `artifactType` and a `subject`, found by clients through the registry's referrers API, or,
 //! where the registry has none (it answers the manifest PUT without `OCI-Subject`), through the
-//! referrers tag scheme: an index tagged `sha256-<hex of the subject>` listing them.
+//! referrers tag scheme: an index tagged `sha256-<hex of the subject>` listing them; and cosign's
+//! signatures, a manifest tagged `sha256-<hex>.sig` with one layer a signature.
 
 use super::client::Registry;
 use crate::image::oci::INDEX_TYPE;
@@ -99,43 +100,88 @@ pub fn attach(reg: &Registry, repo: &str, subject: &Subject, att: &Attachment, p
     Ok(digest)
 }
 
-/// Adds `entry` to the index tagged for `subject_digest`, keeping what others listed there.
-/// Two pushes may update the tag at once, and a registry without the referrers API has no
-/// conditional PUT either: a writer that read the tag before another's PUT overwrites it a
-/// few milliseconds later. So each writer reads the tag back until it has found its entry
-/// there twice, 100 ms apart, adding it again whenever it is missing: the index that stays
-/// holds every writer's entry.
-fn add_to_referrers_tag(reg: &Registry, repo: &str, subject_digest: &str, entry: Value) -> Result<()> {
-    let tag = referrers_tag(subject_digest);
+/// Adds `entry` to the list `field` ("manifests", "layers") of the manifest tagged `tag`,
+/// keeping what others listed there; `make` writes the manifest for a list and returns its
+/// media type and bytes (uploading any blob it needs). Two pushes may update the tag at once,
+/// and a registry without the referrers API has no conditional PUT either: a writer that read
+/// the tag before another's PUT overwrites it a few milliseconds later. So each writer reads
+/// the tag back until it has found its entry there twice, 100 ms apart, adding it again
+/// whenever it is missing: the manifest that stays holds every writer's entry.
+fn add_to_tagged_list(reg: &Registry, repo: &str, tag: &str, field: &str, entry: Value, make: impl Fn(&[Value]) -> Result<(&'static str, Vec<u8>)>) -> Result<()> {
     let digest = entry["digest"].as_str().unwrap_or_default().to_string();
+    let same = |m: &Value| m.get("digest") == entry.get("digest") && m.get("annotations") == entry.get("annotations");
     let mut confirmed = 0;
     for _ in 0..16 {
-        let mut manifests = current_referrers(reg, repo, &tag)?;
-        if manifests.iter().any(|m| m.get("digest").and_then(Value::as_str) == Some(&digest)) {
+        let mut list = tagged_list(reg, repo, tag, field)?;
+        if list.iter().any(same) {
             confirmed += 1;
             if confirmed == 2 {
                 return Ok(());
             }
         } else {
             confirmed = 0;
-            manifests.push(entry.clone());
-            let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": manifests});
-            reg.put_manifest(repo, &tag, INDEX_TYPE, &serde_json::to_vec(&index)?)?;
+            list.push(entry.clone());
+            let (media_type, bytes) = make(&list)?;
+            reg.put_manifest(repo, tag, media_type, &bytes)?;
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    bail!("{}/{repo}:{tag}: the referrers index kept losing {digest} to other writers", reg.host)
+    bail!("{}/{repo}:{tag}: the tag kept losing {digest} to other writers", reg.host)
 }
 
-/// The manifests the referrers index under `tag` lists (none if there is no such tag).
-fn current_referrers(reg: &Registry, repo: &str, tag: &str) -> Result<Vec<Value>> {
+fn add_to_referrers_tag(reg: &Registry, repo: &str, subject_digest: &str, entry: Value) -> Result<()> {
+    add_to_tagged_list(reg, repo, &referrers_tag(subject_digest), "manifests", entry, |list| {
+        let index = json!({"schemaVersion": 2, "mediaType": INDEX_TYPE, "manifests": list});
+        Ok((INDEX_TYPE, serde_json::to_vec(&index)?))
+    })
+}
+
+/// The entries of list `field` of the manifest tagged `tag` (none if there is no such tag).
+fn tagged_list(reg: &Registry, repo: &str, tag: &str, field: &str) -> Result<Vec<Value>> {
     let Some((bytes, _, _)) = reg.find_manifest(repo, tag)? else { return Ok(Vec::new()) };
     let what = format!("{}/{repo}:{tag}", reg.host);
-    let v: Map<String, Value> = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what}: the referrers index is not JSON: {e:#}"))?;
-    match v.get("manifests") {
-        Some(Value::Array(list)) if list.iter().all(Value::is_object) => Ok(list.clone()),
-        _ => bail!("{what} is not a referrers index (no list of manifests): delete the tag or let its owner fix it"),
+    let v: Map<String, Value> = crate::util::limits::parse_json(&bytes, crate::util::limits::METADATA_VALUES).map_err(|e| anyhow!("{what} is not JSON: {e:#}"))?;
+    match v.get(field) {
+        Some(Value::Array(list)) if list.iter().all(|m| m.get("digest").and_then(Value::as_str).is_some()) => Ok(list.clone()),
+        _ => bail!("{what} has no list of {field} with digests: delete the tag or let its owner fix it"),
     }
+}
+
+/// The tag cosign keeps the signatures of `subject_digest` under (`sha256-HEX.sig`).
+pub fn signature_tag(subject_digest: &str) -> String {
+    format!("{}.sig", referrers_tag(subject_digest))
+}
+
+/// Signs the image `subject` in `repo` as cosign does: the simple-signing payload naming
+/// `docker_reference` and the digest, its signature in the layer's annotation, added to the
+/// manifest tagged `sha256-HEX.sig` beside any other signatures there.
+pub fn sign(reg: &Registry, repo: &str, subject: &Subject, docker_reference: &str, key: &crate::supply_chain::sign::Key, progress: &Progress) -> Result<()> {
+    use crate::supply_chain::sign::{base64, signature_config, simple_signing_payload, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_TYPE};
+    let payload = simple_signing_payload(docker_reference, &subject.digest);
+    let payload_digest = crate::util::sha256_digest(&payload);
+    let signature = base64(&key.sign(&payload));
+    if reg.blob_exists(repo, &payload_digest)?.is_none() {
+        reg.upload_bytes(repo, &payload_digest, &payload)?;
+    }
+    let entry = json!({"mediaType": SIMPLE_SIGNING_TYPE, "size": payload.len(), "digest": payload_digest, "annotations": {SIGNATURE_ANNOTATION: signature}});
+    let tag = signature_tag(&subject.digest);
+    add_to_tagged_list(reg, repo, &tag, "layers", entry, |layers| {
+        let digests: Vec<String> = layers.iter().filter_map(|l| l.get("digest").and_then(Value::as_str).map(str::to_owned)).collect();
+        let config = signature_config(&digests);
+        let config_digest = crate::util::sha256_digest(&config);
+        if reg.blob_exists(repo, &config_digest)?.is_none() {
+            reg.upload_bytes(repo, &config_digest, &config)?;
+        }
+        let manifest = json!({
+            "schemaVersion": 2,
+            "mediaType": MANIFEST_TYPE,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "size": config.len(), "digest": config_digest},
+            "layers": layers,
+        });
+        Ok((MANIFEST_TYPE, serde_json::to_vec(&manifest)?))
+    })?;
+    progress.say(format!("{}: signed (tag {tag})", subject.digest));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -2,12 +2,14 @@
 //! stevedore built it from.
 //!
 //! - `sbom`: CycloneDX and SPDX documents, one component per store path.
+//! - `sign`: cosign-compatible keys, payloads and ECDSA P-256 signatures.
 //!
 //! [`describe`] gathers a document's facts from a conf: the layers (diff_ids from the digest
 //! cache, or hashed), and each store path's narHash, size and references from a closure graph
 //! or the Nix database.
 
 pub mod sbom;
+pub mod sign;
 
 use crate::image::conf::{civil_from_unix, StreamConf};
 use crate::image::digests::DigestCache;

@@ -77,7 +77,10 @@ let
       ];
     };
 
-    withMetaPush = cases.withMeta.copyToRegistry.override { sbom = true; };
+    withMetaPush = cases.withMeta.copyToRegistry.override {
+      sbom = true;
+      sign = "env://STEVEDORE_TEST_KEY";
+    };
 
     owners = dockerTools.buildLayeredImage {
       name = "owners";

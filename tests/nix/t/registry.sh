@@ -44,7 +44,10 @@ test_copy_to_registry_sbom() {
   sbom=$(built withMeta.sbom)
   grep -qF -- "--attach '$sbom'" "$push" || fail "the script does not attach $sbom: $(cat "$push")"
   start_registry
-  out=$("$push" "docker://127.0.0.1:$port/team/meta:1" --insecure -q)
+  grep -qF -- "--sign 'env://STEVEDORE_TEST_KEY'" "$push" || fail "the script does not sign: $(cat "$push")"
+  out=$(STEVEDORE_TEST_KEY=$(cat "$repo/tests/data/cosign.key") COSIGN_PASSWORD=test-pass "$push" "docker://127.0.0.1:$port/team/meta:1" --insecure -q)
+  # Signed as cosign does (tests/registry.rs checks the signature itself, and with cosign).
+  skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta:${out/:/-}.sig" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert [l["mediaType"] for l in d["layers"]] == ["application/vnd.dev.cosign.simplesigning.v1+json"], d' || fail "no signature"
   index=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta:${out/:/-}")
   artifact=$(python3 -c 'import json,sys; m=json.loads(sys.argv[1])["manifests"]; assert [x["artifactType"] for x in m] == ["application/vnd.cyclonedx+json"], m; print(m[0]["digest"])' "$index")
   layer=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta@$artifact" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["subject"]["digest"] == sys.argv[1], d; print(d["layers"][0]["digest"])' "$out")
@@ -54,6 +57,13 @@ test_copy_to_registry_sbom() {
   grep -q 'copyToRegistry: image "with-meta": sbom must be true, false, "cyclonedx" or "spdx"' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
   ! nixeval '(c.redisLike.copyToRegistry.override { sbom = true; }).drvPath' >/dev/null || fail "buildImage's sbom was accepted"
   grep -q 'has no SBOM to attach' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  # The key is named, never copied into the store.
+  ! nixeval "(c.withMeta.copyToRegistry.override { sign = $repo/tests/data/cosign.key; }).drvPath" >/dev/null || fail "a Nix path as the key was accepted"
+  grep -q 'sign must be a string .*not a Nix path' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  ! nixeval '(c.withMeta.copyToRegistry.override { sign = "${builtins.toFile "key" "x"}"; }).drvPath' >/dev/null || fail "a key in the store was accepted"
+  grep -q 'sign must name a key outside the Nix store' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  ! nixeval '(c.withMeta.copyToRegistry.override { sign = "cosign.key"; }).drvPath' >/dev/null || fail "a relative key path was accepted"
+  grep -q 'sign must be an absolute path or env://VAR' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
 }
 t copy-to-registry-sbom test_copy_to_registry_sbom
 
