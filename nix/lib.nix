@@ -350,8 +350,9 @@ rec {
   # `nix run .#image.copyToRegistry [-- docker://REGISTRY/REPO:TAG]`: pushes `source` (a conf
   # or an archive) straight to a registry, to `imageRef` unless told otherwise.
   # `.override { sbom = true; }` ("cyclonedx", or "spdx") also attaches the image's SBOM (from
-  # `sboms`: { cyclonedx, spdx } derivations, or null where the function has none) as an OCI
-  # 1.1 artifact; `attach = [ documents ]` attaches others.
+  # `sboms`: { cyclonedx, spdx, provenance } derivations, or null where the function has none)
+  # as an OCI 1.1 artifact; `attach = [ documents ]` attaches others; `sign = KEY` signs the
+  # image and `provenance = true` attests its provenance with that key.
   pushScript =
     shell: baseName: source: imageRef: sboms:
     makeOverridable (
@@ -359,6 +360,7 @@ rec {
         sbom ? false,
         attach ? [ ],
         sign ? null,
+        provenance ? false,
       }:
       let
         fail = failWith "copyToRegistry" baseName;
@@ -393,6 +395,17 @@ rec {
             fail "this image has no SBOM to attach (sbom = ${toJSON sbom})"
           else
             [ "${sboms.${format}}" ];
+        predicate =
+          if provenance == false || provenance == null then
+            null
+          else if provenance != true then
+            fail "provenance must be true or false (got ${toJSON provenance})"
+          else if key == null then
+            fail "provenance = true needs sign: the attestation is signed with that key"
+          else if sboms == null || !(sboms ? provenance) then
+            fail "this image has no provenance to attest"
+          else
+            "${sboms.provenance}";
       in
       assert isList attach || fail "attach must be a list of documents (got ${builtins.typeOf attach})";
       stevedoreDrv "push-script" (
@@ -404,6 +417,7 @@ rec {
           conf = source;
           attach = document ++ map toString attach;
           sign = key;
+          provenance = predicate;
         }
       )
     ) { };
@@ -468,6 +482,22 @@ rec {
         exportReferencesGraph.closure = [ conf ];
         packages = map packageMeta packages;
         sbomFormat = format;
+      }
+    );
+
+  # passthru.provenance: the SLSA provenance v1 predicate of the image `conf` (a derivation)
+  # describes, naming that derivation (by path only: the predicate does not depend on it) and
+  # every store path in the image with its NAR hash, made in the sandbox from the closure graph.
+  provenanceOf =
+    baseName: conf:
+    stevedoreDrv "sbom" (
+      local
+      // {
+        name = "${baseName}-provenance.json";
+        conf = "${conf}";
+        exportReferencesGraph.closure = [ conf ];
+        sbomFormat = "slsa-provenance";
+        derivation = builtins.unsafeDiscardStringContext conf.drvPath;
       }
     );
 

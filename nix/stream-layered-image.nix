@@ -33,6 +33,7 @@ let
     mkResult
     need
     outputName
+    provenanceOf
     pushScript
     sbomOf
     setFunctionArgs
@@ -46,7 +47,8 @@ rec {
   # nixpkgs' streamLayeredImage: a derivation that is an executable writing a Docker archive
   # (`./result | docker load`; `./result --help` lists `stevedore stream`'s options). Its
   # passthru: imageTag, conf (what the executable reads), copyToRegistry, copyToPodman,
-  # copyToDockerDaemon, copyToContainerd, sbom (CycloneDX 1.6), spdx (SPDX 2.3), isExe = true.
+  # copyToDockerDaemon, copyToContainerd, sbom (CycloneDX 1.6), spdx (SPDX 2.3), provenance
+  # (SLSA provenance v1), isExe = true.
   streamLayeredImage = makeOverridable (
     {
       # The image's name (a repository: "registry.example/team/app"); lowercased in the image.
@@ -225,13 +227,14 @@ rec {
 
       copyToRegistry = pushScript shell baseName "${conf}" "${toLower name}:${imageTag}" {
         cyclonedx = sbom;
-        inherit spdx;
+        inherit spdx provenance;
       };
       copyToPodman = loadScript shell baseName "${conf}" "podman";
       copyToDockerDaemon = loadScript shell baseName "${conf}" "docker";
       copyToContainerd = loadScript shell baseName "${conf}" "containerd";
       sbom = sbomOf baseName "${conf}" contentsList "cyclonedx";
       spdx = sbomOf baseName "${conf}" contentsList "spdx";
+      provenance = provenanceOf baseName conf;
     in
     assert checked;
     mkResult
@@ -258,6 +261,7 @@ rec {
               copyToContainerd
               sbom
               spdx
+              provenance
               ;
             # Lets functions that take images tell executables from archives.
             isExe = true;

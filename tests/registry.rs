@@ -846,6 +846,28 @@ fn http_put_manifest(port: u16, repo: &str, tag: &str, media_type: &str, body: &
     assert!(head.starts_with("HTTP/1.1 201"), "PUT {repo}:{tag}: {head}");
 }
 
+/// Uploads a blob (POST a session, PUT the bytes), as a tamperer with push rights could.
+fn http_post_blob(port: u16, repo: &str, body: &[u8]) -> String {
+    let digest = format!("sha256:{}", sha256_hex(body));
+    let request = |head: String, body: &[u8]| {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(s, "{head}Host: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+        s.write_all(body).unwrap();
+        let mut all = Vec::new();
+        s.read_to_end(&mut all).unwrap();
+        String::from_utf8_lossy(&all).into_owned()
+    };
+    let started = request(format!("POST /v2/{repo}/blobs/uploads/ HTTP/1.1\r\n"), b"");
+    assert!(started.starts_with("HTTP/1.1 202"), "POST upload to {repo}: {started}");
+    let location = started.lines().find_map(|l| l.strip_prefix("Location: ")).unwrap().trim();
+    let path = location.find("/v2/").map(|i| &location[i..]).unwrap();
+    let sep = if path.contains('?') { '&' } else { '?' };
+    let done = request(format!("PUT {path}{sep}digest={digest} HTTP/1.1\r\n"), body);
+    assert!(done.starts_with("HTTP/1.1 201"), "PUT blob to {repo}: {done}");
+    digest
+}
+
 /// GET from the registry on 127.0.0.1 (a blob: distribution's filesystem driver serves it).
 fn http_get(port: u16, path: &str) -> Vec<u8> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -2312,4 +2334,131 @@ fn push_signs_as_cosign_does() {
         assert!(!out.status.success() && err.contains(want) && err.trim().lines().count() == 1, "{key_arg}: {err}");
         assert!(!err.contains("KEY-----") && !err.contains("eyJrZGYi") && !err.contains("test-pass"), "{err}");
     }
+}
+
+/// `push --sign --provenance` attests the SLSA provenance predicate (and, signed, the SBOM) as
+/// `cosign attest` does: DSSE envelopes of in-toto statements naming the pushed digest, in the
+/// `sha256-<hex>.att` manifest, which OpenSSL and `cosign verify-attestation` accept. One byte
+/// changed in the SBOM, a swapped signature, or one byte changed in a layer fails verification.
+#[test]
+fn push_attests_provenance_and_sboms_as_cosign_does() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let fx = fixture("compat", 8, 30, 0.0);
+    let mut conf = base_conf(&fx, vec![]);
+    conf.as_object_mut().unwrap().remove("store_layers");
+    conf["closure_graph"] = json!(fx.join("closure.json"));
+    conf["max_layers"] = json!(4);
+    let conf = write_json(dir.path(), "conf.json", &conf);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
+    let (key, public) = (data.join("cosign.key"), data.join("cosign.pub"));
+    let provenance = dir.path().join("provenance.json");
+    ok(stevedore(&["provenance", conf.to_str().unwrap(), "--derivation", "/nix/store/00000000000000000000000000000000-app.drv", "-q", "-o", provenance.to_str().unwrap()], &[]), "provenance");
+    let predicate: Value = serde_json::from_slice(&fs::read(&provenance).unwrap()).unwrap();
+    assert_eq!(predicate["buildDefinition"]["externalParameters"]["derivation"], "/nix/store/00000000000000000000000000000000-app.drv");
+    assert_eq!(predicate["buildDefinition"]["resolvedDependencies"].as_array().unwrap().len(), 8, "{predicate}");
+
+    let dest = format!("docker://{}/team/app:v1", reg.addr());
+    let args = ["push", conf.to_str().unwrap(), &dest, "--insecure", "--sign", key.to_str().unwrap(), "--provenance", provenance.to_str().unwrap(), "--sbom", "cyclonedx"];
+    let pass = [("COSIGN_PASSWORD", Path::new("test-pass"))];
+    let (digest, _) = ok(stevedore(&args, &pass), "push --provenance");
+    let att_tag = format!("sha256-{}.att", &digest[7..]);
+    let att_manifest = || skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/team/app:{att_tag}", reg.addr())]);
+    let first = att_manifest();
+    let manifest: Value = serde_json::from_slice(&first).unwrap();
+    let layers = manifest["layers"].as_array().unwrap().clone();
+    let types: Vec<&str> = layers.iter().map(|l| l["annotations"]["predicateType"].as_str().unwrap()).collect();
+    assert_eq!(types, ["https://slsa.dev/provenance/v1", "https://cyclonedx.org/bom"]);
+    let b64 = |s: &str| {
+        let mut c = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
+        c.wait_with_output().unwrap().stdout
+    };
+    let mut envelopes = Vec::new();
+    for layer in &layers {
+        assert_eq!(layer["mediaType"], "application/vnd.dsse.envelope.v1+json");
+        let envelope: Value = serde_json::from_slice(&http_get(reg.port, &format!("/v2/team/app/blobs/{}", layer["digest"].as_str().unwrap()))).unwrap();
+        assert_eq!(envelope["payloadType"], "application/vnd.in-toto+json");
+        let payload = b64(envelope["payload"].as_str().unwrap());
+        let statement: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(statement["_type"], "https://in-toto.io/Statement/v1");
+        assert_eq!(statement["subject"][0]["digest"]["sha256"], &digest[7..]);
+        assert_eq!(statement["predicateType"], layer["annotations"]["predicateType"]);
+        // OpenSSL checks the signature over DSSE's pre-authentication encoding.
+        let mut pae = format!("DSSEv1 28 application/vnd.in-toto+json {} ", payload.len()).into_bytes();
+        pae.extend_from_slice(&payload);
+        let (sig_file, pae_file) = (dir.path().join("sig.der"), dir.path().join("pae"));
+        fs::write(&sig_file, b64(envelope["signatures"][0]["sig"].as_str().unwrap())).unwrap();
+        fs::write(&pae_file, &pae).unwrap();
+        let out = Command::new("openssl").args(["dgst", "-sha256", "-verify"]).arg(&public).arg("-signature").arg(&sig_file).arg(&pae_file).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stdout).contains("Verified OK"), "{}", String::from_utf8_lossy(&out.stderr));
+        envelopes.push((envelope, statement));
+    }
+    assert_eq!(envelopes[0].1["predicate"], predicate);
+    assert_eq!(envelopes[1].1["predicate"]["bomFormat"], "CycloneDX");
+    // Again: the same envelopes, nothing added.
+    ok(stevedore(&args, &pass), "push again");
+    assert_eq!(att_manifest(), first);
+    // The predicate must be one, and attesting needs a key; both fail before connecting.
+    let nowhere = "docker://127.0.0.1:1/x/y:z";
+    let out = stevedore(&["push", conf.to_str().unwrap(), nowhere, "--sign", key.to_str().unwrap(), "--provenance", conf.to_str().unwrap()], &pass);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("not a SLSA provenance v1 predicate") && err.trim().lines().count() == 1, "{err}");
+    let out = stevedore(&["push", conf.to_str().unwrap(), nowhere, "--provenance", provenance.to_str().unwrap()], &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--sign"));
+
+    let Some(cosign) = modern_tool("cosign") else { return };
+    let verify = |kind: &str, image: &str| {
+        let mut c = Command::new(&cosign);
+        match kind {
+            "signature" => c.arg("verify"),
+            t => c.args(["verify-attestation", "--type", t]),
+        };
+        let out = c.arg("--key").arg(&public).args(["--insecure-ignore-tlog", "--allow-http-registry", "--allow-insecure-registry", image]).env("HOME", dir.path()).output().unwrap();
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let image = format!("{}/team/app@{digest}", reg.addr());
+    for kind in ["signature", "slsaprovenance1", "cyclonedx"] {
+        let (good, said) = verify(kind, &image);
+        assert!(good, "cosign {kind}: {said}");
+    }
+    // One byte of the SBOM changed inside its envelope (signature kept): refused.
+    let (envelope, statement) = &envelopes[1];
+    let mut forged = statement.clone();
+    forged["predicate"]["serialNumber"] = json!("urn:uuid:00000000-0000-0000-0000-000000000001");
+    let mut env = envelope.clone();
+    let payload = serde_json::to_vec(&forged).unwrap();
+    let mut enc = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
+    enc.stdin.take().unwrap().write_all(&payload).unwrap();
+    env["payload"] = json!(String::from_utf8(enc.wait_with_output().unwrap().stdout).unwrap());
+    let env_bytes = serde_json::to_vec(&env).unwrap();
+    let forged_digest = http_post_blob(reg.port, "team/app", &env_bytes);
+    let mut tampered = manifest.clone();
+    tampered["layers"][1]["digest"] = json!(forged_digest);
+    tampered["layers"][1]["size"] = json!(env_bytes.len());
+    http_put_manifest(reg.port, "team/app", &att_tag, "application/vnd.oci.image.manifest.v1+json", &serde_json::to_vec(&tampered).unwrap());
+    let (good, said) = verify("cyclonedx", &image);
+    assert!(!good, "cosign accepted a changed SBOM: {said}");
+    // The provenance's signature swapped for the SBOM's: refused.
+    let mut swapped = manifest.clone();
+    let mut env = envelopes[0].0.clone();
+    env["signatures"] = envelopes[1].0["signatures"].clone();
+    let env_bytes = serde_json::to_vec(&env).unwrap();
+    swapped["layers"] = json!([{"mediaType": "application/vnd.dsse.envelope.v1+json", "digest": http_post_blob(reg.port, "team/app", &env_bytes), "size": env_bytes.len(), "annotations": layers[0]["annotations"].clone()}]);
+    http_put_manifest(reg.port, "team/app", &att_tag, "application/vnd.oci.image.manifest.v1+json", &serde_json::to_vec(&swapped).unwrap());
+    let (good, said) = verify("slsaprovenance1", &image);
+    assert!(!good, "cosign accepted a swapped signature: {said}");
+    // One byte of a layer changed: the manifest that names it is not the signed one.
+    let image_manifest: Value = serde_json::from_slice(&skopeo(&["inspect", "--raw", "--tls-verify=false", &format!("docker://{}/team/app@{digest}", reg.addr())])).unwrap();
+    let mut blob = http_get(reg.port, &format!("/v2/team/app/blobs/{}", image_manifest["layers"][0]["digest"].as_str().unwrap()));
+    let last = blob.len() - 1;
+    blob[last] ^= 1;
+    let mut changed = image_manifest.clone();
+    changed["layers"][0]["digest"] = json!(http_post_blob(reg.port, "team/app", &blob));
+    http_put_manifest(reg.port, "team/app", "v1", image_manifest["mediaType"].as_str().unwrap(), &serde_json::to_vec(&changed).unwrap());
+    let (good, said) = verify("signature", &format!("{}/team/app:v1", reg.addr()));
+    assert!(!good, "cosign accepted a changed layer: {said}");
 }

@@ -329,6 +329,8 @@ action_attrs! {
         attach: Vec<String> = "attach",
         /// The key to sign with (`--sign`): a path outside the store, or `env://VAR`.
         sign: Option<String> = "sign",
+        /// The provenance predicate to attest with that key (`--provenance`).
+        provenance: Option<String> = "provenance",
     }
 }
 
@@ -351,8 +353,10 @@ action_attrs! {
         closure: Option<Value> = "closure",
         /// `[{ path, license = [{ spdxId, fullName }], homepage, description }]`.
         packages: Option<Value> = "packages",
-        /// `cyclonedx` or `spdx`.
+        /// `cyclonedx`, `spdx` or `slsa-provenance` (passthru.provenance).
         format: String = "sbomFormat",
+        /// The image's derivation, which the provenance names.
+        derivation: Option<String> = "derivation",
     }
 }
 

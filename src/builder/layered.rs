@@ -200,6 +200,12 @@ pub(super) fn push_script((out, a): (PathBuf, attrs::PushScript)) -> Result<()> 
         }
         attach.push_str(&format!(" --sign {}", shell_quote(key)));
     }
+    if let Some(predicate) = &a.provenance {
+        if a.sign.is_none() {
+            bail!("provenance: attesting needs sign");
+        }
+        attach.push_str(&format!(" --provenance {}", shell_quote(predicate)));
+    }
     let script = format!(
         "#!{}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
          dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\
@@ -233,7 +239,11 @@ pub(super) fn load_script((out, a): (PathBuf, attrs::LoadScript)) -> Result<()> 
 pub(super) fn sbom((out, a): (PathBuf, attrs::Sbom)) -> Result<()> {
     use crate::supply_chain::{self, PathInfos, SbomFormat};
     use crate::util::shared::Choice;
-    let format = SbomFormat::from_name(&a.format).map_err(|e| anyhow!("sbomFormat: {e}"))?;
+    // passthru.provenance is the same facts in another document.
+    let format = match a.format.as_str() {
+        "slsa-provenance" => None,
+        name => Some(SbomFormat::from_name(name).map_err(|e| anyhow!("sbomFormat: {e}"))?),
+    };
     let conf = StreamConf::load(Path::new(&a.conf), &conf::now())?;
     let graph = a.closure.ok_or_else(|| anyhow!("closure: missing (exportReferencesGraph of the conf)"))?;
     let graph = crate::nixstore::ClosureGraph::from_json_value(&graph).map_err(|e| anyhow!("closure: {e:#}"))?;
@@ -242,8 +252,12 @@ pub(super) fn sbom((out, a): (PathBuf, attrs::Sbom)) -> Result<()> {
         Some(v) => supply_chain::parse_packages(v)?,
     };
     let input = supply_chain::describe(&conf, &PathInfos::Graph(graph), packages, &crate::util::progress::Progress { quiet: true })?;
-    eprintln!("SBOM ({}) of {}:{}: {} store paths in {} layers", a.format, input.name, input.tag, input.objects.len(), input.layers.len());
-    write_new(&out, format.render(&input).as_bytes(), 0o444)
+    eprintln!("{} of {}:{}: {} store paths in {} layers", a.format, input.name, input.tag, input.objects.len(), input.layers.len());
+    let doc = match format {
+        Some(format) => format.render(&input),
+        None => supply_chain::provenance::predicate(&input, a.derivation.as_deref()).map_err(|e| anyhow!("provenance: {e:#}"))?,
+    };
+    write_new(&out, doc.as_bytes(), 0o444)
 }
 
 /// `archive`: the image of a conf, as `format` and `compressor` say.

@@ -92,6 +92,11 @@ enum Command {
     /// One component per store path in the image, with its narHash, size, references (as
     /// dependencies) and the layer that holds it; byte-for-byte the same for the same image.
     Sbom(supply_chain::SbomCmd),
+    /// Write the SLSA provenance v1 predicate of an image (for `push --sign --provenance`).
+    ///
+    /// It names the derivation, every store path in the image with its NAR hash, each layer's
+    /// diff_id and stevedore's version; byte-for-byte the same for the same image.
+    Provenance(supply_chain::ProvenanceCmd),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix {
@@ -156,6 +161,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(c) => c.run(),
         Command::Load(c) => c.run(),
         Command::Sbom(c) => c.run(),
+        Command::Provenance(c) => c.run(),
     }
 }
 

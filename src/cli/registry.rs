@@ -38,6 +38,12 @@ pub struct PushCmd {
     /// encrypted key, opened with $COSIGN_PASSWORD, or an unencrypted P-256 PEM key).
     #[arg(long, value_name = "KEY")]
     pub sign: Option<String>,
+    /// Attest this SLSA provenance v1 predicate (passthru.provenance, `stevedore provenance`)
+    /// of the pushed manifest as `cosign attest` does (a DSSE envelope signed with the --sign
+    /// key, in the `sha256-HEX.att` manifest), for `cosign verify-attestation --type
+    /// slsaprovenance1`.
+    #[arg(long, value_name = "FILE", requires = "sign")]
+    pub provenance: Option<PathBuf>,
     #[command(flatten)]
     pub connect: ConnectOpts,
 }
@@ -188,8 +194,15 @@ impl PushCmd {
             let bytes = read_limited(file, INPUT_LIMIT).map_err(|e| anyhow!("--attach {}: {e:#}", file.display()))?;
             attachments.push(Attachment::detect(&file.display().to_string(), bytes)?);
         }
+        let provenance = match &self.provenance {
+            None => None,
+            Some(file) => {
+                let bytes = read_limited(file, INPUT_LIMIT).map_err(|e| anyhow!("--provenance {}: {e:#}", file.display()))?;
+                Some(stevedore::supply_chain::provenance::parse_predicate(&format!("--provenance {}", file.display()), &bytes)?)
+            }
+        };
         let key = self.sign.as_deref().map(signing_key).transpose()?;
-        println!("{}", registry::push(&self.source, &self.dest, &push, &attachments, key.as_ref(), &connect)?);
+        println!("{}", registry::push(&self.source, &self.dest, &push, &attachments, key.as_ref(), provenance.as_ref(), &connect)?);
         Ok(())
     }
 }

@@ -1,4 +1,4 @@
-//! The supply-chain commands: sbom.
+//! The supply-chain commands: sbom, provenance.
 
 use super::choice;
 use anyhow::{anyhow, Context, Result};
@@ -41,6 +41,26 @@ pub struct SbomCmd {
     quiet: bool,
 }
 
+#[derive(clap::Args)]
+pub struct ProvenanceCmd {
+    /// A streamLayeredImage conf.
+    conf: PathBuf,
+    /// Where the store paths' narHash comes from, as for `stevedore sbom`.
+    #[arg(long, value_name = "GRAPH")]
+    graph: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", conflicts_with = "graph")]
+    nix_db: Option<PathBuf>,
+    /// The derivation that built the image (a `.drv` path), named as the build's parameter.
+    #[arg(long, value_name = "DRV")]
+    derivation: Option<String>,
+    /// Write the predicate to FILE (atomically) instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    output: Option<PathBuf>,
+    /// Print nothing on stderr but errors.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
 /// Whether `path` holds a conf rather than a graph: a JSON object with a conf's fields.
 fn is_conf(bytes: &[u8]) -> bool {
     match serde_json::from_slice::<serde_json::Value>(bytes) {
@@ -71,13 +91,40 @@ pub fn path_infos(conf: &StreamConf, graph: Option<&Path>, nix_db: Option<&Path>
 
 /// The SBOM of the image `conf_path` describes, in `format`.
 pub fn sbom_of_conf(conf_path: &Path, graph: Option<&Path>, nix_db: Option<&Path>, packages: Vec<PackageMeta>, format: SbomFormat, progress: &Progress) -> Result<String> {
-    let conf = StreamConf::load(conf_path, &conf::now())?;
-    let infos = path_infos(&conf, graph, nix_db)?;
-    // The layers' own progress lines would drown the one that matters.
     let started = std::time::Instant::now();
-    let input = supply_chain::describe(&conf, &infos, packages, &Progress { quiet: true })?;
+    let input = describe_conf(conf_path, graph, nix_db, packages)?;
     progress.say(format!("SBOM of {}:{}: {} store paths in {} layers ({:.2} s)", input.name, input.tag, input.objects.len(), input.layers.len(), started.elapsed().as_secs_f64()));
     Ok(format.render(&input))
+}
+
+/// The facts of the image `conf_path` describes (its layers' own progress lines kept quiet).
+fn describe_conf(conf_path: &Path, graph: Option<&Path>, nix_db: Option<&Path>, packages: Vec<PackageMeta>) -> Result<supply_chain::sbom::SbomInput> {
+    let conf = StreamConf::load(conf_path, &conf::now())?;
+    let infos = path_infos(&conf, graph, nix_db)?;
+    supply_chain::describe(&conf, &infos, packages, &Progress { quiet: true })
+}
+
+fn write_output(output: Option<&Path>, doc: &str) -> Result<()> {
+    match output {
+        Some(path) => stevedore::util::files::write_atomically(path, |mut w| {
+            w.write_all(doc.as_bytes()).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
+            Ok((w, ()))
+        }),
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(doc.as_bytes()).and_then(|_| out.flush()).map_err(|e| anyhow::Error::new(stevedore::util::io::OutputError(e)))
+        }
+    }
+}
+
+impl ProvenanceCmd {
+    pub fn run(self) -> Result<()> {
+        let started = std::time::Instant::now();
+        let input = describe_conf(&self.conf, self.graph.as_deref(), self.nix_db.as_deref(), vec![])?;
+        let doc = supply_chain::provenance::predicate(&input, self.derivation.as_deref())?;
+        Progress { quiet: self.quiet }.say(format!("provenance of {}:{}: {} store paths in {} layers ({:.2} s)", input.name, input.tag, input.objects.len(), input.layers.len(), started.elapsed().as_secs_f64()));
+        write_output(self.output.as_deref(), &doc)
+    }
 }
 
 impl SbomCmd {
@@ -92,15 +139,6 @@ impl SbomCmd {
             let created = stevedore::util::settings::get().default_mtime()?;
             self.format.render(&supply_chain::describe_closure(graph, &self.name, created, packages)?)
         };
-        match &self.output {
-            Some(path) => stevedore::util::files::write_atomically(path, |mut w| {
-                w.write_all(doc.as_bytes()).map_err(|e| anyhow!("cannot write {}: {e}", path.display()))?;
-                Ok((w, ()))
-            }),
-            None => {
-                let mut out = std::io::stdout().lock();
-                out.write_all(doc.as_bytes()).and_then(|_| out.flush()).map_err(|e| anyhow::Error::new(stevedore::util::io::OutputError(e)))
-            }
-        }
+        write_output(self.output.as_deref(), &doc)
     }
 }

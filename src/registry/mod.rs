@@ -203,9 +203,10 @@ fn push_source<T>(reg: &Registry, repo: &str, tag: Option<&str>, source: &str, p
 }
 
 /// Pushes `source` (a conf, OCI layout, oci-archive or Docker archive) to `dest`
-/// (`docker://REGISTRY/REPO[:TAG]`), then signs it with `sign` (as cosign does) and attaches
-/// `attachments` to it; returns the manifest's digest.
-pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Attachment], sign: Option<&crate::supply_chain::sign::Key>, connect: &Connect) -> Result<String> {
+/// (`docker://REGISTRY/REPO[:TAG]`), then signs it with `sign` (as cosign does), attests its
+/// `provenance` (a SLSA v1 predicate) with the same key, and attaches `attachments` to it;
+/// returns the manifest's digest.
+pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Attachment], sign: Option<&crate::supply_chain::sign::Key>, provenance: Option<&serde_json::Value>, connect: &Connect) -> Result<String> {
     let progress = Progress { quiet: connect.quiet };
     let dest = dest_reference(dest)?;
     push.check()?;
@@ -218,6 +219,22 @@ pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Att
     progress.say(format!("pushed {}:{tag}@{}", dest.name(), subject.digest));
     if let Some(key) = sign {
         referrers::sign(&reg, &dest.repo, &subject, &docker_reference(&dest), key, &progress)?;
+        use crate::supply_chain::provenance::{CYCLONEDX_PREDICATE, SLSA_PROVENANCE_V1, SPDX_PREDICATE};
+        if let Some(predicate) = provenance {
+            referrers::attest(&reg, &dest.repo, &subject, &docker_reference(&dest), SLSA_PROVENANCE_V1, predicate, key, &progress)?;
+        }
+        // Signed SBOMs too, so `cosign verify-attestation --type cyclonedx` vouches for them.
+        for att in attachments {
+            let predicate_type = match att.artifact_type.as_str() {
+                "application/vnd.cyclonedx+json" => CYCLONEDX_PREDICATE,
+                "application/spdx+json" => SPDX_PREDICATE,
+                _ => continue,
+            };
+            let doc: serde_json::Value = serde_json::from_slice(&att.bytes)?;
+            referrers::attest(&reg, &dest.repo, &subject, &docker_reference(&dest), predicate_type, &doc, key, &progress)?;
+        }
+    } else if provenance.is_some() {
+        bail!("provenance is attested with a key: give --sign too");
     }
     for att in attachments {
         referrers::attach(&reg, &dest.repo, &subject, att, &progress)?;

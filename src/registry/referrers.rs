@@ -2,9 +2,11 @@
 //! an `artifactType` and a `subject`, found by clients through the registry's referrers API, or,
 //! where the registry has none (it answers the manifest PUT without `OCI-Subject`), through the
 //! referrers tag scheme: an index tagged `sha256-<hex of the subject>` listing them; and cosign's
-//! signatures, a manifest tagged `sha256-<hex>.sig` with one layer a signature.
+//! signatures and attestations, manifests tagged `sha256-<hex>.sig` and `.att` with one layer
+//! per signature or DSSE envelope.
 
 use super::client::Registry;
+use crate::supply_chain::sign::{base64, signature_config, simple_signing_payload, Key, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_TYPE};
 use crate::image::oci::INDEX_TYPE;
 use crate::util::progress::Progress;
 use anyhow::{anyhow, bail, Result};
@@ -155,17 +157,39 @@ pub fn signature_tag(subject_digest: &str) -> String {
 /// Signs the image `subject` in `repo` as cosign does: the simple-signing payload naming
 /// `docker_reference` and the digest, its signature in the layer's annotation, added to the
 /// manifest tagged `sha256-HEX.sig` beside any other signatures there.
-pub fn sign(reg: &Registry, repo: &str, subject: &Subject, docker_reference: &str, key: &crate::supply_chain::sign::Key, progress: &Progress) -> Result<()> {
-    use crate::supply_chain::sign::{base64, signature_config, simple_signing_payload, SIGNATURE_ANNOTATION, SIMPLE_SIGNING_TYPE};
+pub fn sign(reg: &Registry, repo: &str, subject: &Subject, docker_reference: &str, key: &Key, progress: &Progress) -> Result<()> {
     let payload = simple_signing_payload(docker_reference, &subject.digest);
-    let payload_digest = crate::util::sha256_digest(&payload);
     let signature = base64(&key.sign(&payload));
-    if reg.blob_exists(repo, &payload_digest)?.is_none() {
-        reg.upload_bytes(repo, &payload_digest, &payload)?;
-    }
-    let entry = json!({"mediaType": SIMPLE_SIGNING_TYPE, "size": payload.len(), "digest": payload_digest, "annotations": {SIGNATURE_ANNOTATION: signature}});
     let tag = signature_tag(&subject.digest);
-    add_to_tagged_list(reg, repo, &tag, "layers", entry, |layers| {
+    add_to_cosign_list(reg, repo, &tag, SIMPLE_SIGNING_TYPE, &payload, json!({SIGNATURE_ANNOTATION: signature}))?;
+    progress.say(format!("{}: signed (tag {tag})", subject.digest));
+    Ok(())
+}
+
+/// Attests `predicate` (of `predicate_type`: SLSA provenance, an SBOM) about the image
+/// `subject` as `cosign attest` does: the in-toto statement naming `docker_reference` and the
+/// digest, in a DSSE envelope signed with `key`, added to the manifest tagged `sha256-HEX.att`
+/// beside the attestations already there.
+#[allow(clippy::too_many_arguments)]
+pub fn attest(reg: &Registry, repo: &str, subject: &Subject, docker_reference: &str, predicate_type: &str, predicate: &Value, key: &Key, progress: &Progress) -> Result<()> {
+    use crate::supply_chain::provenance::{envelope, statement, DSSE_ENVELOPE_TYPE};
+    let envelope = envelope(&statement(docker_reference, &subject.digest, predicate_type, predicate)?, key)?;
+    let tag = format!("{}.att", referrers_tag(&subject.digest));
+    // cosign's attestations carry their signature inside the envelope: the annotation is empty.
+    add_to_cosign_list(reg, repo, &tag, DSSE_ENVELOPE_TYPE, &envelope, json!({SIGNATURE_ANNOTATION: "", "predicateType": predicate_type}))?;
+    progress.say(format!("{}: attested {predicate_type} (tag {tag})", subject.digest));
+    Ok(())
+}
+
+/// Uploads `blob` and adds it, with `annotations`, to the cosign manifest tagged `tag` (the
+/// config listing every layer, as cosign writes it).
+fn add_to_cosign_list(reg: &Registry, repo: &str, tag: &str, media_type: &str, blob: &[u8], annotations: Value) -> Result<()> {
+    let digest = crate::util::sha256_digest(blob);
+    if reg.blob_exists(repo, &digest)?.is_none() {
+        reg.upload_bytes(repo, &digest, blob)?;
+    }
+    let entry = json!({"mediaType": media_type, "size": blob.len(), "digest": digest, "annotations": annotations});
+    add_to_tagged_list(reg, repo, tag, "layers", entry, |layers| {
         let digests: Vec<String> = layers.iter().filter_map(|l| l.get("digest").and_then(Value::as_str).map(str::to_owned)).collect();
         let config = signature_config(&digests);
         let config_digest = crate::util::sha256_digest(&config);
@@ -179,9 +203,7 @@ pub fn sign(reg: &Registry, repo: &str, subject: &Subject, docker_reference: &st
             "layers": layers,
         });
         Ok((MANIFEST_TYPE, serde_json::to_vec(&manifest)?))
-    })?;
-    progress.say(format!("{}: signed (tag {tag})", subject.digest));
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -3,11 +3,13 @@
 //!
 //! - `sbom`: CycloneDX and SPDX documents, one component per store path.
 //! - `sign`: cosign-compatible keys, payloads and ECDSA P-256 signatures.
+//! - `provenance`: SLSA provenance v1 predicates, in-toto statements, DSSE envelopes.
 //!
 //! [`describe`] gathers a document's facts from a conf: the layers (diff_ids from the digest
 //! cache, or hashed), and each store path's narHash, size and references from a closure graph
 //! or the Nix database.
 
+pub mod provenance;
 pub mod sbom;
 pub mod sign;
 

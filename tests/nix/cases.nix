@@ -80,6 +80,7 @@ let
     withMetaPush = cases.withMeta.copyToRegistry.override {
       sbom = true;
       sign = "env://STEVEDORE_TEST_KEY";
+      provenance = true;
     };
 
     owners = dockerTools.buildLayeredImage {

@@ -36,18 +36,35 @@ test_copy_to_registry() {
 }
 t copy-to-registry test_copy_to_registry
 
-# copy-to-registry-sbom: copyToRegistry.override { sbom = true; } pushes the image and attaches
-# passthru.sbom (the very file) as an artifact listed under the referrers tag; bad values fail
+# copy-to-registry-sbom: copyToRegistry.override { sbom = true; sign = KEY; provenance = true; }
+# pushes the image, attaches passthru.sbom (the very file) as an artifact listed under the
+# referrers tag, signs it and attests passthru.provenance and the SBOM; bad values fail
 test_copy_to_registry_sbom() {
-  local push sbom out index artifact layer
+  local push sbom provenance out index artifact layer
   push=$(built withMetaPush)
   sbom=$(built withMeta.sbom)
   grep -qF -- "--attach '$sbom'" "$push" || fail "the script does not attach $sbom: $(cat "$push")"
   start_registry
   grep -qF -- "--sign 'env://STEVEDORE_TEST_KEY'" "$push" || fail "the script does not sign: $(cat "$push")"
+  # passthru.provenance, made in the sandbox, names the conf's derivation and every store path
+  # of the image with its NAR hash (as the Nix database has it).
+  provenance=$(built withMeta.provenance)
+  grep -qF -- "--provenance '$provenance'" "$push" || fail "the script does not attest $provenance"
+  python3 - "$provenance" "$(nixeval 'c.withMeta.conf.drvPath')" <<'PY' || fail "provenance: $(head -c 600 "$provenance")"
+import json, subprocess, sys
+p = json.load(open(sys.argv[1]))
+bd = p["buildDefinition"]
+assert bd["externalParameters"]["derivation"] == json.loads(sys.argv[2]), bd["externalParameters"]
+deps = bd["resolvedDependencies"]
+assert deps and all(d["name"].startswith("/nix/store/") for d in deps), deps
+for d in deps:
+    want = subprocess.run(["nix-store", "--query", "--hash", d["name"]], capture_output=True, text=True, check=True).stdout.strip()
+    assert d["annotations"]["narHash"] == want, (d, want)
+PY
   out=$(STEVEDORE_TEST_KEY=$(cat "$repo/tests/data/cosign.key") COSIGN_PASSWORD=test-pass "$push" "docker://127.0.0.1:$port/team/meta:1" --insecure -q)
   # Signed as cosign does (tests/registry.rs checks the signature itself, and with cosign).
   skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta:${out/:/-}.sig" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert [l["mediaType"] for l in d["layers"]] == ["application/vnd.dev.cosign.simplesigning.v1+json"], d' || fail "no signature"
+  skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta:${out/:/-}.att" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert [l["annotations"]["predicateType"] for l in d["layers"]] == ["https://slsa.dev/provenance/v1", "https://cyclonedx.org/bom"], d' || fail "no attestations"
   index=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta:${out/:/-}")
   artifact=$(python3 -c 'import json,sys; m=json.loads(sys.argv[1])["manifests"]; assert [x["artifactType"] for x in m] == ["application/vnd.cyclonedx+json"], m; print(m[0]["digest"])' "$index")
   layer=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta@$artifact" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["subject"]["digest"] == sys.argv[1], d; print(d["layers"][0]["digest"])' "$out")
@@ -64,6 +81,8 @@ test_copy_to_registry_sbom() {
   grep -q 'sign must name a key outside the Nix store' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
   ! nixeval '(c.withMeta.copyToRegistry.override { sign = "cosign.key"; }).drvPath' >/dev/null || fail "a relative key path was accepted"
   grep -q 'sign must be an absolute path or env://VAR' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  ! nixeval '(c.withMeta.copyToRegistry.override { provenance = true; }).drvPath' >/dev/null || fail "provenance without a key was accepted"
+  grep -q 'provenance = true needs sign' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
 }
 t copy-to-registry-sbom test_copy_to_registry_sbom
 
