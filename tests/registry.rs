@@ -264,6 +264,17 @@ fn skopeo(args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
+/// A conf over the shared fixture that plans its layers from the closure graph (which also
+/// gives documents their path infos).
+fn graph_conf(dir: &Path) -> PathBuf {
+    let fx = fixture("compat", 8, 30, 0.0);
+    let mut conf = base_conf(&fx, vec![]);
+    conf.as_object_mut().unwrap().remove("store_layers");
+    conf["closure_graph"] = json!(fx.join("closure.json"));
+    conf["max_layers"] = json!(4);
+    write_json(dir, "conf.json", &conf)
+}
+
 /// A conf over the shared fixture: one layer per store path.
 fn fixture_conf(dir: &Path, arch: &str) -> PathBuf {
     let fx = fixture("compat", 8, 30, 0.0);
@@ -2140,12 +2151,7 @@ fn push_attaches_documents_as_referrers() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let fx = fixture("compat", 8, 30, 0.0);
-    let mut conf = base_conf(&fx, vec![]);
-    conf.as_object_mut().unwrap().remove("store_layers");
-    conf["closure_graph"] = json!(fx.join("closure.json"));
-    conf["max_layers"] = json!(4);
-    let conf = write_json(dir.path(), "conf.json", &conf);
+    let conf = graph_conf(dir.path());
     let doc = |format: &str| {
         let file = dir.path().join(format!("sbom.{format}.json"));
         ok(stevedore(&["sbom", conf.to_str().unwrap(), "--format", format, "-q", "-o", file.to_str().unwrap()], &[]), "sbom");
@@ -2347,12 +2353,7 @@ fn push_attests_provenance_and_sboms_as_cosign_does() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let fx = fixture("compat", 8, 30, 0.0);
-    let mut conf = base_conf(&fx, vec![]);
-    conf.as_object_mut().unwrap().remove("store_layers");
-    conf["closure_graph"] = json!(fx.join("closure.json"));
-    conf["max_layers"] = json!(4);
-    let conf = write_json(dir.path(), "conf.json", &conf);
+    let conf = graph_conf(dir.path());
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data");
     let (key, public) = (data.join("cosign.key"), data.join("cosign.pub"));
     let provenance = dir.path().join("provenance.json");
@@ -2461,4 +2462,87 @@ fn push_attests_provenance_and_sboms_as_cosign_does() {
     http_put_manifest(reg.port, "team/app", "v1", image_manifest["mediaType"].as_str().unwrap(), &serde_json::to_vec(&changed).unwrap());
     let (good, said) = verify("signature", &format!("{}/team/app:v1", reg.addr()));
     assert!(!good, "cosign accepted a changed layer: {said}");
+}
+
+/// `stevedore verify IMAGE --against CONF`: an archive or a registry image made from the conf is
+/// identical (exit 0); against a conf whose customisation layer has other files, the first
+/// layer that differs is named with the files that differ (exit 1); a config field that differs
+/// is named; a layer changed by one byte behind its config is caught; trouble exits 2.
+#[test]
+fn verify_names_the_layer_and_files_that_differ() {
+    if !have_tools() {
+        return;
+    }
+    let reg = Registry::start(None);
+    let dir = tempfile::tempdir().unwrap();
+    let custom_layer = |name: &str, files: &[(&str, &[u8])]| {
+        let custom = dir.path().join(name);
+        fs::create_dir_all(&custom).unwrap();
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        let data = b.into_inner().unwrap();
+        fs::write(custom.join("layer.tar"), &data).unwrap();
+        fs::write(custom.join("checksum"), sha256_hex(&data)).unwrap();
+        custom
+    };
+    let mut conf: Value = serde_json::from_slice(&fs::read(fixture_conf(dir.path(), "amd64")).unwrap()).unwrap();
+    conf["customisation_layer"] = json!(custom_layer("a", &[("etc/x", b"x!\n"), ("etc/y", b"y\n"), ("etc/same", b"=\n")]));
+    let a = write_json(dir.path(), "a.json", &conf);
+    conf["customisation_layer"] = json!(custom_layer("b", &[("etc/x", b"X!\n"), ("etc/same", b"=\n"), ("etc/w", b"w\n")]));
+    let b = write_json(dir.path(), "b.json", &conf);
+    conf["customisation_layer"] = json!(dir.path().join("a"));
+    conf["config"]["Env"] = json!(["PATH=/usr/bin"]);
+    let c = write_json(dir.path(), "c.json", &conf);
+    let layers = conf["store_layers"].as_array().unwrap().len() + 1;
+    let archive = dir.path().join("a.tar");
+    fs::write(&archive, stream_ok(&a)).unwrap();
+    let verify = |image: &str, against: &Path| {
+        let out = stevedore(&["verify", image, "--against", against.to_str().unwrap(), "--insecure", "-q"], &[]);
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (code, said, err) = verify(archive.to_str().unwrap(), &a);
+    assert_eq!(code, Some(0), "{said}{err}");
+    assert!(said.starts_with("identical: config sha256:") && said.contains(&format!("{layers} layers")), "{said}");
+
+    let (code, said, _) = verify(archive.to_str().unwrap(), &b);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains(&format!("layer {layers} differs")), "{said}");
+    for line in ["differs: etc/x (content)", "only in the image: etc/y", "missing from the image: etc/w"] {
+        assert!(said.contains(line), "{line}: {said}");
+    }
+    assert!(!said.contains("etc/same"), "{said}");
+    let (code, said, _) = verify(archive.to_str().unwrap(), &c);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("the config differs") && said.contains("field config.Env") && !said.contains("config.Cmd"), "{said}");
+
+    // From a registry, the same verdicts.
+    let dest = format!("docker://{}/team/verify:v1", reg.addr());
+    push(&a, &dest, &["-q"]);
+    let (code, said, err) = verify(&dest, &a);
+    assert_eq!(code, Some(0), "{said}{err}");
+    let (code, said, _) = verify(&dest, &b);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("differs: etc/x (content)"), "{said}");
+
+    // One byte of the customisation layer changed inside the archive, its config untouched.
+    let mut bytes = fs::read(&archive).unwrap();
+    let at = bytes.windows(3).position(|w| w == b"x!\n").unwrap();
+    bytes[at] = b'z';
+    let tampered = dir.path().join("tampered.tar");
+    fs::write(&tampered, bytes).unwrap();
+    let (code, said, _) = verify(tampered.to_str().unwrap(), &a);
+    assert_eq!(code, Some(1), "{said}");
+    assert!(said.contains("not what its config says"), "{said}");
+
+    // Trouble: exit 2 with one line.
+    for image in [dir.path().join("missing.tar").to_str().unwrap(), a.to_str().unwrap()] {
+        let (code, said, err) = verify(image, &a);
+        assert_eq!(code, Some(2), "{image}: {said}{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
 }

@@ -97,6 +97,12 @@ enum Command {
     /// It names the derivation, every store path in the image with its NAR hash, each layer's
     /// diff_id and stevedore's version; byte-for-byte the same for the same image.
     Provenance(supply_chain::ProvenanceCmd),
+    /// Check that an image holds exactly what a conf makes (its layers, byte for byte, and
+    /// its config).
+    ///
+    /// Prints `identical: ...` (exit 0), or the first layer that differs and the files in it
+    /// that differ, or the config fields that do (exit 1); trouble exits 2.
+    Verify(registry::VerifyCmd),
     /// Builder mode for the Nix library's derivations (reads NIX_ATTRS_JSON_FILE).
     #[command(hide = true)]
     Nix {
@@ -162,6 +168,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Load(c) => c.run(),
         Command::Sbom(c) => c.run(),
         Command::Provenance(c) => c.run(),
+        Command::Verify(c) => c.run(),
     }
 }
 

@@ -124,6 +124,19 @@ pub struct PrefetchCmd {
 }
 
 #[derive(clap::Args)]
+pub struct VerifyCmd {
+    /// The image: `docker://REGISTRY/REPO[:TAG|@DIGEST]` (pulled into a scratch layout, the
+    /// conf's platform picked from an index), a Docker archive
+    /// (`docker-archive:FILE[:NAME:TAG|:@N]`), an oci-archive or an OCI layout directory.
+    pub image: String,
+    /// The stream conf the image should have been made from.
+    #[arg(long, value_name = "CONF")]
+    pub against: PathBuf,
+    #[command(flatten)]
+    pub connect: ConnectOpts,
+}
+
+#[derive(clap::Args)]
 pub struct IndexCmd {
     /// Where to push the index: `docker://REGISTRY/REPO[:TAG]`.
     pub dest: String,
@@ -222,6 +235,56 @@ fn signing_key(spec: &str) -> Result<Key> {
         None if text.contains("ENCRYPTED") => anyhow!("--sign {spec}: {e:#} (the key is encrypted: set COSIGN_PASSWORD)"),
         _ => anyhow!("--sign {spec}: {e:#}"),
     })
+}
+
+impl VerifyCmd {
+    /// Prints `identical ...` and exits 0, or what differs and exits 1; as cmp and diff do,
+    /// trouble (an unreadable image, a registry error) exits 2.
+    pub fn run(self) -> Result<()> {
+        let scratch = stevedore::util::files::TempDir::new_in(&stevedore::util::settings::get().temp_dir)?;
+        let outcome = self.compare(scratch.path());
+        drop(scratch);
+        match outcome {
+            Ok(None) => Ok(()),
+            Ok(Some(lines)) => {
+                println!("differs from {}:", self.against.display());
+                for l in lines {
+                    println!("  {l}");
+                }
+                stevedore::util::files::exit(1, || {})
+            }
+            Err(e) => stevedore::util::files::exit(2, || eprintln!("stevedore: {e:#}")),
+        }
+    }
+
+    /// None if identical (said on stdout), else the lines that say what differs.
+    fn compare(&self, scratch: &Path) -> Result<Option<Vec<String>>> {
+        use stevedore::image::conf::{self, StreamConf};
+        use stevedore::supply_chain::verify::{verify, Verdict};
+        let progress = Progress { quiet: self.connect.quiet };
+        let conf = StreamConf::load(&self.against, &conf::now()).map_err(|e| anyhow!("--against {}: {e:#}", self.against.display()))?;
+        let (path, pick) = if self.image.starts_with("docker://") {
+            let output = scratch.join("image");
+            let platform = WantedPlatform { os: conf.os.clone(), arch: Some(conf.architecture.clone()), variant: None };
+            let pull = Pull { image: self.image.clone(), platform, format: PullFormat::Oci, output: output.clone(), image_name: None, image_tag: None };
+            registry::pull(&pull, &self.connect.resolve())?;
+            (output, None)
+        } else {
+            match Source::parse(&self.image)? {
+                Source::Conf(p) => bail!("{}: a conf, not an image (give it as --against)", p.display()),
+                Source::OciDir(p, None) | Source::OciArchive(p, None) => (p, None),
+                Source::OciDir(p, Some(r)) | Source::OciArchive(p, Some(r)) => bail!("{}: picking image {r:?} of a layout is not supported: give a layout with one image", p.display()),
+                Source::DockerArchive(p, pick) => (p, pick),
+            }
+        };
+        match verify(&conf, &path, pick.as_ref(), &progress)? {
+            Verdict::Identical { config, layers } => {
+                println!("identical: config {config}, {layers} layers, as {} makes them", self.against.display());
+                Ok(None)
+            }
+            Verdict::Differs(lines) => Ok(Some(lines)),
+        }
+    }
 }
 
 impl PullCmd {

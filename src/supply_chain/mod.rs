@@ -4,6 +4,7 @@
 //! - `sbom`: CycloneDX and SPDX documents, one component per store path.
 //! - `sign`: cosign-compatible keys, payloads and ECDSA P-256 signatures.
 //! - `provenance`: SLSA provenance v1 predicates, in-toto statements, DSSE envelopes.
+//! - `verify`: whether an image holds exactly what a conf makes, and where it does not.
 //!
 //! [`describe`] gathers a document's facts from a conf: the layers (diff_ids from the digest
 //! cache, or hashed), and each store path's narHash, size and references from a closure graph
@@ -12,6 +13,7 @@
 pub mod provenance;
 pub mod sbom;
 pub mod sign;
+pub mod verify;
 
 use crate::image::conf::{civil_from_unix, StreamConf};
 use crate::image::digests::DigestCache;

@@ -144,6 +144,12 @@ nixeval() {
 
 # summary ARCHIVE NAME: tests/nix/inspect.py's JSON of a Docker archive (plain or gzip), written
 # to $work/NAME.json for q.
+# refused EXPR PATTERN: evaluating EXPR (as nixeval) fails with a message matching PATTERN.
+refused() {
+  ! nixeval "$1" >/dev/null || fail "accepted: $1"
+  grep -q -- "$2" "$work/eval.log" || fail "$1: $(tail -2 "$work/eval.log")"
+}
+
 summary() {
   python3 "$repo/tests/nix/inspect.py" "$1" >"$work/$2.json"
 }

@@ -70,19 +70,13 @@ PY
   layer=$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/meta@$artifact" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert d["subject"]["digest"] == sys.argv[1], d; print(d["layers"][0]["digest"])' "$out")
   curl -sf "http://127.0.0.1:$port/v2/team/meta/blobs/$layer" -o "$work/pushed-sbom.json"
   cmp -s "$work/pushed-sbom.json" "$sbom" || fail "the attached SBOM is not passthru.sbom"
-  ! nixeval '(c.withMeta.copyToRegistry.override { sbom = "yes"; }).drvPath' >/dev/null || fail "sbom = \"yes\" was accepted"
-  grep -q 'copyToRegistry: image "with-meta": sbom must be true, false, "cyclonedx" or "spdx"' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
-  ! nixeval '(c.redisLike.copyToRegistry.override { sbom = true; }).drvPath' >/dev/null || fail "buildImage's sbom was accepted"
-  grep -q 'has no SBOM to attach' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  refused '(c.withMeta.copyToRegistry.override { sbom = "yes"; }).drvPath' 'copyToRegistry: image "with-meta": sbom must be true, false, "cyclonedx" or "spdx"'
+  refused '(c.redisLike.copyToRegistry.override { sbom = true; }).drvPath' 'has no SBOM to attach'
   # The key is named, never copied into the store.
-  ! nixeval "(c.withMeta.copyToRegistry.override { sign = $repo/tests/data/cosign.key; }).drvPath" >/dev/null || fail "a Nix path as the key was accepted"
-  grep -q 'sign must be a string .*not a Nix path' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
-  ! nixeval '(c.withMeta.copyToRegistry.override { sign = "${builtins.toFile "key" "x"}"; }).drvPath' >/dev/null || fail "a key in the store was accepted"
-  grep -q 'sign must name a key outside the Nix store' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
-  ! nixeval '(c.withMeta.copyToRegistry.override { sign = "cosign.key"; }).drvPath' >/dev/null || fail "a relative key path was accepted"
-  grep -q 'sign must be an absolute path or env://VAR' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
-  ! nixeval '(c.withMeta.copyToRegistry.override { provenance = true; }).drvPath' >/dev/null || fail "provenance without a key was accepted"
-  grep -q 'provenance = true needs sign' "$work/eval.log" || fail "$(tail -2 "$work/eval.log")"
+  refused "(c.withMeta.copyToRegistry.override { sign = $repo/tests/data/cosign.key; }).drvPath" 'sign must be a string .*not a Nix path'
+  refused '(c.withMeta.copyToRegistry.override { sign = "${builtins.toFile "key" "x"}"; }).drvPath' 'sign must name a key outside the Nix store'
+  refused '(c.withMeta.copyToRegistry.override { sign = "cosign.key"; }).drvPath' 'sign must be an absolute path or env://VAR'
+  refused '(c.withMeta.copyToRegistry.override { provenance = true; }).drvPath' 'provenance = true needs sign'
 }
 t copy-to-registry-sbom test_copy_to_registry_sbom
 
