@@ -8,6 +8,7 @@
 mod common;
 
 use common::*;
+use base64::Engine;
 use serde_json::{json, Value};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -568,16 +569,7 @@ fn push_of_a_conf_whose_customisation_layer_is_a_base_layer() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let custom = dir.path().join("custom");
-    fs::create_dir_all(&custom).unwrap();
-    let mut b = tar::Builder::new(Vec::new());
-    let mut h = tar::Header::new_ustar();
-    h.set_size(3);
-    h.set_mode(0o644);
-    b.append_data(&mut h, "etc/x", &b"x!\n"[..]).unwrap();
-    let data = b.into_inner().unwrap();
-    fs::write(custom.join("layer.tar"), &data).unwrap();
-    fs::write(custom.join("checksum"), sha256_hex(&data)).unwrap();
+    let custom = custom_layer(dir.path(), "custom", &[("etc/x", b"x!\n")]);
     let mut conf: Value = serde_json::from_slice(&fs::read(fixture_conf(dir.path(), "amd64")).unwrap()).unwrap();
     conf["customisation_layer"] = json!(custom);
     let base_conf = write_json(dir.path(), "base.json", &conf);
@@ -845,38 +837,60 @@ fn credential_helpers() {
     assert!(out.status.success(), "{stderr}");
 }
 
-/// PUTs a manifest to the registry on 127.0.0.1, as a tamperer with push rights could.
-fn http_put_manifest(port: u16, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
+/// Sends one request to the registry on 127.0.0.1 and returns the whole response, as a
+/// tamperer with push rights could.
+fn http_send(port: u16, request_line: &str, content_type: &str, body: &[u8]) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    write!(s, "PUT /v2/{repo}/manifests/{tag} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {media_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
+    write!(s, "{request_line} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
     s.write_all(body).unwrap();
     let mut all = Vec::new();
     s.read_to_end(&mut all).unwrap();
-    let head = String::from_utf8_lossy(&all);
+    String::from_utf8_lossy(&all).into_owned()
+}
+
+/// PUTs a manifest.
+fn http_put_manifest(port: u16, repo: &str, tag: &str, media_type: &str, body: &[u8]) {
+    let head = http_send(port, &format!("PUT /v2/{repo}/manifests/{tag}"), media_type, body);
     assert!(head.starts_with("HTTP/1.1 201"), "PUT {repo}:{tag}: {head}");
 }
 
-/// Uploads a blob (POST a session, PUT the bytes), as a tamperer with push rights could.
+/// Uploads a blob (POST a session, PUT the bytes); returns its digest.
 fn http_post_blob(port: u16, repo: &str, body: &[u8]) -> String {
     let digest = format!("sha256:{}", sha256_hex(body));
-    let request = |head: String, body: &[u8]| {
-        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-        write!(s, "{head}Host: 127.0.0.1:{port}\r\nContent-Type: application/octet-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n", body.len()).unwrap();
-        s.write_all(body).unwrap();
-        let mut all = Vec::new();
-        s.read_to_end(&mut all).unwrap();
-        String::from_utf8_lossy(&all).into_owned()
-    };
-    let started = request(format!("POST /v2/{repo}/blobs/uploads/ HTTP/1.1\r\n"), b"");
+    let started = http_send(port, &format!("POST /v2/{repo}/blobs/uploads/"), "application/octet-stream", b"");
     assert!(started.starts_with("HTTP/1.1 202"), "POST upload to {repo}: {started}");
     let location = started.lines().find_map(|l| l.strip_prefix("Location: ")).unwrap().trim();
     let path = location.find("/v2/").map(|i| &location[i..]).unwrap();
     let sep = if path.contains('?') { '&' } else { '?' };
-    let done = request(format!("PUT {path}{sep}digest={digest} HTTP/1.1\r\n"), body);
+    let done = http_send(port, &format!("PUT {path}{sep}digest={digest}"), "application/octet-stream", body);
     assert!(done.starts_with("HTTP/1.1 201"), "PUT blob to {repo}: {done}");
     digest
+}
+
+/// A customisation layer directory `dir/name` (layer.tar and its checksum) holding `files`.
+fn custom_layer(dir: &Path, name: &str, files: &[(&str, &[u8])]) -> PathBuf {
+    let custom = dir.join(name);
+    fs::create_dir_all(&custom).unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (path, data) in files {
+        let mut h = tar::Header::new_ustar();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        b.append_data(&mut h, path, *data).unwrap();
+    }
+    let data = b.into_inner().unwrap();
+    fs::write(custom.join("layer.tar"), &data).unwrap();
+    fs::write(custom.join("checksum"), sha256_hex(&data)).unwrap();
+    custom
+}
+
+fn b64(bytes: &[u8]) -> String {
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+fn unb64(text: &str) -> Vec<u8> {
+    base64::engine::general_purpose::STANDARD.decode(text).unwrap()
 }
 
 /// GET from the registry on 127.0.0.1 (a blob: distribution's filesystem driver serves it).
@@ -2269,9 +2283,7 @@ fn push_signs_as_cosign_does() {
     assert_eq!(claim["critical"]["type"], "cosign container image signature");
     // OpenSSL, which shares no code with us, checks the signature.
     let openssl_verifies = |public: &Path, layer: &Value| {
-        let sig = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        sig.stdin.as_ref().unwrap().write_all(layer["annotations"]["dev.cosignproject.cosign/signature"].as_str().unwrap().as_bytes()).unwrap();
-        let der = sig.wait_with_output().unwrap().stdout;
+        let der = unb64(layer["annotations"]["dev.cosignproject.cosign/signature"].as_str().unwrap());
         let (sig_file, payload_file) = (dir.path().join("sig.der"), dir.path().join("payload"));
         fs::write(&sig_file, der).unwrap();
         fs::write(&payload_file, &payload).unwrap();
@@ -2373,17 +2385,12 @@ fn push_attests_provenance_and_sboms_as_cosign_does() {
     let layers = manifest["layers"].as_array().unwrap().clone();
     let types: Vec<&str> = layers.iter().map(|l| l["annotations"]["predicateType"].as_str().unwrap()).collect();
     assert_eq!(types, ["https://slsa.dev/provenance/v1", "https://cyclonedx.org/bom"]);
-    let b64 = |s: &str| {
-        let mut c = Command::new("base64").arg("-d").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-        c.stdin.take().unwrap().write_all(s.as_bytes()).unwrap();
-        c.wait_with_output().unwrap().stdout
-    };
     let mut envelopes = Vec::new();
     for layer in &layers {
         assert_eq!(layer["mediaType"], "application/vnd.dsse.envelope.v1+json");
         let envelope: Value = serde_json::from_slice(&http_get(reg.port, &format!("/v2/team/app/blobs/{}", layer["digest"].as_str().unwrap()))).unwrap();
         assert_eq!(envelope["payloadType"], "application/vnd.in-toto+json");
-        let payload = b64(envelope["payload"].as_str().unwrap());
+        let payload = unb64(envelope["payload"].as_str().unwrap());
         let statement: Value = serde_json::from_slice(&payload).unwrap();
         assert_eq!(statement["_type"], "https://in-toto.io/Statement/v1");
         assert_eq!(statement["subject"][0]["digest"]["sha256"], &digest[7..]);
@@ -2392,7 +2399,7 @@ fn push_attests_provenance_and_sboms_as_cosign_does() {
         let mut pae = format!("DSSEv1 28 application/vnd.in-toto+json {} ", payload.len()).into_bytes();
         pae.extend_from_slice(&payload);
         let (sig_file, pae_file) = (dir.path().join("sig.der"), dir.path().join("pae"));
-        fs::write(&sig_file, b64(envelope["signatures"][0]["sig"].as_str().unwrap())).unwrap();
+        fs::write(&sig_file, unb64(envelope["signatures"][0]["sig"].as_str().unwrap())).unwrap();
         fs::write(&pae_file, &pae).unwrap();
         let out = Command::new("openssl").args(["dgst", "-sha256", "-verify"]).arg(&public).arg("-signature").arg(&sig_file).arg(&pae_file).output().unwrap();
         assert!(String::from_utf8_lossy(&out.stdout).contains("Verified OK"), "{}", String::from_utf8_lossy(&out.stderr));
@@ -2432,9 +2439,7 @@ fn push_attests_provenance_and_sboms_as_cosign_does() {
     forged["predicate"]["serialNumber"] = json!("urn:uuid:00000000-0000-0000-0000-000000000001");
     let mut env = envelope.clone();
     let payload = serde_json::to_vec(&forged).unwrap();
-    let mut enc = Command::new("base64").arg("-w0").stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().unwrap();
-    enc.stdin.take().unwrap().write_all(&payload).unwrap();
-    env["payload"] = json!(String::from_utf8(enc.wait_with_output().unwrap().stdout).unwrap());
+    env["payload"] = json!(b64(&payload));
     let env_bytes = serde_json::to_vec(&env).unwrap();
     let forged_digest = http_post_blob(reg.port, "team/app", &env_bytes);
     let mut tampered = manifest.clone();
@@ -2475,25 +2480,10 @@ fn verify_names_the_layer_and_files_that_differ() {
     }
     let reg = Registry::start(None);
     let dir = tempfile::tempdir().unwrap();
-    let custom_layer = |name: &str, files: &[(&str, &[u8])]| {
-        let custom = dir.path().join(name);
-        fs::create_dir_all(&custom).unwrap();
-        let mut b = tar::Builder::new(Vec::new());
-        for (path, data) in files {
-            let mut h = tar::Header::new_ustar();
-            h.set_size(data.len() as u64);
-            h.set_mode(0o644);
-            b.append_data(&mut h, path, *data).unwrap();
-        }
-        let data = b.into_inner().unwrap();
-        fs::write(custom.join("layer.tar"), &data).unwrap();
-        fs::write(custom.join("checksum"), sha256_hex(&data)).unwrap();
-        custom
-    };
     let mut conf: Value = serde_json::from_slice(&fs::read(fixture_conf(dir.path(), "amd64")).unwrap()).unwrap();
-    conf["customisation_layer"] = json!(custom_layer("a", &[("etc/x", b"x!\n"), ("etc/y", b"y\n"), ("etc/same", b"=\n")]));
+    conf["customisation_layer"] = json!(custom_layer(dir.path(), "a", &[("etc/x", b"x!\n"), ("etc/y", b"y\n"), ("etc/same", b"=\n")]));
     let a = write_json(dir.path(), "a.json", &conf);
-    conf["customisation_layer"] = json!(custom_layer("b", &[("etc/x", b"X!\n"), ("etc/same", b"=\n"), ("etc/w", b"w\n")]));
+    conf["customisation_layer"] = json!(custom_layer(dir.path(), "b", &[("etc/x", b"X!\n"), ("etc/same", b"=\n"), ("etc/w", b"w\n")]));
     let b = write_json(dir.path(), "b.json", &conf);
     conf["customisation_layer"] = json!(dir.path().join("a"));
     conf["config"]["Env"] = json!(["PATH=/usr/bin"]);

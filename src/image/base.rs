@@ -191,10 +191,23 @@ impl<'a> LayerBytes<'a> {
     }
 }
 
+/// A layer whose bytes are not what the config's diff_id says, told apart from trouble reading
+/// it (`stevedore verify` reports it as a difference).
+#[derive(Debug)]
+pub struct LayerMismatch(pub String);
+
+impl std::fmt::Display for LayerMismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for LayerMismatch {}
+
 fn check(layer: &BaseLayer, who: Who, v: Verify) -> Result<()> {
     let got = format!("sha256:{}", hex(&v.hasher.finalize()));
     if got != layer.diff_id {
-        bail!(broken(who, format!("layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)));
+        return Err(LayerMismatch(format!("{who}: layer {} is {got}, but the config's diff_id says {}", layer.member, layer.diff_id)).into());
     }
     Ok(())
 }

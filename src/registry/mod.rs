@@ -218,20 +218,17 @@ pub fn push(source: &str, dest: &str, push: &Push, attachments: &[referrers::Att
     })?;
     progress.say(format!("pushed {}:{tag}@{}", dest.name(), subject.digest));
     if let Some(key) = sign {
-        referrers::sign(&reg, &dest.repo, &subject, &docker_reference(&dest), key, &progress)?;
-        use crate::supply_chain::provenance::{CYCLONEDX_PREDICATE, SLSA_PROVENANCE_V1, SPDX_PREDICATE};
+        let reference = docker_reference(&dest);
+        referrers::sign(&reg, &dest.repo, &subject, &reference, key, &progress)?;
         if let Some(predicate) = provenance {
-            referrers::attest(&reg, &dest.repo, &subject, &docker_reference(&dest), SLSA_PROVENANCE_V1, predicate, key, &progress)?;
+            referrers::attest(&reg, &dest.repo, &subject, &reference, crate::supply_chain::provenance::SLSA_PROVENANCE_V1, predicate, key, &progress)?;
         }
         // Signed SBOMs too, so `cosign verify-attestation --type cyclonedx` vouches for them.
         for att in attachments {
-            let predicate_type = match att.artifact_type.as_str() {
-                "application/vnd.cyclonedx+json" => CYCLONEDX_PREDICATE,
-                "application/spdx+json" => SPDX_PREDICATE,
-                _ => continue,
-            };
-            let doc: serde_json::Value = serde_json::from_slice(&att.bytes)?;
-            referrers::attest(&reg, &dest.repo, &subject, &docker_reference(&dest), predicate_type, &doc, key, &progress)?;
+            if let Some(predicate_type) = att.predicate_type() {
+                let doc: serde_json::Value = serde_json::from_slice(&att.bytes)?;
+                referrers::attest(&reg, &dest.repo, &subject, &reference, predicate_type, &doc, key, &progress)?;
+            }
         }
     } else if provenance.is_some() {
         bail!("provenance is attested with a key: give --sign too");

@@ -46,6 +46,16 @@ impl Attachment {
         };
         Ok(Attachment { artifact_type: artifact_type.into(), file_name: file_name.into(), bytes })
     }
+
+    /// The predicate type cosign attests this document as, if it is an SBOM.
+    pub fn predicate_type(&self) -> Option<&'static str> {
+        use crate::supply_chain::provenance::{CYCLONEDX_PREDICATE, SPDX_PREDICATE};
+        match self.artifact_type.as_str() {
+            "application/vnd.cyclonedx+json" => Some(CYCLONEDX_PREDICATE),
+            "application/spdx+json" => Some(SPDX_PREDICATE),
+            _ => None,
+        }
+    }
 }
 
 /// What an artifact refers to: a manifest's descriptor.
@@ -77,6 +87,14 @@ pub fn artifact_manifest(att: &Attachment, subject: &Subject) -> (Vec<u8>, Strin
     (bytes, digest)
 }
 
+/// Uploads the small blob `data` (its digest `digest`) unless `repo` has it already.
+fn ensure_blob(reg: &Registry, repo: &str, digest: &str, data: &[u8]) -> Result<()> {
+    match reg.blob_exists(repo, digest)? {
+        Some(_) => Ok(()),
+        None => reg.upload_bytes(repo, digest, data),
+    }
+}
+
 /// The tag of the referrers index of `subject_digest` (`sha256:HEX` → `sha256-HEX`).
 pub fn referrers_tag(subject_digest: &str) -> String {
     subject_digest.replacen(':', "-", 1)
@@ -86,11 +104,8 @@ pub fn referrers_tag(subject_digest: &str) -> String {
 /// findable from `subject`; returns the artifact manifest's digest.
 pub fn attach(reg: &Registry, repo: &str, subject: &Subject, att: &Attachment, progress: &Progress) -> Result<String> {
     let (manifest, digest) = artifact_manifest(att, subject);
-    for (blob, data) in [(crate::util::sha256_digest(&att.bytes), att.bytes.as_slice()), (EMPTY_DIGEST.to_string(), EMPTY)] {
-        if reg.blob_exists(repo, &blob)?.is_none() {
-            reg.upload_bytes(repo, &blob, data)?;
-        }
-    }
+    ensure_blob(reg, repo, &crate::util::sha256_digest(&att.bytes), &att.bytes)?;
+    ensure_blob(reg, repo, EMPTY_DIGEST, EMPTY)?;
     let answered = reg.put_manifest(repo, &digest, MANIFEST_TYPE, &manifest)?;
     if answered.oci_subject.as_deref() == Some(subject.digest.as_str()) {
         progress.say(format!("{}: attached {digest} ({}; the registry lists referrers)", subject.digest, att.artifact_type));
@@ -185,17 +200,13 @@ pub fn attest(reg: &Registry, repo: &str, subject: &Subject, docker_reference: &
 /// config listing every layer, as cosign writes it).
 fn add_to_cosign_list(reg: &Registry, repo: &str, tag: &str, media_type: &str, blob: &[u8], annotations: Value) -> Result<()> {
     let digest = crate::util::sha256_digest(blob);
-    if reg.blob_exists(repo, &digest)?.is_none() {
-        reg.upload_bytes(repo, &digest, blob)?;
-    }
+    ensure_blob(reg, repo, &digest, blob)?;
     let entry = json!({"mediaType": media_type, "size": blob.len(), "digest": digest, "annotations": annotations});
     add_to_tagged_list(reg, repo, tag, "layers", entry, |layers| {
         let digests: Vec<String> = layers.iter().filter_map(|l| l.get("digest").and_then(Value::as_str).map(str::to_owned)).collect();
         let config = signature_config(&digests);
         let config_digest = crate::util::sha256_digest(&config);
-        if reg.blob_exists(repo, &config_digest)?.is_none() {
-            reg.upload_bytes(repo, &config_digest, &config)?;
-        }
+        ensure_blob(reg, repo, &config_digest, &config)?;
         let manifest = json!({
             "schemaVersion": 2,
             "mediaType": MANIFEST_TYPE,

@@ -9,7 +9,6 @@ use super::sbom::{LayerKind, SbomInput};
 use super::sign::{base64, Key};
 use crate::util::hex;
 use anyhow::{anyhow, bail, Result};
-use base64::Engine;
 use serde_json::{json, Value};
 
 /// The predicate type `cosign verify-attestation --type slsaprovenance1` looks for.
@@ -23,20 +22,6 @@ pub const DSSE_ENVELOPE_TYPE: &str = "application/vnd.dsse.envelope.v1+json";
 pub const BUILD_TYPE: &str = "https://stevedore.dev/provenance/nix-image/v1";
 /// Names the builder in `runDetails`.
 pub const BUILDER_ID: &str = "https://stevedore.dev/builder";
-
-/// A Nix hash (`sha256:<base32>`, `sha256:<hex>` or SRI `sha256-<base64>`) as hex.
-pub fn sha256_hex(nix_hash: &str) -> Option<String> {
-    if let Some(b64) = nix_hash.strip_prefix("sha256-") {
-        let bytes = base64::engine::general_purpose::STANDARD.decode(b64).ok()?;
-        return (bytes.len() == 32).then(|| hex(&bytes));
-    }
-    let body = nix_hash.strip_prefix("sha256:").unwrap_or(nix_hash);
-    match body.len() {
-        64 if body.bytes().all(|b| b.is_ascii_hexdigit()) => Some(body.to_ascii_lowercase()),
-        52 => crate::nixstore::nix_base32_decode(body).ok().filter(|b| b.len() == 32).map(|b| hex(&b)),
-        _ => None,
-    }
-}
 
 /// The SLSA provenance v1 predicate of the image `input` describes, built by `derivation`
 /// (a `.drv` path) where it is known. Deterministic: the same image gives the same bytes.
@@ -52,7 +37,7 @@ pub fn predicate(input: &SbomInput, derivation: Option<&str>) -> Result<String> 
     let mut deps = Vec::new();
     for o in &input.objects {
         let hash = o.nar_hash.as_deref().ok_or_else(|| anyhow!("{}: no narHash (the provenance names every store path by it)", o.path))?;
-        let hex = sha256_hex(hash).ok_or_else(|| anyhow!("{}: narHash {hash:?} is not a sha256 hash", o.path))?;
+        let hex = hex(&crate::nixstore::parse_nar_hash(hash).map_err(|e| anyhow!("{}: {e:#}", o.path))?);
         let mut annotations = serde_json::Map::new();
         annotations.insert("narHash".into(), json!(hash));
         if let Some(size) = o.nar_size {
@@ -142,6 +127,7 @@ pub fn envelope(statement: &[u8], key: &Key) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use base64::Engine;
     use crate::supply_chain::sbom::{Layer, StoreObject};
 
     fn input() -> SbomInput {
@@ -161,13 +147,21 @@ mod tests {
     fn nix_hashes_in_every_spelling() {
         let hex64 = "ab".repeat(32);
         let bytes: Vec<u8> = (0..32).map(|_| 0xab).collect();
-        assert_eq!(sha256_hex(&format!("sha256:{hex64}")).unwrap(), hex64);
-        assert_eq!(sha256_hex(&format!("sha256:{}", crate::nixstore::nix_base32_encode(&bytes))).unwrap(), hex64);
-        assert_eq!(sha256_hex(&format!("sha256-{}", base64(&bytes))).unwrap(), hex64);
+        let digest_of = |nar_hash: &str| {
+            let mut i = input();
+            i.objects[0].nar_hash = Some(nar_hash.to_string());
+            let v: Value = serde_json::from_str(&predicate(&i, None)?)?;
+            Ok::<_, anyhow::Error>(v["buildDefinition"]["resolvedDependencies"][0]["digest"]["sha256"].as_str().unwrap_or_default().to_string())
+        };
+        assert_eq!(digest_of(&format!("sha256:{hex64}")).unwrap(), hex64);
+        assert_eq!(digest_of(&format!("sha256:{}", crate::nixstore::nix_base32_encode(&bytes))).unwrap(), hex64);
+        assert_eq!(digest_of(&format!("sha256-{}", base64(&bytes))).unwrap(), hex64);
         for bad in ["sha256:xyz", "md5:abc", "sha256-!!", ""] {
-            assert_eq!(sha256_hex(bad), None, "{bad}");
+            let e = digest_of(bad).unwrap_err().to_string();
+            assert!(e.contains("aaa-hello-2.12") && e.contains("narHash"), "{bad}: {e}");
         }
     }
+
 
     #[test]
     fn predicates_name_every_path_and_layer_and_are_stable() {

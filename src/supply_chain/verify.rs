@@ -4,7 +4,7 @@
 //! then the diff_ids and the config. For the first layer that differs, the files that differ
 //! are listed, from both tars.
 
-use crate::image::base::BaseImage;
+use crate::image::base::{BaseImage, LayerMismatch};
 use crate::image::conf::StreamConf;
 use crate::image::digests::DigestCache;
 use crate::image::read::ArchivePick;
@@ -54,12 +54,13 @@ pub fn verify(conf: &StreamConf, image: &Path, pick: Option<&ArchivePick>, progr
     let expected_digest = format!("sha256:{}", hex(&Sha256::digest(expected_config.as_bytes())));
     let actual = BaseImage::load_picked(image, pick).with_context(|| format!("{}", image.display()))?;
 
-    // Every layer's bytes against its diff_id: a config that lists the right diff_ids proves
-    // nothing if the layers beside it are others.
-    let mut scratch: Option<TempDir> = None;
-    let mut kept: Option<PathBuf> = None;
+    // Every layer's bytes against its diff_id (copy_layers checks them): a config that lists
+    // the right diff_ids proves nothing if the layers beside it are others.
     let want: Vec<String> = expected.iter().map(|l| format!("sha256:{}", l.diff_id)).collect();
     let first_diff = (0..want.len().max(actual.layers.len())).find(|&i| want.get(i) != actual.layers.get(i).map(|l| &l.diff_id));
+    // Both copies of the first differing layer are listed from here.
+    let scratch = TempDir::new_in(&crate::util::settings::get().temp_dir)?;
+    let mut kept: Option<PathBuf> = None;
     let mut layer_no = 0;
     let read = actual.copy_layers(|layer, bytes| {
         layer_no += 1;
@@ -67,11 +68,7 @@ pub fn verify(conf: &StreamConf, image: &Path, pick: Option<&ArchivePick>, progr
         let keep = first_diff.is_some_and(|i| actual.layers.get(i).is_some_and(|l| l.member == layer.member));
         let r = bytes.stream()?;
         if keep {
-            let dir = match &scratch {
-                Some(d) => d,
-                None => scratch.insert(TempDir::new_in(&crate::util::settings::get().temp_dir)?),
-            };
-            let path = dir.path().join("image-layer.tar");
+            let path = scratch.path().join("image-layer.tar");
             let mut out = BufWriter::new(File::create(&path).with_context(|| format!("cannot create {}", path.display()))?);
             io::copy(r, &mut out).and_then(|_| out.flush()).with_context(|| format!("cannot write {}", path.display()))?;
             kept = Some(path);
@@ -81,7 +78,11 @@ pub fn verify(conf: &StreamConf, image: &Path, pick: Option<&ArchivePick>, progr
         Ok(())
     });
     if let Err(e) = read {
-        return Ok(Verdict::Differs(vec![format!("the image's layers are not what its config says: {e:#}")]));
+        // A layer that is not what its config says is a difference; anything else is trouble.
+        return match e.downcast_ref::<LayerMismatch>() {
+            Some(m) => Ok(Verdict::Differs(vec![format!("the image's layers are not what its config says: {m}")])),
+            None => Err(e),
+        };
     }
 
     let Some(i) = first_diff else {
@@ -118,7 +119,7 @@ pub fn verify(conf: &StreamConf, image: &Path, pick: Option<&ArchivePick>, progr
         None => None,
     };
     let ours = match want.get(i) {
-        Some(_) => Some(expected_listing(&spec, i, progress)?),
+        Some(_) => Some(expected_listing(&spec, i, scratch.path(), progress)?),
         None => None,
     };
     let empty = BTreeMap::new();
@@ -226,8 +227,8 @@ fn listing(r: impl Read) -> Result<BTreeMap<String, Entry>> {
     Ok(out)
 }
 
-/// Writes the conf's layer `index` to a file and lists it.
-fn expected_listing(spec: &ImageSpec, index: usize, progress: &Progress) -> Result<BTreeMap<String, Entry>> {
+/// Writes the conf's layer `index` to a file in `dir` and lists it.
+fn expected_listing(spec: &ImageSpec, index: usize, dir: &Path, progress: &Progress) -> Result<BTreeMap<String, Entry>> {
     struct One {
         index: usize,
         file: BufWriter<File>,
@@ -246,8 +247,7 @@ fn expected_listing(spec: &ImageSpec, index: usize, progress: &Progress) -> Resu
             self.file.flush().map_err(|e| anyhow!("cannot write the conf's layer: {e}"))
         }
     }
-    let dir = TempDir::new_in(&crate::util::settings::get().temp_dir)?;
-    let path = dir.path().join("conf-layer.tar");
+    let path = dir.join("conf-layer.tar");
     let file = BufWriter::new(File::create(&path).with_context(|| format!("cannot create {}", path.display()))?);
     let mut sink = One { index, file };
     spec.emit_layers(&mut sink, &Progress { quiet: true }).context("making the conf's layer")?;
