@@ -304,7 +304,9 @@ rec {
 
   checkCompressor =
     fn: name: compressor:
-    if isString compressor && compressorExt ? ${compressor} then
+    if isString compressor && (enums.compressors.${compressor}.layersOnly or false) then
+      failWith fn name "compressor ${compressor} compresses the layers of OCI images: use it with format = \"oci\" or \"oci-archive\" (a Docker archive is compressed whole; use \"zstd\")"
+    else if isString compressor && compressorExt ? ${compressor} then
       compressorExt.${compressor}
     else
       failWith fn name "compressor must be one of ${concatStringsSep ", " (attrNames compressorExt)} (got ${toJSON compressor})";

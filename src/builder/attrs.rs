@@ -167,11 +167,11 @@ impl Field for Vec<String> {
     }
 }
 
-/// nixpkgs' compressor names (`none`, `gz`, `zstd`).
+/// nixpkgs' compressor names (`none`, `gz`, `zstd`), and `zstd:chunked` for OCI layers.
 impl Field for Compressor {
     fn read(attrs: &Attrs, key: &str) -> Result<Self> {
         let name = String::read(attrs, key)?;
-        Compressor::parse(&name).map_err(|_| anyhow!("{key}: {name:?} is not one of none, gz, zstd"))
+        Compressor::parse(&name).map_err(|_| anyhow!("{key}: {name:?} is not one of none, gz, zstd, zstd:chunked"))
     }
 }
 

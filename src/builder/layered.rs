@@ -278,6 +278,9 @@ pub(crate) fn write_image(conf: &StreamConf, out: &Path, compressor: Compressor,
     };
     match format {
         Format::DockerArchive => {
+            if compressor == Compressor::ZstdChunked {
+                bail!("compressor \"zstd:chunked\" is a layer format: use it with format = \"oci\" or \"oci-archive\" (a Docker archive is compressed whole; use \"zstd\")");
+            }
             let w = create()?;
             let mut w = match compressor {
                 Compressor::None => image::stream(conf, None, w, &progress)?,

@@ -331,7 +331,10 @@ impl ExportCmd {
             from_image_name: self.from_image_name,
             from_image_tag: self.from_image_tag,
             output: self.output,
-            compressor: Compressor::parse(&self.compressor)?,
+            compressor: match Compressor::parse(&self.compressor)? {
+                Compressor::ZstdChunked => bail!("--compressor zstd:chunked is a format of image layers; an export is one tarball (use zstd)"),
+                c => c,
+            },
             mtime: self.mtime,
             scratch: self.scratch,
             quiet: self.quiet,

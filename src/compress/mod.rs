@@ -7,6 +7,11 @@ use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 
+pub mod chunked;
+
+/// A layer descriptor's annotations, as an encoder made them (zstd:chunked's TOC position).
+pub type Annotations = Vec<(String, String)>;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Compression {
     None,
@@ -70,10 +75,14 @@ pub enum Compressor {
     /// gzip at this deflate level (1-9; `GZIP_LEVEL` unless the user asks for another).
     Gzip(u8),
     Zstd,
+    /// zstd in containers-storage's zstd:chunked format (see [`chunked`]): still zstd to
+    /// every client, and pulled partially by those that read its table of contents.
+    ZstdChunked,
 }
 
 impl crate::util::shared::Choice for Compressor {
-    const CHOICES: &'static [(&'static str, Self, &'static str)] = &[("none", Compressor::None, ""), ("gz", Compressor::GZIP, ""), ("zstd", Compressor::Zstd, "")];
+    const CHOICES: &'static [(&'static str, Self, &'static str)] =
+        &[("none", Compressor::None, ""), ("gz", Compressor::GZIP, ""), ("zstd", Compressor::Zstd, ""), ("zstd:chunked", Compressor::ZstdChunked, "")];
 }
 
 impl Compressor {
@@ -82,6 +91,11 @@ impl Compressor {
 
     pub fn is_gzip(self) -> bool {
         matches!(self, Compressor::Gzip(_))
+    }
+
+    /// zstd, chunked or not (the same media type).
+    pub fn is_zstd(self) -> bool {
+        matches!(self, Compressor::Zstd | Compressor::ZstdChunked)
     }
 
     /// The same compressor at deflate level `level` (1-9), for gzip only: a smaller or faster
@@ -103,6 +117,7 @@ impl Compressor {
             Compressor::Gzip(l) if u32::from(l) == GZIP_LEVEL => format!("Gzip-v{}", self.format_version()),
             Compressor::Gzip(l) => format!("Gzip-v{}-level{l}", self.format_version()),
             Compressor::Zstd => format!("Zstd-v{}", self.format_version()),
+            Compressor::ZstdChunked => format!("ZstdChunked-v{}", self.format_version()),
         }
     }
 
@@ -112,7 +127,8 @@ impl Compressor {
             "none" | "" => Compressor::None,
             "gz" | "gzip" => Compressor::GZIP,
             "zstd" | "zst" => Compressor::Zstd,
-            other => bail!("unknown compressor {other:?}: use none, gz or zstd"),
+            "zstd:chunked" => Compressor::ZstdChunked,
+            other => bail!("unknown compressor {other:?}: use none, gz, zstd or zstd:chunked"),
         })
     }
 
@@ -121,7 +137,7 @@ impl Compressor {
         match self {
             Compressor::None => "",
             Compressor::Gzip(_) => "+gzip",
-            Compressor::Zstd => "+zstd",
+            Compressor::Zstd | Compressor::ZstdChunked => "+zstd",
         }
     }
 
@@ -246,12 +262,12 @@ fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<
         Compressor::None => Ok(data.to_vec()),
         // Runs of incompressible sub-blocks stored, the others compressed, each run on its own.
         Compressor::Gzip(level) => deflate_piece_with(data, last, level.into(), true),
-        Compressor::Zstd => zstd::bulk::compress(data, 3),
+        Compressor::Zstd | Compressor::ZstdChunked => zstd::bulk::compress(data, 3),
     }
 }
 
-type ChunkResult = (u64, std::io::Result<Vec<u8>>, flate2::Crc);
-type Job = (u64, Vec<u8>, bool);
+type ChunkResult = (u64, std::io::Result<Vec<u8>>, flate2::Crc, Option<chunked::Sums>);
+type Job = (u64, Vec<u8>, bool, chunked::Role);
 
 /// How many threads compress (`STEVEDORE_THREADS`, else one per core, at most 16). Output
 /// bytes never depend on it.
@@ -267,6 +283,10 @@ struct Stream<W> {
     /// Set when the stream is closed.
     end: Option<u64>,
     crc: flate2::Crc,
+    /// Bytes written into `inner`.
+    pos: u64,
+    /// The zstd:chunked bookkeeping of the stream.
+    layer: Option<chunked::Layer>,
 }
 
 /// Compresses any number of streams, one after another, on a pool of threads. Each stream is
@@ -277,10 +297,10 @@ struct Stream<W> {
 /// Pieces of all streams share one queue, so a stream can be closed while its last pieces are
 /// still being compressed and the next one begins at once: many small layers keep every core
 /// busy, not only big ones. Output is written by the caller's thread, in order; when the last
-/// piece of a stream is written, `done` gets its writer (before the next stream's first byte
-/// goes anywhere) and its result is kept for `take_finished`. At most about two pieces per
+/// piece of a stream is written, `done` gets its writer and annotations (before the next stream's
+/// first byte goes anywhere) and its result is kept for `take_finished`. At most about two pieces per
 /// thread are in memory at any time.
-pub struct Pipeline<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> {
+pub struct Pipeline<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> {
     kind: Compressor,
     chunk: Vec<u8>,
     /// Pieces of the open stream dispatched so far.
@@ -290,7 +310,7 @@ pub struct Pipeline<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> {
     workers: Vec<std::thread::JoinHandle<()>>,
     sent: u64,
     written: u64,
-    waiting: std::collections::BTreeMap<u64, (Vec<u8>, flate2::Crc)>,
+    waiting: std::collections::BTreeMap<u64, (Vec<u8>, flate2::Crc, Option<chunked::Sums>)>,
     max_in_flight: u64,
     /// Streams not completely written, oldest first; the last may still be open.
     streams: std::collections::VecDeque<Stream<W>>,
@@ -300,7 +320,7 @@ pub struct Pipeline<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> {
     broken: bool,
 }
 
-impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> {
+impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipeline<W, R, F> {
     pub fn new(kind: Compressor, done: F) -> Self {
         Self::with_threads(kind, threads(), done)
     }
@@ -314,16 +334,33 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
             .map(|_| {
                 let jobs = job_rx.clone();
                 let results = res_tx.clone();
-                std::thread::spawn(move || loop {
-                    let job = jobs.lock().map(|rx| rx.recv());
-                    let Ok(Ok((seq, data, last))) = job else { return };
-                    let mut crc = flate2::Crc::new();
-                    if kind.is_gzip() {
-                        crc.update(&data);
-                    }
-                    let out = compress_chunk(kind, &data, last);
-                    if results.send((seq, out, crc)).is_err() {
-                        return;
+                std::thread::spawn(move || {
+                    // zstd:chunked pieces are often small: one context a thread, not one a piece.
+                    let mut ctx: Option<zstd::bulk::Compressor<'static>> = None;
+                    loop {
+                        let job = jobs.lock().map(|rx| rx.recv());
+                        let Ok(Ok((seq, data, last, role))) = job else { return };
+                        let mut crc = flate2::Crc::new();
+                        if kind.is_gzip() {
+                            crc.update(&data);
+                        }
+                        let (out, sums) = if kind == Compressor::ZstdChunked {
+                            let c = match ctx.take() {
+                                Some(c) => Ok(c),
+                                None => zstd::bulk::Compressor::new(chunked::LEVEL),
+                            };
+                            let out = c.and_then(|mut c| {
+                                let out = c.compress(&data);
+                                ctx = Some(c);
+                                out
+                            });
+                            (out, chunked::sums(role, data))
+                        } else {
+                            (compress_chunk(kind, &data, last), None)
+                        };
+                        if results.send((seq, out, crc, sums)).is_err() {
+                            return;
+                        }
                     }
                 })
             })
@@ -361,7 +398,8 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
     pub fn begin(&mut self, inner: W) -> std::io::Result<()> {
         self.check()?;
         assert!(!self.is_open(), "Pipeline::begin while a stream is open");
-        self.streams.push_back(Stream { inner, first: self.sent, end: None, crc: flate2::Crc::new() });
+        let layer = if self.kind == Compressor::ZstdChunked { Some(chunked::Layer::new()?) } else { None };
+        self.streams.push_back(Stream { inner, first: self.sent, end: None, crc: flate2::Crc::new(), pos: 0, layer });
         self.open_pieces = 0;
         Ok(())
     }
@@ -370,9 +408,13 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
     pub fn end(&mut self) -> std::io::Result<()> {
         self.check()?;
         assert!(self.is_open(), "Pipeline::end without an open stream");
+        let role = match self.streams.back_mut().and_then(|s| s.layer.as_mut()) {
+            Some(layer) => layer.end(),
+            None => chunked::Role::Other,
+        };
         // gzip always ends with a final block; zstd needs one (empty) frame for an empty stream.
         if self.kind.is_gzip() || !self.chunk.is_empty() || self.open_pieces == 0 {
-            self.dispatch(true)?;
+            self.dispatch(true, role)?;
         }
         self.streams.back_mut().expect("open stream").end = Some(self.sent);
         self.guarded(|p| p.write_ready(p.max_in_flight))
@@ -413,16 +455,31 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
                     s.inner.write_all(&s.crc.sum().to_le_bytes())?;
                     s.inner.write_all(&s.crc.amount().to_le_bytes())?;
                 }
-                let r = (self.done)(s.inner)?;
+                let annotations = match s.layer.take() {
+                    Some(layer) => {
+                        if let Some(why) = layer.plain() {
+                            eprintln!("stevedore: a layer is plain zstd, not zstd:chunked: {why}");
+                        }
+                        layer.finish(&mut s.inner, s.pos)?
+                    }
+                    None => Vec::new(),
+                };
+                let r = (self.done)(s.inner, annotations)?;
                 self.finished.push(r);
             }
-            if let Some((data, crc)) = self.waiting.remove(&self.written) {
+            if let Some((data, crc, sums)) = self.waiting.remove(&self.written) {
                 let s = self.streams.front_mut().expect("a piece belongs to a stream");
                 if self.written == s.first && self.kind.is_gzip() {
                     // gzip header: no name, mtime 0, OS "unknown", so bytes never vary.
                     s.inner.write_all(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff])?;
+                    s.pos += 10;
                 }
                 s.inner.write_all(&data)?;
+                let start = s.pos;
+                s.pos += data.len() as u64;
+                if let Some(layer) = &mut s.layer {
+                    layer.written(start, s.pos, sums)?;
+                }
                 s.crc.combine(&crc);
                 self.written += 1;
                 continue;
@@ -430,41 +487,58 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Pipeline<W, R, F> 
             if self.sent - self.written <= in_flight {
                 return Ok(());
             }
-            let (seq, out, crc) = self
+            let (seq, out, crc, sums) = self
                 .results
                 .recv()
                 .map_err(|_| std::io::Error::other("a compression thread died"))?;
-            self.waiting.insert(seq, (out?, crc));
+            self.waiting.insert(seq, (out?, crc, sums));
         }
     }
 
-    fn dispatch(&mut self, last: bool) -> std::io::Result<()> {
+    fn dispatch(&mut self, last: bool, role: chunked::Role) -> std::io::Result<()> {
         let data = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.kind.chunk_size()));
+        if let Some(layer) = self.streams.back_mut().and_then(|s| s.layer.as_mut()) {
+            layer.dispatched(role);
+        }
         let jobs = self.jobs.as_ref().expect("pipeline used after drop");
-        jobs.send((self.sent, data, last)).map_err(|_| std::io::Error::other("compression threads stopped"))?;
+        jobs.send((self.sent, data, last, role)).map_err(|_| std::io::Error::other("compression threads stopped"))?;
         self.sent += 1;
         self.open_pieces += 1;
         self.guarded(|p| {
-            while let Ok((seq, out, crc)) = p.results.try_recv() {
-                p.waiting.insert(seq, (out?, crc));
+            while let Ok((seq, out, crc, sums)) = p.results.try_recv() {
+                p.waiting.insert(seq, (out?, crc, sums));
             }
             p.write_ready(p.max_in_flight - 1)
         })
     }
 }
 
-impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> std::io::Write for Pipeline<W, R, F> {
+impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> std::io::Write for Pipeline<W, R, F> {
     fn write(&mut self, mut buf: &[u8]) -> std::io::Result<usize> {
         self.check()?;
         assert!(self.is_open(), "Pipeline::write without an open stream");
         let n = buf.len();
+        if self.kind == Compressor::ZstdChunked {
+            // Pieces end where the tar says (before and after each file's data), not at fixed sizes.
+            while !buf.is_empty() {
+                let layer = self.streams.back_mut().and_then(|s| s.layer.as_mut()).expect("a zstd:chunked stream has its layer");
+                let k = buf.len().min(layer.room(self.chunk.len()));
+                self.chunk.extend_from_slice(&buf[..k]);
+                let cut = layer.feed(&buf[..k], self.chunk.len());
+                buf = &buf[k..];
+                if let Some(role) = cut {
+                    self.dispatch(false, role)?;
+                }
+            }
+            return Ok(n);
+        }
         let size = self.kind.chunk_size();
         while !buf.is_empty() {
             let k = buf.len().min(size - self.chunk.len());
             self.chunk.extend_from_slice(&buf[..k]);
             buf = &buf[k..];
             if self.chunk.len() == size {
-                self.dispatch(false)?;
+                self.dispatch(false, chunked::Role::Other)?;
             }
         }
         Ok(n)
@@ -475,7 +549,7 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> std::io::Write for
     }
 }
 
-impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Drop for Pipeline<W, R, F> {
+impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Drop for Pipeline<W, R, F> {
     fn drop(&mut self) {
         self.jobs = None;
         for w in self.workers.drain(..) {
@@ -486,7 +560,7 @@ impl<W: std::io::Write, R, F: FnMut(W) -> std::io::Result<R>> Drop for Pipeline<
 
 /// A pipeline of one stream: compresses everything written into `inner`.
 pub struct ParallelEncoder<W: std::io::Write> {
-    pipe: Pipeline<W, W, fn(W) -> std::io::Result<W>>,
+    pipe: Pipeline<W, W, fn(W, Annotations) -> std::io::Result<W>>,
 }
 
 impl<W: std::io::Write> ParallelEncoder<W> {
@@ -495,7 +569,9 @@ impl<W: std::io::Write> ParallelEncoder<W> {
     }
 
     pub fn with_threads(inner: W, kind: Compressor, threads: usize) -> Self {
-        let mut pipe = Pipeline::with_threads(kind, threads, Ok as fn(W) -> std::io::Result<W>);
+        // A whole archive is not a layer: zstd:chunked's table of contents has no place in it.
+        let kind = if kind == Compressor::ZstdChunked { Compressor::Zstd } else { kind };
+        let mut pipe = Pipeline::with_threads(kind, threads, (|w, _| Ok(w)) as fn(W, Annotations) -> std::io::Result<W>);
         pipe.begin(inner).expect("a new pipeline has no error");
         ParallelEncoder { pipe }
     }
@@ -605,7 +681,7 @@ mod tests {
         let sizes = [0usize, 10, 300_000, 0, (1 << 20) + 5, 70, 9 << 20, 1];
         for kind in [Compressor::GZIP, Compressor::Zstd, Compressor::None] {
             for threads in [1, 2, 5] {
-                let mut p = Pipeline::with_threads(kind, threads, |w: Tagged| Ok((w.0, w.1)));
+                let mut p = Pipeline::with_threads(kind, threads, |w: Tagged, _| Ok((w.0, w.1)));
                 let mut got = Vec::new();
                 for (i, &n) in sizes.iter().enumerate() {
                     p.begin(Tagged(i, Vec::new())).unwrap();
@@ -637,7 +713,7 @@ mod tests {
                 Ok(())
             }
         }
-        let mut p = Pipeline::with_threads(Compressor::GZIP, 2, |w: Failing| Ok(w));
+        let mut p = Pipeline::with_threads(Compressor::GZIP, 2, |w: Failing, _| Ok(w));
         p.begin(Failing).unwrap();
         p.write_all(&sample(1000)).unwrap();
         let e = p.end().and_then(|()| p.wait()).unwrap_err();

@@ -390,24 +390,7 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
     era * 146097 + doe - 719468
 }
 
-/// `(YYYY-MM-DD, HH:MM:SS)` of a Unix time in UTC.
-pub fn civil_from_unix(t: i64) -> (String, String) {
-    let days = t.div_euclid(86400);
-    let secs = t.rem_euclid(86400);
-    let z = days + 719468;
-    let era = z.div_euclid(146097);
-    let doe = z - era * 146097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
-    (
-        format!("{y:04}-{m:02}-{d:02}"),
-        format!("{:02}:{:02}:{:02}", secs / 3600, (secs / 60) % 60, secs % 60),
-    )
-}
+pub use crate::util::civil_from_unix;
 
 /// `s` quoted for a POSIX shell.
 pub fn shell_quote(s: &str) -> String {

@@ -12,7 +12,7 @@
 //!   a path that is writable (not a store path as Nix leaves it) gets no key and is read.
 
 use super::layer::Owner;
-use crate::compress::Compressor;
+use crate::compress::{Annotations, Compressor};
 use crate::util::hex;
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
@@ -25,7 +25,7 @@ const LAYER_FORMAT: u32 = 1;
 
 pub struct DigestCache {
     path: Option<PathBuf>,
-    map: HashMap<String, (String, u64)>,
+    map: HashMap<String, (String, u64, Annotations)>,
 }
 
 impl DigestCache {
@@ -39,10 +39,13 @@ impl DigestCache {
         if let Some(text) = path.as_ref().and_then(|p| fs::read_to_string(p).ok()) {
             for line in text.lines() {
                 let f: Vec<&str> = line.split(' ').collect();
-                if let [key, digest, size] = f[..] {
-                    if let (Ok(size), true) = (size.parse(), super::reference::is_sha256_digest(digest)) {
-                        map.insert(key.to_string(), (digest.to_string(), size));
-                    }
+                let (key, digest, size, annotations) = match f[..] {
+                    [key, digest, size] => (key, digest, size, Some(Vec::new())),
+                    [key, digest, size, annotations] => (key, digest, size, parse_annotations(annotations)),
+                    _ => continue,
+                };
+                if let (Ok(size), true, Some(annotations)) = (size.parse(), super::reference::is_sha256_digest(digest), annotations) {
+                    map.insert(key.to_string(), (digest.to_string(), size, annotations));
                 }
             }
         }
@@ -55,22 +58,40 @@ impl DigestCache {
 
     /// The digest (`sha256:...`) and size kept under `key`.
     pub fn get(&self, key: &str) -> Option<(String, u64)> {
+        self.map.get(key).map(|(d, s, _)| (d.clone(), *s))
+    }
+
+    /// The digest, size and descriptor annotations kept under `key`.
+    pub fn get_annotated(&self, key: &str) -> Option<(String, u64, Annotations)> {
         self.map.get(key).cloned()
     }
 
     pub fn put(&mut self, key: &str, digest: &str, size: u64) {
-        if self.map.insert(key.to_string(), (digest.to_string(), size)).is_some() {
+        self.put_annotated(key, digest, size, &[])
+    }
+
+    /// Keeps a compressed layer's digest and size with its descriptor's annotations, which are
+    /// written as a fourth field `KEY=VALUE,...` (older versions skip such lines).
+    pub fn put_annotated(&mut self, key: &str, digest: &str, size: u64, annotations: &[(String, String)]) {
+        let clean = annotations.iter().all(|(k, v)| [k, v].iter().all(|s| !s.is_empty() && !s.contains([' ', ',', '=', '\n'])));
+        if !clean || self.map.insert(key.to_string(), (digest.to_string(), size, annotations.to_vec())).is_some() {
             return;
         }
+        let extra: Vec<String> = annotations.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let extra = if extra.is_empty() { String::new() } else { format!(" {}", extra.join(",")) };
         if let Some(path) = &self.path {
             use std::io::Write as _;
             let _ = path.parent().map(fs::create_dir_all);
             // One short append per line: concurrent runs interleave whole lines.
             if let Ok(mut f) = fs::OpenOptions::new().create(true).append(true).open(path) {
-                let _ = f.write_all(format!("{key} {digest} {size}\n").as_bytes());
+                let _ = f.write_all(format!("{key} {digest} {size}{extra}\n").as_bytes());
             }
         }
     }
+}
+
+fn parse_annotations(field: &str) -> Option<Annotations> {
+    field.split(',').map(|kv| kv.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))).collect()
 }
 
 /// The key of a layer compressed with `c` whose diff_id is `diff_id`.

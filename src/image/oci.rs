@@ -8,7 +8,7 @@
 //! one blob write the same bytes, so either rename may win. `index.json` is updated under an
 //! exclusive lock on the layout directory, re-read under it, and replaced by a rename.
 
-use crate::compress::{Compressor, Pipeline};
+use crate::compress::{Annotations, Compressor, Pipeline};
 use crate::util::files::{self, create_temp, TempPath};
 use crate::util::hex;
 use crate::image::{ImageSpec, LayerInfo, LayerSink};
@@ -37,11 +37,23 @@ pub struct Descriptor {
     /// `sha256:<hex>`
     pub digest: String,
     pub size: u64,
+    /// A layer's annotations (zstd:chunked's TOC position); usually none.
+    pub annotations: Annotations,
 }
 
 impl Descriptor {
+    pub fn new(media_type: impl Into<String>, digest: impl Into<String>, size: u64) -> Descriptor {
+        Descriptor { media_type: media_type.into(), digest: digest.into(), size, annotations: Vec::new() }
+    }
+
     pub fn to_json(&self) -> Value {
-        json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size})
+        let mut v = json!({"mediaType": self.media_type, "digest": self.digest, "size": self.size});
+        if !self.annotations.is_empty() {
+            let mut sorted = self.annotations.clone();
+            sorted.sort();
+            v["annotations"] = Value::Object(sorted.into_iter().map(|(k, v)| (k, Value::String(v))).collect());
+        }
+        v
     }
 }
 
@@ -69,15 +81,16 @@ fn buf_file(buf: BufWriter<File>) -> std::io::Result<File> {
     buf.into_inner().map_err(|e| e.into_error())
 }
 
-/// Moves a complete blob to its digest's name; returns (digest hex, size).
-fn finish_blob(blobs: &Path, out: BlobOut) -> std::io::Result<(String, u64)> {
+/// Moves a complete blob to its digest's name; returns (digest hex, size, annotations).
+fn finish_blob(blobs: &Path, out: BlobOut, annotations: Annotations) -> std::io::Result<(String, u64, Annotations)> {
     let (buf, digest, size) = out.w.finish();
     let digest = hex(&digest);
     out.tmp.persist(buf_file(buf)?, &blobs.join(&digest))?;
-    Ok((digest, size))
+    Ok((digest, size, annotations))
 }
 
-type BlobPipeline = Pipeline<BlobOut, (String, u64), Box<dyn FnMut(BlobOut) -> std::io::Result<(String, u64)>>>;
+type BlobDone = Box<dyn FnMut(BlobOut, Annotations) -> std::io::Result<(String, u64, Annotations)>>;
+type BlobPipeline = Pipeline<BlobOut, (String, u64, Annotations), BlobDone>;
 
 /// Writes each layer, compressed, into `blobs/sha256/`. Layers are compressed by one pipeline:
 /// the next layer's tar is made while the last pieces of earlier ones are still compressing.
@@ -97,7 +110,7 @@ struct BlobSink {
 impl BlobSink {
     fn new(root: &Path, compressor: Compressor) -> BlobSink {
         let blobs = root.join("blobs/sha256");
-        let done: Box<dyn FnMut(BlobOut) -> std::io::Result<(String, u64)>> = Box::new(move |out| finish_blob(&blobs, out));
+        let done: BlobDone = Box::new(move |out, annotations| finish_blob(&blobs, out, annotations));
         BlobSink {
             root: root.to_owned(),
             compressor,
@@ -111,9 +124,9 @@ impl BlobSink {
 
     /// Records the blobs completed so far.
     fn collect(&mut self) {
-        for (digest, size) in self.pipe.take_finished() {
+        for (digest, size, annotations) in self.pipe.take_finished() {
             let diff_id = self.pending.pop_front().expect("a finished blob was closed");
-            let d = Descriptor { media_type: layer_media_type(self.compressor), digest: format!("sha256:{digest}"), size };
+            let d = Descriptor { annotations, ..Descriptor::new(layer_media_type(self.compressor), format!("sha256:{digest}"), size) };
             self.by_diff_id.insert(diff_id, d);
         }
     }
@@ -152,7 +165,7 @@ pub fn put_blob(layout: &Path, media_type: &str, data: &[u8]) -> Result<Descript
     let path = layout.join("blobs/sha256").join(&digest);
     let (mut file, tmp) = create_temp(layout, OsStr::new("blob")).with_context(|| format!("cannot create a file in {}", layout.display()))?;
     file.write_all(data).and_then(|()| tmp.persist(file, &path)).with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(Descriptor { media_type: media_type.into(), digest: format!("sha256:{digest}"), size: data.len() as u64 })
+    Ok(Descriptor::new(media_type, format!("sha256:{digest}"), data.len() as u64))
 }
 
 /// The image written into a layout: its manifest and what went into it.

@@ -47,7 +47,7 @@ pub struct Push {
 impl Push {
     /// Options that cannot go together, refused before anything is read or sent.
     fn check(&self) -> Result<()> {
-        if self.manifest_format == ManifestFormat::V2s2 && self.compressor == Compressor::Zstd {
+        if self.manifest_format == ManifestFormat::V2s2 && self.compressor.is_zstd() {
             bail!("--manifest-format v2s2 cannot carry zstd layers (Docker's schema 2 has no zstd); use --compressor gz or none");
         }
         Ok(())

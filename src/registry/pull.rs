@@ -53,6 +53,11 @@ fn descriptor(v: &Value, what: &str) -> Result<Descriptor> {
         media_type: v.get("mediaType").and_then(Value::as_str).unwrap_or("").to_string(),
         digest: digest.to_string(),
         size: v.get("size").and_then(Value::as_u64).ok_or_else(|| anyhow!("{what}: descriptor {digest} has no size"))?,
+        annotations: v
+            .get("annotations")
+            .and_then(Value::as_object)
+            .map(|m| m.iter().filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string()))).collect())
+            .unwrap_or_default(),
     })
 }
 

@@ -5,7 +5,7 @@
 use super::client::{with_digest, Registry, Tries};
 use super::http::{io_failure, BodyWriter, Url};
 use super::source::{Blob, BlobData, Plan, Spool, Spooled};
-use crate::compress::{Compressor, Pipeline};
+use crate::compress::{Annotations, Compressor, Pipeline};
 use crate::util::hex;
 use crate::image::{LayerSink};
 use crate::util::progress::Progress;
@@ -197,7 +197,7 @@ fn upload_body<'r>(reg: &'r Registry, repo: &str, digest: &str, size: u64, opts:
     }
 }
 
-type UploadDone<'a> = Box<dyn FnMut(HashingWriter<UploadBody<'a>>) -> io::Result<u64> + 'a>;
+type UploadDone<'a> = Box<dyn FnMut(HashingWriter<UploadBody<'a>>, Annotations) -> io::Result<u64> + 'a>;
 
 /// Pass 2: uploads the wanted items as the pass produces them. One compression pipeline for
 /// all of them: a layer is compressed while the one before it is still uploading, and each
@@ -221,7 +221,8 @@ impl<'r, 'o> UploadSink<'r, 'o> {
     fn new(reg: &'r Registry, repo: &'o str, opts: &'o PushOptions, wanted: HashMap<usize, (String, u64)>, compressor: Compressor, progress: &'r Progress) -> Self {
         let error: Rc<RefCell<Option<anyhow::Error>>> = Rc::new(RefCell::new(None));
         let slot = error.clone();
-        let done: UploadDone<'r> = Box::new(move |hw: HashingWriter<UploadBody<'r>>| {
+        // The annotations were learnt by the digest pass and are in the manifest already.
+        let done: UploadDone<'r> = Box::new(move |hw: HashingWriter<UploadBody<'r>>, _| {
             let (body, digest, _) = hw.finish();
             let got = format!("sha256:{}", hex(&digest));
             let (want, size) = (body.digest.clone(), body.total);

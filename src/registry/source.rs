@@ -10,7 +10,7 @@
 use crate::image::read::{blob_name, ArchiveIndex, ArchivePick, OciStore};
 use crate::util::limits::{parse_json, METADATA_VALUES};
 use crate::image::base::BaseImage;
-use crate::compress::{Compressor, Pipeline};
+use crate::compress::{Annotations, Compressor, Pipeline};
 use crate::util::{hex, sha256_digest};
 use crate::image::{ImageSpec, LayerSink};
 use crate::util::progress::Progress;
@@ -328,11 +328,11 @@ fn spool_failed(e: io::Error) -> anyhow::Error {
 }
 
 /// A compressed layer's digest and size, and its spool file if it was kept.
-type Hashed = ([u8; 32], u64, Option<PathBuf>);
+type Hashed = ([u8; 32], u64, Option<PathBuf>, Annotations);
 
-type HashPipeline = Pipeline<HashingWriter<Kept>, Hashed, fn(HashingWriter<Kept>) -> io::Result<Hashed>>;
+type HashPipeline = Pipeline<HashingWriter<Kept>, Hashed, fn(HashingWriter<Kept>, Annotations) -> io::Result<Hashed>>;
 
-fn hashed(w: HashingWriter<Kept>) -> io::Result<Hashed> {
+fn hashed(w: HashingWriter<Kept>, annotations: Annotations) -> io::Result<Hashed> {
     let (kept, digest, size) = w.finish();
     let path = match kept {
         Kept::Nothing => None,
@@ -341,7 +341,7 @@ fn hashed(w: HashingWriter<Kept>) -> io::Result<Hashed> {
             Some(path)
         }
     };
-    Ok((digest, size, path))
+    Ok((digest, size, path, annotations))
 }
 
 /// A layer the digest pass learnt: its descriptor, diff_id (hex) and spool file, if kept.
@@ -350,6 +350,7 @@ struct Learnt {
     size: u64,
     diff_id: String,
     kept: Option<PathBuf>,
+    annotations: Annotations,
 }
 
 /// Compresses and hashes each layer, keeping it in the spool if there is one. One pipeline for
@@ -367,18 +368,18 @@ struct DigestSink<'s> {
 
 impl<'s> DigestSink<'s> {
     fn new(compressor: Compressor, only: Option<std::collections::HashSet<usize>>, spool: Option<&'s Spool>) -> DigestSink<'s> {
-        let pipe = Pipeline::new(compressor, hashed as fn(_) -> _);
+        let pipe = Pipeline::new(compressor, hashed as fn(_, _) -> _);
         DigestSink { only, index: 0, pipe, pending: Default::default(), results: HashMap::new(), spool }
     }
 
     fn collect(&mut self) {
-        for (digest, size, kept) in self.pipe.take_finished() {
+        for (digest, size, kept, annotations) in self.pipe.take_finished() {
             let (index, diff_id) = self.pending.pop_front().expect("a finished layer was closed");
             let digest = format!("sha256:{}", hex(&digest));
             if let (Some(spool), Some(path)) = (self.spool, &kept) {
                 spool.hand_over(Spooled { digest: digest.clone(), size, path: path.clone(), what: format!("layer {}", index + 1) });
             }
-            self.results.insert(index, Learnt { digest, size, diff_id, kept });
+            self.results.insert(index, Learnt { digest, size, diff_id, kept, annotations });
         }
     }
 
@@ -416,9 +417,9 @@ impl LayerSink for DigestSink<'_> {
     }
 }
 
-/// What the plan knows of a layer before the push: its compressed digest and size, and the
-/// file it was kept in if it was compressed for this push.
-type Known = (String, u64, Option<PathBuf>);
+/// What the plan knows of a layer before the push: its compressed digest and size, the file it
+/// was kept in if it was compressed for this push, and its descriptor's annotations.
+type Known = (String, u64, Option<PathBuf>, Annotations);
 
 /// Learns the compressed digest of every item of `pass` whose diff_id (`diff_ids`, by item;
 /// None: not known before producing it) is not cached, keeping those layers in `spool` if
@@ -428,9 +429,9 @@ fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Optio
     let mut out = HashMap::new();
     let mut misses = std::collections::HashSet::new();
     for (i, d) in diff_ids.iter().enumerate() {
-        match d.as_deref().and_then(|d| cache.get(&compressed_key(compressor, d))) {
-            Some((digest, size)) => {
-                out.insert(i, (digest, size, None));
+        match d.as_deref().and_then(|d| cache.get_annotated(&compressed_key(compressor, d))) {
+            Some((digest, size, annotations)) => {
+                out.insert(i, (digest, size, None, annotations));
             }
             None => {
                 misses.insert(i);
@@ -449,14 +450,14 @@ fn layer_digests(pass: &dyn LayerPass, compressor: Compressor, diff_ids: &[Optio
                 bail!("layer {} hashes to sha256:{}, not {known}", i + 1, l.diff_id);
             }
         }
-        cache.put(&compressed_key(compressor, &l.diff_id), &l.digest, l.size);
-        out.insert(i, (l.digest, l.size, l.kept));
+        cache.put_annotated(&compressed_key(compressor, &l.diff_id), &l.digest, l.size, &l.annotations);
+        out.insert(i, (l.digest, l.size, l.kept, l.annotations));
     }
     Ok(out)
 }
 
 /// A layer's blob: from its spool file if it has one, else made again by the pass.
-fn layer_blob((digest, size, kept): &Known, item: usize, what: String) -> Blob {
+fn layer_blob((digest, size, kept, _): &Known, item: usize, what: String) -> Blob {
     let data = match kept {
         Some(path) => BlobData::File(path.clone()),
         None => BlobData::Pass(item),
@@ -492,8 +493,8 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, spool: Option<&Spool>, progress: &P
         let layers = pass.spec.emit_layers(&mut sink, &quiet)?;
         let mut digests = HashMap::new();
         for (i, l) in sink.finish()? {
-            cache.put(&compressed_key(pass.compressor, &l.diff_id), &l.digest, l.size);
-            digests.insert(i, (l.digest, l.size, l.kept));
+            cache.put_annotated(&compressed_key(pass.compressor, &l.diff_id), &l.digest, l.size, &l.annotations);
+            digests.insert(i, (l.digest, l.size, l.kept, l.annotations));
         }
         pass.spec.remember_layers(&mut cache, &layers);
         (layers, digests)
@@ -511,11 +512,11 @@ pub fn plan_conf<'a>(pass: &'a ConfPass<'_>, spool: Option<&Spool>, progress: &P
     let mut descs = Vec::new();
     for i in 0..layers.len() {
         let known = digests.get(&i).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
-        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: known.0.clone(), size: known.1 });
+        descs.push(Descriptor { annotations: known.3.clone(), ..Descriptor::new(oci::layer_media_type(pass.compressor), known.0.clone(), known.1) });
         blobs.push(layer_blob(known, i, format!("layer {}", i + 1)));
     }
     let config = pass.spec.config_json(&layers).into_bytes();
-    let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
+    let config_desc = Descriptor::new(CONFIG_TYPE, sha256_digest(&config), config.len() as u64);
     blobs.push(Blob { digest: config_desc.digest.clone(), size: config_desc.size, data: BlobData::Bytes(config), what: "config".into() });
     let manifest = oci::manifest_json(&config_desc, &descs).into_bytes();
     let digest = sha256_digest(&manifest);
@@ -567,10 +568,10 @@ pub fn plan_docker_archive<'a>(pass: &'a DockerArchivePass, spool: Option<&Spool
         // Layers sharing a member were produced once, under the first index.
         let first = pass.base.layers.iter().position(|l| l.member == layer.member).unwrap_or(i);
         let known = results.get(&first).ok_or_else(|| anyhow!("internal error: layer {} was not produced", i + 1))?;
-        descs.push(Descriptor { media_type: oci::layer_media_type(pass.compressor), digest: known.0.clone(), size: known.1 });
+        descs.push(Descriptor { annotations: known.3.clone(), ..Descriptor::new(oci::layer_media_type(pass.compressor), known.0.clone(), known.1) });
         blobs.push(layer_blob(known, first, format!("layer {}", i + 1)));
     }
-    let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
+    let config_desc = Descriptor::new(CONFIG_TYPE, sha256_digest(&config), config.len() as u64);
     blobs.push(Blob { digest: config_desc.digest.clone(), size: config_desc.size, data: BlobData::Bytes(config), what: "config".into() });
     let manifest = oci::manifest_json(&config_desc, &descs).into_bytes();
     let digest = sha256_digest(&manifest);

@@ -195,10 +195,10 @@ impl State {
             spec.describe_layers(&mut cache, &quiet)?
         };
         let config = Arc::new(spec.config_json(&layers).into_bytes());
-        let config_desc = Descriptor { media_type: CONFIG_TYPE.into(), digest: sha256_digest(&config), size: config.len() as u64 };
+        let config_desc = Descriptor::new(CONFIG_TYPE, sha256_digest(&config), config.len() as u64);
         let descs: Vec<Descriptor> = layers
             .iter()
-            .map(|l| Descriptor { media_type: oci::layer_media_type(Compressor::None), digest: format!("sha256:{}", l.diff_id), size: l.size })
+            .map(|l| Descriptor::new(oci::layer_media_type(Compressor::None), format!("sha256:{}", l.diff_id), l.size))
             .collect();
         let manifest = Arc::new(oci::manifest_json(&config_desc, &descs).into_bytes());
         let digest = sha256_digest(&manifest);

@@ -284,7 +284,7 @@ fn trim_nuls(mut v: Vec<u8>) -> Vec<u8> {
     v
 }
 
-fn check_checksum(block: &[u8; 512], at: u64) -> Result<()> {
+pub(crate) fn check_checksum(block: &[u8; 512], at: u64) -> Result<()> {
     let stored = number(&block[148..156], "checksum", at)?;
     let mut unsigned: i64 = 0;
     let mut signed: i64 = 0;
@@ -300,7 +300,7 @@ fn check_checksum(block: &[u8; 512], at: u64) -> Result<()> {
 }
 
 /// A numeric field: octal (space or NUL padded), or GNU base-256 when the top bit is set.
-fn number(field: &[u8], what: &str, at: u64) -> Result<i128> {
+pub(crate) fn number(field: &[u8], what: &str, at: u64) -> Result<i128> {
     if field.first().is_some_and(|&b| b & 0x80 != 0) {
         let negative = field[0] & 0x40 != 0;
         let mut v: i128 = (field[0] & 0x3f) as i128;
@@ -366,7 +366,7 @@ fn header_entry(block: &[u8; 512], at: u64) -> Result<Entry> {
 }
 
 /// The records of a PAX header: `LEN KEY=VALUE\n`, each checked.
-fn parse_pax(data: &[u8], at: u64) -> Result<Vec<(&[u8], &[u8])>> {
+pub(crate) fn parse_pax(data: &[u8], at: u64) -> Result<Vec<(&[u8], &[u8])>> {
     let bad = |what: &str| Error::Bad(at, format!("a malformed PAX header ({what})"));
     let mut out = Vec::new();
     let mut rest = data;

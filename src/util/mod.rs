@@ -27,6 +27,25 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
+/// `(YYYY-MM-DD, HH:MM:SS)` of a Unix time in UTC.
+pub fn civil_from_unix(t: i64) -> (String, String) {
+    let days = t.div_euclid(86400);
+    let secs = t.rem_euclid(86400);
+    let z = days + 719468;
+    let era = z.div_euclid(146097);
+    let doe = z - era * 146097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + if m <= 2 { 1 } else { 0 };
+    (
+        format!("{y:04}-{m:02}-{d:02}"),
+        format!("{:02}:{:02}:{:02}", secs / 3600, (secs / 60) % 60, secs % 60),
+    )
+}
+
 /// What kind of JSON value `v` is, for error messages.
 pub fn kind(v: &Value) -> &'static str {
     match v {
