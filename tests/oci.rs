@@ -43,7 +43,7 @@ fn two_layer_image(dir: &Path) -> (PathBuf, PathBuf, Image) {
 fn layouts_hold_compressed_layers_that_decompress_to_the_diff_ids() {
     let tmp = tempfile::tempdir().unwrap();
     let (_, conf, docker) = two_layer_image(tmp.path());
-    for (compressor, suffix) in [("none", ""), ("gz", "+gzip"), ("zstd", "+zstd")] {
+    for (compressor, suffix) in [("none", ""), ("gz", "+gzip"), ("zstd", "+zstd"), ("zstd:chunked", "+zstd")] {
         let layout = tmp.path().join(format!("layout-{compressor}"));
         let out = stream(&conf, &["--format", "oci", "--compressor", compressor, "-o", layout.to_str().unwrap()]);
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -69,6 +69,14 @@ fn layouts_hold_compressed_layers_that_decompress_to_the_diff_ids() {
             if compressor != "none" {
                 assert!(data.len() < plain.len());
             }
+            // zstd:chunked layers locate their table of contents and tar-split in annotations
+            // (the format itself is checked in src/compress/chunked.rs); the others have none.
+            let keys: Vec<&str> = l.get("annotations").and_then(Value::as_object).map(|a| a.keys().map(String::as_str).collect()).unwrap_or_default();
+            if compressor == "zstd:chunked" {
+                assert_eq!(keys, ["io.github.containers.zstd-chunked.manifest-checksum", "io.github.containers.zstd-chunked.manifest-position", "io.github.containers.zstd-chunked.tarsplit-position"]);
+            } else {
+                assert!(keys.is_empty(), "{compressor}: {keys:?}");
+            }
         }
         let inspect: Value = serde_json::from_slice(
             &Command::new("skopeo").args(["inspect", &format!("oci:{}:latest", layout.display())]).output().unwrap().stdout,
@@ -85,7 +93,7 @@ fn oci_archives_are_the_same_bytes_on_one_core_or_all() {
     let fx = fixture("compat", 8, 30, 2.5);
     let tmp = tempfile::tempdir().unwrap();
     let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, vec![store_paths(&fx)]));
-    for compressor in ["gz", "zstd"] {
+    for compressor in ["gz", "zstd", "zstd:chunked"] {
         let all = stream(&conf, &["--format", "oci-archive", "--compressor", compressor]);
         assert!(all.status.success(), "{}", String::from_utf8_lossy(&all.stderr));
         let one = Command::new("taskset")
@@ -191,7 +199,7 @@ fn many_layers_compress_in_parallel_to_the_same_layout_on_any_thread_count() {
     let layers: Vec<Vec<String>> = store_paths(&fx).into_iter().map(|p| vec![p]).collect();
     let conf = write_json(tmp.path(), "conf.json", &base_conf(&fx, layers));
     let docker = Image::parse(&stream_ok(&conf));
-    for compressor in ["gz", "zstd", "none"] {
+    for compressor in ["gz", "zstd", "zstd:chunked", "none"] {
         let mut layouts = Vec::new();
         for threads in ["1", "16"] {
             let layout = tmp.path().join(format!("layout-{compressor}-{threads}"));

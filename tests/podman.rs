@@ -166,6 +166,44 @@ fn skopeo_and_umoci_read_the_archive() {
     let bb = tmp.path().join("store/4bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb-busybox/bin/busybox");
     let inside = rootfs.join(bb.strip_prefix("/").unwrap());
     assert_eq!(fs::read(&inside).unwrap(), fs::read("/bin/busybox").unwrap());
+
+    // Layouts of zstd and zstd:chunked layers, written by stevedore: umoci reads both alike.
+    // umoci 0.4.7 (Debian 12 and 13) unpacks no zstd layer at all; a umoci that does must
+    // unpack the chunked one as plain zstd.
+    let mut unpacked = Vec::new();
+    for c in ["zstd", "zstd:chunked"] {
+        let layout = tmp.path().join(format!("layout-{}", c.replace(':', "-")));
+        let out = Command::new(bin()).arg("stream").arg(&conf).args(["--format", "oci", "--compressor", c, "-o"]).arg(&layout).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let tag = format!("{}:v2", layout.display());
+        let manifest: Value = serde_json::from_str(&run_ok(Command::new("skopeo").args(["inspect", "--raw", &format!("oci:{tag}")]))).unwrap();
+        let toc = manifest["layers"].as_array().unwrap().iter().filter(|l| l["annotations"]["io.github.containers.zstd-chunked.manifest-checksum"].is_string()).count();
+        assert_eq!(toc, if c == "zstd" { 0 } else { 5 }, "{c}: {manifest}");
+        let bundle = tmp.path().join(format!("bundle-{}", c.replace(':', "-")));
+        let out = Command::new("umoci").args(["unpack", "--rootless", "--image", &tag]).arg(&bundle).output().unwrap();
+        let rootfs = bundle.join("rootfs");
+        unpacked.push(if out.status.success() {
+            assert_eq!(fs::read(rootfs.join("etc/motd")).unwrap(), b"hello\n", "{c}");
+            assert_eq!(fs::read(rootfs.join(bb.strip_prefix("/").unwrap())).unwrap(), fs::read("/bin/busybox").unwrap(), "{c}");
+            "unpacked".to_string()
+        } else {
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(err.contains("not correct mediatype: application/vnd.oci.image.layer.v1.tar+zstd"), "{c}: {err}");
+            "refused as zstd".to_string()
+        });
+        // skopeo decompresses every layer (to recompress it as gzip): each is its diff_id.
+        let copied = tmp.path().join(format!("copied-{}", c.replace(':', "-")));
+        run_ok(Command::new("skopeo").args(["copy", "-q", "--dest-compress", "--dest-compress-format", "gzip", &format!("oci:{tag}"), &format!("dir:{}", copied.display())]));
+        let file = |d: &Value| fs::read(copied.join(d.as_str().unwrap().trim_start_matches("sha256:"))).unwrap();
+        let m: Value = serde_json::from_slice(&fs::read(copied.join("manifest.json")).unwrap()).unwrap();
+        let config: Value = serde_json::from_slice(&file(&m["config"]["digest"])).unwrap();
+        for (i, l) in m["layers"].as_array().unwrap().iter().enumerate() {
+            let mut tar = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&file(&l["digest"])[..]), &mut tar).unwrap();
+            assert_eq!(format!("sha256:{}", common::sha256_hex(&tar)), config["rootfs"]["diff_ids"][i], "{c}: layer {i}");
+        }
+    }
+    assert_eq!(unpacked[0], unpacked[1], "umoci reads zstd:chunked otherwise than zstd");
     make_writable(tmp.path());
 }
 
@@ -176,8 +214,8 @@ fn oci_archives_load_through_either_transport() {
     // docker-archive:` the manifest.json) and runs it, with the config's digest as image ID.
     let Some((tmp, tag, conf)) = podman_image("stevedore-oci-both") else { return };
     let skopeo_json = |args: &[&str]| -> Value { serde_json::from_str(&run_ok(Command::new("skopeo").arg("inspect").args(args))).unwrap() };
-    for c in ["gz", "zstd", "none"] {
-        let archive = tmp.path().join(format!("image-{c}.tar"));
+    for c in ["gz", "zstd", "zstd:chunked", "none"] {
+        let archive = tmp.path().join(format!("image-{}.tar", c.replace(':', "-")));
         let out = Command::new(bin()).arg("stream").arg(&conf).args(["--format", "oci-archive", "--compressor", c, "-o"]).arg(&archive).output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         let oci = format!("oci-archive:{}", archive.display());

@@ -918,14 +918,20 @@ fn compressed_layers_decompress_to_diff_ids() {
     // One digest cache for all: a gzip level of its own must not find the default's digests.
     let cache = dir.path().join("cache");
     let mut gz_digests = Vec::new();
-    for (compressor, suffix, extra) in [("gz", "+gzip", None), ("zstd", "+zstd", None), ("none", "", None), ("gz", "+gzip", Some("9")), ("gz", "+gzip", Some("1"))] {
-        let repo = format!("c-{compressor}{}", extra.unwrap_or(""));
+    let mut chunked_manifests = Vec::new();
+    let cases = [("gz", "+gzip", None), ("zstd", "+zstd", None), ("none", "", None), ("gz", "+gzip", Some("9")), ("gz", "+gzip", Some("1")), ("zstd:chunked", "+zstd", None), ("zstd:chunked", "+zstd", Some("again"))];
+    for (compressor, suffix, extra) in cases {
+        let repo = format!("c-{}{}", compressor.replace(':', "-"), extra.unwrap_or(""));
         let dest = format!("docker://{}/{repo}:v1", reg.addr());
         let mut args = vec!["push", conf.to_str().unwrap(), &dest, "--insecure", "--compressor", compressor, "-q"];
-        if let Some(level) = extra {
+        if let Some(level) = extra.filter(|_| compressor == "gz") {
             args.extend(["--gzip-level", level]);
         }
         let (digest, _) = ok(stevedore(&args, &[("XDG_CACHE_HOME", &cache)]), "push");
+        if compressor == "zstd:chunked" {
+            // The second push takes digests and annotations from the cache: the same manifest.
+            chunked_manifests.push(digest.clone());
+        }
         if compressor == "gz" {
             gz_digests.push(digest);
         }
@@ -939,14 +945,18 @@ fn compressed_layers_decompress_to_diff_ids() {
             let mut tar = Vec::new();
             match compressor {
                 "gz" => flate2::read::GzDecoder::new(&data[..]).read_to_end(&mut tar).unwrap(),
-                "zstd" => zstd::stream::read::Decoder::new(&data[..]).unwrap().read_to_end(&mut tar).unwrap(),
+                "zstd" | "zstd:chunked" => zstd::stream::read::Decoder::new(&data[..]).unwrap().read_to_end(&mut tar).unwrap(),
                 _ => std::io::copy(&mut &data[..], &mut tar).unwrap() as usize,
             };
+            let toc = layer["annotations"]["io.github.containers.zstd-chunked.manifest-position"].as_str();
+            assert_eq!(toc.is_some(), compressor == "zstd:chunked", "{compressor} layer {i}: {layer}");
             assert_eq!(format!("sha256:{}", sha256_hex(&tar)), config["rootfs"]["diff_ids"][i], "{compressor} layer {i}");
         }
     }
     gz_digests.dedup();
     assert_eq!(gz_digests.len(), 3, "gzip levels 4, 9 and 1 gave the same image");
+    assert_eq!(chunked_manifests.len(), 2);
+    assert_eq!(chunked_manifests[0], chunked_manifests[1], "a cached zstd:chunked layer lost its annotations");
     // Levels are checked, and only gzip has them.
     for (args, why) in [(["--compressor", "gz", "--gzip-level", "0"], "use 1 (fastest) to 9"), (["--compressor", "zstd", "--gzip-level", "9"], "gz only")] {
         let dest = format!("docker://{}/bad:v1", reg.addr());

@@ -499,7 +499,9 @@ fn toc_fields(headers: &[u8]) -> Result<Entry, String> {
     let Some(block) = headers.len().checked_sub(512).and_then(|at| headers.get(at..)) else {
         return Err("a short member header".into());
     };
-    let kind = match block[156] {
+    // Go reads the old regular type '\0' as our reader does: a directory if the name ends in '/'.
+    let flag = if block[156] == 0 { entry.kind } else { block[156] };
+    let kind = match flag {
         b'0' => "reg",
         b'1' => "hardlink",
         b'2' => "symlink",
@@ -785,12 +787,15 @@ mod tests {
 
     #[test]
     fn layers_read_as_containers_storage_reads_them() {
-        let tar = sample_tar(&[]);
+        // Old regular members (type '\0'), a directory among them, as Go reads them.
+        let tar = sample_tar(&[(b"nix/store/old", 0, data(10, 1)), (b"nix/store/olddir/", 0, vec![])]);
         let (blob, a) = chunked(&tar, 2);
         check(&tar, &blob, &a);
         let toc: Value = serde_json::from_slice(&unzstd(&blob[position(&a, TOC_POSITION)[0]..][..position(&a, TOC_POSITION)[1]])).unwrap();
         let e = &toc["entries"];
         assert_eq!(e[0], serde_json::json!({"type": "dir", "name": "nix/", "mode": 493, "modtime": "1970-01-01T00:00:01Z"}));
+        let of = |name: &str| e.as_array().unwrap().iter().find(|x| x["name"] == name).unwrap().clone();
+        assert_eq!((of("nix/store/old")["type"].clone(), of("nix/store/olddir/")["type"].clone()), ("reg".into(), "dir".into()));
         let link = e.as_array().unwrap().iter().find(|x| x["type"] == "hardlink").unwrap();
         assert_eq!(link["linkName"], "nix/store/one");
         assert!(link.get("size").is_none() && link.get("digest").is_none());
@@ -807,7 +812,8 @@ mod tests {
         let cases: Vec<(&str, Vec<(&[u8], u8, Vec<u8>)>)> = vec![
             ("a name that is not UTF-8", vec![(b"nix/store/\xff", REGTYPE, vec![1])]),
             ("two members named", vec![(b"nix/store/one/", REGTYPE, vec![2])]),
-            ("type", vec![(b"nix/store/fifo", b'7', vec![])]),
+            ("type", vec![(b"nix/store/contiguous", b'7', vec![])]),
+            ("global header", vec![(b"nix/store/g", b'g', b"7 a=bc\n".to_vec())]),
         ];
         for (why, extra) in cases {
             let tar = sample_tar(&extra);
