@@ -354,7 +354,8 @@ rec {
   # `.override { sbom = true; }` ("cyclonedx", or "spdx") also attaches the image's SBOM (from
   # `sboms`: { cyclonedx, spdx, provenance } derivations, or null where the function has none)
   # as an OCI 1.1 artifact; `attach = [ documents ]` attaches others; `sign = KEY` signs the
-  # image and `provenance = true` attests its provenance with that key.
+  # image and `provenance = true` attests its provenance with that key; `compressor = "zstd"`
+  # (or "zstd:chunked", "none") compresses the layers so instead of gzip.
   pushScript =
     shell: baseName: source: imageRef: sboms:
     makeOverridable (
@@ -363,6 +364,7 @@ rec {
         attach ? [ ],
         sign ? null,
         provenance ? false,
+        compressor ? null,
       }:
       let
         fail = failWith "copyToRegistry" baseName;
@@ -410,6 +412,10 @@ rec {
             "${sboms.provenance}";
       in
       assert isList attach || fail "attach must be a list of documents (got ${builtins.typeOf attach})";
+      assert
+        compressor == null
+        || (isString compressor && enums.compressors ? ${compressor})
+        || fail "compressor must be one of ${concatStringsSep ", " (attrNames enums.compressors)} (got ${toJSON compressor})";
       stevedoreDrv "push-script" (
         local
         // {
@@ -420,6 +426,7 @@ rec {
           attach = document ++ map toString attach;
           sign = key;
           provenance = predicate;
+          inherit compressor;
         }
       )
     ) { };

@@ -175,6 +175,15 @@ impl Field for Compressor {
     }
 }
 
+impl Field for Option<Compressor> {
+    fn read(attrs: &Attrs, key: &str) -> Result<Self> {
+        match Option::<String>::read(attrs, key)? {
+            None => Ok(None),
+            Some(_) => Compressor::read(attrs, key).map(Some),
+        }
+    }
+}
+
 /// An output format; absent means a Docker archive.
 impl Field for Format {
     fn read(attrs: &Attrs, key: &str) -> Result<Self> {
@@ -331,6 +340,8 @@ action_attrs! {
         sign: Option<String> = "sign",
         /// The provenance predicate to attest with that key (`--provenance`).
         provenance: Option<String> = "provenance",
+        /// The layers' compressor (`--compressor`), if not push's default.
+        compressor: Option<Compressor> = "compressor",
     }
 }
 

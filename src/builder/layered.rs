@@ -206,6 +206,10 @@ pub(super) fn push_script((out, a): (PathBuf, attrs::PushScript)) -> Result<()> 
         }
         attach.push_str(&format!(" --provenance {}", shell_quote(predicate)));
     }
+    if let Some(c) = a.compressor {
+        let name = <Compressor as crate::util::shared::Choice>::CHOICES.iter().find(|x| x.1 == c).map_or("gz", |x| x.0);
+        attach.push_str(&format!(" --compressor {}", shell_quote(name)));
+    }
     let script = format!(
         "#!{}\n# Pushes the image to a registry: [docker://REGISTRY/REPO:TAG] [stevedore push options].\n\
          dest=docker://{}\ncase \"${{1:-}}\" in docker://*) dest=$1; shift ;; esac\n\

@@ -346,6 +346,15 @@ let
         compressor = "zstd";
       }
     );
+    # zstd:chunked layers in an OCI layout, and pushed so by copyToRegistry.
+    ociChunked = dockerTools.buildLayeredImage (
+      helloArgs
+      // {
+        format = "oci";
+        compressor = "zstd:chunked";
+      }
+    );
+    chunkedPush = cases.hello.copyToRegistry.override { compressor = "zstd:chunked"; };
     ociLayout = dockerTools.buildImage {
       name = "oci-layout";
       tag = "latest";

@@ -18,6 +18,26 @@ test_oci_formats() {
 }
 t oci-formats test_oci_formats
 
+# oci-chunked: compressor = "zstd:chunked" writes zstd layers that locate their table of contents
+# in annotations (src/compress/chunked.rs and tests/chunked.rs check the format itself); a Docker
+# archive, compressed whole, refuses it
+test_oci_chunked() {
+  local out
+  out=$(build ociChunked) || fail "$(tail -5 "$work/ociChunked.log")"
+  skopeo inspect --raw "oci:$out" >"$work/oci-chunked.json"
+  python3 - "$work/oci-chunked.json" <<'PY' || fail "$(cat "$work/oci-chunked.json")"
+import json, sys
+layers = json.load(open(sys.argv[1]))["layers"]
+assert layers and all(l["mediaType"] == "application/vnd.oci.image.layer.v1.tar+zstd" for l in layers), layers
+for l in layers:
+    toc = l["annotations"]["io.github.containers.zstd-chunked.manifest-position"].split(":")
+    assert len(toc) == 4 and toc[3] == "1" and int(toc[0]) + int(toc[1]) < l["size"], l
+PY
+  refused '(c.helloGz.override { compressor = "zstd:chunked"; }).drvPath' 'compresses the layers of OCI images'
+  refused '(c.hello.copyToRegistry.override { compressor = "xz"; }).drvPath' 'compressor must be one of gz, none, zstd, zstd:chunked'
+}
+t oci-chunked test_oci_chunked
+
 # oci-bases: an oci-archive (zstd) and an OCI layout directory (gzip) as fromImage: their layers
 # come first with their diff_ids, the base Env is merged, and podman runs the results
 test_oci_bases() {

@@ -29,6 +29,11 @@ test_copy_to_registry() {
   # Push options pass through: Docker schema 2 manifests for Docker-only clients.
   out=$("$push" "docker://127.0.0.1:$port/team/hello:v2s2" --insecure -q --manifest-format v2s2)
   expect_eq "$(skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/hello:v2s2" | python3 -c 'import json,sys; print(json.load(sys.stdin)["mediaType"])')" "application/vnd.docker.distribution.manifest.v2+json"
+  # copyToRegistry.override { compressor = "zstd:chunked"; }: the layers of a partial pull.
+  push=$(build chunkedPush)
+  grep -qF -- "--compressor 'zstd:chunked'" "$push" || fail "the script does not compress so: $(cat "$push")"
+  out=$("$push" "docker://127.0.0.1:$port/team/hello:chunked" --insecure -q)
+  skopeo inspect --raw --tls-verify=false "docker://127.0.0.1:$port/team/hello:chunked" | python3 -c 'import json,sys; d=json.load(sys.stdin); assert all("io.github.containers.zstd-chunked.manifest-checksum" in l["annotations"] for l in d["layers"]), d' || fail "no zstd:chunked layers"
   # buildImage's copyToRegistry pushes its (gzipped) archive.
   push=$(build redisLike.copyToRegistry)
   out=$("$push" "docker://127.0.0.1:$port/team/redis:latest" --insecure -q)
