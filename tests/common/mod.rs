@@ -267,3 +267,18 @@ pub fn modern_tool(name: &str) -> Option<PathBuf> {
     }
     found
 }
+
+/// GET from the registry on 127.0.0.1 (a blob: distribution's filesystem driver serves it).
+pub fn http_get(port: u16, path: &str) -> Vec<u8> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    write!(s, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nConnection: close\r\n\r\n").unwrap();
+    let mut all = Vec::new();
+    s.read_to_end(&mut all).unwrap();
+    let end = all.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&all[..end]).to_string();
+    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
+    assert!(!head.to_ascii_lowercase().contains("transfer-encoding: chunked"), "GET {path}: chunked");
+    all[end + 4..].to_vec()
+}
