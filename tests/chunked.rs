@@ -4,9 +4,10 @@
 //! fraction of its size (podman reads the layer's TOC by Range requests and fetches only the
 //! files it does not already have), and B's files must be byte for byte those of a full pull.
 //!
-//! The images come from one function (`push_pair_*`); today podman makes them itself
-//! (`podman push --compression-format zstd:chunked`), which validates the harness. A second test
-//! can take stevedore's images by writing another such function and calling `check_partial_pull`.
+//! The images come from one function each: podman's own (`podman push --compression-format
+//! zstd:chunked`), which shows the harness measures what it should, and stevedore's (`stevedore
+//! push --compressor zstd:chunked`, B with one store path rebuilt, one file in it changed), which
+//! must fetch no more than B's TOC, tar-split and that one file's frames.
 //!
 //! Needs podman >= 5 (partial pulls; podman 4.3 of Debian 12 has none), docker-registry, skopeo
 //! and busybox-static. Elsewhere the test is skipped with a message; on the Debian 13 stack
