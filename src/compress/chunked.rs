@@ -65,7 +65,8 @@ pub fn sums(role: Role, data: Vec<u8>) -> Option<Sums> {
         Role::Other => None,
         Role::Data { whole, .. } => Some(Sums {
             sha: Sha256::digest(&data).into(),
-            crc: crc64(0, &data),
+            // A file of several pieces has its CRC taken whole, as it is written.
+            crc: if whole { crc64(0, &data) } else { 0 },
             len: data.len() as u64,
             data: (!whole).then_some(data),
         }),
@@ -591,16 +592,18 @@ pub fn crc64(crc: u64, data: &[u8]) -> u64 {
     let t = TABLES.get_or_init(|| {
         const POLY: u64 = 0xD800_0000_0000_0000;
         let mut t = [[0u64; 256]; 8];
-        for i in 0..256 {
+        for (i, slot) in t[0].iter_mut().enumerate() {
             let mut c = i as u64;
             for _ in 0..8 {
                 c = if c & 1 == 1 { (c >> 1) ^ POLY } else { c >> 1 };
             }
-            t[0][i] = c;
+            *slot = c;
         }
-        for i in 0..256 {
-            for k in 1..8 {
-                t[k][i] = (t[k - 1][i] >> 8) ^ t[0][(t[k - 1][i] & 0xff) as usize];
+        for k in 1..8 {
+            let (done, rest) = t.split_at_mut(k);
+            for (i, slot) in rest[0].iter_mut().enumerate() {
+                let prev = done[k - 1][i];
+                *slot = (prev >> 8) ^ done[0][(prev & 0xff) as usize];
             }
         }
         t
@@ -646,10 +649,14 @@ mod tests {
 
     /// A tar with every kind of member the TOC holds, files of 0, 1, PIECE-1, PIECE, PIECE+1
     /// and 2.5 PIECE bytes, long and non-ASCII names.
-    fn sample_tar(extra: &[(&[u8], u8, Vec<u8>)]) -> Vec<u8> {
+    /// Extra members: name, type, content.
+    type Extra<'a> = (&'a [u8], u8, Vec<u8>);
+
+    fn sample_tar(extra: &[Extra]) -> Vec<u8> {
         let mut w = crate::tar::write::Writer::new(Vec::new());
         let long = format!("nix/store/{}-long/{}", "a".repeat(32), "n".repeat(150));
-        let mut members: Vec<(Vec<u8>, u8, Vec<u8>, &[u8])> = vec![
+        type Member<'a> = (Vec<u8>, u8, Vec<u8>, &'a [u8]);
+        let mut members: Vec<Member> = vec![
             (b"nix/".to_vec(), DIRTYPE, vec![], b""),
             (b"nix/store/".to_vec(), DIRTYPE, vec![], b""),
             (b"nix/store/empty".to_vec(), REGTYPE, vec![], b""),
@@ -809,7 +816,7 @@ mod tests {
 
     #[test]
     fn what_the_toc_cannot_hold_makes_plain_zstd() {
-        let cases: Vec<(&str, Vec<(&[u8], u8, Vec<u8>)>)> = vec![
+        let cases: Vec<(&str, Vec<Extra>)> = vec![
             ("a name that is not UTF-8", vec![(b"nix/store/\xff", REGTYPE, vec![1])]),
             ("two members named", vec![(b"nix/store/one/", REGTYPE, vec![2])]),
             ("type", vec![(b"nix/store/contiguous", b'7', vec![])]),
@@ -833,7 +840,7 @@ mod tests {
     #[test]
     fn many_small_members_and_extended_headers() {
         let names: Vec<(Vec<u8>, Vec<u8>)> = (0..3000).map(|i| (format!("nix/store/{i:04}-{}", "x".repeat(i % 190)).into_bytes(), data(i % 700, i as u64))).collect();
-        let extra: Vec<(&[u8], u8, Vec<u8>)> = names.iter().map(|(n, c)| (&n[..], REGTYPE, c.clone())).collect();
+        let extra: Vec<Extra> = names.iter().map(|(n, c)| (&n[..], REGTYPE, c.clone())).collect();
         let tar = sample_tar(&extra);
         let (blob, a) = chunked(&tar, 2);
         check(&tar, &blob, &a);

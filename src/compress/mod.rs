@@ -496,10 +496,16 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
     }
 
     fn dispatch(&mut self, last: bool, role: chunked::Role) -> std::io::Result<()> {
-        let data = std::mem::replace(&mut self.chunk, Vec::with_capacity(self.kind.chunk_size()));
-        if let Some(layer) = self.streams.back_mut().and_then(|s| s.layer.as_mut()) {
-            layer.dispatched(role);
-        }
+        // zstd:chunked pieces are as small as a file: room for the next one only (a fresh 4 MiB
+        // buffer for each would be an mmap and page faults per file).
+        let next = match self.streams.back_mut().and_then(|s| s.layer.as_mut()) {
+            Some(layer) => {
+                layer.dispatched(role);
+                layer.room(0).max(16 << 10)
+            }
+            None => self.kind.chunk_size(),
+        };
+        let data = std::mem::replace(&mut self.chunk, Vec::with_capacity(next));
         let jobs = self.jobs.as_ref().expect("pipeline used after drop");
         jobs.send((self.sent, data, last, role)).map_err(|_| std::io::Error::other("compression threads stopped"))?;
         self.sent += 1;
@@ -558,9 +564,12 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Drop 
     }
 }
 
+/// Gives the stream's writer back, annotations dropped.
+type PassOn<W> = fn(W, Annotations) -> std::io::Result<W>;
+
 /// A pipeline of one stream: compresses everything written into `inner`.
 pub struct ParallelEncoder<W: std::io::Write> {
-    pipe: Pipeline<W, W, fn(W, Annotations) -> std::io::Result<W>>,
+    pipe: Pipeline<W, W, PassOn<W>>,
 }
 
 impl<W: std::io::Write> ParallelEncoder<W> {
@@ -571,7 +580,7 @@ impl<W: std::io::Write> ParallelEncoder<W> {
     pub fn with_threads(inner: W, kind: Compressor, threads: usize) -> Self {
         // A whole archive is not a layer: zstd:chunked's table of contents has no place in it.
         let kind = if kind == Compressor::ZstdChunked { Compressor::Zstd } else { kind };
-        let mut pipe = Pipeline::with_threads(kind, threads, (|w, _| Ok(w)) as fn(W, Annotations) -> std::io::Result<W>);
+        let mut pipe = Pipeline::with_threads(kind, threads, (|w, _| Ok(w)) as PassOn<W>);
         pipe.begin(inner).expect("a new pipeline has no error");
         ParallelEncoder { pipe }
     }

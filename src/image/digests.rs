@@ -184,4 +184,22 @@ mod tests {
         assert_eq!(c.get("k3"), None);
         assert_eq!(compressed_key(Compressor::GZIP, "sha256:00"), "Gzip-v2:00");
     }
+
+    #[test]
+    fn annotations_are_kept_beside_the_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("layer-digests");
+        let digest = format!("sha256:{}", "cd".repeat(32));
+        let toc = vec![("io.x.manifest-position".to_string(), "10:20:30:1".to_string()), ("io.x.checksum".to_string(), digest.clone())];
+        let mut c = DigestCache::at(Some(path.clone()));
+        c.put_annotated("ZstdChunked-v1:00", &digest, 7, &toc);
+        // A value the line format cannot hold is not cached at all (the layer is compressed again).
+        c.put_annotated("ZstdChunked-v1:11", &digest, 7, &[("k".into(), "a b".into())]);
+        fs::write(&path, format!("{}bad {digest} 1 novalue\n", fs::read_to_string(&path).unwrap())).unwrap();
+        let c = DigestCache::at(Some(path));
+        assert_eq!(c.get_annotated("ZstdChunked-v1:00"), Some((digest.clone(), 7, toc)));
+        assert_eq!(c.get("ZstdChunked-v1:00"), Some((digest, 7)));
+        assert_eq!(c.get("ZstdChunked-v1:11"), None);
+        assert_eq!(c.get("bad"), None);
+    }
 }
