@@ -33,6 +33,7 @@
 
 mod common;
 
+use common::Registry;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
@@ -40,10 +41,10 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// podman >= 5, docker-registry, skopeo and a static busybox; or a message and false (a
 /// failure instead on the Debian 13 stack, whose root must have them all).
@@ -62,60 +63,6 @@ fn have_tools() -> bool {
         eprintln!("{why}: chunked tests skipped");
     }
     ok
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
-}
-
-/// A docker-registry serving a temporary directory on 127.0.0.1; killed when dropped (as in
-/// tests/registry.rs, without auth or TLS).
-struct Registry {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Registry {
-    fn start() -> Registry {
-        let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
-        let config = format!(
-            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: 127.0.0.1:{port}\n",
-            dir.path().join("data").display()
-        );
-        let config_path = dir.path().join("config.yml");
-        fs::write(&config_path, config).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&config_path)
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(dir.path().join("registry.log")).unwrap())
-            .spawn()
-            .expect("docker-registry runs");
-        let reg = Registry { child, port, _dir: dir };
-        wait_for_port(port, "docker-registry");
-        reg
-    }
-
-    fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Registry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn wait_for_port(port: u16, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "{what} did not start on port {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// One request that went through the proxy, and what it cost.
@@ -702,7 +649,7 @@ fn podman_made_zstd_chunked_pulls_partially() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let pair = push_pair_podman(&reg, work.path());
     check_partial_pull(&reg, &pair);
 }
@@ -713,7 +660,7 @@ fn stevedore_made_zstd_chunked_pulls_partially() {
         return;
     }
     let work = tempfile::tempdir().unwrap();
-    let reg = Registry::start();
+    let reg = Registry::start(None);
     let Some(pair) = push_pair_stevedore(&reg, work.path()) else { return };
     check_partial_pull(&reg, &pair);
 }
