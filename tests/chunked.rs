@@ -33,16 +33,15 @@
 
 mod common;
 
-use common::Registry;
+use common::{Registry, Server};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -102,31 +101,19 @@ impl Exchange {
 struct RecordingProxy {
     port: u16,
     log: Arc<Mutex<Vec<Exchange>>>,
-    stop: Arc<AtomicBool>,
+    _server: Server,
 }
 
 impl RecordingProxy {
     fn start(upstream: u16) -> RecordingProxy {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = listener.local_addr().unwrap().port();
         let log = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (log2, stop2) = (log.clone(), stop.clone());
-        std::thread::spawn(move || {
-            for conn in listener.incoming() {
-                if stop2.load(Ordering::SeqCst) {
-                    return;
-                }
-                let Ok(conn) = conn else { continue };
-                let log = log2.clone();
-                std::thread::spawn(move || {
-                    if let Some(x) = forward(conn, upstream) {
-                        log.lock().unwrap().push(x);
-                    }
-                });
+        let log2 = log.clone();
+        let server = Server::start(move |conn| {
+            if let Some(x) = forward(conn, upstream) {
+                log2.lock().unwrap().push(x);
             }
         });
-        RecordingProxy { port, log, stop }
+        RecordingProxy { port: server.port, log, _server: server }
     }
 
     fn addr(&self) -> String {
@@ -141,13 +128,6 @@ impl RecordingProxy {
     /// What was recorded since the last reset.
     fn exchanges(&self) -> Vec<Exchange> {
         self.log.lock().unwrap().clone()
-    }
-}
-
-impl Drop for RecordingProxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
 }
 

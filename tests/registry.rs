@@ -12,7 +12,7 @@ use base64::Engine;
 use serde_json::{json, Value};
 use std::fs;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -43,14 +43,7 @@ enum Fault {
 struct Proxy {
     port: u16,
     log: Arc<Mutex<Vec<String>>>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
+    _server: Server,
 }
 
 const TOKEN: &str = "t0k3n-for-tests";
@@ -85,90 +78,80 @@ fn respond(mut s: &TcpStream, status: &str, headers: &str, body: &str) {
 }
 
 fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let log = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
     let faults = Arc::new(AtomicUsize::new(0));
-    let (log2, stop2) = (log.clone(), stop.clone());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            if stop2.load(Ordering::SeqCst) {
+    let log2 = log.clone();
+    let server = Server::start(move |conn| {
+        let (log, faults) = (log2.clone(), faults.clone());
+        let port = conn.local_addr().unwrap().port();
+        conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let Some((method, path, headers)) = read_head(&mut r) else { return };
+        let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
+        let len: u64 = get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+        log.lock().unwrap().push(format!("{method} {path}"));
+        let upload = (method == "PATCH" || method == "PUT") && path.contains("/blobs/uploads/");
+        let drain = |r: &mut BufReader<TcpStream>, n: u64| {
+            let _ = std::io::copy(&mut r.take(n), &mut std::io::sink());
+        };
+        match fault {
+            Fault::Fail503(n) if upload && faults.fetch_add(1, Ordering::SeqCst) < n => {
+                drain(&mut r, len);
+                log.lock().unwrap().push("-> 503".into());
+                respond(&conn, "503 Service Unavailable", "", "");
                 return;
             }
-            let Ok(conn) = conn else { continue };
-            let (log, faults) = (log2.clone(), faults.clone());
-            std::thread::spawn(move || {
-                conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let Some((method, path, headers)) = read_head(&mut r) else { return };
-                let get = |n: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(n)).map(|(_, v)| v.clone());
-                let len: u64 = get("content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
-                log.lock().unwrap().push(format!("{method} {path}"));
-                let upload = (method == "PATCH" || method == "PUT") && path.contains("/blobs/uploads/");
-                let drain = |r: &mut BufReader<TcpStream>, n: u64| {
-                    let _ = std::io::copy(&mut r.take(n), &mut std::io::sink());
-                };
-                match fault {
-                    Fault::Fail503(n) if upload && faults.fetch_add(1, Ordering::SeqCst) < n => {
-                        drain(&mut r, len);
-                        log.lock().unwrap().push("-> 503".into());
-                        respond(&conn, "503 Service Unavailable", "", "");
-                        return;
-                    }
-                    Fault::Drop(n) if upload && len > 2 && faults.fetch_add(1, Ordering::SeqCst) < n => {
-                        drain(&mut r, len / 2);
-                        log.lock().unwrap().push("-> dropped".into());
-                        let _ = conn.shutdown(Shutdown::Both);
-                        return;
-                    }
-                    Fault::Bearer if path.starts_with("/token") && method == "POST" => {
-                        let mut body = vec![0u8; len as usize];
-                        let _ = r.read_exact(&mut body);
-                        let form = String::from_utf8_lossy(&body).into_owned();
-                        log.lock().unwrap().push(format!("form {}", form.replace(REFRESH, "REFRESH")));
-                        let fields: Vec<&str> = form.split('&').collect();
-                        if fields.contains(&"grant_type=refresh_token") && fields.contains(&format!("refresh_token={REFRESH}").as_str()) {
-                            respond(&conn, "200 OK", "Content-Type: application/json\r\n", &format!("{{\"access_token\":\"{TOKEN}\"}}"));
-                        } else {
-                            respond(&conn, "401 Unauthorized", "", "{\"error\":\"invalid_grant\"}");
-                        }
-                        return;
-                    }
-                    Fault::Bearer if path.starts_with("/token") => {
-                        let want = format!("Basic {}", stevedore::registry::auth::base64_encode(b"user:pw"));
-                        if get("authorization").as_deref() == Some(want.as_str()) {
-                            respond(&conn, "200 OK", "Content-Type: application/json\r\n", &format!("{{\"token\":\"{TOKEN}\"}}"));
-                        } else {
-                            respond(&conn, "401 Unauthorized", "", "{\"details\":\"bad credentials\"}");
-                        }
-                        return;
-                    }
-                    Fault::Bearer if get("authorization").as_deref() != Some(&format!("Bearer {TOKEN}")) => {
-                        drain(&mut r, len);
-                        let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test\"\r\n");
-                        respond(&conn, "401 Unauthorized", &challenge, "");
-                        return;
-                    }
-                    _ => {}
+            Fault::Drop(n) if upload && len > 2 && faults.fetch_add(1, Ordering::SeqCst) < n => {
+                drain(&mut r, len / 2);
+                log.lock().unwrap().push("-> dropped".into());
+                let _ = conn.shutdown(Shutdown::Both);
+                return;
+            }
+            Fault::Bearer if path.starts_with("/token") && method == "POST" => {
+                let mut body = vec![0u8; len as usize];
+                let _ = r.read_exact(&mut body);
+                let form = String::from_utf8_lossy(&body).into_owned();
+                log.lock().unwrap().push(format!("form {}", form.replace(REFRESH, "REFRESH")));
+                let fields: Vec<&str> = form.split('&').collect();
+                if fields.contains(&"grant_type=refresh_token") && fields.contains(&format!("refresh_token={REFRESH}").as_str()) {
+                    respond(&conn, "200 OK", "Content-Type: application/json\r\n", &format!("{{\"access_token\":\"{TOKEN}\"}}"));
+                } else {
+                    respond(&conn, "401 Unauthorized", "", "{\"error\":\"invalid_grant\"}");
                 }
-                let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
-                let mut head = format!("{method} {path} HTTP/1.1\r\n");
-                for (k, v) in &headers {
-                    if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("authorization") {
-                        head.push_str(&format!("{k}: {v}\r\n"));
-                    }
+                return;
+            }
+            Fault::Bearer if path.starts_with("/token") => {
+                let want = format!("Basic {}", stevedore::registry::auth::base64_encode(b"user:pw"));
+                if get("authorization").as_deref() == Some(want.as_str()) {
+                    respond(&conn, "200 OK", "Content-Type: application/json\r\n", &format!("{{\"token\":\"{TOKEN}\"}}"));
+                } else {
+                    respond(&conn, "401 Unauthorized", "", "{\"details\":\"bad credentials\"}");
                 }
-                head.push_str("Connection: close\r\n\r\n");
-                if up.write_all(head.as_bytes()).is_err() || std::io::copy(&mut (&mut r).take(len), &mut up).is_err() {
-                    return;
-                }
-                let mut conn = conn;
-                let _ = std::io::copy(&mut up, &mut conn);
-            });
+                return;
+            }
+            Fault::Bearer if get("authorization").as_deref() != Some(&format!("Bearer {TOKEN}")) => {
+                drain(&mut r, len);
+                let challenge = format!("WWW-Authenticate: Bearer realm=\"http://127.0.0.1:{port}/token\",service=\"test\"\r\n");
+                respond(&conn, "401 Unauthorized", &challenge, "");
+                return;
+            }
+            _ => {}
         }
+        let Ok(mut up) = TcpStream::connect(("127.0.0.1", upstream)) else { return };
+        let mut head = format!("{method} {path} HTTP/1.1\r\n");
+        for (k, v) in &headers {
+            if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("authorization") {
+                head.push_str(&format!("{k}: {v}\r\n"));
+            }
+        }
+        head.push_str("Connection: close\r\n\r\n");
+        if up.write_all(head.as_bytes()).is_err() || std::io::copy(&mut (&mut r).take(len), &mut up).is_err() {
+            return;
+        }
+        let mut conn = conn;
+        let _ = std::io::copy(&mut up, &mut conn);
     });
-    Proxy { port, log, stop }
+    Proxy { port: server.port, log, _server: server }
 }
 
 /// Runs stevedore with no auth files but the ones a test gives.
@@ -1293,14 +1276,7 @@ struct Front {
     port: u16,
     log: Arc<Mutex<Vec<(String, Option<String>)>>>,
     written: Arc<std::sync::atomic::AtomicU64>,
-    stop: Arc<AtomicBool>,
-}
-
-impl Drop for Front {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        let _ = TcpStream::connect(("127.0.0.1", self.port));
-    }
+    _server: Server,
 }
 
 impl Front {
@@ -1318,102 +1294,92 @@ fn reset(s: TcpStream) {
 }
 
 fn start_front(upstream: Option<u16>, rule: impl Fn(&Req) -> Act + Send + Sync + 'static) -> Front {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
     let log = Arc::new(Mutex::new(Vec::new()));
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
     let rule = Arc::new(rule);
-    let (log2, written2, stop2) = (log.clone(), written.clone(), stop.clone());
-    std::thread::spawn(move || {
-        for conn in listener.incoming() {
-            if stop2.load(Ordering::SeqCst) {
-                return;
+    let (log2, written2) = (log.clone(), written.clone());
+    let server = Server::start(move |conn| {
+        let (log, written, rule) = (log2.clone(), written2.clone(), rule.clone());
+        let port = conn.local_addr().unwrap().port();
+        conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
+        conn.set_write_timeout(Some(Duration::from_secs(20))).ok();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let Some((method, path, headers)) = read_head(&mut r) else { return };
+        let len: usize = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
+        let mut body = vec![0u8; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        let req = Req { method, path, headers, body, port };
+        let auth = req.header("authorization").map(str::to_owned);
+        log.lock().unwrap().push((format!("{} {}", req.method, req.path), auth));
+        let mut conn = conn;
+        match rule(&req) {
+            Act::Reply(status, headers, body) => {
+                let head = format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
+                let _ = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(&body));
             }
-            let Ok(conn) = conn else { continue };
-            let (log, written, rule) = (log2.clone(), written2.clone(), rule.clone());
-            std::thread::spawn(move || {
-                conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                conn.set_write_timeout(Some(Duration::from_secs(20))).ok();
-                let mut r = BufReader::new(conn.try_clone().unwrap());
-                let Some((method, path, headers)) = read_head(&mut r) else { return };
-                let len: usize = headers.iter().find(|(k, _)| k.eq_ignore_ascii_case("content-length")).and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
-                let mut body = vec![0u8; len];
-                if r.read_exact(&mut body).is_err() {
+            Act::Endless { head, unit, max } => {
+                let mut n = 0u64;
+                let mut ok = conn.write_all(head.as_bytes()).is_ok();
+                while ok && n < max {
+                    ok = conn.write_all(&unit).is_ok();
+                    n += unit.len() as u64;
+                    written.fetch_add(unit.len() as u64, Ordering::SeqCst);
+                }
+            }
+            Act::Reset => {
+                drop(r);
+                reset(conn);
+            }
+            Act::Silent => {
+                conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
+                let _ = r.read(&mut [0u8; 1]);
+            }
+            Act::Drip { head, unit, every } => {
+                let until = Instant::now() + Duration::from_secs(60);
+                let mut ok = conn.write_all(head.as_bytes()).is_ok();
+                while ok && Instant::now() < until {
+                    std::thread::sleep(every);
+                    ok = conn.write_all(&unit).is_ok();
+                    written.fetch_add(unit.len() as u64, Ordering::SeqCst);
+                }
+            }
+            Act::Forward(rewrite) => {
+                let Some(Ok(mut up)) = upstream.map(|p| TcpStream::connect(("127.0.0.1", p))) else { return };
+                up.set_read_timeout(Some(Duration::from_secs(20))).ok();
+                let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
+                for (k, v) in &req.headers {
+                    if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("authorization") {
+                        head.push_str(&format!("{k}: {v}\r\n"));
+                    }
+                }
+                head.push_str("Connection: close\r\n\r\n");
+                if up.write_all(head.as_bytes()).and_then(|()| up.write_all(&req.body)).is_err() {
                     return;
                 }
-                let req = Req { method, path, headers, body, port };
-                let auth = req.header("authorization").map(str::to_owned);
-                log.lock().unwrap().push((format!("{} {}", req.method, req.path), auth));
-                let mut conn = conn;
-                match rule(&req) {
-                    Act::Reply(status, headers, body) => {
-                        let head = format!("HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n", body.len());
-                        let _ = conn.write_all(head.as_bytes()).and_then(|()| conn.write_all(&body));
+                let mut ur = BufReader::new(up);
+                let mut resp_head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if ur.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
                     }
-                    Act::Endless { head, unit, max } => {
-                        let mut n = 0u64;
-                        let mut ok = conn.write_all(head.as_bytes()).is_ok();
-                        while ok && n < max {
-                            ok = conn.write_all(&unit).is_ok();
-                            n += unit.len() as u64;
-                            written.fetch_add(unit.len() as u64, Ordering::SeqCst);
-                        }
-                    }
-                    Act::Reset => {
-                        drop(r);
-                        reset(conn);
-                    }
-                    Act::Silent => {
-                        conn.set_read_timeout(Some(Duration::from_secs(60))).ok();
-                        let _ = r.read(&mut [0u8; 1]);
-                    }
-                    Act::Drip { head, unit, every } => {
-                        let until = Instant::now() + Duration::from_secs(60);
-                        let mut ok = conn.write_all(head.as_bytes()).is_ok();
-                        while ok && Instant::now() < until {
-                            std::thread::sleep(every);
-                            ok = conn.write_all(&unit).is_ok();
-                            written.fetch_add(unit.len() as u64, Ordering::SeqCst);
-                        }
-                    }
-                    Act::Forward(rewrite) => {
-                        let Some(Ok(mut up)) = upstream.map(|p| TcpStream::connect(("127.0.0.1", p))) else { return };
-                        up.set_read_timeout(Some(Duration::from_secs(20))).ok();
-                        let mut head = format!("{} {} HTTP/1.1\r\n", req.method, req.path);
-                        for (k, v) in &req.headers {
-                            if !k.eq_ignore_ascii_case("connection") && !k.eq_ignore_ascii_case("authorization") {
-                                head.push_str(&format!("{k}: {v}\r\n"));
-                            }
-                        }
-                        head.push_str("Connection: close\r\n\r\n");
-                        if up.write_all(head.as_bytes()).and_then(|()| up.write_all(&req.body)).is_err() {
-                            return;
-                        }
-                        let mut ur = BufReader::new(up);
-                        let mut resp_head = String::new();
-                        loop {
-                            let mut line = String::new();
-                            if ur.read_line(&mut line).unwrap_or(0) == 0 {
-                                return;
-                            }
-                            resp_head.push_str(&line);
-                            if line == "\r\n" {
-                                break;
-                            }
-                        }
-                        if let Some((from, to)) = rewrite {
-                            resp_head = resp_head.replace(&from, &to);
-                        }
-                        if conn.write_all(resp_head.as_bytes()).is_ok() {
-                            let _ = std::io::copy(&mut ur, &mut conn);
-                        }
+                    resp_head.push_str(&line);
+                    if line == "\r\n" {
+                        break;
                     }
                 }
-            });
+                if let Some((from, to)) = rewrite {
+                    resp_head = resp_head.replace(&from, &to);
+                }
+                if conn.write_all(resp_head.as_bytes()).is_ok() {
+                    let _ = std::io::copy(&mut ur, &mut conn);
+                }
+            }
         }
     });
-    Front { port, log, written, stop }
+    Front { port: server.port, log, written, _server: server }
 }
 
 /// Runs stevedore, failing the test if it takes longer than `secs` (a hang).

@@ -733,15 +733,28 @@ impl Registry {
     }
 
     /// PUT a manifest under `reference` (a digest or a tag).
+    ///
+    /// A manifest whose blobs the registry calls unknown is tried again (up to `--retries`):
+    /// every blob was uploaded (or seen) before, so it is a registry that briefly cannot see one
+    /// while another client commits the same blob (docker-registry's filesystem storage
+    /// rewrites a blob's link file in place). A blob that is really missing fails each try.
     pub fn put_manifest(&self, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> Result<ManifestPut> {
         let url = self.url(&format!("/v2/{repo}/manifests/{reference}"))?;
-        let resp = self.request("PUT", &url, &[("Content-Type", media_type)], body)?;
-        if resp.status != 201 && resp.status != 200 {
-            return Err(self.fail(&format!("putting manifest {}/{repo}:{reference}", self.host), resp));
+        let mut tries = Tries::new(self.retries);
+        loop {
+            let resp = self.request("PUT", &url, &[("Content-Type", media_type)], body)?;
+            if resp.status == 201 || resp.status == 200 {
+                let put = ManifestPut { oci_subject: resp.header("oci-subject").map(|s| s.trim().to_string()) };
+                resp.discard();
+                return Ok(put);
+            }
+            let e = self.fail(&format!("putting manifest {}/{repo}:{reference}", self.host), resp);
+            let blob_unknown = e.downcast_ref::<StatusError>().is_some_and(|s| s.status == 400 && s.message.contains("MANIFEST_BLOB_UNKNOWN"));
+            match tries.after_status(None) {
+                Some(wait) if blob_unknown => std::thread::sleep(wait),
+                _ => return Err(e),
+            }
         }
-        let put = ManifestPut { oci_subject: resp.header("oci-subject").map(|s| s.trim().to_string()) };
-        resp.discard();
-        Ok(put)
     }
 
     /// GET a manifest that may not exist: None if the registry answers 404.

@@ -346,3 +346,39 @@ impl Drop for Registry {
         let _ = self.child.wait();
     }
 }
+
+/// A TCP server on 127.0.0.1 that gives each connection to `handle` on a thread of its own;
+/// it stops accepting when dropped.
+pub struct Server {
+    pub port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Server {
+    pub fn start(handle: impl Fn(std::net::TcpStream) + Send + Sync + 'static) -> Server {
+        use std::sync::{atomic::*, Arc};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (stop2, handle) = (stop.clone(), Arc::new(handle));
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                if stop2.load(Ordering::SeqCst) {
+                    return;
+                }
+                let Ok(conn) = conn else { continue };
+                let handle = handle.clone();
+                std::thread::spawn(move || handle(conn));
+            }
+        });
+        Server { port, stop }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = std::net::TcpStream::connect(("127.0.0.1", self.port));
+    }
+}
