@@ -50,7 +50,8 @@ pub enum Role {
 }
 
 /// What a compression thread learnt of a data piece: its SHA-256 and CRC-64, its length, and,
-/// for a file of several pieces, the data itself (hashed whole, in order, when written).
+/// for a file of several pieces, the data itself (its SHA-256 taken whole, in order, when
+/// written; the CRCs are combined instead, which takes them off the writing thread).
 pub struct Sums {
     sha: [u8; 32],
     crc: u64,
@@ -65,8 +66,7 @@ pub fn sums(role: Role, data: Vec<u8>) -> Option<Sums> {
         Role::Other => None,
         Role::Data { whole, .. } => Some(Sums {
             sha: Sha256::digest(&data).into(),
-            // A file of several pieces has its CRC taken whole, as it is written.
-            crc: if whole { crc64(0, &data) } else { 0 },
+            crc: crc64(0, &data),
             len: data.len() as u64,
             data: (!whole).then_some(data),
         }),
@@ -344,7 +344,7 @@ impl Layer {
             if !whole {
                 let piece = s.data.as_deref().unwrap_or_default();
                 data.sha.get_or_insert_with(Sha256::new).update(piece);
-                data.crc = crc64(data.crc, piece);
+                data.crc = crc64_combine(data.crc, s.crc, s.len);
             }
             data.chunks.push(Chunk { offset, end, size: s.len, sha: s.sha });
             if last {
@@ -627,6 +627,50 @@ pub fn crc64(crc: u64, data: &[u8]) -> u64 {
     !c
 }
 
+/// The CRC-64 of `a` then `b` from `crc64(0, a)`, `crc64(0, b)` and `b`'s length, as zlib
+/// combines CRC-32s: `crc_a` is run through `len_b` zero bytes by squaring the operator of one
+/// zero bit (a 64×64 matrix over GF(2)), so a combination costs O(log len_b).
+pub fn crc64_combine(crc_a: u64, crc_b: u64, len_b: u64) -> u64 {
+    fn times(mat: &[u64; 64], mut vec: u64) -> u64 {
+        let mut sum = 0;
+        let mut i = 0;
+        while vec != 0 {
+            if vec & 1 == 1 {
+                sum ^= mat[i];
+            }
+            vec >>= 1;
+            i += 1;
+        }
+        sum
+    }
+    fn square(mat: &[u64; 64]) -> [u64; 64] {
+        std::array::from_fn(|n| times(mat, mat[n]))
+    }
+    if len_b == 0 {
+        return crc_a;
+    }
+    // The operator of one zero bit, then of one zero byte (8 bits: three squarings).
+    let mut op = [0u64; 64];
+    op[0] = 0xD800_0000_0000_0000;
+    for (n, row) in op.iter_mut().enumerate().skip(1) {
+        *row = 1 << (n - 1);
+    }
+    for _ in 0..3 {
+        op = square(&op);
+    }
+    let (mut crc, mut len) = (crc_a, len_b);
+    loop {
+        if len & 1 == 1 {
+            crc = times(&op, crc);
+        }
+        len >>= 1;
+        if len == 0 {
+            return crc ^ crc_b;
+        }
+        op = square(&op);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -790,6 +834,14 @@ mod tests {
     fn go_crc64_iso() {
         assert_eq!(crc64(0, b"123456789"), 0xb909_56c7_75a4_1001);
         assert_eq!(crc64(crc64(0, b"1234"), b"56789"), 0xb909_56c7_75a4_1001);
+        assert_eq!(crc64_combine(crc64(0, b"1234"), crc64(0, b"56789"), 5), 0xb909_56c7_75a4_1001);
+        assert_eq!(crc64_combine(0, crc64(0, b"123456789"), 9), 0xb909_56c7_75a4_1001);
+        assert_eq!(crc64_combine(crc64(0, b"123456789"), 0, 0), 0xb909_56c7_75a4_1001);
+        let d = data(3 << 20, 7);
+        for cut in [1, 8, 4095, 1 << 20, (3 << 20) - 1] {
+            let (a, b) = d.split_at(cut);
+            assert_eq!(crc64_combine(crc64(0, a), crc64(0, b), b.len() as u64), crc64(0, &d), "cut at {cut}");
+        }
     }
 
     #[test]

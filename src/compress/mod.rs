@@ -269,6 +269,10 @@ fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<
 type ChunkResult = (u64, std::io::Result<Vec<u8>>, flate2::Crc, Option<chunked::Sums>);
 type Job = (u64, Vec<u8>, bool, chunked::Role);
 
+/// zstd:chunked pieces, a file each, go to the threads in batches of about this many bytes: a
+/// handoff per small file costs more in wake-ups than compressing it.
+const BATCH_BYTES: usize = 1 << 20;
+
 /// How many threads compress (`STEVEDORE_THREADS`, else one per core, at most 16). Output
 /// bytes never depend on it.
 pub fn threads() -> usize {
@@ -299,19 +303,26 @@ struct Stream<W> {
 /// busy, not only big ones. Output is written by the caller's thread, in order; when the last
 /// piece of a stream is written, `done` gets its writer and annotations (before the next stream's
 /// first byte goes anywhere) and its result is kept for `take_finished`. At most about two pieces per
-/// thread are in memory at any time.
+/// thread are in memory at any time (two batches of small zstd:chunked pieces, a MiB or so each).
 pub struct Pipeline<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> {
     kind: Compressor,
     chunk: Vec<u8>,
     /// Pieces of the open stream dispatched so far.
     open_pieces: u64,
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
-    results: std::sync::mpsc::Receiver<ChunkResult>,
+    jobs: Option<std::sync::mpsc::Sender<Vec<Job>>>,
+    results: std::sync::mpsc::Receiver<Vec<ChunkResult>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    /// Pieces numbered so far (the next piece's sequence number).
     sent: u64,
+    /// Pieces numbered but not yet handed to the threads, and their bytes.
+    batch: Vec<Job>,
+    batch_bytes: usize,
+    /// The sequence number after each batch handed to the threads and not yet written.
+    batch_ends: std::collections::VecDeque<u64>,
     written: u64,
     waiting: std::collections::BTreeMap<u64, (Vec<u8>, flate2::Crc, Option<chunked::Sums>)>,
-    max_in_flight: u64,
+    /// Batches handed to the threads at most (a batch is one piece unless zstd:chunked).
+    max_in_flight: usize,
     /// Streams not completely written, oldest first; the last may still be open.
     streams: std::collections::VecDeque<Stream<W>>,
     done: F,
@@ -327,7 +338,7 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
 
     pub fn with_threads(kind: Compressor, threads: usize, done: F) -> Self {
         let threads = threads.max(1);
-        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         let (res_tx, res_rx) = std::sync::mpsc::channel();
         let workers = (0..threads)
@@ -338,27 +349,31 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
                     // zstd:chunked pieces are often small: one context a thread, not one a piece.
                     let mut ctx: Option<zstd::bulk::Compressor<'static>> = None;
                     loop {
-                        let job = jobs.lock().map(|rx| rx.recv());
-                        let Ok(Ok((seq, data, last, role))) = job else { return };
-                        let mut crc = flate2::Crc::new();
-                        if kind.is_gzip() {
-                            crc.update(&data);
-                        }
-                        let (out, sums) = if kind == Compressor::ZstdChunked {
-                            let c = match ctx.take() {
-                                Some(c) => Ok(c),
-                                None => zstd::bulk::Compressor::new(chunked::LEVEL),
+                        let batch = jobs.lock().map(|rx| rx.recv());
+                        let Ok(Ok(batch)) = batch else { return };
+                        let mut done = Vec::with_capacity(batch.len());
+                        for (seq, data, last, role) in batch {
+                            let mut crc = flate2::Crc::new();
+                            if kind.is_gzip() {
+                                crc.update(&data);
+                            }
+                            let (out, sums) = if kind == Compressor::ZstdChunked {
+                                let c = match ctx.take() {
+                                    Some(c) => Ok(c),
+                                    None => zstd::bulk::Compressor::new(chunked::LEVEL),
+                                };
+                                let out = c.and_then(|mut c| {
+                                    let out = c.compress(&data);
+                                    ctx = Some(c);
+                                    out
+                                });
+                                (out, chunked::sums(role, data))
+                            } else {
+                                (compress_chunk(kind, &data, last), None)
                             };
-                            let out = c.and_then(|mut c| {
-                                let out = c.compress(&data);
-                                ctx = Some(c);
-                                out
-                            });
-                            (out, chunked::sums(role, data))
-                        } else {
-                            (compress_chunk(kind, &data, last), None)
-                        };
-                        if results.send((seq, out, crc, sums)).is_err() {
+                            done.push((seq, out, crc, sums));
+                        }
+                        if results.send(done).is_err() {
                             return;
                         }
                     }
@@ -373,9 +388,12 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
             results: res_rx,
             workers,
             sent: 0,
+            batch: Vec::new(),
+            batch_bytes: 0,
+            batch_ends: Default::default(),
             written: 0,
             waiting: Default::default(),
-            max_in_flight: 2 * threads as u64 + 1,
+            max_in_flight: 2 * threads + 1,
             streams: Default::default(),
             done,
             finished: Vec::new(),
@@ -423,7 +441,10 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
     /// Waits until every closed stream is written.
     pub fn wait(&mut self) -> std::io::Result<()> {
         self.check()?;
-        self.guarded(|p| p.write_ready(0))
+        self.guarded(|p| {
+            p.send_batch()?;
+            p.write_ready(0)
+        })
     }
 
     /// Results of `done` for the streams completed so far, oldest first.
@@ -443,8 +464,8 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
     }
 
     /// Writes finished pieces in order, completing streams on the way, waiting for results
-    /// until at most `in_flight` pieces are outstanding.
-    fn write_ready(&mut self, in_flight: u64) -> std::io::Result<()> {
+    /// until at most `in_flight` batches handed to the threads are outstanding.
+    fn write_ready(&mut self, in_flight: usize) -> std::io::Result<()> {
         loop {
             while let Some(s) = self.streams.front() {
                 if s.end != Some(self.written) {
@@ -484,15 +505,35 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
                 self.written += 1;
                 continue;
             }
-            if self.sent - self.written <= in_flight {
+            while self.batch_ends.front().is_some_and(|&end| end <= self.written) {
+                self.batch_ends.pop_front();
+            }
+            if self.batch_ends.len() <= in_flight {
                 return Ok(());
             }
-            let (seq, out, crc, sums) = self
-                .results
-                .recv()
-                .map_err(|_| std::io::Error::other("a compression thread died"))?;
+            let done = self.results.recv().map_err(|_| std::io::Error::other("a compression thread died"))?;
+            self.received(done)?;
+        }
+    }
+
+    fn received(&mut self, done: Vec<ChunkResult>) -> std::io::Result<()> {
+        for (seq, out, crc, sums) in done {
             self.waiting.insert(seq, (out?, crc, sums));
         }
+        Ok(())
+    }
+
+    /// Hands the pieces numbered so far to the threads.
+    fn send_batch(&mut self) -> std::io::Result<()> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_bytes = 0;
+        let jobs = self.jobs.as_ref().expect("pipeline used after drop");
+        jobs.send(batch).map_err(|_| std::io::Error::other("compression threads stopped"))?;
+        self.batch_ends.push_back(self.sent);
+        Ok(())
     }
 
     fn dispatch(&mut self, last: bool, role: chunked::Role) -> std::io::Result<()> {
@@ -506,13 +547,17 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
             None => self.kind.chunk_size(),
         };
         let data = std::mem::replace(&mut self.chunk, Vec::with_capacity(next));
-        let jobs = self.jobs.as_ref().expect("pipeline used after drop");
-        jobs.send((self.sent, data, last, role)).map_err(|_| std::io::Error::other("compression threads stopped"))?;
+        self.batch_bytes += data.len();
+        self.batch.push((self.sent, data, last, role));
         self.sent += 1;
         self.open_pieces += 1;
+        if self.kind == Compressor::ZstdChunked && self.batch_bytes < BATCH_BYTES {
+            return Ok(());
+        }
         self.guarded(|p| {
-            while let Ok((seq, out, crc, sums)) = p.results.try_recv() {
-                p.waiting.insert(seq, (out?, crc, sums));
+            p.send_batch()?;
+            while let Ok(done) = p.results.try_recv() {
+                p.received(done)?;
             }
             p.write_ready(p.max_in_flight - 1)
         })
