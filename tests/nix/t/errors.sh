@@ -8,7 +8,7 @@ test_errors() {
     grep -qF -- "$2" "$work/bad.$1.log" || fail "bad.$1: no [$2] in: $(grep -i error "$work/bad.$1.log" | tail -3)"
   }
   check_error maxLayers1 'maxLayers must be greater than 1 (got 1)'
-  check_error compressor 'compressor must be one of gz, none, zstd (got "xz")'
+  check_error compressor 'compressor must be one of gz, none, zstd, zstd:chunked (got "xz")'
   check_error runAsRootList 'runAsRoot must be null or a string (a shell script)'
   check_error format 'format must be one of docker-archive, oci, oci-archive (got "squashfs")'
   check_error failingRunAsRoot 'failed with exit code 1'
