@@ -60,16 +60,15 @@ pub struct Sums {
 }
 
 /// Hashes a data piece (on a compression thread, after compressing it); keeps the data if the
-/// file has more pieces.
-pub fn sums(role: Role, data: Vec<u8>) -> Option<Sums> {
+/// file has more pieces, else gives it back.
+pub fn sums(role: Role, data: Vec<u8>) -> (Option<Sums>, Option<Vec<u8>>) {
     match role {
-        Role::Other => None,
-        Role::Data { whole, .. } => Some(Sums {
-            sha: Sha256::digest(&data).into(),
-            crc: crc64(0, &data),
-            len: data.len() as u64,
-            data: (!whole).then_some(data),
-        }),
+        Role::Other => (None, Some(data)),
+        Role::Data { whole, .. } => {
+            let (sha, crc, len) = (Sha256::digest(&data).into(), crc64(0, &data), data.len() as u64);
+            let (kept, back) = if whole { (None, Some(data)) } else { (Some(data), None) };
+            (Some(Sums { sha, crc, len, data: kept }), back)
+        }
     }
 }
 
@@ -331,19 +330,21 @@ impl Layer {
     }
 
     /// The next piece, whose hashes are `sums`, was written at `offset..end` of the layer.
-    pub fn written(&mut self, offset: u64, end: u64, sums: Option<Sums>) -> io::Result<()> {
+    /// Gives back the piece's data if `sums` kept it.
+    pub fn written(&mut self, offset: u64, end: u64, sums: Option<Sums>) -> io::Result<Option<Vec<u8>>> {
         let role = self.roles.pop_front().unwrap_or(Role::Other);
+        let mut sums = sums;
+        let back = sums.as_mut().and_then(|s| s.data.take());
         if self.plain.is_some() {
-            return Ok(());
+            return Ok(back);
         }
         if let (Role::Data { last, whole }, Some(s)) = (role, sums) {
             let Some(data) = self.queue.front_mut().and_then(|m| m.entry.as_mut()).and_then(|e| e.data.as_mut()) else {
                 self.fall_back("internal: data without a file".into());
-                return Ok(());
+                return Ok(back);
             };
             if !whole {
-                let piece = s.data.as_deref().unwrap_or_default();
-                data.sha.get_or_insert_with(Sha256::new).update(piece);
+                data.sha.get_or_insert_with(Sha256::new).update(back.as_deref().unwrap_or_default());
                 data.crc = crc64_combine(data.crc, s.crc, s.len);
             }
             data.chunks.push(Chunk { offset, end, size: s.len, sha: s.sha });
@@ -354,7 +355,8 @@ impl Layer {
                 });
             }
         }
-        self.flush()
+        self.flush()?;
+        Ok(back)
     }
 
     /// Enters the complete members at the front of the queue in the TOC and tar-split.

@@ -257,12 +257,58 @@ pub fn deflate_piece_with(data: &[u8], last: bool, level: u32, store: bool) -> s
 
 /// One piece of the stream, compressed on its own: a raw deflate segment ending on a byte
 /// boundary (sync flush, or the final block) for gzip, a complete frame for zstd.
-fn compress_chunk(kind: Compressor, data: &[u8], last: bool) -> std::io::Result<Vec<u8>> {
-    match kind {
-        Compressor::None => Ok(data.to_vec()),
-        // Runs of incompressible sub-blocks stored, the others compressed, each run on its own.
-        Compressor::Gzip(level) => deflate_piece_with(data, last, level.into(), true),
-        Compressor::Zstd | Compressor::ZstdChunked => zstd::bulk::compress(data, 3),
+/// Compresses a piece into one zstd frame, in `out`, with the thread's context (made on first
+/// use: a context's tables are megabytes, too many to allocate for each piece).
+fn zstd_piece(ctx: &mut Option<zstd::bulk::Compressor<'static>>, data: &[u8], mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
+    let c = match ctx {
+        Some(c) => c,
+        None => ctx.insert(zstd::bulk::Compressor::new(chunked::LEVEL)?),
+    };
+    out.clear();
+    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    c.compress_to_buffer(data, &mut out)?;
+    Ok(out)
+}
+
+/// Big buffers (pieces, and what they compress to) handed back for the next pieces. A fresh
+/// 4 MiB allocation is fresh pages, each faulted in and zeroed by the kernel: a fifth of the
+/// CPU time of a zstd layer. Buffers under [`Buffers::MIN`] are not kept, so a small
+/// zstd:chunked piece never holds a big one; at most `keep` are kept.
+#[derive(Clone)]
+struct Buffers {
+    spare: std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>,
+    keep: usize,
+}
+
+impl Buffers {
+    const MIN: usize = 1 << 20;
+
+    fn new(keep: usize) -> Self {
+        Buffers { spare: Default::default(), keep }
+    }
+
+    /// An empty buffer of at least `capacity` bytes.
+    fn take(&self, capacity: usize) -> Vec<u8> {
+        if capacity >= Self::MIN {
+            if let Ok(mut spare) = self.spare.lock() {
+                if let Some(i) = spare.iter().rposition(|b| b.capacity() >= capacity) {
+                    let mut b = spare.swap_remove(i);
+                    b.clear();
+                    return b;
+                }
+            }
+        }
+        Vec::with_capacity(capacity)
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        if b.capacity() >= Self::MIN {
+            if let Ok(mut spare) = self.spare.lock() {
+                if spare.len() < self.keep {
+                    spare.push(b);
+                }
+            }
+        }
     }
 }
 
@@ -312,6 +358,7 @@ pub struct Pipeline<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::R
     jobs: Option<std::sync::mpsc::Sender<Vec<Job>>>,
     results: std::sync::mpsc::Receiver<Vec<ChunkResult>>,
     workers: Vec<std::thread::JoinHandle<()>>,
+    buffers: Buffers,
     /// Pieces numbered so far (the next piece's sequence number).
     sent: u64,
     /// Pieces numbered but not yet handed to the threads, and their bytes.
@@ -341,12 +388,13 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Vec<Job>>();
         let job_rx = std::sync::Arc::new(std::sync::Mutex::new(job_rx));
         let (res_tx, res_rx) = std::sync::mpsc::channel();
+        let buffers = Buffers::new(2 * threads + 2);
         let workers = (0..threads)
             .map(|_| {
                 let jobs = job_rx.clone();
                 let results = res_tx.clone();
+                let buffers = buffers.clone();
                 std::thread::spawn(move || {
-                    // zstd:chunked pieces are often small: one context a thread, not one a piece.
                     let mut ctx: Option<zstd::bulk::Compressor<'static>> = None;
                     loop {
                         let batch = jobs.lock().map(|rx| rx.recv());
@@ -357,19 +405,22 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
                             if kind.is_gzip() {
                                 crc.update(&data);
                             }
-                            let (out, sums) = if kind == Compressor::ZstdChunked {
-                                let c = match ctx.take() {
-                                    Some(c) => Ok(c),
-                                    None => zstd::bulk::Compressor::new(chunked::LEVEL),
-                                };
-                                let out = c.and_then(|mut c| {
-                                    let out = c.compress(&data);
-                                    ctx = Some(c);
-                                    out
-                                });
-                                (out, chunked::sums(role, data))
-                            } else {
-                                (compress_chunk(kind, &data, last), None)
+                            let (out, sums) = match kind {
+                                Compressor::None => (Ok(data), None),
+                                Compressor::Gzip(level) => {
+                                    // Runs of incompressible sub-blocks stored, the others compressed, each run on its own.
+                                    let out = deflate_piece_with(&data, last, level.into(), true);
+                                    buffers.give(data);
+                                    (out, None)
+                                }
+                                Compressor::Zstd | Compressor::ZstdChunked => {
+                                    let out = zstd_piece(&mut ctx, &data, buffers.take(zstd::zstd_safe::compress_bound(data.len())));
+                                    let (sums, spare) = chunked::sums(role, data);
+                                    if let Some(b) = spare {
+                                        buffers.give(b);
+                                    }
+                                    (out, sums)
+                                }
                             };
                             done.push((seq, out, crc, sums));
                         }
@@ -387,6 +438,7 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
             jobs: Some(job_tx),
             results: res_rx,
             workers,
+            buffers,
             sent: 0,
             batch: Vec::new(),
             batch_bytes: 0,
@@ -499,8 +551,11 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
                 let start = s.pos;
                 s.pos += data.len() as u64;
                 if let Some(layer) = &mut s.layer {
-                    layer.written(start, s.pos, sums)?;
+                    if let Some(b) = layer.written(start, s.pos, sums)? {
+                        self.buffers.give(b);
+                    }
                 }
+                self.buffers.give(data);
                 s.crc.combine(&crc);
                 self.written += 1;
                 continue;
@@ -546,7 +601,7 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
             }
             None => self.kind.chunk_size(),
         };
-        let data = std::mem::replace(&mut self.chunk, Vec::with_capacity(next));
+        let data = std::mem::replace(&mut self.chunk, self.buffers.take(next));
         self.batch_bytes += data.len();
         self.batch.push((self.sent, data, last, role));
         self.sent += 1;
