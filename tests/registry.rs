@@ -82,7 +82,7 @@ fn start_proxy(upstream: u16, fault: Fault) -> Proxy {
     let faults = Arc::new(AtomicUsize::new(0));
     let log2 = log.clone();
     let server = Server::start(move |conn| {
-        let (log, faults) = (log2.clone(), faults.clone());
+        let (log, faults) = (&log2, &faults);
         let port = conn.local_addr().unwrap().port();
         conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
         let mut r = BufReader::new(conn.try_clone().unwrap());
@@ -1296,10 +1296,9 @@ fn reset(s: TcpStream) {
 fn start_front(upstream: Option<u16>, rule: impl Fn(&Req) -> Act + Send + Sync + 'static) -> Front {
     let log = Arc::new(Mutex::new(Vec::new()));
     let written = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let rule = Arc::new(rule);
     let (log2, written2) = (log.clone(), written.clone());
     let server = Server::start(move |conn| {
-        let (log, written, rule) = (log2.clone(), written2.clone(), rule.clone());
+        let (log, written) = (&log2, &written2);
         let port = conn.local_addr().unwrap().port();
         conn.set_read_timeout(Some(Duration::from_secs(20))).ok();
         conn.set_write_timeout(Some(Duration::from_secs(20))).ok();

@@ -28,7 +28,6 @@ use std::io::{self, Write};
 /// The most data one frame holds: a file's data is cut into frames of this size (each a chunk
 /// of the TOC), which compress in parallel; headers between files are cut likewise.
 pub const PIECE: usize = 4 << 20;
-pub(super) const LEVEL: i32 = 3;
 /// The most header bytes one member may have (its extended headers included), and the most
 /// bytes after the end-of-archive blocks; more turns the layer plain.
 const MAX_RUN: usize = 4 << 20;
@@ -164,10 +163,10 @@ impl Layer {
             names: HashSet::new(),
             roles: VecDeque::new(),
             queue: VecDeque::new(),
-            toc: zstd::stream::write::Encoder::new(Vec::new(), LEVEL)?,
+            toc: zstd::stream::write::Encoder::new(Vec::new(), super::ZSTD_LEVEL)?,
             toc_len: 0,
             entries: 0,
-            split: zstd::stream::write::Encoder::new(Vec::new(), LEVEL)?,
+            split: zstd::stream::write::Encoder::new(Vec::new(), super::ZSTD_LEVEL)?,
             split_len: 0,
             position: 0,
             plain: None,
@@ -331,9 +330,8 @@ impl Layer {
 
     /// The next piece, whose hashes are `sums`, was written at `offset..end` of the layer.
     /// Gives back the piece's data if `sums` kept it.
-    pub fn written(&mut self, offset: u64, end: u64, sums: Option<Sums>) -> io::Result<Option<Vec<u8>>> {
+    pub fn written(&mut self, offset: u64, end: u64, mut sums: Option<Sums>) -> io::Result<Option<Vec<u8>>> {
         let role = self.roles.pop_front().unwrap_or(Role::Other);
-        let mut sums = sums;
         let back = sums.as_mut().and_then(|s| s.data.take());
         if self.plain.is_some() {
             return Ok(back);

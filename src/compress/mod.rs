@@ -255,17 +255,18 @@ pub fn deflate_piece_with(data: &[u8], last: bool, level: u32, store: bool) -> s
     Ok(out)
 }
 
-/// One piece of the stream, compressed on its own: a raw deflate segment ending on a byte
-/// boundary (sync flush, or the final block) for gzip, a complete frame for zstd.
-/// Compresses a piece into one zstd frame, in `out`, with the thread's context (made on first
-/// use: a context's tables are megabytes, too many to allocate for each piece).
-fn zstd_piece(ctx: &mut Option<zstd::bulk::Compressor<'static>>, data: &[u8], mut out: Vec<u8>) -> std::io::Result<Vec<u8>> {
+/// The zstd level of every layer, chunked or not.
+const ZSTD_LEVEL: i32 = 3;
+
+/// Compresses a piece into one zstd frame, in a buffer from `buffers`, with the thread's
+/// context (made on first use: a context's tables are megabytes, too many to allocate for each
+/// piece).
+fn zstd_piece(ctx: &mut Option<zstd::bulk::Compressor<'static>>, data: &[u8], buffers: &Buffers) -> std::io::Result<Vec<u8>> {
     let c = match ctx {
         Some(c) => c,
-        None => ctx.insert(zstd::bulk::Compressor::new(chunked::LEVEL)?),
+        None => ctx.insert(zstd::bulk::Compressor::new(ZSTD_LEVEL)?),
     };
-    out.clear();
-    out.reserve(zstd::zstd_safe::compress_bound(data.len()));
+    let mut out = buffers.take(zstd::zstd_safe::compress_bound(data.len()));
     c.compress_to_buffer(data, &mut out)?;
     Ok(out)
 }
@@ -405,6 +406,8 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
                             if kind.is_gzip() {
                                 crc.update(&data);
                             }
+                            // Each piece compressed on its own: a raw deflate segment ending on a byte
+                            // boundary (sync flush, or the final block) for gzip, a frame for zstd.
                             let (out, sums) = match kind {
                                 Compressor::None => (Ok(data), None),
                                 Compressor::Gzip(level) => {
@@ -414,7 +417,7 @@ impl<W: std::io::Write, R, F: FnMut(W, Annotations) -> std::io::Result<R>> Pipel
                                     (out, None)
                                 }
                                 Compressor::Zstd | Compressor::ZstdChunked => {
-                                    let out = zstd_piece(&mut ctx, &data, buffers.take(zstd::zstd_safe::compress_bound(data.len())));
+                                    let out = zstd_piece(&mut ctx, &data, &buffers);
                                     let (sums, spare) = chunked::sums(role, data);
                                     if let Some(b) = spare {
                                         buffers.give(b);
